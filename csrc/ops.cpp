@@ -1,0 +1,92 @@
+// Every schema of the manual_layers ops, in one place, and the pybind11 module _C that
+// carries the build information. Kernels register themselves per device in
+// csrc/cpu/*.cpp (CPU) and csrc/cuda/*.cu (CUDA); fake kernels live in manual_layers/_ops.py.
+#include <torch/library.h>
+#include <torch/extension.h>
+
+#include "linear.h"
+#include "logreg.h"
+
+#ifndef ML_TORCH_VERSION
+#define ML_TORCH_VERSION "unknown"
+#endif
+#ifndef ML_CPU_ISA
+#define ML_CPU_ISA "DEFAULT"
+#endif
+#ifndef ML_CUDA_ARCHS
+#define ML_CUDA_ARCHS ""
+#endif
+
+TORCH_LIBRARY(manual_layers, m) {
+  // Fused linear layer (csrc/linear.h documents shapes and what is saved).
+  m.def("linear_fwd(Tensor x, Tensor weight, Tensor? bias, str activation, bool save_pre)"
+        " -> (Tensor, Tensor)");
+  m.def("linear_bwd(Tensor grad_out, Tensor x, Tensor weight, Tensor saved, str activation,"
+        " bool need_x, bool need_weight, bool need_bias) -> (Tensor, Tensor, Tensor)");
+  // In-place gradient scaling by grad_output for the fused losses' backward.
+  m.def("scale_(Tensor(a!) self, Tensor scale) -> ()");
+  // Fused logistic-regression losses (csrc/logreg.h).
+  m.def("linear_bce_fwd(Tensor x, Tensor weight, Tensor? bias, Tensor target, Tensor? pos_weight,"
+        " Tensor? sample_weight, int reduction, bool need_x, bool need_weight, bool need_bias)"
+        " -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def("linear_ce_fwd(Tensor x, Tensor weight, Tensor? bias, Tensor target, Tensor? class_weight,"
+        " int ignore_index, float label_smoothing, int reduction, bool need_x, bool need_weight,"
+        " bool need_bias) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def("linear_loss_bwd(Tensor grad_loss, Tensor residual, Tensor x, Tensor weight, bool need_x,"
+        " bool need_weight, bool need_bias) -> (Tensor, Tensor, Tensor)");
+}
+
+#ifndef WITH_CUDA
+// A build without CUDA kernels: a CUDA tensor gets an error that says so and how to rebuild,
+// instead of the dispatcher's generic "could not run ... with arguments from the CUDA backend".
+namespace {
+[[noreturn]] void no_cuda_build() {
+  TORCH_CHECK(false,
+              "manual_layers was built without its CUDA kernels (CPU-only build), so it cannot "
+              "run on CUDA tensors. Rebuild with a CUDA build of torch and nvcc available: "
+              "MANUAL_LAYERS_CUDA=1 pip install --no-build-isolation -e .  "
+              "(`python -m manual_layers info` shows the current build)");
+}
+}  // namespace
+
+TORCH_LIBRARY_IMPL(manual_layers, CUDA, m) {
+  m.impl("linear_fwd", [](const at::Tensor&, const at::Tensor&, const c10::optional<at::Tensor>&,
+                          c10::string_view, bool) -> std::tuple<at::Tensor, at::Tensor> {
+    no_cuda_build();
+  });
+  m.impl("linear_bwd",
+         [](const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+            c10::string_view, bool, bool, bool) -> std::tuple<at::Tensor, at::Tensor, at::Tensor> {
+           no_cuda_build();
+         });
+  m.impl("scale_", [](at::Tensor&, const at::Tensor&) -> void { no_cuda_build(); });
+  m.impl("linear_bce_fwd",
+         [](const at::Tensor&, const at::Tensor&, const c10::optional<at::Tensor>&,
+            const at::Tensor&, const c10::optional<at::Tensor>&, const c10::optional<at::Tensor>&,
+            int64_t, bool, bool, bool) -> manual_layers::LossOut { no_cuda_build(); });
+  m.impl("linear_ce_fwd",
+         [](const at::Tensor&, const at::Tensor&, const c10::optional<at::Tensor>&,
+            const at::Tensor&, const c10::optional<at::Tensor>&, int64_t, double, int64_t, bool,
+            bool, bool) -> manual_layers::LossOut { no_cuda_build(); });
+  m.impl("linear_loss_bwd",
+         [](const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, bool, bool,
+            bool) -> std::tuple<at::Tensor, at::Tensor, at::Tensor> { no_cuda_build(); });
+}
+#endif
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "manual_layers C++/CUDA kernels (ops are registered under torch.ops.manual_layers)";
+  m.def("build_info", []() {
+    pybind11::dict d;
+    d["torch_version"] = ML_TORCH_VERSION;
+    d["cpu_isa"] = ML_CPU_ISA;
+#ifdef WITH_CUDA
+    d["cuda_compiled"] = true;
+    d["cuda_archs"] = ML_CUDA_ARCHS;
+#else
+    d["cuda_compiled"] = false;
+    d["cuda_archs"] = "";
+#endif
+    return d;
+  });
+}
