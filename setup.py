@@ -122,7 +122,7 @@ def cuda_lib_dirs():
 
 
 def cpu_flags():
-    flags = ["-O3", "-fopenmp", "-Wall", "-Wno-unused-function"]
+    flags = ["-O3", "-fopenmp", "-Wall", "-Wno-unused-function", "-Wno-unknown-pragmas"]
     isa = os.environ.get("MANUAL_LAYERS_CPU_ARCH", "avx2").lower()
     if platform.machine() in ("x86_64", "AMD64") and isa == "avx2":
         flags += ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]

@@ -1,0 +1,331 @@
+// CPU kernels of the fused linear layer y = act(x W^T + b).
+//
+// Forward: the GEMM through ATen (at::mm -> MKL/oneDNN), then ONE parallel, vectorised pass
+// over the (N, M) output that adds the bias (in the accumulation type, fp32 for 16-bit
+// dtypes) and applies the activation, writing the pre-activation only when backward needs it.
+// With no activation the whole layer is a single at::addmm (bias folded into the GEMM).
+//
+// Backward: ONE parallel, vectorised pass that computes G = grad_out * act'(saved) and, in the
+// same pass, the bias gradient's column sums (per fixed row block, reduced in a fixed order:
+// bitwise deterministic whatever the thread count); then the dX = G W and dW = G^T x GEMMs,
+// each only if needed.
+#include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <type_traits>
+#include <vector>
+
+#include "../common.h"
+#include "../linear.h"
+
+namespace manual_layers {
+namespace {
+
+using at::vec::Vectorized;
+
+// Load n <= Vec::size() elements of T into a vector of the accumulation type (zero-padded).
+template <typename T, typename acc_t>
+inline Vectorized<acc_t> load(const T* p, int64_t n) {
+  using Vec = Vectorized<acc_t>;
+  if constexpr (std::is_same_v<T, acc_t>) {
+    return n == Vec::size() ? Vec::loadu(p) : Vec::loadu(p, n);
+  } else {
+    acc_t tmp[Vec::size()] = {};
+    for (int64_t i = 0; i < n; ++i) tmp[i] = static_cast<acc_t>(p[i]);
+    return Vec::loadu(tmp);
+  }
+}
+
+template <typename T, typename acc_t>
+inline void store(T* p, const Vectorized<acc_t>& v, int64_t n) {
+  using Vec = Vectorized<acc_t>;
+  if constexpr (std::is_same_v<T, acc_t>) {
+    if (n == Vec::size()) v.store(p); else v.store(p, n);
+  } else {
+    acc_t tmp[Vec::size()];
+    v.store(tmp);
+    for (int64_t i = 0; i < n; ++i) p[i] = static_cast<T>(tmp[i]);
+  }
+}
+
+constexpr double kSqrt1_2 = 0.70710678118654752440;     // 1/sqrt(2)
+constexpr double kInvSqrt2Pi = 0.39894228040143267794;  // 1/sqrt(2*pi)
+constexpr double kBeta = 0.79788456080286535588;        // sqrt(2/pi)
+constexpr double kKappa = 0.044715;
+
+// Element-wise activation of the pre-activation z.
+template <Act A, typename acc_t>
+inline Vectorized<acc_t> act_fwd(const Vectorized<acc_t>& z) {
+  using Vec = Vectorized<acc_t>;
+  const Vec one(1), half(0.5);
+  if constexpr (A == Act::None) return z;
+  if constexpr (A == Act::Relu) return at::vec::clamp_min(z, Vec(0));
+  if constexpr (A == Act::Gelu) return z * half * (one + (z * Vec(kSqrt1_2)).erf());
+  if constexpr (A == Act::GeluTanh) {
+    const Vec inner = Vec(kBeta) * (z + Vec(kKappa) * z * z * z);
+    return half * z * (one + inner.tanh());
+  }
+  if constexpr (A == Act::Silu) return z / (one + z.neg().exp());
+  if constexpr (A == Act::Sigmoid) return one / (one + z.neg().exp());
+  if constexpr (A == Act::Tanh) return z.tanh();
+  return z;  // Softmax is row-wise, handled separately.
+}
+
+// grad_out * act'(.) from what saved_for(A) keeps: the output y (relu, sigmoid, tanh) or the
+// pre-activation z (gelu, gelu_tanh, silu).
+template <Act A, typename acc_t>
+inline Vectorized<acc_t> act_bwd(const Vectorized<acc_t>& g, const Vectorized<acc_t>& s) {
+  using Vec = Vectorized<acc_t>;
+  const Vec one(1), half(0.5), zero(0);
+  if constexpr (A == Act::None) return g;
+  if constexpr (A == Act::Relu) return Vec::blendv(zero, g, s > zero);
+  if constexpr (A == Act::Gelu) {
+    const Vec cdf = half * (one + (s * Vec(kSqrt1_2)).erf());
+    const Vec pdf = (Vec(-0.5) * s * s).exp() * Vec(kInvSqrt2Pi);
+    return g * (cdf + s * pdf);
+  }
+  if constexpr (A == Act::GeluTanh) {
+    const Vec s2 = s * s;
+    const Vec t = (Vec(kBeta) * (s + Vec(kKappa) * s2 * s)).tanh();
+    const Vec left_d = half * (one + t);
+    const Vec right_d = half * s * (one - t * t) * Vec(kBeta) * (one + Vec(3 * kKappa) * s2);
+    return g * (left_d + right_d);
+  }
+  if constexpr (A == Act::Silu) {
+    const Vec sig = one / (one + s.neg().exp());
+    return g * sig * (one + s * (one - sig));
+  }
+  if constexpr (A == Act::Sigmoid) return g * s * (one - s);
+  if constexpr (A == Act::Tanh) return g * (one - s * s);
+  return g;
+}
+
+// Rows per parallel task for a row-wise pass over an (N, M) matrix: about 32K elements.
+inline int64_t row_grain(int64_t M) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(M, 1)); }
+
+// ---------------------------------------------------------------------------------------------
+// Forward epilogue: out <- act(src + b), and pre <- src + b when pre is not null. `src` is the
+// contiguous GEMM output; out and pre may alias it (each element is read before it is written).
+template <typename scalar_t, Act A>
+void fwd_epilogue(const scalar_t* src, scalar_t* out, scalar_t* pre, const scalar_t* bias,
+                  int64_t N, int64_t M) {
+  using acc_t = at::opmath_type<scalar_t>;
+  using Vec = Vectorized<acc_t>;
+  constexpr int64_t W = Vec::size();
+  at::parallel_for(0, N, row_grain(M), [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const scalar_t* sr = src + r * M;
+      scalar_t* yr = out + r * M;
+      scalar_t* pr = pre ? pre + r * M : nullptr;
+      for (int64_t j = 0; j < M; j += W) {
+        const int64_t n = std::min<int64_t>(W, M - j);
+        Vec z = load<scalar_t, acc_t>(sr + j, n);
+        if (bias) z = z + load<scalar_t, acc_t>(bias + j, n);
+        if (pr) store<scalar_t, acc_t>(pr + j, z, n);
+        store<scalar_t, acc_t>(yr + j, act_fwd<A, acc_t>(z), n);
+      }
+    }
+  });
+}
+
+// Row-wise softmax epilogue (logistic_regression's multinomial probabilities).
+template <typename scalar_t>
+void softmax_epilogue(scalar_t* y, const scalar_t* bias, int64_t N, int64_t M) {
+  using acc_t = at::opmath_type<scalar_t>;
+  at::parallel_for(0, N, row_grain(M), [&](int64_t r0, int64_t r1) {
+    std::vector<acc_t> z(M);
+    for (int64_t r = r0; r < r1; ++r) {
+      scalar_t* yr = y + r * M;
+      acc_t mx = -std::numeric_limits<acc_t>::infinity();
+      for (int64_t j = 0; j < M; ++j) {
+        z[j] = static_cast<acc_t>(yr[j]) + (bias ? static_cast<acc_t>(bias[j]) : acc_t(0));
+        mx = std::max(mx, z[j]);
+      }
+      acc_t sum = 0;
+      for (int64_t j = 0; j < M; ++j) sum += (z[j] = std::exp(z[j] - mx));
+      const acc_t inv = acc_t(1) / sum;
+      for (int64_t j = 0; j < M; ++j) yr[j] = static_cast<scalar_t>(z[j] * inv);
+    }
+  });
+}
+
+template <typename F>
+void dispatch_act(Act a, F&& f) {
+  switch (a) {
+    case Act::None: return f(std::integral_constant<Act, Act::None>{});
+    case Act::Relu: return f(std::integral_constant<Act, Act::Relu>{});
+    case Act::Gelu: return f(std::integral_constant<Act, Act::Gelu>{});
+    case Act::GeluTanh: return f(std::integral_constant<Act, Act::GeluTanh>{});
+    case Act::Silu: return f(std::integral_constant<Act, Act::Silu>{});
+    case Act::Sigmoid: return f(std::integral_constant<Act, Act::Sigmoid>{});
+    case Act::Tanh: return f(std::integral_constant<Act, Act::Tanh>{});
+    case Act::Softmax: return f(std::integral_constant<Act, Act::Softmax>{});
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Backward epilogue: G = g * act'(s) (written to `G` unless G == nullptr, i.e. act none) and the
+// column sums of G into `db` (if not null). Rows are cut into a fixed number of blocks that does
+// not depend on the thread count; each block sums its rows in order, then blocks are added in
+// order: the same inputs give bitwise the same bias gradient on any machine configuration.
+template <typename scalar_t, Act A>
+void bwd_epilogue(const scalar_t* g, const scalar_t* s, scalar_t* G, scalar_t* db, int64_t N,
+                  int64_t M) {
+  using acc_t = at::opmath_type<scalar_t>;
+  using Vec = Vectorized<acc_t>;
+  constexpr int64_t W = Vec::size();
+  const int64_t nblk = db ? std::min<int64_t>(64, std::max<int64_t>(1, N / 256)) : 1;
+  const int64_t rows_per_blk = (N + nblk - 1) / nblk;
+  std::vector<acc_t> partial(db ? nblk * M : 0, acc_t(0));
+  auto process_rows = [&](int64_t r0, int64_t r1, acc_t* acc) {
+    std::vector<acc_t> rowbuf(A == Act::Softmax ? M : 0);
+    for (int64_t r = r0; r < r1; ++r) {
+      const scalar_t* gr = g + r * M;
+      const scalar_t* sr = s ? s + r * M : nullptr;
+      scalar_t* Gr = G ? G + r * M : nullptr;
+      acc_t dot = 0;
+      if constexpr (A == Act::Softmax) {  // G = y * (g - sum_j g_j y_j)
+        for (int64_t j = 0; j < M; ++j) dot += static_cast<acc_t>(gr[j]) * static_cast<acc_t>(sr[j]);
+      }
+      for (int64_t j = 0; j < M; j += W) {
+        const int64_t n = std::min<int64_t>(W, M - j);
+        const Vec gv = load<scalar_t, acc_t>(gr + j, n);
+        Vec out;
+        if constexpr (A == Act::Softmax) {
+          const Vec y = load<scalar_t, acc_t>(sr + j, n);
+          out = y * (gv - Vec(dot));
+        } else if constexpr (A == Act::None) {
+          out = gv;
+        } else {
+          out = act_bwd<A, acc_t>(gv, load<scalar_t, acc_t>(sr + j, n));
+        }
+        if (Gr) store<scalar_t, acc_t>(Gr + j, out, n);
+        if (acc) {
+          // Padding lanes are zero (load pads g and s with zeros; act'(0) * 0 = 0).
+          const Vec a = load<acc_t, acc_t>(acc + j, n) + out;
+          store<acc_t, acc_t>(acc + j, a, n);
+        }
+      }
+    }
+  };
+  if (db == nullptr) {  // no bias gradient: a plain row-parallel pass
+    at::parallel_for(0, N, row_grain(M), [&](int64_t r0, int64_t r1) { process_rows(r0, r1, nullptr); });
+    return;
+  }
+  at::parallel_for(0, nblk, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t r0 = b * rows_per_blk, r1 = std::min(N, r0 + rows_per_blk);
+      if (r0 < r1) process_rows(r0, r1, partial.data() + b * M);
+    }
+  });
+  {
+    for (int64_t j = 0; j < M; ++j) {
+      acc_t sum = 0;
+      for (int64_t b = 0; b < nblk; ++b) sum += partial[b * M + j];
+      db[j] = static_cast<scalar_t>(sum);
+    }
+  }
+}
+
+inline at::Tensor empty_like_none(const at::Tensor& x) { return at::empty({0}, x.options()); }
+
+}  // namespace
+
+// ---------------------------------------------------------------------------------------------
+std::tuple<at::Tensor, at::Tensor> linear_fwd_cpu(const at::Tensor& x, const at::Tensor& weight,
+                                                  const c10::optional<at::Tensor>& bias_opt,
+                                                  c10::string_view activation, bool save_pre) {
+  check_linear_args("manual_layers.linear_fwd", x, weight, bias_opt);
+  TORCH_CHECK(x.device().is_cpu(), "linear_fwd_cpu: x is on ", x.device());
+  const Act act = parse_activation(std::string(activation));
+  const bool has_bias = bias_opt.has_value() && bias_opt->defined();
+  const int64_t N = x.size(0), M = weight.size(0);
+
+  if (act == Act::None) {
+    // No epilogue: nn.Linear's own single addmm (bias added inside the GEMM).
+    at::Tensor out = has_bias ? at::addmm(*bias_opt, x, weight.t()) : at::mm(x, weight.t());
+    return {out.contiguous(), empty_like_none(x)};
+  }
+  at::Tensor y = at::mm(x, weight.t()).contiguous();  // (N, M)
+  const bool keep_pre = save_pre && saved_for(act) == Saved::Pre;
+  // With the pre-activation kept, the GEMM buffer becomes `pre` (y + b in place) and the
+  // activation goes to a new tensor; otherwise the activation is applied in place.
+  at::Tensor pre = keep_pre ? y : empty_like_none(x);
+  at::Tensor out = keep_pre ? at::empty_like(y) : y;
+  at::Tensor bias = has_bias ? bias_opt->contiguous() : at::Tensor();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "linear_fwd_cpu", [&] {
+    const scalar_t* b = has_bias ? bias.data_ptr<scalar_t>() : nullptr;
+    if (act == Act::Softmax) {
+      softmax_epilogue<scalar_t>(out.data_ptr<scalar_t>(), b, N, M);
+      return;
+    }
+    dispatch_act(act, [&](auto A) {
+      if constexpr (decltype(A)::value != Act::Softmax) {
+        fwd_epilogue<scalar_t, decltype(A)::value>(
+            y.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(),
+            keep_pre ? pre.data_ptr<scalar_t>() : nullptr, b, N, M);
+      }
+    });
+  });
+  return {out, pre};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_bwd_cpu(
+    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight,
+    const at::Tensor& saved, c10::string_view activation, bool need_x, bool need_weight,
+    bool need_bias) {
+  check_linear_args("manual_layers.linear_bwd", x, weight, c10::nullopt);
+  const Act act = parse_activation(std::string(activation));
+  const int64_t N = x.size(0), M = weight.size(0);
+  TORCH_CHECK(grad_out.dim() == 2 && grad_out.size(0) == N && grad_out.size(1) == M,
+              "manual_layers.linear_bwd: grad_out must have shape (", N, ", ", M, "), got ",
+              grad_out.sizes());
+  TORCH_CHECK(grad_out.scalar_type() == x.scalar_type(), "manual_layers.linear_bwd: grad_out dtype ",
+              grad_out.scalar_type(), " differs from x dtype ", x.scalar_type());
+  const bool needs_saved = act != Act::None;
+  if (needs_saved) {
+    TORCH_CHECK(saved.sizes() == grad_out.sizes(), "manual_layers.linear_bwd: saved tensor for '",
+                activation, "' must have shape ", grad_out.sizes(), ", got ", saved.sizes());
+  }
+  at::Tensor g = grad_out.contiguous();
+  at::Tensor s = needs_saved ? saved.contiguous() : at::Tensor();
+  at::Tensor G = act == Act::None ? g : at::Tensor();
+  at::Tensor db = need_bias ? at::empty({M}, x.options()) : empty_like_none(x);
+  const bool need_G = need_x || need_weight;
+  if (act != Act::None && need_G) G = at::empty({N, M}, x.options());
+  if (need_bias || (act != Act::None && need_G)) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "linear_bwd_cpu", [&] {
+      dispatch_act(act, [&](auto A) {
+        bwd_epilogue<scalar_t, decltype(A)::value>(
+            g.data_ptr<scalar_t>(), needs_saved ? s.data_ptr<scalar_t>() : nullptr,
+            (act != Act::None && need_G) ? G.data_ptr<scalar_t>() : nullptr,
+            need_bias ? db.data_ptr<scalar_t>() : nullptr, N, M);
+      });
+    });
+  }
+  at::Tensor dx = need_x ? at::mm(G, weight) : empty_like_none(x);
+  at::Tensor dw = need_weight ? at::mm(G.t(), x) : empty_like_none(x);
+  return {dx, dw, db};
+}
+
+void scale_inplace_cpu(at::Tensor& self, const at::Tensor& scale) {
+  TORCH_CHECK(scale.numel() == 1, "manual_layers.scale_: scale must have one element, got shape ",
+              scale.sizes());
+  if (self.numel() == 0) return;
+  const at::Tensor s = scale.to(at::kDouble);
+  if (s.item<double>() == 1.0) return;  // the common case, loss.backward(): nothing to do
+  self.mul_(s.to(self.scalar_type()).reshape({}));
+}
+
+TORCH_LIBRARY_IMPL(manual_layers, CPU, m) {
+  m.impl("linear_fwd", &linear_fwd_cpu);
+  m.impl("linear_bwd", &linear_bwd_cpu);
+  m.impl("scale_", &scale_inplace_cpu);
+}
+
+}  // namespace manual_layers

@@ -1,0 +1,35 @@
+"""manual_layers: fused Linear(+activation) and logistic-regression layers whose forward and
+backward passes are hand-written C++ (CPU) and CUDA kernels.
+
+    import manual_layers as ml
+    layer = ml.Linear(256, 256, activation="gelu")      # nn.Linear + nn.GELU(), fused
+    clf = ml.LogisticRegression(30).fit(X, y)            # scikit-learn-like, CPU or CUDA
+"""
+
+from ._ops import BUILD_INFO
+from . import functional, reference
+from .modules import (Linear, LinearBCEWithLogitsLoss, LinearCrossEntropyLoss,
+                      LogisticRegression, convert)
+
+__version__ = "0.1.0"
+
+__all__ = ["Linear", "LogisticRegression", "LinearBCEWithLogitsLoss", "LinearCrossEntropyLoss",
+           "convert", "functional", "reference", "BUILD_INFO", "info"]
+
+
+def info():
+    """A dict describing this installation: versions, the CUDA build, the visible GPUs."""
+    import torch
+    d = {
+        "manual_layers": __version__,
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "built_against_torch": BUILD_INFO["torch_version"],
+        "cpu_kernels_isa": BUILD_INFO["cpu_isa"],
+        "cuda_kernels_compiled": BUILD_INFO["cuda_compiled"],
+        "cuda_archs": BUILD_INFO["cuda_archs"] or None,
+        "gpu_visible": torch.cuda.is_available(),
+    }
+    if torch.cuda.is_available():
+        d["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    return d

@@ -1,0 +1,119 @@
+"""One torch.autograd.Function per op family. Forward and backward call the custom ops in
+torch.ops.manual_layers (so torch.compile traces them as single nodes); the derivatives are
+written by hand in the kernels, not recorded by autograd."""
+
+import torch
+from torch.autograd.function import once_differentiable
+
+from ._ops import ops
+
+# What backward needs saved for each activation's derivative (csrc/common.h saved_for).
+_SAVES_PRE = frozenset({"gelu", "gelu_tanh", "silu"})
+_SAVES_OUTPUT = frozenset({"relu", "sigmoid", "tanh", "softmax"})
+
+
+class LinearFunction(torch.autograd.Function):
+    """y = act(x W^T + b) for 2-D x (N, K), weight (M, K), bias (M,) or None.
+
+    activation is a string ("none", "relu", "gelu", "gelu_tanh", "silu", "sigmoid", "tanh",
+    or the internal "softmax"). Backward computes only the gradients that are needed and is
+    not itself differentiable (double backward raises)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, activation):
+        needs_grad = any(ctx.needs_input_grad[:3])
+        out, pre = ops.linear_fwd(x, weight, bias, activation, needs_grad)
+        if activation in _SAVES_PRE:
+            saved = pre
+        elif activation in _SAVES_OUTPUT:
+            saved = out
+        else:
+            saved = None
+        ctx.save_for_backward(x, weight, saved)
+        ctx.activation = activation
+        ctx.has_bias = bias is not None
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        x, weight, saved = ctx.saved_tensors
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        need_b = need_b and ctx.has_bias
+        if saved is None:
+            saved = grad_out.new_empty((0,))
+        gx, gw, gb = ops.linear_bwd(grad_out, x, weight, saved, ctx.activation,
+                                    need_x, need_w, need_b)
+        return (gx if need_x else None, gw if need_w else None, gb if need_b else None, None)
+
+
+def _loss_backward(ctx, grad_loss):
+    """Shared backward of the fused losses. mean/sum: the gradients were computed in forward
+    and are scaled by grad_output in place (free when grad_output is 1); none: one more pass
+    (G = residual * grad_output, then the GEMMs)."""
+    need_x, need_w, need_b = ctx.needs_input_grad[:3]
+    need_b = need_b and ctx.has_bias
+    if ctx.reduction == 0:
+        residual, x, weight = ctx.saved_tensors
+        gx, gw, gb = ops.linear_loss_bwd(grad_loss, residual, x, weight, need_x, need_w, need_b)
+    else:
+        gx, gw, gb = ctx.saved_tensors
+        if torch.compiler.is_compiling():
+            gx, gw, gb = (gx * grad_loss if need_x else gx, gw * grad_loss if need_w else gw,
+                          gb * grad_loss if need_b else gb)
+        else:
+            # The gradients are scaled in place: a second backward through the same graph
+            # would scale them twice, so it is refused.
+            if getattr(ctx, "consumed", False):
+                raise RuntimeError(
+                    "manual_layers: backward through a fused linear loss was called twice on "
+                    "the same graph (retain_graph=True); compute the loss again instead")
+            ctx.consumed = True
+            for g, need in ((gx, need_x), (gw, need_w), (gb, need_b)):
+                if need:
+                    ops.scale_(g, grad_loss)
+    return (gx if need_x else None, gw if need_w else None, gb if need_b else None)
+
+
+def _save_loss_outputs(ctx, reduction, has_bias, outs, x, weight):
+    loss, gx, gw, gb, residual = outs
+    ctx.reduction = reduction
+    ctx.has_bias = has_bias
+    if reduction == 0:
+        ctx.save_for_backward(residual, x, weight)
+    else:
+        ctx.save_for_backward(gx, gw, gb)
+    return loss
+
+
+class LinearBCEFunction(torch.autograd.Function):
+    """Binary cross-entropy with logits of x (N, D) w^T + b, w (1, D); see csrc/logreg.h."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, target, pos_weight, sample_weight, reduction):
+        nx, nw, nb = ctx.needs_input_grad[:3]
+        outs = ops.linear_bce_fwd(x, weight, bias, target, pos_weight, sample_weight, reduction,
+                                  nx, nw, nb and bias is not None)
+        return _save_loss_outputs(ctx, reduction, bias is not None, outs, x, weight)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_loss):
+        return _loss_backward(ctx, grad_loss) + (None,) * 4
+
+
+class LinearCrossEntropyFunction(torch.autograd.Function):
+    """Softmax cross-entropy of x (N, D) W^T + b, W (C, D), class-index targets."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, target, class_weight, ignore_index, label_smoothing,
+                reduction):
+        nx, nw, nb = ctx.needs_input_grad[:3]
+        outs = ops.linear_ce_fwd(x, weight, bias, target, class_weight, ignore_index,
+                                 label_smoothing, reduction, nx, nw, nb and bias is not None)
+        return _save_loss_outputs(ctx, reduction, bias is not None, outs, x, weight)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_loss):
+        return _loss_backward(ctx, grad_loss) + (None,) * 5
