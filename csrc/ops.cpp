@@ -2,7 +2,9 @@
 // carries the build information. Kernels register themselves per device in
 // csrc/cpu/*.cpp (CPU) and csrc/cuda/*.cu (CUDA); fake kernels live in manual_layers/_ops.py.
 #include <torch/library.h>
+#ifndef ML_NO_PYTHON
 #include <torch/extension.h>
+#endif
 
 #include "linear.h"
 #include "logreg.h"
@@ -74,6 +76,7 @@ TORCH_LIBRARY_IMPL(manual_layers, CUDA, m) {
 }
 #endif
 
+#ifndef ML_NO_PYTHON  // the C++ test (cpp_tests/) links the ops without Python
 PYBIND11_MODULE(_C, m) {
   m.doc() = "manual_layers C++/CUDA kernels (ops are registered under torch.ops.manual_layers)";
   m.def("build_info", []() {
@@ -90,3 +93,4 @@ PYBIND11_MODULE(_C, m) {
     return d;
   });
 }
+#endif

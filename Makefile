@@ -1,0 +1,52 @@
+# The two commands of README.md, on a fresh Linux machine with Python 3.10+ and a C++ compiler:
+#   make demo   - the main job: train and compare (creates .venv, installs torch + the package)
+#   make test   - the test suite
+# Other targets: install, bench, cpp-test (CMake build + ctest), clean.
+PY       ?= python3
+VENV     := .venv
+VPY      := $(VENV)/bin/python
+MAX_JOBS ?= 2
+export MAX_JOBS
+
+SOURCES := $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h' -o -name '*.cuh') \
+           setup.py pyproject.toml
+
+.PHONY: demo test install bench cpp-test clean
+
+$(VENV)/.deps:
+	$(PY) -m venv $(VENV)
+	$(VPY) -m pip install -q torch numpy scikit-learn pytest expecttest ninja tqdm matplotlib \
+		setuptools wheel cmake pybind11
+	touch $@
+
+# The extension build (ninja; incremental). CUDA kernels are built whenever torch is a CUDA
+# build and nvcc is found; MANUAL_LAYERS_CUDA=0 skips them.
+$(VENV)/.installed: $(VENV)/.deps $(SOURCES)
+	$(VPY) -m pip install --no-build-isolation --no-deps -v -e . > $(VENV)/build.log 2>&1 || \
+		{ tail -60 $(VENV)/build.log; exit 1; }
+	grep "manual_layers build" $(VENV)/build.log
+	$(VPY) -c "import manual_layers"
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	$(VPY) -m manual_layers demo
+
+test: install
+	$(VPY) -m manual_layers info
+	$(VPY) -m pytest tests -q
+
+bench: install
+	$(VPY) benchmarks/bench_linear.py
+	$(VPY) benchmarks/bench_logreg.py
+
+# The same _C through CMake, plus the C++ smoke test under ctest (CPU kernels).
+cpp-test: $(VENV)/.deps
+	$(VENV)/bin/cmake -S . -B build/cmake -G Ninja -DCMAKE_MAKE_PROGRAM=$(abspath $(VENV)/bin/ninja) \
+		-DPython_EXECUTABLE=$(abspath $(VPY)) -DCMAKE_BUILD_TYPE=Release
+	$(VENV)/bin/cmake --build build/cmake -j $(MAX_JOBS)
+	cd build/cmake && $(abspath $(VENV)/bin/ctest) --output-on-failure
+
+clean:
+	rm -rf build manual_layers/*.so *.egg-info $(VENV)/.installed
