@@ -2,10 +2,27 @@
 torch.ops.manual_layers (so torch.compile traces them as single nodes); the derivatives are
 written by hand in the kernels, not recorded by autograd."""
 
+import functools
+
 import torch
-from torch.autograd.function import once_differentiable
 
 from ._ops import ops
+
+
+def _first_order_only(backward):
+    """Backward is written by hand and is not itself differentiable: refuse create_graph=True
+    with a clear error (instead of silently returning gradients without a graph), then run the
+    kernels without recording."""
+    @functools.wraps(backward)
+    def wrapper(ctx, *grads):
+        if torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            raise RuntimeError(
+                f"manual_layers: double backward (create_graph=True) through "
+                f"{type(ctx).__name__.replace('Backward', '')} is not supported: its backward is "
+                f"a hand-written kernel, not differentiable")
+        with torch.no_grad():
+            return backward(ctx, *grads)
+    return wrapper
 
 # What backward needs saved for each activation's derivative (csrc/common.h saved_for).
 _SAVES_PRE = frozenset({"gelu", "gelu_tanh", "silu"})
@@ -35,7 +52,7 @@ class LinearFunction(torch.autograd.Function):
         return out
 
     @staticmethod
-    @once_differentiable
+    @_first_order_only
     def backward(ctx, grad_out):
         x, weight, saved = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
@@ -97,7 +114,7 @@ class LinearBCEFunction(torch.autograd.Function):
         return _save_loss_outputs(ctx, reduction, bias is not None, outs, x, weight)
 
     @staticmethod
-    @once_differentiable
+    @_first_order_only
     def backward(ctx, grad_loss):
         return _loss_backward(ctx, grad_loss) + (None,) * 4
 
@@ -114,6 +131,6 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         return _save_loss_outputs(ctx, reduction, bias is not None, outs, x, weight)
 
     @staticmethod
-    @once_differentiable
+    @_first_order_only
     def backward(ctx, grad_loss):
         return _loss_backward(ctx, grad_loss) + (None,) * 5

@@ -251,15 +251,20 @@ std::tuple<at::Tensor, at::Tensor> linear_fwd_cpu(const at::Tensor& x, const at:
     at::Tensor out = has_bias ? at::addmm(*bias_opt, x, weight.t()) : at::mm(x, weight.t());
     return {out.contiguous(), empty_like_none(x)};
   }
-  at::Tensor y = at::mm(x, weight.t()).contiguous();  // (N, M)
+  // fp32/fp64: the GEMM, then bias + activation in one pass. 16-bit dtypes: the bias goes
+  // inside the GEMM (addmm accumulates in fp32 and rounds once); adding it after the GEMM's
+  // result was rounded to 16 bits would lose the accuracy near cancellation (design.md 5).
+  const bool bias_in_gemm = has_bias && at::isReducedFloatingType(x.scalar_type());
+  at::Tensor y = (bias_in_gemm ? at::addmm(*bias_opt, x, weight.t()) : at::mm(x, weight.t()))
+                     .contiguous();  // (N, M)
   const bool keep_pre = save_pre && saved_for(act) == Saved::Pre;
   // With the pre-activation kept, the GEMM buffer becomes `pre` (y + b in place) and the
   // activation goes to a new tensor; otherwise the activation is applied in place.
   at::Tensor pre = keep_pre ? y : empty_like_none(x);
   at::Tensor out = keep_pre ? at::empty_like(y) : y;
-  at::Tensor bias = has_bias ? bias_opt->contiguous() : at::Tensor();
+  at::Tensor bias = has_bias && !bias_in_gemm ? bias_opt->contiguous() : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "linear_fwd_cpu", [&] {
-    const scalar_t* b = has_bias ? bias.data_ptr<scalar_t>() : nullptr;
+    const scalar_t* b = bias.defined() ? bias.data_ptr<scalar_t>() : nullptr;
     if (act == Act::Softmax) {
       softmax_epilogue<scalar_t>(out.data_ptr<scalar_t>(), b, N, M);
       return;

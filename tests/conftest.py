@@ -1,0 +1,51 @@
+import pytest
+import torch
+
+CUDA = torch.cuda.is_available()
+
+# Every device-parametrised test runs on CPU, and on CUDA where a GPU is visible; the CUDA
+# cases skip with a reason elsewhere (the CUDA kernels are compiled but cannot run there).
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not CUDA, reason="no CUDA GPU visible: CUDA kernels not exercised"))]
+
+
+def dtypes_for(device):
+    """Float dtypes the layer supports on a device (float16 on CPU where torch's CPU GEMM has
+    it, which is the case from torch 2.1)."""
+    return [torch.float64, torch.float32, torch.bfloat16, torch.float16]
+
+
+# Tolerances by dtype (design.md section 7).
+TOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 1e-2}
+
+
+def assert_rel(actual, expected, tol, what=""):
+    """Relative error on the scale of the result. For tol < 1e-3 (fp32/fp64) it is
+    max|a - e| / max|e|; for the 16-bit tolerances it is ||a - e|| / ||e||, because a 16-bit
+    pre-activation that rounds to the other side of relu's kink flips one element of the
+    derivative, which the norm absorbs while the max does not."""
+    assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape}"
+    a, e = actual.detach().double(), expected.detach().double()
+    if e.numel() == 0:
+        return
+    assert torch.isfinite(a).all(), f"{what}: non-finite values"
+    if tol < 1e-3:
+        err = ((a - e).abs().max() / e.abs().max().clamp_min(1e-30)).item()
+    else:
+        err = ((a - e).norm() / e.norm().clamp_min(1e-30)).item()
+    assert err <= tol, f"{what}: relative error {err:.3g} > {tol:.1g}"
+
+
+def poison_cuda_cache():
+    """Fill the CUDA caching allocator's free blocks with NaN so that an output element a
+    kernel fails to write shows up as NaN instead of a stale, plausible value."""
+    if CUDA:
+        t = torch.full((32 * 1024 * 1024,), float("nan"), device="cuda")
+        del t
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(1234)
+    poison_cuda_cache()
+    yield
