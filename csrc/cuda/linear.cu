@@ -1,0 +1,598 @@
+// CUDA kernels of the fused linear layer y = act(x W^T + b) and of scale_ (csrc/linear.h).
+//
+// GEMMs run in cuBLASLt (fp32 / fp16 / bf16) with the epilogues it has:
+//   forward   none      -> BIAS (or DEFAULT without bias)
+//             relu      -> RELU_BIAS (RELU)
+//             gelu_tanh -> fp16 / bf16 only: GELU_AUX_BIAS (GELU_AUX) when the pre-activation
+//                          is saved and M % 8 == 0, else GELU_BIAS (GELU) when it is not saved
+//             others    -> BIAS (DEFAULT) writing the pre-activation, then one own
+//                          vectorised elementwise kernel (or the row-wise softmax kernel)
+//   backward  dX = G W            DEFAULT
+//             dW = G^T x          BGRADB when the bias gradient is needed (else DEFAULT)
+// where G = grad_out * act'(saved) comes from one own vectorised kernel (fp32 / fp64 math).
+// The cuBLASLt GELU epilogue is the tanh approximation, so exact "gelu" never uses it; it is
+// also not used for fp32, whose 1e-5 tolerance an undocumented epilogue accuracy may miss.
+//
+// Fallbacks (never an unwritten output): fp64, any GEMM dimension < 2, cuBLASLt disabled
+// (MANUAL_LAYERS_DISABLE_CUBLASLT=1) or any cuBLASLt status other than success (also "no
+// algorithm") -> at::addmm_out / at::mm_out (cuBLAS) plus the own epilogue kernels; a fused
+// epilogue that fails is first retried as a plain BIAS / DEFAULT cuBLASLt GEMM. The bias
+// gradient without BGRADB comes from a deterministic two-stage column-sum kernel (no atomics).
+// A bias whose pointer is not 16-byte aligned is copied to fresh (aligned) memory first.
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <ATen/ops/addmm.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/mm.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <cublasLt.h>
+#include <torch/library.h>
+
+#include <limits>
+#include <string>
+#include <tuple>
+
+#include "../common.h"
+#include "../linear.h"
+#include "cuda_common.cuh"
+
+namespace manual_layers {
+namespace {
+
+using namespace cuda_common;
+
+// =============================================================================================
+// Kernels
+// =============================================================================================
+
+// out[i] = act(z[i]) for i < n. z and out are 16-byte aligned (they may be the same buffer:
+// every element is read and written by one thread, read first). VEC elements per vector.
+template <typename T, Act A, int VEC>
+__global__ void act_fwd_kernel(const T* z, T* out, int64_t n) {
+  using acc_t = at::opmath_type<T>;
+  const int64_t stride = static_cast<int64_t>(blockDim.x) * gridDim.x;
+  const int64_t tid = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int64_t nvec = n / VEC;
+  for (int64_t i = tid; i < nvec; i += stride) {
+    AlignedVec<T, VEC> v = load_vec<VEC>(z + i * VEC);
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) {
+      v.val[j] = static_cast<T>(act_forward<A>(static_cast<acc_t>(v.val[j])));
+    }
+    store_vec<VEC>(out + i * VEC, v);
+  }
+  for (int64_t i = nvec * VEC + tid; i < n; i += stride) {
+    out[i] = static_cast<T>(act_forward<A>(static_cast<acc_t>(z[i])));
+  }
+}
+
+// G[i] = g[i] * act'(s[i]) for i < n; all three 16-byte aligned, G a separate buffer.
+template <typename T, Act A, int VEC>
+__global__ void act_bwd_kernel(const T* __restrict__ g, const T* __restrict__ s,
+                               T* __restrict__ G, int64_t n) {
+  using acc_t = at::opmath_type<T>;
+  const int64_t stride = static_cast<int64_t>(blockDim.x) * gridDim.x;
+  const int64_t tid = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int64_t nvec = n / VEC;
+  for (int64_t i = tid; i < nvec; i += stride) {
+    const AlignedVec<T, VEC> gv = load_vec<VEC>(g + i * VEC);
+    const AlignedVec<T, VEC> sv = load_vec<VEC>(s + i * VEC);
+    AlignedVec<T, VEC> r;
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) {
+      r.val[j] = static_cast<T>(
+          act_backward<A>(static_cast<acc_t>(gv.val[j]), static_cast<acc_t>(sv.val[j])));
+    }
+    store_vec<VEC>(G + i * VEC, r);
+  }
+  for (int64_t i = nvec * VEC + tid; i < n; i += stride) {
+    G[i] = static_cast<T>(act_backward<A>(static_cast<acc_t>(g[i]), static_cast<acc_t>(s[i])));
+  }
+}
+
+constexpr int kWarpsPerBlock = kThreads / 32;
+
+// Row-wise softmax of z (rows x cols), one warp per row (grid-stride over rows), written to
+// out (may alias z: each element is read and then written by the same lane).
+template <typename T>
+__global__ void softmax_fwd_kernel(const T* z, T* out, int64_t rows, int64_t cols) {
+  using acc_t = at::opmath_type<T>;
+  const int lane = threadIdx.x & 31;
+  const int64_t warp = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + (threadIdx.x >> 5);
+  const int64_t warp_stride = static_cast<int64_t>(gridDim.x) * kWarpsPerBlock;
+  for (int64_t r = warp; r < rows; r += warp_stride) {  // uniform within a warp
+    const T* zr = z + r * cols;
+    T* yr = out + r * cols;
+    acc_t mx = -std::numeric_limits<acc_t>::infinity();
+    for (int64_t j = lane; j < cols; j += 32) {
+      const acc_t v = static_cast<acc_t>(zr[j]);
+      mx = v > mx ? v : mx;
+    }
+    mx = warp_max(mx);
+    acc_t sum = acc_t(0);
+    for (int64_t j = lane; j < cols; j += 32) sum += ml_exp(static_cast<acc_t>(zr[j]) - mx);
+    sum = warp_sum(sum);
+    const acc_t inv = acc_t(1) / sum;
+    for (int64_t j = lane; j < cols; j += 32) {
+      yr[j] = static_cast<T>(ml_exp(static_cast<acc_t>(zr[j]) - mx) * inv);
+    }
+  }
+}
+
+// Softmax backward, row-wise: G = y * (g - sum_j g_j y_j). One warp per row.
+template <typename T>
+__global__ void softmax_bwd_kernel(const T* __restrict__ g, const T* __restrict__ y,
+                                   T* __restrict__ G, int64_t rows, int64_t cols) {
+  using acc_t = at::opmath_type<T>;
+  const int lane = threadIdx.x & 31;
+  const int64_t warp = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + (threadIdx.x >> 5);
+  const int64_t warp_stride = static_cast<int64_t>(gridDim.x) * kWarpsPerBlock;
+  for (int64_t r = warp; r < rows; r += warp_stride) {
+    const T* gr = g + r * cols;
+    const T* yr = y + r * cols;
+    T* Gr = G + r * cols;
+    acc_t dot = acc_t(0);
+    for (int64_t j = lane; j < cols; j += 32) {
+      dot += static_cast<acc_t>(gr[j]) * static_cast<acc_t>(yr[j]);
+    }
+    dot = warp_sum(dot);
+    for (int64_t j = lane; j < cols; j += 32) {
+      const acc_t yv = static_cast<acc_t>(yr[j]);
+      Gr[j] = static_cast<T>(yv * (static_cast<acc_t>(gr[j]) - dot));
+    }
+  }
+}
+
+// Column sums of G (rows x cols), stage 1: block (32, 8) covers 32 columns and one chunk of
+// rows_per_chunk rows (blockIdx.y); each thread sums every 8th row of the chunk for its column,
+// then the 8 partial sums are added in a fixed order. partial is (gridDim.y, cols).
+constexpr int kColTileX = 32;
+constexpr int kColTileY = 8;
+
+template <typename T>
+__global__ void colsum_partial_kernel(const T* __restrict__ G, at::opmath_type<T>* __restrict__ partial,
+                                      int64_t rows, int64_t cols, int64_t rows_per_chunk) {
+  using acc_t = at::opmath_type<T>;
+  __shared__ acc_t sh[kColTileY][kColTileX + 1];
+  const int64_t col = static_cast<int64_t>(blockIdx.x) * kColTileX + threadIdx.x;
+  const int64_t r0 = static_cast<int64_t>(blockIdx.y) * rows_per_chunk;
+  int64_t r1 = r0 + rows_per_chunk;
+  if (r1 > rows) r1 = rows;
+  acc_t s = acc_t(0);
+  if (col < cols) {
+    for (int64_t r = r0 + threadIdx.y; r < r1; r += kColTileY) s += static_cast<acc_t>(G[r * cols + col]);
+  }
+  sh[threadIdx.y][threadIdx.x] = s;
+  __syncthreads();
+  if (threadIdx.y == 0 && col < cols) {
+    acc_t t = acc_t(0);
+#pragma unroll
+    for (int k = 0; k < kColTileY; ++k) t += sh[k][threadIdx.x];
+    partial[static_cast<int64_t>(blockIdx.y) * cols + col] = t;
+  }
+}
+
+// Stage 2: out[c] = sum over chunks of partial[chunk, c], chunks in increasing order.
+template <typename T>
+__global__ void colsum_final_kernel(const at::opmath_type<T>* __restrict__ partial,
+                                    T* __restrict__ out, int64_t chunks, int64_t cols) {
+  using acc_t = at::opmath_type<T>;
+  const int64_t stride = static_cast<int64_t>(blockDim.x) * gridDim.x;
+  for (int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; c < cols; c += stride) {
+    acc_t t = acc_t(0);
+    for (int64_t k = 0; k < chunks; ++k) t += partial[k * cols + c];
+    out[c] = static_cast<T>(t);
+  }
+}
+
+// self[i] *= *scale, unless *scale == 1 (then every thread returns before touching memory).
+// p is aligned to VEC * sizeof(T) bytes.
+template <typename T, int VEC>
+__global__ void scale_kernel(T* p, int64_t n, const at::opmath_type<T>* scale) {
+  using acc_t = at::opmath_type<T>;
+  const acc_t s = *scale;
+  if (s == acc_t(1)) return;
+  const int64_t stride = static_cast<int64_t>(blockDim.x) * gridDim.x;
+  const int64_t tid = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int64_t nvec = n / VEC;
+  for (int64_t i = tid; i < nvec; i += stride) {
+    AlignedVec<T, VEC> v = load_vec<VEC>(p + i * VEC);
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) v.val[j] = static_cast<T>(static_cast<acc_t>(v.val[j]) * s);
+    store_vec<VEC>(p + i * VEC, v);
+  }
+  for (int64_t i = nvec * VEC + tid; i < n; i += stride) {
+    p[i] = static_cast<T>(static_cast<acc_t>(p[i]) * s);
+  }
+}
+
+// =============================================================================================
+// Launchers. All take contiguous tensors with numel > 0 on the current device / stream.
+// =============================================================================================
+
+template <typename T, Act A>
+void launch_act_fwd(const at::Tensor& z, const at::Tensor& out) {
+  constexpr int VEC = VecWidth<T>::value;
+  const int64_t n = z.numel();
+  const int64_t blocks = grid_for(ceil_div(n, VEC));
+  act_fwd_kernel<T, A, VEC><<<static_cast<unsigned>(blocks), kThreads, 0,
+                              at::cuda::getCurrentCUDAStream()>>>(
+      z.const_data_ptr<T>(), out.mutable_data_ptr<T>(), n);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename T, Act A>
+void launch_act_bwd(const at::Tensor& g, const at::Tensor& s, const at::Tensor& G) {
+  constexpr int VEC = VecWidth<T>::value;
+  const int64_t n = g.numel();
+  const int64_t blocks = grid_for(ceil_div(n, VEC));
+  act_bwd_kernel<T, A, VEC><<<static_cast<unsigned>(blocks), kThreads, 0,
+                              at::cuda::getCurrentCUDAStream()>>>(
+      g.const_data_ptr<T>(), s.const_data_ptr<T>(), G.mutable_data_ptr<T>(), n);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// out = act(z), z and out (N, M) contiguous, 16-byte aligned, possibly the same tensor.
+void apply_act_fwd(Act act, const at::Tensor& z, const at::Tensor& out) {
+  if (act == Act::None) {
+    if (!z.is_same(out)) out.copy_(z);
+    return;
+  }
+  const int64_t rows = z.size(0), cols = z.size(1);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "linear_fwd_act", [&] {
+    switch (act) {
+      case Act::Relu: launch_act_fwd<scalar_t, Act::Relu>(z, out); break;
+      case Act::Gelu: launch_act_fwd<scalar_t, Act::Gelu>(z, out); break;
+      case Act::GeluTanh: launch_act_fwd<scalar_t, Act::GeluTanh>(z, out); break;
+      case Act::Silu: launch_act_fwd<scalar_t, Act::Silu>(z, out); break;
+      case Act::Sigmoid: launch_act_fwd<scalar_t, Act::Sigmoid>(z, out); break;
+      case Act::Tanh: launch_act_fwd<scalar_t, Act::Tanh>(z, out); break;
+      case Act::Softmax: {
+        const int64_t blocks = grid_for(ceil_div(rows, kWarpsPerBlock), 1);
+        softmax_fwd_kernel<scalar_t><<<static_cast<unsigned>(blocks), kThreads, 0,
+                                       at::cuda::getCurrentCUDAStream()>>>(
+            z.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(), rows, cols);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        break;
+      }
+      default: TORCH_CHECK(false, "linear_fwd: unhandled activation");
+    }
+  });
+}
+
+// G = g * act'(s) (softmax: row-wise), all (N, M) contiguous and 16-byte aligned.
+void apply_act_bwd(Act act, const at::Tensor& g, const at::Tensor& s, const at::Tensor& G) {
+  const int64_t rows = g.size(0), cols = g.size(1);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), "linear_bwd_act", [&] {
+    switch (act) {
+      case Act::Relu: launch_act_bwd<scalar_t, Act::Relu>(g, s, G); break;
+      case Act::Gelu: launch_act_bwd<scalar_t, Act::Gelu>(g, s, G); break;
+      case Act::GeluTanh: launch_act_bwd<scalar_t, Act::GeluTanh>(g, s, G); break;
+      case Act::Silu: launch_act_bwd<scalar_t, Act::Silu>(g, s, G); break;
+      case Act::Sigmoid: launch_act_bwd<scalar_t, Act::Sigmoid>(g, s, G); break;
+      case Act::Tanh: launch_act_bwd<scalar_t, Act::Tanh>(g, s, G); break;
+      case Act::Softmax: {
+        const int64_t blocks = grid_for(ceil_div(rows, kWarpsPerBlock), 1);
+        softmax_bwd_kernel<scalar_t><<<static_cast<unsigned>(blocks), kThreads, 0,
+                                       at::cuda::getCurrentCUDAStream()>>>(
+            g.const_data_ptr<scalar_t>(), s.const_data_ptr<scalar_t>(),
+            G.mutable_data_ptr<scalar_t>(), rows, cols);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        break;
+      }
+      default: TORCH_CHECK(false, "linear_bwd: unhandled activation");
+    }
+  });
+}
+
+// out (M,) = column sums of G (N, M), N >= 1, M >= 1; deterministic (fixed reduction order,
+// which depends only on N and M).
+void column_sum(const at::Tensor& G, const at::Tensor& out) {
+  const int64_t rows = G.size(0), cols = G.size(1);
+  const int64_t gx = ceil_div(cols, kColTileX);
+  TORCH_CHECK(gx <= std::numeric_limits<int32_t>::max(), "linear_bwd: too many output features (",
+              cols, ") for the bias-gradient kernel");
+  // About 1024 blocks in all, each chunk at least 32 rows, at most 1024 chunks (< 65535).
+  int64_t chunks = ceil_div(1024, gx);
+  const int64_t max_chunks = ceil_div(rows, 32);
+  if (chunks > max_chunks) chunks = max_chunks;
+  if (chunks < 1) chunks = 1;
+  const int64_t rows_per_chunk = ceil_div(rows, chunks);
+  chunks = ceil_div(rows, rows_per_chunk);
+  const at::Tensor partial =
+      at::empty({chunks, cols}, G.options().dtype(at::toOpMathType(G.scalar_type())));
+  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, G.scalar_type(), "linear_bwd_colsum", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    colsum_partial_kernel<scalar_t>
+        <<<dim3(static_cast<unsigned>(gx), static_cast<unsigned>(chunks)),
+           dim3(kColTileX, kColTileY), 0, stream>>>(G.const_data_ptr<scalar_t>(),
+                                                    partial.mutable_data_ptr<acc_t>(), rows, cols,
+                                                    rows_per_chunk);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    colsum_final_kernel<scalar_t><<<static_cast<unsigned>(grid_for(cols)), kThreads, 0, stream>>>(
+        partial.const_data_ptr<acc_t>(), out.mutable_data_ptr<scalar_t>(), chunks, cols);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+bool lt_ok(cublasStatus_t s) { return s == CUBLAS_STATUS_SUCCESS; }
+
+}  // namespace
+
+// =============================================================================================
+// Ops
+// =============================================================================================
+
+std::tuple<at::Tensor, at::Tensor> linear_fwd_cuda(const at::Tensor& x, const at::Tensor& weight,
+                                                   const c10::optional<at::Tensor>& bias,
+                                                   c10::string_view activation, bool save_pre) {
+  check_linear_args("linear_fwd", x, weight, bias);
+  TORCH_CHECK(x.is_cuda(), "linear_fwd: x must be a CUDA tensor here, got ", x.device());
+  const Act act = parse_activation(std::string(activation.data(), activation.size()));
+  c10::cuda::CUDAGuard guard(x.device());
+
+  const int64_t N = x.size(0), K = x.size(1), M = weight.size(0);
+  const bool has_bias = bias.has_value() && bias->defined();
+  const bool keep_pre = save_pre && saved_for(act) == Saved::Pre;
+  const at::Tensor out = at::empty({N, M}, x.options());
+  const at::Tensor pre = keep_pre ? at::empty({N, M}, x.options()) : at::empty({0}, x.options());
+  if (N == 0 || M == 0) return {out, pre};
+
+  // 16-byte aligned contiguous bias (cuBLASLt epilogue pointers fault when under-aligned).
+  const at::Tensor b = has_bias ? aligned_contiguous(*bias) : at::Tensor();
+  // z: where the pre-activation goes (pre when kept, else out, activated in place).
+  const at::Tensor& z = keep_pre ? pre : out;
+  bool act_done = false;  // out already holds act(z)
+
+  if (K == 0) {
+    if (has_bias) {
+      z.copy_(b.unsqueeze(0).expand({N, M}));
+    } else {
+      z.zero_();
+    }
+  } else {
+    const at::Tensor xc = x.contiguous();
+    const at::Tensor wc = weight.contiguous();
+    bool gemm_done = false;
+    cudaDataType_t dt = CUDA_R_32F;
+    if (lt_dtype(x.scalar_type(), &dt) && lt_shape_ok(M, N, K)) {
+      // y^T (M x N, ld M) = W^T (op T of col-major K x M, ld K) . x^T (col-major K x N, ld K)
+      LtGemm g;
+      g.transa = CUBLAS_OP_T;
+      g.transb = CUBLAS_OP_N;
+      g.m = M;
+      g.n = N;
+      g.k = K;
+      g.A = wc.const_data_ptr();
+      g.lda = K;
+      g.B = xc.const_data_ptr();
+      g.ldb = K;
+      g.ldd = M;
+      g.dtype = dt;
+      g.compute = lt_compute_type(x.scalar_type());
+      g.bias = has_bias ? const_cast<void*>(b.const_data_ptr()) : nullptr;
+      const bool half_like = x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16;
+
+      // 1. The activation fused into the GEMM, where cuBLASLt has it.
+      bool fused = false;
+      if (act == Act::Relu) {
+        g.epilogue = has_bias ? CUBLASLT_EPILOGUE_RELU_BIAS : CUBLASLT_EPILOGUE_RELU;
+        g.D = out.mutable_data_ptr();
+        fused = true;
+      } else if (act == Act::GeluTanh && half_like) {
+        if (!keep_pre) {
+          g.epilogue = has_bias ? CUBLASLT_EPILOGUE_GELU_BIAS : CUBLASLT_EPILOGUE_GELU;
+          g.D = out.mutable_data_ptr();
+          fused = true;
+        } else if (M % 8 == 0) {
+          g.epilogue = has_bias ? CUBLASLT_EPILOGUE_GELU_AUX_BIAS : CUBLASLT_EPILOGUE_GELU_AUX;
+          g.D = out.mutable_data_ptr();
+          g.aux = pre.mutable_data_ptr();
+          g.aux_ld = M;
+          fused = true;
+        }
+      }
+      if (fused && lt_ok(lt_matmul(g, x.options()))) {
+        gemm_done = true;
+        act_done = true;
+      }
+      // 2. Plain GEMM (+ bias) writing the pre-activation.
+      if (!gemm_done) {
+        g.epilogue = has_bias ? CUBLASLT_EPILOGUE_BIAS : CUBLASLT_EPILOGUE_DEFAULT;
+        g.D = z.mutable_data_ptr();
+        g.aux = nullptr;
+        g.aux_ld = 0;
+        gemm_done = lt_ok(lt_matmul(g, x.options()));
+      }
+    }
+    // 3. cuBLAS through ATen.
+    if (!gemm_done) {
+      at::Tensor zz = z;  // the _out ops take a non-const reference
+      if (has_bias) {
+        at::addmm_out(zz, b, xc, wc.t());
+      } else {
+        at::mm_out(zz, xc, wc.t());
+      }
+    }
+  }
+
+  if (!act_done && act != Act::None) apply_act_fwd(act, z, out);
+  return {out, pre};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_bwd_cuda(
+    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight,
+    const at::Tensor& saved, c10::string_view activation, bool need_x, bool need_weight,
+    bool need_bias) {
+  check_linear_args("linear_bwd", x, weight, c10::nullopt);
+  TORCH_CHECK(x.is_cuda(), "linear_bwd: x must be a CUDA tensor here, got ", x.device());
+  const Act act = parse_activation(std::string(activation.data(), activation.size()));
+  const int64_t N = x.size(0), K = x.size(1), M = weight.size(0);
+  TORCH_CHECK(grad_out.dim() == 2 && grad_out.size(0) == N && grad_out.size(1) == M,
+              "linear_bwd: grad_out must have shape (", N, ", ", M, "), got ", grad_out.sizes());
+  TORCH_CHECK(grad_out.scalar_type() == x.scalar_type(), "linear_bwd: grad_out dtype ",
+              grad_out.scalar_type(), " differs from x dtype ", x.scalar_type());
+  TORCH_CHECK(grad_out.device() == x.device(), "linear_bwd: grad_out is on ", grad_out.device(),
+              " but x is on ", x.device());
+  if (act != Act::None) {
+    TORCH_CHECK(saved.dim() == 2 && saved.size(0) == N && saved.size(1) == M,
+                "linear_bwd: saved (the ", saved_for(act) == Saved::Pre ? "pre-activation" : "output",
+                " for activation '", std::string(activation.data(), activation.size()),
+                "') must have shape (", N, ", ", M, "), got ", saved.sizes());
+    TORCH_CHECK(saved.scalar_type() == x.scalar_type(), "linear_bwd: saved dtype ",
+                saved.scalar_type(), " differs from x dtype ", x.scalar_type());
+    TORCH_CHECK(saved.device() == x.device(), "linear_bwd: saved is on ", saved.device(),
+                " but x is on ", x.device());
+  }
+  c10::cuda::CUDAGuard guard(x.device());
+
+  const at::Tensor grad_x = need_x ? at::empty({N, K}, x.options()) : at::empty({0}, x.options());
+  const at::Tensor grad_w =
+      need_weight ? at::empty({M, K}, x.options()) : at::empty({0}, x.options());
+  const at::Tensor grad_b = need_bias ? at::empty({M}, x.options()) : at::empty({0}, x.options());
+  if (!need_x && !need_weight && !need_bias) return {grad_x, grad_w, grad_b};
+
+  if (N == 0) {  // sums over an empty batch
+    if (need_weight) grad_w.zero_();
+    if (need_bias) grad_b.zero_();
+    return {grad_x, grad_w, grad_b};
+  }
+  if (M == 0) {  // no output features: grad_x is a sum over nothing
+    if (need_x) grad_x.zero_();
+    return {grad_x, grad_w, grad_b};
+  }
+
+  // G = grad_out * act'(saved), (N, M) contiguous and 16-byte aligned.
+  const at::Tensor g = aligned_contiguous(grad_out);
+  at::Tensor G;
+  if (act == Act::None) {
+    G = g;
+  } else {
+    const at::Tensor s = aligned_contiguous(saved);
+    G = at::empty({N, M}, x.options());
+    apply_act_bwd(act, g, s, G);
+  }
+
+  bool bias_done = false;
+  if (K > 0 && (need_x || need_weight)) {
+    const at::Tensor xc = x.contiguous();
+    const at::Tensor wc = weight.contiguous();
+    cudaDataType_t dt = CUDA_R_32F;
+    const bool lt_type = lt_dtype(x.scalar_type(), &dt);
+    const cublasComputeType_t ct = lt_compute_type(x.scalar_type());
+
+    if (need_x) {
+      bool ok = false;
+      if (lt_type && lt_shape_ok(K, N, M)) {
+        // dX^T (K x N, ld K) = W^T (col-major K x M, ld K) . G^T (col-major M x N, ld M)
+        LtGemm gm;
+        gm.transa = CUBLAS_OP_N;
+        gm.transb = CUBLAS_OP_N;
+        gm.m = K;
+        gm.n = N;
+        gm.k = M;
+        gm.A = wc.const_data_ptr();
+        gm.lda = K;
+        gm.B = G.const_data_ptr();
+        gm.ldb = M;
+        gm.D = grad_x.mutable_data_ptr();
+        gm.ldd = K;
+        gm.dtype = dt;
+        gm.compute = ct;
+        gm.epilogue = CUBLASLT_EPILOGUE_DEFAULT;
+        ok = lt_ok(lt_matmul(gm, x.options()));
+      }
+      if (!ok) {
+        at::Tensor gx = grad_x;
+        at::mm_out(gx, G, wc);
+      }
+    }
+
+    if (need_weight) {
+      bool ok = false;
+      if (lt_type && lt_shape_ok(K, M, N)) {
+        // dW^T (K x M, ld K) = x^T (col-major K x N, ld K) . G (op T of col-major M x N, ld M);
+        // BGRADB: grad_b (length M = columns of D) = sums of op(B) = G over k = N.
+        LtGemm gm;
+        gm.transa = CUBLAS_OP_N;
+        gm.transb = CUBLAS_OP_T;
+        gm.m = K;
+        gm.n = M;
+        gm.k = N;
+        gm.A = xc.const_data_ptr();
+        gm.lda = K;
+        gm.B = G.const_data_ptr();
+        gm.ldb = M;
+        gm.D = grad_w.mutable_data_ptr();
+        gm.ldd = K;
+        gm.dtype = dt;
+        gm.compute = ct;
+        if (need_bias) {
+          gm.epilogue = CUBLASLT_EPILOGUE_BGRADB;
+          gm.bias = grad_b.mutable_data_ptr();
+          ok = lt_ok(lt_matmul(gm, x.options()));
+          bias_done = ok;
+        }
+        if (!ok) {
+          gm.epilogue = CUBLASLT_EPILOGUE_DEFAULT;
+          gm.bias = nullptr;
+          ok = lt_ok(lt_matmul(gm, x.options()));
+        }
+      }
+      if (!ok) {
+        at::Tensor gw = grad_w;
+        at::mm_out(gw, G.t(), xc);
+      }
+    }
+  }
+
+  if (need_bias && !bias_done) column_sum(G, grad_b);
+  return {grad_x, grad_w, grad_b};
+}
+
+void scale_inplace_cuda(at::Tensor& self, const at::Tensor& scale) {
+  TORCH_CHECK(scale.numel() == 1, "scale_: scale must have exactly one element, got shape ",
+              scale.sizes());
+  TORCH_CHECK(scale.device() == self.device(), "scale_: scale is on ", scale.device(),
+              " but self is on ", self.device());
+  TORCH_CHECK(at::isFloatingType(self.scalar_type()), "scale_: self must be a floating tensor, got ",
+              self.scalar_type());
+  TORCH_CHECK(at::isFloatingType(scale.scalar_type()),
+              "scale_: scale must be a floating tensor, got ", scale.scalar_type());
+  if (self.numel() == 0) return;
+  c10::cuda::CUDAGuard guard(self.device());
+
+  // The scale in self's op-math type, still on the device (to() queues a copy kernel; no sync).
+  const at::Tensor s = scale.reshape({1}).to(at::toOpMathType(self.scalar_type()));
+  if (!self.is_contiguous()) {
+    self.mul_(s.squeeze());  // rare: strided gradients; a 0-dim tensor keeps self's dtype
+    return;
+  }
+  const int64_t n = self.numel();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, self.scalar_type(), "scale_", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    constexpr int VEC = VecWidth<scalar_t>::value;
+    scalar_t* p = self.mutable_data_ptr<scalar_t>();
+    const acc_t* sp = s.const_data_ptr<acc_t>();
+    cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+    if (is_aligned(p, 16)) {
+      scale_kernel<scalar_t, VEC>
+          <<<static_cast<unsigned>(grid_for(ceil_div(n, VEC))), kThreads, 0, stream>>>(p, n, sp);
+    } else {
+      scale_kernel<scalar_t, 1><<<static_cast<unsigned>(grid_for(n)), kThreads, 0, stream>>>(p, n, sp);
+    }
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+TORCH_LIBRARY_IMPL(manual_layers, CUDA, m) {
+  m.impl("linear_fwd", &linear_fwd_cuda);
+  m.impl("linear_bwd", &linear_bwd_cuda);
+  m.impl("scale_", &scale_inplace_cuda);
+}
+
+}  // namespace manual_layers
