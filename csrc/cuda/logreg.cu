@@ -1,0 +1,902 @@
+// CUDA kernels of the fused logistic-regression losses (csrc/logreg.h is the contract).
+//
+// Two paths:
+//
+// 1. Fused binary path (C == 1, reduction mean/sum, D <= 8 warps x 4 chunks x 32 lanes x VEC,
+//    i.e. D <= 4096 fp32 / 8192 fp16,bf16 / 2048 fp64): X is read exactly once.
+//    bce_fused_kernel runs a fixed grid of B blocks (B = occupancy x SM count, at most one
+//    block per group of rows), 256 threads = 8 warps. A "group" of WPR warps (WPR in 1,2,4,8)
+//    owns one row at a time; warp j of the group holds columns
+//      [(j*CHUNKS + k)*32*VEC + lane*VEC, +VEC), k < CHUNKS
+//    of the row in registers (16-byte vector loads when the row start is 16-byte aligned and D
+//    is a multiple of VEC; a scalar path otherwise), together with the same columns of w and of
+//    its fp32 (fp64) partial grad_w. Per row: z = x.w (warp shuffles; plus a fixed-order sum
+//    over the group's warps through shared memory when WPR > 1) + b, the loss term
+//    (log-sigmoid in its stable form), r = dloss/dz, grad_w += r x, and dX = (r / den) w when
+//    needed. Rows go to blocks in a grid-stride loop. At the end each block sums its groups'
+//    grad_w in a fixed order (shared memory) and writes one row of a [B, D] fp32 workspace,
+//    plus its loss and grad_b partials ([B] each): O(B*D) temporary memory, never O(N).
+//    finalize_kernel then sums the B partials in a fixed order (bitwise deterministic, no
+//    float atomics) and writes grad_w, grad_b and the loss in x's dtype, divided by the mean
+//    denominator (N for mean, 1 for sum).
+//
+// 2. GEMM path (everything else: multinomial C > 1, reduction none, binary with larger D):
+//    logits = x W^T through at::mm (cuBLAS, fp32 accumulation), a row kernel of our own that
+//    adds the bias in fp32, computes the loss terms and writes the residual dloss/dlogits in
+//    place of the logits (scaled by 1/den for mean), then grad_x = R W and grad_w = R^T x
+//    through at::mm and grad_b = R.sum(0) through at::sum (fp32 accumulation). This reads X
+//    twice when grad_w is needed and holds an (N, C) buffer: correct and deterministic, but not
+//    the single-pass design. A fused multinomial kernel that keeps the single read of X at
+//    C = 10 needs the logits and grad_W products on tensor cores (mma) to stay memory-bound;
+//    a CUDA-core version is bound by W operand traffic and per-row shuffle reductions (about
+//    0.6-0.8 ms on H200 for 1,048,576 x 512 x 10 by a rough count), so it was left for a
+//    version that can be measured on a GPU. See the report of the commit that added this file.
+//
+// Targets: an out-of-range class index (not ignore_index) contributes nothing (no loss, no
+// gradient, not in the mean denominator) instead of raising a device assert as torch does;
+// the Python layer validates targets before calling. Mean denominator of cross entropy:
+// sum over non-ignored rows of class_weight[target] (1 without weights), computed on the
+// device by ce_den_partial_kernel (per-block partials, summed in a fixed order by every
+// consumer), so no host sync. N == 0 is handled on the host without launching kernels.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <limits>
+
+#include "../common.h"
+#include "../logreg.h"
+
+namespace manual_layers {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kWarps = kThreads / 32;
+
+// ---------------------------------------------------------------------------------------
+// Device helpers
+// ---------------------------------------------------------------------------------------
+
+template <typename T, int N>
+struct alignas(sizeof(T) * N) AlignedVec {
+  T v[N];
+};
+
+__device__ __forceinline__ float dev_exp(float a) { return expf(a); }
+__device__ __forceinline__ double dev_exp(double a) { return exp(a); }
+__device__ __forceinline__ float dev_log(float a) { return logf(a); }
+__device__ __forceinline__ double dev_log(double a) { return log(a); }
+__device__ __forceinline__ float dev_log1p(float a) { return log1pf(a); }
+__device__ __forceinline__ double dev_log1p(double a) { return log1p(a); }
+
+template <typename acc_t>
+__device__ __forceinline__ acc_t warp_sum(acc_t v) {
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
+  return v;  // every lane holds the same value (same butterfly on every lane)
+}
+
+template <typename acc_t>
+__device__ __forceinline__ acc_t warp_max(acc_t v) {
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) {
+    const acc_t o = __shfl_xor_sync(0xffffffffu, v, off);
+    v = o > v ? o : v;
+  }
+  return v;
+}
+
+// Fixed-order tree sum over the block (kThreads threads, all of which must call it).
+template <typename acc_t>
+__device__ acc_t block_sum(acc_t v, acc_t* sbuf) {
+  const int tid = threadIdx.x;
+  sbuf[tid] = v;
+  __syncthreads();
+#pragma unroll
+  for (int s = kThreads / 2; s > 0; s >>= 1) {
+    if (tid < s) sbuf[tid] += sbuf[tid + s];
+    __syncthreads();
+  }
+  const acc_t r = sbuf[0];
+  __syncthreads();  // sbuf may be reused right after
+  return r;
+}
+
+// Sum of n per-block partials, in a fixed order; the same value in every block that calls it.
+template <typename acc_t>
+__device__ acc_t block_sum_partials(const acc_t* part, int64_t n, acc_t* sbuf) {
+  acc_t v = 0;
+  for (int64_t k = threadIdx.x; k < n; k += kThreads) v += part[k];
+  return block_sum(v, sbuf);
+}
+
+// One binary cross-entropy term, torch's formulas (binary_cross_entropy_with_logits and its
+// backward): lw = 1 + (pw - 1) y,
+//   loss = sw * ((1 - y) z - lw * log_sigmoid(z)),  log_sigmoid(z) = min(z, 0) - log1p(e^-|z|)
+//   r    = sw * (lw * sigmoid(z) - pw y)             (= sw * (sigmoid(z) - y) without pw)
+template <typename acc_t>
+__device__ __forceinline__ void bce_term(acc_t z, acc_t y, bool has_pw, acc_t pw, acc_t sw,
+                                         acc_t& loss, acc_t& r) {
+  const acc_t az = z < acc_t(0) ? -z : z;
+  const acc_t e = dev_exp(-az);  // in (0, 1]
+  const acc_t log_sig = (z < acc_t(0) ? z : acc_t(0)) - dev_log1p(e);
+  const acc_t sig = z >= acc_t(0) ? acc_t(1) / (acc_t(1) + e) : e / (acc_t(1) + e);
+  if (has_pw) {
+    const acc_t lw = (pw - acc_t(1)) * y + acc_t(1);
+    loss = sw * ((acc_t(1) - y) * z - lw * log_sig);
+    r = sw * (lw * sig - pw * y);
+  } else {
+    loss = sw * ((acc_t(1) - y) * z - log_sig);
+    r = sw * (sig - y);
+  }
+}
+
+// ---------------------------------------------------------------------------------------
+// Fused binary kernel (path 1)
+// ---------------------------------------------------------------------------------------
+
+template <typename scalar_t, typename acc_t>
+struct BceFusedParams {
+  const scalar_t* x;        // (N, D)
+  const acc_t* w;           // (D,) weight in acc_t
+  const acc_t* bias;        // (1,) or nullptr
+  const scalar_t* target;   // (N,)
+  const acc_t* pos_weight;  // (1,) or nullptr
+  const scalar_t* sw;       // (N,) or nullptr
+  scalar_t* dx;             // (N, D) or nullptr (need_x)
+  acc_t* ws_gw;             // (B, D) or nullptr (need_weight)
+  acc_t* ws_loss;           // (B,)
+  acc_t* ws_gb;             // (B,)
+  int64_t N;
+  int64_t D;
+  acc_t den;                // N for mean, 1 for sum: dX = r / den * w
+  int wpr;                  // warps per row: 1, 2, 4 or 8
+  bool vec_ok;              // 16-byte vector loads/stores are aligned for every row
+};
+
+// Minimum resident blocks per SM asked of the register allocator: 3 (24 warps, so enough
+// loads in flight) where the live registers allow it without spilling (up to two chunks, and
+// fp32 with four), else 2 (ptxas: four chunks of fp16/bf16 spill 4 bytes at 2).
+template <typename scalar_t, typename acc_t, int CHUNKS>
+__global__ void __launch_bounds__(kThreads, (CHUNKS <= 2 || sizeof(scalar_t) == 4) ? 3 : 2)
+    bce_fused_kernel(const BceFusedParams<scalar_t, acc_t> p) {
+  constexpr int VEC = 16 / static_cast<int>(sizeof(scalar_t));
+  using Vec = AlignedVec<scalar_t, VEC>;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  acc_t* s_red = reinterpret_cast<acc_t*>(smem_raw);  // (GPB, D) when ws_gw != nullptr
+  __shared__ acc_t s_dot[2][kWarps];
+  __shared__ acc_t s_loss[kWarps];
+  __shared__ acc_t s_gb[kWarps];
+
+  const int lane = threadIdx.x & 31;
+  const int warp = threadIdx.x >> 5;
+  const int wpr = p.wpr;
+  const int gpb = kWarps / wpr;  // row groups per block
+  const int g = warp / wpr;      // this warp's group
+  const int j = warp % wpr;      // this warp's rank in its group
+  const int64_t D = p.D;
+  const int64_t N = p.N;
+  const bool need_w = p.ws_gw != nullptr;
+  const bool has_pw = p.pos_weight != nullptr;
+
+  acc_t wv[CHUNKS][VEC];
+  acc_t gw[CHUNKS][VEC];
+  Vec xr[CHUNKS];  // the row's values in x's dtype (half the registers for 16-bit types)
+#pragma unroll
+  for (int k = 0; k < CHUNKS; ++k) {
+    const int64_t c0 = (static_cast<int64_t>(j * CHUNKS + k) * 32 + lane) * VEC;
+#pragma unroll
+    for (int e = 0; e < VEC; ++e) {
+      wv[k][e] = c0 + e < D ? p.w[c0 + e] : acc_t(0);
+      gw[k][e] = acc_t(0);
+    }
+  }
+  const acc_t bias = p.bias != nullptr ? p.bias[0] : acc_t(0);
+  const acc_t pw = has_pw ? p.pos_weight[0] : acc_t(1);
+  const acc_t den = p.den;
+  acc_t loss_acc = 0;
+  acc_t gb_acc = 0;
+  int parity = 0;
+
+  const int64_t step = static_cast<int64_t>(gridDim.x) * gpb;
+  // The loop condition depends on blockIdx only: every thread of the block runs the same
+  // iterations, so the __syncthreads below is reached by all of them.
+  for (int64_t base = static_cast<int64_t>(blockIdx.x) * gpb; base < N; base += step) {
+    const int64_t i = base + g;
+    const bool valid = i < N;
+#pragma unroll
+    for (int k = 0; k < CHUNKS; ++k)
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) xr[k].v[e] = static_cast<scalar_t>(0.0f);
+    acc_t part = 0;
+    if (valid) {
+      const scalar_t* xrow = p.x + i * D;
+#pragma unroll
+      for (int k = 0; k < CHUNKS; ++k) {
+        const int64_t c0 = (static_cast<int64_t>(j * CHUNKS + k) * 32 + lane) * VEC;
+        if (p.vec_ok) {
+          // D % VEC == 0 here, so a vector is either wholly inside the row or wholly outside.
+          if (c0 < D) xr[k] = *reinterpret_cast<const Vec*>(xrow + c0);
+        } else {
+#pragma unroll
+          for (int e = 0; e < VEC; ++e)
+            if (c0 + e < D) xr[k].v[e] = xrow[c0 + e];
+        }
+      }
+      // Columns outside the row hold 0 in xr and in wv.
+#pragma unroll
+      for (int k = 0; k < CHUNKS; ++k)
+#pragma unroll
+        for (int e = 0; e < VEC; ++e) part += static_cast<acc_t>(xr[k].v[e]) * wv[k][e];
+    }
+    part = warp_sum(part);
+    acc_t z;
+    if (wpr > 1) {
+      // Double-buffered by iteration parity: the buffer written here was last read two
+      // iterations ago, before the previous iteration's barrier.
+      if (lane == 0) s_dot[parity][warp] = part;
+      __syncthreads();
+      z = 0;
+      for (int jj = 0; jj < wpr; ++jj) z += s_dot[parity][g * wpr + jj];  // fixed order
+      parity ^= 1;
+    } else {
+      z = part;
+    }
+    if (valid) {
+      z += bias;
+      const acc_t y = static_cast<acc_t>(p.target[i]);
+      const acc_t sw = p.sw != nullptr ? static_cast<acc_t>(p.sw[i]) : acc_t(1);
+      acc_t loss_i, r;
+      bce_term(z, y, has_pw, pw, sw, loss_i, r);
+      if (j == 0 && lane == 0) {
+        loss_acc += loss_i;
+        gb_acc += r;
+      }
+      if (need_w) {
+#pragma unroll
+        for (int k = 0; k < CHUNKS; ++k)
+#pragma unroll
+          for (int e = 0; e < VEC; ++e) gw[k][e] += r * static_cast<acc_t>(xr[k].v[e]);
+      }
+      if (p.dx != nullptr) {
+        const acc_t rs = r / den;
+        scalar_t* drow = p.dx + i * D;
+#pragma unroll
+        for (int k = 0; k < CHUNKS; ++k) {
+          const int64_t c0 = (static_cast<int64_t>(j * CHUNKS + k) * 32 + lane) * VEC;
+          if (p.vec_ok) {
+            if (c0 < D) {
+              Vec o;
+#pragma unroll
+              for (int e = 0; e < VEC; ++e) o.v[e] = static_cast<scalar_t>(rs * wv[k][e]);
+              *reinterpret_cast<Vec*>(drow + c0) = o;
+            }
+          } else {
+#pragma unroll
+            for (int e = 0; e < VEC; ++e)
+              if (c0 + e < D) drow[c0 + e] = static_cast<scalar_t>(rs * wv[k][e]);
+          }
+        }
+      }
+    }
+  }
+
+  // Block partials, fixed order.
+  if (lane == 0) {
+    s_loss[warp] = loss_acc;
+    s_gb[warp] = gb_acc;
+  }
+  if (need_w) {
+#pragma unroll
+    for (int k = 0; k < CHUNKS; ++k) {
+      const int64_t c0 = (static_cast<int64_t>(j * CHUNKS + k) * 32 + lane) * VEC;
+#pragma unroll
+      for (int e = 0; e < VEC; ++e)
+        if (c0 + e < D) s_red[g * D + c0 + e] = gw[k][e];
+    }
+  }
+  __syncthreads();
+  if (need_w) {
+    acc_t* out = p.ws_gw + static_cast<int64_t>(blockIdx.x) * D;
+    for (int64_t c = threadIdx.x; c < D; c += kThreads) {
+      acc_t s = 0;
+      for (int gg = 0; gg < gpb; ++gg) s += s_red[gg * D + c];
+      out[c] = s;
+    }
+  }
+  if (threadIdx.x == 0) {
+    acc_t sl = 0, sg = 0;
+    for (int w = 0; w < kWarps; ++w) {
+      sl += s_loss[w];
+      sg += s_gb[w];
+    }
+    p.ws_loss[blockIdx.x] = sl;
+    p.ws_gb[blockIdx.x] = sg;
+  }
+}
+
+// ---------------------------------------------------------------------------------------
+// Finalize: fixed-order sums of the per-block partials, divided by the mean denominator.
+// grid: max(1, ceil(D / 32)) blocks when grad_w is wanted, else 1. Block b handles columns
+// [32 b, 32 b + 32); block 0 also writes the loss and grad_b.
+// ---------------------------------------------------------------------------------------
+
+template <typename scalar_t, typename acc_t>
+struct FinalizeParams {
+  const acc_t* ws_gw;    // (B, D) or nullptr
+  const acc_t* ws_loss;  // (B,)
+  const acc_t* ws_gb;    // (B, C) or nullptr (C == nb)
+  const acc_t* den_ws;   // (n_den,) partial denominators, or nullptr: use host_den
+  scalar_t* gw_out;      // (D,) (one class) or nullptr
+  scalar_t* gb_out;      // (nb,) or nullptr
+  scalar_t* loss_out;    // 0-d
+  int64_t B;
+  int64_t D;
+  int64_t nb;
+  int64_t n_den;
+  acc_t host_den;
+};
+
+template <typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(kThreads) finalize_kernel(const FinalizeParams<scalar_t, acc_t> p) {
+  __shared__ acc_t sbuf[kThreads];
+  __shared__ acc_t s_part[kWarps][32];
+  const int lane = threadIdx.x & 31;
+  const int warp = threadIdx.x >> 5;
+  const acc_t den =
+      p.den_ws != nullptr ? block_sum_partials(p.den_ws, p.n_den, sbuf) : p.host_den;
+
+  if (p.ws_gw != nullptr && p.gw_out != nullptr) {
+    const int64_t col = static_cast<int64_t>(blockIdx.x) * 32 + lane;
+    acc_t s = 0;
+    if (col < p.D) {
+#pragma unroll 4
+      for (int64_t b = warp; b < p.B; b += kWarps) s += p.ws_gw[b * p.D + col];
+    }
+    s_part[warp][lane] = s;
+    __syncthreads();
+    if (warp == 0 && col < p.D) {
+      acc_t t = 0;
+      for (int w = 0; w < kWarps; ++w) t += s_part[w][lane];
+      p.gw_out[col] = static_cast<scalar_t>(t / den);
+    }
+  }
+  if (blockIdx.x == 0) {
+    const acc_t l = block_sum_partials(p.ws_loss, p.B, sbuf);
+    if (threadIdx.x == 0) p.loss_out[0] = static_cast<scalar_t>(l / den);
+    if (p.ws_gb != nullptr && p.gb_out != nullptr) {
+      for (int64_t c = 0; c < p.nb; ++c) {  // nb is 1 on the fused path
+        acc_t v = 0;
+        for (int64_t b = threadIdx.x; b < p.B; b += kThreads) v += p.ws_gb[b * p.nb + c];
+        v = block_sum(v, sbuf);
+        if (threadIdx.x == 0) p.gb_out[c] = static_cast<scalar_t>(v / den);
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------
+// Row kernels of the GEMM path (path 2). logits (N, C) in x's dtype, as at::mm wrote them;
+// res may alias logits (each lane reads and writes only its own entries of a row).
+// ---------------------------------------------------------------------------------------
+
+template <typename scalar_t, typename acc_t>
+struct RowParams {
+  const scalar_t* logits;   // (N, C)
+  scalar_t* res;            // (N, C) residual out, or nullptr
+  scalar_t* loss_out;       // (N,) per-row loss (reduction none), or nullptr
+  acc_t* ws_loss;           // (gridDim.x,) per-block loss partials, or nullptr
+  const acc_t* bias;        // (C,) or nullptr
+  const scalar_t* ftarget;  // binary: (N,) targets of x's dtype
+  const int64_t* itarget;   // multinomial: (N,) class indices
+  const acc_t* pos_weight;  // binary: (1,) or nullptr
+  const scalar_t* sw;       // binary: (N,) or nullptr
+  const acc_t* cw;          // multinomial: (C,) class weights or nullptr
+  const acc_t* den_ws;      // (n_den,) partial mean denominators, or nullptr: host_den
+  int64_t n_den;
+  acc_t host_den;           // residual divisor when den_ws == nullptr (N, or 1)
+  int64_t N;
+  int64_t C;
+  int64_t ignore_index;
+  acc_t eps;                // label smoothing
+};
+
+// Binary: one thread per row.
+template <typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(kThreads) bce_rows_kernel(const RowParams<scalar_t, acc_t> p) {
+  __shared__ acc_t sbuf[kThreads];
+  const acc_t den = p.den_ws != nullptr ? block_sum_partials(p.den_ws, p.n_den, sbuf) : p.host_den;
+  const bool has_pw = p.pos_weight != nullptr;
+  const acc_t pw = has_pw ? p.pos_weight[0] : acc_t(1);
+  const acc_t bias = p.bias != nullptr ? p.bias[0] : acc_t(0);
+  acc_t loss_acc = 0;
+  const int64_t step = static_cast<int64_t>(gridDim.x) * kThreads;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; i < p.N; i += step) {
+    const acc_t z = static_cast<acc_t>(p.logits[i]) + bias;
+    const acc_t y = static_cast<acc_t>(p.ftarget[i]);
+    const acc_t sw = p.sw != nullptr ? static_cast<acc_t>(p.sw[i]) : acc_t(1);
+    acc_t loss_i, r;
+    bce_term(z, y, has_pw, pw, sw, loss_i, r);
+    loss_acc += loss_i;
+    if (p.loss_out != nullptr) p.loss_out[i] = static_cast<scalar_t>(loss_i);
+    if (p.res != nullptr) p.res[i] = static_cast<scalar_t>(r / den);
+  }
+  if (p.ws_loss != nullptr) {
+    const acc_t s = block_sum(loss_acc, sbuf);
+    if (threadIdx.x == 0) p.ws_loss[blockIdx.x] = s;
+  }
+}
+
+// Multinomial: one warp per row, lanes over classes.
+template <typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(kThreads) ce_rows_kernel(const RowParams<scalar_t, acc_t> p) {
+  __shared__ acc_t sbuf[kThreads];
+  __shared__ acc_t s_loss[kWarps];
+  const int lane = threadIdx.x & 31;
+  const int warp = threadIdx.x >> 5;
+  const acc_t den = p.den_ws != nullptr ? block_sum_partials(p.den_ws, p.n_den, sbuf) : p.host_den;
+  const int64_t C = p.C;
+  const acc_t eps = p.eps;
+  const acc_t eps_c = eps / static_cast<acc_t>(C);
+  const bool smooth = eps != acc_t(0);
+  acc_t loss_acc = 0;
+  const int64_t step = static_cast<int64_t>(gridDim.x) * kWarps;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * kWarps + warp; i < p.N; i += step) {
+    const scalar_t* zr = p.logits + i * C;
+    scalar_t* rr = p.res != nullptr ? p.res + i * C : nullptr;
+    const int64_t y = p.itarget[i];  // the same for every lane: warp-uniform branches below
+    const bool active = y != p.ignore_index && y >= 0 && y < C;
+    if (!active) {
+      if (rr != nullptr)
+        for (int64_t c = lane; c < C; c += 32) rr[c] = static_cast<scalar_t>(0);
+      if (p.loss_out != nullptr && lane == 0) p.loss_out[i] = static_cast<scalar_t>(0);
+      continue;
+    }
+    acc_t m = -std::numeric_limits<acc_t>::infinity();
+    for (int64_t c = lane; c < C; c += 32) {
+      const acc_t z = static_cast<acc_t>(zr[c]) + (p.bias != nullptr ? p.bias[c] : acc_t(0));
+      m = z > m ? z : m;
+    }
+    m = warp_max(m);
+    acc_t s = 0;
+    for (int64_t c = lane; c < C; c += 32) {
+      const acc_t z = static_cast<acc_t>(zr[c]) + (p.bias != nullptr ? p.bias[c] : acc_t(0));
+      s += dev_exp(z - m);
+    }
+    s = warp_sum(s);
+    const acc_t lse = m + dev_log(s);
+    acc_t sm = 0, wsum = 0;
+    if (smooth) {
+      for (int64_t c = lane; c < C; c += 32) {
+        const acc_t z = static_cast<acc_t>(zr[c]) + (p.bias != nullptr ? p.bias[c] : acc_t(0));
+        const acc_t wc = p.cw != nullptr ? p.cw[c] : acc_t(1);
+        sm += wc * (lse - z);
+        wsum += wc;
+      }
+      sm = warp_sum(sm);
+      wsum = warp_sum(wsum);
+    }
+    const acc_t wy = p.cw != nullptr ? p.cw[y] : acc_t(1);
+    const acc_t zy = static_cast<acc_t>(zr[y]) + (p.bias != nullptr ? p.bias[y] : acc_t(0));
+    const acc_t loss_i = (acc_t(1) - eps) * wy * (lse - zy) + eps_c * sm;
+    // All reads of zr[y] by every lane happen before any write below (the warp_sum/warp_max
+    // shuffles above are warp-synchronous, and zr[y] is read before the residual loop).
+    __syncwarp();
+    if (rr != nullptr) {
+      // r_c = ((1-eps) w_y + (eps/C) sum_k w_k) p_c - (1-eps) w_y [c == y] - (eps/C) w_c
+      const acc_t a = (acc_t(1) - eps) * wy + eps_c * wsum;
+      for (int64_t c = lane; c < C; c += 32) {
+        const acc_t z = static_cast<acc_t>(zr[c]) + (p.bias != nullptr ? p.bias[c] : acc_t(0));
+        acc_t r = a * dev_exp(z - lse);
+        if (c == y) r -= (acc_t(1) - eps) * wy;
+        if (smooth) r -= eps_c * (p.cw != nullptr ? p.cw[c] : acc_t(1));
+        rr[c] = static_cast<scalar_t>(r / den);
+      }
+    }
+    if (lane == 0) {
+      loss_acc += loss_i;
+      if (p.loss_out != nullptr) p.loss_out[i] = static_cast<scalar_t>(loss_i);
+    }
+  }
+  if (p.ws_loss != nullptr) {
+    if (lane == 0) s_loss[warp] = loss_acc;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      acc_t t = 0;
+      for (int w = 0; w < kWarps; ++w) t += s_loss[w];
+      p.ws_loss[blockIdx.x] = t;
+    }
+  }
+}
+
+// Partial mean denominators of cross entropy: per block, the sum of class_weight[target]
+// (1 without weights) over rows that are neither ignored nor out of range.
+template <typename acc_t>
+__global__ void __launch_bounds__(kThreads)
+    ce_den_partial_kernel(const int64_t* target, const acc_t* cw, int64_t N, int64_t C,
+                          int64_t ignore_index, acc_t* den_ws) {
+  __shared__ acc_t sbuf[kThreads];
+  acc_t v = 0;
+  const int64_t step = static_cast<int64_t>(gridDim.x) * kThreads;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; i < N; i += step) {
+    const int64_t y = target[i];
+    if (y != ignore_index && y >= 0 && y < C) v += cw != nullptr ? cw[y] : acc_t(1);
+  }
+  v = block_sum(v, sbuf);
+  if (threadIdx.x == 0) den_ws[blockIdx.x] = v;
+}
+
+// ---------------------------------------------------------------------------------------
+// Host side
+// ---------------------------------------------------------------------------------------
+
+at::Tensor empty0(const at::Tensor& x) { return at::empty({0}, x.options()); }
+
+at::ScalarType acc_type_of(at::ScalarType t) {
+  return t == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+int num_sms() { return at::cuda::getCurrentDeviceProperties()->multiProcessorCount; }
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Grid for the row-wise kernels: enough blocks to fill the GPU, at least 1.
+int64_t row_grid(int64_t rows, int64_t rows_per_block) {
+  const int64_t want = ceil_div(rows, rows_per_block);
+  const int64_t cap = static_cast<int64_t>(num_sms()) * 8;
+  return std::max<int64_t>(1, std::min(want, cap));
+}
+
+const void* opt_ptr(const at::Tensor& t) { return t.defined() ? t.data_ptr() : nullptr; }
+
+// Outputs for N == 0 (no kernel launches): torch gives NaN for mean, 0 for sum.
+LossOut empty_batch(const at::Tensor& x, int64_t C, int64_t D, int64_t reduction, bool need_x,
+                    bool need_w, bool need_b) {
+  if (reduction == kNone) {
+    const bool any = need_x || need_w || need_b;
+    return {at::empty({0}, x.options()), empty0(x), empty0(x), empty0(x),
+            any ? at::empty({0, C}, x.options()) : empty0(x)};
+  }
+  at::Tensor loss = reduction == kMean
+                        ? at::full({}, std::numeric_limits<double>::quiet_NaN(), x.options())
+                        : at::zeros({}, x.options());
+  return {loss, need_x ? at::empty({0, D}, x.options()) : empty0(x),
+          need_w ? at::zeros({C, D}, x.options()) : empty0(x),
+          need_b ? at::zeros({C}, x.options()) : empty0(x), empty0(x)};
+}
+
+// Everything the launchers need, prepared once (dtypes converted, contiguous).
+struct Prepared {
+  at::Tensor x, weight, w_acc, bias_acc, ftarget, itarget, pw_acc, sw, cw_acc;
+  int64_t N = 0, D = 0, C = 0;
+};
+
+// Path 2 (see the file comment). binary selects the BCE row kernel.
+template <typename scalar_t>
+LossOut gemm_path(const Prepared& q, bool binary, int64_t ignore_index, double label_smoothing,
+                  int64_t reduction, bool need_x, bool need_w, bool need_b) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const at::Tensor& x = q.x;
+  const int64_t N = q.N, C = q.C;
+  const auto acc_opts = x.options().dtype(acc_type_of(x.scalar_type()));
+  const bool any_grad = need_x || need_w || need_b;
+  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+
+  at::Tensor logits = at::mm(x, q.weight.t()).contiguous();  // (N, C), x's dtype
+
+  RowParams<scalar_t, acc_t> rp{};
+  rp.logits = logits.data_ptr<scalar_t>();
+  rp.bias = static_cast<const acc_t*>(opt_ptr(q.bias_acc));
+  rp.N = N;
+  rp.C = C;
+  rp.ignore_index = ignore_index;
+  rp.eps = static_cast<acc_t>(label_smoothing);
+  rp.host_den = acc_t(1);
+  if (binary) {
+    rp.ftarget = q.ftarget.data_ptr<scalar_t>();
+    rp.pos_weight = static_cast<const acc_t*>(opt_ptr(q.pw_acc));
+    rp.sw = static_cast<const scalar_t*>(opt_ptr(q.sw));
+  } else {
+    rp.itarget = q.itarget.data_ptr<int64_t>();
+    rp.cw = static_cast<const acc_t*>(opt_ptr(q.cw_acc));
+  }
+
+  const int64_t grid = binary ? row_grid(N, kThreads) : row_grid(N, kWarps);
+  at::Tensor den_ws;
+  if (reduction == kMean) {
+    if (binary) {
+      rp.host_den = static_cast<acc_t>(N);
+    } else {
+      den_ws = at::empty({grid}, acc_opts);
+      ce_den_partial_kernel<acc_t><<<grid, kThreads, 0, stream>>>(
+          rp.itarget, rp.cw, N, C, ignore_index, den_ws.data_ptr<acc_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      rp.den_ws = den_ws.data_ptr<acc_t>();
+      rp.n_den = grid;
+    }
+  }
+
+  at::Tensor loss, ws_loss;
+  if (reduction == kNone) {
+    loss = at::empty({N}, x.options());
+    rp.loss_out = loss.data_ptr<scalar_t>();
+    rp.res = any_grad ? logits.data_ptr<scalar_t>() : nullptr;  // unscaled (den 1)
+  } else {
+    ws_loss = at::empty({grid}, acc_opts);
+    rp.ws_loss = ws_loss.data_ptr<acc_t>();
+    rp.res = any_grad ? logits.data_ptr<scalar_t>() : nullptr;  // scaled by 1/den
+  }
+  if (binary) {
+    bce_rows_kernel<scalar_t, acc_t><<<grid, kThreads, 0, stream>>>(rp);
+  } else {
+    ce_rows_kernel<scalar_t, acc_t><<<grid, kThreads, 0, stream>>>(rp);
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+
+  if (reduction == kNone) {
+    return {loss, empty0(x), empty0(x), empty0(x), any_grad ? logits : empty0(x)};
+  }
+
+  loss = at::empty({}, x.options());
+  FinalizeParams<scalar_t, acc_t> fp{};
+  fp.ws_loss = ws_loss.data_ptr<acc_t>();
+  fp.den_ws = rp.den_ws;
+  fp.n_den = rp.n_den;
+  fp.host_den = rp.host_den;
+  fp.loss_out = loss.data_ptr<scalar_t>();
+  fp.B = grid;
+  fp.D = q.D;
+  fp.nb = C;
+  finalize_kernel<scalar_t, acc_t><<<1, kThreads, 0, stream>>>(fp);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+
+  // The residual R = dloss/dlogits (already divided by the mean denominator) is in `logits`.
+  // Gradients through ATen (cuBLAS GEMMs; bias gradient by at::sum with acc_t accumulation).
+  at::Tensor gx = need_x ? at::mm(logits, q.weight) : empty0(x);
+  at::Tensor gw = need_w ? at::mm(logits.t(), x) : empty0(x);
+  at::Tensor gb = need_b ? at::sum(logits, {0}, false, acc_type_of(x.scalar_type()))
+                               .to(x.scalar_type())
+                         : empty0(x);
+  return {loss, gx, gw, gb, empty0(x)};
+}
+
+// Path 1 configuration for a given D, or false when D is too large for it.
+template <typename scalar_t>
+bool fused_config(int64_t D, int* chunks, int* wpr) {
+  constexpr int64_t VEC = 16 / sizeof(scalar_t);
+  const int64_t nchunks = std::max<int64_t>(1, ceil_div(D, 32 * VEC));
+  if (nchunks <= 4) {
+    *chunks = nchunks <= 1 ? 1 : (nchunks <= 2 ? 2 : 4);
+    *wpr = 1;
+    return true;
+  }
+  *chunks = 4;
+  if (nchunks <= 8) *wpr = 2;
+  else if (nchunks <= 16) *wpr = 4;
+  else if (nchunks <= 32) *wpr = 8;
+  else return false;
+  return true;
+}
+
+// Grid of the fused kernel: as many blocks as can be resident at once, at most grid_cap.
+template <typename scalar_t, int CHUNKS>
+int64_t fused_grid(int64_t grid_cap, size_t smem) {
+  using acc_t = at::opmath_type<scalar_t>;
+  int per_sm = 0;
+  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
+      &per_sm, bce_fused_kernel<scalar_t, acc_t, CHUNKS>, kThreads, smem));
+  per_sm = std::max(per_sm, 1);
+  return std::max<int64_t>(
+      1, std::min<int64_t>(static_cast<int64_t>(per_sm) * num_sms(), grid_cap));
+}
+
+template <typename scalar_t, int CHUNKS>
+void run_bce_fused(const BceFusedParams<scalar_t, at::opmath_type<scalar_t>>& p, int64_t grid,
+                   size_t smem, cudaStream_t stream) {
+  bce_fused_kernel<scalar_t, at::opmath_type<scalar_t>, CHUNKS>
+      <<<grid, kThreads, smem, stream>>>(p);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename scalar_t>
+LossOut bce_fused_path(const Prepared& q, int chunks, int wpr, int64_t reduction, bool need_x,
+                       bool need_w, bool need_b) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const at::Tensor& x = q.x;
+  const int64_t N = q.N, D = q.D;
+  const auto acc_opts = x.options().dtype(acc_type_of(x.scalar_type()));
+  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  constexpr int64_t VEC = 16 / sizeof(scalar_t);
+
+  at::Tensor gx = need_x ? at::empty({N, D}, x.options()) : empty0(x);
+  BceFusedParams<scalar_t, acc_t> p{};
+  p.x = x.data_ptr<scalar_t>();
+  p.w = q.w_acc.data_ptr<acc_t>();
+  p.bias = static_cast<const acc_t*>(opt_ptr(q.bias_acc));
+  p.target = q.ftarget.data_ptr<scalar_t>();
+  p.pos_weight = static_cast<const acc_t*>(opt_ptr(q.pw_acc));
+  p.sw = static_cast<const scalar_t*>(opt_ptr(q.sw));
+  p.dx = need_x ? gx.data_ptr<scalar_t>() : nullptr;
+  p.N = N;
+  p.D = D;
+  p.den = reduction == kMean ? static_cast<acc_t>(N) : acc_t(1);
+  p.wpr = wpr;
+  // Every row start is 16-byte aligned iff the base is and a row is a multiple of 16 bytes;
+  // grad_x comes from the caching allocator (aligned base) with the same row length.
+  p.vec_ok = (reinterpret_cast<uintptr_t>(p.x) % 16 == 0) && (D % VEC == 0) &&
+             (p.dx == nullptr || reinterpret_cast<uintptr_t>(p.dx) % 16 == 0);
+
+  const int64_t gpb = kWarps / wpr;
+  const size_t smem = need_w ? static_cast<size_t>(gpb * D) * sizeof(acc_t) : 0;
+  const int64_t grid_cap = ceil_div(N, gpb);
+  int64_t grid = 1;
+  switch (chunks) {
+    case 1: grid = fused_grid<scalar_t, 1>(grid_cap, smem); break;
+    case 2: grid = fused_grid<scalar_t, 2>(grid_cap, smem); break;
+    default: grid = fused_grid<scalar_t, 4>(grid_cap, smem); break;
+  }
+  at::Tensor ws_gw = need_w ? at::empty({grid, D}, acc_opts) : at::Tensor();
+  at::Tensor ws_loss = at::empty({grid}, acc_opts);
+  at::Tensor ws_gb = at::empty({grid}, acc_opts);
+  p.ws_gw = need_w ? ws_gw.data_ptr<acc_t>() : nullptr;
+  p.ws_loss = ws_loss.data_ptr<acc_t>();
+  p.ws_gb = ws_gb.data_ptr<acc_t>();
+  switch (chunks) {
+    case 1: run_bce_fused<scalar_t, 1>(p, grid, smem, stream); break;
+    case 2: run_bce_fused<scalar_t, 2>(p, grid, smem, stream); break;
+    default: run_bce_fused<scalar_t, 4>(p, grid, smem, stream); break;
+  }
+
+  at::Tensor loss = at::empty({}, x.options());
+  at::Tensor gw = need_w ? at::empty({1, D}, x.options()) : empty0(x);
+  at::Tensor gb = need_b ? at::empty({1}, x.options()) : empty0(x);
+  FinalizeParams<scalar_t, acc_t> fp{};
+  fp.ws_gw = p.ws_gw;
+  fp.ws_loss = p.ws_loss;
+  fp.ws_gb = p.ws_gb;
+  fp.gw_out = need_w ? gw.data_ptr<scalar_t>() : nullptr;
+  fp.gb_out = need_b ? gb.data_ptr<scalar_t>() : nullptr;
+  fp.loss_out = loss.data_ptr<scalar_t>();
+  fp.B = grid;
+  fp.D = D;
+  fp.nb = 1;
+  fp.host_den = p.den;
+  const int64_t fgrid = need_w ? std::max<int64_t>(1, ceil_div(D, 32)) : 1;
+  finalize_kernel<scalar_t, acc_t><<<fgrid, kThreads, 0, stream>>>(fp);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {loss, gx, gw, gb, empty0(x)};
+}
+
+void check_same_device(const char* op, const char* name, const at::Tensor& t, const at::Tensor& x) {
+  TORCH_CHECK(t.device() == x.device(), op, ": ", name, " is on ", t.device(), " but x is on ",
+              x.device());
+}
+
+Prepared prepare_common(const char* op, const at::Tensor& x, const at::Tensor& weight,
+                        const c10::optional<at::Tensor>& bias, const at::Tensor& target) {
+  check_linear_args(op, x, weight, bias);
+  TORCH_CHECK(x.is_cuda(), op, ": x must be a CUDA tensor, got ", x.device());
+  check_same_device(op, "target", target, x);
+  Prepared q;
+  q.x = x.contiguous();
+  q.weight = weight.contiguous();
+  q.N = x.size(0);
+  q.D = x.size(1);
+  q.C = weight.size(0);
+  TORCH_CHECK(target.numel() == q.N, op, ": target must have N = ", q.N, " elements, got shape ",
+              target.sizes());
+  const auto acc = acc_type_of(x.scalar_type());
+  if (bias.has_value() && bias->defined()) q.bias_acc = bias->to(acc).contiguous();
+  return q;
+}
+
+}  // namespace
+
+LossOut linear_bce_fwd_cuda(const at::Tensor& x, const at::Tensor& weight,
+                            const c10::optional<at::Tensor>& bias, const at::Tensor& target,
+                            const c10::optional<at::Tensor>& pos_weight,
+                            const c10::optional<at::Tensor>& sample_weight, int64_t reduction,
+                            bool need_x, bool need_weight, bool need_bias) {
+  const char* op = "linear_bce_fwd";
+  check_reduction(reduction);
+  c10::cuda::CUDAGuard guard(x.device());
+  Prepared q = prepare_common(op, x, weight, bias, target);
+  TORCH_CHECK(q.C == 1, op, ": weight must have one output (shape (1, D)), got ", weight.sizes());
+  const auto acc = acc_type_of(x.scalar_type());
+  q.ftarget = target.reshape({-1}).to(x.scalar_type()).contiguous();
+  if (pos_weight.has_value() && pos_weight->defined()) {
+    check_same_device(op, "pos_weight", *pos_weight, x);
+    TORCH_CHECK(pos_weight->numel() == 1, op, ": pos_weight must have one element, got shape ",
+                pos_weight->sizes());
+    q.pw_acc = pos_weight->reshape({1}).to(acc).contiguous();
+  }
+  if (sample_weight.has_value() && sample_weight->defined()) {
+    check_same_device(op, "sample_weight", *sample_weight, x);
+    TORCH_CHECK(sample_weight->numel() == q.N, op, ": sample_weight must have N = ", q.N,
+                " elements, got shape ", sample_weight->sizes());
+    q.sw = sample_weight->reshape({-1}).to(x.scalar_type()).contiguous();
+  }
+  if (q.N == 0) return empty_batch(x, 1, q.D, reduction, need_x, need_weight, need_bias);
+
+  return AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, x.scalar_type(), "linear_bce_fwd_cuda", [&]() -> LossOut {
+        int chunks = 1, wpr = 1;
+        if (reduction != kNone && fused_config<scalar_t>(q.D, &chunks, &wpr)) {
+          q.w_acc = q.weight.reshape({-1}).to(acc).contiguous();
+          return bce_fused_path<scalar_t>(q, chunks, wpr, reduction, need_x, need_weight,
+                                          need_bias);
+        }
+        return gemm_path<scalar_t>(q, /*binary=*/true, 0, 0.0, reduction, need_x, need_weight,
+                                   need_bias);
+      });
+}
+
+LossOut linear_ce_fwd_cuda(const at::Tensor& x, const at::Tensor& weight,
+                           const c10::optional<at::Tensor>& bias, const at::Tensor& target,
+                           const c10::optional<at::Tensor>& class_weight, int64_t ignore_index,
+                           double label_smoothing, int64_t reduction, bool need_x,
+                           bool need_weight, bool need_bias) {
+  const char* op = "linear_ce_fwd";
+  check_reduction(reduction);
+  c10::cuda::CUDAGuard guard(x.device());
+  Prepared q = prepare_common(op, x, weight, bias, target);
+  TORCH_CHECK(target.scalar_type() == at::kLong, op,
+              ": target must hold int64 class indices, got ", target.scalar_type());
+  TORCH_CHECK(label_smoothing >= 0.0 && label_smoothing <= 1.0, op,
+              ": label_smoothing must be in [0, 1], got ", label_smoothing);
+  const auto acc = acc_type_of(x.scalar_type());
+  q.itarget = target.reshape({-1}).contiguous();
+  if (class_weight.has_value() && class_weight->defined()) {
+    check_same_device(op, "class_weight", *class_weight, x);
+    TORCH_CHECK(class_weight->numel() == q.C, op, ": class_weight must have C = ", q.C,
+                " elements, got shape ", class_weight->sizes());
+    q.cw_acc = class_weight->reshape({-1}).to(acc).contiguous();
+  }
+  if (q.N == 0) return empty_batch(x, q.C, q.D, reduction, need_x, need_weight, need_bias);
+
+  return AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, x.scalar_type(), "linear_ce_fwd_cuda", [&]() -> LossOut {
+        return gemm_path<scalar_t>(q, /*binary=*/false, ignore_index, label_smoothing, reduction,
+                                   need_x, need_weight, need_bias);
+      });
+}
+
+// Backward of reduction="none" (rare path): G = residual * grad_loss[:, None], then the two
+// GEMMs through at::mm (cuBLAS) and the bias gradient through at::sum with fp32 (fp64)
+// accumulation; no kernel of our own is worth it here.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_loss_bwd_cuda(
+    const at::Tensor& grad_loss, const at::Tensor& residual, const at::Tensor& x,
+    const at::Tensor& weight, bool need_x, bool need_weight, bool need_bias) {
+  const char* op = "linear_loss_bwd";
+  c10::cuda::CUDAGuard guard(x.device());
+  TORCH_CHECK(x.dim() == 2 && weight.dim() == 2 && x.size(1) == weight.size(1), op,
+              ": x must be (N, D) and weight (C, D), got ", x.sizes(), " and ", weight.sizes());
+  const int64_t N = x.size(0), C = weight.size(0);
+  TORCH_CHECK(residual.dim() == 2 && residual.size(0) == N && residual.size(1) == C, op,
+              ": residual must be (", N, ", ", C, "), got ", residual.sizes());
+  TORCH_CHECK(grad_loss.numel() == N, op, ": grad_loss must have N = ", N,
+              " elements, got shape ", grad_loss.sizes());
+  check_same_device(op, "residual", residual, x);
+  check_same_device(op, "grad_loss", grad_loss, x);
+  check_same_device(op, "weight", weight, x);
+  const auto dt = x.scalar_type();
+  at::Tensor G = residual.to(dt) * grad_loss.reshape({N, 1}).to(dt);
+  at::Tensor gx = need_x ? at::mm(G, weight.to(dt)) : empty0(x);
+  at::Tensor gw = need_weight ? at::mm(G.t(), x) : empty0(x);
+  at::Tensor gb = need_bias ? at::sum(G, {0}, false, acc_type_of(dt)).to(dt) : empty0(x);
+  return {gx, gw, gb};
+}
+
+}  // namespace manual_layers
+
+TORCH_LIBRARY_IMPL(manual_layers, CUDA, m) {
+  m.impl("linear_bce_fwd", &manual_layers::linear_bce_fwd_cuda);
+  m.impl("linear_ce_fwd", &manual_layers::linear_ce_fwd_cuda);
+  m.impl("linear_loss_bwd", &manual_layers::linear_loss_bwd_cuda);
+}
