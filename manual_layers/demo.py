@@ -42,9 +42,10 @@ def load(name):
             y_tr.astype(np.int64), y_te.astype(np.int64))
 
 
-def table(header, rows):
+def table(header, rows, left=1):
+    """Print rows under header; the first `left` columns left-aligned, the others right."""
     widths = [max(len(str(r[i])) for r in [header] + rows) for i in range(len(header))]
-    fmt = "  ".join("{:<%d}" % w if i == 0 else "{:>%d}" % w for i, w in enumerate(widths))
+    fmt = "  ".join("{:<%d}" % w if i < left else "{:>%d}" % w for i, w in enumerate(widths))
     print("  " + fmt.format(*header))
     print("  " + "-" * (sum(widths) + 2 * (len(widths) - 1)))
     for r in rows:
@@ -197,7 +198,7 @@ def demo_logreg():
         t_pt = time.perf_counter() - t0
         acc = (predict(Xt_te).numpy() == y_te).mean()
         rows.append(["", "PyTorch nn.Linear + LBFGS", f"{acc:.4f}", f"{t_pt * 1e3:.1f} ms"])
-    table(["dataset", "model", "test accuracy", "fit time"], rows)
+    table(["dataset", "model", "test accuracy", "fit time"], rows, left=2)
     print()
     return ok
 

@@ -1,0 +1,372 @@
+"""The fused logistic-regression losses and the LogisticRegression layer, against
+manual_layers.reference (plain PyTorch) and scikit-learn."""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import manual_layers as ml
+from manual_layers import reference as R
+from conftest import DEVICES, TOL, assert_rel
+
+MF = ml.functional
+ops = torch.ops.manual_layers
+REDUCTIONS = ["mean", "sum", "none"]
+
+
+def _grads(fn, x, w, b, target, grad_scale, **kw):
+    """loss and d(loss * grad_scale)/d(x, w, b); grad_scale is a scalar or, for
+    reduction="none", a tensor of the loss's shape (a grad_output that is not all ones)."""
+    x, w = x.detach().requires_grad_(), w.detach().requires_grad_()
+    b = b.detach().requires_grad_() if b is not None else None
+    loss = fn(x, w, b, target, **kw)
+    params = [x, w] + ([b] if b is not None else [])
+    gs = torch.autograd.grad(loss, params, grad_scale if torch.is_tensor(grad_scale) else
+                             torch.full_like(loss, grad_scale))
+    return [loss] + list(gs)
+
+
+def _compare(ours_fn, ref_fn, x, w, b, target, reduction, tol, **kw):
+    g = torch.randn(target.shape, dtype=x.dtype, device=x.device) if reduction == "none" else 2.5
+    ours = _grads(ours_fn, x, w, b, target, g, reduction=reduction, **kw)
+    d = lambda t: t.double() if torch.is_tensor(t) and t.is_floating_point() else t
+    ref = _grads(ref_fn, d(x), d(w), d(b), d(target), d(g), reduction=reduction,
+                 **{k: d(v) for k, v in kw.items()})
+    for name, a, e in zip(["loss", "grad_x", "grad_weight", "grad_bias"], ours, ref):
+        assert a.dtype == x.dtype, name
+        assert_rel(a, e, tol, f"{name} ({reduction}, {x.dtype})")
+
+
+# ---- binary -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("weights", ["none", "pos", "sample", "both"])
+def test_bce_matches_reference(device, dtype, reduction, weights):
+    N, D = 1000, 17
+    x = torch.randn(N, D, device=device, dtype=dtype)
+    w = torch.randn(1, D, device=device, dtype=dtype) / 3
+    b = torch.randn(1, device=device, dtype=dtype)
+    y = torch.rand(N, device=device, dtype=dtype)  # soft labels
+    kw = {}
+    if weights in ("pos", "both"):
+        kw["pos_weight"] = torch.tensor([2.5], device=device, dtype=dtype)
+    if weights in ("sample", "both"):
+        kw["sample_weight"] = torch.rand(N, device=device, dtype=dtype)
+    _compare(MF.linear_binary_cross_entropy_with_logits,
+             R.linear_binary_cross_entropy_with_logits, x, w, b, y, reduction, TOL[dtype], **kw)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("D", [1, 3, 17, 4096])
+@pytest.mark.parametrize("N", [0, 1, 1000])
+@pytest.mark.parametrize("bias", [True, False])
+def test_bce_shapes(device, D, N, bias):
+    x = torch.randn(N, D, device=device)
+    w = torch.randn(1, D, device=device) / D ** 0.5
+    b = torch.randn(1, device=device) if bias else None
+    y = torch.randint(0, 2, (N,), device=device).float()
+    for reduction in REDUCTIONS:
+        if N == 0 and reduction == "mean":
+            loss = MF.linear_binary_cross_entropy_with_logits(x, w, b, y)
+            assert torch.isnan(loss)  # as torch: the mean of nothing
+            continue
+        _compare(MF.linear_binary_cross_entropy_with_logits,
+                 R.linear_binary_cross_entropy_with_logits, x, w, b, y, reduction, 1e-5)
+
+
+# ---- multinomial ------------------------------------------------------------------------------
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("setting", ["plain", "class_weight", "ignore_index", "smoothing", "all"])
+def test_ce_matches_reference(device, dtype, reduction, setting):
+    N, D, C = 1000, 17, 10
+    x = torch.randn(N, D, device=device, dtype=dtype)
+    w = torch.randn(C, D, device=device, dtype=dtype) / 3
+    b = torch.randn(C, device=device, dtype=dtype)
+    t = torch.randint(0, C, (N,), device=device)
+    kw = {}
+    if setting in ("class_weight", "all"):
+        kw["class_weight"] = torch.rand(C, device=device, dtype=dtype) + 0.1
+    if setting in ("ignore_index", "all"):
+        t[::7] = 3 if setting == "all" else -100
+        kw["ignore_index"] = 3 if setting == "all" else -100
+    if setting in ("smoothing", "all"):
+        kw["label_smoothing"] = 0.15
+    _compare(MF.linear_cross_entropy, R.linear_cross_entropy, x, w, b, t, reduction, TOL[dtype],
+             **kw)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("C", [2, 3, 1000])
+@pytest.mark.parametrize("D", [1, 3, 4096])
+def test_ce_shapes(device, C, D):
+    N = 300
+    x = torch.randn(N, D, device=device)
+    w = torch.randn(C, D, device=device) / D ** 0.5
+    b = torch.randn(C, device=device)
+    t = torch.randint(0, C, (N,), device=device)
+    for reduction in REDUCTIONS:
+        _compare(MF.linear_cross_entropy, R.linear_cross_entropy, x, w, b, t, reduction, 1e-5)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("N", [0, 1])
+def test_ce_tiny_batches(device, N):
+    x = torch.randn(N, 5, device=device)
+    w, b = torch.randn(4, 5, device=device), torch.randn(4, device=device)
+    t = torch.randint(0, 4, (N,), device=device)
+    for reduction in ("sum", "none") if N == 0 else REDUCTIONS:
+        _compare(MF.linear_cross_entropy, R.linear_cross_entropy, x, w, b, t, reduction, 1e-5)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_leading_dims_and_non_contiguous(device):
+    x = torch.randn(3, 20, 11, device=device).transpose(1, 2)  # (3, 11, 20), strided
+    assert not x.is_contiguous()
+    w1, b1 = torch.randn(1, 20, device=device), torch.randn(1, device=device)
+    y = torch.rand(3, 11, device=device)
+    for reduction in REDUCTIONS:
+        _compare(MF.linear_binary_cross_entropy_with_logits,
+                 R.linear_binary_cross_entropy_with_logits, x, w1, b1, y, reduction, 1e-5)
+    w, b = torch.randn(6, 20, device=device), torch.randn(6, device=device)
+    t = torch.randint(0, 6, (3, 11), device=device)
+    for reduction in REDUCTIONS:
+        _compare(MF.linear_cross_entropy, R.linear_cross_entropy, x, w, b, t, reduction, 1e-5)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_extreme_logits_are_stable(device):
+    x = torch.randn(64, 8, device=device)
+    w = torch.randn(1, 8, device=device) * 1e4
+    y = torch.randint(0, 2, (64,), device=device).float()
+    xr = x.clone().requires_grad_()
+    loss = MF.linear_binary_cross_entropy_with_logits(xr, w, None, y)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(xr.grad).all()
+    assert_rel(loss, R.linear_binary_cross_entropy_with_logits(x, w, None, y), 1e-5)
+    W = torch.randn(5, 8, device=device) * 1e4
+    t = torch.randint(0, 5, (64,), device=device)
+    xr.grad = None
+    loss = MF.linear_cross_entropy(xr, W, None, t)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(xr.grad).all()
+    assert_rel(loss, R.linear_cross_entropy(x, W, None, t), 1e-5)
+
+
+# ---- autograd machinery -----------------------------------------------------------------------
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_gradcheck(reduction):
+    d = dict(dtype=torch.float64)
+    x = torch.randn(9, 4, **d, requires_grad=True)
+    w1 = torch.randn(1, 4, **d, requires_grad=True)
+    b1 = torch.randn(1, **d, requires_grad=True)
+    y = torch.rand(9, **d)
+    pw, sw = torch.tensor([1.7], **d), torch.rand(9, **d)
+    assert torch.autograd.gradcheck(
+        lambda x, w, b: MF.linear_binary_cross_entropy_with_logits(
+            x, w, b, y, pos_weight=pw, sample_weight=sw, reduction=reduction), (x, w1, b1))
+    W = torch.randn(3, 4, **d, requires_grad=True)
+    b = torch.randn(3, **d, requires_grad=True)
+    t = torch.tensor([0, 1, 2, 1, -100, 0, 2, 2, 1])
+    cw = torch.rand(3, **d) + 0.5
+    assert torch.autograd.gradcheck(
+        lambda x, w, b: MF.linear_cross_entropy(x, w, b, t, class_weight=cw, label_smoothing=0.1,
+                                                reduction=reduction), (x, W, b))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("reduction", [0, 1, 2])
+def test_opcheck(device, reduction):
+    x = torch.randn(33, 7, device=device)
+    w1, b1 = torch.randn(1, 7, device=device), torch.randn(1, device=device)
+    y = torch.rand(33, device=device)
+    torch.library.opcheck(ops.linear_bce_fwd, (x, w1, b1, y, None, None, reduction, True, True,
+                                               True))
+    torch.library.opcheck(ops.linear_bce_fwd, (x, w1, None, y, torch.tensor([2.0], device=device),
+                                               torch.rand(33, device=device), reduction, False,
+                                               True, False))
+    W, b = torch.randn(5, 7, device=device), torch.randn(5, device=device)
+    t = torch.randint(0, 5, (33,), device=device)
+    torch.library.opcheck(ops.linear_ce_fwd, (x, W, b, t, None, -100, 0.0, reduction, True, True,
+                                              True))
+    torch.library.opcheck(ops.linear_ce_fwd, (x, W, b, t, torch.rand(5, device=device), 2, 0.2,
+                                              reduction, True, False, True))
+    res = torch.randn(33, 5, device=device)
+    torch.library.opcheck(ops.linear_loss_bwd, (torch.randn(33, device=device), res, x, W, True,
+                                                True, True))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_torch_compile_fullgraph(device, reduction):
+    x = torch.randn(50, 12, device=device, requires_grad=True)
+    W = torch.randn(4, 12, device=device, requires_grad=True)
+    b = torch.randn(4, device=device, requires_grad=True)
+    t = torch.randint(0, 4, (50,), device=device)
+
+    def step(x, W, b):
+        loss = MF.linear_cross_entropy(x, W, b, t, label_smoothing=0.1, reduction=reduction)
+        return (loss * 3).sum()
+
+    outs = []
+    for fn in (torch.compile(step, fullgraph=True), step):
+        loss = fn(x, W, b)
+        outs.append([loss.detach()] + list(torch.autograd.grad(loss, (x, W, b))))
+    for a, e in zip(*outs):
+        assert_rel(a, e, 1e-6)
+
+    w1 = torch.randn(1, 12, device=device, requires_grad=True)
+    y = torch.rand(50, device=device)
+
+    def step_bce(x, w):
+        return MF.linear_binary_cross_entropy_with_logits(x, w, None, y, reduction=reduction).sum()
+
+    outs = []
+    for fn in (torch.compile(step_bce, fullgraph=True), step_bce):
+        loss = fn(x, w1)
+        outs.append([loss.detach()] + list(torch.autograd.grad(loss, (x, w1))))
+    for a, e in zip(*outs):
+        assert_rel(a, e, 1e-6)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_deterministic_bitwise(device):
+    x = torch.randn(20000, 40, device=device)
+    W, b = torch.randn(7, 40, device=device), torch.randn(7, device=device)
+    t = torch.randint(0, 7, (20000,), device=device)
+    w1, y = W[:1].clone(), torch.rand(20000, device=device)
+
+    def run():
+        outs = []
+        for fn, w, tgt in ((MF.linear_cross_entropy, W, t),
+                           (MF.linear_binary_cross_entropy_with_logits, w1, y)):
+            xr, wr = x.clone().requires_grad_(), w.clone().requires_grad_()
+            br = b[:w.shape[0]].clone().requires_grad_()
+            loss = fn(xr, wr, br, tgt)
+            loss.backward()
+            outs += [loss, xr.grad, wr.grad, br.grad]
+        return outs
+
+    for a, e in zip(run(), run()):
+        assert torch.equal(a, e)
+
+
+def test_second_backward_on_retained_graph_raises():
+    x = torch.randn(10, 3, requires_grad=True)
+    w = torch.randn(1, 3, requires_grad=True)
+    loss = MF.linear_binary_cross_entropy_with_logits(x, w, None, torch.rand(10))
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="called twice"):
+        loss.backward()
+
+
+def test_loss_modules_match_functional():
+    x = torch.randn(30, 6)
+    W, b, t = torch.randn(4, 6), torch.randn(4), torch.randint(0, 4, (30,))
+    cw = torch.rand(4)
+    mod = ml.LinearCrossEntropyLoss(weight=cw, ignore_index=2, label_smoothing=0.05)
+    assert_rel(mod(x, W, b, t), F.cross_entropy(F.linear(x, W, b), t, weight=cw, ignore_index=2,
+                                                label_smoothing=0.05), 1e-5)
+    w1, b1, y = torch.randn(1, 6), torch.randn(1), torch.rand(30)
+    pw = torch.tensor([3.0])
+    bce = ml.LinearBCEWithLogitsLoss(pos_weight=pw, reduction="sum")
+    assert_rel(bce(x, w1, b1, y), nn.BCEWithLogitsLoss(pos_weight=pw, reduction="sum")(
+        F.linear(x, w1, b1).squeeze(-1), y), 1e-5)
+
+
+# ---- bad input --------------------------------------------------------------------------------
+def test_errors():
+    x, w1, W = torch.randn(8, 5), torch.randn(1, 5), torch.randn(3, 5)
+    with pytest.raises(ValueError, match=r"target must have shape \(8,\).*got \(7,\)"):
+        MF.linear_binary_cross_entropy_with_logits(x, w1, None, torch.rand(7))
+    with pytest.raises(ValueError, match=r"target must have shape \(8,\).*got \(8, 1\)"):
+        MF.linear_cross_entropy(x, W, None, torch.zeros(8, 1, dtype=torch.long))
+    with pytest.raises(TypeError, match=r"target must hold integer class indices"):
+        MF.linear_cross_entropy(x, W, None, torch.rand(8))
+    with pytest.raises((IndexError, RuntimeError), match=r"[Tt]arget 5 is out of bounds"):
+        MF.linear_cross_entropy(x, W, None, torch.tensor([0, 1, 2, 5, 0, 1, 2, 0]))
+    with pytest.raises(ValueError, match=r"pos_weight must be finite"):
+        MF.linear_binary_cross_entropy_with_logits(x, w1, None, torch.rand(8),
+                                                   pos_weight=torch.tensor([float("inf")]))
+    with pytest.raises(ValueError, match=r"pos_weight must have one element"):
+        MF.linear_binary_cross_entropy_with_logits(x, w1, None, torch.rand(8),
+                                                   pos_weight=torch.ones(3))
+    with pytest.raises(TypeError, match=r"x and weight must have the same dtype"):
+        MF.linear_cross_entropy(x, W.double(), None, torch.zeros(8, dtype=torch.long))
+    with pytest.raises(RuntimeError, match=r"target is on meta but x is on cpu"):
+        MF.linear_cross_entropy(x, W, None, torch.zeros(8, dtype=torch.long, device="meta"))
+    with pytest.raises(ValueError, match=r"x has 4 features .*in_features=5"):
+        ml.LogisticRegression(5).loss(torch.randn(8, 4), torch.rand(8))
+    with pytest.raises(ValueError, match=r"class_weight must have shape \(3,\)"):
+        MF.linear_cross_entropy(x, W, None, torch.zeros(8, dtype=torch.long),
+                                class_weight=torch.ones(4))
+    with pytest.raises(ValueError, match=r"reduction must be 'none', 'mean' or 'sum'"):
+        MF.linear_cross_entropy(x, W, None, torch.zeros(8, dtype=torch.long), reduction="avg")
+
+
+# ---- the layer and the estimator --------------------------------------------------------------
+def test_layer_matches_linear_sigmoid_and_softmax():
+    lr = ml.LogisticRegression(9)
+    seq = nn.Sequential(nn.Linear(9, 1), nn.Sigmoid())
+    seq[0].load_state_dict(lr.state_dict())
+    x = torch.randn(4, 3, 9)
+    assert lr(x).shape == (4, 3, 1)
+    assert_rel(lr(x), seq(x), 1e-6)
+    p = lr.predict_proba(x.reshape(-1, 9))
+    assert p.shape == (12, 2) and torch.allclose(p.sum(1), torch.ones(12))
+    multi = ml.LogisticRegression(9, num_classes=5)
+    assert multi.weight.shape == (5, 9) and multi.bias.shape == (5,)
+    assert_rel(multi(x), torch.softmax(F.linear(x, multi.weight, multi.bias), -1), 1e-6)
+    assert multi.predict_proba(x.reshape(-1, 9)).shape == (12, 5)
+
+
+def _standardised(loader):
+    from sklearn.model_selection import train_test_split
+    from sklearn.preprocessing import StandardScaler
+    X, y = loader(return_X_y=True)
+    Xtr, Xte, ytr, yte = train_test_split(X, y, test_size=0.25, random_state=0, stratify=y)
+    sc = StandardScaler().fit(Xtr)
+    return sc.transform(Xtr), sc.transform(Xte), ytr, yte
+
+
+@pytest.mark.parametrize("dataset", ["breast_cancer", "digits"])
+def test_fit_matches_scikit_learn(dataset):
+    sklearn = pytest.importorskip("sklearn")
+    from sklearn import datasets
+    from sklearn.linear_model import LogisticRegression as SkLR
+    Xtr, Xte, ytr, yte = _standardised(getattr(datasets, f"load_{dataset}"))
+    n_classes = len(np.unique(ytr))
+    sk = SkLR(C=1.0, tol=1e-10, max_iter=10000).fit(Xtr, ytr)
+    ours = ml.LogisticRegression(Xtr.shape[1], num_classes=n_classes, dtype=torch.float64)
+    ours.fit(Xtr, ytr, C=1.0, max_iter=1000, tol=1e-10)
+    assert abs(ours.score(Xte, yte) - sk.score(Xte, yte)) <= 0.01
+    coef = ours.weight.detach().numpy()
+    assert np.abs(coef - sk.coef_).max() <= 1e-3 * np.abs(sk.coef_).max(), sklearn.__version__
+    assert np.abs(ours.bias.detach().numpy() - sk.intercept_).max() <= 1e-3 * max(
+        1.0, np.abs(sk.intercept_).max())
+    pred = ours.predict(Xte)
+    assert isinstance(pred, np.ndarray) and (pred == sk.predict(Xte)).mean() > 0.98
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_fit_minibatch_optimizers(optimizer):
+    from sklearn.datasets import load_breast_cancer
+    Xtr, Xte, ytr, yte = _standardised(load_breast_cancer)
+    clf = ml.LogisticRegression(Xtr.shape[1]).fit(
+        torch.tensor(Xtr, dtype=torch.float32), torch.tensor(ytr), optimizer=optimizer,
+        batch_size=64, epochs=30)
+    assert clf.score(torch.tensor(Xte, dtype=torch.float32), torch.tensor(yte)) > 0.93
+
+
+def test_fit_rejects_bad_input():
+    clf = ml.LogisticRegression(4)
+    with pytest.raises(ValueError, match=r"y has 3 classes but num_classes=2"):
+        clf.fit(np.random.randn(9, 4), np.arange(9) % 3)
+    with pytest.raises(ValueError, match=r"X must have shape \(N, 4\)"):
+        clf.fit(np.random.randn(9, 5), np.arange(9) % 2)
+    with pytest.raises(ValueError, match=r"optimizer must be"):
+        clf.fit(np.random.randn(9, 4), np.arange(9) % 2, optimizer="newton")
