@@ -1,0 +1,597 @@
+// CPU kernels of the fused logistic-regression losses (csrc/logreg.h):
+//   binary:      BCE-with-logits of z = x w^T + b   (C == 1)
+//   multinomial: cross-entropy of z = x W^T + b     (C classes)
+//
+// Single pass over X. Reading X is the cost (plain PyTorch reads it twice: the forward GEMV/GEMM
+// and then X^T r in backward), so each row of X is read from memory exactly once and everything
+// that needs it is done while it is in L1:
+//
+//   rows are split into a FIXED number of contiguous blocks (a function of N, C and D only, never
+//   of the thread count); at::parallel_for runs over the blocks. Within a block, per tile of
+//   kTile rows:
+//     1. z = W x_i + b for the tile's rows (vectorised, accumulation type acc_t: float for
+//        float/bf16/half, double for double; W is kept as a zero-padded acc_t copy);
+//     2. per row: the loss term (stable softplus / log-sum-exp, accumulated in double) and the
+//        residual r_i = dloss_i/dz_i, already multiplied by the reduction's scale (1/N, 1/sum_w
+//        or 1);
+//     3. one sweep over the features that adds r_i (x) x_i into the block's partial grad_W
+//        (C x D acc_t, small enough to stay in cache), r_i into its partial grad_b, and writes
+//        dX_i = r_i^T W when x needs a gradient.
+//   The block partials (loss, grad_W, grad_b) are then summed in block order: bitwise
+//   deterministic from run to run, whatever the thread count, no atomics. Temporary memory is
+//   O(blocks x C x D), independent of N.
+//
+// reduction="none" runs the same pass, writing the per-row loss and the unscaled residual (N, C);
+// its backward, linear_loss_bwd, is three GEMMs through ATen.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <type_traits>
+#include <vector>
+
+#include "../common.h"
+#include "../logreg.h"
+
+namespace manual_layers {
+namespace {
+
+using at::vec::Vectorized;
+
+constexpr int64_t kTile = 4;                  // rows per tile (register blocking over rows)
+constexpr int64_t kMinBlockRows = 2048;       // a block is at least this many rows...
+constexpr int64_t kMaxBlocks = 64;            // ...and there are at most this many blocks,
+constexpr int64_t kMaxPartialBytes = 64 << 20;  // whose partial grad_W total at most this.
+
+// The fixed row partition: `count` blocks of `rows` rows (a multiple of kTile; the last block
+// may be shorter or empty). Depends on the problem shape only, so results never depend on the
+// number of threads.
+struct Blocks {
+  int64_t count;
+  int64_t rows;
+};
+
+Blocks make_blocks(int64_t N, int64_t C, int64_t Dp, int64_t elem_size) {
+  int64_t count = std::min(kMaxBlocks, (N + kMinBlockRows - 1) / kMinBlockRows);
+  const int64_t per_block = std::max<int64_t>(1, C * (Dp + 1) * elem_size);
+  count = std::max<int64_t>(1, std::min(count, kMaxPartialBytes / per_block));
+  int64_t rows = (N + count - 1) / count;
+  rows = std::max<int64_t>(kTile, (rows + kTile - 1) / kTile * kTile);
+  return {count, rows};
+}
+
+// ---------------------------------------------------------------------------------------------
+// Per-tile losses. tile(i0, nr, z, r, loss) takes the logits z (kTile x C, row-major) of rows
+// i0 .. i0 + nr, writes their residuals dloss/dz into r (kTile x C) and their losses into
+// loss[0 .. nr). Rows nr .. kTile are left to the caller.
+
+// loss = sw * [(1 - y) z + (1 + (pw - 1) y) softplus(-z)],
+// dloss/dz = sw * [(1 - y) - (1 + (pw - 1) y) sigmoid(-z)]   (= sw (sigmoid(z) - y) for pw = 1),
+// with softplus(-z) = max(-z, 0) + log1p(exp(-|z|)): no overflow for any z. Vectorised over the
+// tile's rows (C == 1, so z and r hold one value per row).
+template <typename acc_t>
+struct BceLoss {
+  const acc_t* target;  // (N,)
+  const acc_t* sample_weight;  // (N,) or null
+  acc_t pos_weight;  // 1 when None
+
+  inline void tile(int64_t i0, int64_t nr, const acc_t* z, acc_t* r, acc_t* loss) const {
+    using Vec = Vectorized<acc_t>;
+    static_assert(Vec::size() >= kTile, "one vector holds a tile's rows");
+    const Vec one(1), zero(0);
+    const Vec zv = Vec::loadu(z, nr);
+    const Vec y = Vec::loadu(target + i0, nr);
+    const Vec e = zv.abs().neg().exp();  // exp(-|z|) in (0, 1]
+    const Vec softplus_neg = at::vec::maximum(zv.neg(), zero) + e.log1p();
+    const Vec inv = one / (one + e);
+    const Vec sigmoid_neg = Vec::blendv(inv, e * inv, zv >= zero);
+    const Vec lw = one + (Vec(pos_weight) - one) * y;
+    const Vec sw = sample_weight ? Vec::loadu(sample_weight + i0, nr) : one;
+    (sw * ((one - y) - lw * sigmoid_neg)).store(r, nr);
+    (sw * ((one - y) * zv + lw * softplus_neg)).store(loss, nr);
+  }
+};
+
+// out[c] = exp(z[c] - m) for c < n (m = max z, so no overflow), vectorised over c with
+// Vectorized::exp (SLEEF, 1 ulp).
+template <typename acc_t>
+inline void exp_shifted(const acc_t* z, acc_t m, acc_t* out, int64_t n) {
+  using Vec = Vectorized<acc_t>;
+  const Vec mv(m);
+  for (int64_t c = 0; c < n; c += Vec::size()) {
+    const int64_t len = std::min<int64_t>(Vec::size(), n - c);
+    (Vec::loadu(z + c, len) - mv).exp().store(out + c, len);
+  }
+}
+
+// With eps = label_smoothing, w = class weights (ones if None), t = target, p = softmax(z):
+//   loss = (1 - eps) w_t (lse - z_t) + (eps / C) sum_c w_c (lse - z_c)
+//   dloss/dz_c = [(1 - eps) w_t + (eps / C) sum_k w_k] p_c - (1 - eps) w_t [c == t] - (eps / C) w_c
+// Ignored rows have zero loss and residual. Targets were range-checked before the pass.
+template <typename acc_t>
+struct CeLoss {
+  const int64_t* target;  // (N,)
+  const acc_t* class_weight;  // (C,) or null
+  int64_t C;
+  int64_t ignore_index;
+  acc_t eps;
+  acc_t class_weight_sum;  // sum_k w_k (C when None)
+
+  inline void tile(int64_t i0, int64_t nr, const acc_t* z, acc_t* r, acc_t* loss) const {
+    for (int64_t k = 0; k < nr; ++k) loss[k] = row(i0 + k, z + k * C, r + k * C);
+  }
+
+  inline acc_t row(int64_t i, const acc_t* z, acc_t* r) const {
+    const int64_t t = target[i];
+    if (t == ignore_index) {
+      std::fill(r, r + C, acc_t(0));
+      return acc_t(0);
+    }
+    acc_t m = z[0];
+    for (int64_t c = 1; c < C; ++c) m = std::max(m, z[c]);
+    exp_shifted(z, m, r, C);
+    acc_t s = 0;
+    for (int64_t c = 0; c < C; ++c) s += r[c];
+    const acc_t lse = m + std::log(s);
+    const acc_t wt = class_weight ? class_weight[t] : acc_t(1);
+    const acc_t eps_c = eps / acc_t(C);
+    acc_t loss = (acc_t(1) - eps) * wt * (lse - z[t]);
+    const acc_t a = (acc_t(1) - eps) * wt + eps_c * class_weight_sum;
+    const acc_t inv_s = acc_t(1) / s;
+    if (eps != acc_t(0)) {
+      acc_t smooth = 0;
+      for (int64_t c = 0; c < C; ++c) {
+        const acc_t wc = class_weight ? class_weight[c] : acc_t(1);
+        smooth += wc * (lse - z[c]);
+        r[c] = a * (r[c] * inv_s) - eps_c * wc;
+      }
+      loss += eps_c * smooth;
+    } else {
+      for (int64_t c = 0; c < C; ++c) r[c] = a * (r[c] * inv_s);
+    }
+    r[t] -= (acc_t(1) - eps) * wt;
+    return loss;
+  }
+};
+
+// ---------------------------------------------------------------------------------------------
+// The pass.
+
+template <typename scalar_t, typename acc_t>
+struct Pass {
+  // inputs
+  const scalar_t* x;  // row i at x + i * x_row_stride, unit column stride
+  int64_t x_row_stride;
+  int64_t N, D, Dp, C;  // Dp: D rounded up to the vector width
+  const acc_t* W;  // (C, Dp), zero-padded
+  const acc_t* bias;  // (C,) or null
+  acc_t scale;  // applied to the residual before accumulation (mean/sum)
+  Blocks blocks;
+  // mean/sum outputs
+  double* part_loss;  // (blocks,)
+  acc_t* part_w;  // (blocks, C, Dp) or null
+  acc_t* part_b;  // (blocks, C) or null
+  scalar_t* grad_x;  // (N, D) contiguous or null
+  // reduction="none" outputs
+  bool none_mode;
+  scalar_t* row_loss;  // (N,)
+  scalar_t* residual;  // (N, C) or null
+};
+
+template <typename scalar_t, typename acc_t, bool NEED_W, bool NEED_X, typename LossFn>
+void run_block(const Pass<scalar_t, acc_t>& p, const LossFn& loss_fn, int64_t blk) {
+  using Vec = Vectorized<acc_t>;
+  constexpr int64_t V = Vec::size();
+  constexpr int64_t R = kTile;
+  const int64_t C = p.C, D = p.D, Dp = p.Dp;
+  const int64_t begin = std::min(p.N, blk * p.blocks.rows);
+  const int64_t end = std::min(p.N, begin + p.blocks.rows);
+  const bool none_mode = p.none_mode;
+
+  acc_t* gw = NEED_W ? p.part_w + blk * C * Dp : nullptr;
+  acc_t* gb = p.part_b ? p.part_b + blk * C : nullptr;
+  if (gw) std::fill(gw, gw + C * Dp, acc_t(0));
+  if (gb) std::fill(gb, gb + C, acc_t(0));
+
+  // Rows are read in place when they already are acc_t with D a multiple of the vector width;
+  // otherwise converted into a zero-padded acc_t tile (padding columns stay zero, so they add
+  // nothing to z nor to grad_W). A short last tile is padded with zero rows and zero residuals.
+  const bool direct = std::is_same_v<scalar_t, acc_t> && Dp == D;
+  std::vector<acc_t> xbuf(R * Dp, acc_t(0));
+  std::vector<acc_t> dxbuf(NEED_X ? R * Dp : 0);
+  std::vector<acc_t> z(R * C), r(R * C);
+  double loss_sum = 0;
+
+  for (int64_t i0 = begin; i0 < end; i0 += R) {
+    const int64_t nr = std::min(R, end - i0);
+    const acc_t* xr[R];
+    for (int64_t k = 0; k < R; ++k) {
+      acc_t* row = xbuf.data() + k * Dp;
+      if (k >= nr) {
+        std::fill(row, row + D, acc_t(0));
+        xr[k] = row;
+        continue;
+      }
+      const scalar_t* src = p.x + (i0 + k) * p.x_row_stride;
+      if (direct) {
+        xr[k] = reinterpret_cast<const acc_t*>(src);
+      } else {
+        at::vec::convert(src, row, D);
+        xr[k] = row;
+      }
+    }
+
+    // 1. logits, two classes at a time: 8 accumulators; each x and W vector loaded once serves
+    //    2 or 4 FMAs.
+    const auto add = [](Vec& u, Vec& v) { return u + v; };
+    int64_t c = 0;
+    for (; c + 2 <= C; c += 2) {
+      const acc_t* w0 = p.W + c * Dp;
+      const acc_t* w1 = w0 + Dp;
+      Vec a00(0), a10(0), a20(0), a30(0), a01(0), a11(0), a21(0), a31(0);
+      for (int64_t d = 0; d < Dp; d += V) {
+        const Vec u = Vec::loadu(w0 + d), v = Vec::loadu(w1 + d);
+        const Vec x0 = Vec::loadu(xr[0] + d), x1 = Vec::loadu(xr[1] + d);
+        const Vec x2 = Vec::loadu(xr[2] + d), x3 = Vec::loadu(xr[3] + d);
+        a00 = at::vec::fmadd(x0, u, a00);
+        a01 = at::vec::fmadd(x0, v, a01);
+        a10 = at::vec::fmadd(x1, u, a10);
+        a11 = at::vec::fmadd(x1, v, a11);
+        a20 = at::vec::fmadd(x2, u, a20);
+        a21 = at::vec::fmadd(x2, v, a21);
+        a30 = at::vec::fmadd(x3, u, a30);
+        a31 = at::vec::fmadd(x3, v, a31);
+      }
+      const acc_t b0 = p.bias ? p.bias[c] : acc_t(0), b1 = p.bias ? p.bias[c + 1] : acc_t(0);
+      z[0 * C + c] = at::vec::vec_reduce_all<acc_t>(add, a00) + b0;
+      z[1 * C + c] = at::vec::vec_reduce_all<acc_t>(add, a10) + b0;
+      z[2 * C + c] = at::vec::vec_reduce_all<acc_t>(add, a20) + b0;
+      z[3 * C + c] = at::vec::vec_reduce_all<acc_t>(add, a30) + b0;
+      z[0 * C + c + 1] = at::vec::vec_reduce_all<acc_t>(add, a01) + b1;
+      z[1 * C + c + 1] = at::vec::vec_reduce_all<acc_t>(add, a11) + b1;
+      z[2 * C + c + 1] = at::vec::vec_reduce_all<acc_t>(add, a21) + b1;
+      z[3 * C + c + 1] = at::vec::vec_reduce_all<acc_t>(add, a31) + b1;
+    }
+    if (c < C) {  // odd C (the binary case): one class, two accumulators per row
+      const acc_t* w0 = p.W + c * Dp;
+      Vec a0(0), a1(0), a2(0), a3(0);
+      for (int64_t d = 0; d < Dp; d += V) {
+        const Vec u = Vec::loadu(w0 + d);
+        a0 = at::vec::fmadd(Vec::loadu(xr[0] + d), u, a0);
+        a1 = at::vec::fmadd(Vec::loadu(xr[1] + d), u, a1);
+        a2 = at::vec::fmadd(Vec::loadu(xr[2] + d), u, a2);
+        a3 = at::vec::fmadd(Vec::loadu(xr[3] + d), u, a3);
+      }
+      const acc_t b0 = p.bias ? p.bias[c] : acc_t(0);
+      z[0 * C + c] = at::vec::vec_reduce_all<acc_t>(add, a0) + b0;
+      z[1 * C + c] = at::vec::vec_reduce_all<acc_t>(add, a1) + b0;
+      z[2 * C + c] = at::vec::vec_reduce_all<acc_t>(add, a2) + b0;
+      z[3 * C + c] = at::vec::vec_reduce_all<acc_t>(add, a3) + b0;
+    }
+
+    // 2. loss and residual of the tile's rows.
+    acc_t tile_loss[R];
+    loss_fn.tile(i0, nr, z.data(), r.data(), tile_loss);
+    std::fill(r.begin() + nr * C, r.end(), acc_t(0));
+    for (int64_t k = 0; k < nr; ++k) {
+      const int64_t i = i0 + k;
+      acc_t* rk = r.data() + k * C;
+      if (none_mode) {
+        p.row_loss[i] = static_cast<scalar_t>(tile_loss[k]);
+        if (p.residual) {
+          for (int64_t c = 0; c < C; ++c) p.residual[i * C + c] = static_cast<scalar_t>(rk[c]);
+        }
+      } else {
+        loss_sum += static_cast<double>(tile_loss[k]);
+        for (int64_t c = 0; c < C; ++c) rk[c] *= p.scale;
+      }
+    }
+    if (none_mode) continue;
+
+    if (gb) {
+      for (int64_t k = 0; k < nr; ++k)
+        for (int64_t c = 0; c < C; ++c) gb[c] += r[k * C + c];
+    }
+
+    // 3. one sweep over the features: grad_W[c] += sum_k r[k][c] x_k and dX_k = sum_c r[k][c] W[c].
+    if constexpr (NEED_W || NEED_X) {
+      acc_t* dxr[R];
+      if constexpr (NEED_X) {
+        for (int64_t k = 0; k < R; ++k) {
+          dxr[k] = (direct && k < nr) ? reinterpret_cast<acc_t*>(p.grad_x + (i0 + k) * D)
+                                      : dxbuf.data() + k * Dp;
+        }
+      }
+      const acc_t* rr = r.data();
+      for (int64_t d = 0; d < Dp; d += V) {
+        Vec x0, x1, x2, x3;
+        if constexpr (NEED_W) {
+          x0 = Vec::loadu(xr[0] + d);
+          x1 = Vec::loadu(xr[1] + d);
+          x2 = Vec::loadu(xr[2] + d);
+          x3 = Vec::loadu(xr[3] + d);
+        }
+        Vec d0(0), d1(0), d2(0), d3(0);
+        for (int64_t c = 0; c < C; ++c) {
+          const Vec r0(rr[c]), r1(rr[C + c]), r2(rr[2 * C + c]), r3(rr[3 * C + c]);
+          if constexpr (NEED_W) {
+            acc_t* g = gw + c * Dp + d;
+            Vec acc = Vec::loadu(g);
+            acc = at::vec::fmadd(r0, x0, acc);
+            acc = at::vec::fmadd(r1, x1, acc);
+            acc = at::vec::fmadd(r2, x2, acc);
+            acc = at::vec::fmadd(r3, x3, acc);
+            acc.store(g);
+          }
+          if constexpr (NEED_X) {
+            const Vec w = Vec::loadu(p.W + c * Dp + d);
+            d0 = at::vec::fmadd(r0, w, d0);
+            d1 = at::vec::fmadd(r1, w, d1);
+            d2 = at::vec::fmadd(r2, w, d2);
+            d3 = at::vec::fmadd(r3, w, d3);
+          }
+        }
+        if constexpr (NEED_X) {
+          d0.store(dxr[0] + d);
+          d1.store(dxr[1] + d);
+          d2.store(dxr[2] + d);
+          d3.store(dxr[3] + d);
+        }
+      }
+      if constexpr (NEED_X) {
+        if (!direct) {
+          for (int64_t k = 0; k < nr; ++k)
+            at::vec::convert(dxbuf.data() + k * Dp, p.grad_x + (i0 + k) * D, D);
+        }
+      }
+    }
+  }
+  if (!none_mode) p.part_loss[blk] = loss_sum;
+}
+
+template <typename scalar_t, typename acc_t, bool NEED_W, bool NEED_X, typename LossFn>
+void run_pass(const Pass<scalar_t, acc_t>& p, const LossFn& loss_fn) {
+  at::parallel_for(0, p.blocks.count, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) run_block<scalar_t, acc_t, NEED_W, NEED_X>(p, loss_fn, b);
+  });
+}
+
+// Sums `count` partials of n elements each (laid out one after another) in block order.
+template <typename acc_t>
+void reduce_partials(const acc_t* part, int64_t count, int64_t n, acc_t* out) {
+  at::parallel_for(0, n, 4096, [&](int64_t lo, int64_t hi) {
+    std::copy(part + lo, part + hi, out + lo);
+    for (int64_t b = 1; b < count; ++b) {
+      const acc_t* pb = part + b * n;
+      for (int64_t j = lo; j < hi; ++j) out[j] += pb[j];
+    }
+  });
+}
+
+// Everything shared by the two losses: argument preparation, the pass, the reductions and the
+// outputs. `make_loss` builds the per-tile loss functor for the acc_t in use; `denominator`
+// is the mean's divisor (N, or the class-weight sum of the non-ignored rows).
+template <typename MakeLoss>
+LossOut fused_loss(const at::Tensor& x_in, const at::Tensor& weight,
+                   const c10::optional<at::Tensor>& bias, int64_t reduction, double denominator,
+                   bool need_x, bool need_weight, bool need_bias, const MakeLoss& make_loss) {
+  const int64_t N = x_in.size(0), D = x_in.size(1), C = weight.size(0);
+  // Rows must have unit column stride; any row stride is read in place.
+  const at::Tensor x = x_in.stride(1) == 1 || D <= 1 ? x_in : x_in.contiguous();
+  const auto opts = x.options();
+  const at::Tensor empty = at::empty({0}, opts);
+  const bool any_grad = need_x || need_weight || need_bias;
+
+  at::Tensor loss, grad_x = empty, grad_w = empty, grad_b = empty, residual = empty;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "linear_loss_fwd_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    constexpr int64_t V = Vectorized<acc_t>::size();
+    const int64_t Dp = (D + V - 1) / V * V;
+    const auto acc_opts = opts.dtype(c10::CppTypeToScalarType<acc_t>::value);
+
+    at::Tensor Wp = at::zeros({C, Dp}, acc_opts);
+    Wp.narrow(1, 0, D).copy_(weight);
+    at::Tensor b_acc;
+    if (bias.has_value() && bias->defined()) b_acc = bias->to(acc_opts.dtype()).contiguous();
+
+    const auto loss_fn = make_loss(acc_t());
+    Pass<scalar_t, acc_t> p{};
+    p.x = x.const_data_ptr<scalar_t>();
+    p.x_row_stride = x.stride(0);
+    p.N = N, p.D = D, p.Dp = Dp, p.C = C;
+    p.W = Wp.const_data_ptr<acc_t>();
+    p.bias = b_acc.defined() ? b_acc.const_data_ptr<acc_t>() : nullptr;
+
+    if (reduction == kNone) {
+      loss = at::empty({N}, opts);
+      p.none_mode = true;
+      p.row_loss = loss.mutable_data_ptr<scalar_t>();
+      if (any_grad) {
+        residual = at::empty({N, C}, opts);
+        p.residual = residual.mutable_data_ptr<scalar_t>();
+      }
+      p.blocks = make_blocks(N, 0, 0, 0);  // no partials in this mode
+      run_pass<scalar_t, acc_t, false, false>(p, loss_fn);
+      return;
+    }
+
+    // mean / sum: a zero denominator (empty batch, every row ignored) gives a NaN loss, as in
+    // torch, and zero gradients.
+    const double div = reduction == kMean ? denominator : 1.0;
+    p.scale = div == 0.0 ? acc_t(0) : static_cast<acc_t>(1.0 / div);
+    p.blocks = make_blocks(N, need_weight ? C : 0, Dp, sizeof(acc_t));
+    const int64_t nb = p.blocks.count;
+    std::vector<double> part_loss(nb, 0.0);
+    p.part_loss = part_loss.data();
+    at::Tensor part_w, part_b;
+    if (need_weight) {
+      part_w = at::empty({nb, C, Dp}, acc_opts);
+      p.part_w = part_w.mutable_data_ptr<acc_t>();
+    }
+    if (need_bias) {
+      part_b = at::empty({nb, C}, acc_opts);
+      p.part_b = part_b.mutable_data_ptr<acc_t>();
+    }
+    if (need_x) {
+      grad_x = at::empty({N, D}, opts);
+      p.grad_x = grad_x.mutable_data_ptr<scalar_t>();
+    }
+
+    if (need_weight && need_x) run_pass<scalar_t, acc_t, true, true>(p, loss_fn);
+    else if (need_weight) run_pass<scalar_t, acc_t, true, false>(p, loss_fn);
+    else if (need_x) run_pass<scalar_t, acc_t, false, true>(p, loss_fn);
+    else run_pass<scalar_t, acc_t, false, false>(p, loss_fn);
+
+    double total = 0;
+    for (double l : part_loss) total += l;
+    total = div == 0.0 ? std::numeric_limits<double>::quiet_NaN() : total / div;
+    loss = at::empty({}, opts).fill_(total);
+
+    if (need_weight) {
+      at::Tensor gw = at::empty({C, Dp}, acc_opts);
+      reduce_partials(part_w.const_data_ptr<acc_t>(), nb, C * Dp, gw.mutable_data_ptr<acc_t>());
+      grad_w = gw.narrow(1, 0, D).to(x.scalar_type()).contiguous();
+    }
+    if (need_bias) {
+      at::Tensor gb = at::empty({C}, acc_opts);
+      reduce_partials(part_b.const_data_ptr<acc_t>(), nb, C, gb.mutable_data_ptr<acc_t>());
+      grad_b = gb.to(x.scalar_type());
+    }
+  });
+  return {loss, grad_x, grad_w, grad_b, residual};
+}
+
+}  // namespace
+
+LossOut linear_bce_fwd_cpu(const at::Tensor& x, const at::Tensor& weight,
+                           const c10::optional<at::Tensor>& bias, const at::Tensor& target,
+                           const c10::optional<at::Tensor>& pos_weight,
+                           const c10::optional<at::Tensor>& sample_weight, int64_t reduction,
+                           bool need_x, bool need_weight, bool need_bias) {
+  constexpr const char* op = "manual_layers.linear_bce_fwd";
+  check_linear_args(op, x, weight, bias);
+  check_reduction(reduction);
+  const int64_t N = x.size(0);
+  TORCH_CHECK(weight.size(0) == 1, op, ": binary logistic regression needs weight of shape (1, ",
+              x.size(1), "), got ", weight.sizes());
+  TORCH_CHECK(target.dim() == 1 && target.size(0) == N, op, ": target must have shape (", N,
+              ",), got ", target.sizes());
+  TORCH_CHECK(at::isFloatingType(target.scalar_type()), op,
+              ": target must be a floating tensor of probabilities, got ", target.scalar_type());
+  const bool has_pw = pos_weight.has_value() && pos_weight->defined();
+  const bool has_sw = sample_weight.has_value() && sample_weight->defined();
+  if (has_pw) {
+    TORCH_CHECK(pos_weight->numel() == 1, op, ": pos_weight must have one element, got shape ",
+                pos_weight->sizes());
+  }
+  if (has_sw) {
+    TORCH_CHECK(sample_weight->dim() == 1 && sample_weight->size(0) == N, op,
+                ": sample_weight must have shape (", N, ",), got ", sample_weight->sizes());
+  }
+  const auto acc_dtype = at::toOpMathType(x.scalar_type());
+  const at::Tensor y = target.to(acc_dtype).contiguous();
+  const at::Tensor sw = has_sw ? sample_weight->to(acc_dtype).contiguous() : at::Tensor();
+  const double pw = has_pw ? pos_weight->item<double>() : 1.0;
+
+  return fused_loss(x, weight, bias, reduction, static_cast<double>(N), need_x, need_weight,
+                    need_bias, [&](auto acc_zero) {
+                      using acc_t = decltype(acc_zero);
+                      return BceLoss<acc_t>{y.const_data_ptr<acc_t>(),
+                                           has_sw ? sw.const_data_ptr<acc_t>() : nullptr,
+                                           static_cast<acc_t>(pw)};
+                    });
+}
+
+LossOut linear_ce_fwd_cpu(const at::Tensor& x, const at::Tensor& weight,
+                          const c10::optional<at::Tensor>& bias, const at::Tensor& target,
+                          const c10::optional<at::Tensor>& class_weight, int64_t ignore_index,
+                          double label_smoothing, int64_t reduction, bool need_x,
+                          bool need_weight, bool need_bias) {
+  constexpr const char* op = "manual_layers.linear_ce_fwd";
+  check_linear_args(op, x, weight, bias);
+  check_reduction(reduction);
+  const int64_t N = x.size(0), C = weight.size(0);
+  TORCH_CHECK(target.dim() == 1 && target.size(0) == N, op, ": target must have shape (", N,
+              ",), got ", target.sizes());
+  TORCH_CHECK(target.scalar_type() == at::kLong, op,
+              ": target must hold int64 class indices, got ", target.scalar_type());
+  TORCH_CHECK(label_smoothing >= 0.0 && label_smoothing <= 1.0, op,
+              ": label_smoothing must be between 0.0 and 1.0, got ", label_smoothing);
+  const bool has_cw = class_weight.has_value() && class_weight->defined();
+  if (has_cw) {
+    TORCH_CHECK(class_weight->dim() == 1 && class_weight->size(0) == C, op,
+                ": class_weight must have shape (", C, ",), got ", class_weight->sizes());
+  }
+  const auto acc_dtype = at::toOpMathType(x.scalar_type());
+  const at::Tensor t = target.contiguous();
+  const at::Tensor cw = has_cw ? class_weight->to(at::kDouble).contiguous() : at::Tensor();
+  const at::Tensor cw_acc = has_cw ? class_weight->to(acc_dtype).contiguous() : at::Tensor();
+
+  // Cheap first pass over the targets: range check, and the mean's denominator
+  // sum_{i not ignored} w_{t_i}.
+  const int64_t* tp = t.const_data_ptr<int64_t>();
+  const double* cwp = has_cw ? cw.const_data_ptr<double>() : nullptr;
+  double weight_total = 0;
+  for (int64_t i = 0; i < N; ++i) {
+    const int64_t ti = tp[i];
+    if (ti == ignore_index) continue;
+    TORCH_CHECK_INDEX(ti >= 0 && ti < C, "Target ", ti, " is out of bounds.");
+    weight_total += cwp ? cwp[ti] : 1.0;
+  }
+  double class_weight_sum = static_cast<double>(C);
+  if (has_cw) {
+    class_weight_sum = 0;
+    for (int64_t c = 0; c < C; ++c) class_weight_sum += cwp[c];
+  }
+
+  return fused_loss(x, weight, bias, reduction, weight_total, need_x, need_weight, need_bias,
+                    [&](auto acc_zero) {
+                      using acc_t = decltype(acc_zero);
+                      return CeLoss<acc_t>{tp,
+                                          has_cw ? cw_acc.const_data_ptr<acc_t>() : nullptr,
+                                          C,
+                                          ignore_index,
+                                          static_cast<acc_t>(label_smoothing),
+                                          static_cast<acc_t>(class_weight_sum)};
+                    });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_loss_bwd_cpu(
+    const at::Tensor& grad_loss, const at::Tensor& residual, const at::Tensor& x,
+    const at::Tensor& weight, bool need_x, bool need_weight, bool need_bias) {
+  constexpr const char* op = "manual_layers.linear_loss_bwd";
+  TORCH_CHECK(x.dim() == 2 && weight.dim() == 2 && x.size(1) == weight.size(1), op,
+              ": x (N, D) and weight (C, D) expected, got ", x.sizes(), " and ", weight.sizes());
+  const int64_t N = x.size(0), C = weight.size(0);
+  TORCH_CHECK(residual.dim() == 2 && residual.size(0) == N && residual.size(1) == C, op,
+              ": residual must have shape (", N, ", ", C, "), got ", residual.sizes());
+  TORCH_CHECK(grad_loss.numel() == N, op, ": grad_loss must have ", N, " elements, got shape ",
+              grad_loss.sizes());
+  const auto dtype = x.scalar_type();
+  const auto acc_dtype = at::toOpMathType(dtype);
+  const at::Tensor empty = at::empty({0}, x.options());
+  // G in the accumulation type; the GEMMs in x's dtype (fp32 accumulation inside for 16-bit).
+  const at::Tensor G_acc =
+      residual.to(acc_dtype) * grad_loss.reshape({N, 1}).to(acc_dtype);
+  const at::Tensor G = G_acc.to(dtype);
+  at::Tensor gx = empty, gw = empty, gb = empty;
+  if (need_x) gx = at::mm(G, weight.to(dtype));
+  if (need_weight) gw = at::mm(G.t(), x);
+  if (need_bias) gb = G_acc.sum(0).to(dtype);
+  return {gx, gw, gb};
+}
+
+}  // namespace manual_layers
+
+TORCH_LIBRARY_IMPL(manual_layers, CPU, m) {
+  m.impl("linear_bce_fwd", &manual_layers::linear_bce_fwd_cpu);
+  m.impl("linear_ce_fwd", &manual_layers::linear_ce_fwd_cpu);
+  m.impl("linear_loss_bwd", &manual_layers::linear_loss_bwd_cpu);
+}
