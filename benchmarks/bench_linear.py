@@ -176,7 +176,7 @@ def main(argv=None):
         cases.append(("gelu_tanh", ADDMM_SHAPE, "fwd"))
 
     rows_csv, rows_md, rows_txt, targets = [], [], [], []
-    labels, medians, ratios = [], {}, {}
+    labels, medians, ratios, plot_targets = [], {}, {}, {}
     for act, shape, mode in cases:
         label = f"{act or 'none'} {shape_str(shape)} {mode}"
         print(f"  {label} ...", flush=True)
@@ -224,6 +224,8 @@ def main(argv=None):
         labels.append(plot_label)
         medians[plot_label] = {k: (v["p50"] if v else None) for k, v in res.items()}
         ratios[plot_label] = rat
+        plot_targets[plot_label] = {b: TARGETS[(device, dtype, act, shape, mode, b)] for b in rat
+                                    if (device, dtype, act, shape, mode, b) in TARGETS}
 
     header = ["case", "manual_layers ms", "eager ms", "compile ms", "addmm_act ms",
               "vs eager", "vs compile", "vs addmm_act", "target", "max abs diff"]
@@ -256,7 +258,7 @@ def main(argv=None):
     impls = ["manual_layers", "eager", "compile"] + (
         ["addmm_act"] if any("addmm_act" in m for m in medians.values()) else [])
     png_path = C.write_plot(NAME, f"Linear(+activation), {C.dtype_name(dtype)}: median time",
-                            meta, labels, impls, medians, ratios)
+                            meta, labels, impls, medians, ratios, plot_targets)
     print(f"\nwrote {csv_path}\n      {md_path}\n      {png_path}")
     return 0
 

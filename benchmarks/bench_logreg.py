@@ -207,7 +207,7 @@ def main(argv=None):
           f"{meta['manual_layers']}, {repeats} repeats (interleaved)")
 
     rows_csv, rows_txt, rows_md, targets, notes_all = [], [], [], [], []
-    labels, medians, ratios = [], {}, {}
+    labels, medians, ratios, plot_targets = [], {}, {}, {}
     for c in cases:
         dt = C.dtype_name(c["dtype"])
         shape = f"{c['n']}x{c['d']}" + (f" C={c['classes']}" if c["kind"] == "multi" else "")
@@ -268,6 +268,8 @@ def main(argv=None):
         medians[pl] = {k: (v["p50"] if v else None) for k, v in res.items()}
         medians[pl]["floor"] = floor_ms
         ratios[pl] = rat
+        if c["target"] and c["target"][0] == "eager":
+            plot_targets[pl] = {"eager": c["target"][1]}
 
     header = ["case", "manual_layers ms", "eager ms", "compile ms", "floor ms", "vs eager",
               "vs compile", "ours/floor", "eager/floor"]
@@ -296,7 +298,7 @@ def main(argv=None):
                                meta, header, rows_md, md_notes)
     png_path = C.write_plot(NAME, "Logistic-regression loss + gradients: median time", meta,
                             labels, ["manual_layers", "eager", "compile", "floor"], medians,
-                            ratios)
+                            ratios, plot_targets)
     print(f"\nwrote {csv_path}\n      {md_path}\n      {png_path}")
     return 0
 

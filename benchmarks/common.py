@@ -217,12 +217,13 @@ def write_markdown(name, title, meta, header, rows, notes=()):
     return path
 
 
-def write_plot(name, title, meta, cases, impls, medians, ratios=None):
+def write_plot(name, title, meta, cases, impls, medians, ratios=None, targets=None):
     """A grouped bar plot of the medians of this run (log scale), one group per case, one bar
     per implementation, and, below it, the speed-up of manual_layers over each baseline.
 
     cases: labels; impls: implementation names; medians[case][impl]: ms or None;
-    ratios[case][baseline]: speed-up (baseline / ours) or None."""
+    ratios[case][baseline]: speed-up (baseline / ours) or None;
+    targets[case][baseline]: the required speed-up, drawn as a black tick over its bar."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -252,6 +253,7 @@ def write_plot(name, title, meta, cases, impls, medians, ratios=None):
             if medians.get(c, {}).get(impl) is None and c in medians:
                 ax.annotate("n/a", (i - 0.4 + bw * (j + 0.5), 0), ha="center", va="bottom",
                             fontsize=7, xycoords=("data", "axes fraction"))
+    ax.set_xlim(-0.5, n - 0.5)
     ax.set_yscale("log")
     from matplotlib.ticker import FuncFormatter, LogLocator
     ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
@@ -272,6 +274,7 @@ def write_plot(name, title, meta, cases, impls, medians, ratios=None):
         for r in ratios.values():
             baselines += [b for b in r if b not in baselines]
         bw = 0.8 / max(1, len(baselines))
+        drew_target = False
         for j, base in enumerate(baselines):
             xs, ys = [], []
             for i, c in enumerate(cases):
@@ -284,7 +287,18 @@ def write_plot(name, title, meta, cases, impls, medians, ratios=None):
             for b, y in zip(bars, ys):
                 ax.annotate(f"{y:.2f}x", (b.get_x() + b.get_width() / 2, y), ha="center",
                             va="bottom", fontsize=7, xytext=(0, 1), textcoords="offset points")
+            for i, c in enumerate(cases):
+                if base in ratios.get(c, {}) and ratios[c][base] is None:
+                    ax.annotate("n/a", (i - 0.4 + bw * (j + 0.5), 0), ha="center", va="bottom",
+                                fontsize=7, xycoords=("data", "axes fraction"))
+                need = (targets or {}).get(c, {}).get(base)
+                if need is not None:
+                    x0 = i - 0.4 + bw * j
+                    ax.hlines(need, x0, x0 + bw, colors="black", lw=2,
+                              label="target" if not drew_target else None)
+                    drew_target = True
         ax.axhline(1.0, color="black", lw=0.8, ls="--")
+        ax.set_xlim(-0.5, n - 0.5)
         ax.set_ylabel("speed-up of manual_layers (x)")
         ax.set_xticks(range(n))
         ax.set_xticklabels(cases, fontsize=8)
@@ -346,7 +360,7 @@ def try_run(step, device):
         synchronize(device)
         return None
     except Exception as e:  # noqa: BLE001
-        msg = f"{type(e).__name__}: {e}".strip().splitlines()[0][:200]
+        msg = f"{type(e).__name__}: {e}".strip().splitlines()[0][:140]
         try:
             torch._dynamo.reset()
         except Exception:  # noqa: BLE001

@@ -28,11 +28,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_bwd_cpu(
     const at::Tensor& saved, c10::string_view activation, bool need_x, bool need_weight,
     bool need_bias);
 
-// scale_(self, scale): self *= scale, in place, where scale is a one-element tensor on
-// self's device; a no-op when scale == 1 (checked on the device, without a sync). Used by
-// the fused losses' backward to apply grad_output to the gradients computed in forward.
-void scale_inplace_cpu(at::Tensor& self, const at::Tensor& scale);
-
 #ifdef WITH_CUDA
 std::tuple<at::Tensor, at::Tensor> linear_fwd_cuda(const at::Tensor& x, const at::Tensor& weight,
                                                    const c10::optional<at::Tensor>& bias,
@@ -41,7 +36,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_bwd_cuda(
     const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight,
     const at::Tensor& saved, c10::string_view activation, bool need_x, bool need_weight,
     bool need_bias);
-void scale_inplace_cuda(at::Tensor& self, const at::Tensor& scale);
 #endif
 
 }  // namespace manual_layers

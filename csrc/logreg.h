@@ -7,7 +7,7 @@
 //  - reduction mean (1) or sum (2): loss is a 0-d tensor of x's dtype; the gradients of the
 //    loss with respect to x (N, D), weight (C, D) and bias (C,) are computed in the same
 //    single pass over x (each only when its need_* flag is set, else an empty (0,) tensor);
-//    residual is an empty (0,) tensor. Backward scales them by grad_output (scale_).
+//    residual is an empty (0,) tensor. Backward scales them by grad_output.
 //  - reduction none (0): loss is (N,); the gradients are empty (0,) tensors; residual is
 //    dloss_i/dlogits_i, (N, C) of x's dtype, when any need_* flag is set (else empty), and
 //    backward calls linear_loss_bwd with grad_output.

@@ -25,8 +25,6 @@ TORCH_LIBRARY(manual_layers, m) {
         " -> (Tensor, Tensor)");
   m.def("linear_bwd(Tensor grad_out, Tensor x, Tensor weight, Tensor saved, str activation,"
         " bool need_x, bool need_weight, bool need_bias) -> (Tensor, Tensor, Tensor)");
-  // In-place gradient scaling by grad_output for the fused losses' backward.
-  m.def("scale_(Tensor(a!) self, Tensor scale) -> ()");
   // Fused logistic-regression losses (csrc/logreg.h).
   m.def("linear_bce_fwd(Tensor x, Tensor weight, Tensor? bias, Tensor target, Tensor? pos_weight,"
         " Tensor? sample_weight, int reduction, bool need_x, bool need_weight, bool need_bias)"
@@ -61,7 +59,6 @@ TORCH_LIBRARY_IMPL(manual_layers, CUDA, m) {
             c10::string_view, bool, bool, bool) -> std::tuple<at::Tensor, at::Tensor, at::Tensor> {
            no_cuda_build();
          });
-  m.impl("scale_", [](at::Tensor&, const at::Tensor&) -> void { no_cuda_build(); });
   m.impl("linear_bce_fwd",
          [](const at::Tensor&, const at::Tensor&, const c10::optional<at::Tensor>&,
             const at::Tensor&, const c10::optional<at::Tensor>&, const c10::optional<at::Tensor>&,

@@ -47,11 +47,6 @@ def _linear_bwd_fake(grad_out, x, weight, saved, activation, need_x, need_weight
             x.new_empty((weight.shape[0],)) if need_bias else _empty(x))
 
 
-@torch.library.register_fake(_lib + "scale_")
-def _scale_fake(self, scale):
-    return None
-
-
 def _loss_fake(x, weight, reduction, need_x, need_weight, need_bias):
     n, c = x.shape[0], weight.shape[0]
     if reduction == 0:

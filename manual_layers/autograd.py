@@ -65,9 +65,15 @@ class LinearFunction(torch.autograd.Function):
 
 
 def _loss_backward(ctx, grad_loss):
-    """Shared backward of the fused losses. mean/sum: the gradients were computed in forward
-    and are scaled by grad_output in place (free when grad_output is 1); none: one more pass
-    (G = residual * grad_output, then the GEMMs)."""
+    """Shared backward of the fused losses.
+
+    mean/sum: the gradients were computed in forward; backward returns them scaled by
+    grad_output. When grad_output is 1 (loss.backward()) they are returned as they are, with no
+    pass over them: the engine frees the saved tensors once this node ran (unless the graph is
+    retained), so AccumulateGrad takes them over without a copy. Learning whether grad_output is
+    1 costs a device sync on CUDA, far cheaper than a pass over dX. The saved gradients are never
+    modified, so retain_graph, gradcheck and jacobians see correct values on every call.
+    none: one more pass (G = residual * grad_output, then the GEMMs)."""
     need_x, need_w, need_b = ctx.needs_input_grad[:3]
     need_b = need_b and ctx.has_bias
     if ctx.reduction == 0:
@@ -75,20 +81,9 @@ def _loss_backward(ctx, grad_loss):
         gx, gw, gb = ops.linear_loss_bwd(grad_loss, residual, x, weight, need_x, need_w, need_b)
     else:
         gx, gw, gb = ctx.saved_tensors
-        if torch.compiler.is_compiling():
-            gx, gw, gb = (gx * grad_loss if need_x else gx, gw * grad_loss if need_w else gw,
-                          gb * grad_loss if need_b else gb)
-        else:
-            # The gradients are scaled in place: a second backward through the same graph
-            # would scale them twice, so it is refused.
-            if getattr(ctx, "consumed", False):
-                raise RuntimeError(
-                    "manual_layers: backward through a fused linear loss was called twice on "
-                    "the same graph (retain_graph=True); compute the loss again instead")
-            ctx.consumed = True
-            for g, need in ((gx, need_x), (gw, need_w), (gb, need_b)):
-                if need:
-                    ops.scale_(g, grad_loss)
+        if torch.compiler.is_compiling() or not bool(grad_loss == 1):
+            gx, gw, gb = (t * grad_loss if need else t
+                          for t, need in ((gx, need_x), (gw, need_w), (gb, need_b)))
     return (gx if need_x else None, gw if need_w else None, gb if need_b else None)
 
 

@@ -327,6 +327,11 @@ class LogisticRegression(nn.Module):
             if bar is not None:
                 bar.close()
             self.n_iter_ = steps
+        if not self.binary and self.bias is not None:
+            # The softmax intercepts are unpenalised and only defined up to a common shift:
+            # centre them (as scikit-learn does); probabilities are unchanged.
+            with torch.no_grad():
+                self.bias -= self.bias.mean()
         self.fit_time_ = time.perf_counter() - t0
         self.eval()
         return self

@@ -165,16 +165,6 @@ def test_opcheck(device, act):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_opcheck_scale(device):
-    torch.library.opcheck(ops.scale_, (torch.randn(5, 3, device=device),
-                                       torch.tensor(2.5, device=device)))
-    t = torch.randn(7, device=device)
-    expected = t * -3
-    ops.scale_(t, torch.tensor(-3.0, device=device))
-    assert torch.equal(t, expected)
-
-
-@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("act", ["gelu", "relu", None])
 def test_torch_compile_fullgraph(device, act):
     layer = ml.Linear(16, 8, activation=act, device=device)

@@ -34,9 +34,19 @@ def _compare(ours_fn, ref_fn, x, w, b, target, reduction, tol, **kw):
     d = lambda t: t.double() if torch.is_tensor(t) and t.is_floating_point() else t
     ref = _grads(ref_fn, d(x), d(w), d(b), d(target), d(g), reduction=reduction,
                  **{k: d(v) for k, v in kw.items()})
-    for name, a, e in zip(["loss", "grad_x", "grad_weight", "grad_bias"], ours, ref):
+    # 16-bit: the bar is the dtype's tolerance or, if larger, 1.5x the error of the plain
+    # PyTorch composition run in that dtype on the same inputs.
+    low = x.dtype in (torch.float16, torch.bfloat16)
+    same = _grads(ref_fn, x, w, b, target, g, reduction=reduction, **kw) if low else [None] * 4
+    for name, a, e, t in zip(["loss", "grad_x", "grad_weight", "grad_bias"], ours, ref, same):
         assert a.dtype == x.dtype, name
-        assert_rel(a, e, tol, f"{name} ({reduction}, {x.dtype})")
+        bar = max(tol, 1.5 * _rel_err(t, e)) if low else tol
+        assert_rel(a, e, bar, f"{name} ({reduction}, {x.dtype})")
+
+
+def _rel_err(a, e):
+    a, e = a.detach().double(), e.detach().double()
+    return ((a - e).norm() / e.norm().clamp_min(1e-30)).item() if e.numel() else 0.0
 
 
 # ---- binary -----------------------------------------------------------------------------------
@@ -255,13 +265,18 @@ def test_deterministic_bitwise(device):
         assert torch.equal(a, e)
 
 
-def test_second_backward_on_retained_graph_raises():
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_repeated_backward_on_retained_graph(reduction):
     x = torch.randn(10, 3, requires_grad=True)
     w = torch.randn(1, 3, requires_grad=True)
-    loss = MF.linear_binary_cross_entropy_with_logits(x, w, None, torch.rand(10))
+    y = torch.rand(10)
+    loss = MF.linear_binary_cross_entropy_with_logits(x, w, None, y, reduction=reduction)
     loss.backward(retain_graph=True)
-    with pytest.raises(RuntimeError, match="called twice"):
-        loss.backward()
+    (loss * 3).backward()  # grad_output 1 then 3: the grads accumulate to 4x
+    xr, wr = x.detach().requires_grad_(), w.detach().requires_grad_()
+    (4 * R.linear_binary_cross_entropy_with_logits(xr, wr, None, y, reduction=reduction)).backward()
+    assert_rel(x.grad, xr.grad, 1e-5)
+    assert_rel(w.grad, wr.grad, 1e-5)
 
 
 def test_loss_modules_match_functional():

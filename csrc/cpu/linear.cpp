@@ -318,19 +318,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_bwd_cpu(
   return {dx, dw, db};
 }
 
-void scale_inplace_cpu(at::Tensor& self, const at::Tensor& scale) {
-  TORCH_CHECK(scale.numel() == 1, "manual_layers.scale_: scale must have one element, got shape ",
-              scale.sizes());
-  if (self.numel() == 0) return;
-  const at::Tensor s = scale.to(at::kDouble);
-  if (s.item<double>() == 1.0) return;  // the common case, loss.backward(): nothing to do
-  self.mul_(s.to(self.scalar_type()).reshape({}));
-}
-
 TORCH_LIBRARY_IMPL(manual_layers, CPU, m) {
   m.impl("linear_fwd", &linear_fwd_cpu);
   m.impl("linear_bwd", &linear_bwd_cpu);
-  m.impl("scale_", &scale_inplace_cpu);
 }
 
 }  // namespace manual_layers

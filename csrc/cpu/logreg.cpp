@@ -386,10 +386,11 @@ LossOut fused_loss(const at::Tensor& x_in, const at::Tensor& weight,
   // Rows must have unit column stride; any row stride is read in place.
   const at::Tensor x = x_in.stride(1) == 1 || D <= 1 ? x_in : x_in.contiguous();
   const auto opts = x.options();
-  const at::Tensor empty = at::empty({0}, opts);
+  // Each output that is not computed is its own empty tensor: outputs must not alias.
+  auto none = [&] { return at::empty({0}, opts); };
   const bool any_grad = need_x || need_weight || need_bias;
 
-  at::Tensor loss, grad_x = empty, grad_w = empty, grad_b = empty, residual = empty;
+  at::Tensor loss, grad_x = none(), grad_w = none(), grad_b = none(), residual = none();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "linear_loss_fwd_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     constexpr int64_t V = Vectorized<acc_t>::size();
@@ -576,12 +577,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_loss_bwd_cpu(
               grad_loss.sizes());
   const auto dtype = x.scalar_type();
   const auto acc_dtype = at::toOpMathType(dtype);
-  const at::Tensor empty = at::empty({0}, x.options());
+  auto none = [&] { return at::empty({0}, x.options()); };  // distinct: outputs must not alias
   // G in the accumulation type; the GEMMs in x's dtype (fp32 accumulation inside for 16-bit).
   const at::Tensor G_acc =
       residual.to(acc_dtype) * grad_loss.reshape({N, 1}).to(acc_dtype);
   const at::Tensor G = G_acc.to(dtype);
-  at::Tensor gx = empty, gw = empty, gb = empty;
+  at::Tensor gx = none(), gw = none(), gb = none();
   if (need_x) gx = at::mm(G, weight.to(dtype));
   if (need_weight) gw = at::mm(G.t(), x);
   if (need_bias) gb = G_acc.sum(0).to(dtype);

@@ -1,4 +1,4 @@
-// CUDA kernels of the fused linear layer y = act(x W^T + b) and of scale_ (csrc/linear.h).
+// CUDA kernels of the fused linear layer y = act(x W^T + b) (csrc/linear.h).
 //
 // GEMMs run in cuBLASLt (fp32 / fp16 / bf16) with the epilogues it has:
 //   forward   none      -> BIAS (or DEFAULT without bias)
@@ -185,27 +185,6 @@ __global__ void colsum_final_kernel(const at::opmath_type<T>* __restrict__ parti
     acc_t t = acc_t(0);
     for (int64_t k = 0; k < chunks; ++k) t += partial[k * cols + c];
     out[c] = static_cast<T>(t);
-  }
-}
-
-// self[i] *= *scale, unless *scale == 1 (then every thread returns before touching memory).
-// p is aligned to VEC * sizeof(T) bytes.
-template <typename T, int VEC>
-__global__ void scale_kernel(T* p, int64_t n, const at::opmath_type<T>* scale) {
-  using acc_t = at::opmath_type<T>;
-  const acc_t s = *scale;
-  if (s == acc_t(1)) return;
-  const int64_t stride = static_cast<int64_t>(blockDim.x) * gridDim.x;
-  const int64_t tid = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  const int64_t nvec = n / VEC;
-  for (int64_t i = tid; i < nvec; i += stride) {
-    AlignedVec<T, VEC> v = load_vec<VEC>(p + i * VEC);
-#pragma unroll
-    for (int j = 0; j < VEC; ++j) v.val[j] = static_cast<T>(static_cast<acc_t>(v.val[j]) * s);
-    store_vec<VEC>(p + i * VEC, v);
-  }
-  for (int64_t i = nvec * VEC + tid; i < n; i += stride) {
-    p[i] = static_cast<T>(static_cast<acc_t>(p[i]) * s);
   }
 }
 
@@ -554,45 +533,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_bwd_cuda(
   return {grad_x, grad_w, grad_b};
 }
 
-void scale_inplace_cuda(at::Tensor& self, const at::Tensor& scale) {
-  TORCH_CHECK(scale.numel() == 1, "scale_: scale must have exactly one element, got shape ",
-              scale.sizes());
-  TORCH_CHECK(scale.device() == self.device(), "scale_: scale is on ", scale.device(),
-              " but self is on ", self.device());
-  TORCH_CHECK(at::isFloatingType(self.scalar_type()), "scale_: self must be a floating tensor, got ",
-              self.scalar_type());
-  TORCH_CHECK(at::isFloatingType(scale.scalar_type()),
-              "scale_: scale must be a floating tensor, got ", scale.scalar_type());
-  if (self.numel() == 0) return;
-  c10::cuda::CUDAGuard guard(self.device());
-
-  // The scale in self's op-math type, still on the device (to() queues a copy kernel; no sync).
-  const at::Tensor s = scale.reshape({1}).to(at::toOpMathType(self.scalar_type()));
-  if (!self.is_contiguous()) {
-    self.mul_(s.squeeze());  // rare: strided gradients; a 0-dim tensor keeps self's dtype
-    return;
-  }
-  const int64_t n = self.numel();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, self.scalar_type(), "scale_", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    constexpr int VEC = VecWidth<scalar_t>::value;
-    scalar_t* p = self.mutable_data_ptr<scalar_t>();
-    const acc_t* sp = s.const_data_ptr<acc_t>();
-    cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-    if (is_aligned(p, 16)) {
-      scale_kernel<scalar_t, VEC>
-          <<<static_cast<unsigned>(grid_for(ceil_div(n, VEC))), kThreads, 0, stream>>>(p, n, sp);
-    } else {
-      scale_kernel<scalar_t, 1><<<static_cast<unsigned>(grid_for(n)), kThreads, 0, stream>>>(p, n, sp);
-    }
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
-}
-
 TORCH_LIBRARY_IMPL(manual_layers, CUDA, m) {
   m.impl("linear_fwd", &linear_fwd_cuda);
   m.impl("linear_bwd", &linear_bwd_cuda);
-  m.impl("scale_", &scale_inplace_cuda);
 }
 
 }  // namespace manual_layers
