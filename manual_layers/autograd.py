@@ -37,8 +37,10 @@ class LinearFunction(torch.autograd.Function):
     not itself differentiable (double backward raises)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, activation):
-        needs_grad = any(ctx.needs_input_grad[:3])
+    def forward(ctx, x, weight, bias, activation, grad_enabled):
+        # needs_input_grad says True under torch.no_grad() too: grad_enabled (the caller's
+        # torch.is_grad_enabled()) keeps inference from saving the pre-activation.
+        needs_grad = grad_enabled and any(ctx.needs_input_grad[:3])
         out, pre = ops.linear_fwd(x, weight, bias, activation, needs_grad)
         if activation in _SAVES_PRE:
             saved = pre
@@ -61,7 +63,8 @@ class LinearFunction(torch.autograd.Function):
             saved = grad_out.new_empty((0,))
         gx, gw, gb = ops.linear_bwd(grad_out, x, weight, saved, ctx.activation,
                                     need_x, need_w, need_b)
-        return (gx if need_x else None, gw if need_w else None, gb if need_b else None, None)
+        return (gx if need_x else None, gw if need_w else None, gb if need_b else None, None,
+                None)
 
 
 def _loss_backward(ctx, grad_loss):
@@ -102,8 +105,9 @@ class LinearBCEFunction(torch.autograd.Function):
     """Binary cross-entropy with logits of x (N, D) w^T + b, w (1, D); see csrc/logreg.h."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, target, pos_weight, sample_weight, reduction):
-        nx, nw, nb = ctx.needs_input_grad[:3]
+    def forward(ctx, x, weight, bias, target, pos_weight, sample_weight, reduction,
+                grad_enabled):
+        nx, nw, nb = (grad_enabled and n for n in ctx.needs_input_grad[:3])
         outs = ops.linear_bce_fwd(x, weight, bias, target, pos_weight, sample_weight, reduction,
                                   nx, nw, nb and bias is not None)
         return _save_loss_outputs(ctx, reduction, bias is not None, outs, x, weight)
@@ -111,7 +115,7 @@ class LinearBCEFunction(torch.autograd.Function):
     @staticmethod
     @_first_order_only
     def backward(ctx, grad_loss):
-        return _loss_backward(ctx, grad_loss) + (None,) * 4
+        return _loss_backward(ctx, grad_loss) + (None,) * 5
 
 
 class LinearCrossEntropyFunction(torch.autograd.Function):
@@ -119,8 +123,8 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, target, class_weight, ignore_index, label_smoothing,
-                reduction):
-        nx, nw, nb = ctx.needs_input_grad[:3]
+                reduction, grad_enabled):
+        nx, nw, nb = (grad_enabled and n for n in ctx.needs_input_grad[:3])
         outs = ops.linear_ce_fwd(x, weight, bias, target, class_weight, ignore_index,
                                  label_smoothing, reduction, nx, nw, nb and bias is not None)
         return _save_loss_outputs(ctx, reduction, bias is not None, outs, x, weight)
@@ -128,4 +132,4 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
     @staticmethod
     @_first_order_only
     def backward(ctx, grad_loss):
-        return _loss_backward(ctx, grad_loss) + (None,) * 5
+        return _loss_backward(ctx, grad_loss) + (None,) * 6

@@ -82,7 +82,8 @@ def linear(x, weight, bias=None, activation=None):
     _check_activation(activation, fn)
     _check_linear(x, weight, bias, fn)
     x, weight, bias = _autocast(x, weight, bias)
-    out = LinearFunction.apply(_flatten(x), weight, bias, activation or "none")
+    out = LinearFunction.apply(_flatten(x), weight, bias, activation or "none",
+                               torch.is_grad_enabled())
     return out.reshape(*x.shape[:-1], weight.shape[0])
 
 
@@ -94,7 +95,7 @@ def logistic_regression(x, weight, bias=None):
     _check_linear(x, weight, bias, fn)
     x, weight, bias = _autocast(x, weight, bias)
     act = "sigmoid" if weight.shape[0] == 1 else "softmax"
-    out = LinearFunction.apply(_flatten(x), weight, bias, act)
+    out = LinearFunction.apply(_flatten(x), weight, bias, act, torch.is_grad_enabled())
     return out.reshape(*x.shape[:-1], weight.shape[0])
 
 
@@ -170,7 +171,7 @@ def linear_binary_cross_entropy_with_logits(x, weight, bias, target, *, pos_weig
         if sw.device != x2.device:
             raise RuntimeError(f"{fn}: sample_weight is on {sw.device} but x is on {x2.device}")
         sw = sw.reshape(-1).to(x2.dtype).contiguous()
-    loss = LinearBCEFunction.apply(x2, weight, bias, t, pw, sw, red)
+    loss = LinearBCEFunction.apply(x2, weight, bias, t, pw, sw, red, torch.is_grad_enabled())
     return loss.reshape(lead) if red == 0 else loss
 
 
@@ -213,5 +214,5 @@ def linear_cross_entropy(x, weight, bias, target, *, class_weight=None, ignore_i
         cw = class_weight.to(x2.dtype).contiguous()
     t = target.reshape(-1).long()
     loss = LinearCrossEntropyFunction.apply(x2, weight, bias, t, cw, int(ignore_index),
-                                            float(label_smoothing), red)
+                                            float(label_smoothing), red, torch.is_grad_enabled())
     return loss.reshape(lead) if red == 0 else loss
