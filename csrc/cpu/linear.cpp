@@ -58,6 +58,23 @@ constexpr double kInvSqrt2Pi = 0.39894228040143267794;  // 1/sqrt(2*pi)
 constexpr double kBeta = 0.79788456080286535588;        // sqrt(2/pi)
 constexpr double kKappa = 0.044715;
 
+// Exact GELU's cdf Phi(s) = (1 + erf(s/sqrt(2)))/2 for float, through Abramowitz-Stegun 7.1.26
+// (|erf error| < 1.5e-7, the formula of ATen's own Vectorized<float>::erf) with the fast exp:
+// erf(|a|) = 1 - t poly(t) exp(-a^2), t = 1 / (1 + p |a|). Also returns E = exp(-s^2/2), which
+// is the pdf's exp as well, so the derivative needs no second exp.
+inline Vectorized<float> gelu_cdf(const Vectorized<float>& s, Vectorized<float>& E) {
+  using Vec = Vectorized<float>;
+  const Vec one(1.f), half(0.5f);
+  E = (Vec(-0.5f) * s * s).exp_u20();
+  const Vec t = one / at::vec::fmadd(Vec(0.3275911f * static_cast<float>(kSqrt1_2)), s.abs(), one);
+  Vec poly = at::vec::fmadd(Vec(1.061405429f), t, Vec(-1.453152027f));
+  poly = at::vec::fmadd(poly, t, Vec(1.421413741f));
+  poly = at::vec::fmadd(poly, t, Vec(-0.284496736f));
+  poly = at::vec::fmadd(poly, t, Vec(0.254829592f));
+  const Vec erf_abs = one - poly * t * E;
+  return half * (one + Vec::blendv(erf_abs, erf_abs.neg(), s < Vec(0.f)));
+}
+
 // Element-wise activation of the pre-activation z.
 template <Act A, typename acc_t>
 inline Vectorized<acc_t> act_fwd(const Vectorized<acc_t>& z) {
@@ -65,7 +82,14 @@ inline Vectorized<acc_t> act_fwd(const Vectorized<acc_t>& z) {
   const Vec one(1), half(0.5);
   if constexpr (A == Act::None) return z;
   if constexpr (A == Act::Relu) return at::vec::clamp_min(z, Vec(0));
-  if constexpr (A == Act::Gelu) return z * half * (one + (z * Vec(kSqrt1_2)).erf());
+  if constexpr (A == Act::Gelu) {
+    if constexpr (std::is_same_v<acc_t, float>) {
+      Vec E;
+      return z * gelu_cdf(z, E);
+    } else {
+      return z * half * (one + (z * Vec(kSqrt1_2)).erf());
+    }
+  }
   if constexpr (A == Act::GeluTanh) {
     const Vec inner = Vec(kBeta) * (z + Vec(kKappa) * z * z * z);
     return half * z * (one + inner.tanh());
@@ -86,17 +110,8 @@ inline Vectorized<acc_t> act_bwd(const Vectorized<acc_t>& g, const Vectorized<ac
   if constexpr (A == Act::Relu) return Vec::blendv(zero, g, s > zero);
   if constexpr (A == Act::Gelu) {
     if constexpr (std::is_same_v<acc_t, float>) {
-      // One exp for both terms: E = exp(-s^2/2) is the pdf's and, through Abramowitz-Stegun
-      // 7.1.26 (|error| < 1.5e-7, the formula of ATen's own Vectorized<float>::erf), also
-      // erf(|s|/sqrt(2)) = 1 - t * poly(t) * E with t = 1 / (1 + p |s|/sqrt(2)).
-      const Vec E = (Vec(-0.5f) * s * s).exp_u20();
-      const Vec t = one / at::vec::fmadd(Vec(0.3275911f * kSqrt1_2), s.abs(), one);
-      Vec poly = at::vec::fmadd(Vec(1.061405429f), t, Vec(-1.453152027f));
-      poly = at::vec::fmadd(poly, t, Vec(1.421413741f));
-      poly = at::vec::fmadd(poly, t, Vec(-0.284496736f));
-      poly = at::vec::fmadd(poly, t, Vec(0.254829592f));
-      const Vec erf_abs = one - poly * t * E;
-      const Vec cdf = half * (one + Vec::blendv(erf_abs, erf_abs.neg(), s < zero));
+      Vec E;
+      const Vec cdf = gelu_cdf(s, E);
       return g * at::vec::fmadd(s * E, Vec(kInvSqrt2Pi), cdf);
     } else {
       const Vec cdf = half * (one + (s * Vec(kSqrt1_2)).erf());
