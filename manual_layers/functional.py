@@ -68,7 +68,12 @@ def _autocast(x, weight, bias):
 
 def _flatten(x):
     """(..., K) -> (N, K) without copying when possible; kernels accept strided rows."""
-    return x.reshape(-1, x.shape[-1])
+    return x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+
+
+def _unflatten(out, x):
+    """(N, M) -> (..., M) with x's leading dims."""
+    return out if x.dim() == 2 else out.reshape(*x.shape[:-1], out.shape[-1])
 
 
 def linear(x, weight, bias=None, activation=None):
@@ -84,7 +89,7 @@ def linear(x, weight, bias=None, activation=None):
     x, weight, bias = _autocast(x, weight, bias)
     out = LinearFunction.apply(_flatten(x), weight, bias, activation or "none",
                                torch.is_grad_enabled())
-    return out.reshape(*x.shape[:-1], weight.shape[0])
+    return _unflatten(out, x)
 
 
 def logistic_regression(x, weight, bias=None):
@@ -96,7 +101,7 @@ def logistic_regression(x, weight, bias=None):
     x, weight, bias = _autocast(x, weight, bias)
     act = "sigmoid" if weight.shape[0] == 1 else "softmax"
     out = LinearFunction.apply(_flatten(x), weight, bias, act, torch.is_grad_enabled())
-    return out.reshape(*x.shape[:-1], weight.shape[0])
+    return _unflatten(out, x)
 
 
 def _reduction_code(reduction, fn):
