@@ -369,11 +369,11 @@ struct FinalizeParams {
 
 // Gradient sums are divided by the mean denominator unless it is 0, which happens (N > 0)
 // only for cross entropy with every row ignored (or with zero class weights): then they are
-// left unscaled, i.e. 0 when every row is ignored, as torch's (ignored rows get a zero
-// gradient there), while the loss is 0/0 = NaN as in torch.
+// 0, as on the CPU (scale 0), and the loss is NaN. Zero class weights with label smoothing
+// leave nonzero residuals, so "unscaled" would not be 0 there (nor would r / 0 be finite).
 template <typename acc_t>
 __device__ __forceinline__ acc_t grad_div(acc_t t, acc_t den) {
-  return den != acc_t(0) ? t / den : t;
+  return den != acc_t(0) ? t / den : acc_t(0);
 }
 
 template <typename scalar_t, typename acc_t>
@@ -402,7 +402,11 @@ __global__ void __launch_bounds__(kThreads) finalize_kernel(const FinalizeParams
   }
   if (blockIdx.x == 0) {
     const acc_t l = block_sum_partials(p.ws_loss, p.B, sbuf);
-    if (threadIdx.x == 0) p.loss_out[0] = static_cast<scalar_t>(l / den);
+    if (threadIdx.x == 0) {
+      // den == 0: NaN as on the CPU (l / 0 would be +-inf when l != 0).
+      p.loss_out[0] = static_cast<scalar_t>(
+          den != acc_t(0) ? l / den : std::numeric_limits<acc_t>::quiet_NaN());
+    }
     if (p.ws_gb != nullptr && p.gb_out != nullptr) {
       for (int64_t c = 0; c < p.nb; ++c) {  // nb is 1 on the fused path
         acc_t v = 0;
@@ -533,7 +537,7 @@ __global__ void __launch_bounds__(kThreads) ce_rows_kernel(const RowParams<scala
         acc_t r = a * dev_exp(z - lse);
         if (c == y) r -= (acc_t(1) - eps) * wy;
         if (smooth) r -= eps_c * (p.cw != nullptr ? p.cw[c] : acc_t(1));
-        rr[c] = static_cast<scalar_t>(r / den);
+        rr[c] = static_cast<scalar_t>(grad_div(r, den));  // den 0: zero gradients
       }
     }
     if (lane == 0) {
