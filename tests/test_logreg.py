@@ -385,3 +385,19 @@ def test_fit_rejects_bad_input():
         clf.fit(np.random.randn(9, 5), np.arange(9) % 2)
     with pytest.raises(ValueError, match=r"optimizer must be"):
         clf.fit(np.random.randn(9, 4), np.arange(9) % 2, optimizer="newton")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_ce_zero_mean_denominator(device):
+    """Every non-ignored row's target class has weight 0, so the mean divides by zero: the loss
+    is NaN as in torch. The gradients are zeros (CPU and CUDA alike), where torch's are NaN; the
+    same zeros torch itself gives when every row is ignored. A documented deviation."""
+    x = torch.randn(6, 4, device=device, requires_grad=True)
+    W = torch.randn(3, 4, device=device, requires_grad=True)
+    t = torch.tensor([0, 0, 1, 1, 0, -100], device=device)
+    cw = torch.tensor([0.0, 0.0, 2.0], device=device)
+    loss = MF.linear_cross_entropy(x, W, None, t, class_weight=cw, label_smoothing=0.1)
+    ref = R.linear_cross_entropy(x, W, None, t, class_weight=cw, label_smoothing=0.1)
+    assert torch.isnan(loss) and torch.isnan(ref)
+    loss.backward()
+    assert torch.equal(x.grad, torch.zeros_like(x)) and torch.equal(W.grad, torch.zeros_like(W))
