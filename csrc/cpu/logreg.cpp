@@ -46,6 +46,7 @@ namespace {
 using at::vec::Vectorized;
 
 constexpr int64_t kTile = 4;                  // rows per tile (register blocking over rows)
+constexpr int64_t kPrefetchRows = 8;          // software prefetch distance (two tiles)
 constexpr int64_t kMinBlockRows = 2048;       // a block is at least this many rows...
 constexpr int64_t kMaxBlocks = 64;            // ...and there are at most this many blocks,
 constexpr int64_t kMaxPartialBytes = 64 << 20;  // whose partial grad_W total at most this.
@@ -209,8 +210,18 @@ void run_block(const Pass<scalar_t, acc_t>& p, const LossFn& loss_fn, int64_t bl
   std::vector<acc_t> z(R * C), r(R * C);
   double loss_sum = 0;
 
+  const int64_t row_bytes = D * static_cast<int64_t>(sizeof(scalar_t));
   for (int64_t i0 = begin; i0 < end; i0 += R) {
     const int64_t nr = std::min(R, end - i0);
+    // The pass is bound by reading X, and the hardware prefetcher idles while a tile is being
+    // computed from L1: ask for the rows kPrefetchRows ahead now so their loads overlap this
+    // tile's math (binary 1,048,576 x 256 fp32 on 2 cores: 78 -> 64 ms; 8 rows ahead measured
+    // best among 8, 16, 32, 64).
+    for (int64_t k = 0; k < R && i0 + kPrefetchRows + k < end; ++k) {
+      const char* row =
+          reinterpret_cast<const char*>(p.x + (i0 + kPrefetchRows + k) * p.x_row_stride);
+      for (int64_t off = 0; off < row_bytes; off += 64) __builtin_prefetch(row + off, 0, 3);
+    }
     const acc_t* xr[R];
     for (int64_t k = 0; k < R; ++k) {
       acc_t* row = xbuf.data() + k * Dp;
