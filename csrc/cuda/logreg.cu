@@ -76,21 +76,20 @@
 
 #include "../common.h"
 #include "../logreg.h"
+#include "cuda_common.cuh"
 
 namespace manual_layers {
 namespace {
 
-constexpr int kThreads = 256;
+using cuda_common::AlignedVec;
+using cuda_common::kThreads;
+using cuda_common::warp_max;
+using cuda_common::warp_sum;
 constexpr int kWarps = kThreads / 32;
 
 // ---------------------------------------------------------------------------------------
 // Device helpers
 // ---------------------------------------------------------------------------------------
-
-template <typename T, int N>
-struct alignas(sizeof(T) * N) AlignedVec {
-  T v[N];
-};
 
 __device__ __forceinline__ float dev_exp(float a) { return expf(a); }
 __device__ __forceinline__ double dev_exp(double a) { return exp(a); }
@@ -98,23 +97,6 @@ __device__ __forceinline__ float dev_log(float a) { return logf(a); }
 __device__ __forceinline__ double dev_log(double a) { return log(a); }
 __device__ __forceinline__ float dev_log1p(float a) { return log1pf(a); }
 __device__ __forceinline__ double dev_log1p(double a) { return log1p(a); }
-
-template <typename acc_t>
-__device__ __forceinline__ acc_t warp_sum(acc_t v) {
-#pragma unroll
-  for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
-  return v;  // every lane holds the same value (same butterfly on every lane)
-}
-
-template <typename acc_t>
-__device__ __forceinline__ acc_t warp_max(acc_t v) {
-#pragma unroll
-  for (int off = 16; off > 0; off >>= 1) {
-    const acc_t o = __shfl_xor_sync(0xffffffffu, v, off);
-    v = o > v ? o : v;
-  }
-  return v;
-}
 
 // Fixed-order tree sum over the block (kThreads threads, all of which must call it).
 template <typename acc_t>
@@ -237,7 +219,7 @@ __global__ void __launch_bounds__(kThreads, (CHUNKS <= 2 || sizeof(scalar_t) == 
 #pragma unroll
     for (int k = 0; k < CHUNKS; ++k)
 #pragma unroll
-      for (int e = 0; e < VEC; ++e) xr[k].v[e] = static_cast<scalar_t>(0.0f);
+      for (int e = 0; e < VEC; ++e) xr[k].val[e] = static_cast<scalar_t>(0.0f);
     acc_t part = 0;
     if (valid) {
       const scalar_t* xrow = p.x + i * D;
@@ -250,14 +232,14 @@ __global__ void __launch_bounds__(kThreads, (CHUNKS <= 2 || sizeof(scalar_t) == 
         } else {
 #pragma unroll
           for (int e = 0; e < VEC; ++e)
-            if (c0 + e < D) xr[k].v[e] = xrow[c0 + e];
+            if (c0 + e < D) xr[k].val[e] = xrow[c0 + e];
         }
       }
       // Columns outside the row hold 0 in xr and in wv.
 #pragma unroll
       for (int k = 0; k < CHUNKS; ++k)
 #pragma unroll
-        for (int e = 0; e < VEC; ++e) part += static_cast<acc_t>(xr[k].v[e]) * wv[k][e];
+        for (int e = 0; e < VEC; ++e) part += static_cast<acc_t>(xr[k].val[e]) * wv[k][e];
     }
     part = warp_sum(part);
     acc_t z;
@@ -286,7 +268,7 @@ __global__ void __launch_bounds__(kThreads, (CHUNKS <= 2 || sizeof(scalar_t) == 
 #pragma unroll
         for (int k = 0; k < CHUNKS; ++k)
 #pragma unroll
-          for (int e = 0; e < VEC; ++e) gw[k][e] += r * static_cast<acc_t>(xr[k].v[e]);
+          for (int e = 0; e < VEC; ++e) gw[k][e] += r * static_cast<acc_t>(xr[k].val[e]);
       }
       if (p.dx != nullptr) {
         const acc_t rs = r / den;
@@ -298,7 +280,7 @@ __global__ void __launch_bounds__(kThreads, (CHUNKS <= 2 || sizeof(scalar_t) == 
             if (c0 < D) {
               Vec o;
 #pragma unroll
-              for (int e = 0; e < VEC; ++e) o.v[e] = static_cast<scalar_t>(rs * wv[k][e]);
+              for (int e = 0; e < VEC; ++e) o.val[e] = static_cast<scalar_t>(rs * wv[k][e]);
               *reinterpret_cast<Vec*>(drow + c0) = o;
             }
           } else {
@@ -624,7 +606,7 @@ __device__ __forceinline__ void load4(const T* p, acc_t (&o)[4]) {
   if constexpr (sizeof(T) * 4 <= 16) {
     const AlignedVec<T, 4> v = *reinterpret_cast<const AlignedVec<T, 4>*>(p);
 #pragma unroll
-    for (int e = 0; e < 4; ++e) o[e] = static_cast<acc_t>(v.v[e]);
+    for (int e = 0; e < 4; ++e) o[e] = static_cast<acc_t>(v.val[e]);
   } else {
 #pragma unroll
     for (int e = 0; e < 4; ++e) o[e] = static_cast<acc_t>(p[e]);
@@ -830,7 +812,7 @@ __global__ void __launch_bounds__(kThreads)
           if (p.dx_vec) {  // D % 4 == 0: d0 .. d0 + 3 all < D
             AlignedVec<scalar_t, 4> ov;
 #pragma unroll
-            for (int e = 0; e < 4; ++e) ov.v[e] = static_cast<scalar_t>(o[e]);
+            for (int e = 0; e < 4; ++e) ov.val[e] = static_cast<scalar_t>(o[e]);
             *reinterpret_cast<AlignedVec<scalar_t, 4>*>(drow + d0) = ov;
           } else {
 #pragma unroll
@@ -851,7 +833,7 @@ __global__ void __launch_bounds__(kThreads)
         for (int q = 0; q < CMAX / RVEC; ++q) {
           const RVec t = *reinterpret_cast<const RVec*>(sR + r * CMAX + q * RVEC);
 #pragma unroll
-          for (int e = 0; e < RVEC; ++e) rv[q * RVEC + e] = t.v[e];
+          for (int e = 0; e < RVEC; ++e) rv[q * RVEC + e] = t.val[e];
         }
 #pragma unroll
         for (int j = 0; j < DJ; ++j) {
