@@ -4,6 +4,7 @@ BCEWithLogitsLoss / CrossEntropyLoss, and scikit-learn's LogisticRegression."""
 import math
 import time
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -224,36 +225,46 @@ class LogisticRegression(nn.Module):
 
     @torch.no_grad()
     def predict(self, X):
-        """Predicted class labels (the labels seen by fit(), else 0..num_classes-1)."""
+        """Predicted class labels: those seen by fit() (any labels numpy can sort, strings
+        included), else 0..num_classes-1. A tensor for tensor input and numeric labels, else a
+        numpy array."""
         z = self.logits(self._as_tensor(X))
         idx = (z[..., 0] > 0).long() if self.binary else z.argmax(dim=-1)
         if self.classes_ is not None:
-            classes = torch.as_tensor(self.classes_, device=idx.device)
-            idx = classes[idx]
+            if self.classes_.dtype.kind not in "biuf":  # strings / objects: numpy does it
+                return self.classes_[idx.cpu().numpy()]
+            idx = torch.as_tensor(self.classes_, device=idx.device)[idx]
         return idx.cpu().numpy() if not isinstance(X, torch.Tensor) else idx
 
     @torch.no_grad()
     def score(self, X, y):
         """Mean accuracy of predict(X) against y."""
-        pred = self.predict(X)
-        pred = torch.as_tensor(pred).cpu()
-        return float((pred == torch.as_tensor(y).cpu().to(pred.dtype)).double().mean())
+        as_np = lambda a: a.cpu().numpy() if isinstance(a, torch.Tensor) else np.asarray(a)
+        return float(np.mean(as_np(self.predict(X)) == as_np(y)))
 
     def _encode(self, y):
-        """Map labels to 0..K-1 (stored in classes_), checking K against num_classes."""
-        yt = torch.as_tensor(y).to(self.weight.device)
-        classes, idx = torch.unique(yt, return_inverse=True)
+        """Map labels to class indices 0..K-1, keeping the labels in classes_ (as scikit-learn
+        does); checks K against num_classes."""
+        if isinstance(y, torch.Tensor):
+            classes, idx = torch.unique(y, return_inverse=True)
+            classes, labels = classes.cpu().numpy(), y
+        else:
+            labels = np.asarray(y)
+            classes, idx = np.unique(labels, return_inverse=True)
+            idx = torch.as_tensor(idx)
         if len(classes) > self.num_classes:
             raise ValueError(f"LogisticRegression.fit: y has {len(classes)} classes but "
                              f"num_classes={self.num_classes}")
         if len(classes) < self.num_classes:
-            # Labels already 0..num_classes-1 with some absent: keep them as indices.
-            if yt.dtype.is_floating_point or yt.min() < 0 or yt.max() >= self.num_classes:
+            # Integer labels in 0..num_classes-1 with some classes absent: they are the indices.
+            if classes.dtype.kind not in "iu" or classes.min() < 0 or \
+                    classes.max() >= self.num_classes:
                 raise ValueError(f"LogisticRegression.fit: y has {len(classes)} distinct labels "
                                  f"but num_classes={self.num_classes}")
-            classes, idx = torch.arange(self.num_classes, device=yt.device), yt.long()
-        self.classes_ = classes.cpu().numpy()
-        return idx
+            classes = np.arange(self.num_classes)
+            idx = torch.as_tensor(labels).long()
+        self.classes_ = classes
+        return idx.to(self.weight.device)
 
     def fit(self, X, y, *, C=1.0, optimizer="lbfgs", max_iter=100, tol=1e-6, lr=None,
             batch_size=None, epochs=None, verbose=False):
@@ -296,14 +307,15 @@ class LogisticRegression(nn.Module):
                 opt.zero_grad()
                 loss = objective(X, target)
                 loss.backward()
+                if bar is not None:  # one step runs all iterations: report from inside it
+                    n_iter = opt.state[opt._params[0]].get("n_iter", 0)
+                    bar.update(max(0, n_iter - bar.n))
+                    bar.set_postfix(loss=f"{loss.item():.6f}")
                 return loss
 
-            # One step runs up to max_iter iterations; the progress bar is fed per iteration.
-            loss = opt.step(closure)
+            opt.step(closure)
             self.n_iter_ = opt.state[opt._params[0]].get("n_iter", 0)
             if bar is not None:
-                bar.update(self.n_iter_)
-                bar.set_postfix(loss=f"{float(loss):.6f}")
                 bar.close()
         else:
             batch_size = batch_size or 256
@@ -323,7 +335,7 @@ class LogisticRegression(nn.Module):
                     opt.step()
                     if bar is not None:
                         bar.update(1)
-                        bar.set_postfix(loss=f"{float(loss):.4f}")
+                        bar.set_postfix(loss=f"{loss.item():.4f}")
             if bar is not None:
                 bar.close()
             self.n_iter_ = steps

@@ -401,3 +401,15 @@ def test_ce_zero_mean_denominator(device):
     assert torch.isnan(loss) and torch.isnan(ref)
     loss.backward()
     assert torch.equal(x.grad, torch.zeros_like(x)) and torch.equal(W.grad, torch.zeros_like(W))
+
+
+def test_fit_with_string_labels_and_verbose(capsys):
+    from sklearn.datasets import load_breast_cancer
+    Xtr, Xte, ytr, yte = _standardised(load_breast_cancer)
+    names = np.array(["benign", "malignant"])
+    clf = ml.LogisticRegression(Xtr.shape[1]).fit(Xtr, names[ytr], verbose=True)
+    pred = clf.predict(Xte)
+    assert pred.dtype.kind == "U" and set(pred) <= set(names)
+    assert clf.score(Xte, names[yte]) > 0.95
+    assert list(clf.classes_) == ["benign", "malignant"]
+    assert clf.n_iter_ > 0
