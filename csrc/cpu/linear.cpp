@@ -138,12 +138,13 @@ inline Vectorized<acc_t> act_bwd(const Vectorized<acc_t>& g, const Vectorized<ac
 // Rows per parallel task for a row-wise pass over an (N, M) matrix: about 32K elements.
 inline int64_t row_grain(int64_t M) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(M, 1)); }
 
-// Rows per tile of the tiled backward: an (R, M) tile of G of about 4 MiB stays in cache
-// between the pass that writes it and the two GEMMs that read it (measured at 65536x256->256
-// fp32 on 2 cores: 1 MiB tiles make the GEMMs too small, an untiled G costs a 64 MiB
-// allocation whose page faults alone take ~20 ms). At least 64 rows, at most N.
+// Rows per tile of the tiled backward: an (R, M) tile of G of about 8 MiB, reused from tile to
+// tile, so G is never a fresh (N, M) tensor (at 65536x256->256 fp32 on 2 cores a fresh 64 MiB
+// tensor costs ~20 ms of page faults alone). Measured there: backward 101 ms with 1 MiB tiles
+// (GEMMs too small), 92 with 4, 85-91 with 8 or 16, 99 with 32, 110 untiled; eager 111-120.
+// At least 64 rows, at most N.
 inline int64_t tile_rows(int64_t M, int64_t elem_size, int64_t N) {
-  const int64_t r = (int64_t(4) << 20) / std::max<int64_t>(1, M * elem_size);
+  const int64_t r = (int64_t(8) << 20) / std::max<int64_t>(1, M * elem_size);
   return std::max<int64_t>(1, std::min(N, std::max<int64_t>(64, r)));
 }
 
@@ -374,7 +375,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_bwd_cpu(
     return {dx, dw, db};
   }
   // fp32/fp64: row tiles. Each tile's G = g * act'(s) (with its bias column sums) is computed
-  // into a cache-sized buffer and consumed at once by the tile's dX GEMM and by dW += G^T x:
+  // into a reused tile buffer and consumed at once by the tile's dX GEMM and by dW += G^T x:
   // G never exists as an (N, M) tensor (no allocation, no round trip to memory). Tiles run in
   // order, so dW and the bias sums are accumulated in a fixed order (deterministic).
   const int64_t K = x.size(1);
