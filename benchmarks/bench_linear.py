@@ -130,7 +130,7 @@ def bench_case(shape, activation, mode, dtype, device, repeats, warmup, use_comp
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--device", choices=["cpu", "cuda"], default=C.default_device())
+    C.add_timing_args(p, cuda_repeats=100)
     p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 | float64 "
                    "(default: float32 on CPU, bfloat16 on CUDA)")
     p.add_argument("--activation", default=None,
@@ -138,16 +138,9 @@ def main(argv=None):
                         "(default: gelu on CPU, gelu,gelu_tanh on CUDA)")
     p.add_argument("--shapes", default=None, help="comma list of NxK->M")
     p.add_argument("--modes", default="fwd,fwd+bwd", help="comma list of fwd, fwd+bwd")
-    p.add_argument("--repeats", type=int, default=None, help="timed calls per implementation "
-                   "(default: 10 on CPU, 100 on CUDA; 5 / 20 with --quick)")
-    p.add_argument("--warmup", type=int, default=None)
-    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
-    p.add_argument("--quick", action="store_true", help="small shapes, few repeats")
     a = p.parse_args(argv)
 
-    device = a.device
-    if device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: no GPU is visible")
+    device = C.checked_device(a)
     cuda = device == "cuda"
     dtype = C.parse_dtype(a.dtype) if a.dtype else (torch.bfloat16 if cuda else torch.float32)
     acts = (a.activation.split(",") if a.activation else

@@ -155,24 +155,16 @@ def bench_case(c, device, repeats, warmup, use_compile):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--device", choices=["cpu", "cuda"], default=C.default_device())
+    C.add_timing_args(p, cuda_repeats=50)
     p.add_argument("--cases", default=None, help="comma list of binary, binary_dx, multi_dx "
                    "(default: all of the device's defaults)")
     p.add_argument("--dtype", default=None, help="override every case's dtype")
     p.add_argument("--n", type=int, default=None, help="override the number of rows of X")
     p.add_argument("--d", type=int, default=None, help="override the number of features")
     p.add_argument("--classes", type=int, default=None, help="override C of multi_dx")
-    p.add_argument("--repeats", type=int, default=None,
-                   help="timed calls per implementation (default: 10 on CPU, 50 on CUDA; "
-                        "5 / 20 with --quick)")
-    p.add_argument("--warmup", type=int, default=None)
-    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
-    p.add_argument("--quick", action="store_true", help="small sizes, few repeats")
     a = p.parse_args(argv)
 
-    device = a.device
-    if device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: no GPU is visible")
+    device = C.checked_device(a)
     cuda = device == "cuda"
     cases = default_cases(device, a.quick)
     if a.cases:

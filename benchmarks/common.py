@@ -44,6 +44,24 @@ def default_device():
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def add_timing_args(p, cuda_repeats):
+    """The options both benchmark scripts share; returns nothing, adds to parser p."""
+    p.add_argument("--device", choices=["cpu", "cuda"], default=default_device())
+    p.add_argument("--repeats", type=int, default=None,
+                   help=f"timed calls per implementation (default: 10 on CPU, {cuda_repeats} on "
+                        "CUDA; 5 / 20 with --quick)")
+    p.add_argument("--warmup", type=int, default=None)
+    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
+    p.add_argument("--quick", action="store_true", help="small sizes, few repeats")
+
+
+def checked_device(args):
+    """args.device, refusing cuda when no GPU is visible."""
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no GPU is visible")
+    return args.device
+
+
 def parse_dtype(name):
     try:
         return DTYPES[name.lower()]
