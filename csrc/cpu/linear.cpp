@@ -345,31 +345,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_bwd_cpu(
   at::Tensor s = needs_saved ? saved.contiguous() : at::Tensor();
   at::Tensor db = need_bias ? at::empty({M}, x.options()) : empty_like_none(x);
   const bool need_G = need_x || need_weight;
-  if (act == Act::None || !need_G) {
-    // G = grad_out: only the bias sums need a pass (and no G is written).
-    if (need_bias) {
+  if (act == Act::None || !need_G || at::isReducedFloatingType(x.scalar_type())) {
+    // Untiled: G is grad_out itself (no activation, or only the bias sums are wanted) or, in
+    // 16-bit, one (N, M) tensor, so that dW is one GEMM with fp32 accumulation over all rows.
+    const bool write_G = act != Act::None && need_G;
+    at::Tensor G = write_G ? at::empty({N, M}, x.options()) : g;
+    if (need_bias || write_G) {
       AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "linear_bwd_cpu", [&] {
         dispatch_act(act, [&](auto A) {
-          bwd_epilogue<scalar_t, decltype(A)::value>(g.data_ptr<scalar_t>(),
-                                                     needs_saved ? s.data_ptr<scalar_t>() : nullptr,
-                                                     nullptr, db.data_ptr<scalar_t>(), N, M);
+          bwd_epilogue<scalar_t, decltype(A)::value>(
+              g.data_ptr<scalar_t>(), needs_saved ? s.data_ptr<scalar_t>() : nullptr,
+              write_G ? G.data_ptr<scalar_t>() : nullptr,
+              need_bias ? db.data_ptr<scalar_t>() : nullptr, N, M);
         });
       });
     }
-    at::Tensor dx = need_x ? at::mm(g, weight) : empty_like_none(x);
-    at::Tensor dw = need_weight ? at::mm(g.t(), x) : empty_like_none(x);
-    return {dx, dw, db};
-  }
-  if (at::isReducedFloatingType(x.scalar_type())) {
-    // 16-bit: G as one tensor, so that dW is one GEMM with fp32 accumulation over all rows.
-    at::Tensor G = at::empty({N, M}, x.options());
-    AT_DISPATCH_REDUCED_FLOATING_TYPES(x.scalar_type(), "linear_bwd_cpu", [&] {
-      dispatch_act(act, [&](auto A) {
-        bwd_epilogue<scalar_t, decltype(A)::value>(g.data_ptr<scalar_t>(), s.data_ptr<scalar_t>(),
-                                                   G.data_ptr<scalar_t>(),
-                                                   need_bias ? db.data_ptr<scalar_t>() : nullptr, N, M);
-      });
-    });
     at::Tensor dx = need_x ? at::mm(G, weight) : empty_like_none(x);
     at::Tensor dw = need_weight ? at::mm(G.t(), x) : empty_like_none(x);
     return {dx, dw, db};

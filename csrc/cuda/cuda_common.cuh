@@ -228,6 +228,28 @@ struct LtGemm {
   int64_t aux_ld = 0;
 };
 
+// The plain column-major problem D (m x n, ld ldd) = op(A) (m x k) . op(B) (k x n): the fields
+// every call sets; callers then add epilogue, bias and aux.
+inline LtGemm lt_gemm(cublasOperation_t transa, cublasOperation_t transb, int64_t m, int64_t n,
+                      int64_t k, const void* A, int64_t lda, const void* B, int64_t ldb, void* D,
+                      int64_t ldd, cudaDataType_t dtype, cublasComputeType_t compute) {
+  LtGemm g;
+  g.transa = transa;
+  g.transb = transb;
+  g.m = m;
+  g.n = n;
+  g.k = k;
+  g.A = A;
+  g.lda = lda;
+  g.B = B;
+  g.ldb = ldb;
+  g.D = D;
+  g.ldd = ldd;
+  g.dtype = dtype;
+  g.compute = compute;
+  return g;
+}
+
 // Upper bound on the workspace a heuristic may ask for; only what the chosen algorithm needs
 // is allocated, from the caching allocator.
 constexpr uint64_t kLtMaxWorkspaceBytes = 8ull << 20;

@@ -340,19 +340,9 @@ std::tuple<at::Tensor, at::Tensor> linear_fwd_cuda(const at::Tensor& x, const at
     cudaDataType_t dt = CUDA_R_32F;
     if (lt_dtype(x.scalar_type(), &dt) && lt_shape_ok(M, N, K)) {
       // y^T (M x N, ld M) = W^T (op T of col-major K x M, ld K) . x^T (col-major K x N, ld K)
-      LtGemm g;
-      g.transa = CUBLAS_OP_T;
-      g.transb = CUBLAS_OP_N;
-      g.m = M;
-      g.n = N;
-      g.k = K;
-      g.A = wc.const_data_ptr();
-      g.lda = K;
-      g.B = xc.const_data_ptr();
-      g.ldb = K;
-      g.ldd = M;
-      g.dtype = dt;
-      g.compute = lt_compute_type(x.scalar_type());
+      // (D is set below, per epilogue.)
+      LtGemm g = lt_gemm(CUBLAS_OP_T, CUBLAS_OP_N, M, N, K, wc.const_data_ptr(), K,
+                         xc.const_data_ptr(), K, nullptr, M, dt, lt_compute_type(x.scalar_type()));
       g.bias = has_bias ? const_cast<void*>(b.const_data_ptr()) : nullptr;
       const bool half_like = x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16;
 
@@ -468,21 +458,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_bwd_cuda(
       bool ok = false;
       if (lt_type && lt_shape_ok(K, N, M)) {
         // dX^T (K x N, ld K) = W^T (col-major K x M, ld K) . G^T (col-major M x N, ld M)
-        LtGemm gm;
-        gm.transa = CUBLAS_OP_N;
-        gm.transb = CUBLAS_OP_N;
-        gm.m = K;
-        gm.n = N;
-        gm.k = M;
-        gm.A = wc.const_data_ptr();
-        gm.lda = K;
-        gm.B = G.const_data_ptr();
-        gm.ldb = M;
-        gm.D = grad_x.mutable_data_ptr();
-        gm.ldd = K;
-        gm.dtype = dt;
-        gm.compute = ct;
-        gm.epilogue = CUBLASLT_EPILOGUE_DEFAULT;
+        LtGemm gm = lt_gemm(CUBLAS_OP_N, CUBLAS_OP_N, K, N, M, wc.const_data_ptr(), K,
+                            G.const_data_ptr(), M, grad_x.mutable_data_ptr(), K, dt, ct);
         ok = lt_ok(lt_matmul(gm, x.options()));
       }
       if (!ok) {
@@ -496,20 +473,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_bwd_cuda(
       if (lt_type && lt_shape_ok(K, M, N)) {
         // dW^T (K x M, ld K) = x^T (col-major K x N, ld K) . G (op T of col-major M x N, ld M);
         // BGRADB: grad_b (length M = columns of D) = sums of op(B) = G over k = N.
-        LtGemm gm;
-        gm.transa = CUBLAS_OP_N;
-        gm.transb = CUBLAS_OP_T;
-        gm.m = K;
-        gm.n = M;
-        gm.k = N;
-        gm.A = xc.const_data_ptr();
-        gm.lda = K;
-        gm.B = G.const_data_ptr();
-        gm.ldb = M;
-        gm.D = grad_w.mutable_data_ptr();
-        gm.ldd = K;
-        gm.dtype = dt;
-        gm.compute = ct;
+        LtGemm gm = lt_gemm(CUBLAS_OP_N, CUBLAS_OP_T, K, M, N, xc.const_data_ptr(), K,
+                            G.const_data_ptr(), M, grad_w.mutable_data_ptr(), K, dt, ct);
         if (need_bias) {
           gm.epilogue = CUBLASLT_EPILOGUE_BGRADB;
           gm.bias = grad_b.mutable_data_ptr();
