@@ -1,16 +1,31 @@
 // Fused logistic-regression losses: declarations shared by the CPU and CUDA kernels.
-// Schemas live in csrc/ops.cpp. Shapes (flattened): x (N, D), weight (C, D), bias (C,) or
-// None; binary: C == 1, target (N,) floats in [0, 1] of x's dtype; multinomial: target (N,)
-// int64 class indices.
+// Schemas live in csrc/ops.cpp; the public ops (linear_bce, linear_ce) and their autograd are in
+// csrc/autograd.cpp. Shapes (flattened): x (N, D), weight (C, D), bias (C,) or None; binary:
+// C == 1, target (N,) floats in [0, 1]; multinomial: target (N,) int64 class indices.
+// acc_t below is float for float/bfloat16/half x and double for double x.
 //
-// Both forward ops return (loss, grad_x, grad_weight, grad_bias, residual):
-//  - reduction mean (1) or sum (2): loss is a 0-d tensor of x's dtype; the gradients of the
-//    loss with respect to x (N, D), weight (C, D) and bias (C,) are computed in the same
-//    single pass over x (each only when its need_* flag is set, else an empty (0,) tensor);
-//    residual is an empty (0,) tensor. Backward scales them by grad_output.
-//  - reduction none (0): loss is (N,); the gradients are empty (0,) tensors; residual is
-//    dloss_i/dlogits_i, (N, C) of x's dtype, when any need_* flag is set (else empty), and
-//    backward calls linear_loss_bwd with grad_output.
+// Both forward ops return (loss, grad_weight, grad_bias, residual):
+//  - reduction mean (1) or sum (2): loss is a 0-d acc_t tensor; grad_weight (C, D) and
+//    grad_bias (C,) are the acc_t gradients of the loss for grad_output 1, computed in the same
+//    single pass over x that computes the loss (each only when its need_* flag is set, else an
+//    empty (0,) tensor); residual is dloss/dlogits (N, C) acc_t, already divided by the mean's
+//    denominator, when need_x (else empty).
+//  - reduction none (0): loss is (N,) acc_t; grad_weight and grad_bias are empty; residual is
+//    dloss_i/dlogits_i (N, C) acc_t when any need_* flag is set (else empty).
+//
+// Why this split (issue #6: no host synchronisation, X read once, no extra pass over dX):
+// backward gets grad_output as a device tensor and must not read it on the host. The weight and
+// bias gradients are small (C x D), so forward computes them in its single pass over X and
+// backward scales them by grad_output on the device. dX is as large as X, so forward does not
+// write it (it would have to be scaled in backward: a second pass over N x D); instead forward
+// keeps the residual, N x C (tiny next to dX), and backward writes dX = (grad_output * residual)
+// W once, in its one pass. X is still read once, dX written once, and nothing waits on the host.
+// acc_t residual and gradients keep full accuracy for 16-bit x until the final rounding.
+//
+// _linear_loss_bwd (csrc/loss_bwd.cpp, device-generic ATen code, no host sync) is the backward
+// of both: mean/sum: dX = (g r) W, grad_W = g grad_weight, grad_b = g grad_bias; none:
+// G = r * g[:, None], dX = G W, grad_W = G^T x, grad_b = G.sum(0) (X read a second time: the
+// per-row grad_output is only known in backward). Outputs in x's dtype.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -20,7 +35,7 @@
 
 namespace manual_layers {
 
-using LossOut = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+using LossOut = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
 // loss_i = sw_i * [(1 - y_i) z_i + (1 + (pw - 1) y_i) * softplus(-z_i)],  z_i = x_i . w + b
 // (F.binary_cross_entropy_with_logits with weight=sample_weight, pos_weight=pos_weight).
@@ -41,11 +56,12 @@ LossOut linear_ce_fwd_cpu(const at::Tensor& x, const at::Tensor& weight,
                           double label_smoothing, int64_t reduction, bool need_x,
                           bool need_weight, bool need_bias);
 
-// Backward of reduction="none": G = residual * grad_loss[:, None];
-// returns (G W, G^T x, G.sum(0)), each only where needed (else an empty (0,) tensor).
-std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_loss_bwd_cpu(
+// The backward of both losses (see above); grad_weight/grad_bias: the forward's (mean/sum) or
+// empty (none). Device-generic.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_loss_bwd(
     const at::Tensor& grad_loss, const at::Tensor& residual, const at::Tensor& x,
-    const at::Tensor& weight, bool need_x, bool need_weight, bool need_bias);
+    const at::Tensor& weight, const at::Tensor& grad_weight, const at::Tensor& grad_bias,
+    int64_t reduction, bool need_x, bool need_weight, bool need_bias);
 
 #ifdef WITH_CUDA
 LossOut linear_bce_fwd_cuda(const at::Tensor& x, const at::Tensor& weight,
@@ -58,9 +74,6 @@ LossOut linear_ce_fwd_cuda(const at::Tensor& x, const at::Tensor& weight,
                            const c10::optional<at::Tensor>& class_weight, int64_t ignore_index,
                            double label_smoothing, int64_t reduction, bool need_x,
                            bool need_weight, bool need_bias);
-std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_loss_bwd_cuda(
-    const at::Tensor& grad_loss, const at::Tensor& residual, const at::Tensor& x,
-    const at::Tensor& weight, bool need_x, bool need_weight, bool need_bias);
 #endif
 
 }  // namespace manual_layers

@@ -20,25 +20,40 @@
 #endif
 
 TORCH_LIBRARY(manual_layers, m) {
-  // Fused linear layer (csrc/linear.h documents shapes and what is saved).
-  m.def("linear_fwd(Tensor x, Tensor weight, Tensor? bias, str activation, bool save_pre)"
+  // Public ops: what manual_layers.functional calls and what torch.compile / torch.export
+  // graphs contain. Each has an Autograd kernel (csrc/autograd.cpp: a torch::autograd::Function
+  // that checks the arguments once, decides from GradMode and requires_grad what to compute and
+  // save, and runs the private kernel ops below autograd), and one kernel for the CPU and CUDA
+  // keys used when autograd is not involved (inference mode, traced graphs).
+  // x: (..., in_features), any leading dims; the losses' target: x.shape[:-1].
+  m.def("linear(Tensor x, Tensor weight, Tensor? bias=None, str activation=\"none\") -> Tensor");
+  m.def("linear_bce(Tensor x, Tensor weight, Tensor? bias, Tensor target, Tensor? pos_weight=None,"
+        " Tensor? sample_weight=None, int reduction=1, bool float32_loss=False) -> Tensor");
+  m.def("linear_ce(Tensor x, Tensor weight, Tensor? bias, Tensor target, Tensor? class_weight=None,"
+        " int ignore_index=-100, float label_smoothing=0.0, int reduction=1,"
+        " bool float32_loss=False) -> Tensor");
+
+  // Private kernel ops (CPU: csrc/cpu/*.cpp, CUDA: csrc/cuda/*.cu); 2-D x. Contracts in
+  // csrc/linear.h and csrc/logreg.h.
+  m.def("_linear_fwd(Tensor x, Tensor weight, Tensor? bias, str activation, bool save_pre)"
         " -> (Tensor, Tensor)");
-  m.def("linear_bwd(Tensor grad_out, Tensor x, Tensor weight, Tensor saved, str activation,"
+  m.def("_linear_bwd(Tensor grad_out, Tensor x, Tensor weight, Tensor saved, str activation,"
         " bool need_x, bool need_weight, bool need_bias) -> (Tensor, Tensor, Tensor)");
-  // Fused logistic-regression losses (csrc/logreg.h).
-  m.def("linear_bce_fwd(Tensor x, Tensor weight, Tensor? bias, Tensor target, Tensor? pos_weight,"
-        " Tensor? sample_weight, int reduction, bool need_x, bool need_weight, bool need_bias)"
-        " -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
-  m.def("linear_ce_fwd(Tensor x, Tensor weight, Tensor? bias, Tensor target, Tensor? class_weight,"
-        " int ignore_index, float label_smoothing, int reduction, bool need_x, bool need_weight,"
-        " bool need_bias) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
-  m.def("linear_loss_bwd(Tensor grad_loss, Tensor residual, Tensor x, Tensor weight, bool need_x,"
-        " bool need_weight, bool need_bias) -> (Tensor, Tensor, Tensor)");
+  m.def("_linear_bce_fwd(Tensor x, Tensor weight, Tensor? bias, Tensor target,"
+        " Tensor? pos_weight, Tensor? sample_weight, int reduction, bool need_x,"
+        " bool need_weight, bool need_bias) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("_linear_ce_fwd(Tensor x, Tensor weight, Tensor? bias, Tensor target,"
+        " Tensor? class_weight, int ignore_index, float label_smoothing, int reduction,"
+        " bool need_x, bool need_weight, bool need_bias) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("_linear_loss_bwd(Tensor grad_loss, Tensor residual, Tensor x, Tensor weight,"
+        " Tensor grad_weight, Tensor grad_bias, int reduction, bool need_x, bool need_weight,"
+        " bool need_bias) -> (Tensor, Tensor, Tensor)");
 }
 
 #ifndef WITH_CUDA
 // A build without CUDA kernels: a CUDA tensor gets an error that says so and how to rebuild,
 // instead of the dispatcher's generic "could not run ... with arguments from the CUDA backend".
+// (_linear_loss_bwd is device-generic ATen code, registered for CUDA in csrc/loss_bwd.cpp.)
 namespace {
 [[noreturn]] void no_cuda_build() {
   TORCH_CHECK(false,
@@ -50,26 +65,23 @@ namespace {
 }  // namespace
 
 TORCH_LIBRARY_IMPL(manual_layers, CUDA, m) {
-  m.impl("linear_fwd", [](const at::Tensor&, const at::Tensor&, const c10::optional<at::Tensor>&,
-                          c10::string_view, bool) -> std::tuple<at::Tensor, at::Tensor> {
+  m.impl("_linear_fwd", [](const at::Tensor&, const at::Tensor&, const c10::optional<at::Tensor>&,
+                           c10::string_view, bool) -> std::tuple<at::Tensor, at::Tensor> {
     no_cuda_build();
   });
-  m.impl("linear_bwd",
+  m.impl("_linear_bwd",
          [](const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
             c10::string_view, bool, bool, bool) -> std::tuple<at::Tensor, at::Tensor, at::Tensor> {
            no_cuda_build();
          });
-  m.impl("linear_bce_fwd",
+  m.impl("_linear_bce_fwd",
          [](const at::Tensor&, const at::Tensor&, const c10::optional<at::Tensor>&,
             const at::Tensor&, const c10::optional<at::Tensor>&, const c10::optional<at::Tensor>&,
             int64_t, bool, bool, bool) -> manual_layers::LossOut { no_cuda_build(); });
-  m.impl("linear_ce_fwd",
+  m.impl("_linear_ce_fwd",
          [](const at::Tensor&, const at::Tensor&, const c10::optional<at::Tensor>&,
             const at::Tensor&, const c10::optional<at::Tensor>&, int64_t, double, int64_t, bool,
             bool, bool) -> manual_layers::LossOut { no_cuda_build(); });
-  m.impl("linear_loss_bwd",
-         [](const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, bool, bool,
-            bool) -> std::tuple<at::Tensor, at::Tensor, at::Tensor> { no_cuda_build(); });
 }
 #endif
 

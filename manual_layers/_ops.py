@@ -28,52 +28,94 @@ if BUILD_INFO["torch_version"] != torch.__version__ and not os.environ.get(
 ops = torch.ops.manual_layers
 _lib = "manual_layers::"
 
+# Fake (meta) kernels: output shapes and dtypes of every op, for torch.compile, torch.export and
+# the meta device. The contracts are in csrc/linear.h and csrc/logreg.h; the argument checks of
+# the public ops (csrc/checks.h) run in their autograd kernels before any fake kernel.
 
-def _empty(x):
-    return x.new_empty((0,))
+_SAVES_PRE = ("gelu", "gelu_tanh", "silu")
 
 
-@torch.library.register_fake(_lib + "linear_fwd")
+def _empty(t, dtype=None):
+    return t.new_empty((0,), dtype=dtype)
+
+
+def _acc(dtype):
+    """The kernels' accumulation dtype: float64 for float64, float32 otherwise."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# ---- public ops -------------------------------------------------------------------------------
+@torch.library.register_fake(_lib + "linear")
+def _linear_fake(x, weight, bias=None, activation="none"):
+    torch._check(x.dim() >= 1 and weight.dim() == 2 and x.shape[-1] == weight.shape[1],
+                 lambda: "manual_layers.linear: x (..., in_features) and weight "
+                         "(out_features, in_features) expected")
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+def _loss_public_fake(x, weight, reduction, float32_loss):
+    dtype = _acc(x.dtype) if float32_loss else x.dtype
+    torch._check(x.dim() >= 1 and weight.dim() == 2 and x.shape[-1] == weight.shape[1],
+                 lambda: "manual_layers: x (..., D) and weight (C, D) expected")
+    return x.new_empty(tuple(x.shape[:-1]) if reduction == 0 else (), dtype=dtype)
+
+
+@torch.library.register_fake(_lib + "linear_bce")
+def _linear_bce_fake(x, weight, bias, target, pos_weight=None, sample_weight=None, reduction=1,
+                     float32_loss=False):
+    return _loss_public_fake(x, weight, reduction, float32_loss)
+
+
+@torch.library.register_fake(_lib + "linear_ce")
+def _linear_ce_fake(x, weight, bias, target, class_weight=None, ignore_index=-100,
+                    label_smoothing=0.0, reduction=1, float32_loss=False):
+    return _loss_public_fake(x, weight, reduction, float32_loss)
+
+
+# ---- private kernel ops -----------------------------------------------------------------------
+@torch.library.register_fake(_lib + "_linear_fwd")
 def _linear_fwd_fake(x, weight, bias, activation, save_pre):
     out = x.new_empty((x.shape[0], weight.shape[0]))
-    keep = save_pre and activation in ("gelu", "gelu_tanh", "silu")
+    keep = save_pre and activation in _SAVES_PRE
     return out, (x.new_empty((x.shape[0], weight.shape[0])) if keep else _empty(x))
 
 
-@torch.library.register_fake(_lib + "linear_bwd")
+@torch.library.register_fake(_lib + "_linear_bwd")
 def _linear_bwd_fake(grad_out, x, weight, saved, activation, need_x, need_weight, need_bias):
     return (x.new_empty(x.shape) if need_x else _empty(x),
             x.new_empty(weight.shape) if need_weight else _empty(x),
             x.new_empty((weight.shape[0],)) if need_bias else _empty(x))
 
 
-def _loss_fake(x, weight, reduction, need_x, need_weight, need_bias):
+def _loss_fwd_fake(x, weight, reduction, need_x, need_weight, need_bias):
     n, c = x.shape[0], weight.shape[0]
+    acc = _acc(x.dtype)
     if reduction == 0:
         any_grad = need_x or need_weight or need_bias
-        return (x.new_empty((n,)), _empty(x), _empty(x), _empty(x),
-                x.new_empty((n, c)) if any_grad else _empty(x))
-    return (x.new_empty(()),
-            x.new_empty(x.shape) if need_x else _empty(x),
-            x.new_empty(weight.shape) if need_weight else _empty(x),
-            x.new_empty((c,)) if need_bias else _empty(x),
-            _empty(x))
+        return (x.new_empty((n,), dtype=acc), _empty(x, acc), _empty(x, acc),
+                x.new_empty((n, c), dtype=acc) if any_grad else _empty(x, acc))
+    return (x.new_empty((), dtype=acc),
+            x.new_empty(weight.shape, dtype=acc) if need_weight else _empty(x, acc),
+            x.new_empty((c,), dtype=acc) if need_bias else _empty(x, acc),
+            x.new_empty((n, c), dtype=acc) if need_x else _empty(x, acc))
 
 
-@torch.library.register_fake(_lib + "linear_bce_fwd")
+@torch.library.register_fake(_lib + "_linear_bce_fwd")
 def _linear_bce_fwd_fake(x, weight, bias, target, pos_weight, sample_weight, reduction,
                          need_x, need_weight, need_bias):
-    return _loss_fake(x, weight, reduction, need_x, need_weight, need_bias)
+    return _loss_fwd_fake(x, weight, reduction, need_x, need_weight, need_bias)
 
 
-@torch.library.register_fake(_lib + "linear_ce_fwd")
+@torch.library.register_fake(_lib + "_linear_ce_fwd")
 def _linear_ce_fwd_fake(x, weight, bias, target, class_weight, ignore_index, label_smoothing,
                         reduction, need_x, need_weight, need_bias):
-    return _loss_fake(x, weight, reduction, need_x, need_weight, need_bias)
+    return _loss_fwd_fake(x, weight, reduction, need_x, need_weight, need_bias)
 
 
-@torch.library.register_fake(_lib + "linear_loss_bwd")
-def _linear_loss_bwd_fake(grad_loss, residual, x, weight, need_x, need_weight, need_bias):
-    return (x.new_empty(x.shape) if need_x else _empty(x),
-            x.new_empty(weight.shape) if need_weight else _empty(x),
-            x.new_empty((weight.shape[0],)) if need_bias else _empty(x))
+@torch.library.register_fake(_lib + "_linear_loss_bwd")
+def _linear_loss_bwd_fake(grad_loss, residual, x, weight, grad_weight, grad_bias, reduction,
+                          need_x, need_weight, need_bias):
+    n = residual.shape[0] if (need_x or reduction == 0) else 0
+    return (weight.new_empty((n, weight.shape[1])) if need_x else _empty(weight),
+            weight.new_empty(weight.shape) if need_weight else _empty(weight),
+            weight.new_empty((weight.shape[0],)) if need_bias else _empty(weight))

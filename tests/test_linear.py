@@ -151,17 +151,23 @@ def test_gradcheck_logistic_regression_probabilities():
 @pytest.mark.parametrize("act", ACTS + ["softmax"])
 def test_opcheck(device, act):
     act = act or "none"
-    x = torch.randn(9, 17, device=device)
-    w = torch.randn(6, 17, device=device)
-    b = torch.randn(6, device=device)
-    torch.library.opcheck(ops.linear_fwd, (x, w, b, act, True))
-    torch.library.opcheck(ops.linear_fwd, (x, w, None, act, False))
-    out, pre = ops.linear_fwd(x, w, b, act, True)
+    # The public op with inputs that require grad (its C++ autograd kernel is tested too), with
+    # and without bias, 2-D and 3-D x.
+    x = torch.randn(9, 17, device=device, requires_grad=True)
+    w = torch.randn(6, 17, device=device, requires_grad=True)
+    b = torch.randn(6, device=device, requires_grad=True)
+    torch.library.opcheck(ops.linear, (x, w, b, act))
+    torch.library.opcheck(ops.linear, (torch.randn(2, 3, 17, device=device), w, None, act))
+    # The private kernel ops.
+    xd, wd, bd = x.detach(), w.detach(), b.detach()
+    torch.library.opcheck(ops._linear_fwd, (xd, wd, bd, act, True))
+    torch.library.opcheck(ops._linear_fwd, (xd, wd, None, act, False))
+    out, pre = ops._linear_fwd(xd, wd, bd, act, True)
     saved = pre if act in ("gelu", "gelu_tanh", "silu") else (out if act != "none"
-                                                             else x.new_empty(0))
+                                                             else xd.new_empty(0))
     g = torch.randn(9, 6, device=device)
-    torch.library.opcheck(ops.linear_bwd, (g, x, w, saved, act, True, True, True))
-    torch.library.opcheck(ops.linear_bwd, (g, x, w, saved, act, False, True, False))
+    torch.library.opcheck(ops._linear_bwd, (g, xd, wd, saved, act, True, True, True))
+    torch.library.opcheck(ops._linear_bwd, (g, xd, wd, saved, act, False, True, False))
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -302,11 +308,14 @@ def test_error_unknown_activation_and_integer_input():
         ml.Linear(4, 2)(torch.ones(3, 4, dtype=torch.long))
 
 
-def test_kernel_level_checks():
-    with pytest.raises(ValueError, match="unknown activation"):
-        ops.linear_fwd(torch.randn(2, 3), torch.randn(4, 3), None, "swish", False)
+def test_op_level_checks():
+    """The checks live in the ops (C++), so calling torch.ops directly gets them too."""
+    with pytest.raises(ValueError, match="unknown activation 'swish'"):
+        ops.linear(torch.randn(2, 3), torch.randn(4, 3), None, "swish")
+    with pytest.raises(ValueError, match=r"x has 3 features .*in_features=5"):
+        ops.linear(torch.randn(2, 3), torch.randn(4, 5), None, "none")
     with pytest.raises(RuntimeError, match="x has 3 features but weight has in_features 5"):
-        ops.linear_fwd(torch.randn(2, 3), torch.randn(4, 5), None, "none", False)
+        ops._linear_fwd(torch.randn(2, 3), torch.randn(4, 5), None, "none", False)
 
 
 # ---- build and import -------------------------------------------------------------------------

@@ -191,23 +191,31 @@ def test_gradcheck(reduction):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("reduction", [0, 1, 2])
 def test_opcheck(device, reduction):
-    x = torch.randn(33, 7, device=device)
-    w1, b1 = torch.randn(1, 7, device=device), torch.randn(1, device=device)
+    rg = dict(device=device, requires_grad=True)
+    x = torch.randn(33, 7, **rg)
+    w1, b1 = torch.randn(1, 7, **rg), torch.randn(1, **rg)
     y = torch.rand(33, device=device)
-    torch.library.opcheck(ops.linear_bce_fwd, (x, w1, b1, y, None, None, reduction, True, True,
-                                               True))
-    torch.library.opcheck(ops.linear_bce_fwd, (x, w1, None, y, torch.tensor([2.0], device=device),
-                                               torch.rand(33, device=device), reduction, False,
-                                               True, False))
-    W, b = torch.randn(5, 7, device=device), torch.randn(5, device=device)
+    # Public ops, through their C++ autograd kernels (inputs require grad); leading dims too.
+    torch.library.opcheck(ops.linear_bce, (x, w1, b1, y, None, None, reduction, False))
+    torch.library.opcheck(ops.linear_bce, (x.detach().reshape(3, 11, 7), w1, None,
+                                           y.reshape(3, 11), torch.tensor([2.0], device=device),
+                                           torch.rand(11, device=device), reduction, True))
+    W, b = torch.randn(5, 7, **rg), torch.randn(5, **rg)
     t = torch.randint(0, 5, (33,), device=device)
-    torch.library.opcheck(ops.linear_ce_fwd, (x, W, b, t, None, -100, 0.0, reduction, True, True,
-                                              True))
-    torch.library.opcheck(ops.linear_ce_fwd, (x, W, b, t, torch.rand(5, device=device), 2, 0.2,
-                                              reduction, True, False, True))
-    res = torch.randn(33, 5, device=device)
-    torch.library.opcheck(ops.linear_loss_bwd, (torch.randn(33, device=device), res, x, W, True,
-                                                True, True))
+    torch.library.opcheck(ops.linear_ce, (x, W, b, t, None, -100, 0.0, reduction, False))
+    torch.library.opcheck(ops.linear_ce, (x, W.detach(), b, t, torch.rand(5, device=device), 2,
+                                          0.2, reduction, False))
+    # Private kernel ops.
+    xd, Wd, bd, w1d = x.detach(), W.detach(), b.detach(), w1.detach()
+    torch.library.opcheck(ops._linear_bce_fwd, (xd, w1d, b1.detach(), y, None, None, reduction,
+                                                True, True, True))
+    torch.library.opcheck(ops._linear_ce_fwd, (xd, Wd, bd, t, torch.rand(5, device=device), 2,
+                                               0.2, reduction, True, False, True))
+    _, gw, gb, res = ops._linear_ce_fwd(xd, Wd, bd, t, None, -100, 0.0, reduction, True, True,
+                                        True)
+    g = torch.randn(33 if reduction == 0 else (), device=device)
+    torch.library.opcheck(ops._linear_loss_bwd, (g, res, xd, Wd, gw, gb, reduction, True, True,
+                                                 True))
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -404,8 +404,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_bwd_cpu(
 }
 
 TORCH_LIBRARY_IMPL(manual_layers, CPU, m) {
-  m.impl("linear_fwd", &linear_fwd_cpu);
-  m.impl("linear_bwd", &linear_bwd_cpu);
+  m.impl("_linear_fwd", &linear_fwd_cpu);
+  m.impl("_linear_bwd", &linear_bwd_cpu);
 }
 
 }  // namespace manual_layers

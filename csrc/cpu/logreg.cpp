@@ -15,14 +15,15 @@
 //        residual r_i = dloss_i/dz_i, already multiplied by the reduction's scale (1/N, 1/sum_w
 //        or 1);
 //     3. one sweep over the features that adds r_i (x) x_i into the block's partial grad_W
-//        (C x D acc_t, small enough to stay in cache), r_i into its partial grad_b, and writes
-//        dX_i = r_i^T W when x needs a gradient.
+//        (C x D acc_t, small enough to stay in cache) and r_i into its partial grad_b; when x
+//        needs a gradient, r_i (N x C, acc_t) is kept for backward, which writes
+//        dX = (grad_output r) W in one GEMM (csrc/logreg.h says why dX is not written here).
 //   The block partials (loss, grad_W, grad_b) are then summed in block order: bitwise
 //   deterministic from run to run, whatever the thread count, no atomics. Temporary memory is
 //   O(blocks x C x D), independent of N.
 //
 // reduction="none" runs the same pass, writing the per-row loss and the unscaled residual (N, C);
-// its backward, linear_loss_bwd, is three GEMMs through ATen.
+// its backward, _linear_loss_bwd (csrc/loss_bwd.cpp), is three GEMMs through ATen.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -179,14 +180,13 @@ struct Pass {
   double* part_loss;  // (blocks,)
   acc_t* part_w;  // (blocks, C, Dp) or null
   acc_t* part_b;  // (blocks, C) or null
-  scalar_t* grad_x;  // (N, D) contiguous or null
+  acc_t* residual;  // (N, C) or null: mean/sum scaled by `scale` (need_x), none unscaled
   // reduction="none" outputs
   bool none_mode;
-  scalar_t* row_loss;  // (N,)
-  scalar_t* residual;  // (N, C) or null
+  acc_t* row_loss;  // (N,)
 };
 
-template <typename scalar_t, typename acc_t, bool NEED_W, bool NEED_X, typename LossFn>
+template <typename scalar_t, typename acc_t, bool NEED_W, typename LossFn>
 void run_block(const Pass<scalar_t, acc_t>& p, const LossFn& loss_fn, int64_t blk) {
   using Vec = Vectorized<acc_t>;
   constexpr int64_t V = Vec::size();
@@ -206,7 +206,6 @@ void run_block(const Pass<scalar_t, acc_t>& p, const LossFn& loss_fn, int64_t bl
   // nothing to z nor to grad_W). A short last tile is padded with zero rows and zero residuals.
   const bool direct = std::is_same_v<scalar_t, acc_t> && Dp == D;
   std::vector<acc_t> xbuf(R * Dp, acc_t(0));
-  std::vector<acc_t> dxbuf(NEED_X ? R * Dp : 0);
   std::vector<acc_t> z(R * C), r(R * C);
   double loss_sum = 0;
 
@@ -295,14 +294,12 @@ void run_block(const Pass<scalar_t, acc_t>& p, const LossFn& loss_fn, int64_t bl
       const int64_t i = i0 + k;
       acc_t* rk = r.data() + k * C;
       if (none_mode) {
-        p.row_loss[i] = static_cast<scalar_t>(tile_loss[k]);
-        if (p.residual) {
-          for (int64_t c = 0; c < C; ++c) p.residual[i * C + c] = static_cast<scalar_t>(rk[c]);
-        }
+        p.row_loss[i] = tile_loss[k];
       } else {
         loss_sum += static_cast<double>(tile_loss[k]);
         for (int64_t c = 0; c < C; ++c) rk[c] *= p.scale;
       }
+      if (p.residual) std::copy(rk, rk + C, p.residual + i * C);
     }
     if (none_mode) continue;
 
@@ -311,55 +308,21 @@ void run_block(const Pass<scalar_t, acc_t>& p, const LossFn& loss_fn, int64_t bl
         for (int64_t c = 0; c < C; ++c) gb[c] += r[k * C + c];
     }
 
-    // 3. one sweep over the features: grad_W[c] += sum_k r[k][c] x_k and dX_k = sum_c r[k][c] W[c].
-    if constexpr (NEED_W || NEED_X) {
-      acc_t* dxr[R];
-      if constexpr (NEED_X) {
-        for (int64_t k = 0; k < R; ++k) {
-          dxr[k] = (direct && k < nr) ? reinterpret_cast<acc_t*>(p.grad_x + (i0 + k) * D)
-                                      : dxbuf.data() + k * Dp;
-        }
-      }
+    // 3. one sweep over the features: grad_W[c] += sum_k r[k][c] x_k.
+    if constexpr (NEED_W) {
       const acc_t* rr = r.data();
       for (int64_t d = 0; d < Dp; d += V) {
-        Vec x0, x1, x2, x3;
-        if constexpr (NEED_W) {
-          x0 = Vec::loadu(xr[0] + d);
-          x1 = Vec::loadu(xr[1] + d);
-          x2 = Vec::loadu(xr[2] + d);
-          x3 = Vec::loadu(xr[3] + d);
-        }
-        Vec d0(0), d1(0), d2(0), d3(0);
+        const Vec x0 = Vec::loadu(xr[0] + d), x1 = Vec::loadu(xr[1] + d);
+        const Vec x2 = Vec::loadu(xr[2] + d), x3 = Vec::loadu(xr[3] + d);
         for (int64_t c = 0; c < C; ++c) {
           const Vec r0(rr[c]), r1(rr[C + c]), r2(rr[2 * C + c]), r3(rr[3 * C + c]);
-          if constexpr (NEED_W) {
-            acc_t* g = gw + c * Dp + d;
-            Vec acc = Vec::loadu(g);
-            acc = at::vec::fmadd(r0, x0, acc);
-            acc = at::vec::fmadd(r1, x1, acc);
-            acc = at::vec::fmadd(r2, x2, acc);
-            acc = at::vec::fmadd(r3, x3, acc);
-            acc.store(g);
-          }
-          if constexpr (NEED_X) {
-            const Vec w = Vec::loadu(p.W + c * Dp + d);
-            d0 = at::vec::fmadd(r0, w, d0);
-            d1 = at::vec::fmadd(r1, w, d1);
-            d2 = at::vec::fmadd(r2, w, d2);
-            d3 = at::vec::fmadd(r3, w, d3);
-          }
-        }
-        if constexpr (NEED_X) {
-          d0.store(dxr[0] + d);
-          d1.store(dxr[1] + d);
-          d2.store(dxr[2] + d);
-          d3.store(dxr[3] + d);
-        }
-      }
-      if constexpr (NEED_X) {
-        if (!direct) {
-          for (int64_t k = 0; k < nr; ++k)
-            at::vec::convert(dxbuf.data() + k * Dp, p.grad_x + (i0 + k) * D, D);
+          acc_t* g = gw + c * Dp + d;
+          Vec acc = Vec::loadu(g);
+          acc = at::vec::fmadd(r0, x0, acc);
+          acc = at::vec::fmadd(r1, x1, acc);
+          acc = at::vec::fmadd(r2, x2, acc);
+          acc = at::vec::fmadd(r3, x3, acc);
+          acc.store(g);
         }
       }
     }
@@ -367,10 +330,10 @@ void run_block(const Pass<scalar_t, acc_t>& p, const LossFn& loss_fn, int64_t bl
   if (!none_mode) p.part_loss[blk] = loss_sum;
 }
 
-template <typename scalar_t, typename acc_t, bool NEED_W, bool NEED_X, typename LossFn>
+template <typename scalar_t, typename acc_t, bool NEED_W, typename LossFn>
 void run_pass(const Pass<scalar_t, acc_t>& p, const LossFn& loss_fn) {
   at::parallel_for(0, p.blocks.count, 1, [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; ++b) run_block<scalar_t, acc_t, NEED_W, NEED_X>(p, loss_fn, b);
+    for (int64_t b = b0; b < b1; ++b) run_block<scalar_t, acc_t, NEED_W>(p, loss_fn, b);
   });
 }
 
@@ -397,16 +360,16 @@ LossOut fused_loss(const at::Tensor& x_in, const at::Tensor& weight,
   // Rows must have unit column stride; any row stride is read in place.
   const at::Tensor x = x_in.stride(1) == 1 || D <= 1 ? x_in : x_in.contiguous();
   const auto opts = x.options();
+  const auto acc_opts = opts.dtype(at::toOpMathType(x.scalar_type()));
   // Each output that is not computed is its own empty tensor: outputs must not alias.
-  auto none = [&] { return at::empty({0}, opts); };
+  auto none = [&] { return at::empty({0}, acc_opts); };
   const bool any_grad = need_x || need_weight || need_bias;
 
-  at::Tensor loss, grad_x = none(), grad_w = none(), grad_b = none(), residual = none();
+  at::Tensor loss, grad_w = none(), grad_b = none(), residual = none();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "linear_loss_fwd_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     constexpr int64_t V = Vectorized<acc_t>::size();
     const int64_t Dp = (D + V - 1) / V * V;
-    const auto acc_opts = opts.dtype(c10::CppTypeToScalarType<acc_t>::value);
 
     at::Tensor Wp = at::zeros({C, Dp}, acc_opts);
     Wp.narrow(1, 0, D).copy_(weight);
@@ -422,15 +385,15 @@ LossOut fused_loss(const at::Tensor& x_in, const at::Tensor& weight,
     p.bias = b_acc.defined() ? b_acc.const_data_ptr<acc_t>() : nullptr;
 
     if (reduction == kNone) {
-      loss = at::empty({N}, opts);
+      loss = at::empty({N}, acc_opts);
       p.none_mode = true;
-      p.row_loss = loss.mutable_data_ptr<scalar_t>();
+      p.row_loss = loss.mutable_data_ptr<acc_t>();
       if (any_grad) {
-        residual = at::empty({N, C}, opts);
-        p.residual = residual.mutable_data_ptr<scalar_t>();
+        residual = at::empty({N, C}, acc_opts);
+        p.residual = residual.mutable_data_ptr<acc_t>();
       }
       p.blocks = make_blocks(N, 0, 0, 0);  // no partials in this mode
-      run_pass<scalar_t, acc_t, false, false>(p, loss_fn);
+      run_pass<scalar_t, acc_t, false>(p, loss_fn);
       return;
     }
 
@@ -452,32 +415,29 @@ LossOut fused_loss(const at::Tensor& x_in, const at::Tensor& weight,
       p.part_b = part_b.mutable_data_ptr<acc_t>();
     }
     if (need_x) {
-      grad_x = at::empty({N, D}, opts);
-      p.grad_x = grad_x.mutable_data_ptr<scalar_t>();
+      residual = at::empty({N, C}, acc_opts);
+      p.residual = residual.mutable_data_ptr<acc_t>();
     }
 
-    if (need_weight && need_x) run_pass<scalar_t, acc_t, true, true>(p, loss_fn);
-    else if (need_weight) run_pass<scalar_t, acc_t, true, false>(p, loss_fn);
-    else if (need_x) run_pass<scalar_t, acc_t, false, true>(p, loss_fn);
-    else run_pass<scalar_t, acc_t, false, false>(p, loss_fn);
+    if (need_weight) run_pass<scalar_t, acc_t, true>(p, loss_fn);
+    else run_pass<scalar_t, acc_t, false>(p, loss_fn);
 
     double total = 0;
     for (double l : part_loss) total += l;
     total = div == 0.0 ? std::numeric_limits<double>::quiet_NaN() : total / div;
-    loss = at::empty({}, opts).fill_(total);
+    loss = at::empty({}, acc_opts).fill_(total);
 
     if (need_weight) {
       at::Tensor gw = at::empty({C, Dp}, acc_opts);
       reduce_partials(part_w.const_data_ptr<acc_t>(), nb, C * Dp, gw.mutable_data_ptr<acc_t>());
-      grad_w = gw.narrow(1, 0, D).to(x.scalar_type()).contiguous();
+      grad_w = Dp == D ? gw : gw.narrow(1, 0, D).contiguous();
     }
     if (need_bias) {
-      at::Tensor gb = at::empty({C}, acc_opts);
-      reduce_partials(part_b.const_data_ptr<acc_t>(), nb, C, gb.mutable_data_ptr<acc_t>());
-      grad_b = gb.to(x.scalar_type());
+      grad_b = at::empty({C}, acc_opts);
+      reduce_partials(part_b.const_data_ptr<acc_t>(), nb, C, grad_b.mutable_data_ptr<acc_t>());
     }
   });
-  return {loss, grad_x, grad_w, grad_b, residual};
+  return {loss, grad_w, grad_b, residual};
 }
 
 }  // namespace
@@ -575,35 +535,9 @@ LossOut linear_ce_fwd_cpu(const at::Tensor& x, const at::Tensor& weight,
                     });
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_loss_bwd_cpu(
-    const at::Tensor& grad_loss, const at::Tensor& residual, const at::Tensor& x,
-    const at::Tensor& weight, bool need_x, bool need_weight, bool need_bias) {
-  constexpr const char* op = "manual_layers.linear_loss_bwd";
-  TORCH_CHECK(x.dim() == 2 && weight.dim() == 2 && x.size(1) == weight.size(1), op,
-              ": x (N, D) and weight (C, D) expected, got ", x.sizes(), " and ", weight.sizes());
-  const int64_t N = x.size(0), C = weight.size(0);
-  TORCH_CHECK(residual.dim() == 2 && residual.size(0) == N && residual.size(1) == C, op,
-              ": residual must have shape (", N, ", ", C, "), got ", residual.sizes());
-  TORCH_CHECK(grad_loss.numel() == N, op, ": grad_loss must have ", N, " elements, got shape ",
-              grad_loss.sizes());
-  const auto dtype = x.scalar_type();
-  const auto acc_dtype = at::toOpMathType(dtype);
-  auto none = [&] { return at::empty({0}, x.options()); };  // distinct: outputs must not alias
-  // G in the accumulation type; the GEMMs in x's dtype (fp32 accumulation inside for 16-bit).
-  const at::Tensor G_acc =
-      residual.to(acc_dtype) * grad_loss.reshape({N, 1}).to(acc_dtype);
-  const at::Tensor G = G_acc.to(dtype);
-  at::Tensor gx = none(), gw = none(), gb = none();
-  if (need_x) gx = at::mm(G, weight.to(dtype));
-  if (need_weight) gw = at::mm(G.t(), x);
-  if (need_bias) gb = G_acc.sum(0).to(dtype);
-  return {gx, gw, gb};
-}
-
 }  // namespace manual_layers
 
 TORCH_LIBRARY_IMPL(manual_layers, CPU, m) {
-  m.impl("linear_bce_fwd", &manual_layers::linear_bce_fwd_cpu);
-  m.impl("linear_ce_fwd", &manual_layers::linear_ce_fwd_cpu);
-  m.impl("linear_loss_bwd", &manual_layers::linear_loss_bwd_cpu);
+  m.impl("_linear_bce_fwd", &manual_layers::linear_bce_fwd_cpu);
+  m.impl("_linear_ce_fwd", &manual_layers::linear_ce_fwd_cpu);
 }

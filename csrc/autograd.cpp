@@ -1,0 +1,438 @@
+// The public ops (linear, linear_bce, linear_ce) and their autograd, in C++.
+//
+// Each public op has
+//  - an Autograd kernel: checks the arguments once (csrc/checks.h), reads GradMode and
+//    requires_grad to decide what to compute and save, and runs a torch::autograd::Function
+//    whose forward and backward call the private kernel ops (_linear_fwd, ...) below autograd
+//    through typed dispatcher handles. One dispatcher call runs forward, one graph node runs
+//    backward, and a torch.export graph that contains the public op trains in grad mode.
+//  - a CPU and a CUDA kernel for calls that do not involve autograd (inference mode, the
+//    functionalized graphs of torch.compile / torch.export): the same checks and forward.
+// The backward of each Function refuses create_graph=True (double backward) with a clear error:
+// the derivatives are hand-written kernels, not differentiable themselves.
+//
+// Leading dimensions are flattened here (x (..., K) -> (N, K), a view when x's strides allow),
+// so the kernels see 2-D problems and callers any shape, as with nn.Linear.
+#include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/ExpandUtils.h>
+#include <ATen/OpMathType.h>
+#include <torch/autograd.h>
+#include <torch/library.h>
+
+#include <string>
+
+#include "checks.h"
+#include "common.h"
+#include "linear.h"
+#include "logreg.h"
+
+namespace manual_layers {
+namespace {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+// ---- typed handles of the private kernel ops ------------------------------------------------
+using LinearFwdSig = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
+                                                        const c10::optional<at::Tensor>&,
+                                                        c10::string_view, bool);
+using LinearBwdSig = std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+    const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, c10::string_view,
+    bool, bool, bool);
+using BceFwdSig = LossOut(const at::Tensor&, const at::Tensor&, const c10::optional<at::Tensor>&,
+                          const at::Tensor&, const c10::optional<at::Tensor>&,
+                          const c10::optional<at::Tensor>&, int64_t, bool, bool, bool);
+using CeFwdSig = LossOut(const at::Tensor&, const at::Tensor&, const c10::optional<at::Tensor>&,
+                         const at::Tensor&, const c10::optional<at::Tensor>&, int64_t, double,
+                         int64_t, bool, bool, bool);
+using LossBwdSig = std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+    const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+    const at::Tensor&, const at::Tensor&, int64_t, bool, bool, bool);
+
+template <typename Sig>
+c10::TypedOperatorHandle<Sig> handle(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Sig>();
+}
+const c10::TypedOperatorHandle<LinearFwdSig>& linear_fwd_op() {
+  static const auto h = handle<LinearFwdSig>("manual_layers::_linear_fwd");
+  return h;
+}
+const c10::TypedOperatorHandle<LinearBwdSig>& linear_bwd_op() {
+  static const auto h = handle<LinearBwdSig>("manual_layers::_linear_bwd");
+  return h;
+}
+const c10::TypedOperatorHandle<BceFwdSig>& bce_fwd_op() {
+  static const auto h = handle<BceFwdSig>("manual_layers::_linear_bce_fwd");
+  return h;
+}
+const c10::TypedOperatorHandle<CeFwdSig>& ce_fwd_op() {
+  static const auto h = handle<CeFwdSig>("manual_layers::_linear_ce_fwd");
+  return h;
+}
+const c10::TypedOperatorHandle<LossBwdSig>& loss_bwd_op() {
+  static const auto h = handle<LossBwdSig>("manual_layers::_linear_loss_bwd");
+  return h;
+}
+
+c10::optional<at::Tensor> opt(const at::Tensor& t) {
+  return t.defined() ? c10::optional<at::Tensor>(t) : c10::nullopt;
+}
+at::Tensor undef() { return at::Tensor(); }
+
+// (..., K) -> (N, K); a 1-D x is one row. reshape with an explicit N, so that K == 0 works.
+at::Tensor flatten_rows(const at::Tensor& x) {
+  if (x.dim() == 2) return x;
+  const int64_t K = x.size(-1);
+  int64_t N = 1;
+  for (int64_t d = 0; d + 1 < x.dim(); ++d) N *= x.size(d);
+  return x.reshape({N, K});
+}
+
+// (N, M) -> (..., M) with x's leading dims.
+at::Tensor unflatten_rows(const at::Tensor& out, const at::Tensor& x) {
+  if (x.dim() == 2) return out;
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end() - 1);
+  shape.push_back(out.size(-1));
+  return out.reshape(shape);
+}
+
+[[noreturn]] void refuse_double_backward(const char* what) {
+  TORCH_CHECK(false, "manual_layers: double backward (create_graph=True) through ", what,
+              " is not supported: its backward is a hand-written kernel, not differentiable");
+}
+
+// ============================================================================================
+// linear
+// ============================================================================================
+
+constexpr const char* kLinear = "manual_layers.functional.linear";
+
+class LinearFn : public torch::autograd::Function<LinearFn> {
+ public:
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& weight,
+                            const c10::optional<at::Tensor>& bias, const std::string& activation,
+                            bool need_x,
+                            bool need_w, bool need_b) {
+    at::AutoDispatchBelowADInplaceOrView below;
+    auto [out, pre] = linear_fwd_op().call(x, weight, bias, activation, true);
+    const Saved what = saved_for(parse_activation(activation));
+    at::Tensor saved = what == Saved::Pre ? pre : (what == Saved::Output ? out : undef());
+    ctx->save_for_backward({x, weight, saved});
+    ctx->saved_data["activation"] = activation;
+    ctx->saved_data["need"] = std::vector<bool>{need_x, need_w, need_b};
+    return out;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    if (at::GradMode::is_enabled()) refuse_double_backward("Linear");
+    const auto saved = ctx->get_saved_variables();
+    const auto need = ctx->saved_data["need"].toBoolList();
+    const std::string activation = ctx->saved_data["activation"].toStringRef();
+    const at::Tensor& x = saved[0];
+    at::Tensor s = saved[2].defined() ? saved[2] : at::empty({0}, x.options());
+    at::Tensor g = grads[0];
+    if (g.scalar_type() != x.scalar_type()) g = g.to(x.scalar_type());
+    auto [gx, gw, gb] =
+        linear_bwd_op().call(g, x, saved[1], s, activation, need[0], need[1], need[2]);
+    return {need[0] ? gx : undef(), need[1] ? gw : undef(), need[2] ? gb : undef(), undef(),
+            undef(), undef(), undef()};
+  }
+};
+
+at::Tensor linear_autograd(const at::Tensor& x, const at::Tensor& weight,
+                           const c10::optional<at::Tensor>& bias, c10::string_view activation) {
+  const std::string act(activation);
+  parse_activation(act);  // ValueError on an unknown name, before anything else
+  check_linear_public(kLinear, x, weight, bias);
+  const bool grad = at::GradMode::is_enabled();
+  const bool nx = grad && x.requires_grad(), nw = grad && weight.requires_grad();
+  const bool nb = grad && has(bias) && bias->requires_grad();
+  const at::Tensor x2 = flatten_rows(x);
+  at::Tensor out;
+  if (nx || nw || nb) {
+    out = LinearFn::apply(x2, weight, bias, act, nx, nw, nb);
+  } else {
+    at::AutoDispatchBelowADInplaceOrView below;
+    out = std::get<0>(linear_fwd_op().call(x2, weight, bias, act, false));
+  }
+  return unflatten_rows(out, x);
+}
+
+// CPU / CUDA key: no autograd involved.
+at::Tensor linear_plain(const at::Tensor& x, const at::Tensor& weight,
+                        const c10::optional<at::Tensor>& bias, c10::string_view activation) {
+  parse_activation(std::string(activation));
+  check_linear_public(kLinear, x, weight, bias);
+  const at::Tensor out = std::get<0>(linear_fwd_op().call(flatten_rows(x), weight, bias,
+                                                          activation, false));
+  return unflatten_rows(out, x);
+}
+
+// ============================================================================================
+// The fused losses
+// ============================================================================================
+
+constexpr const char* kBce = "manual_layers.functional.linear_binary_cross_entropy_with_logits";
+constexpr const char* kCe = "manual_layers.functional.linear_cross_entropy";
+
+// What the losses' Function keeps between forward and backward (csrc/logreg.h).
+void save_loss(AutogradContext* ctx, const LossOut& outs, const at::Tensor& x2,
+               const at::Tensor& weight, int64_t reduction, bool nx, bool nw, bool nb) {
+  const auto& [loss, gw, gb, residual] = outs;
+  // x only where backward reads it: reduction none with a weight gradient (G^T x).
+  const at::Tensor xs = reduction == 0 && nw ? x2 : undef();
+  ctx->save_for_backward({residual, xs, weight, gw, gb});
+  ctx->saved_data["reduction"] = reduction;
+  ctx->saved_data["need"] = std::vector<bool>{nx, nw, nb};
+}
+
+variable_list loss_backward(AutogradContext* ctx, const variable_list& grads, const char* what,
+                            size_t n_inputs) {
+  if (at::GradMode::is_enabled()) refuse_double_backward(what);
+  const auto s = ctx->get_saved_variables();
+  const auto need = ctx->saved_data["need"].toBoolList();
+  const int64_t reduction = ctx->saved_data["reduction"].toInt();
+  const at::Tensor& weight = s[2];
+  auto e = [&](const at::Tensor& t) { return t.defined() ? t : at::empty({0}, weight.options()); };
+  auto [gx, gw, gb] = loss_bwd_op().call(grads[0], e(s[0]), e(s[1]), weight, e(s[3]), e(s[4]),
+                                         reduction, need[0], need[1], need[2]);
+  variable_list out(n_inputs);
+  out[0] = need[0] ? gx : undef();
+  out[1] = need[1] ? gw : undef();
+  out[2] = need[2] ? gb : undef();
+  return out;
+}
+
+// The loss in the dtype the caller gets: x's dtype, or float32 for 16-bit x under autocast
+// (float32_loss), as F.cross_entropy under autocast. The kernels return it in acc_t.
+at::Tensor loss_out(const at::Tensor& loss, const at::Tensor& x, bool float32_loss) {
+  return float32_loss || loss.scalar_type() == x.scalar_type() ? loss : loss.to(x.scalar_type());
+}
+
+class BceFn : public torch::autograd::Function<BceFn> {
+ public:
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& weight,
+                            const c10::optional<at::Tensor>& bias, const at::Tensor& target,
+                            const c10::optional<at::Tensor>& pos_weight,
+                            const c10::optional<at::Tensor>& sample_weight, int64_t reduction,
+                            bool float32_loss, bool nx, bool nw, bool nb) {
+    at::AutoDispatchBelowADInplaceOrView below;
+    LossOut outs = bce_fwd_op().call(x, weight, bias, target, pos_weight, sample_weight,
+                                     reduction, nx, nw, nb);
+    save_loss(ctx, outs, x, weight, reduction, nx, nw, nb);
+    return loss_out(std::get<0>(outs), x, float32_loss);
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    return loss_backward(ctx, grads, "linear_binary_cross_entropy_with_logits", 11);
+  }
+};
+
+class CeFn : public torch::autograd::Function<CeFn> {
+ public:
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& weight,
+                            const c10::optional<at::Tensor>& bias, const at::Tensor& target,
+                            const c10::optional<at::Tensor>& class_weight, int64_t ignore_index,
+                            double label_smoothing, int64_t reduction, bool float32_loss,
+                            bool nx, bool nw, bool nb) {
+    at::AutoDispatchBelowADInplaceOrView below;
+    LossOut outs = ce_fwd_op().call(x, weight, bias, target, class_weight, ignore_index,
+                                    label_smoothing, reduction, nx, nw, nb);
+    save_loss(ctx, outs, x, weight, reduction, nx, nw, nb);
+    return loss_out(std::get<0>(outs), x, float32_loss);
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    return loss_backward(ctx, grads, "linear_cross_entropy", 12);
+  }
+};
+
+// Arguments of linear_bce after checks: flattened x, (N,) target and sample weights, (1,)
+// pos_weight, the reduction's output shape.
+struct BceArgs {
+  at::Tensor x2, target, pos_weight, sample_weight;
+};
+
+BceArgs prepare_bce(const at::Tensor& x, const at::Tensor& weight,
+                    const c10::optional<at::Tensor>& bias, const at::Tensor& target,
+                    const c10::optional<at::Tensor>& pos_weight,
+                    const c10::optional<at::Tensor>& sample_weight, int64_t reduction,
+                    bool grad_mode) {
+  check_loss_reduction(kBce, reduction);
+  TORCH_CHECK_VALUE(!(weight.dim() == 2 && weight.size(0) != 1), kBce,
+                    ": weight must have shape (1, D) for a binary classifier, got ",
+                    py_shape(weight.sizes()), "; use linear_cross_entropy for ", weight.size(0),
+                    " classes");
+  check_linear_public(kBce, x, weight, bias);
+  const auto lead = x.sizes().slice(0, x.dim() - 1);
+  TORCH_CHECK_VALUE(target.sizes() == lead, kBce, ": target must have shape ", py_shape(lead),
+                    " (x.shape[:-1]), got ", py_shape(target.sizes()));
+  TORCH_CHECK_TYPE(at::isFloatingType(target.scalar_type()), kBce,
+                   ": target must be a floating-point tensor of probabilities, got dtype ",
+                   py_dtype(target.scalar_type()));
+  check_same_device(kBce, "target", target, x);
+  check_no_grad(kBce, "target", target, grad_mode);
+  BceArgs a;
+  a.x2 = flatten_rows(x);
+  a.target = target.reshape({-1});
+  if (has(pos_weight)) {
+    check_no_grad(kBce, "pos_weight", pos_weight, grad_mode);
+    TORCH_CHECK_VALUE(pos_weight->numel() == 1, kBce,
+                      ": pos_weight must have one element (a binary classifier has one class), "
+                      "got shape ", py_shape(pos_weight->sizes()));
+    check_same_device(kBce, "pos_weight", *pos_weight, x);
+    // Finite check only where it costs no device synchronisation, and only on real tensors
+    // (not the fake / functional tensors of torch.compile and torch.export tracing).
+    const auto traced = c10::DispatchKeySet(
+        {c10::DispatchKey::Python, c10::DispatchKey::Functionalize});
+    if (pos_weight->device().is_cpu() && !pos_weight->key_set().has_any(traced)) {
+      const double pw = pos_weight->to(at::kDouble).item<double>();
+      TORCH_CHECK_VALUE(std::isfinite(pw), kBce, ": pos_weight must be finite, got ", pw);
+    }
+    a.pos_weight = pos_weight->reshape({1});
+  }
+  if (has(sample_weight)) {
+    check_no_grad(kBce, "sample_weight", sample_weight, grad_mode);
+    check_same_device(kBce, "sample_weight", *sample_weight, x);
+    TORCH_CHECK_VALUE(at::is_expandable_to(sample_weight->sizes(), lead), kBce,
+                      ": sample_weight of shape ", py_shape(sample_weight->sizes()),
+                      " does not broadcast to the target's shape ", py_shape(lead));
+    a.sample_weight = sample_weight->expand(lead).reshape({-1}).contiguous();
+  }
+  return a;
+}
+
+at::Tensor reshape_loss(const at::Tensor& loss, const at::Tensor& x, int64_t reduction) {
+  if (reduction != 0) return loss;
+  return loss.reshape(x.sizes().slice(0, x.dim() - 1));
+}
+
+at::Tensor linear_bce_autograd(const at::Tensor& x, const at::Tensor& weight,
+                               const c10::optional<at::Tensor>& bias, const at::Tensor& target,
+                               const c10::optional<at::Tensor>& pos_weight,
+                               const c10::optional<at::Tensor>& sample_weight, int64_t reduction,
+                               bool float32_loss) {
+  const bool grad = at::GradMode::is_enabled();
+  BceArgs a = prepare_bce(x, weight, bias, target, pos_weight, sample_weight, reduction, grad);
+  const bool nx = grad && x.requires_grad(), nw = grad && weight.requires_grad();
+  const bool nb = grad && has(bias) && bias->requires_grad();
+  at::Tensor loss;
+  if (nx || nw || nb) {
+    loss = BceFn::apply(a.x2, weight, bias, a.target, opt(a.pos_weight), opt(a.sample_weight),
+                        reduction, float32_loss, nx, nw, nb);
+  } else {
+    at::AutoDispatchBelowADInplaceOrView below;
+    loss = loss_out(std::get<0>(bce_fwd_op().call(a.x2, weight, bias, a.target, opt(a.pos_weight),
+                                                  opt(a.sample_weight), reduction, false, false,
+                                                  false)),
+                    x, float32_loss);
+  }
+  return reshape_loss(loss, x, reduction);
+}
+
+at::Tensor linear_bce_plain(const at::Tensor& x, const at::Tensor& weight,
+                            const c10::optional<at::Tensor>& bias, const at::Tensor& target,
+                            const c10::optional<at::Tensor>& pos_weight,
+                            const c10::optional<at::Tensor>& sample_weight, int64_t reduction,
+                            bool float32_loss) {
+  BceArgs a = prepare_bce(x, weight, bias, target, pos_weight, sample_weight, reduction, false);
+  const at::Tensor loss = std::get<0>(bce_fwd_op().call(a.x2, weight, bias, a.target,
+                                                        opt(a.pos_weight), opt(a.sample_weight),
+                                                        reduction, false, false, false));
+  return reshape_loss(loss_out(loss, x, float32_loss), x, reduction);
+}
+
+struct CeArgs {
+  at::Tensor x2, target, class_weight;
+};
+
+CeArgs prepare_ce(const at::Tensor& x, const at::Tensor& weight,
+                  const c10::optional<at::Tensor>& bias, const at::Tensor& target,
+                  const c10::optional<at::Tensor>& class_weight, double label_smoothing,
+                  int64_t reduction, bool grad_mode) {
+  check_loss_reduction(kCe, reduction);
+  check_linear_public(kCe, x, weight, bias);
+  const auto lead = x.sizes().slice(0, x.dim() - 1);
+  TORCH_CHECK_VALUE(target.sizes() == lead, kCe, ": target must have shape ", py_shape(lead),
+                    " (x.shape[:-1]) of class indices, got ", py_shape(target.sizes()));
+  const auto tt = target.scalar_type();
+  TORCH_CHECK_TYPE(at::isIntegralType(tt, /*includeBool=*/false), kCe,
+                   ": target must hold integer class indices, got dtype ", py_dtype(tt),
+                   " (probability targets are not supported by the fused kernel)");
+  TORCH_CHECK_VALUE(label_smoothing >= 0.0 && label_smoothing <= 1.0, kCe,
+                    ": label_smoothing must be in [0, 1], got ", label_smoothing);
+  check_same_device(kCe, "target", target, x);
+  CeArgs a;
+  a.x2 = flatten_rows(x);
+  a.target = target.reshape({-1});
+  if (a.target.scalar_type() != at::kLong) a.target = a.target.to(at::kLong);
+  if (has(class_weight)) {
+    check_no_grad(kCe, "class_weight", class_weight, grad_mode);
+    const int64_t C = weight.size(0);
+    TORCH_CHECK_VALUE(class_weight->dim() == 1 && class_weight->size(0) == C, kCe,
+                      ": class_weight must have shape (", C, ",), one weight per class, got ",
+                      py_shape(class_weight->sizes()));
+    check_same_device(kCe, "class_weight", *class_weight, x);
+    TORCH_CHECK_TYPE(at::isFloatingType(class_weight->scalar_type()), kCe,
+                     ": class_weight must be a floating-point tensor, got dtype ",
+                     py_dtype(class_weight->scalar_type()));
+    a.class_weight = class_weight->contiguous();
+  }
+  return a;
+}
+
+at::Tensor linear_ce_autograd(const at::Tensor& x, const at::Tensor& weight,
+                              const c10::optional<at::Tensor>& bias, const at::Tensor& target,
+                              const c10::optional<at::Tensor>& class_weight,
+                              int64_t ignore_index, double label_smoothing, int64_t reduction,
+                              bool float32_loss) {
+  const bool grad = at::GradMode::is_enabled();
+  CeArgs a = prepare_ce(x, weight, bias, target, class_weight, label_smoothing, reduction, grad);
+  const bool nx = grad && x.requires_grad(), nw = grad && weight.requires_grad();
+  const bool nb = grad && has(bias) && bias->requires_grad();
+  at::Tensor loss;
+  if (nx || nw || nb) {
+    loss = CeFn::apply(a.x2, weight, bias, a.target, opt(a.class_weight), ignore_index,
+                       label_smoothing, reduction, float32_loss, nx, nw, nb);
+  } else {
+    at::AutoDispatchBelowADInplaceOrView below;
+    loss = loss_out(std::get<0>(ce_fwd_op().call(a.x2, weight, bias, a.target,
+                                                 opt(a.class_weight), ignore_index,
+                                                 label_smoothing, reduction, false, false,
+                                                 false)),
+                    x, float32_loss);
+  }
+  return reshape_loss(loss, x, reduction);
+}
+
+at::Tensor linear_ce_plain(const at::Tensor& x, const at::Tensor& weight,
+                           const c10::optional<at::Tensor>& bias, const at::Tensor& target,
+                           const c10::optional<at::Tensor>& class_weight, int64_t ignore_index,
+                           double label_smoothing, int64_t reduction, bool float32_loss) {
+  CeArgs a = prepare_ce(x, weight, bias, target, class_weight, label_smoothing, reduction, false);
+  const at::Tensor loss = std::get<0>(ce_fwd_op().call(a.x2, weight, bias, a.target,
+                                                       opt(a.class_weight), ignore_index,
+                                                       label_smoothing, reduction, false, false,
+                                                       false));
+  return reshape_loss(loss_out(loss, x, float32_loss), x, reduction);
+}
+
+}  // namespace
+}  // namespace manual_layers
+
+TORCH_LIBRARY_IMPL(manual_layers, Autograd, m) {
+  m.impl("linear", &manual_layers::linear_autograd);
+  m.impl("linear_bce", &manual_layers::linear_bce_autograd);
+  m.impl("linear_ce", &manual_layers::linear_ce_autograd);
+}
+
+TORCH_LIBRARY_IMPL(manual_layers, CPU, m) {
+  m.impl("linear", &manual_layers::linear_plain);
+  m.impl("linear_bce", &manual_layers::linear_bce_plain);
+  m.impl("linear_ce", &manual_layers::linear_ce_plain);
+}
+
+TORCH_LIBRARY_IMPL(manual_layers, CUDA, m) {
+  m.impl("linear", &manual_layers::linear_plain);
+  m.impl("linear_bce", &manual_layers::linear_bce_plain);
+  m.impl("linear_ce", &manual_layers::linear_ce_plain);
+}

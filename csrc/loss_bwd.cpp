@@ -1,0 +1,70 @@
+// _linear_loss_bwd: the backward of the fused losses (csrc/logreg.h explains the split between
+// forward and backward). Device-generic ATen code: the same function serves CPU and CUDA
+// tensors, reads grad_output only on the device (no host synchronisation, so a training step
+// can be captured in a CUDA graph), and writes each output once.
+#include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
+#include <torch/library.h>
+
+#include "logreg.h"
+
+namespace manual_layers {
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_loss_bwd(
+    const at::Tensor& grad_loss, const at::Tensor& residual, const at::Tensor& x,
+    const at::Tensor& weight, const at::Tensor& grad_weight, const at::Tensor& grad_bias,
+    int64_t reduction, bool need_x, bool need_weight, bool need_bias) {
+  constexpr const char* op = "manual_layers._linear_loss_bwd";
+  TORCH_CHECK(weight.dim() == 2, op, ": weight must be (C, D), got ", weight.sizes());
+  const auto dt = weight.scalar_type();
+  const auto acc = at::toOpMathType(dt);
+  const int64_t C = weight.size(0), D = weight.size(1);
+  // Each output that is not computed is its own empty tensor: outputs must not alias.
+  auto none = [&] { return at::empty({0}, weight.options()); };
+  at::Tensor gx = none(), gw = none(), gb = none();
+  if (need_x || reduction == 0) {
+    TORCH_CHECK(residual.dim() == 2 && residual.size(1) == C, op,
+                ": residual must be (N, ", C, "), got ", residual.sizes());
+  }
+  if (reduction != 0) {
+    TORCH_CHECK(grad_loss.numel() == 1, op, ": grad_loss must have one element, got shape ",
+                grad_loss.sizes());
+    const at::Tensor g = grad_loss.reshape({}).to(acc);
+    if (need_x) gx = at::mm((residual * g).to(dt), weight);
+    if (need_weight) {
+      TORCH_CHECK(grad_weight.sizes() == weight.sizes(), op, ": grad_weight must be ",
+                  weight.sizes(), ", got ", grad_weight.sizes());
+      gw = (grad_weight * g).to(dt);
+    }
+    if (need_bias) {
+      TORCH_CHECK(grad_bias.dim() == 1 && grad_bias.size(0) == C, op, ": grad_bias must be (",
+                  C, ",), got ", grad_bias.sizes());
+      gb = (grad_bias * g).to(dt);
+    }
+    return {gx, gw, gb};
+  }
+  const int64_t N = residual.size(0);
+  TORCH_CHECK(grad_loss.numel() == N, op, ": grad_loss must have ", N, " elements, got shape ",
+              grad_loss.sizes());
+  // G = residual * grad_loss in acc_t (the bias gradient sums it at full precision); the
+  // GEMMs run in x's dtype (fp32 accumulation inside for 16-bit types).
+  const at::Tensor G = residual.to(acc) * grad_loss.reshape({N, 1}).to(acc);
+  const at::Tensor Gd = G.to(dt);
+  if (need_x) gx = at::mm(Gd, weight);
+  if (need_weight) {
+    TORCH_CHECK(x.dim() == 2 && x.size(0) == N && x.size(1) == D, op, ": x must be (", N, ", ",
+                D, "), got ", x.sizes());
+    gw = at::mm(Gd.t(), x);
+  }
+  if (need_bias) gb = G.sum(0).to(dt);
+  return {gx, gw, gb};
+}
+
+}  // namespace manual_layers
+
+TORCH_LIBRARY_IMPL(manual_layers, CPU, m) {
+  m.impl("_linear_loss_bwd", &manual_layers::linear_loss_bwd);
+}
+TORCH_LIBRARY_IMPL(manual_layers, CUDA, m) {
+  m.impl("_linear_loss_bwd", &manual_layers::linear_loss_bwd);
+}
