@@ -29,14 +29,14 @@ int main() {
 
   auto fwd = op<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
                                                    const c10::optional<at::Tensor>&,
-                                                   c10::string_view, bool)>("manual_layers::linear_fwd");
+                                                   c10::string_view, bool)>("manual_layers::_linear_fwd");
   auto [y, pre] = fwd.call(x, w, b, "gelu", true);
   expect_close("linear_fwd gelu", y, at::gelu(at::linear(x, w, b)), 1e-12);
   expect_close("linear_fwd pre", pre, at::linear(x, w, b), 1e-12);
 
   auto bwd = op<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
       const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-      c10::string_view, bool, bool, bool)>("manual_layers::linear_bwd");
+      c10::string_view, bool, bool, bool)>("manual_layers::_linear_bwd");
   const auto g = at::randn({37, 11}, at::kDouble);
   auto [gx, gw, gb] = bwd.call(g, x, w, pre, "gelu", true, true, true);
   const auto G = at::gelu_backward(g, pre);
@@ -44,18 +44,28 @@ int main() {
   expect_close("linear_bwd grad_weight", gw, at::mm(G.t(), x), 1e-12);
   expect_close("linear_bwd grad_bias", gb, G.sum(0), 1e-12);
 
-  auto bce = op<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
+  auto bce = op<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
       const at::Tensor&, const at::Tensor&, const c10::optional<at::Tensor>&, const at::Tensor&,
       const c10::optional<at::Tensor>&, const c10::optional<at::Tensor>&, int64_t, bool, bool,
-      bool)>("manual_layers::linear_bce_fwd");
+      bool)>("manual_layers::_linear_bce_fwd");
   const auto w1 = at::randn({1, 19}, at::kDouble), b1 = at::randn({1}, at::kDouble);
   const auto t = at::rand({37}, at::kDouble);
-  auto [loss, lgx, lgw, lgb, res] = bce.call(x, w1, b1, t, c10::nullopt, c10::nullopt, 1, true, true, true);
+  auto [loss, lgw, lgb, res] = bce.call(x, w1, b1, t, c10::nullopt, c10::nullopt, 1, true, true, true);
   const auto z = at::linear(x, w1, b1).squeeze(-1);
-  expect_close("linear_bce_fwd loss", loss, at::binary_cross_entropy_with_logits(z, t), 1e-12);
+  expect_close("_linear_bce_fwd loss", loss, at::binary_cross_entropy_with_logits(z, t), 1e-12);
   const auto r = (at::sigmoid(z) - t) / 37.0;
-  expect_close("linear_bce_fwd grad_weight", lgw, at::mm(r.unsqueeze(0), x), 1e-12);
-  expect_close("linear_bce_fwd grad_x", lgx, at::mm(r.unsqueeze(1), w1), 1e-12);
+  expect_close("_linear_bce_fwd grad_weight", lgw, at::mm(r.unsqueeze(0), x), 1e-12);
+  expect_close("_linear_bce_fwd residual", res, r.unsqueeze(1), 1e-12);
+
+  // The public op through its C++ autograd kernel: forward and backward without Python.
+  auto lin = op<at::Tensor(const at::Tensor&, const at::Tensor&, const c10::optional<at::Tensor>&,
+                           c10::string_view)>("manual_layers::linear");
+  const auto xr = x.clone().requires_grad_(true), wr = w.clone().requires_grad_(true);
+  const auto yr = lin.call(xr, wr, b, "gelu");
+  yr.backward(g);
+  expect_close("linear (autograd) output", yr.detach(), at::gelu(at::linear(x, w, b)), 1e-12);
+  expect_close("linear (autograd) grad_x", xr.grad(), at::mm(G, w), 1e-12);
+  expect_close("linear (autograd) grad_weight", wr.grad(), at::mm(G.t(), x), 1e-12);
 
   std::printf("%d passed, %d failed\n", passed, failed);
   return failed == 0 ? 0 : 1;

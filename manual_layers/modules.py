@@ -38,6 +38,12 @@ class Linear(nn.Linear):
         s = super().extra_repr()
         return s + (f", activation={self.activation!r}" if self.activation else "")
 
+    def __prepare_scriptable__(self):
+        raise RuntimeError(
+            "manual_layers.Linear: torch.jit.script is not supported (TorchScript cannot compile "
+            "the Python wrapper of its custom ops); use torch.compile or torch.export, which "
+            "trace the ops as single graph nodes")
+
     @classmethod
     def from_linear(cls, linear, activation=None):
         """A manual_layers.Linear that shares linear's parameters (no copy)."""

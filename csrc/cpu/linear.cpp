@@ -81,7 +81,7 @@ inline Vectorized<acc_t> act_fwd(const Vectorized<acc_t>& z) {
   using Vec = Vectorized<acc_t>;
   const Vec one(1), half(0.5);
   if constexpr (A == Act::None) return z;
-  if constexpr (A == Act::Relu) return at::vec::clamp_min(z, Vec(0));
+  if constexpr (A == Act::Relu) return Vec::blendv(z, Vec(0), z < Vec(0));  // NaN stays NaN
   if constexpr (A == Act::Gelu) {
     if constexpr (std::is_same_v<acc_t, float>) {
       Vec E;
@@ -107,7 +107,7 @@ inline Vectorized<acc_t> act_bwd(const Vectorized<acc_t>& g, const Vectorized<ac
   using Vec = Vectorized<acc_t>;
   const Vec one(1), half(0.5), zero(0);
   if constexpr (A == Act::None) return g;
-  if constexpr (A == Act::Relu) return Vec::blendv(zero, g, s > zero);
+  if constexpr (A == Act::Relu) return Vec::blendv(g, zero, s <= zero);  // NaN passes g, as torch
   if constexpr (A == Act::Gelu) {
     if constexpr (std::is_same_v<acc_t, float>) {
       Vec E;

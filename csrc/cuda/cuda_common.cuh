@@ -22,12 +22,14 @@
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 #include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAFunctions.h>
 #include <cublasLt.h>
 
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <unordered_map>
 
 #include "../common.h"
 
@@ -168,7 +170,7 @@ __host__ __device__ __forceinline__ acc_t act_forward(acc_t z) {
 template <Act A, typename acc_t>
 __host__ __device__ __forceinline__ acc_t act_backward(acc_t g, acc_t s) {
   if constexpr (A == Act::Relu) {
-    return s > acc_t(0) ? g : acc_t(0);  // as threshold_backward(g, y, 0)
+    return s <= acc_t(0) ? acc_t(0) : g;  // as threshold_backward(g, y, 0): NaN passes g
   } else if constexpr (A == Act::Gelu) {
     const acc_t cdf = acc_t(0.5) * (acc_t(1) + ml_erf(s * acc_t(kSqrtHalf)));
     const acc_t pdf = ml_exp(acc_t(-0.5) * s * s) * acc_t(kInvSqrt2Pi);
@@ -307,45 +309,69 @@ struct LtPref {
     if (ml_lt_status_ != CUBLAS_STATUS_SUCCESS) return ml_lt_status_; \
   } while (0)
 
-// Enqueues the matmul on the current stream with the current device's cuBLASLt handle
-// (the caller holds a CUDAGuard for the tensors' device). Returns CUBLAS_STATUS_SUCCESS when
-// the matmul was enqueued; any other status (also CUBLAS_STATUS_NOT_SUPPORTED when the
-// heuristic finds no algorithm, or when cuBLASLt is disabled by the environment) means that
-// D / bias / aux must be treated as unwritten. ws_options: device options for the workspace.
-inline cublasStatus_t lt_matmul(const LtGemm& g, const at::TensorOptions& ws_options) {
-  if (lt_disabled_by_env()) return CUBLAS_STATUS_NOT_SUPPORTED;
-  if (g.m <= 0 || g.n <= 0 || g.k <= 0) return CUBLAS_STATUS_INVALID_VALUE;
-  cublasLtHandle_t handle = at::cuda::getCurrentCUDABlasLtHandle();
-  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+// Everything about one matmul problem that cuBLASLt's descriptors and heuristic depend on;
+// pointers themselves are not part of it (only their alignment, which the heuristic is told).
+// No padding bytes (7 x 8 + 12 x 4 = 104), so raw bytes compare and hash.
+struct LtKey {
+  int64_t m, n, k, lda, ldb, ldd, aux_ld;
+  int32_t device, transa, transb, dtype, compute;
+  uint32_t epilogue, has_bias, has_aux, al_a, al_b, al_d, unused;
+  bool operator==(const LtKey& o) const {
+    return std::memcmp(this, &o, sizeof(LtKey)) == 0;
+  }
+};
+static_assert(sizeof(LtKey) == 104, "LtKey must have no padding");
+struct LtKeyHash {
+  size_t operator()(const LtKey& k) const {
+    const unsigned char* p = reinterpret_cast<const unsigned char*>(&k);
+    size_t h = 1469598103934665603ull;  // FNV-1a over the (zero-initialised) bytes
+    for (size_t i = 0; i < sizeof(LtKey); ++i) h = (h ^ p[i]) * 1099511628211ull;
+    return h;
+  }
+};
+
+// The cached part of a matmul: descriptors, layouts and the algorithm the heuristic chose
+// (or the status that said there is none, so a failing problem is not re-queried each call).
+struct LtPlan {
+  cublasStatus_t status = CUBLAS_STATUS_NOT_INITIALIZED;
+  detail::LtDesc op;
+  detail::LtLayout la, lb, ld;
+  cublasLtMatmulAlgo_t algo;
+  size_t workspace = 0;
+};
+
+// Builds a plan: descriptors, layouts, preference and one heuristic query.
+inline cublasStatus_t lt_make_plan(const LtGemm& g, const LtKey& key, cublasLtHandle_t handle,
+                                   LtPlan* plan) {
   const bool f64 = g.compute == CUBLAS_COMPUTE_64F || g.compute == CUBLAS_COMPUTE_64F_PEDANTIC;
   const cudaDataType_t scale_type = f64 ? CUDA_R_64F : CUDA_R_32F;
-
-  detail::LtDesc op;
-  ML_LT_TRY(cublasLtMatmulDescCreate(&op.h, g.compute, scale_type));
+  ML_LT_TRY(cublasLtMatmulDescCreate(&plan->op.h, g.compute, scale_type));
   const int32_t ta = g.transa, tb = g.transb;
-  ML_LT_TRY(cublasLtMatmulDescSetAttribute(op.h, CUBLASLT_MATMUL_DESC_TRANSA, &ta, sizeof(ta)));
-  ML_LT_TRY(cublasLtMatmulDescSetAttribute(op.h, CUBLASLT_MATMUL_DESC_TRANSB, &tb, sizeof(tb)));
+  ML_LT_TRY(cublasLtMatmulDescSetAttribute(plan->op.h, CUBLASLT_MATMUL_DESC_TRANSA, &ta, sizeof(ta)));
+  ML_LT_TRY(cublasLtMatmulDescSetAttribute(plan->op.h, CUBLASLT_MATMUL_DESC_TRANSB, &tb, sizeof(tb)));
   const uint32_t epi = static_cast<uint32_t>(g.epilogue);
-  ML_LT_TRY(cublasLtMatmulDescSetAttribute(op.h, CUBLASLT_MATMUL_DESC_EPILOGUE, &epi, sizeof(epi)));
+  ML_LT_TRY(cublasLtMatmulDescSetAttribute(plan->op.h, CUBLASLT_MATMUL_DESC_EPILOGUE, &epi,
+                                           sizeof(epi)));
+  // The heuristic sees the epilogue's pointers as set (values are replaced on every call).
   if (g.bias != nullptr) {
     const void* bp = g.bias;
-    ML_LT_TRY(cublasLtMatmulDescSetAttribute(op.h, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bp,
+    ML_LT_TRY(cublasLtMatmulDescSetAttribute(plan->op.h, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bp,
                                              sizeof(bp)));
   }
   if (g.aux != nullptr) {
     const void* ap = g.aux;
     const int64_t ald = g.aux_ld;
-    ML_LT_TRY(cublasLtMatmulDescSetAttribute(op.h, CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_POINTER, &ap,
-                                             sizeof(ap)));
-    ML_LT_TRY(cublasLtMatmulDescSetAttribute(op.h, CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_LD, &ald,
-                                             sizeof(ald)));
+    ML_LT_TRY(cublasLtMatmulDescSetAttribute(plan->op.h, CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_POINTER,
+                                             &ap, sizeof(ap)));
+    ML_LT_TRY(cublasLtMatmulDescSetAttribute(plan->op.h, CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_LD,
+                                             &ald, sizeof(ald)));
   }
-
   const bool a_n = g.transa == CUBLAS_OP_N, b_n = g.transb == CUBLAS_OP_N;
-  detail::LtLayout la, lb, ld;
-  ML_LT_TRY(cublasLtMatrixLayoutCreate(&la.h, g.dtype, a_n ? g.m : g.k, a_n ? g.k : g.m, g.lda));
-  ML_LT_TRY(cublasLtMatrixLayoutCreate(&lb.h, g.dtype, b_n ? g.k : g.n, b_n ? g.n : g.k, g.ldb));
-  ML_LT_TRY(cublasLtMatrixLayoutCreate(&ld.h, g.dtype, g.m, g.n, g.ldd));
+  ML_LT_TRY(cublasLtMatrixLayoutCreate(&plan->la.h, g.dtype, a_n ? g.m : g.k, a_n ? g.k : g.m,
+                                       g.lda));
+  ML_LT_TRY(cublasLtMatrixLayoutCreate(&plan->lb.h, g.dtype, b_n ? g.k : g.n, b_n ? g.n : g.k,
+                                       g.ldb));
+  ML_LT_TRY(cublasLtMatrixLayoutCreate(&plan->ld.h, g.dtype, g.m, g.n, g.ldd));
 
   detail::LtPref pref;
   ML_LT_TRY(cublasLtMatmulPreferenceCreate(&pref.h));
@@ -364,31 +390,97 @@ inline cublasStatus_t lt_matmul(const LtGemm& g, const at::TensorOptions& ws_opt
     ML_LT_TRY(cublasLtMatmulPreferenceSetAttribute(
         pref.h, CUBLASLT_MATMUL_PREF_REDUCTION_SCHEME_MASK, &mask, sizeof(mask)));
   }
-  const uint32_t al_a = ptr_alignment(g.A), al_b = ptr_alignment(g.B), al_d = ptr_alignment(g.D);
   ML_LT_TRY(cublasLtMatmulPreferenceSetAttribute(pref.h, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES,
-                                                 &al_a, sizeof(al_a)));
+                                                 &key.al_a, sizeof(key.al_a)));
   ML_LT_TRY(cublasLtMatmulPreferenceSetAttribute(pref.h, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES,
-                                                 &al_b, sizeof(al_b)));
+                                                 &key.al_b, sizeof(key.al_b)));
   ML_LT_TRY(cublasLtMatmulPreferenceSetAttribute(pref.h, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES,
-                                                 &al_d, sizeof(al_d)));
+                                                 &key.al_d, sizeof(key.al_d)));
   ML_LT_TRY(cublasLtMatmulPreferenceSetAttribute(pref.h, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES,
-                                                 &al_d, sizeof(al_d)));
+                                                 &key.al_d, sizeof(key.al_d)));
 
   cublasLtMatmulHeuristicResult_t heur;
   std::memset(&heur, 0, sizeof(heur));
   int returned = 0;
-  ML_LT_TRY(cublasLtMatmulAlgoGetHeuristic(handle, op.h, la.h, lb.h, ld.h, ld.h, pref.h, 1, &heur,
-                                           &returned));
+  ML_LT_TRY(cublasLtMatmulAlgoGetHeuristic(handle, plan->op.h, plan->la.h, plan->lb.h, plan->ld.h,
+                                           plan->ld.h, pref.h, 1, &heur, &returned));
   if (returned < 1 || heur.state != CUBLAS_STATUS_SUCCESS) return CUBLAS_STATUS_NOT_SUPPORTED;
   if (heur.workspaceSize > max_ws) return CUBLAS_STATUS_NOT_SUPPORTED;
+  plan->algo = heur.algo;
+  plan->workspace = heur.workspaceSize;
+  return CUBLAS_STATUS_SUCCESS;
+}
 
-  // The workspace goes back to the caching allocator when this function returns; that is safe
-  // because the allocator only reuses it for work queued later on the same stream.
+// The plan of a problem, built on first use and then reused (issue #6: descriptors, layouts
+// and heuristic queries made afresh on every call were a large part of the host time of small
+// layers). One cache per host thread, so the descriptors it mutates (bias / aux pointers) are
+// never shared between threads; bounded (cleared when it reaches kLtCacheMax plans). Plans are
+// intentionally not destroyed at thread exit (cuBLASLt may be unloaded by then).
+constexpr size_t kLtCacheMax = 1024;
+
+inline LtPlan* lt_plan(const LtGemm& g, const LtKey& key, cublasLtHandle_t handle) {
+  thread_local auto* cache = new std::unordered_map<LtKey, LtPlan*, LtKeyHash>();
+  auto it = cache->find(key);
+  if (it != cache->end()) return it->second;
+  if (cache->size() >= kLtCacheMax) {
+    for (auto& kv : *cache) delete kv.second;
+    cache->clear();
+  }
+  auto* plan = new LtPlan();
+  plan->status = lt_make_plan(g, key, handle, plan);
+  cache->emplace(key, plan);
+  return plan;
+}
+
+// Enqueues the matmul on the current stream with the current device's cuBLASLt handle
+// (the caller holds a CUDAGuard for the tensors' device). Returns CUBLAS_STATUS_SUCCESS when
+// the matmul was enqueued; any other status (also CUBLAS_STATUS_NOT_SUPPORTED when the
+// heuristic finds no algorithm, or when cuBLASLt is disabled by the environment) means that
+// D / bias / aux must be treated as unwritten. ws_options: device options for the workspace.
+inline cublasStatus_t lt_matmul(const LtGemm& g, const at::TensorOptions& ws_options) {
+  if (lt_disabled_by_env()) return CUBLAS_STATUS_NOT_SUPPORTED;
+  if (g.m <= 0 || g.n <= 0 || g.k <= 0) return CUBLAS_STATUS_INVALID_VALUE;
+  cublasLtHandle_t handle = at::cuda::getCurrentCUDABlasLtHandle();
+  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const bool f64 = g.compute == CUBLAS_COMPUTE_64F || g.compute == CUBLAS_COMPUTE_64F_PEDANTIC;
+
+  LtKey key;
+  std::memset(&key, 0, sizeof(key));  // padding bytes too: the key is hashed and compared raw
+  key.device = static_cast<int>(c10::cuda::current_device());
+  key.transa = g.transa;
+  key.transb = g.transb;
+  key.m = g.m, key.n = g.n, key.k = g.k;
+  key.lda = g.lda, key.ldb = g.ldb, key.ldd = g.ldd, key.aux_ld = g.aux_ld;
+  key.dtype = static_cast<int32_t>(g.dtype);
+  key.compute = static_cast<int32_t>(g.compute);
+  key.epilogue = static_cast<uint32_t>(g.epilogue);
+  key.has_bias = g.bias != nullptr;
+  key.has_aux = g.aux != nullptr;
+  key.al_a = ptr_alignment(g.A);
+  key.al_b = ptr_alignment(g.B);
+  key.al_d = ptr_alignment(g.D);
+  LtPlan* plan = lt_plan(g, key, handle);
+  if (plan->status != CUBLAS_STATUS_SUCCESS) return plan->status;
+
+  // This call's epilogue pointers.
+  if (g.bias != nullptr) {
+    const void* bp = g.bias;
+    ML_LT_TRY(cublasLtMatmulDescSetAttribute(plan->op.h, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bp,
+                                             sizeof(bp)));
+  }
+  if (g.aux != nullptr) {
+    const void* ap = g.aux;
+    ML_LT_TRY(cublasLtMatmulDescSetAttribute(plan->op.h, CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_POINTER,
+                                             &ap, sizeof(ap)));
+  }
+
+  // The workspace comes from the caching allocator and goes back to it when this function
+  // returns; that is safe because the allocator only reuses it for work queued later on the
+  // same stream.
   at::Tensor workspace;
   void* ws_ptr = nullptr;
-  if (heur.workspaceSize > 0) {
-    workspace = at::empty({static_cast<int64_t>(heur.workspaceSize)},
-                          ws_options.dtype(at::kByte));
+  if (plan->workspace > 0) {
+    workspace = at::empty({static_cast<int64_t>(plan->workspace)}, ws_options.dtype(at::kByte));
     ws_ptr = workspace.data_ptr();
   }
 
@@ -396,8 +488,9 @@ inline cublasStatus_t lt_matmul(const LtGemm& g, const at::TensorOptions& ws_opt
   const double alpha_d = 1.0, beta_d = 0.0;
   const void* alpha = f64 ? static_cast<const void*>(&alpha_d) : static_cast<const void*>(&alpha_f);
   const void* beta = f64 ? static_cast<const void*>(&beta_d) : static_cast<const void*>(&beta_f);
-  ML_LT_TRY(cublasLtMatmul(handle, op.h, alpha, g.A, la.h, g.B, lb.h, beta, g.D, ld.h, g.D, ld.h,
-                           &heur.algo, ws_ptr, heur.workspaceSize, stream));
+  ML_LT_TRY(cublasLtMatmul(handle, plan->op.h, alpha, g.A, plan->la.h, g.B, plan->lb.h, beta, g.D,
+                           plan->ld.h, g.D, plan->ld.h, &plan->algo, ws_ptr, plan->workspace,
+                           stream));
   return CUBLAS_STATUS_SUCCESS;
 }
 

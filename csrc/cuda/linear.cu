@@ -499,8 +499,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_bwd_cuda(
 }
 
 TORCH_LIBRARY_IMPL(manual_layers, CUDA, m) {
-  m.impl("linear_fwd", &linear_fwd_cuda);
-  m.impl("linear_bwd", &linear_bwd_cuda);
+  m.impl("_linear_fwd", &linear_fwd_cuda);
+  m.impl("_linear_bwd", &linear_bwd_cuda);
 }
 
 }  // namespace manual_layers

@@ -12,8 +12,8 @@
 //    is a multiple of VEC; a scalar path otherwise), together with the same columns of w and of
 //    its fp32 (fp64) partial grad_w. Per row: z = x.w (warp shuffles; plus a fixed-order sum
 //    over the group's warps through shared memory when WPR > 1) + b, the loss term
-//    (log-sigmoid in its stable form), r = dloss/dz, grad_w += r x, and dX = (r / den) w when
-//    needed. Rows go to blocks in a grid-stride loop. At the end each block sums its groups'
+//    (log-sigmoid in its stable form), r = dloss/dz, grad_w += r x, and the residual r / den
+//    (one acc_t per row) when x needs a gradient (backward writes dX from it: csrc/logreg.h). Rows go to blocks in a grid-stride loop. At the end each block sums its groups'
 //    grad_w in a fixed order (shared memory) and writes one row of a [B, D] fp32 workspace,
 //    plus its loss and grad_b partials ([B] each): O(B*D) temporary memory, never O(N).
 //    finalize_kernel then sums the B partials in a fixed order (bitwise deterministic, no
@@ -33,7 +33,8 @@
 //          then C warp butterflies per row give every lane all the logits (+ bias);
 //      A2  stable log-softmax, loss term, residual r_c = dloss_i/dz_ic (csrc/logreg.h formulas;
 //          ignore_index: loss 0, r = 0), r to shared memory;
-//      A3  when grad_x is wanted, dX_i = sum_c (r_c / den) W_c (W from shared memory);
+//      A3  when grad_x is wanted, the residual r_c / den (C acc_t values per row) to global
+//          memory (backward writes dX = (g res) W by GEMM: csrc/logreg.h);
 //      B   thread t owns grad_W columns t + 256 j (j < DJ <= 4) for all classes in registers
 //          (CMAX * DJ <= 64 accumulators) and adds r_c x_ic over the tile's rows in order;
 //          thread c < C owns grad_b[c].
@@ -42,15 +43,15 @@
 //    the B partials in a fixed order (bitwise deterministic, no float atomics) and divides by
 //    the mean denominator. For mean, ce_den_partial_kernel + ce_den_final_kernel put the
 //    denominator in one device element before the main kernel runs (same stream; no host
-//    sync), so the kernel can scale dX. Shared-memory traffic for W (2 C D fp32 reads per
-//    two rows) and the C butterflies per row are the main costs beyond the X read / dX write;
+//    sync), so the kernel can scale the residual. Shared-memory traffic for W (2 C D fp32 reads
+//    per two rows) and the C butterflies per row are the main costs beyond the X read;
 //    the kernel has not been timed (no GPU when written).
 //
 // 2. GEMM path (everything else: reduction none, binary with larger D, multinomial outside
 //    the limits of 1b):
 //    logits = x W^T through at::mm (cuBLAS, fp32 accumulation), a row kernel of our own that
-//    adds the bias in fp32, computes the loss terms and writes the residual dloss/dlogits in
-//    place of the logits (scaled by 1/den for mean), then grad_x = R W and grad_w = R^T x
+//    adds the bias in fp32, computes the loss terms and writes the residual dloss/dlogits
+//    into an (N, C) acc_t buffer (scaled by 1/den for mean), then grad_w = R^T x
 //    through at::mm and grad_b = R.sum(0) through at::sum (fp32 accumulation). This reads X
 //    twice when grad_w is needed and holds an (N, C) buffer: correct and deterministic.
 //
@@ -155,15 +156,15 @@ struct BceFusedParams {
   const scalar_t* target;   // (N,)
   const acc_t* pos_weight;  // (1,) or nullptr
   const scalar_t* sw;       // (N,) or nullptr
-  scalar_t* dx;             // (N, D) or nullptr (need_x)
+  acc_t* res;               // (N,) residual dloss/dz / den, or nullptr (need_x)
   acc_t* ws_gw;             // (B, D) or nullptr (need_weight)
   acc_t* ws_loss;           // (B,)
   acc_t* ws_gb;             // (B,)
   int64_t N;
   int64_t D;
-  acc_t den;                // N for mean, 1 for sum: dX = r / den * w
+  acc_t den;                // N for mean, 1 for sum: res = r / den
   int wpr;                  // warps per row: 1, 2, 4 or 8
-  bool vec_ok;              // 16-byte vector loads/stores are aligned for every row
+  bool vec_ok;              // 16-byte vector loads are aligned for every row
 };
 
 // Minimum resident blocks per SM asked of the register allocator: 3 (24 warps, so enough
@@ -270,26 +271,8 @@ __global__ void __launch_bounds__(kThreads, (CHUNKS <= 2 || sizeof(scalar_t) == 
 #pragma unroll
           for (int e = 0; e < VEC; ++e) gw[k][e] += r * static_cast<acc_t>(xr[k].val[e]);
       }
-      if (p.dx != nullptr) {
-        const acc_t rs = r / den;
-        scalar_t* drow = p.dx + i * D;
-#pragma unroll
-        for (int k = 0; k < CHUNKS; ++k) {
-          const int64_t c0 = (static_cast<int64_t>(j * CHUNKS + k) * 32 + lane) * VEC;
-          if (p.vec_ok) {
-            if (c0 < D) {
-              Vec o;
-#pragma unroll
-              for (int e = 0; e < VEC; ++e) o.val[e] = static_cast<scalar_t>(rs * wv[k][e]);
-              *reinterpret_cast<Vec*>(drow + c0) = o;
-            }
-          } else {
-#pragma unroll
-            for (int e = 0; e < VEC; ++e)
-              if (c0 + e < D) drow[c0 + e] = static_cast<scalar_t>(rs * wv[k][e]);
-          }
-        }
-      }
+      // The residual for backward's dX = (g res) w (csrc/logreg.h): one value per row.
+      if (p.res != nullptr && j == 0 && lane == 0) p.res[i] = r / den;
     }
   }
 
@@ -339,9 +322,9 @@ struct FinalizeParams {
   const acc_t* ws_loss;  // (B,)
   const acc_t* ws_gb;    // (B, C) or nullptr (C == nb)
   const acc_t* den_ws;   // (n_den,) partial denominators, or nullptr: use host_den
-  scalar_t* gw_out;      // (D,) (one class) or nullptr
-  scalar_t* gb_out;      // (nb,) or nullptr
-  scalar_t* loss_out;    // 0-d
+  acc_t* gw_out;         // (D,) (one class) or nullptr
+  acc_t* gb_out;         // (nb,) or nullptr
+  acc_t* loss_out;       // 0-d
   int64_t B;
   int64_t D;
   int64_t nb;
@@ -379,22 +362,21 @@ __global__ void __launch_bounds__(kThreads) finalize_kernel(const FinalizeParams
     if (warp == 0 && col < p.D) {
       acc_t t = 0;
       for (int w = 0; w < kWarps; ++w) t += s_part[w][lane];
-      p.gw_out[col] = static_cast<scalar_t>(grad_div(t, den));
+      p.gw_out[col] = grad_div(t, den);
     }
   }
   if (blockIdx.x == 0) {
     const acc_t l = block_sum_partials(p.ws_loss, p.B, sbuf);
     if (threadIdx.x == 0) {
       // den == 0: NaN as on the CPU (l / 0 would be +-inf when l != 0).
-      p.loss_out[0] = static_cast<scalar_t>(
-          den != acc_t(0) ? l / den : std::numeric_limits<acc_t>::quiet_NaN());
+      p.loss_out[0] = den != acc_t(0) ? l / den : std::numeric_limits<acc_t>::quiet_NaN();
     }
     if (p.ws_gb != nullptr && p.gb_out != nullptr) {
       for (int64_t c = 0; c < p.nb; ++c) {  // nb is 1 on the fused path
         acc_t v = 0;
         for (int64_t b = threadIdx.x; b < p.B; b += kThreads) v += p.ws_gb[b * p.nb + c];
         v = block_sum(v, sbuf);
-        if (threadIdx.x == 0) p.gb_out[c] = static_cast<scalar_t>(grad_div(v, den));
+        if (threadIdx.x == 0) p.gb_out[c] = grad_div(v, den);
       }
     }
   }
@@ -402,14 +384,14 @@ __global__ void __launch_bounds__(kThreads) finalize_kernel(const FinalizeParams
 
 // ---------------------------------------------------------------------------------------
 // Row kernels of the GEMM path (path 2). logits (N, C) in x's dtype, as at::mm wrote them;
-// res may alias logits (each lane reads and writes only its own entries of a row).
+// res (N, C) acc_t, a separate buffer.
 // ---------------------------------------------------------------------------------------
 
 template <typename scalar_t, typename acc_t>
 struct RowParams {
   const scalar_t* logits;   // (N, C)
-  scalar_t* res;            // (N, C) residual out, or nullptr
-  scalar_t* loss_out;       // (N,) per-row loss (reduction none), or nullptr
+  acc_t* res;               // (N, C) residual out, or nullptr
+  acc_t* loss_out;          // (N,) per-row loss (reduction none), or nullptr
   acc_t* ws_loss;           // (gridDim.x,) per-block loss partials, or nullptr
   const acc_t* bias;        // (C,) or nullptr
   const scalar_t* ftarget;  // binary: (N,) targets of x's dtype
@@ -443,8 +425,8 @@ __global__ void __launch_bounds__(kThreads) bce_rows_kernel(const RowParams<scal
     acc_t loss_i, r;
     bce_term(z, y, has_pw, pw, sw, loss_i, r);
     loss_acc += loss_i;
-    if (p.loss_out != nullptr) p.loss_out[i] = static_cast<scalar_t>(loss_i);
-    if (p.res != nullptr) p.res[i] = static_cast<scalar_t>(r / den);
+    if (p.loss_out != nullptr) p.loss_out[i] = loss_i;
+    if (p.res != nullptr) p.res[i] = r / den;
   }
   if (p.ws_loss != nullptr) {
     const acc_t s = block_sum(loss_acc, sbuf);
@@ -468,7 +450,7 @@ __global__ void __launch_bounds__(kThreads) ce_rows_kernel(const RowParams<scala
   const int64_t step = static_cast<int64_t>(gridDim.x) * kWarps;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * kWarps + warp; i < p.N; i += step) {
     const scalar_t* zr = p.logits + i * C;
-    scalar_t* rr = p.res != nullptr ? p.res + i * C : nullptr;
+    acc_t* rr = p.res != nullptr ? p.res + i * C : nullptr;
     const int64_t y = p.itarget[i];  // the same for every lane: warp-uniform branches below
     if (y != p.ignore_index) {
       CUDA_KERNEL_ASSERT(y >= 0 && y < C && "linear_ce_fwd: target class index out of range");
@@ -477,8 +459,8 @@ __global__ void __launch_bounds__(kThreads) ce_rows_kernel(const RowParams<scala
     const bool active = y != p.ignore_index && y >= 0 && y < C;
     if (!active) {
       if (rr != nullptr)
-        for (int64_t c = lane; c < C; c += 32) rr[c] = static_cast<scalar_t>(0);
-      if (p.loss_out != nullptr && lane == 0) p.loss_out[i] = static_cast<scalar_t>(0);
+        for (int64_t c = lane; c < C; c += 32) rr[c] = acc_t(0);
+      if (p.loss_out != nullptr && lane == 0) p.loss_out[i] = acc_t(0);
       continue;
     }
     acc_t m = -std::numeric_limits<acc_t>::infinity();
@@ -519,12 +501,12 @@ __global__ void __launch_bounds__(kThreads) ce_rows_kernel(const RowParams<scala
         acc_t r = a * dev_exp(z - lse);
         if (c == y) r -= (acc_t(1) - eps) * wy;
         if (smooth) r -= eps_c * (p.cw != nullptr ? p.cw[c] : acc_t(1));
-        rr[c] = static_cast<scalar_t>(grad_div(r, den));  // den 0: zero gradients
+        rr[c] = grad_div(r, den);  // den 0: zero gradients
       }
     }
     if (lane == 0) {
       loss_acc += loss_i;
-      if (p.loss_out != nullptr) p.loss_out[i] = static_cast<scalar_t>(loss_i);
+      if (p.loss_out != nullptr) p.loss_out[i] = loss_i;
     }
   }
   if (p.ws_loss != nullptr) {
@@ -586,7 +568,7 @@ struct CeFusedParams {
   const int64_t* target;   // (N,)
   const acc_t* cw;         // (C,) class weights or nullptr
   const acc_t* den;        // (1,) finalized mean denominator, or nullptr (sum: 1)
-  scalar_t* dx;            // (N, D) or nullptr (need_x)
+  acc_t* res;              // (N, C) residual / den, or nullptr (need_x)
   acc_t* ws_gw;            // (B, C, D) or nullptr (need_weight)
   acc_t* ws_gb;            // (B, C) or nullptr (need_bias)
   acc_t* ws_loss;          // (B,)
@@ -596,7 +578,6 @@ struct CeFusedParams {
   int C;                   // <= CMAX <= 32
   acc_t eps;               // label smoothing
   bool vec_ok;             // x: 16-byte vector loads aligned for every row
-  bool dx_vec;             // dx: 4-element vector stores aligned for every row
 };
 
 // Four consecutive values of p (aligned to 4 elements) converted to acc_t: one vector load
@@ -734,7 +715,8 @@ __global__ void __launch_bounds__(kThreads)
       for (int c = 0; c < CMAX; ++c)
         if (c < C) z[rr][c] = warp_sum(z[rr][c]) + sB[c];  // every lane: all logits
 
-    // Phase A2/A3: loss term, residual r (to sR), dX row. Branches are warp-uniform.
+    // Phase A2/A3: loss term, residual r (to sR and, scaled, to res). Branches are
+    // warp-uniform.
 #pragma unroll
     for (int rr = 0; rr < RW; ++rr) {
       const int r = warp * RW + rr;
@@ -793,33 +775,12 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
         for (int c = 0; c < CMAX; ++c) sR[r * CMAX + c] = res[c];
       }
-      if (p.dx != nullptr) {
-        acc_t rs[CMAX];
+      // The residual for backward's dX = (g res) W (csrc/logreg.h): C values per row.
+      if (p.res != nullptr && lane == 0) {
+        acc_t* rrow = p.res + i * static_cast<int64_t>(C);
 #pragma unroll
-        for (int c = 0; c < CMAX; ++c) rs[c] = grad_div(res[c], den);
-        scalar_t* drow = p.dx + i * static_cast<int64_t>(D);
-        for (int d0 = lane * 4; d0 < D; d0 += kCeColStep) {  // no shuffles inside
-          acc_t o[4] = {acc_t(0), acc_t(0), acc_t(0), acc_t(0)};
-#pragma unroll
-          for (int c = 0; c < CMAX; ++c) {
-            if (c < C) {
-              acc_t wv[4];
-              load4(sW + c * DS + d0, wv);
-#pragma unroll
-              for (int e = 0; e < 4; ++e) o[e] += rs[c] * wv[e];
-            }
-          }
-          if (p.dx_vec) {  // D % 4 == 0: d0 .. d0 + 3 all < D
-            AlignedVec<scalar_t, 4> ov;
-#pragma unroll
-            for (int e = 0; e < 4; ++e) ov.val[e] = static_cast<scalar_t>(o[e]);
-            *reinterpret_cast<AlignedVec<scalar_t, 4>*>(drow + d0) = ov;
-          } else {
-#pragma unroll
-            for (int e = 0; e < 4; ++e)
-              if (d0 + e < D) drow[d0 + e] = static_cast<scalar_t>(o[e]);
-          }
-        }
+        for (int c = 0; c < CMAX; ++c)
+          if (c < C) rrow[c] = grad_div(res[c], den);
       }
     }
     __syncthreads();  // sR of every row of the tile written
@@ -878,8 +839,6 @@ __global__ void __launch_bounds__(kThreads)
 // Host side
 // ---------------------------------------------------------------------------------------
 
-at::Tensor empty0(const at::Tensor& x) { return at::empty({0}, x.options()); }
-
 at::ScalarType acc_type_of(at::ScalarType t) {
   return t == at::kDouble ? at::kDouble : at::kFloat;
 }
@@ -900,17 +859,19 @@ const void* opt_ptr(const at::Tensor& t) { return t.defined() ? t.data_ptr() : n
 // Outputs for N == 0 (no kernel launches): torch gives NaN for mean, 0 for sum.
 LossOut empty_batch(const at::Tensor& x, int64_t C, int64_t D, int64_t reduction, bool need_x,
                     bool need_w, bool need_b) {
+  const auto acc_opts = x.options().dtype(acc_type_of(x.scalar_type()));
+  auto none = [&] { return at::empty({0}, acc_opts); };
   if (reduction == kNone) {
     const bool any = need_x || need_w || need_b;
-    return {at::empty({0}, x.options()), empty0(x), empty0(x), empty0(x),
-            any ? at::empty({0, C}, x.options()) : empty0(x)};
+    return {at::empty({0}, acc_opts), none(), none(),
+            any ? at::empty({0, C}, acc_opts) : none()};
   }
   at::Tensor loss = reduction == kMean
-                        ? at::full({}, std::numeric_limits<double>::quiet_NaN(), x.options())
-                        : at::zeros({}, x.options());
-  return {loss, need_x ? at::empty({0, D}, x.options()) : empty0(x),
-          need_w ? at::zeros({C, D}, x.options()) : empty0(x),
-          need_b ? at::zeros({C}, x.options()) : empty0(x), empty0(x)};
+                        ? at::full({}, std::numeric_limits<double>::quiet_NaN(), acc_opts)
+                        : at::zeros({}, acc_opts);
+  return {loss, need_w ? at::zeros({C, D}, acc_opts) : none(),
+          need_b ? at::zeros({C}, acc_opts) : none(),
+          need_x ? at::empty({0, C}, acc_opts) : none()};
 }
 
 // Everything the launchers need, prepared once (dtypes converted, contiguous).
@@ -964,15 +925,17 @@ LossOut gemm_path(const Prepared& q, bool binary, int64_t ignore_index, double l
     }
   }
 
+  // The residual R = dloss/dlogits (N, C) in acc_t, divided by the mean denominator for
+  // mean/sum (unscaled for none).
+  at::Tensor R = any_grad ? at::empty({N, C}, acc_opts) : at::Tensor();
+  rp.res = any_grad ? R.data_ptr<acc_t>() : nullptr;
   at::Tensor loss, ws_loss;
   if (reduction == kNone) {
-    loss = at::empty({N}, x.options());
-    rp.loss_out = loss.data_ptr<scalar_t>();
-    rp.res = any_grad ? logits.data_ptr<scalar_t>() : nullptr;  // unscaled (den 1)
+    loss = at::empty({N}, acc_opts);
+    rp.loss_out = loss.data_ptr<acc_t>();
   } else {
     ws_loss = at::empty({grid}, acc_opts);
     rp.ws_loss = ws_loss.data_ptr<acc_t>();
-    rp.res = any_grad ? logits.data_ptr<scalar_t>() : nullptr;  // scaled by 1/den
   }
   if (binary) {
     bce_rows_kernel<scalar_t, acc_t><<<grid, kThreads, 0, stream>>>(rp);
@@ -981,31 +944,29 @@ LossOut gemm_path(const Prepared& q, bool binary, int64_t ignore_index, double l
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 
+  auto none = [&] { return at::empty({0}, acc_opts); };
   if (reduction == kNone) {
-    return {loss, empty0(x), empty0(x), empty0(x), any_grad ? logits : empty0(x)};
+    return {loss, none(), none(), any_grad ? R : none()};
   }
 
-  loss = at::empty({}, x.options());
+  loss = at::empty({}, acc_opts);
   FinalizeParams<scalar_t, acc_t> fp{};
   fp.ws_loss = ws_loss.data_ptr<acc_t>();
   fp.den_ws = rp.den_ws;
   fp.n_den = rp.n_den;
   fp.host_den = rp.host_den;
-  fp.loss_out = loss.data_ptr<scalar_t>();
+  fp.loss_out = loss.data_ptr<acc_t>();
   fp.B = grid;
   fp.D = q.D;
   fp.nb = C;
   finalize_kernel<scalar_t, acc_t><<<1, kThreads, 0, stream>>>(fp);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 
-  // The residual R = dloss/dlogits (already divided by the mean denominator) is in `logits`.
-  // Gradients through ATen (cuBLAS GEMMs; bias gradient by at::sum with acc_t accumulation).
-  at::Tensor gx = need_x ? at::mm(logits, q.weight) : empty0(x);
-  at::Tensor gw = need_w ? at::mm(logits.t(), x) : empty0(x);
-  at::Tensor gb = need_b ? at::sum(logits, {0}, false, acc_type_of(x.scalar_type()))
-                               .to(x.scalar_type())
-                         : empty0(x);
-  return {loss, gx, gw, gb, empty0(x)};
+  // grad_W = R^T x through cuBLAS (x read a second time on this path), grad_b = R.sum(0) in
+  // acc_t; both returned in acc_t (csrc/logreg.h). R itself is the residual for dX.
+  at::Tensor gw = need_w ? at::mm(R.to(x.scalar_type()).t(), x).to(acc_opts.dtype()) : none();
+  at::Tensor gb = need_b ? R.sum(0) : none();
+  return {loss, gw, gb, need_x ? R : none()};
 }
 
 // Path 1 configuration for a given D, or false when D is too large for it.
@@ -1056,7 +1017,8 @@ LossOut bce_fused_path(const Prepared& q, int chunks, int wpr, int64_t reduction
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   constexpr int64_t VEC = 16 / sizeof(scalar_t);
 
-  at::Tensor gx = need_x ? at::empty({N, D}, x.options()) : empty0(x);
+  auto none = [&] { return at::empty({0}, acc_opts); };
+  at::Tensor res = need_x ? at::empty({N, 1}, acc_opts) : none();
   BceFusedParams<scalar_t, acc_t> p{};
   p.x = x.data_ptr<scalar_t>();
   p.w = q.w_acc.data_ptr<acc_t>();
@@ -1064,15 +1026,13 @@ LossOut bce_fused_path(const Prepared& q, int chunks, int wpr, int64_t reduction
   p.target = q.ftarget.data_ptr<scalar_t>();
   p.pos_weight = static_cast<const acc_t*>(opt_ptr(q.pw_acc));
   p.sw = static_cast<const scalar_t*>(opt_ptr(q.sw));
-  p.dx = need_x ? gx.data_ptr<scalar_t>() : nullptr;
+  p.res = need_x ? res.data_ptr<acc_t>() : nullptr;
   p.N = N;
   p.D = D;
   p.den = reduction == kMean ? static_cast<acc_t>(N) : acc_t(1);
   p.wpr = wpr;
-  // Every row start is 16-byte aligned iff the base is and a row is a multiple of 16 bytes;
-  // grad_x comes from the caching allocator (aligned base) with the same row length.
-  p.vec_ok = (reinterpret_cast<uintptr_t>(p.x) % 16 == 0) && (D % VEC == 0) &&
-             (p.dx == nullptr || reinterpret_cast<uintptr_t>(p.dx) % 16 == 0);
+  // Every row start is 16-byte aligned iff the base is and a row is a multiple of 16 bytes.
+  p.vec_ok = (reinterpret_cast<uintptr_t>(p.x) % 16 == 0) && (D % VEC == 0);
 
   const int64_t gpb = kWarps / wpr;
   const size_t smem = need_w ? static_cast<size_t>(gpb * D) * sizeof(acc_t) : 0;
@@ -1095,16 +1055,16 @@ LossOut bce_fused_path(const Prepared& q, int chunks, int wpr, int64_t reduction
     default: run_bce_fused<scalar_t, 4>(p, grid, smem, stream); break;
   }
 
-  at::Tensor loss = at::empty({}, x.options());
-  at::Tensor gw = need_w ? at::empty({1, D}, x.options()) : empty0(x);
-  at::Tensor gb = need_b ? at::empty({1}, x.options()) : empty0(x);
+  at::Tensor loss = at::empty({}, acc_opts);
+  at::Tensor gw = need_w ? at::empty({1, D}, acc_opts) : none();
+  at::Tensor gb = need_b ? at::empty({1}, acc_opts) : none();
   FinalizeParams<scalar_t, acc_t> fp{};
   fp.ws_gw = p.ws_gw;
   fp.ws_loss = p.ws_loss;
   fp.ws_gb = p.ws_gb;
-  fp.gw_out = need_w ? gw.data_ptr<scalar_t>() : nullptr;
-  fp.gb_out = need_b ? gb.data_ptr<scalar_t>() : nullptr;
-  fp.loss_out = loss.data_ptr<scalar_t>();
+  fp.gw_out = need_w ? gw.data_ptr<acc_t>() : nullptr;
+  fp.gb_out = need_b ? gb.data_ptr<acc_t>() : nullptr;
+  fp.loss_out = loss.data_ptr<acc_t>();
   fp.B = grid;
   fp.D = D;
   fp.nb = 1;
@@ -1112,7 +1072,7 @@ LossOut bce_fused_path(const Prepared& q, int chunks, int wpr, int64_t reduction
   const int64_t fgrid = need_w ? std::max<int64_t>(1, ceil_div(D, 32)) : 1;
   finalize_kernel<scalar_t, acc_t><<<fgrid, kThreads, 0, stream>>>(fp);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return {loss, gx, gw, gb, empty0(x)};
+  return {loss, gw, gb, res};
 }
 
 // Path 1b configuration (see the file comment), or false when the shape is outside its limits.
@@ -1208,12 +1168,11 @@ LossOut ce_fused_path(const Prepared& q, const CeFusedConfig& cfg, int64_t ignor
     p.den = den_final.data_ptr<acc_t>();
   }
 
-  at::Tensor gx = need_x ? at::empty({N, D}, x.options()) : empty0(x);
-  p.dx = need_x ? gx.data_ptr<scalar_t>() : nullptr;
+  auto none = [&] { return at::empty({0}, acc_opts); };
+  at::Tensor res = need_x ? at::empty({N, C}, acc_opts) : none();
+  p.res = need_x ? res.data_ptr<acc_t>() : nullptr;
   // Every row start is aligned iff the base is and a row is a whole number of vectors.
   p.vec_ok = (reinterpret_cast<uintptr_t>(p.x) % 16 == 0) && (D % VEC == 0);
-  p.dx_vec = p.dx != nullptr && (D % 4 == 0) &&
-             (reinterpret_cast<uintptr_t>(p.dx) % (4 * sizeof(scalar_t)) == 0);
 
   CeFusedKernel<scalar_t> kernel = ce_fused_kernel_for<scalar_t>(cfg.cmax, cfg.dj);
   if (cfg.smem > 48 * 1024) {
@@ -1238,9 +1197,9 @@ LossOut ce_fused_path(const Prepared& q, const CeFusedConfig& cfg, int64_t ignor
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 
   // finalize_kernel over the flattened (C * D) grad_W columns; grad_b has C entries.
-  at::Tensor loss = at::empty({}, x.options());
-  at::Tensor gw = need_w ? at::empty({C, D}, x.options()) : empty0(x);
-  at::Tensor gb = need_b ? at::empty({C}, x.options()) : empty0(x);
+  at::Tensor loss = at::empty({}, acc_opts);
+  at::Tensor gw = need_w ? at::empty({C, D}, acc_opts) : none();
+  at::Tensor gb = need_b ? at::empty({C}, acc_opts) : none();
   FinalizeParams<scalar_t, acc_t> fp{};
   fp.ws_gw = p.ws_gw;
   fp.ws_loss = p.ws_loss;
@@ -1248,16 +1207,16 @@ LossOut ce_fused_path(const Prepared& q, const CeFusedConfig& cfg, int64_t ignor
   fp.den_ws = p.den;  // (1,) finalized denominator (n_den 1), or nullptr: host_den 1
   fp.n_den = p.den != nullptr ? 1 : 0;
   fp.host_den = acc_t(1);
-  fp.gw_out = need_w ? gw.data_ptr<scalar_t>() : nullptr;
-  fp.gb_out = need_b ? gb.data_ptr<scalar_t>() : nullptr;
-  fp.loss_out = loss.data_ptr<scalar_t>();
+  fp.gw_out = need_w ? gw.data_ptr<acc_t>() : nullptr;
+  fp.gb_out = need_b ? gb.data_ptr<acc_t>() : nullptr;
+  fp.loss_out = loss.data_ptr<acc_t>();
   fp.B = grid;
   fp.D = C * D;
   fp.nb = C;
   const int64_t fgrid = need_w ? std::max<int64_t>(1, ceil_div(C * D, 32)) : 1;
   finalize_kernel<scalar_t, acc_t><<<fgrid, kThreads, 0, stream>>>(fp);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return {loss, gx, gw, gb, empty0(x)};
+  return {loss, gw, gb, res};
 }
 
 void check_same_device(const char* op, const char* name, const at::Tensor& t, const at::Tensor& x) {
@@ -1360,36 +1319,9 @@ LossOut linear_ce_fwd_cuda(const at::Tensor& x, const at::Tensor& weight,
       });
 }
 
-// Backward of reduction="none" (rare path): G = residual * grad_loss[:, None], then the two
-// GEMMs through at::mm (cuBLAS) and the bias gradient through at::sum with fp32 (fp64)
-// accumulation; no kernel of our own is worth it here.
-std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_loss_bwd_cuda(
-    const at::Tensor& grad_loss, const at::Tensor& residual, const at::Tensor& x,
-    const at::Tensor& weight, bool need_x, bool need_weight, bool need_bias) {
-  const char* op = "linear_loss_bwd";
-  c10::cuda::CUDAGuard guard(x.device());
-  TORCH_CHECK(x.dim() == 2 && weight.dim() == 2 && x.size(1) == weight.size(1), op,
-              ": x must be (N, D) and weight (C, D), got ", x.sizes(), " and ", weight.sizes());
-  const int64_t N = x.size(0), C = weight.size(0);
-  TORCH_CHECK(residual.dim() == 2 && residual.size(0) == N && residual.size(1) == C, op,
-              ": residual must be (", N, ", ", C, "), got ", residual.sizes());
-  TORCH_CHECK(grad_loss.numel() == N, op, ": grad_loss must have N = ", N,
-              " elements, got shape ", grad_loss.sizes());
-  check_same_device(op, "residual", residual, x);
-  check_same_device(op, "grad_loss", grad_loss, x);
-  check_same_device(op, "weight", weight, x);
-  const auto dt = x.scalar_type();
-  at::Tensor G = residual.to(dt) * grad_loss.reshape({N, 1}).to(dt);
-  at::Tensor gx = need_x ? at::mm(G, weight.to(dt)) : empty0(x);
-  at::Tensor gw = need_weight ? at::mm(G.t(), x) : empty0(x);
-  at::Tensor gb = need_bias ? at::sum(G, {0}, false, acc_type_of(dt)).to(dt) : empty0(x);
-  return {gx, gw, gb};
-}
-
 }  // namespace manual_layers
 
 TORCH_LIBRARY_IMPL(manual_layers, CUDA, m) {
-  m.impl("linear_bce_fwd", &manual_layers::linear_bce_fwd_cuda);
-  m.impl("linear_ce_fwd", &manual_layers::linear_ce_fwd_cuda);
-  m.impl("linear_loss_bwd", &manual_layers::linear_loss_bwd_cuda);
+  m.impl("_linear_bce_fwd", &manual_layers::linear_bce_fwd_cuda);
+  m.impl("_linear_ce_fwd", &manual_layers::linear_ce_fwd_cuda);
 }
