@@ -14,7 +14,6 @@
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
-#include <torch/library.h>
 
 #include <cmath>
 #include <type_traits>
@@ -23,7 +22,14 @@
 #include "../common.h"
 #include "../linear.h"
 
+// Compiled once per ISA (csrc/cpu_dispatch.cpp explains the dispatch): everything below lives in
+// manual_layers::CPU_CAPABILITY (DEFAULT, AVX2 or AVX512), registered by csrc/cpu_dispatch.cpp.
+#ifndef CPU_CAPABILITY
+#error "csrc/cpu/*.cpp are compiled per ISA with -DCPU_CAPABILITY=DEFAULT|AVX2|AVX512 (setup.py, CMakeLists.txt)"
+#endif
+
 namespace manual_layers {
+namespace CPU_CAPABILITY {
 namespace {
 
 using at::vec::Vectorized;
@@ -403,9 +409,5 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_bwd_cpu(
   return {dx, dw, db};
 }
 
-TORCH_LIBRARY_IMPL(manual_layers, CPU, m) {
-  m.impl("linear_fwd", &linear_fwd_cpu);
-  m.impl("linear_bwd", &linear_bwd_cpu);
-}
-
+}  // namespace CPU_CAPABILITY
 }  // namespace manual_layers

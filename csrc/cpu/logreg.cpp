@@ -29,7 +29,6 @@
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
-#include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
@@ -40,7 +39,14 @@
 #include "../common.h"
 #include "../logreg.h"
 
+// Compiled once per ISA (csrc/cpu_dispatch.cpp explains the dispatch): everything below lives in
+// manual_layers::CPU_CAPABILITY (DEFAULT, AVX2 or AVX512), registered by csrc/cpu_dispatch.cpp.
+#ifndef CPU_CAPABILITY
+#error "csrc/cpu/*.cpp are compiled per ISA with -DCPU_CAPABILITY=DEFAULT|AVX2|AVX512 (setup.py, CMakeLists.txt)"
+#endif
+
 namespace manual_layers {
+namespace CPU_CAPABILITY {
 namespace {
 
 using at::vec::Vectorized;
@@ -600,10 +606,5 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_loss_bwd_cpu(
   return {gx, gw, gb};
 }
 
+}  // namespace CPU_CAPABILITY
 }  // namespace manual_layers
-
-TORCH_LIBRARY_IMPL(manual_layers, CPU, m) {
-  m.impl("linear_bce_fwd", &manual_layers::linear_bce_fwd_cpu);
-  m.impl("linear_ce_fwd", &manual_layers::linear_ce_fwd_cpu);
-  m.impl("linear_loss_bwd", &manual_layers::linear_loss_bwd_cpu);
-}
