@@ -57,6 +57,12 @@ int main() {
   expect_close("linear_bce_fwd grad_weight", lgw, at::mm(r.unsqueeze(0), x), 1e-12);
   expect_close("linear_bce_fwd grad_x", lgx, at::mm(r.unsqueeze(1), w1), 1e-12);
 
+  // The CPU kernels' ISA copy chosen at load (MANUAL_LAYERS_CPU_ISA / ATEN_CPU_CAPABILITY).
+  const std::string isa = op<std::string()>("manual_layers::_cpu_kernels_isa").call();
+  const bool isa_ok = isa == "DEFAULT" || isa == "AVX2" || isa == "AVX512";
+  std::printf("%s CPU kernels ISA %s\n", isa_ok ? "PASS" : "FAIL", isa.c_str());
+  isa_ok ? ++passed : ++failed;
+
   std::printf("%d passed, %d failed\n", passed, failed);
   return failed == 0 ? 0 : 1;
 }
