@@ -9,7 +9,11 @@ Environment:
   TORCH_CUDA_ARCH_LIST    GPU architectures (default: the visible GPUs', else "8.0;9.0")
   CUDA_HOME               the CUDA toolkit; otherwise resolved from /usr/local/cuda or from
                           the nvcc on PATH (following wrapper scripts to the real toolkit)
-  MANUAL_LAYERS_CPU_ARCH  x86-64 vector ISA for the CPU kernels: "avx2" (default) or "none"
+  MANUAL_LAYERS_CPU_ISAS  x86-64 vector ISAs to compile the CPU kernels for, besides the portable
+                          DEFAULT copy: "avx2,avx512" (default), "avx2", or "none". The copy
+                          that runs is chosen at load (run time, not build time):
+                          MANUAL_LAYERS_CPU_ISA=default|avx2|avx512, else ATen's level
+                          (ATEN_CPU_CAPABILITY), never one the CPU lacks. Non-x86: DEFAULT only.
   MAX_JOBS                parallel compile jobs (ninja)
 """
 
@@ -121,32 +125,94 @@ def cuda_lib_dirs():
     return incs, libdirs, link
 
 
+# The CPU kernels (csrc/cpu/*.cpp) are compiled once per ISA, ATen's way (cmake/Codegen.cmake):
+# each copy with its -m flags and -DCPU_CAPABILITY=<ISA>, which puts it in the namespace
+# manual_layers::<ISA>; csrc/cpu_dispatch.cpp picks one at load. Everything else (csrc/*.cpp:
+# op schemas, registration, the ISA choice) is ISA-neutral: no -m flags.
+ISA_FLAGS = {
+    "DEFAULT": [],
+    "AVX2": ["-mavx2", "-mfma", "-mf16c"],
+    # ATen's AVX512 set (cmake/Codegen.cmake).
+    "AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma"],
+}
+
+
+def cpu_isas():
+    """The ISA copies to compile: DEFAULT always, AVX2/AVX512 on x86-64 (MANUAL_LAYERS_CPU_ISAS)."""
+    if platform.machine() not in ("x86_64", "AMD64"):
+        return ["DEFAULT"]
+    want = os.environ.get("MANUAL_LAYERS_CPU_ISAS", "avx2,avx512").strip().lower()
+    if "MANUAL_LAYERS_CPU_ARCH" in os.environ:
+        log("MANUAL_LAYERS_CPU_ARCH is gone (the ISA is chosen at run time now); see "
+            "MANUAL_LAYERS_CPU_ISAS / MANUAL_LAYERS_CPU_ISA in setup.py's docstring")
+    names = [] if want in ("", "none", "default") else [w.strip().upper() for w in want.split(",")]
+    bad = [n for n in names if n not in ISA_FLAGS or n == "DEFAULT"]
+    if bad:
+        sys.exit(f"[manual_layers build] MANUAL_LAYERS_CPU_ISAS: unknown {bad}; "
+                 "expected a list of avx2, avx512, or none")
+    return ["DEFAULT"] + [n for n in ("AVX2", "AVX512") if n in names]
+
+
 def cpu_flags():
+    """Flags of every C++ file (no -m flags), and the ISA list for the neutral files."""
     flags = ["-O3", "-fopenmp", "-Wall", "-Wno-unused-function", "-Wno-unknown-pragmas"]
-    isa = os.environ.get("MANUAL_LAYERS_CPU_ARCH", "avx2").lower()
-    if platform.machine() in ("x86_64", "AMD64") and isa == "avx2":
-        flags += ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]
-        isa = "AVX2"
-    else:
-        flags += ["-DCPU_CAPABILITY=DEFAULT"]
-        isa = "DEFAULT"
-    return flags, isa
+    isas = cpu_isas()
+    defines = [f'-DML_CPU_ISA="{",".join(isas)}"'] + [f"-DML_COMPILED_{n}" for n in isas[1:]]
+    return flags, isas, defines
+
+
+def isa_flags(isa):
+    return ISA_FLAGS[isa] + [f"-DCPU_CAPABILITY={isa}", f"-DCPU_CAPABILITY_{isa}"]
+
+
+class BuildExt(BuildExtension):
+    """BuildExtension plus the per-ISA objects: setuptools gives one flag set per extension, so
+    the kernel files are compiled here, once per ISA into their own folder, with the same
+    compiler, ninja and flags as the extension's sources plus the ISA's. They are linked AFTER
+    the ISA-neutral objects and in the order DEFAULT, AVX2, AVX512: for an inline function
+    that several objects emit, the linker keeps the first copy, i.e. never an AVX-512 one
+    where a lower level has it (csrc/cpu_dispatch.cpp)."""
+
+    def build_extension(self, ext):
+        cxx = ext.extra_compile_args
+        cxx = list(cxx["cxx"] if isinstance(cxx, dict) else cxx)
+        objects = []
+        for isa in ext.ml_isas:
+            objects += self.compiler.compile(
+                ext.ml_kernel_sources,
+                output_dir=os.path.join(self.build_temp, "cpu_" + isa),
+                include_dirs=ext.include_dirs,
+                extra_postargs=cxx + isa_flags(isa),
+                depends=ext.depends)
+        ext.extra_objects = objects + [o for o in ext.extra_objects if o not in objects]
+        super().build_extension(ext)
 
 
 def build_extension():
     with_cuda, why = want_cuda()
-    cxx, isa = cpu_flags()
-    sources = sorted(glob.glob("csrc/*.cpp")) + sorted(glob.glob("csrc/cpu/*.cpp"))
-    defines = [f'-DML_TORCH_VERSION="{torch.__version__}"', f'-DML_CPU_ISA="{isa}"']
+    cxx, isas, defines = cpu_flags()
+    sources = sorted(glob.glob("csrc/*.cpp"))  # ISA-neutral
+    kernel_sources = sorted(glob.glob("csrc/cpu/*.cpp"))  # compiled once per ISA (BuildExt)
+    # The kernel files and headers as dependencies: otherwise setuptools skips the link when
+    # only a kernel file changed.
+    depends = kernel_sources + sorted(glob.glob("csrc/**/*.h", recursive=True))
+    defines += [f'-DML_TORCH_VERSION="{torch.__version__}"']
     log(f"torch {torch.__version__} (CUDA {torch.version.cuda}), python {sys.version.split()[0]}")
-    log(f"C++ kernels: {len(sources)} files, CPU vector ISA {isa}")
+    log(f"C++ kernels: {len(kernel_sources)} files x CPU ISAs {', '.join(isas)} (chosen at load), "
+        f"{len(sources)} ISA-neutral files")
+
+    def finish(ext):
+        ext.ml_isas, ext.ml_kernel_sources = isas, kernel_sources
+        return ext
+
     if not with_cuda:
         log(f"CUDA kernels: OFF ({why})")
-        return CppExtension(
+        return finish(CppExtension(
             "manual_layers._C", sources,
+            depends=depends,
             extra_compile_args={"cxx": cxx + defines},
             extra_link_args=["-fopenmp"],
-        )
+        ))
     if not os.environ.get("TORCH_CUDA_ARCH_LIST"):
         if torch.cuda.is_available():
             caps = sorted({"%d.%d" % torch.cuda.get_device_capability(i)
@@ -160,8 +226,9 @@ def build_extension():
     log(f"CUDA kernels: ON ({why}); archs {archs}; {len(cu_sources)} .cu files; cuBLASLt "
         f"{link} from {libdirs[0]}")
     defines += ["-DWITH_CUDA", f'-DML_CUDA_ARCHS="{archs}"']
-    return CUDAExtension(
+    return finish(CUDAExtension(
         "manual_layers._C", sources + cu_sources,
+        depends=depends,
         include_dirs=incs,
         library_dirs=libdirs,
         extra_compile_args={
@@ -169,10 +236,10 @@ def build_extension():
             "nvcc": ["-O3", "-lineinfo", "--expt-relaxed-constexpr"] + defines,
         },
         extra_link_args=["-fopenmp", link] + [f"-Wl,-rpath,{d}" for d in libdirs],
-    )
+    ))
 
 
 setup(
     ext_modules=[build_extension()],
-    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+    cmdclass={"build_ext": BuildExt.with_options(use_ninja=True)},
 )

@@ -67,6 +67,12 @@ int main() {
   expect_close("linear (autograd) grad_x", xr.grad(), at::mm(G, w), 1e-12);
   expect_close("linear (autograd) grad_weight", wr.grad(), at::mm(G.t(), x), 1e-12);
 
+  // The CPU kernels' ISA copy chosen at load (MANUAL_LAYERS_CPU_ISA / ATEN_CPU_CAPABILITY).
+  const std::string isa = op<std::string()>("manual_layers::_cpu_kernels_isa").call();
+  const bool isa_ok = isa == "DEFAULT" || isa == "AVX2" || isa == "AVX512";
+  std::printf("%s CPU kernels ISA %s\n", isa_ok ? "PASS" : "FAIL", isa.c_str());
+  isa_ok ? ++passed : ++failed;
+
   std::printf("%d passed, %d failed\n", passed, failed);
   return failed == 0 ? 0 : 1;
 }

@@ -14,18 +14,31 @@ from .modules import (Linear, LinearBCEWithLogitsLoss, LinearCrossEntropyLoss,
 __version__ = "0.1.0"
 
 __all__ = ["Linear", "LogisticRegression", "LinearBCEWithLogitsLoss", "LinearCrossEntropyLoss",
-           "convert", "functional", "reference", "BUILD_INFO", "info"]
+           "convert", "functional", "reference", "BUILD_INFO", "info",
+           "cpu_kernels_isa"]
+
+
+def cpu_kernels_isa():
+    """The ISA whose copy of the CPU kernels runs: "DEFAULT", "AVX2" or "AVX512". Chosen once
+    when the library loads: MANUAL_LAYERS_CPU_ISA=default|avx2|avx512 if set, else ATen's level
+    (torch.backends.cpu.get_cpu_capability(), which ATEN_CPU_CAPABILITY pins), never a level
+    this CPU lacks (a refused request warns and falls back)."""
+    import torch
+    return torch.ops.manual_layers._cpu_kernels_isa()
 
 
 def info():
-    """A dict describing this installation: versions, the CUDA build, the visible GPUs."""
+    """A dict describing this installation: versions, the CPU kernels (the ISA that runs and
+    the ones compiled), the CUDA build, the visible GPUs."""
     import torch
     d = {
         "manual_layers": __version__,
         "torch": torch.__version__,
         "torch_cuda": torch.version.cuda,
         "built_against_torch": BUILD_INFO["torch_version"],
-        "cpu_kernels_isa": BUILD_INFO["cpu_isa"],
+        "cpu_kernels_isa": cpu_kernels_isa(),
+        "cpu_kernels_compiled": BUILD_INFO["cpu_isa"].split(","),
+        "aten_cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "cuda_kernels_compiled": BUILD_INFO["cuda_compiled"],
         "cuda_archs": BUILD_INFO["cuda_archs"] or None,
         "gpu_visible": torch.cuda.is_available(),

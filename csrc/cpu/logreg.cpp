@@ -30,7 +30,6 @@
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
-#include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
@@ -41,7 +40,14 @@
 #include "../common.h"
 #include "../logreg.h"
 
+// Compiled once per ISA (csrc/cpu_dispatch.cpp explains the dispatch): everything below lives in
+// manual_layers::CPU_CAPABILITY (DEFAULT, AVX2 or AVX512), registered by csrc/cpu_dispatch.cpp.
+#ifndef CPU_CAPABILITY
+#error "csrc/cpu/*.cpp are compiled per ISA with -DCPU_CAPABILITY=DEFAULT|AVX2|AVX512 (setup.py, CMakeLists.txt)"
+#endif
+
 namespace manual_layers {
+namespace CPU_CAPABILITY {
 namespace {
 
 using at::vec::Vectorized;
@@ -535,9 +541,5 @@ LossOut linear_ce_fwd_cpu(const at::Tensor& x, const at::Tensor& weight,
                     });
 }
 
+}  // namespace CPU_CAPABILITY
 }  // namespace manual_layers
-
-TORCH_LIBRARY_IMPL(manual_layers, CPU, m) {
-  m.impl("_linear_bce_fwd", &manual_layers::linear_bce_fwd_cpu);
-  m.impl("_linear_ce_fwd", &manual_layers::linear_ce_fwd_cpu);
-}
