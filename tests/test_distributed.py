@@ -261,6 +261,7 @@ def _worker(kind, device_type):
                 torch, dist, nn, F, ml, rank, n, D, H, C, device))
     finally:
         Path(os.environ["RESULT_DIR"], f"rank{rank}.json").write_text(json.dumps(results))
+        dist.barrier()
         dist.destroy_process_group()
 
 
