@@ -261,6 +261,8 @@ def _worker(kind, device_type):
                 torch, dist, nn, F, ml, rank, n, D, H, C, device))
             _record(results, "fsdp_mixed_precision", lambda: _fsdp_mixed_precision(
                 torch, dist, nn, F, ml, rank, n, D, H, C, device))
+            _record(results, "fsdp_state_dict", lambda: _fsdp_state_dict(
+                torch, dist, nn, F, ml, rank, n, D, H, C, device))
     finally:
         Path(os.environ["RESULT_DIR"], f"rank{rank}.json").write_text(json.dumps(results))
         dist.barrier()
@@ -453,6 +455,31 @@ def _fsdp_mixed_precision(torch, dist, nn, F, ml, rank, n, D, H, C, device):
             "ranks_agree": _same_across_ranks(torch, dist, list(ours.parameters()))}
 
 
+def _fsdp_state_dict(torch, dist, nn, F, ml, rank, n, D, H, C, device):
+    """The full state dict of an FSDP2-trained model (torch.distributed.checkpoint's
+    get_model_state_dict) has the plain model's keys, nothing else, and loaded into a plain
+    (unwrapped) model gives the loss the sharded model gives."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    from torch.distributed.fsdp import fully_shard
+    dtype = torch.float64
+    out = {}
+    for name in ("mlp_logreg_layer", "ce_loss_module", "bce_logreg_head"):
+        ours = _models(torch, nn, F, ml, D, H, C, dtype)[name][0].to(device)
+        plain = _models(torch, nn, F, ml, D, H, C, dtype)[name][0].to(device)
+        keys = sorted(plain.state_dict())
+        _shard(ours, fully_shard)
+        _train(torch, ours, list(ours.parameters()), rank, n, D, C, dtype, device)
+        sd = get_model_state_dict(ours, options=StateDictOptions(full_state_dict=True))
+        plain.load_state_dict(sd)
+        x, y = _batch(torch, rank, 99, n, D, C, dtype, device)
+        with torch.no_grad():
+            a, b = ours(x, y), plain(x, y)
+        out[name] = {"keys_match": sorted(sd) == keys, "plain_tensors": all(
+            type(v) is torch.Tensor for v in sd.values()),
+            "loss_rel_err": ((a - b).abs() / b.abs()).item()}
+    return out
+
+
 # ================================================================================================
 # The launcher and the tests
 # ================================================================================================
@@ -623,6 +650,13 @@ def test_fsdp2_mixed_precision_bf16(fsdp_cpu):
     for v in _check(fsdp_cpu, "fsdp_mixed_precision"):
         assert v["ranks_agree"]
         assert v["vs_torch_fsdp"]["rel_err"] <= 2e-2, v
+
+
+def test_fsdp2_full_state_dict_loads_into_plain_model(fsdp_cpu):
+    for v in _check(fsdp_cpu, "fsdp_state_dict"):
+        for name, c in v.items():
+            assert c["keys_match"] and c["plain_tensors"], (name, c)
+            assert c["loss_rel_err"] <= 1e-12, (name, c)
 
 
 def _two_gpus():
