@@ -20,6 +20,7 @@
 #include <torch/autograd.h>
 #include <torch/library.h>
 
+#include <cstdlib>
 #include <string>
 
 #include "checks.h"
@@ -50,6 +51,10 @@ using LossBwdSig = std::tuple<at::Tensor, at::Tensor, at::Tensor>(
     const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
     const at::Tensor&, const at::Tensor&, int64_t, bool, bool, bool);
 
+using CeChunkedBwdSig = std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+    const at::Tensor&, const at::Tensor&, const at::Tensor&, const c10::optional<at::Tensor>&,
+    const at::Tensor&, const c10::optional<at::Tensor>&, int64_t, double, bool, bool, bool);
+
 template <typename Sig>
 c10::TypedOperatorHandle<Sig> handle(const char* name) {
   return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Sig>();
@@ -72,6 +77,15 @@ const c10::TypedOperatorHandle<CeFwdSig>& ce_fwd_op() {
 }
 const c10::TypedOperatorHandle<LossBwdSig>& loss_bwd_op() {
   static const auto h = handle<LossBwdSig>("manual_layers::_linear_loss_bwd");
+  return h;
+}
+
+const c10::TypedOperatorHandle<CeFwdSig>& ce_chunked_fwd_op() {
+  static const auto h = handle<CeFwdSig>("manual_layers::_linear_ce_chunked_fwd");
+  return h;
+}
+const c10::TypedOperatorHandle<CeChunkedBwdSig>& ce_chunked_bwd_op() {
+  static const auto h = handle<CeChunkedBwdSig>("manual_layers::_linear_ce_chunked_bwd");
   return h;
 }
 
@@ -228,6 +242,24 @@ class BceFn : public torch::autograd::Function<BceFn> {
   }
 };
 
+// Which cross-entropy kernel: the single-pass kernel (_linear_ce_fwd: X read once, per-block
+// C x D partials, an N x C residual kept for backward) for small C, the chunked path
+// (_linear_ce_chunked_fwd, csrc/cpu/ce_chunked.cpp: GEMMs over row chunks, no N x C buffer)
+// from kCeChunkedMinClasses classes on. Threshold measured on the 2-core CPU with N 4096,
+// D 256, fp32, forward+backward (README, "Large-vocabulary cross entropy"): the single pass wins
+// at C 256, the chunked path from C 1024 on. MANUAL_LAYERS_CE_PATH=chunked|single forces one
+// (tests, benchmarks). Shapes only: the choice is the same in eager mode and under tracing.
+constexpr int64_t kCeChunkedMinClasses = 1024;
+
+bool ce_use_chunked(int64_t C) {
+  if (const char* env = std::getenv("MANUAL_LAYERS_CE_PATH")) {
+    const std::string v(env);
+    if (v == "chunked") return true;
+    if (v == "single") return false;
+  }
+  return C >= kCeChunkedMinClasses;
+}
+
 class CeFn : public torch::autograd::Function<CeFn> {
  public:
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& weight,
@@ -236,13 +268,58 @@ class CeFn : public torch::autograd::Function<CeFn> {
                             double label_smoothing, int64_t reduction, bool float32_loss,
                             bool nx, bool nw, bool nb) {
     at::AutoDispatchBelowADInplaceOrView below;
-    LossOut outs = ce_fwd_op().call(x, weight, bias, target, class_weight, ignore_index,
-                                    label_smoothing, reduction, nx, nw, nb);
-    save_loss(ctx, outs, x, weight, reduction, nx, nw, nb);
-    return loss_out(std::get<0>(outs), x, float32_loss);
+    const bool chunked = ce_use_chunked(weight.size(0));
+    ctx->saved_data["chunked"] = chunked;
+    if (!chunked) {
+      LossOut outs = ce_fwd_op().call(x, weight, bias, target, class_weight, ignore_index,
+                                      label_smoothing, reduction, nx, nw, nb);
+      save_loss(ctx, outs, x, weight, reduction, nx, nw, nb);
+      return loss_out(std::get<0>(outs), x, float32_loss);
+    }
+    // Chunked: mean/sum compute every gradient in forward (for grad_output 1; the N x C
+    // residual never exists) and backward scales them; none keeps the inputs and recomputes.
+    LossOut outs = ce_chunked_fwd_op().call(x, weight, bias, target, class_weight, ignore_index,
+                                            label_smoothing, reduction, nx, nw, nb);
+    const auto& [loss, gw, gb, gx] = outs;
+    if (reduction == 0) {
+      ctx->save_for_backward({x, weight, has(bias) ? *bias : undef(), target,
+                              has(class_weight) ? *class_weight : undef()});
+      ctx->saved_data["ignore_index"] = ignore_index;
+      ctx->saved_data["label_smoothing"] = label_smoothing;
+    } else {
+      ctx->save_for_backward({gx, gw, gb, weight});
+    }
+    ctx->saved_data["reduction"] = reduction;
+    ctx->saved_data["need"] = std::vector<bool>{nx, nw, nb};
+    return loss_out(loss, x, float32_loss);
   }
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    return loss_backward(ctx, grads, "linear_cross_entropy", 12);
+    if (!ctx->saved_data["chunked"].toBool()) {
+      return loss_backward(ctx, grads, "linear_cross_entropy", 12);
+    }
+    if (at::GradMode::is_enabled()) refuse_double_backward("linear_cross_entropy");
+    const auto s = ctx->get_saved_variables();
+    const auto need = ctx->saved_data["need"].toBoolList();
+    const int64_t reduction = ctx->saved_data["reduction"].toInt();
+    variable_list out(12);
+    if (reduction == 0) {
+      auto [gx, gw, gb] = ce_chunked_bwd_op().call(
+          grads[0], s[0], s[1], opt(s[2]), s[3], opt(s[4]),
+          ctx->saved_data["ignore_index"].toInt(), ctx->saved_data["label_smoothing"].toDouble(),
+          need[0], need[1], need[2]);
+      out[0] = need[0] ? gx : undef();
+      out[1] = need[1] ? gw : undef();
+      out[2] = need[2] ? gb : undef();
+      return out;
+    }
+    // Scale the forward's gradients by grad_output on the device (no host sync).
+    const at::Tensor& weight = s[3];
+    const auto dt = weight.scalar_type();
+    const at::Tensor g = grads[0].reshape({}).to(at::toOpMathType(dt));
+    if (need[0]) out[0] = s[0] * g;  // x's dtype (a 0-d tensor does not promote it)
+    if (need[1]) out[1] = (s[1] * g).to(dt);
+    if (need[2]) out[2] = (s[2] * g).to(dt);
+    return out;
   }
 };
 
@@ -395,7 +472,8 @@ at::Tensor linear_ce_autograd(const at::Tensor& x, const at::Tensor& weight,
                        label_smoothing, reduction, float32_loss, nx, nw, nb);
   } else {
     at::AutoDispatchBelowADInplaceOrView below;
-    loss = loss_out(std::get<0>(ce_fwd_op().call(a.x2, weight, bias, a.target,
+    const auto& op = ce_use_chunked(weight.size(0)) ? ce_chunked_fwd_op() : ce_fwd_op();
+    loss = loss_out(std::get<0>(op.call(a.x2, weight, bias, a.target,
                                                  opt(a.class_weight), ignore_index,
                                                  label_smoothing, reduction, false, false,
                                                  false)),
@@ -409,7 +487,8 @@ at::Tensor linear_ce_plain(const at::Tensor& x, const at::Tensor& weight,
                            const c10::optional<at::Tensor>& class_weight, int64_t ignore_index,
                            double label_smoothing, int64_t reduction, bool float32_loss) {
   CeArgs a = prepare_ce(x, weight, bias, target, class_weight, label_smoothing, reduction, false);
-  const at::Tensor loss = std::get<0>(ce_fwd_op().call(a.x2, weight, bias, a.target,
+  const auto& op = ce_use_chunked(weight.size(0)) ? ce_chunked_fwd_op() : ce_fwd_op();
+  const at::Tensor loss = std::get<0>(op.call(a.x2, weight, bias, a.target,
                                                        opt(a.class_weight), ignore_index,
                                                        label_smoothing, reduction, false, false,
                                                        false));

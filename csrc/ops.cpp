@@ -48,6 +48,15 @@ TORCH_LIBRARY(manual_layers, m) {
   m.def("_linear_loss_bwd(Tensor grad_loss, Tensor residual, Tensor x, Tensor weight,"
         " Tensor grad_weight, Tensor grad_bias, int reduction, bool need_x, bool need_weight,"
         " bool need_bias) -> (Tensor, Tensor, Tensor)");
+  // Chunked linear + cross entropy for large C (csrc/cpu/ce_chunked.cpp is the contract):
+  // mean/sum return (loss, grad_weight, grad_bias, grad_x) for grad_output 1; none returns the
+  // per-row losses only and its backward recomputes the logits chunk by chunk.
+  m.def("_linear_ce_chunked_fwd(Tensor x, Tensor weight, Tensor? bias, Tensor target,"
+        " Tensor? class_weight, int ignore_index, float label_smoothing, int reduction,"
+        " bool need_x, bool need_weight, bool need_bias) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("_linear_ce_chunked_bwd(Tensor grad_loss, Tensor x, Tensor weight, Tensor? bias,"
+        " Tensor target, Tensor? class_weight, int ignore_index, float label_smoothing,"
+        " bool need_x, bool need_weight, bool need_bias) -> (Tensor, Tensor, Tensor)");
 }
 
 #ifndef WITH_CUDA

@@ -119,3 +119,25 @@ def _linear_loss_bwd_fake(grad_loss, residual, x, weight, grad_weight, grad_bias
     return (weight.new_empty((n, weight.shape[1])) if need_x else _empty(weight),
             weight.new_empty(weight.shape) if need_weight else _empty(weight),
             weight.new_empty((weight.shape[0],)) if need_bias else _empty(weight))
+
+
+@torch.library.register_fake(_lib + "_linear_ce_chunked_fwd")
+def _linear_ce_chunked_fwd_fake(x, weight, bias, target, class_weight, ignore_index,
+                                label_smoothing, reduction, need_x, need_weight, need_bias):
+    n, c = x.shape[0], weight.shape[0]
+    acc = _acc(x.dtype)
+    if reduction == 0:
+        return (x.new_empty((n,), dtype=acc), _empty(x, acc), _empty(x, acc), _empty(x))
+    return (x.new_empty((), dtype=acc),
+            x.new_empty(weight.shape, dtype=acc) if need_weight else _empty(x, acc),
+            x.new_empty((c,), dtype=acc) if need_bias else _empty(x, acc),
+            x.new_empty(x.shape) if need_x else _empty(x))
+
+
+@torch.library.register_fake(_lib + "_linear_ce_chunked_bwd")
+def _linear_ce_chunked_bwd_fake(grad_loss, x, weight, bias, target, class_weight, ignore_index,
+                                label_smoothing, need_x, need_weight, need_bias):
+    return (x.new_empty(x.shape) if need_x else _empty(x),
+            x.new_empty(weight.shape) if need_weight else _empty(x),
+            x.new_empty((weight.shape[0],)) if need_bias else _empty(x))
+
