@@ -106,7 +106,10 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threshold", action="store_true",
-                   help="CPU: single-pass kernel vs chunked path over C (D 256, N 4096)")
+                   help="CPU: single-pass kernel vs chunked path over C (D 256, N --rows)")
+    p.add_argument("--classes", default="256,1024,4096,32000",
+                   help="the C values of --threshold")
+    p.add_argument("--rows", type=int, default=4096, help="N of --threshold")
     args = p.parse_args()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads")
     if args.threshold:
@@ -120,8 +123,8 @@ def main():
             return fn
         print("| C | single-pass ms | chunked ms | eager ms | single MiB | chunked MiB | eager MiB |")
         print("|---|---|---|---|---|---|---|")
-        for Cn in (256, 1024, 4096, 32000):
-            r = compare(4096, 256, Cn, "cpu", torch.float32, args.repeats,
+        for Cn in (int(c) for c in args.classes.split(",")):
+            r = compare(args.rows, 256, Cn, "cpu", torch.float32, args.repeats,
                         [("single", with_path("single")), ("chunked", with_path("chunked")),
                          ("eager", step_eager)])
             print(f"| {Cn} | {r['single'][0]:.1f} | {r['chunked'][0]:.1f} | {r['eager'][0]:.1f} "

@@ -373,11 +373,16 @@ class BceFn : public torch::autograd::Function<BceFn> {
 // Which cross-entropy kernel: the single-pass kernel (_linear_ce_fwd: X read once, per-block
 // C x D partials, an N x C residual kept for backward) for small C, the chunked path
 // (_linear_ce_chunked_fwd, csrc/cpu/ce_chunked.cpp: GEMMs over row chunks, no N x C buffer)
-// from kCeChunkedMinClasses classes on. Threshold measured on the 2-core CPU with N 4096,
-// D 256, fp32, forward+backward (README, "Large-vocabulary cross entropy"): the single pass wins
-// at C 256, the chunked path from C 1024 on. MANUAL_LAYERS_CE_PATH=chunked|single forces one
-// (tests, benchmarks). Shapes only: the choice is the same in eager mode and under tracing.
-constexpr int64_t kCeChunkedMinClasses = 1024;
+// from kCeChunkedMinClasses classes on. Measured on the 2-core CPU, D 256, fp32, forward +
+// backward of mean loss with dX, dW, db (benchmarks/bench_ce_large.py --threshold; README,
+// "Large-vocabulary cross entropy"): N 131072: single-pass 232 / 372 / 697 / 1347 ms against
+// chunked 358 / 438 / 607 / 1022 ms at C 32 / 64 / 128 / 256; N 4096: chunked 1.4x faster at
+// C 256 to 5.6x at C 32000 (single-pass 18.6 s there). The single pass wins while C is small
+// enough that its one read of X matters more than GEMM speed (C <= 64); from C 128 the GEMMs
+// win. MANUAL_LAYERS_CE_PATH=chunked|single forces one (tests, benchmarks). Shapes only: the
+// choice is the same in eager mode and under tracing. CUDA uses the same rule (its fused
+// single-pass kernel covers C <= 32 only; the GEMM path it replaces holds N x C); unmeasured.
+constexpr int64_t kCeChunkedMinClasses = 128;
 
 bool ce_use_chunked(int64_t C) {
   if (const char* env = std::getenv("MANUAL_LAYERS_CE_PATH")) {
