@@ -236,3 +236,27 @@ def test_errors():
         MF.mlp(x, w1, None, torch.randn(3, 10), torch.randn(4))
     with pytest.raises(ValueError, match="unknown activation"):
         ml.MLP(2, 3, 4, activation="softmax")
+
+
+def test_inference_mode_and_no_grad():
+    ref = _seq(9, 21, 4, "gelu_tanh")
+    ours = ml.MLP.from_sequential(ref)
+    x = torch.randn(2, 6, 9)
+    with torch.inference_mode():
+        assert_rel(ours(x), ref(x), 1e-5, "inference_mode")
+    with torch.no_grad():
+        assert_rel(ours(x), ref(x), 1e-5, "no_grad")
+
+
+def test_autocast_cpu_bf16():
+    ref = _seq(16, 32, 8, "gelu")
+    ours = ml.MLP.from_sequential(ref)
+    x = torch.randn(50, 16, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = ours(x)
+        y_ref = ref(x)
+    assert y.dtype == y_ref.dtype == torch.bfloat16
+    assert_rel(y, y_ref, 2e-2, "autocast")
+    y.float().sum().backward()
+    assert x.grad is not None and x.grad.dtype == torch.float32
+    assert ours[0].weight.grad.dtype == torch.float32
