@@ -297,3 +297,21 @@ def test_peak_memory_cpu():
     bound = 32 + 31.25 + 4 + 35 + 24
     assert ours <= bound, f"peak extra {ours:.0f} MiB > bound {bound:.0f} MiB (eager {eager:.0f})"
     assert ours <= eager / 8, f"ours {ours:.0f} MiB vs eager {eager:.0f} MiB"
+
+
+def test_autocast_cpu_bf16_float32_loss():
+    """Under autocast the chunked path gets bf16 x/weight and returns a float32 loss (as
+    F.cross_entropy does), with gradients in the parameters' dtype."""
+    x, w, b, t = _problem(40, 32, 3000, "cpu", torch.float32)
+    x.requires_grad_()
+    w.requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = MF.linear_cross_entropy(x, w, b, t, label_smoothing=0.1)
+        ref = R.linear_cross_entropy(x, w, b, t, label_smoothing=0.1)
+    assert loss.dtype == ref.dtype == torch.float32
+    assert_rel(loss, ref, 2e-2, "autocast loss")
+    gx, gw = torch.autograd.grad(loss, (x, w))
+    rx, rw = torch.autograd.grad(ref, (x, w))
+    assert gx.dtype == gw.dtype == torch.float32
+    assert_rel(gx, rx, 2e-2, "autocast grad_x")
+    assert_rel(gw, rw, 2e-2, "autocast grad_w")
