@@ -20,12 +20,14 @@
 #include <torch/autograd.h>
 #include <torch/library.h>
 
+#include <cstdlib>
 #include <string>
 
 #include "checks.h"
 #include "common.h"
 #include "linear.h"
 #include "logreg.h"
+#include "mlp.h"
 
 namespace manual_layers {
 namespace {
@@ -50,6 +52,14 @@ using LossBwdSig = std::tuple<at::Tensor, at::Tensor, at::Tensor>(
     const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
     const at::Tensor&, const at::Tensor&, int64_t, bool, bool, bool);
 
+using CeChunkedBwdSig = std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+    const at::Tensor&, const at::Tensor&, const at::Tensor&, const c10::optional<at::Tensor>&,
+    const at::Tensor&, const c10::optional<at::Tensor>&, int64_t, double, bool, bool, bool);
+
+using MlpBwdSig = MlpGrads(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                           const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                           c10::string_view, bool, bool, bool, bool, bool);
+
 template <typename Sig>
 c10::TypedOperatorHandle<Sig> handle(const char* name) {
   return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Sig>();
@@ -72,6 +82,20 @@ const c10::TypedOperatorHandle<CeFwdSig>& ce_fwd_op() {
 }
 const c10::TypedOperatorHandle<LossBwdSig>& loss_bwd_op() {
   static const auto h = handle<LossBwdSig>("manual_layers::_linear_loss_bwd");
+  return h;
+}
+
+const c10::TypedOperatorHandle<CeFwdSig>& ce_chunked_fwd_op() {
+  static const auto h = handle<CeFwdSig>("manual_layers::_linear_ce_chunked_fwd");
+  return h;
+}
+const c10::TypedOperatorHandle<CeChunkedBwdSig>& ce_chunked_bwd_op() {
+  static const auto h = handle<CeChunkedBwdSig>("manual_layers::_linear_ce_chunked_bwd");
+  return h;
+}
+
+const c10::TypedOperatorHandle<MlpBwdSig>& mlp_bwd_op() {
+  static const auto h = handle<MlpBwdSig>("manual_layers::_mlp_bwd");
   return h;
 }
 
@@ -170,6 +194,124 @@ at::Tensor linear_plain(const at::Tensor& x, const at::Tensor& weight,
 }
 
 // ============================================================================================
+// mlp: Linear(w1, b1) -> activation -> Linear(w2, b2)
+// ============================================================================================
+
+constexpr const char* kMlp = "manual_layers.functional.mlp";
+
+// Forward: _linear_fwd for the first layer with the activation (keeping what act' needs), then
+// _linear_fwd for the second layer (activation none: one addmm). Backward: one _mlp_bwd.
+class MlpFn : public torch::autograd::Function<MlpFn> {
+ public:
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& w1,
+                            const c10::optional<at::Tensor>& b1, const at::Tensor& w2,
+                            const c10::optional<at::Tensor>& b2, const std::string& activation,
+                            bool nx, bool nw1, bool nb1, bool nw2, bool nb2) {
+    at::AutoDispatchBelowADInplaceOrView below;
+    auto [h, pre] = linear_fwd_op().call(x, w1, b1, activation, true);
+    at::Tensor y = std::get<0>(linear_fwd_op().call(h, w2, b2, "none", false));
+    const Saved what = saved_for(parse_activation(activation));
+    const bool first = nx || nw1 || nb1;
+    // h: for dW2 = g^T h, and as act's saved output (relu, sigmoid, tanh) when the first layer
+    // needs gradients; x: only for dW1.
+    const bool keep_h = nw2 || (first && what == Saved::Output);
+    ctx->save_for_backward({nw1 ? x : undef(), w1, w2, keep_h ? h : undef(),
+                            first && what == Saved::Pre ? pre : undef()});
+    ctx->saved_data["activation"] = activation;
+    ctx->saved_data["need"] = std::vector<bool>{nx, nw1, nb1, nw2, nb2};
+    ctx->saved_data["shape"] = std::vector<int64_t>{x.size(0), x.size(1), w1.size(0)};
+    return y;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    if (at::GradMode::is_enabled()) refuse_double_backward("MLP");
+    const auto s = ctx->get_saved_variables();
+    const auto need = ctx->saved_data["need"].toBoolList();
+    const auto shape = ctx->saved_data["shape"].toIntVector();
+    const std::string activation = ctx->saved_data["activation"].toStringRef();
+    const at::Tensor& w1 = s[1];
+    // Placeholders of the right shape (never read) where a tensor was not kept.
+    const at::Tensor x = s[0].defined() ? s[0] : at::empty({shape[0], shape[1]}, w1.options());
+    const at::Tensor h = s[3].defined() ? s[3] : at::empty({shape[0], shape[2]}, w1.options());
+    const Saved what = saved_for(parse_activation(activation));
+    const at::Tensor saved = what == Saved::Pre ? (s[4].defined() ? s[4] : h)
+                                                : (what == Saved::Output ? h : at::empty({0}, w1.options()));
+    at::Tensor g = grads[0];
+    if (g.scalar_type() != w1.scalar_type()) g = g.to(w1.scalar_type());
+    auto [gx, gw1, gb1, gw2, gb2] = mlp_bwd_op().call(g, x, w1, s[2], h, saved, activation,
+                                                      need[0], need[1], need[2], need[3], need[4]);
+    return {need[0] ? gx : undef(), need[1] ? gw1 : undef(), need[2] ? gb1 : undef(),
+            need[3] ? gw2 : undef(), need[4] ? gb2 : undef(), undef(), undef(), undef(),
+            undef(), undef(), undef()};
+  }
+};
+
+void check_mlp_public(const at::Tensor& x, const at::Tensor& w1,
+                      const c10::optional<at::Tensor>& b1, const at::Tensor& w2,
+                      const c10::optional<at::Tensor>& b2) {
+  check_linear_public(kMlp, x, w1, b1);
+  TORCH_CHECK_VALUE(w2.dim() == 2, kMlp, ": w2 must be 2-D (out_features, hidden_features), got "
+                    "shape ", py_shape(w2.sizes()));
+  TORCH_CHECK_VALUE(w2.size(1) == w1.size(0), kMlp, ": w2 expects ", w2.size(1),
+                    " hidden features (w2.shape=", py_shape(w2.sizes()), ") but w1 has ",
+                    w1.size(0), " outputs (w1.shape=", py_shape(w1.sizes()), ")");
+  if (has(b2)) {
+    TORCH_CHECK_VALUE(b2->dim() == 1 && b2->size(0) == w2.size(0), kMlp,
+                      ": b2 must have shape (", w2.size(0), ",) to match w2.shape=",
+                      py_shape(w2.sizes()), ", got ", py_shape(b2->sizes()));
+  }
+  const at::Tensor* others[2] = {&w2, has(b2) ? &*b2 : nullptr};
+  const char* names[2] = {"w2", "b2"};
+  for (int k = 0; k < 2; ++k) {
+    if (others[k] == nullptr) continue;
+    TORCH_CHECK_TYPE(others[k]->scalar_type() == x.scalar_type(), kMlp, ": x and ", names[k],
+                     " must have the same dtype, got x.dtype=", py_dtype(x.scalar_type()),
+                     " and ", names[k], ".dtype=", py_dtype(others[k]->scalar_type()));
+    TORCH_CHECK(others[k]->device() == x.device(), kMlp, ": x and ", names[k],
+                " must be on the same device, got x on ", x.device(), " and ", names[k], " on ",
+                others[k]->device());
+  }
+}
+
+void check_mlp_activation(const std::string& act) {
+  TORCH_CHECK_VALUE(parse_activation(act) != Act::Softmax, kMlp,
+                    ": activation 'softmax' is not supported");
+}
+
+at::Tensor mlp_autograd(const at::Tensor& x, const at::Tensor& w1,
+                        const c10::optional<at::Tensor>& b1, const at::Tensor& w2,
+                        const c10::optional<at::Tensor>& b2, c10::string_view activation) {
+  const std::string act(activation);
+  check_mlp_activation(act);
+  check_mlp_public(x, w1, b1, w2, b2);
+  const bool grad = at::GradMode::is_enabled();
+  const bool nx = grad && x.requires_grad(), nw1 = grad && w1.requires_grad();
+  const bool nb1 = grad && has(b1) && b1->requires_grad();
+  const bool nw2 = grad && w2.requires_grad();
+  const bool nb2 = grad && has(b2) && b2->requires_grad();
+  const at::Tensor x2 = flatten_rows(x);
+  at::Tensor out;
+  if (nx || nw1 || nb1 || nw2 || nb2) {
+    out = MlpFn::apply(x2, w1, b1, w2, b2, act, nx, nw1, nb1, nw2, nb2);
+  } else {
+    at::AutoDispatchBelowADInplaceOrView below;
+    const at::Tensor h = std::get<0>(linear_fwd_op().call(x2, w1, b1, act, false));
+    out = std::get<0>(linear_fwd_op().call(h, w2, b2, "none", false));
+  }
+  return unflatten_rows(out, x);
+}
+
+at::Tensor mlp_plain(const at::Tensor& x, const at::Tensor& w1,
+                     const c10::optional<at::Tensor>& b1, const at::Tensor& w2,
+                     const c10::optional<at::Tensor>& b2, c10::string_view activation) {
+  check_mlp_activation(std::string(activation));
+  check_mlp_public(x, w1, b1, w2, b2);
+  const at::Tensor h = std::get<0>(linear_fwd_op().call(flatten_rows(x), w1, b1, activation,
+                                                        false));
+  return unflatten_rows(std::get<0>(linear_fwd_op().call(h, w2, b2, "none", false)), x);
+}
+
+// ============================================================================================
 // The fused losses
 // ============================================================================================
 
@@ -228,6 +370,29 @@ class BceFn : public torch::autograd::Function<BceFn> {
   }
 };
 
+// Which cross-entropy kernel: the single-pass kernel (_linear_ce_fwd: X read once, per-block
+// C x D partials, an N x C residual kept for backward) for small C, the chunked path
+// (_linear_ce_chunked_fwd, csrc/cpu/ce_chunked.cpp: GEMMs over row chunks, no N x C buffer)
+// from kCeChunkedMinClasses classes on. Measured on the 2-core CPU, D 256, fp32, forward +
+// backward of mean loss with dX, dW, db (benchmarks/bench_ce_large.py --threshold; README,
+// "Large-vocabulary cross entropy"): N 131072: single-pass 232 / 372 / 697 / 1347 ms against
+// chunked 358 / 438 / 607 / 1022 ms at C 32 / 64 / 128 / 256; N 4096: chunked 1.4x faster at
+// C 256 to 5.6x at C 32000 (single-pass 18.6 s there). The single pass wins while C is small
+// enough that its one read of X matters more than GEMM speed (C <= 64); from C 128 the GEMMs
+// win. MANUAL_LAYERS_CE_PATH=chunked|single forces one (tests, benchmarks). Shapes only: the
+// choice is the same in eager mode and under tracing. CUDA uses the same rule (its fused
+// single-pass kernel covers C <= 32 only; the GEMM path it replaces holds N x C); unmeasured.
+constexpr int64_t kCeChunkedMinClasses = 128;
+
+bool ce_use_chunked(int64_t C) {
+  if (const char* env = std::getenv("MANUAL_LAYERS_CE_PATH")) {
+    const std::string v(env);
+    if (v == "chunked") return true;
+    if (v == "single") return false;
+  }
+  return C >= kCeChunkedMinClasses;
+}
+
 class CeFn : public torch::autograd::Function<CeFn> {
  public:
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& weight,
@@ -236,13 +401,58 @@ class CeFn : public torch::autograd::Function<CeFn> {
                             double label_smoothing, int64_t reduction, bool float32_loss,
                             bool nx, bool nw, bool nb) {
     at::AutoDispatchBelowADInplaceOrView below;
-    LossOut outs = ce_fwd_op().call(x, weight, bias, target, class_weight, ignore_index,
-                                    label_smoothing, reduction, nx, nw, nb);
-    save_loss(ctx, outs, x, weight, reduction, nx, nw, nb);
-    return loss_out(std::get<0>(outs), x, float32_loss);
+    const bool chunked = ce_use_chunked(weight.size(0));
+    ctx->saved_data["chunked"] = chunked;
+    if (!chunked) {
+      LossOut outs = ce_fwd_op().call(x, weight, bias, target, class_weight, ignore_index,
+                                      label_smoothing, reduction, nx, nw, nb);
+      save_loss(ctx, outs, x, weight, reduction, nx, nw, nb);
+      return loss_out(std::get<0>(outs), x, float32_loss);
+    }
+    // Chunked: mean/sum compute every gradient in forward (for grad_output 1; the N x C
+    // residual never exists) and backward scales them; none keeps the inputs and recomputes.
+    LossOut outs = ce_chunked_fwd_op().call(x, weight, bias, target, class_weight, ignore_index,
+                                            label_smoothing, reduction, nx, nw, nb);
+    const auto& [loss, gw, gb, gx] = outs;
+    if (reduction == 0) {
+      ctx->save_for_backward({x, weight, has(bias) ? *bias : undef(), target,
+                              has(class_weight) ? *class_weight : undef()});
+      ctx->saved_data["ignore_index"] = ignore_index;
+      ctx->saved_data["label_smoothing"] = label_smoothing;
+    } else {
+      ctx->save_for_backward({gx, gw, gb, weight});
+    }
+    ctx->saved_data["reduction"] = reduction;
+    ctx->saved_data["need"] = std::vector<bool>{nx, nw, nb};
+    return loss_out(loss, x, float32_loss);
   }
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    return loss_backward(ctx, grads, "linear_cross_entropy", 12);
+    if (!ctx->saved_data["chunked"].toBool()) {
+      return loss_backward(ctx, grads, "linear_cross_entropy", 12);
+    }
+    if (at::GradMode::is_enabled()) refuse_double_backward("linear_cross_entropy");
+    const auto s = ctx->get_saved_variables();
+    const auto need = ctx->saved_data["need"].toBoolList();
+    const int64_t reduction = ctx->saved_data["reduction"].toInt();
+    variable_list out(12);
+    if (reduction == 0) {
+      auto [gx, gw, gb] = ce_chunked_bwd_op().call(
+          grads[0], s[0], s[1], opt(s[2]), s[3], opt(s[4]),
+          ctx->saved_data["ignore_index"].toInt(), ctx->saved_data["label_smoothing"].toDouble(),
+          need[0], need[1], need[2]);
+      out[0] = need[0] ? gx : undef();
+      out[1] = need[1] ? gw : undef();
+      out[2] = need[2] ? gb : undef();
+      return out;
+    }
+    // Scale the forward's gradients by grad_output on the device (no host sync).
+    const at::Tensor& weight = s[3];
+    const auto dt = weight.scalar_type();
+    const at::Tensor g = grads[0].reshape({}).to(at::toOpMathType(dt));
+    if (need[0]) out[0] = s[0] * g;  // x's dtype (a 0-d tensor does not promote it)
+    if (need[1]) out[1] = (s[1] * g).to(dt);
+    if (need[2]) out[2] = (s[2] * g).to(dt);
+    return out;
   }
 };
 
@@ -395,7 +605,8 @@ at::Tensor linear_ce_autograd(const at::Tensor& x, const at::Tensor& weight,
                        label_smoothing, reduction, float32_loss, nx, nw, nb);
   } else {
     at::AutoDispatchBelowADInplaceOrView below;
-    loss = loss_out(std::get<0>(ce_fwd_op().call(a.x2, weight, bias, a.target,
+    const auto& op = ce_use_chunked(weight.size(0)) ? ce_chunked_fwd_op() : ce_fwd_op();
+    loss = loss_out(std::get<0>(op.call(a.x2, weight, bias, a.target,
                                                  opt(a.class_weight), ignore_index,
                                                  label_smoothing, reduction, false, false,
                                                  false)),
@@ -409,7 +620,8 @@ at::Tensor linear_ce_plain(const at::Tensor& x, const at::Tensor& weight,
                            const c10::optional<at::Tensor>& class_weight, int64_t ignore_index,
                            double label_smoothing, int64_t reduction, bool float32_loss) {
   CeArgs a = prepare_ce(x, weight, bias, target, class_weight, label_smoothing, reduction, false);
-  const at::Tensor loss = std::get<0>(ce_fwd_op().call(a.x2, weight, bias, a.target,
+  const auto& op = ce_use_chunked(weight.size(0)) ? ce_chunked_fwd_op() : ce_fwd_op();
+  const at::Tensor loss = std::get<0>(op.call(a.x2, weight, bias, a.target,
                                                        opt(a.class_weight), ignore_index,
                                                        label_smoothing, reduction, false, false,
                                                        false));
@@ -420,18 +632,21 @@ at::Tensor linear_ce_plain(const at::Tensor& x, const at::Tensor& weight,
 }  // namespace manual_layers
 
 TORCH_LIBRARY_IMPL(manual_layers, Autograd, m) {
+  m.impl("mlp", &manual_layers::mlp_autograd);
   m.impl("linear", &manual_layers::linear_autograd);
   m.impl("linear_bce", &manual_layers::linear_bce_autograd);
   m.impl("linear_ce", &manual_layers::linear_ce_autograd);
 }
 
 TORCH_LIBRARY_IMPL(manual_layers, CPU, m) {
+  m.impl("mlp", &manual_layers::mlp_plain);
   m.impl("linear", &manual_layers::linear_plain);
   m.impl("linear_bce", &manual_layers::linear_bce_plain);
   m.impl("linear_ce", &manual_layers::linear_ce_plain);
 }
 
 TORCH_LIBRARY_IMPL(manual_layers, CUDA, m) {
+  m.impl("mlp", &manual_layers::mlp_plain);
   m.impl("linear", &manual_layers::linear_plain);
   m.impl("linear_bce", &manual_layers::linear_bce_plain);
   m.impl("linear_ce", &manual_layers::linear_ce_plain);

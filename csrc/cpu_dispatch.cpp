@@ -41,6 +41,7 @@
 
 #include "linear.h"
 #include "logreg.h"
+#include "mlp.h"
 
 // The per-ISA copies of the entry functions, declared from the ISA-neutral declarations in
 // linear.h / logreg.h (decltype keeps them in step with those headers).
@@ -50,6 +51,7 @@
   decltype(manual_layers::linear_bwd_cpu) linear_bwd_cpu;                      \
   decltype(manual_layers::linear_bce_fwd_cpu) linear_bce_fwd_cpu;              \
   decltype(manual_layers::linear_ce_fwd_cpu) linear_ce_fwd_cpu;                \
+  decltype(manual_layers::mlp_bwd_cpu) mlp_bwd_cpu;                            \
   }
 ML_DECLARE_ISA_KERNELS(DEFAULT)
 #ifdef ML_COMPILED_AVX2
@@ -71,11 +73,12 @@ struct CpuKernels {
   decltype(&manual_layers::linear_bwd_cpu) linear_bwd;
   decltype(&manual_layers::linear_bce_fwd_cpu) linear_bce_fwd;
   decltype(&manual_layers::linear_ce_fwd_cpu) linear_ce_fwd;
+  decltype(&manual_layers::mlp_bwd_cpu) mlp_bwd;
 };
 #define ML_ISA_KERNELS(ISA)                                                               \
   CpuKernels {                                                                            \
     &ISA::linear_fwd_cpu, &ISA::linear_bwd_cpu, &ISA::linear_bce_fwd_cpu,                 \
-        &ISA::linear_ce_fwd_cpu                                                           \
+        &ISA::linear_ce_fwd_cpu, &ISA::mlp_bwd_cpu                                        \
   }
 
 bool compiled(Isa isa) {
@@ -188,6 +191,7 @@ TORCH_LIBRARY_IMPL(manual_layers, CPU, m) {
   m.impl("_linear_bwd", k.linear_bwd);
   m.impl("_linear_bce_fwd", k.linear_bce_fwd);
   m.impl("_linear_ce_fwd", k.linear_ce_fwd);
+  m.impl("_mlp_bwd", k.mlp_bwd);
 }
 
 // Which copy runs, for manual_layers.info() (no tensors: a catch-all kernel, not traced).

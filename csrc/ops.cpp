@@ -29,6 +29,9 @@ TORCH_LIBRARY(manual_layers, m) {
   m.def("linear(Tensor x, Tensor weight, Tensor? bias=None, str activation=\"none\") -> Tensor");
   m.def("linear_bce(Tensor x, Tensor weight, Tensor? bias, Tensor target, Tensor? pos_weight=None,"
         " Tensor? sample_weight=None, int reduction=1, bool float32_loss=False) -> Tensor");
+  // MLP: Linear -> activation -> Linear (w1 (H, K), w2 (O, H)); backward is one _mlp_bwd.
+  m.def("mlp(Tensor x, Tensor w1, Tensor? b1, Tensor w2, Tensor? b2, str activation=\"gelu\")"
+        " -> Tensor");
   m.def("linear_ce(Tensor x, Tensor weight, Tensor? bias, Tensor target, Tensor? class_weight=None,"
         " int ignore_index=-100, float label_smoothing=0.0, int reduction=1,"
         " bool float32_loss=False) -> Tensor");
@@ -48,6 +51,18 @@ TORCH_LIBRARY(manual_layers, m) {
   m.def("_linear_loss_bwd(Tensor grad_loss, Tensor residual, Tensor x, Tensor weight,"
         " Tensor grad_weight, Tensor grad_bias, int reduction, bool need_x, bool need_weight,"
         " bool need_bias) -> (Tensor, Tensor, Tensor)");
+  m.def("_mlp_bwd(Tensor grad_out, Tensor x, Tensor w1, Tensor w2, Tensor h, Tensor saved,"
+        " str activation, bool need_x, bool need_w1, bool need_b1, bool need_w2, bool need_b2)"
+        " -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // Chunked linear + cross entropy for large C (csrc/cpu/ce_chunked.cpp is the contract):
+  // mean/sum return (loss, grad_weight, grad_bias, grad_x) for grad_output 1; none returns the
+  // per-row losses only and its backward recomputes the logits chunk by chunk.
+  m.def("_linear_ce_chunked_fwd(Tensor x, Tensor weight, Tensor? bias, Tensor target,"
+        " Tensor? class_weight, int ignore_index, float label_smoothing, int reduction,"
+        " bool need_x, bool need_weight, bool need_bias) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("_linear_ce_chunked_bwd(Tensor grad_loss, Tensor x, Tensor weight, Tensor? bias,"
+        " Tensor target, Tensor? class_weight, int ignore_index, float label_smoothing,"
+        " bool need_x, bool need_weight, bool need_bias) -> (Tensor, Tensor, Tensor)");
 }
 
 #ifndef WITH_CUDA

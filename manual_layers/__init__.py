@@ -8,12 +8,12 @@ backward passes are hand-written C++ (CPU) and CUDA kernels.
 
 from ._ops import BUILD_INFO
 from . import functional, reference
-from .modules import (Linear, LinearBCEWithLogitsLoss, LinearCrossEntropyLoss,
+from .modules import (MLP, Linear, LinearBCEWithLogitsLoss, LinearCrossEntropyLoss,
                       LogisticRegression, convert)
 
 __version__ = "0.1.0"
 
-__all__ = ["Linear", "LogisticRegression", "LinearBCEWithLogitsLoss", "LinearCrossEntropyLoss",
+__all__ = ["Linear", "MLP", "LogisticRegression", "LinearBCEWithLogitsLoss", "LinearCrossEntropyLoss",
            "convert", "functional", "reference", "BUILD_INFO", "info",
            "cpu_kernels_isa"]
 

@@ -119,3 +119,42 @@ def _linear_loss_bwd_fake(grad_loss, residual, x, weight, grad_weight, grad_bias
     return (weight.new_empty((n, weight.shape[1])) if need_x else _empty(weight),
             weight.new_empty(weight.shape) if need_weight else _empty(weight),
             weight.new_empty((weight.shape[0],)) if need_bias else _empty(weight))
+
+
+@torch.library.register_fake(_lib + "_linear_ce_chunked_fwd")
+def _linear_ce_chunked_fwd_fake(x, weight, bias, target, class_weight, ignore_index,
+                                label_smoothing, reduction, need_x, need_weight, need_bias):
+    n, c = x.shape[0], weight.shape[0]
+    acc = _acc(x.dtype)
+    if reduction == 0:
+        return (x.new_empty((n,), dtype=acc), _empty(x, acc), _empty(x, acc), _empty(x))
+    return (x.new_empty((), dtype=acc),
+            x.new_empty(weight.shape, dtype=acc) if need_weight else _empty(x, acc),
+            x.new_empty((c,), dtype=acc) if need_bias else _empty(x, acc),
+            x.new_empty(x.shape) if need_x else _empty(x))
+
+
+@torch.library.register_fake(_lib + "_linear_ce_chunked_bwd")
+def _linear_ce_chunked_bwd_fake(grad_loss, x, weight, bias, target, class_weight, ignore_index,
+                                label_smoothing, need_x, need_weight, need_bias):
+    return (x.new_empty(x.shape) if need_x else _empty(x),
+            x.new_empty(weight.shape) if need_weight else _empty(x),
+            x.new_empty((weight.shape[0],)) if need_bias else _empty(x))
+
+
+@torch.library.register_fake(_lib + "mlp")
+def _mlp_fake(x, w1, b1, w2, b2, activation="gelu"):
+    torch._check(x.dim() >= 1 and w1.dim() == 2 and w2.dim() == 2 and x.shape[-1] == w1.shape[1]
+                 and w2.shape[1] == w1.shape[0],
+                 lambda: "manual_layers.mlp: x (..., K), w1 (H, K), w2 (O, H) expected")
+    return x.new_empty((*x.shape[:-1], w2.shape[0]))
+
+
+@torch.library.register_fake(_lib + "_mlp_bwd")
+def _mlp_bwd_fake(grad_out, x, w1, w2, h, saved, activation, need_x, need_w1, need_b1, need_w2,
+                  need_b2):
+    return (x.new_empty(x.shape) if need_x else _empty(x),
+            x.new_empty(w1.shape) if need_w1 else _empty(x),
+            x.new_empty((w1.shape[0],)) if need_b1 else _empty(x),
+            x.new_empty(w2.shape) if need_w2 else _empty(x),
+            x.new_empty((w2.shape[0],)) if need_b2 else _empty(x))

@@ -16,7 +16,7 @@ ACTIVATIONS = (None, "relu", "gelu", "gelu_tanh", "silu", "sigmoid", "tanh")
 _REDUCTIONS = {"none": 0, "mean": 1, "sum": 2}
 _AUTOCAST_DEVICES = ("cpu", "cuda", "xpu", "mps")
 
-__all__ = ["linear", "linear_binary_cross_entropy_with_logits", "linear_cross_entropy",
+__all__ = ["linear", "mlp", "linear_binary_cross_entropy_with_logits", "linear_cross_entropy",
            "logistic_regression", "ACTIVATIONS"]
 
 
@@ -62,6 +62,26 @@ def linear(x, weight, bias=None, activation=None):
     _check_activation(activation, fn)
     x, weight, bias, _ = _autocast(x, weight, bias, fn)
     return ops.linear(x, weight, bias, activation or "none")
+
+
+def mlp(x, w1, b1, w2, b2, activation="gelu"):
+    """y = act(x @ w1.T + b1) @ w2.T + b2: nn.Sequential(nn.Linear, act, nn.Linear) as one op,
+    whose backward is one hand-written op (on the CPU the (N, hidden) gradient of the hidden
+    layer is never materialised whole).
+
+    x: (..., in_features); w1: (hidden, in_features); b1: (hidden,) or None;
+    w2: (out_features, hidden); b2: (out_features,) or None; activation as in linear().
+    Returns (..., out_features).
+    """
+    fn = "manual_layers.functional.mlp"
+    _check_activation(activation, fn)
+    _check_tensor("w2", w2, fn)
+    if b2 is not None:
+        _check_tensor("b2", b2, fn)
+    x, w1, b1, amp = _autocast(x, w1, b1, fn)
+    if amp:
+        _, w2, b2, _ = _autocast(x, w2, b2, fn)
+    return ops.mlp(x, w1, b1, w2, b2, activation or "none")
 
 
 def logistic_regression(x, weight, bias=None):

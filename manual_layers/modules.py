@@ -11,7 +11,7 @@ from torch import nn
 from . import functional as MF
 from .functional import ACTIVATIONS
 
-__all__ = ["Linear", "convert", "LogisticRegression", "LinearBCEWithLogitsLoss",
+__all__ = ["Linear", "MLP", "convert", "LogisticRegression", "LinearBCEWithLogitsLoss",
            "LinearCrossEntropyLoss"]
 
 
@@ -61,6 +61,88 @@ class Linear(nn.Linear):
         return m
 
 
+class MLP(nn.Sequential):
+    """nn.Sequential(nn.Linear(in, hidden), act, nn.Linear(hidden, out)) as one fused op:
+    y = act(x W1^T + b1) W2^T + b2, forward and backward hand-written (functional.mlp).
+
+    State dict: the keys of that nn.Sequential, "0.weight", "0.bias", "2.weight", "2.bias"
+    (it IS an nn.Sequential of nn.Linear, the activation module and nn.Linear, with forward
+    replaced), so state dicts load both ways with no renaming, and nn.Sequential(...) converted
+    by convert() keeps its keys. `fc1` / `fc2` name the two layers (self[0], self[2]).
+    Parameters and initialisation are nn.Linear's. activation: None, "relu", "gelu" (exact, as
+    nn.GELU()), "gelu_tanh", "silu", "sigmoid", "tanh".
+    """
+
+    def __init__(self, in_features, hidden_features, out_features, activation="gelu", bias=True,
+                 device=None, dtype=None):
+        MF._check_activation(activation, "manual_layers.MLP")
+        from .reference import ACTIVATION_MODULES
+        act = ACTIVATION_MODULES[activation]() if activation is not None else nn.Identity()
+        kw = dict(bias=bias, device=device, dtype=dtype)
+        super().__init__(nn.Linear(in_features, hidden_features, **kw), act,
+                         nn.Linear(hidden_features, out_features, **kw))
+        self.activation = activation
+
+    @property
+    def fc1(self):
+        return self[0]
+
+    @property
+    def fc2(self):
+        return self[2]
+
+    @property
+    def in_features(self):
+        return self[0].in_features
+
+    @property
+    def hidden_features(self):
+        return self[0].out_features
+
+    @property
+    def out_features(self):
+        return self[2].out_features
+
+    def forward(self, x):
+        return MF.mlp(x, self[0].weight, self[0].bias, self[2].weight, self[2].bias,
+                      self.activation)
+
+    def extra_repr(self):
+        return f"activation={self.activation!r}"
+
+    @classmethod
+    def from_sequential(cls, seq):
+        """An MLP sharing the parameters (no copy) of nn.Sequential(nn.Linear, act, nn.Linear)
+        with a supported activation module (or nn.Identity); same state_dict keys."""
+        act = _mlp_activation(seq)
+        if act is False:
+            raise TypeError("MLP.from_sequential: expected nn.Sequential(nn.Linear, activation, "
+                            f"nn.Linear) with matching sizes, got {seq!r}")
+        m = cls.__new__(cls)
+        nn.Sequential.__init__(m, seq[0], seq[1], seq[2])
+        m.activation = act
+        m.train(seq.training)
+        return m
+
+
+def _mlp_activation(seq):
+    """The activation name if `seq` is exactly nn.Sequential(nn.Linear, act, nn.Linear) with
+    foldable parts (None for nn.Identity), else False."""
+    if type(seq) is not nn.Sequential or len(seq) != 3:
+        return False
+    l1, a, l2 = seq[0], seq[1], seq[2]
+    if type(l1) is not nn.Linear or type(l2) is not nn.Linear:
+        return False
+    if l1.out_features != l2.in_features or (l1.bias is None) != (l2.bias is None):
+        return False
+    if l1.weight.dtype != l2.weight.dtype or l1.weight.device != l2.weight.device:
+        return False
+    if type(a) is nn.Identity:
+        return None
+    name = _activation_name(a)
+    return name if name is not None else False
+
+
 def _activation_name(module):
     """The fused-activation name of a torch activation module, or None if not foldable."""
     if isinstance(module, nn.ReLU):
@@ -80,11 +162,18 @@ def convert(model):
     """Replace, in place, every nn.Linear in `model` by a manual_layers.Linear that shares its
     parameters, folding an nn.Linear that is directly followed by a supported activation module
     inside an nn.Sequential into one fused layer (the activation becomes nn.Identity, so
-    indices and state_dict keys are unchanged). Returns the model; outputs are unchanged."""
+    indices and state_dict keys are unchanged). An nn.Sequential that is exactly
+    (nn.Linear, activation, nn.Linear) becomes one manual_layers.MLP (same state_dict keys
+    "0.weight", ..., "2.bias"); a top-level one is returned as the new model. Returns the
+    model; outputs are unchanged."""
     if type(model) is nn.Linear:
         return Linear.from_linear(model)
+    if _mlp_activation(model) is not False:
+        return MLP.from_sequential(model)
     for name, child in list(model.named_children()):
-        if isinstance(model, nn.Sequential) and type(child) is nn.Linear:
+        if _mlp_activation(child) is not False:
+            setattr(model, name, MLP.from_sequential(child))
+        elif isinstance(model, nn.Sequential) and type(child) is nn.Linear:
             names = list(model._modules.keys())
             i = names.index(name)
             nxt = model._modules[names[i + 1]] if i + 1 < len(names) else None

@@ -1,0 +1,89 @@
+"""manual_layers.MLP against nn.Sequential(nn.Linear, act, nn.Linear) in eager mode and under
+torch.compile: forward+backward (gradients of x and of all parameters from a random
+grad_output), medians of calls interleaved in one process.
+
+    python benchmarks/bench_mlp.py                          # CPU 8192x512->2048->512 fp32
+                                                            # (+ CUDA 8192x1024->4096->1024 bf16)
+    python benchmarks/bench_mlp.py --shapes 4096x256x1024x256 --activation relu --no-compile
+
+Target (design.md 6): >= 1.15x eager on CUDA bf16 at 8192x1024->4096->1024, GELU.
+"""
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+import common as C  # noqa: E402
+
+ml = C.import_manual_layers()
+from manual_layers.reference import ACTIVATION_MODULES  # noqa: E402
+
+CPU_CASES = [("cpu", (8192, 512, 2048, 512), torch.float32)]
+CUDA_CASES = [("cuda", (8192, 1024, 4096, 1024), torch.bfloat16)]
+
+
+def parse_shape(s):
+    n, i, h, o = (int(v) for v in s.replace("->", "x").split("x"))
+    return n, i, h, o
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--activation", default="gelu")
+    p.add_argument("--shapes", default=None, help="NxIxHxO[,...] (CPU fp32)")
+    p.add_argument("--no-compile", action="store_true")
+    args = p.parse_args()
+    act = args.activation
+    cases = ([("cpu", parse_shape(s), torch.float32) for s in args.shapes.split(",")]
+             if args.shapes else list(CPU_CASES))
+    if torch.cuda.is_available() and not args.shapes:
+        cases += CUDA_CASES
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads, activation {act}")
+    print("| device | shape | dtype | ours ms | eager ms | compile ms | vs eager | vs compile |")
+    print("|---|---|---|---|---|---|---|---|")
+    for dev, (N, I, H, O), dt in cases:
+        torch.manual_seed(0)
+        seq = nn.Sequential(nn.Linear(I, H), ACTIVATION_MODULES[act](), nn.Linear(H, O)).to(
+            device=dev, dtype=dt)
+        ours = ml.MLP.from_sequential(seq)
+        x = torch.randn(N, I, device=dev, dtype=dt, requires_grad=True)
+        g = torch.randn(N, O, device=dev, dtype=dt)
+        impls = {"ours": ours, "eager": seq}
+        if not args.no_compile:
+            impls["compile"] = torch.compile(seq)
+
+        def step(m):
+            x.grad = None
+            for q in seq.parameters():
+                q.grad = None
+            m(x).backward(g)
+
+        for m in impls.values():
+            for _ in range(args.warmup):
+                step(m)
+        times = {k: [] for k in impls}
+        for _ in range(args.repeats):
+            for k, m in impls.items():
+                C.synchronize(dev)
+                t0 = time.perf_counter()
+                step(m)
+                C.synchronize(dev)
+                times[k].append((time.perf_counter() - t0) * 1e3)
+        med = {k: statistics.median(v) for k, v in times.items()}
+        comp = med.get("compile", float("nan"))
+        print(f"| {dev} | {N}x{I}->{H}->{O} | {C.dtype_name(dt)} | {med['ours']:.1f} | "
+              f"{med['eager']:.1f} | {comp:.1f} | {med['eager'] / med['ours']:.2f}x | "
+              f"{comp / med['ours']:.2f}x |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
