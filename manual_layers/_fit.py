@@ -179,14 +179,26 @@ class _cpu_threads:
             torch.set_num_threads(self.old)
 
 
+_BLAS_CONTROLLER = []
+
+
 def _blas_single_thread():
     """L-BFGS-B's own vector work is tiny; keep numpy/scipy's OpenBLAS pool from spinning on the
-    cores the kernels use (threadpoolctl, when installed: scikit-learn brings it)."""
+    cores the kernels use (threadpoolctl, when installed: scikit-learn brings it). The library
+    scan (about 5 ms) runs once per process."""
+    import contextlib
+    if not _BLAS_CONTROLLER:
+        try:
+            from threadpoolctl import ThreadpoolController
+            _BLAS_CONTROLLER.append(ThreadpoolController())
+        except Exception:  # noqa: BLE001 - optional
+            _BLAS_CONTROLLER.append(None)
+    ctl = _BLAS_CONTROLLER[0]
+    if ctl is None:
+        return contextlib.nullcontext()
     try:
-        from threadpoolctl import threadpool_limits
-        return threadpool_limits(limits=1, user_api="blas")
-    except Exception:  # noqa: BLE001 - optional
-        import contextlib
+        return ctl.limit(limits=1, user_api="blas")
+    except Exception:  # noqa: BLE001
         return contextlib.nullcontext()
 
 
