@@ -32,11 +32,24 @@ import torch
 
 from . import functional as MF
 
-try:  # the class scikit-learn users filter on; a local stand-in when sklearn is absent
-    from sklearn.exceptions import ConvergenceWarning
-except ImportError:  # pragma: no cover
-    class ConvergenceWarning(UserWarning):
-        """The solver stopped before meeting its tolerance."""
+class _ConvergenceWarning(UserWarning):
+    """The solver stopped before meeting its tolerance (used when scikit-learn is absent)."""
+
+
+def _convergence_warning_class():
+    """scikit-learn's ConvergenceWarning (the class its users filter on), imported only when
+    needed: importing scikit-learn costs a second, too much for `import manual_layers`."""
+    try:
+        from sklearn.exceptions import ConvergenceWarning
+        return ConvergenceWarning
+    except ImportError:  # pragma: no cover
+        return _ConvergenceWarning
+
+
+def __getattr__(name):
+    if name == "ConvergenceWarning":
+        return _convergence_warning_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 SOLVERS = ("lbfgs", "sgd", "adam")
 
@@ -365,7 +378,7 @@ def fit_logistic_regression(X, y, n_classes, *, sample_weight=None, class_weight
     if warn and converged is False:
         warnings.warn(f"{caller}: solver={solver!r} did not converge in max_iter={max_iter} "
                       f"iterations ({msg}); increase max_iter or scale the data (e.g. "
-                      f"StandardScaler)", ConvergenceWarning, stacklevel=3)
+                      f"StandardScaler)", _convergence_warning_class(), stacklevel=3)
     res = FitResult(coef, intercept, n_iter, converged, msg)
     res.fit_time = time.perf_counter() - t0
     res.n_evals = obj.n_evals

@@ -131,11 +131,19 @@ class LinearCrossEntropyLoss(nn.Module):
 _progress = _fit._progress  # the progress bar moved to the fit engine; kept here by name
 
 
-try:  # catchable as scikit-learn's NotFittedError when scikit-learn is installed
-    from sklearn.exceptions import NotFittedError
-except ImportError:  # pragma: no cover
-    class NotFittedError(ValueError, AttributeError):
-        """predict/score called on a LogisticRegression layer that has no classes_."""
+class _NotFittedError(ValueError, AttributeError):
+    """predict/score called on a LogisticRegression layer that has no classes_ (used when
+    scikit-learn is absent)."""
+
+
+def _not_fitted_error_class():
+    """scikit-learn's NotFittedError when installed (so `except NotFittedError` works for both),
+    imported only when raised: importing scikit-learn costs a second at `import manual_layers`."""
+    try:
+        from sklearn.exceptions import NotFittedError
+        return NotFittedError
+    except ImportError:  # pragma: no cover
+        return _NotFittedError
 
 
 def _finite_or_raise(t, name, fn):
@@ -274,7 +282,7 @@ class LogisticRegression(nn.Module):
 
     def _check_fitted(self, fn):
         if self.classes_ is None:
-            raise NotFittedError(
+            raise _not_fitted_error_class()(
                 f"{fn}: this LogisticRegression has not been fitted, so it has no classes_ to "
                 f"predict; call fit(X, y) first (or load a fitted state_dict). For the "
                 f"probabilities of the current weights use predict_proba(X) or forward(x); to "
