@@ -21,15 +21,22 @@ $(VENV)/.deps:
 
 # The extension build (ninja; incremental). CUDA kernels are built whenever torch is a CUDA
 # build and nvcc is found; MANUAL_LAYERS_CUDA=0 skips them.
+# The full log goes to $(VENV)/build.log; ninja's [k/n] progress lines and the build summary are
+# shown as they come, so the minutes of compiling are not silent.
 $(VENV)/.installed: $(VENV)/.deps $(SOURCES)
-	$(VPY) -m pip install --no-build-isolation --no-deps -v -e . > $(VENV)/build.log 2>&1 || \
-		{ tail -60 $(VENV)/build.log; exit 1; }
+	@echo "building manual_layers._C (C++ kernels, and CUDA ones when nvcc is found): minutes on a"
+	@echo "small machine; progress below, full log in $(VENV)/build.log"
+	@{ $(VPY) -m pip install --no-build-isolation --no-deps -v -e . ; echo $$? > $(VENV)/build.rc; } 2>&1 | \
+		tee $(VENV)/build.log | grep --line-buffered -E '^ *\[[0-9]+/[0-9]+\] |manual_layers build' | \
+		sed -u -E 's,^ *(\[[0-9]+/[0-9]+\]) .* -c ([^ ]*/)?(csrc/[^ ]+\.(cpp|cu)) .*,  \1 compiling \3,' || true
+	@test "$$(cat $(VENV)/build.rc)" = 0 || { tail -60 $(VENV)/build.log; exit 1; }
 	grep "manual_layers build" $(VENV)/build.log
 	$(VPY) -c "import manual_layers"
 	touch $@
 
 install: $(VENV)/.installed
 
+# make demo: the build (above) streams its progress, then the showcase runs.
 demo: install
 	$(VPY) -m manual_layers demo
 

@@ -372,7 +372,7 @@ class BceFn : public torch::autograd::Function<BceFn> {
 
 // Which cross-entropy kernel: the single-pass kernel (_linear_ce_fwd: X read once, per-block
 // C x D partials, an N x C residual kept for backward) for small C, the chunked path
-// (_linear_ce_chunked_fwd, csrc/cpu/ce_chunked.cpp: GEMMs over row chunks, no N x C buffer)
+// (_linear_ce_chunked_fwd, csrc/ce_chunked.cpp: GEMMs over row chunks, no N x C buffer)
 // from kCeChunkedMinClasses classes on. Measured on the 2-core CPU, D 256, fp32, forward +
 // backward of mean loss with dX, dW, db (benchmarks/bench_ce_large.py --threshold; README,
 // "Large-vocabulary cross entropy"): N 131072: single-pass 232 / 372 / 697 / 1347 ms against

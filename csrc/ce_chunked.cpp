@@ -80,9 +80,9 @@ namespace {
 
 using at::vec::Vectorized;
 
-// Bound of the R x C logits chunk. 32 MiB: measured on the 2-core CPU (N 4096, D 256,
-// C 32000 fp32), 8-64 MiB chunks run within noise of each other; smaller chunks make the GEMMs
-// skinny (R < 64 rows at C = 32000 for 8 MiB). MANUAL_LAYERS_CE_CHUNK_ROWS=<rows> overrides R
+// Bound of the R x C logits chunk: 32 MiB, a choice (not swept by measurement): large enough
+// that the GEMMs are not skinny (R = 262 rows at C = 32000 fp32; 8 MiB would give R < 64), small
+// next to the N x C logits it replaces. MANUAL_LAYERS_CE_CHUNK_ROWS=<rows> overrides R
 // (the tests use it to put chunk boundaries inside small batches).
 constexpr int64_t kChunkBytes = int64_t(32) << 20;
 

@@ -54,7 +54,7 @@ TORCH_LIBRARY(manual_layers, m) {
   m.def("_mlp_bwd(Tensor grad_out, Tensor x, Tensor w1, Tensor w2, Tensor h, Tensor saved,"
         " str activation, bool need_x, bool need_w1, bool need_b1, bool need_w2, bool need_b2)"
         " -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
-  // Chunked linear + cross entropy for large C (csrc/cpu/ce_chunked.cpp is the contract):
+  // Chunked linear + cross entropy for large C (csrc/ce_chunked.cpp is the contract):
   // mean/sum return (loss, grad_weight, grad_bias, grad_x) for grad_output 1; none returns the
   // per-row losses only and its backward recomputes the logits chunk by chunk.
   m.def("_linear_ce_chunked_fwd(Tensor x, Tensor weight, Tensor? bias, Tensor target,"

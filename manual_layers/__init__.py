@@ -3,7 +3,8 @@ backward passes are hand-written C++ (CPU) and CUDA kernels.
 
     import manual_layers as ml
     layer = ml.Linear(256, 256, activation="gelu")      # nn.Linear + nn.GELU(), fused
-    clf = ml.LogisticRegression(30).fit(X, y)            # scikit-learn-like, CPU or CUDA
+    clf = ml.LogisticRegression(30).fit(X, y)            # the layer, fitted like scikit-learn
+    from manual_layers.sklearn import LogisticRegression  # a scikit-learn estimator, CPU or CUDA
 """
 
 from ._ops import BUILD_INFO
@@ -13,9 +14,20 @@ from .modules import (MLP, Linear, LinearBCEWithLogitsLoss, LinearCrossEntropyLo
 
 __version__ = "0.1.0"
 
-__all__ = ["Linear", "MLP", "LogisticRegression", "LinearBCEWithLogitsLoss", "LinearCrossEntropyLoss",
-           "convert", "functional", "reference", "BUILD_INFO", "info",
-           "cpu_kernels_isa"]
+__all__ = ["Linear", "MLP", "LogisticRegression", "LinearBCEWithLogitsLoss",
+           "LinearCrossEntropyLoss", "convert", "functional", "reference", "sklearn",
+           "fit_logistic_regression", "BUILD_INFO", "info", "cpu_kernels_isa"]
+
+from ._fit import fit_logistic_regression  # noqa: E402
+
+
+def __getattr__(name):
+    """manual_layers.sklearn (the scikit-learn estimator) is imported on first use, so that
+    importing manual_layers does not need scikit-learn."""
+    if name == "sklearn":
+        import importlib
+        return importlib.import_module(".sklearn", __name__)
+    raise AttributeError(f"module 'manual_layers' has no attribute {name!r}")
 
 
 def cpu_kernels_isa():

@@ -2,12 +2,12 @@
 BCEWithLogitsLoss / CrossEntropyLoss, and scikit-learn's LogisticRegression."""
 
 import math
-import time
 
 import numpy as np
 import torch
 from torch import nn
 
+from . import _fit
 from . import functional as MF
 from .functional import ACTIVATIONS
 
@@ -223,38 +223,60 @@ class LinearCrossEntropyLoss(nn.Module):
             label_smoothing=self.label_smoothing, reduction=self.reduction)
 
 
-def _progress(total, desc, verbose):
-    if not verbose:
-        return None
+_progress = _fit._progress  # the progress bar moved to the fit engine; kept here by name
+
+
+class _NotFittedError(ValueError, AttributeError):
+    """predict/score called on a LogisticRegression layer that has no classes_ (used when
+    scikit-learn is absent)."""
+
+
+def _not_fitted_error_class():
+    """scikit-learn's NotFittedError when installed (so `except NotFittedError` works for both),
+    imported only when raised: importing scikit-learn costs a second at `import manual_layers`."""
     try:
-        from tqdm.auto import tqdm
-        return tqdm(total=total, desc=desc, leave=False)
-    except ImportError:  # plain-text progress when tqdm is absent
-        class _Plain:
-            def __init__(self):
-                self.n = 0
+        from sklearn.exceptions import NotFittedError
+        return NotFittedError
+    except ImportError:  # pragma: no cover
+        return _NotFittedError
 
-            def update(self, k=1):
-                self.n += k
 
-            def set_postfix(self, **kw):
-                print(f"{desc} {self.n}/{total} " + " ".join(f"{k}={v}" for k, v in kw.items()))
+def _finite_or_raise(t, name, fn):
+    if not bool(torch.isfinite(t).all()):
+        raise ValueError(f"{fn}: {name} contains NaN or infinity; remove or impute those "
+                         f"values first")
 
-            def close(self):
-                pass
-        return _Plain()
+
+def _positive_int_or_none(value, name, fn, minimum=1):
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise ValueError(f"{fn}: {name} must be an integer >= {minimum}, got {value!r}")
+    return int(value)
 
 
 class LogisticRegression(nn.Module):
-    """Logistic regression as a layer and as a scikit-learn-like estimator.
+    """Logistic regression as a layer, with a scikit-learn-like fit.
 
     num_classes=2 (binary): weight (1, in_features), bias (1,); forward(x) returns
     P(class 1) of shape (..., 1), as nn.Sequential(nn.Linear(D, 1), nn.Sigmoid()).
     num_classes=C > 2: weight (C, in_features), bias (C,); forward returns softmax
     probabilities (..., C). Parameters are initialised as nn.Linear's.
 
-    fit() minimises mean loss + ||W||^2 / (2 C N) (scikit-learn's objective; the intercept is
-    not penalised) through the fused loss kernels, on CPU or CUDA tensors or numpy arrays.
+    The layer (forward, logits, loss, predict_proba) works fitted or not: it uses the current
+    weights. Labels need a fit: predict and score map to the labels seen by fit() (classes_,
+    any sortable labels, strings included) and raise NotFittedError before fit() (or before
+    loading a fitted state_dict). A layer trained by your own loop predicts class indices once
+    you set layer.classes_ = numpy.arange(num_classes).
+
+    fit() minimises scikit-learn's objective (weighted mean log-loss + ||W||^2 / (2 C sum of
+    sample weights); the intercept is not penalised) through the fused loss kernels, on CPU or
+    CUDA tensors or numpy arrays; see manual_layers/_fit.py. For a full scikit-learn estimator
+    (clone, Pipeline, GridSearchCV, pandas) use manual_layers.sklearn.LogisticRegression.
+
+    state_dict: weight, bias (nn.Linear's keys) and, once fitted, "_extra_state" holding
+    classes_ (plain Python lists, loadable with torch.load(weights_only=True)). A state_dict
+    without it (an unfitted layer's, an nn.Linear's) still loads, leaving the layer unfitted.
     """
 
     def __init__(self, in_features, num_classes=2, bias=True, device=None, dtype=None):
@@ -288,6 +310,36 @@ class LogisticRegression(nn.Module):
     def binary(self):
         return self.num_classes == 2
 
+    # ---- classes_ in the state_dict --------------------------------------------------------
+    def get_extra_state(self):
+        c = self.classes_
+        if c is None:
+            return {"classes_": None}
+        return {"classes_": c.tolist(), "classes_dtype": c.dtype.str}
+
+    def set_extra_state(self, state):
+        classes = state.get("classes_") if isinstance(state, dict) else None
+        if classes is None:
+            self.classes_ = None
+            return
+        self.classes_ = np.asarray(classes, dtype=np.dtype(state.get("classes_dtype", "O")))
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.classes_ is None:  # unfitted: exactly nn.Linear's keys
+            destination.pop(prefix + "_extra_state", None)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        key = prefix + "_extra_state"
+        had = key in state_dict
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+        if not had:  # an unfitted layer's (or nn.Linear's) state_dict: load it as unfitted
+            if key in missing_keys:
+                missing_keys.remove(key)
+            self.classes_ = None
+
     # ---- the layer -------------------------------------------------------------------------
     def forward(self, x):
         return MF.logistic_regression(x, self.weight, self.bias)
@@ -305,14 +357,37 @@ class LogisticRegression(nn.Module):
         return MF.linear_cross_entropy(x, self.weight, self.bias, target, **kwargs)
 
     # ---- the estimator ---------------------------------------------------------------------
-    def _as_tensor(self, X):
+    def _as_tensor(self, X, fn=None, dtype=None):
+        """X as a tensor on the layer's device (in the layer's dtype unless given), checked:
+        2-D (N, in_features) when fn is given (fit/predict), any (..., in_features) else."""
         if not isinstance(X, torch.Tensor):
+            if hasattr(X, "to_numpy"):  # pandas DataFrame / Series
+                X = X.to_numpy()
+            X = np.asarray(X)
+            if X.dtype.kind not in "biuf":
+                raise TypeError(f"{fn or 'LogisticRegression'}: X must be numeric, got dtype "
+                                f"{X.dtype}")
             X = torch.as_tensor(X)
-        return X.to(device=self.weight.device, dtype=self.weight.dtype)
+        X = X.to(device=self.weight.device, dtype=dtype or self.weight.dtype)
+        if fn is not None:
+            if X.dim() != 2 or X.shape[1] != self.in_features:
+                raise ValueError(f"{fn}: X must have shape (N, {self.in_features}), got "
+                                 f"{tuple(X.shape)}")
+        return X
+
+    def _check_fitted(self, fn):
+        if self.classes_ is None:
+            raise _not_fitted_error_class()(
+                f"{fn}: this LogisticRegression has not been fitted, so it has no classes_ to "
+                f"predict; call fit(X, y) first (or load a fitted state_dict). For the "
+                f"probabilities of the current weights use predict_proba(X) or forward(x); to "
+                f"predict class indices from weights you trained yourself, set "
+                f"layer.classes_ = numpy.arange({self.num_classes})")
 
     @torch.no_grad()
     def predict_proba(self, X):
-        """(N, num_classes) probabilities; two columns [P(0), P(1)] for binary."""
+        """(N, num_classes) probabilities from the current weights (fitted or not); two
+        columns [P(0), P(1)] for binary."""
         p = self(self._as_tensor(X))
         if self.binary:
             p = torch.cat([1 - p, p], dim=-1)
@@ -320,125 +395,130 @@ class LogisticRegression(nn.Module):
 
     @torch.no_grad()
     def predict(self, X):
-        """Predicted class labels: those seen by fit() (any labels numpy can sort, strings
-        included), else 0..num_classes-1. A tensor for tensor input and numeric labels, else a
-        numpy array."""
-        z = self.logits(self._as_tensor(X))
+        """Predicted labels, values of classes_ (set by fit, or by loading a fitted
+        state_dict): a tensor for tensor input and numeric labels, else a numpy array.
+        Raises NotFittedError when classes_ is None."""
+        fn = "LogisticRegression.predict"
+        self._check_fitted(fn)
+        z = self.logits(self._as_tensor(X, fn))
         idx = (z[..., 0] > 0).long() if self.binary else z.argmax(dim=-1)
-        if self.classes_ is not None:
-            if self.classes_.dtype.kind not in "biuf":  # strings / objects: numpy does it
-                return self.classes_[idx.cpu().numpy()]
-            idx = torch.as_tensor(self.classes_, device=idx.device)[idx]
+        if self.classes_.dtype.kind not in "biuf":  # strings / objects: numpy does it
+            return self.classes_[idx.cpu().numpy()]
+        idx = torch.as_tensor(self.classes_, device=idx.device)[idx]
         return idx.cpu().numpy() if not isinstance(X, torch.Tensor) else idx
 
     @torch.no_grad()
     def score(self, X, y):
-        """Mean accuracy of predict(X) against y."""
+        """Mean accuracy of predict(X) against y (same length required)."""
         as_np = lambda a: a.cpu().numpy() if isinstance(a, torch.Tensor) else np.asarray(a)
-        return float(np.mean(as_np(self.predict(X)) == as_np(y)))
+        pred, y = as_np(self.predict(X)), as_np(y)
+        if y.shape != pred.shape:
+            raise ValueError(f"LogisticRegression.score: y must have shape {pred.shape} (one "
+                             f"label per row of X), got {y.shape}")
+        return float(np.mean(pred == y))
 
-    def _encode(self, y):
+    def _encode(self, y, n_rows, fn):
         """Map labels to class indices 0..K-1, keeping the labels in classes_ (as scikit-learn
-        does); checks K against num_classes."""
+        does); checks K against num_classes. Integer labels in 0..num_classes-1 with some
+        classes absent are taken as the indices (at least two present)."""
         if isinstance(y, torch.Tensor):
+            if y.is_floating_point() and not bool(torch.isfinite(y).all()):
+                raise ValueError(f"{fn}: y contains NaN or infinity")
             classes, idx = torch.unique(y, return_inverse=True)
             classes, labels = classes.cpu().numpy(), y
         else:
-            labels = np.asarray(y)
+            labels = np.asarray(y.to_numpy() if hasattr(y, "to_numpy") else y)
+            if labels.dtype.kind == "f" and not np.isfinite(labels).all():
+                raise ValueError(f"{fn}: y contains NaN or infinity")
             classes, idx = np.unique(labels, return_inverse=True)
-            idx = torch.as_tensor(idx)
+            idx = torch.as_tensor(idx.reshape(labels.shape))
+        if labels.shape != (n_rows,):
+            raise ValueError(f"{fn}: y must have shape ({n_rows},) (one label per row of X), "
+                             f"got {tuple(labels.shape)}")
+        if len(classes) < 2:
+            raise ValueError(f"{fn}: y must contain at least 2 classes, but it contains only "
+                             f"one class: {classes[0]!r}")
         if len(classes) > self.num_classes:
-            raise ValueError(f"LogisticRegression.fit: y has {len(classes)} classes but "
+            raise ValueError(f"{fn}: y has {len(classes)} classes but "
                              f"num_classes={self.num_classes}")
         if len(classes) < self.num_classes:
-            # Integer labels in 0..num_classes-1 with some classes absent: they are the indices.
             if classes.dtype.kind not in "iu" or classes.min() < 0 or \
                     classes.max() >= self.num_classes:
-                raise ValueError(f"LogisticRegression.fit: y has {len(classes)} distinct labels "
-                                 f"but num_classes={self.num_classes}")
+                raise ValueError(f"{fn}: y has {len(classes)} distinct labels but "
+                                 f"num_classes={self.num_classes}")
             classes = np.arange(self.num_classes)
             idx = torch.as_tensor(labels).long()
+        return classes, idx.to(self.weight.device)
+
+    def fit(self, X, y, *, C=1.0, optimizer="lbfgs", max_iter=100, tol=1e-4, lr=None,
+            batch_size=None, epochs=None, sample_weight=None, class_weight=None,
+            warm_start=False, verbose=False):
+        """Fit on X (N, in_features) and labels y (N,): tensors (on any device; moved to the
+        layer's), numpy arrays or pandas objects. Starts from zero weights (as scikit-learn)
+        unless warm_start=True (then from the current weights).
+
+        optimizer: "lbfgs" (scipy's L-BFGS-B as scikit-learn, full batch, computed in float64
+        whatever the layer's dtype; up to max_iter iterations, stops when the largest gradient
+        component <= tol; ConvergenceWarning when it stops at max_iter), "sgd" or "adam"
+        (mini-batches of batch_size (default 256) for epochs (default 10) epochs, lr; in the
+        layer's dtype). C: inverse L2 strength as in scikit-learn (None: no penalty).
+        sample_weight: (N,) or None; class_weight: (num_classes,) weights per class index, or
+        None. Errors: ValueError naming the argument for NaN/inf, empty X, one class, bad
+        sizes. Returns self."""
+        fn = "LogisticRegression.fit"
+        if optimizer not in _fit.SOLVERS:
+            raise ValueError(f"{fn}: optimizer must be 'lbfgs', 'sgd' or 'adam', got "
+                             f"{optimizer!r}")
+        if C is not None and (isinstance(C, bool) or not isinstance(C, (int, float)) or
+                              not C > 0):
+            raise ValueError(f"{fn}: C must be a positive number or None, got {C!r}")
+        max_iter = _positive_int_or_none(max_iter, "max_iter", fn, minimum=0)
+        batch_size = _positive_int_or_none(batch_size, "batch_size", fn)
+        epochs = _positive_int_or_none(epochs, "epochs", fn)
+        if tol is None or isinstance(tol, bool) or not tol >= 0:
+            raise ValueError(f"{fn}: tol must be a number >= 0, got {tol!r}")
+        if lr is not None and not lr > 0:
+            raise ValueError(f"{fn}: lr must be positive, got {lr!r}")
+        lbfgs = optimizer == "lbfgs"
+        work = torch.float64 if lbfgs else self.weight.dtype
+        X = self._as_tensor(X, fn, dtype=work)
+        if X.shape[0] == 0:
+            raise ValueError(f"{fn}: X is empty (0 rows); fit needs at least one sample of each "
+                             f"of two classes")
+        _finite_or_raise(X, "X", fn)
+        classes, idx = self._encode(y, X.shape[0], fn)
+        sw = cw = None
+        if sample_weight is not None:
+            sw = torch.as_tensor(np.asarray(sample_weight) if not isinstance(
+                sample_weight, torch.Tensor) else sample_weight).to(X.device, work)
+            if sw.shape != (X.shape[0],):
+                raise ValueError(f"{fn}: sample_weight must have shape ({X.shape[0]},), got "
+                                 f"{tuple(sw.shape)}")
+            _finite_or_raise(sw, "sample_weight", fn)
+        if class_weight is not None:
+            cw = torch.as_tensor(np.asarray(class_weight) if not isinstance(
+                class_weight, torch.Tensor) else class_weight).to(X.device, work)
+            if cw.shape != (self.num_classes,):
+                raise ValueError(f"{fn}: class_weight must have shape ({self.num_classes},), "
+                                 f"one weight per class index, got {tuple(cw.shape)}")
+            _finite_or_raise(cw, "class_weight", fn)
+        init = {}
+        if warm_start:
+            init = {"coef_init": self.weight.detach(),
+                    "intercept_init": self.bias.detach() if self.bias is not None else None}
+        res = _fit.fit_logistic_regression(
+            X, idx, self.num_classes, sample_weight=sw, class_weight=cw, C=C,
+            fit_intercept=self.bias is not None, solver=optimizer,
+            max_iter=max_iter if lbfgs else (10 if epochs is None else epochs),
+            tol=tol if lbfgs else 0.0, lr=lr,
+            batch_size=256 if batch_size is None else batch_size, verbose=verbose, caller=fn,
+            **init)
+        with torch.no_grad():
+            self.weight.copy_(res.coef)
+            if self.bias is not None:
+                self.bias.copy_(res.intercept)
         self.classes_ = classes
-        return idx.to(self.weight.device)
-
-    def fit(self, X, y, *, C=1.0, optimizer="lbfgs", max_iter=100, tol=1e-6, lr=None,
-            batch_size=None, epochs=None, verbose=False):
-        """Fit on X (N, in_features) and labels y (N,) (tensors on the layer's device, or
-        numpy arrays). optimizer: "lbfgs" (full batch, torch.optim.LBFGS with strong-Wolfe line
-        search, up to max_iter iterations, stopping when the gradient's max-norm < tol),
-        "sgd" or "adam" (mini-batches of batch_size, for epochs). C: inverse L2 strength as in
-        scikit-learn (None: no penalty). Returns self."""
-        if optimizer not in ("lbfgs", "sgd", "adam"):
-            raise ValueError(f"LogisticRegression.fit: optimizer must be 'lbfgs', 'sgd' or "
-                             f"'adam', got {optimizer!r}")
-        if C is not None and not C > 0:
-            raise ValueError(f"LogisticRegression.fit: C must be positive or None, got {C}")
-        X = self._as_tensor(X)
-        if X.dim() != 2 or X.shape[1] != self.in_features:
-            raise ValueError(f"LogisticRegression.fit: X must have shape (N, {self.in_features}),"
-                             f" got {tuple(X.shape)}")
-        idx = self._encode(y)
-        if idx.shape != (X.shape[0],):
-            raise ValueError(f"LogisticRegression.fit: y must have shape ({X.shape[0]},), got "
-                             f"{tuple(idx.shape)}")
-        target = idx.to(X.dtype) if self.binary else idx
-        N = X.shape[0]
-        l2 = 0.0 if C is None else 1.0 / (2.0 * C * N)
-
-        def objective(xb, tb):
-            loss = self.loss(xb, tb)
-            return loss + l2 * self.weight.pow(2).sum() if l2 else loss
-
-        self.train()
-        t0 = time.perf_counter()
-        if optimizer == "lbfgs":
-            opt = torch.optim.LBFGS(self.parameters(), lr=1 if lr is None else lr,
-                                    max_iter=max_iter, tolerance_grad=tol,
-                                    tolerance_change=tol * 1e-3, history_size=20,
-                                    line_search_fn="strong_wolfe")
-            bar = _progress(max_iter, "LogisticRegression.fit (lbfgs)", verbose)
-
-            def closure():
-                opt.zero_grad()
-                loss = objective(X, target)
-                loss.backward()
-                if bar is not None:  # one step runs all iterations: report from inside it
-                    n_iter = opt.state[opt._params[0]].get("n_iter", 0)
-                    bar.update(max(0, n_iter - bar.n))
-                    bar.set_postfix(loss=f"{loss.item():.6f}")
-                return loss
-
-            opt.step(closure)
-            self.n_iter_ = opt.state[opt._params[0]].get("n_iter", 0)
-            if bar is not None:
-                bar.close()
-        else:
-            batch_size = batch_size or 256
-            epochs = epochs or 10
-            lr = lr if lr is not None else (0.1 if optimizer == "sgd" else 0.01)
-            opt = (torch.optim.SGD(self.parameters(), lr=lr, momentum=0.9) if optimizer == "sgd"
-                   else torch.optim.Adam(self.parameters(), lr=lr))
-            steps = epochs * math.ceil(N / batch_size)
-            bar = _progress(steps, f"LogisticRegression.fit ({optimizer})", verbose)
-            for _ in range(epochs):
-                perm = torch.randperm(N, device=X.device)
-                for i in range(0, N, batch_size):
-                    b = perm[i:i + batch_size]
-                    opt.zero_grad()
-                    loss = objective(X[b], target[b])
-                    loss.backward()
-                    opt.step()
-                    if bar is not None:
-                        bar.update(1)
-                        bar.set_postfix(loss=f"{loss.item():.4f}")
-            if bar is not None:
-                bar.close()
-            self.n_iter_ = steps
-        if not self.binary and self.bias is not None:
-            # The softmax intercepts are unpenalised and only defined up to a common shift:
-            # centre them (as scikit-learn does); probabilities are unchanged.
-            with torch.no_grad():
-                self.bias -= self.bias.mean()
-        self.fit_time_ = time.perf_counter() - t0
+        self.n_iter_ = res.n_iter
+        self.fit_time_ = res.fit_time
         self.eval()
         return self

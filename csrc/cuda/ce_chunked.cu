@@ -1,4 +1,4 @@
-// CUDA row pass of the chunked linear + cross entropy (csrc/cpu/ce_chunked.cpp holds the
+// CUDA row pass of the chunked linear + cross entropy (csrc/ce_chunked.cpp holds the
 // contract and the device-generic chunk loop with its ATen GEMMs; this file is only the row
 // kernel). One warp per row, lanes over classes, as ce_rows_kernel in csrc/cuda/logreg.cu (an
 // own copy: that file is being changed by others): bias added in acc_t, stable log-softmax,

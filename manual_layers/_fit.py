@@ -1,0 +1,385 @@
+"""The fit engine shared by manual_layers.sklearn.LogisticRegression (the scikit-learn
+estimator) and manual_layers.LogisticRegression.fit (the nn.Module).
+
+It minimises scikit-learn's L2-regularised logistic-regression objective
+(sklearn/linear_model/_logistic.py and _linear_loss.py, LinearModelLoss):
+
+    f(W, b) = sum_i s_i * loss_i / S  +  ||W||^2 / (2 * C * S)
+
+with s_i = sample_weight_i * class_weight[y_i] (1 where not given), S = sum_i s_i (N when
+unweighted), loss_i the binary log-loss (one coefficient row, classes_[1] the positive class)
+or the multinomial cross-entropy (one row per class); the intercept is not penalised;
+penalty=None drops the second term.
+
+solver="lbfgs": scipy.optimize.minimize(method="L-BFGS-B", jac=True) with the options
+scikit-learn passes (maxiter=max_iter, gtol=tol, ftol=64 eps, maxls=50) over a float64 numpy
+vector [W.ravel(), b], starting from zeros; every evaluation is ONE call of the fused
+loss+gradient kernel on X's device (LinearObjective.evaluate). solver="sgd"/"adam": mini-batch
+torch.optim optimizers, max_iter epochs.
+
+Data parallelism (not implemented here): each rank would hold its shard of X; the weight total S
+and the local (loss sum, gradient sum) vector in LinearObjective.evaluate are the only two
+quantities to torch.distributed.all_reduce (see the comments there).
+"""
+
+import math
+import time
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from . import functional as MF
+
+class _ConvergenceWarning(UserWarning):
+    """The solver stopped before meeting its tolerance (used when scikit-learn is absent)."""
+
+
+def _convergence_warning_class():
+    """scikit-learn's ConvergenceWarning (the class its users filter on), imported only when
+    needed: importing scikit-learn costs a second, too much for `import manual_layers`."""
+    try:
+        from sklearn.exceptions import ConvergenceWarning
+        return ConvergenceWarning
+    except ImportError:  # pragma: no cover
+        return _ConvergenceWarning
+
+
+def __getattr__(name):
+    if name == "ConvergenceWarning":
+        return _convergence_warning_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+SOLVERS = ("lbfgs", "sgd", "adam")
+
+__all__ = ["fit_logistic_regression", "LinearObjective", "FitResult", "ConvergenceWarning",
+           "SOLVERS"]
+
+
+@dataclass
+class FitResult:
+    coef: torch.Tensor       # (1, D) binary or (K, D), on X's device, X's dtype
+    intercept: torch.Tensor  # (1,) or (K,); zeros when fit_intercept=False
+    n_iter: int              # L-BFGS iterations, or epochs for sgd/adam
+    converged: bool | None   # None: not checked (sgd/adam with tol=None or 0)
+    message: str = ""
+
+
+def _progress(total, desc, verbose):
+    """A progress bar (tqdm when installed, else plain lines), or None when not verbose."""
+    if not verbose:
+        return None
+    try:
+        from tqdm.auto import tqdm
+        return tqdm(total=total, desc=desc, leave=False)
+    except ImportError:  # plain-text progress when tqdm is absent
+        class _Plain:
+            def __init__(self):
+                self.n = 0
+
+            def update(self, k=1):
+                self.n += k
+
+            def set_postfix(self, **kw):
+                print(f"{desc} {self.n}/{total} " + " ".join(f"{k}={v}" for k, v in kw.items()))
+
+            def close(self):
+                pass
+        return _Plain()
+
+
+def _weighted_loss_sum(X, W, b, target, binary, s, cw_only):
+    """sum_i s_i * loss_i through the fused kernels, differentiable in W and b.
+
+    s: per-sample weights (N,) or None. cw_only: s is exactly class_weight[target] (no sample
+    weights), passed as the class weight of the cross-entropy kernel so that its single-pass
+    reduction="sum" path is used; otherwise per-sample weights go through reduction="none"
+    and the returned sum weights each loss (its backward gets s as grad_output)."""
+    if binary:
+        return MF.linear_binary_cross_entropy_with_logits(X, W, b, target, sample_weight=s,
+                                                          reduction="sum")
+    if s is None:
+        return MF.linear_cross_entropy(X, W, b, target, reduction="sum")
+    if cw_only is not None:
+        return MF.linear_cross_entropy(X, W, b, target, class_weight=cw_only, reduction="sum")
+    per_row = MF.linear_cross_entropy(X, W, b, target, reduction="none")
+    return torch.dot(per_row, s)
+
+
+class LinearObjective:
+    """scikit-learn's logistic-regression objective and its gradient at a float64 parameter
+    vector params = [W.ravel() (K*D), b (K, only with fit_intercept)], K = 1 for binary."""
+
+    def __init__(self, X, target, n_classes, s=None, class_weight_only=None, C=1.0,
+                 fit_intercept=True):
+        self.X, self.target = X, target
+        self.binary = n_classes == 2
+        self.K = 1 if self.binary else n_classes
+        self.D = X.shape[1]
+        self.s, self.cw_only = s, class_weight_only
+        self.fit_intercept = fit_intercept
+        # S: the weight total. Data-parallel: all_reduce it (sum over ranks) once, here.
+        self.S = float(X.shape[0]) if s is None else float(s.sum())
+        self.inv_C = 0.0 if C is None or C == math.inf else 1.0 / C
+        self.n_evals = 0
+
+    @property
+    def n_params(self):
+        return self.K * self.D + (self.K if self.fit_intercept else 0)
+
+    def split(self, params):
+        """(W (K, D), b (K,) or None) as tensors on X's device in X's dtype."""
+        t = torch.as_tensor(params, dtype=self.X.dtype, device=self.X.device)
+        KD = self.K * self.D
+        W = t[:KD].view(self.K, self.D)
+        b = t[KD:] if self.fit_intercept else None
+        return W, b
+
+    def local_sums(self, params):
+        """(sum_i s_i loss_i, its gradient [dW.ravel(), db]) over this process's rows, as one
+        float64 numpy vector: one fused kernel call, one device-to-host copy."""
+        W, b = self.split(params)
+        W = W.detach().requires_grad_()
+        leaves = [W]
+        if b is not None:
+            b = b.detach().requires_grad_()
+            leaves.append(b)
+        loss = _weighted_loss_sum(self.X, W, b, self.target, self.binary, self.s, self.cw_only)
+        grads = torch.autograd.grad(loss, leaves)
+        out = torch.cat([loss.detach().reshape(1)] + [g.reshape(-1) for g in grads])
+        return out.to(device="cpu", dtype=torch.float64).numpy()
+
+    def evaluate(self, params):
+        """The objective f and its gradient at params (float64 numpy), as scipy wants them.
+
+        Data-parallel fit: all_reduce (SUM) the vector `sums` right after local_sums, before
+        the normalisation below; everything after it is the same on every rank."""
+        self.n_evals += 1
+        sums = self.local_sums(params)
+        # <- torch.distributed.all_reduce(sums) goes here (data-parallel fit).
+        loss, grad = sums[0] / self.S, sums[1:] / self.S
+        if self.inv_C:
+            KD = self.K * self.D
+            w = params[:KD]
+            loss += 0.5 * self.inv_C * float(w @ w) / self.S
+            grad[:KD] += (self.inv_C / self.S) * w
+        return loss, grad
+
+
+# Below this much work per evaluation (rows x features x coefficient rows) a CPU fit runs on one
+# thread: a kernel call then takes microseconds, and waking the OpenMP/MKL pool costs more than it
+# saves; on a busy machine (more runnable threads than cores) every parallel region can wait a
+# whole scheduler slice for a descheduled worker (measured on the 2-core VM under load: a 15 x 30
+# fit took 1.2 s on 2 threads, 21 ms on one).
+SINGLE_THREAD_WORK = 1 << 22
+
+
+class _cpu_threads:
+    """Context manager: torch.set_num_threads(n) inside, restored after (CPU fits only; it is
+    process-wide, so concurrent torch work in other Python threads sees it too)."""
+
+    def __init__(self, n):
+        self.n = n
+
+    def __enter__(self):
+        self.old = torch.get_num_threads()
+        if self.n is not None and self.n != self.old:
+            torch.set_num_threads(self.n)
+
+    def __exit__(self, *exc):
+        if torch.get_num_threads() != self.old:
+            torch.set_num_threads(self.old)
+
+
+_BLAS_CONTROLLER = []
+
+
+def _blas_single_thread():
+    """L-BFGS-B's own vector work is tiny; keep numpy/scipy's OpenBLAS pool from spinning on the
+    cores the kernels use (threadpoolctl, when installed: scikit-learn brings it). The library
+    scan (about 5 ms) runs once per process."""
+    import contextlib
+    if not _BLAS_CONTROLLER:
+        try:
+            from threadpoolctl import ThreadpoolController
+            _BLAS_CONTROLLER.append(ThreadpoolController())
+        except Exception:  # noqa: BLE001 - optional
+            _BLAS_CONTROLLER.append(None)
+    ctl = _BLAS_CONTROLLER[0]
+    if ctl is None:
+        return contextlib.nullcontext()
+    try:
+        return ctl.limit(limits=1, user_api="blas")
+    except Exception:  # noqa: BLE001
+        return contextlib.nullcontext()
+
+
+def _threads_for(X, K):
+    if X.device.type != "cpu":
+        return None
+    return 1 if X.shape[0] * X.shape[1] * K < SINGLE_THREAD_WORK else None
+
+
+def _lbfgs(obj, x0, max_iter, tol, verbose):
+    from scipy.optimize import minimize
+
+    bar = _progress(max_iter, "LogisticRegression.fit (lbfgs)", verbose)
+    last = {}
+
+    def fun(p):
+        f, g = obj.evaluate(p)
+        last["f"] = f
+        return f, g
+
+    def callback(xk):
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{last.get('f', float('nan')):.6g}")
+
+    try:
+        res = minimize(fun, x0, method="L-BFGS-B", jac=True,
+                       callback=callback if bar is not None else None,
+                       options={"maxiter": max_iter, "maxls": 50, "gtol": tol,
+                                "ftol": 64 * np.finfo(float).eps})
+    finally:
+        if bar is not None:
+            bar.close()
+    msg = res.message.decode() if isinstance(res.message, bytes) else str(res.message)
+    return res.x, min(int(res.nit), max_iter), res.status == 0, msg
+
+
+def _minibatch(obj, x0, solver, max_iter, tol, lr, batch_size, verbose):
+    X, target, s = obj.X, obj.target, obj.s
+    N = X.shape[0]
+    W, b = obj.split(x0)
+    W = W.clone().requires_grad_()
+    params = [W]
+    if b is not None:
+        b = b.clone().requires_grad_()
+        params.append(b)
+    if lr is None:
+        lr = 0.1 if solver == "sgd" else 0.01
+    opt = (torch.optim.SGD(params, lr=lr, momentum=0.9) if solver == "sgd"
+           else torch.optim.Adam(params, lr=lr))
+    bs = min(batch_size, N)
+    steps = math.ceil(N / bs)
+    bar = _progress(max_iter * steps, f"LogisticRegression.fit ({solver})", verbose)
+    prev, converged, n_iter, msg = None, (None if not tol else False), 0, ""
+    try:
+        for epoch in range(max_iter):
+            perm = torch.randperm(N, device=X.device)
+            total = torch.zeros((), dtype=torch.float64, device=X.device)
+            for i in range(0, N, bs):
+                idx = perm[i:i + bs]
+                sb = s[idx] if s is not None else None
+                cw = obj.cw_only
+                loss = _weighted_loss_sum(X[idx], W, b, target[idx], obj.binary, sb, cw)
+                f = loss * (N / idx.numel()) / obj.S
+                if obj.inv_C:
+                    f = f + (0.5 * obj.inv_C / obj.S) * W.pow(2).sum()
+                opt.zero_grad(set_to_none=True)
+                f.backward()
+                opt.step()
+                total += f.detach().double() * (idx.numel() / N)
+                if bar is not None:
+                    bar.update(1)
+            cur = float(total)  # one sync per epoch
+            n_iter = epoch + 1
+            if not math.isfinite(cur):
+                raise FloatingPointError(
+                    f"LogisticRegression.fit (solver={solver!r}): the loss became {cur} in "
+                    f"epoch {n_iter}; the step size lr={lr} is too large for this data (scale "
+                    f"the features, e.g. StandardScaler, or lower lr)")
+            if bar is not None:
+                bar.set_postfix(loss=f"{cur:.6g}")
+            if tol and prev is not None and abs(prev - cur) <= tol * max(1.0, abs(cur)):
+                converged, msg = True, "epoch loss changed by less than tol"
+                break
+            prev = cur
+    finally:
+        if bar is not None:
+            bar.close()
+    if converged is False:
+        msg = f"epoch loss still changed by more than tol={tol} after max_iter={max_iter}"
+    with torch.no_grad():
+        out = torch.cat([W.reshape(-1)] + ([b] if b is not None else []))
+    return out.to("cpu", torch.float64).numpy(), n_iter, converged, msg
+
+
+def fit_logistic_regression(X, y, n_classes, *, sample_weight=None, class_weight=None, C=1.0,
+                            fit_intercept=True, solver="lbfgs", max_iter=100, tol=1e-4,
+                            coef_init=None, intercept_init=None, lr=None, batch_size=256,
+                            verbose=0, warn=True, caller="LogisticRegression.fit"):
+    """Fit (multinomial or binary) L2 logistic regression, scikit-learn's objective.
+
+    X: (N, D) floating tensor on the device that computes (the fused kernels run in X's dtype;
+       the estimator and the module pass float64 for lbfgs unless told otherwise).
+    y: (N,) integer tensor of class indices 0..n_classes-1 on X's device (already encoded;
+       for binary, 1 is the positive class).
+    n_classes: >= 2; binary (2) fits one coefficient row, otherwise one row per class.
+    sample_weight: (N,) tensor on X's device or None. class_weight: (n_classes,) tensor or None
+       (multiplies the sample weights, as scikit-learn does).
+    C: inverse regularisation strength (> 0), or None / inf for no penalty.
+    solver: "lbfgs" (scipy L-BFGS-B; max_iter iterations, gtol=tol) or "sgd"/"adam"
+       (mini-batches of batch_size, max_iter epochs, lr; stops early when the epoch loss
+       changes by <= tol relative, never when tol is None/0).
+    coef_init, intercept_init: starting point (tensors or arrays of the result's shapes);
+       zeros when None.
+    warn: emit ConvergenceWarning when the solver stops at max_iter without converging.
+
+    Returns FitResult(coef, intercept, n_iter, converged, message); the multinomial intercepts
+    are centred (they are defined up to a common shift).
+    """
+    if solver not in SOLVERS:
+        raise ValueError(f"{caller}: solver must be one of {', '.join(map(repr, SOLVERS))}, got "
+                         f"{solver!r}")
+    binary = n_classes == 2
+    K, D = (1 if binary else n_classes), X.shape[1]
+    s, cw_only = None, None
+    if class_weight is not None:
+        cw_rows = class_weight.to(X.dtype)[y]
+        if sample_weight is None and not binary:
+            s, cw_only = cw_rows, class_weight.to(X.dtype)
+        else:
+            s = cw_rows
+    if sample_weight is not None:
+        sw = sample_weight.to(X.dtype)
+        s = sw if s is None else s * sw
+        cw_only = None
+    target = y.to(X.dtype) if binary else y.long()
+    obj = LinearObjective(X, target, n_classes, s=s, class_weight_only=cw_only, C=C,
+                          fit_intercept=fit_intercept)
+    if not obj.S > 0:
+        raise ValueError(f"{caller}: the sample weights (sample_weight times class_weight) must "
+                         f"have a positive sum, got {obj.S}")
+
+    x0 = np.zeros(obj.n_params)
+    if coef_init is not None:
+        x0[:K * D] = np.asarray(torch.as_tensor(coef_init).detach().cpu().double()).reshape(-1)
+    if intercept_init is not None and fit_intercept:
+        x0[K * D:] = np.asarray(torch.as_tensor(intercept_init).detach().cpu().double())
+
+    t0 = time.perf_counter()
+    with _cpu_threads(_threads_for(X, K)), _blas_single_thread():
+        if solver == "lbfgs":
+            p, n_iter, converged, msg = _lbfgs(obj, x0, max_iter, tol, verbose)
+        else:
+            p, n_iter, converged, msg = _minibatch(obj, x0, solver, max_iter, tol, lr,
+                                                   batch_size, verbose)
+    coef = torch.as_tensor(p[:K * D].reshape(K, D), dtype=X.dtype, device=X.device)
+    if fit_intercept:
+        icpt = p[K * D:].copy()
+        if not binary:
+            icpt -= icpt.mean()
+        intercept = torch.as_tensor(icpt, dtype=X.dtype, device=X.device)
+    else:
+        intercept = torch.zeros(K, dtype=X.dtype, device=X.device)
+    if warn and converged is False:
+        warnings.warn(f"{caller}: solver={solver!r} did not converge in max_iter={max_iter} "
+                      f"iterations ({msg}); increase max_iter or scale the data (e.g. "
+                      f"StandardScaler)", _convergence_warning_class(), stacklevel=3)
+    res = FitResult(coef, intercept, n_iter, converged, msg)
+    res.fit_time = time.perf_counter() - t0
+    res.n_evals = obj.n_evals
+    return res

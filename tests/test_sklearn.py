@@ -1,0 +1,380 @@
+"""manual_layers.sklearn.LogisticRegression (the scikit-learn estimator), the fit engine
+(manual_layers/_fit.py) and manual_layers.LogisticRegression.fit (the nn.Module), against
+scikit-learn's LogisticRegression(solver="lbfgs")."""
+
+import io
+import pickle
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+sklearn = pytest.importorskip("sklearn")
+from sklearn import datasets  # noqa: E402
+from sklearn.base import clone  # noqa: E402
+from sklearn.exceptions import ConvergenceWarning, NotFittedError  # noqa: E402
+from sklearn.linear_model import LogisticRegression as SkLR  # noqa: E402
+from sklearn.model_selection import GridSearchCV  # noqa: E402
+from sklearn.pipeline import make_pipeline  # noqa: E402
+from sklearn.preprocessing import StandardScaler  # noqa: E402
+from sklearn.utils.estimator_checks import parametrize_with_checks  # noqa: E402
+
+import manual_layers as ml  # noqa: E402
+from manual_layers.sklearn import LogisticRegression  # noqa: E402
+from conftest import DEVICES  # noqa: E402
+
+TIGHT = dict(tol=1e-10, max_iter=10000)
+
+
+@pytest.fixture(autouse=True)
+def _one_blas_thread():
+    """scikit-learn's fits on one OpenBLAS thread: on the shared 2-core machine its spinning
+    pool made reference fits 50x slower under load. Results do not depend on it."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        yield
+        return
+    with threadpool_limits(limits=1, user_api="blas"):
+        yield
+
+
+def _rng():
+    return np.random.default_rng(np.random.SeedSequence().entropy)  # fresh data every run
+
+
+# ---- scikit-learn's own estimator checks --------------------------------------------------------
+def _expected_failed_checks(est):
+    if est.dtype == "float32":
+        return {"check_sample_weight_equivalence_on_dense_data":
+                "dtype='float32' computes the loss and gradient in float32, so the weighted and "
+                "the repeated-rows fits agree to float32 rounding (about 1e-6 relative), not to "
+                "the rtol=1e-7 of assert_allclose; float64 (the default) passes"}
+    return {}
+
+
+@parametrize_with_checks([LogisticRegression(dtype="float64"), LogisticRegression(dtype="float32")],
+                         expected_failed_checks=_expected_failed_checks)
+def test_sklearn_estimator_checks(estimator, check):
+    check(estimator)
+
+
+# ---- equality with scikit-learn ---------------------------------------------------------------
+def _rel(a, e):
+    return np.abs(np.asarray(a, np.float64) - e).max() / max(np.abs(e).max(), 1e-12)
+
+
+def _assert_same_as_sklearn(X, y, sample_weight=None, **params):
+    sk = SkLR(**TIGHT, **params).fit(X, y, sample_weight=sample_weight)
+    ours = LogisticRegression(**TIGHT, **params).fit(X, y, sample_weight=sample_weight)
+    assert ours.coef_.shape == sk.coef_.shape and ours.intercept_.shape == sk.intercept_.shape
+    assert _rel(ours.coef_, sk.coef_) <= 1e-4, (_rel(ours.coef_, sk.coef_), params)
+    assert np.abs(ours.intercept_ - sk.intercept_).max() <= 1e-4 * max(
+        1.0, np.abs(sk.intercept_).max())
+    assert np.abs(ours.predict_proba(X) - sk.predict_proba(X)).max() <= 1e-4
+    assert np.abs(ours.decision_function(X) - sk.decision_function(X)).max() <= 1e-4 * max(
+        1.0, np.abs(sk.decision_function(X)).max())
+    assert (ours.predict(X) == sk.predict(X)).mean() >= 0.999
+    np.testing.assert_array_equal(ours.classes_, sk.classes_)
+    return ours, sk
+
+
+def _standardised(name):
+    X, y = getattr(datasets, f"load_{name}")(return_X_y=True)
+    return StandardScaler().fit_transform(X), y
+
+
+@pytest.mark.parametrize("name, weights", [
+    (name, w) for name in ("breast_cancer", "wine") for w in ("none", "sample", "class",
+                                                              "balanced+sample")] +
+    [("digits", "none"), ("digits", "balanced+sample")])
+def test_matches_sklearn_on_datasets(name, weights):
+    X, y = _standardised(name)
+    rng = _rng()
+    kw = {}
+    sw = None
+    if weights in ("sample", "balanced+sample"):
+        sw = rng.uniform(0.1, 3.0, size=len(y))
+    if weights == "class":
+        kw["class_weight"] = {c: float(rng.uniform(0.2, 5.0)) for c in np.unique(y)}
+    if weights == "balanced+sample":
+        kw["class_weight"] = "balanced"
+    _assert_same_as_sklearn(X, y, sample_weight=sw, C=float(rng.choice([0.1, 1.0])), **kw)
+
+
+@pytest.mark.parametrize("n_classes", [2, 3, 7])
+@pytest.mark.parametrize("fit_intercept", [True, False])
+def test_matches_sklearn_on_synthetic(n_classes, fit_intercept):
+    rng = _rng()
+    N, D = int(rng.integers(200, 1500)), int(rng.integers(1, 40))
+    X = rng.normal(size=(N, D)) * rng.uniform(0.5, 2, size=D) + rng.normal(size=D)
+    W = rng.normal(size=(n_classes, D))
+    y = (X @ W.T + rng.gumbel(size=(N, n_classes))).argmax(1)
+    labels = np.array([f"class_{k}" for k in range(n_classes)])  # string labels too
+    sw = rng.exponential(size=N)
+    cw = {labels[k]: float(rng.uniform(0.3, 3)) for k in range(n_classes)}
+    _assert_same_as_sklearn(X, labels[y], sample_weight=sw, class_weight=cw, C=0.5,
+                            fit_intercept=fit_intercept)
+
+
+def test_no_penalty_matches_sklearn_C_inf():
+    rng = _rng()
+    X = rng.normal(size=(400, 5))
+    y = (X[:, 0] + rng.normal(size=400) > 0).astype(int)  # overlapping: a finite optimum
+    sk = SkLR(C=np.inf, **TIGHT).fit(X, y)
+    ours = LogisticRegression(penalty=None, **TIGHT).fit(X, y)
+    assert _rel(ours.coef_, sk.coef_) <= 1e-4
+
+
+def test_default_tol_same_iterations_as_sklearn():
+    """Same objective, same optimizer and options, same start: the same path."""
+    X, y = _standardised("digits")
+    sk = SkLR().fit(X, y)
+    ours = LogisticRegression().fit(X, y)
+    assert abs(int(ours.n_iter_[0]) - int(sk.n_iter_[0])) <= 2
+    assert _rel(ours.coef_, sk.coef_) <= 1e-4
+
+
+def test_float32_close_to_float64():
+    X, y = _standardised("wine")
+    a = LogisticRegression(dtype="float32").fit(X.astype(np.float32), y)
+    b = LogisticRegression(dtype="float64").fit(X, y)
+    assert a.module_.weight.dtype == torch.float32 and a.coef_.dtype == np.float32
+    assert _rel(a.coef_, b.coef_) <= 1e-3
+    assert (a.predict(X) == b.predict(X)).mean() >= 0.99
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("solver", ["sgd", "adam"])
+def test_minibatch_solvers(device, solver):
+    X, y = _standardised("breast_cancer")
+    clf = LogisticRegression(solver=solver, max_iter=30, tol=0, device=device).fit(X, y)
+    assert clf.score(X, y) > 0.95 and clf.n_iter_[0] == 30
+    assert str(clf.module_.weight.device).startswith(device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_device_matches_cpu(device, dtype):
+    X, y = _standardised("digits")
+    rng = _rng()
+    sw = rng.uniform(0.5, 2, size=len(y))
+    a = LogisticRegression(device=device, dtype=dtype, **TIGHT).fit(X, y, sample_weight=sw)
+    b = SkLR(**TIGHT).fit(X, y, sample_weight=sw)
+    assert _rel(a.coef_, b.coef_) <= (1e-4 if dtype == "float64" else 2e-2)
+    assert a.module_.weight.device.type == device
+
+
+# ---- scikit-learn machinery -------------------------------------------------------------------
+def test_pickle_clone_pipeline_gridsearch():
+    X, y = _standardised("breast_cancer")
+    clf = LogisticRegression(C=0.5).fit(X, y)
+    back = pickle.loads(pickle.dumps(clf))
+    np.testing.assert_array_equal(back.predict_proba(X), clf.predict_proba(X))
+    assert isinstance(back.module_, ml.LogisticRegression)
+    c = clone(clf)
+    assert c.get_params() == clf.get_params() and not hasattr(c, "coef_")
+    Xr, _ = datasets.load_breast_cancer(return_X_y=True)
+    pipe = make_pipeline(StandardScaler(), LogisticRegression()).fit(Xr, y)
+    sk_pipe = make_pipeline(StandardScaler(), SkLR()).fit(Xr, y)
+    assert abs(pipe.score(Xr, y) - sk_pipe.score(Xr, y)) <= 0.005
+    gs = GridSearchCV(LogisticRegression(), {"C": [0.01, 1.0, 100.0]}, cv=3).fit(X, y)
+    sk_gs = GridSearchCV(SkLR(), {"C": [0.01, 1.0, 100.0]}, cv=3).fit(X, y)
+    assert gs.best_params_ in ({"C": 1.0}, {"C": 100.0}, {"C": 0.01})
+    np.testing.assert_allclose(gs.cv_results_["mean_test_score"],
+                               sk_gs.cv_results_["mean_test_score"], atol=0.01)
+
+
+def test_pandas_dataframe_and_feature_names():
+    pd = pytest.importorskip("pandas")
+    X, y = _standardised("wine")
+    df = pd.DataFrame(X, columns=[f"f{i}" for i in range(X.shape[1])])
+    clf = LogisticRegression().fit(df, pd.Series(y))
+    assert list(clf.feature_names_in_) == list(df.columns) and clf.n_features_in_ == X.shape[1]
+    np.testing.assert_allclose(clf.predict_proba(df), LogisticRegression().fit(X, y)
+                               .predict_proba(X), rtol=1e-12)
+    module = ml.LogisticRegression(X.shape[1], num_classes=3).fit(df, pd.Series(y))
+    assert module.score(df, y) > 0.95
+
+
+def test_predict_log_proba_is_stable():
+    X = _rng().normal(size=(50, 1))
+    y = (X[:, 0] > 0).astype(int)
+    clf = LogisticRegression().fit(X, y)
+    lp = clf.predict_log_proba(np.array([[1e4], [-1e4]]))
+    assert np.isfinite(lp).all() and lp.min() < -100  # log(0) would be -inf
+    np.testing.assert_allclose(np.exp(clf.predict_log_proba(X)), clf.predict_proba(X),
+                               rtol=1e-12, atol=1e-15)
+
+
+# ---- bad input: clear errors --------------------------------------------------------------------
+def _data(n=20, d=3):
+    rng = _rng()
+    return rng.normal(size=(n, d)), np.arange(n) % 2
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_nan_inf_in_X_raises(bad):
+    X, y = _data()
+    X[3, 1] = bad
+    with pytest.raises(ValueError, match=r"Input X contains (NaN|infinity)"):
+        LogisticRegression().fit(X, y)
+    for opt in ("lbfgs", "adam"):
+        with pytest.raises(ValueError, match=r"X contains NaN or infinity"):
+            ml.LogisticRegression(3).fit(X, y, optimizer=opt)
+        with pytest.raises(ValueError, match=r"X contains NaN or infinity"):
+            ml.LogisticRegression(3).fit(torch.tensor(X), torch.tensor(y), optimizer=opt)
+
+
+def test_nan_in_sample_weight_raises():
+    X, y = _data()
+    sw = np.ones(len(y))
+    sw[0] = np.nan
+    with pytest.raises(ValueError, match=r"sample_weight contains NaN"):
+        LogisticRegression().fit(X, y, sample_weight=sw)
+    with pytest.raises(ValueError, match=r"sample_weight contains NaN"):
+        ml.LogisticRegression(3).fit(X, y, sample_weight=sw)
+
+
+@pytest.mark.parametrize("labels", [np.zeros(20, dtype=int), np.full(20, 3), np.array(["a"] * 20)])
+def test_one_class_raises_the_same_error(labels):
+    X, _ = _data()
+    with pytest.raises(ValueError, match=r"y must contain at least 2 classes, but it contains "
+                                         r"only one class"):
+        LogisticRegression().fit(X, labels)
+    with pytest.raises(ValueError, match=r"y must contain at least 2 classes, but it contains "
+                                         r"only one class"):
+        ml.LogisticRegression(3).fit(X, labels)
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(optimizer="sgd", epochs=0), r"epochs must be an integer >= 1, got 0"),
+    (dict(optimizer="adam", batch_size=0), r"batch_size must be an integer >= 1, got 0"),
+    (dict(optimizer="sgd", batch_size=-8), r"batch_size must be an integer >= 1, got -8"),
+    (dict(max_iter=-5), r"max_iter must be an integer >= 0, got -5"),
+    (dict(optimizer="adam", epochs=2.5), r"epochs must be an integer >= 1, got 2.5"),
+    (dict(C=0), r"C must be a positive number or None, got 0"),
+    (dict(tol=-1), r"tol must be a number >= 0, got -1"),
+    (dict(optimizer="newton"), r"optimizer must be 'lbfgs', 'sgd' or 'adam'"),
+])
+def test_module_fit_bad_arguments_raise(kw, match):
+    X, y = _data()
+    with pytest.raises(ValueError, match=match):
+        ml.LogisticRegression(3).fit(X, y, **kw)
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(max_iter=-5), r"max_iter must be an integer >= 0, got -5"),
+    (dict(C=-1.0), r"C must be a positive number, got -1.0"),
+    (dict(tol=-1e-3), r"tol must be a number >= 0"),
+    (dict(solver="newton-cg"), r"solver must be one of 'lbfgs', 'sgd', 'adam'"),
+    (dict(penalty="l1"), r"penalty must be 'l2' or None"),
+    (dict(class_weight="auto"), r"class_weight must be None, 'balanced' or a dict"),
+    (dict(class_weight={7: 2.0}), r"class_weight has labels \[7\]"),
+    (dict(dtype="float16"), r"dtype must be None, 'float32', 'float64'"),
+    (dict(device="gpu0"), r"device must be None, 'cpu', 'cuda'"),
+])
+def test_estimator_bad_params_raise(kw, match):
+    X, y = _data()
+    with pytest.raises(ValueError, match=match):
+        LogisticRegression(**kw).fit(X, y)
+
+
+def test_convergence_warning_at_max_iter():
+    X, y = _standardised("digits")
+    with pytest.warns(ConvergenceWarning, match=r"did not converge in max_iter=3"):
+        clf = LogisticRegression(max_iter=3).fit(X, y)
+    assert clf.n_iter_[0] == 3
+    with pytest.warns(ConvergenceWarning, match=r"did not converge in max_iter=3"):
+        ml.LogisticRegression(64, num_classes=10).fit(X, y, max_iter=3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ConvergenceWarning)
+        LogisticRegression(max_iter=1000).fit(X, y)  # converges: no warning
+
+
+def test_predict_before_fit_raises():
+    X, y = _data()
+    with pytest.raises(NotFittedError, match=r"not fitted"):
+        LogisticRegression().predict(X)
+    layer = ml.LogisticRegression(3)
+    with pytest.raises(NotFittedError, match=r"has not been fitted.*classes_"):
+        layer.predict(X)
+    with pytest.raises(NotFittedError, match=r"has not been fitted"):
+        layer.score(X, y)
+    assert layer.predict_proba(X).shape == (20, 2)  # the layer itself works unfitted
+    layer.classes_ = np.arange(2)  # a layer trained by hand: indices on request
+    assert set(layer.predict(X)) <= {0, 1}
+
+
+def test_score_with_wrong_length_raises():
+    X, y = _data()
+    clf = LogisticRegression().fit(X, y)
+    with pytest.raises(ValueError, match=r"inconsistent numbers of samples"):
+        clf.score(X, y[:-1])
+    layer = ml.LogisticRegression(3).fit(X, y)
+    with pytest.raises(ValueError, match=r"y must have shape \(20,\).*got \(19,\)"):
+        layer.score(X, y[:-1])
+    with pytest.raises(ValueError, match=r"y must have shape \(20,\).*got \(21,\)"):
+        layer.fit(X, np.arange(21) % 2)
+
+
+def test_empty_X_raises():
+    with pytest.raises(ValueError, match=r"0 sample\(s\)"):
+        LogisticRegression().fit(np.empty((0, 3)), np.array([], dtype=int))
+    with pytest.raises(ValueError, match=r"X is empty \(0 rows\)"):
+        ml.LogisticRegression(3).fit(np.empty((0, 3)), np.array([], dtype=int))
+
+
+# ---- the nn.Module ------------------------------------------------------------------------------
+def test_state_dict_round_trip_keeps_classes():
+    X, _ = _data(40)
+    names = np.array(["cat", "dog", "emu"])
+    y = names[np.arange(40) % 3]
+    layer = ml.LogisticRegression(3, num_classes=3).fit(X, y)
+    buf = io.BytesIO()
+    torch.save(layer.state_dict(), buf)
+    buf.seek(0)
+    other = ml.LogisticRegression(3, num_classes=3)
+    other.load_state_dict(torch.load(buf, weights_only=True))
+    np.testing.assert_array_equal(other.classes_, names)
+    np.testing.assert_array_equal(other.predict(X), layer.predict(X))
+    # An unfitted layer's state_dict has nn.Linear's keys and loads as unfitted.
+    fresh = ml.LogisticRegression(3, num_classes=3)
+    assert set(fresh.state_dict()) == {"weight", "bias"}
+    other.load_state_dict(fresh.state_dict())
+    assert other.classes_ is None
+    # Nested in a model, too.
+    seq = torch.nn.Sequential(layer)
+    seq2 = torch.nn.Sequential(ml.LogisticRegression(3, num_classes=3))
+    seq2.load_state_dict(seq.state_dict())
+    np.testing.assert_array_equal(seq2[0].classes_, names)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_module_fit_matches_sklearn(device, dtype):
+    X, y = _standardised("wine")
+    rng = _rng()
+    sw = rng.uniform(0.2, 2, size=len(y))
+    layer = ml.LogisticRegression(X.shape[1], num_classes=3, device=device, dtype=dtype)
+    Xt = torch.tensor(X, device=device, dtype=dtype)
+    layer.fit(Xt, torch.tensor(y, device=device), C=0.3, sample_weight=sw, class_weight=[1, 2, 3],
+              **TIGHT)
+    sk = SkLR(C=0.3, class_weight={0: 1, 1: 2, 2: 3}, **TIGHT).fit(X, y, sample_weight=sw)
+    tol = 1e-4 if dtype == torch.float64 else 1e-5 * 10
+    assert layer.weight.dtype == dtype and layer.weight.device.type == device
+    assert _rel(layer.weight.detach().cpu().numpy(), sk.coef_) <= tol
+    assert _rel(layer.bias.detach().cpu().numpy(), sk.intercept_) <= tol
+    pred = layer.predict(Xt)
+    assert isinstance(pred, torch.Tensor) and (pred.cpu().numpy() == sk.predict(X)).all()
+
+
+def test_module_fit_warm_start_and_no_bias():
+    X, y = _standardised("breast_cancer")
+    layer = ml.LogisticRegression(X.shape[1], bias=False).fit(X, y, **TIGHT)
+    sk = SkLR(fit_intercept=False, **TIGHT).fit(X, y)
+    assert _rel(layer.weight.detach().numpy(), sk.coef_) <= 1e-4
+    n_cold = layer.n_iter_
+    layer.fit(X, y, warm_start=True, **TIGHT)  # from the optimum: next to no iterations
+    assert layer.n_iter_ < n_cold
