@@ -367,21 +367,24 @@ def _fsdp_checks(torch, dist, ours, ref, single, rank, n, D, C, dtype, device):
 
 
 def _fsdp_inputs(torch, nn, F, ml, rank, n, D, H, C, device):
-    """What our autograd Functions receive under FSDP2: the unsharded parameters (plain
+    """What our public ops receive under FSDP2: the unsharded parameters (plain
     tensors, all-gathered by the pre-forward hook), not DTensors; gradients come back as
     DTensor shards (reduce-scattered)."""
     from torch.distributed.fsdp import fully_shard
-    from manual_layers import autograd as A
+    import manual_layers.functional as MFmod
     seen = []
-    orig = {}
-    for cls in (A.LinearFunction, A.LinearCrossEntropyFunction, A.LinearBCEFunction):
-        orig[cls] = cls.forward
+    real_ops = MFmod.ops
 
-        def spy(ctx, x, weight, bias, *rest, _f=cls.forward, _c=cls.__name__):
-            seen.append([_c, type(x).__name__, type(weight).__name__,
-                         type(bias).__name__, list(weight.shape)])
-            return _f(ctx, x, weight, bias, *rest)
-        cls.forward = staticmethod(spy)
+    class Spy:  # records what the public ops (torch.ops.manual_layers.*) receive
+        def __getattr__(self, name):
+            op = getattr(real_ops, name)
+
+            def call(x, weight, bias, *rest):
+                seen.append([name, type(x).__name__, type(weight).__name__,
+                             type(bias).__name__, list(weight.shape)])
+                return op(x, weight, bias, *rest)
+            return call
+    MFmod.ops = Spy()
     try:
         for name in ("mlp_logreg_layer", "fused_ce_head", "bce_logreg_head"):
             m = _models(torch, nn, F, ml, D, H, C, torch.float64)[name][0].to(device)
@@ -391,8 +394,7 @@ def _fsdp_inputs(torch, nn, F, ml, rank, n, D, H, C, device):
             grads = sorted({type(p.grad).__name__ for p in m.parameters()})
             seen.append(["grads", *grads])
     finally:
-        for cls, f in orig.items():
-            cls.forward = f
+        MFmod.ops = real_ops
     return {"seen": seen}
 
 
@@ -625,14 +627,13 @@ def test_fsdp2_kernels_get_plain_tensors(fsdp_cpu):
     (the head's weight (5, 17) whole, though each rank holds a (3, 17) or (2, 17) shard)."""
     for v in _check(fsdp_cpu, "fsdp_inputs_are_plain_tensors"):
         calls = [s for s in v["seen"] if s[0] != "grads"]
-        assert {c[0] for c in calls} == {"LinearFunction", "LinearCrossEntropyFunction",
-                                         "LinearBCEFunction"}
+        assert {c[0] for c in calls} == {"linear", "linear_ce", "linear_bce"}
         for c in calls:
             # x a Tensor; weight and bias the unsharded nn.Parameters FSDP2 swaps in for the
             # forward (plain tensors of the full shape), never the DTensor shards
             assert c[1] == "Tensor" and c[2] == "Parameter" and \
                 c[3] in ("Parameter", "NoneType"), c
-        assert {c[4][0] for c in calls if c[0] == "LinearCrossEntropyFunction"} == {5}
+        assert {c[4][0] for c in calls if c[0] == "linear_ce"} == {5}
         assert all(s[1:] == ["DTensor"] for s in v["seen"] if s[0] == "grads"), v["seen"]
 
 
