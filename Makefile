@@ -15,7 +15,7 @@ SOURCES := $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h' -o -na
 
 $(VENV)/.deps:
 	$(PY) -m venv $(VENV)
-	$(VPY) -m pip install -q torch numpy scikit-learn pytest expecttest ninja tqdm matplotlib \
+	$(VPY) -m pip install -q torch numpy scipy scikit-learn pandas pytest expecttest ninja tqdm matplotlib \
 		setuptools wheel cmake pybind11
 	touch $@
 

@@ -22,6 +22,7 @@
 
 #include "../common.h"
 #include "../linear.h"
+#include "epilogue.h"
 
 // Compiled once per ISA (csrc/cpu_dispatch.cpp explains the dispatch): everything below lives in
 // manual_layers::CPU_CAPABILITY (DEFAULT, AVX2 or AVX512), registered by csrc/cpu_dispatch.cpp.
@@ -35,143 +36,8 @@ namespace {
 
 using at::vec::Vectorized;
 
-// Load n <= Vec::size() elements of T into a vector of the accumulation type (zero-padded).
-template <typename T, typename acc_t>
-inline Vectorized<acc_t> load(const T* p, int64_t n) {
-  using Vec = Vectorized<acc_t>;
-  if constexpr (std::is_same_v<T, acc_t>) {
-    return n == Vec::size() ? Vec::loadu(p) : Vec::loadu(p, n);
-  } else {
-    // 16-bit -> float with ATen's vectorised conversion (AVX-512/AVX2: one vcvtph2ps or
-    // bf16 shift per vector; DEFAULT: ATen's scalar loop); same values as static_cast.
-    if (n == Vec::size()) {
-      Vec out;
-      at::vec::load_to_float<T>(p, out);
-      return out;
-    }
-    return at::vec::convert<acc_t>(Vectorized<T>::loadu(p, n));
-  }
-}
-
-template <typename T, typename acc_t>
-inline void store(T* p, const Vectorized<acc_t>& v, int64_t n) {
-  using Vec = Vectorized<acc_t>;
-  if constexpr (std::is_same_v<T, acc_t>) {
-    if (n == Vec::size()) v.store(p); else v.store(p, n);
-  } else {
-    // float -> 16-bit, vectorised, round to nearest even as static_cast<T>(float). A full
-    // vector is stored at its own width (256 bits under AVX-512, 128 under AVX2): the generic
-    // Vectorized<T>::store(p, n) would be a masked 512-bit (or a memcpy'd 256-bit) store.
-#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
-    if (n == Vec::size()) {
-      const auto h = std::is_same_v<T, c10::BFloat16> ? at::vec::cvtfp32_bf16(v)
-                                                      : at::vec::cvtfp32_fp16(v);
-#if defined(CPU_CAPABILITY_AVX512)
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), h);
-#else
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(p), h);
-#endif
-      return;
-    }
-#endif
-    at::vec::convert<T>(v).store(p, n);
-  }
-}
-
-constexpr double kSqrt1_2 = 0.70710678118654752440;     // 1/sqrt(2)
-constexpr double kInvSqrt2Pi = 0.39894228040143267794;  // 1/sqrt(2*pi)
-constexpr double kBeta = 0.79788456080286535588;        // sqrt(2/pi)
-constexpr double kKappa = 0.044715;
-
-// Exact GELU's cdf Phi(s) = (1 + erf(s/sqrt(2)))/2 for float, through Abramowitz-Stegun 7.1.26
-// (|erf error| < 1.5e-7, the formula of ATen's own Vectorized<float>::erf) with the fast exp:
-// erf(|a|) = 1 - t poly(t) exp(-a^2), t = 1 / (1 + p |a|). Also returns E = exp(-s^2/2), which
-// is the pdf's exp as well, so the derivative needs no second exp.
-inline Vectorized<float> gelu_cdf(const Vectorized<float>& s, Vectorized<float>& E) {
-  using Vec = Vectorized<float>;
-  const Vec one(1.f), half(0.5f);
-  E = (Vec(-0.5f) * s * s).exp_u20();
-  const Vec t = one / at::vec::fmadd(Vec(0.3275911f * static_cast<float>(kSqrt1_2)), s.abs(), one);
-  Vec poly = at::vec::fmadd(Vec(1.061405429f), t, Vec(-1.453152027f));
-  poly = at::vec::fmadd(poly, t, Vec(1.421413741f));
-  poly = at::vec::fmadd(poly, t, Vec(-0.284496736f));
-  poly = at::vec::fmadd(poly, t, Vec(0.254829592f));
-  const Vec erf_abs = one - poly * t * E;
-  return half * (one + Vec::blendv(erf_abs, erf_abs.neg(), s < Vec(0.f)));
-}
-
-// Element-wise activation of the pre-activation z.
-template <Act A, typename acc_t>
-inline Vectorized<acc_t> act_fwd(const Vectorized<acc_t>& z) {
-  using Vec = Vectorized<acc_t>;
-  const Vec one(1), half(0.5);
-  if constexpr (A == Act::None) return z;
-  if constexpr (A == Act::Relu) return Vec::blendv(z, Vec(0), z < Vec(0));  // NaN stays NaN
-  if constexpr (A == Act::Gelu) {
-    if constexpr (std::is_same_v<acc_t, float>) {
-      Vec E;
-      return z * gelu_cdf(z, E);
-    } else {
-      return z * half * (one + (z * Vec(kSqrt1_2)).erf());
-    }
-  }
-  if constexpr (A == Act::GeluTanh) {
-    const Vec inner = Vec(kBeta) * (z + Vec(kKappa) * z * z * z);
-    return half * z * (one + inner.tanh());
-  }
-  if constexpr (A == Act::Silu) return z / (one + z.neg().exp());
-  if constexpr (A == Act::Sigmoid) return one / (one + z.neg().exp());
-  if constexpr (A == Act::Tanh) return z.tanh();
-  return z;  // Softmax is row-wise, handled separately.
-}
-
-// grad_out * act'(.) from what saved_for(A) keeps: the output y (relu, sigmoid, tanh) or the
-// pre-activation z (gelu, gelu_tanh, silu).
-template <Act A, typename acc_t>
-inline Vectorized<acc_t> act_bwd(const Vectorized<acc_t>& g, const Vectorized<acc_t>& s) {
-  using Vec = Vectorized<acc_t>;
-  const Vec one(1), half(0.5), zero(0);
-  if constexpr (A == Act::None) return g;
-  if constexpr (A == Act::Relu) return Vec::blendv(g, zero, s <= zero);  // NaN passes g, as torch
-  if constexpr (A == Act::Gelu) {
-    if constexpr (std::is_same_v<acc_t, float>) {
-      Vec E;
-      const Vec cdf = gelu_cdf(s, E);
-      return g * at::vec::fmadd(s * E, Vec(kInvSqrt2Pi), cdf);
-    } else {
-      const Vec cdf = half * (one + (s * Vec(kSqrt1_2)).erf());
-      const Vec pdf = (Vec(-0.5) * s * s).exp() * Vec(kInvSqrt2Pi);
-      return g * (cdf + s * pdf);
-    }
-  }
-  if constexpr (A == Act::GeluTanh) {
-    const Vec s2 = s * s;
-    const Vec t = (Vec(kBeta) * (s + Vec(kKappa) * s2 * s)).tanh();
-    const Vec left_d = half * (one + t);
-    const Vec right_d = half * s * (one - t * t) * Vec(kBeta) * (one + Vec(3 * kKappa) * s2);
-    return g * (left_d + right_d);
-  }
-  if constexpr (A == Act::Silu) {
-    const Vec sig = one / (one + s.neg().exp());
-    return g * sig * (one + s * (one - sig));
-  }
-  if constexpr (A == Act::Sigmoid) return g * s * (one - s);
-  if constexpr (A == Act::Tanh) return g * (one - s * s);
-  return g;
-}
-
-// Rows per parallel task for a row-wise pass over an (N, M) matrix: about 32K elements.
-inline int64_t row_grain(int64_t M) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(M, 1)); }
-
-// Rows per tile of the tiled backward: an (R, M) tile of G of about 8 MiB, reused from tile to
-// tile, so G is never a fresh (N, M) tensor (at 65536x256->256 fp32 on 2 cores a fresh 64 MiB
-// tensor costs ~20 ms of page faults alone). Measured there: backward 101 ms with 1 MiB tiles
-// (GEMMs too small), 92 with 4, 85-91 with 8 or 16, 99 with 32, 110 untiled; eager 111-120.
-// At least 64 rows, at most N.
-inline int64_t tile_rows(int64_t M, int64_t elem_size, int64_t N) {
-  const int64_t r = (int64_t(8) << 20) / std::max<int64_t>(1, M * elem_size);
-  return std::max<int64_t>(1, std::min(N, std::max<int64_t>(64, r)));
-}
+// The shared pieces (loads/stores, activations, tiles, the backward epilogue) are in
+// csrc/cpu/epilogue.h.
 
 // ---------------------------------------------------------------------------------------------
 // Forward epilogue: out <- act(src + b), and pre <- src + b when pre is not null. `src` is the
@@ -219,83 +85,6 @@ void softmax_epilogue(scalar_t* y, const scalar_t* bias, int64_t N, int64_t M) {
   });
 }
 
-template <typename F>
-void dispatch_act(Act a, F&& f) {
-  switch (a) {
-    case Act::None: return f(std::integral_constant<Act, Act::None>{});
-    case Act::Relu: return f(std::integral_constant<Act, Act::Relu>{});
-    case Act::Gelu: return f(std::integral_constant<Act, Act::Gelu>{});
-    case Act::GeluTanh: return f(std::integral_constant<Act, Act::GeluTanh>{});
-    case Act::Silu: return f(std::integral_constant<Act, Act::Silu>{});
-    case Act::Sigmoid: return f(std::integral_constant<Act, Act::Sigmoid>{});
-    case Act::Tanh: return f(std::integral_constant<Act, Act::Tanh>{});
-    case Act::Softmax: return f(std::integral_constant<Act, Act::Softmax>{});
-  }
-}
-
-// ---------------------------------------------------------------------------------------------
-// Backward epilogue: G = g * act'(s) (written to `G` unless G == nullptr, i.e. act none) and the
-// column sums of G into `db` (if not null). Rows are cut into a fixed number of blocks that does
-// not depend on the thread count; each block sums its rows in order, then blocks are added in
-// order: the same inputs give bitwise the same bias gradient on any machine configuration.
-template <typename scalar_t, Act A>
-void bwd_epilogue(const scalar_t* g, const scalar_t* s, scalar_t* G, scalar_t* db, int64_t N,
-                  int64_t M) {
-  using acc_t = at::opmath_type<scalar_t>;
-  using Vec = Vectorized<acc_t>;
-  constexpr int64_t W = Vec::size();
-  const int64_t nblk = db ? std::min<int64_t>(64, std::max<int64_t>(1, N / 256)) : 1;
-  const int64_t rows_per_blk = (N + nblk - 1) / nblk;
-  std::vector<acc_t> partial(db ? nblk * M : 0, acc_t(0));
-  auto process_rows = [&](int64_t r0, int64_t r1, acc_t* acc) {
-    std::vector<acc_t> rowbuf(A == Act::Softmax ? M : 0);
-    for (int64_t r = r0; r < r1; ++r) {
-      const scalar_t* gr = g + r * M;
-      const scalar_t* sr = s ? s + r * M : nullptr;
-      scalar_t* Gr = G ? G + r * M : nullptr;
-      acc_t dot = 0;
-      if constexpr (A == Act::Softmax) {  // G = y * (g - sum_j g_j y_j)
-        for (int64_t j = 0; j < M; ++j) dot += static_cast<acc_t>(gr[j]) * static_cast<acc_t>(sr[j]);
-      }
-      for (int64_t j = 0; j < M; j += W) {
-        const int64_t n = std::min<int64_t>(W, M - j);
-        const Vec gv = load<scalar_t, acc_t>(gr + j, n);
-        Vec out;
-        if constexpr (A == Act::Softmax) {
-          const Vec y = load<scalar_t, acc_t>(sr + j, n);
-          out = y * (gv - Vec(dot));
-        } else if constexpr (A == Act::None) {
-          out = gv;
-        } else {
-          out = act_bwd<A, acc_t>(gv, load<scalar_t, acc_t>(sr + j, n));
-        }
-        if (Gr) store<scalar_t, acc_t>(Gr + j, out, n);
-        if (acc) {
-          // Padding lanes are zero (load pads g and s with zeros; act'(0) * 0 = 0).
-          const Vec a = load<acc_t, acc_t>(acc + j, n) + out;
-          store<acc_t, acc_t>(acc + j, a, n);
-        }
-      }
-    }
-  };
-  if (db == nullptr) {  // no bias gradient: a plain row-parallel pass
-    at::parallel_for(0, N, row_grain(M), [&](int64_t r0, int64_t r1) { process_rows(r0, r1, nullptr); });
-    return;
-  }
-  at::parallel_for(0, nblk, 1, [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; ++b) {
-      const int64_t r0 = b * rows_per_blk, r1 = std::min(N, r0 + rows_per_blk);
-      if (r0 < r1) process_rows(r0, r1, partial.data() + b * M);
-    }
-  });
-  {
-    for (int64_t j = 0; j < M; ++j) {
-      acc_t sum = 0;
-      for (int64_t b = 0; b < nblk; ++b) sum += partial[b * M + j];
-      db[j] = static_cast<scalar_t>(sum);
-    }
-  }
-}
 
 inline at::Tensor empty_like_none(const at::Tensor& x) { return at::empty({0}, x.options()); }
 

@@ -18,6 +18,8 @@
 #include <cstdint>
 #include <limits>
 
+#include "cuda_common.cuh"
+
 namespace manual_layers {
 namespace {
 
@@ -29,22 +31,8 @@ __device__ __forceinline__ double ce_exp(double a) { return exp(a); }
 __device__ __forceinline__ float ce_log(float a) { return logf(a); }
 __device__ __forceinline__ double ce_log(double a) { return log(a); }
 
-template <typename acc_t>
-__device__ __forceinline__ acc_t ce_warp_sum(acc_t v) {
-#pragma unroll
-  for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
-  return v;
-}
-
-template <typename acc_t>
-__device__ __forceinline__ acc_t ce_warp_max(acc_t v) {
-#pragma unroll
-  for (int off = 16; off > 0; off >>= 1) {
-    const acc_t o = __shfl_xor_sync(0xffffffffu, v, off);
-    v = o > v ? o : v;
-  }
-  return v;
-}
+using cuda_common::warp_max;  // fixed butterfly order: deterministic
+using cuda_common::warp_sum;
 
 template <typename scalar_t, typename acc_t>
 struct ChunkRowParams {
@@ -92,15 +80,15 @@ __global__ void __launch_bounds__(kRowThreads)
       const acc_t z = static_cast<acc_t>(zr[c]) + (p.bias != nullptr ? p.bias[c] : acc_t(0));
       m = z > m ? z : m;
     }
-    m = ce_warp_max(m);
+    m = warp_max(m);
     acc_t s = 0, sm = 0;
     for (int64_t c = lane; c < C; c += 32) {
       const acc_t z = static_cast<acc_t>(zr[c]) + (p.bias != nullptr ? p.bias[c] : acc_t(0));
       s += ce_exp(z - m);
       if (smooth) sm += (p.cw != nullptr ? p.cw[c] : acc_t(1)) * (m - z);
     }
-    s = ce_warp_sum(s);
-    if (smooth) sm = ce_warp_sum(sm);
+    s = warp_sum(s);
+    if (smooth) sm = warp_sum(sm);
     const acc_t lse = m + ce_log(s);
     const acc_t wy = p.cw != nullptr ? p.cw[y] : acc_t(1);
     const acc_t zy = static_cast<acc_t>(zr[y]) + (p.bias != nullptr ? p.bias[y] : acc_t(0));
