@@ -31,7 +31,7 @@ QUICK_SHAPES = [(4096, 128, 128), (1024, 256, 512)]
 ADDMM_SHAPE = (16384, 1024, 4096)  # CUDA, bf16, forward, gelu_tanh vs torch._addmm_activation
 
 # Required speed-up of manual_layers over the baseline (baseline time / our time), from
-# design.md section 6. Key: (device, dtype, activation, shape, mode, baseline).
+# the project's performance table (issues #6, #7, #9). Key: (device, dtype, activation, shape, mode, baseline).
 TARGETS = {
     ("cpu", torch.float32, "gelu", (65536, 256, 256), "fwd+bwd", "eager"): 1.2,
     ("cpu", torch.float32, "gelu", (8192, 1024, 1024), "fwd+bwd", "eager"): 0.97,
@@ -237,7 +237,7 @@ def main(argv=None):
         if n_a:
             print(f"note: {impl} n/a: {n_a[0]['extra']}")
 
-    notes = ["ratio = baseline median / manual_layers median; target from design.md section 6.",
+    notes = ["ratio = baseline median / manual_layers median; targets from the issues (#6, #7, #9).",
              "eager = nn.Linear + activation module; compile = the same under torch.compile; "
              "addmm_act = torch._addmm_activation(bias, x, w.t(), use_gelu=True) "
              "(cuBLASLt GELU-tanh epilogue, CUDA only).",

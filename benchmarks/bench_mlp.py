@@ -6,7 +6,7 @@ grad_output), medians of calls interleaved in one process.
                                                             # (+ CUDA 8192x1024->4096->1024 bf16)
     python benchmarks/bench_mlp.py --shapes 4096x256x1024x256 --activation relu --no-compile
 
-Target (design.md 6): >= 1.15x eager on CUDA bf16 at 8192x1024->4096->1024, GELU.
+Target (issue #7): >= 1.15x eager on CUDA bf16 at 8192x1024->4096->1024, GELU.
 """
 
 import argparse

@@ -107,7 +107,7 @@ std::tuple<at::Tensor, at::Tensor> linear_fwd_cpu(const at::Tensor& x, const at:
   }
   // fp32/fp64: the GEMM, then bias + activation in one pass. 16-bit dtypes: the bias goes
   // inside the GEMM (addmm accumulates in fp32 and rounds once); adding it after the GEMM's
-  // result was rounded to 16 bits would lose the accuracy near cancellation (design.md 5).
+  // result was rounded to 16 bits would lose the accuracy near cancellation.
   const bool bias_in_gemm = has_bias && at::isReducedFloatingType(x.scalar_type());
   const bool keep_pre = save_pre && saved_for(act) == Saved::Pre;
   at::Tensor out = at::empty({N, M}, x.options());
