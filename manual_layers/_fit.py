@@ -17,7 +17,7 @@ vector [W.ravel(), b], starting from zeros; every evaluation is ONE call of the 
 loss+gradient kernel on X's device (LinearObjective.evaluate). solver="sgd"/"adam": mini-batch
 torch.optim optimizers, max_iter epochs.
 
-Data parallelism (solver="lbfgs"; resolve_process_group, agree_across_ranks, _Comm): each rank
+Data parallelism (resolve_process_group, agree_across_ranks, _Comm): each rank
 holds its shard of X, y (and sample weights). Agreed once, before the solver: every rank's
 (validation error or None, n_features, local label set) in one all_gather_object (a clear
 ValueError on every rank when any rank failed or the ranks disagree on n_features; the classes
@@ -26,7 +26,8 @@ all_reduce in LinearObjective.__init__. Then per function evaluation ONE SUM all
 float64 vector (loss sum, gradient sums): (1 + K*(D+1)) * 8 bytes, never O(N). Every rank's
 L-BFGS-B then sees bitwise the same values and takes the same steps, and every rank ends with the
 model one process fits on the concatenated shards. The reductions run on X's device with NCCL
-(CUDA tensors) and on the CPU with gloo.
+(CUDA tensors) and on the CPU with gloo. sgd/adam: the same number of steps on every rank, one
+all-reduce per step of (loss sum, gradient sums, batch rows) (see _minibatch).
 """
 
 import math
@@ -369,6 +370,7 @@ def _lbfgs(obj, x0, max_iter, tol, verbose):
 def _minibatch(obj, x0, solver, max_iter, tol, lr, batch_size, verbose):
     X, target, s = obj.X, obj.target, obj.s
     N = X.shape[0]
+    comm = obj.comm
     W, b = obj.split(x0)
     W = W.clone().requires_grad_()
     params = [W]
@@ -379,26 +381,68 @@ def _minibatch(obj, x0, solver, max_iter, tol, lr, batch_size, verbose):
         lr = 0.1 if solver == "sgd" else 0.01
     opt = (torch.optim.SGD(params, lr=lr, momentum=0.9) if solver == "sgd"
            else torch.optim.Adam(params, lr=lr))
-    bs = min(batch_size, N)
-    steps = math.ceil(N / bs)
+    bs = max(1, min(batch_size, N))
+    if comm is None:
+        steps = math.ceil(N / bs)
+    else:
+        # Data-parallel: the same number of steps on every rank (agreed once: the largest
+        # ceil(n_rank / batch_size)); rank r splits its shuffled rows into `steps` near-equal
+        # batches (each <= batch_size rows, sizes proportional to its shard), so every row is
+        # used once per epoch and the global batch of a step is the union of the ranks' batches.
+        t = torch.tensor([float(math.ceil(N / bs)) if N else 0.0], dtype=torch.float64,
+                         device=comm.device)
+        comm.dist.all_reduce(t, op=comm.dist.ReduceOp.MAX, group=comm.group)
+        steps = max(1, int(t.item()))
+    N_all = obj.N
     bar = _progress(max_iter * steps, f"LogisticRegression.fit ({solver})", verbose)
     prev, converged, n_iter, msg = None, (None if not tol else False), 0, ""
     try:
         for epoch in range(max_iter):
             perm = torch.randperm(N, device=X.device)
             total = torch.zeros((), dtype=torch.float64, device=X.device)
-            for i in range(0, N, bs):
-                idx = perm[i:i + bs]
+            for i in range(steps):
+                if comm is None:
+                    idx = perm[i * bs:(i + 1) * bs]
+                else:
+                    idx = perm[i * N // steps:(i + 1) * N // steps]
                 sb = s[idx] if s is not None else None
                 cw = obj.cw_only
-                loss = _weighted_loss_sum(X[idx], W, b, target[idx], obj.binary, sb, cw)
-                f = loss * (N / idx.numel()) / obj.S
-                if obj.inv_C:
-                    f = f + (0.5 * obj.inv_C / obj.S) * W.pow(2).sum()
-                opt.zero_grad(set_to_none=True)
-                f.backward()
+                if comm is None:
+                    loss = _weighted_loss_sum(X[idx], W, b, target[idx], obj.binary, sb, cw)
+                    f = loss * (N / idx.numel()) / obj.S
+                    if obj.inv_C:
+                        f = f + (0.5 * obj.inv_C / obj.S) * W.pow(2).sum()
+                    opt.zero_grad(set_to_none=True)
+                    f.backward()
+                    nb = idx.numel()
+                else:
+                    # one all-reduce (SUM) per step: (loss sum, gradient sums, batch rows)
+                    if idx.numel():
+                        loss = _weighted_loss_sum(X[idx], W, b, target[idx], obj.binary, sb,
+                                                  cw)
+                        gs = torch.autograd.grad(loss, params)
+                        loss = loss.detach()
+                    else:
+                        loss = torch.zeros((), dtype=X.dtype, device=X.device)
+                        gs = [torch.zeros_like(p) for p in params]
+                    packed = torch.cat([loss.reshape(1).double()] +
+                                       [g.reshape(-1).double() for g in gs] +
+                                       [torch.full((1,), float(idx.numel()),
+                                                   dtype=torch.float64, device=X.device)])
+                    packed = comm.all_reduce(packed).to(X.device)
+                    nb = int(packed[-1].item())
+                    scale = (N_all / max(nb, 1)) / obj.S
+                    f = packed[0] * scale
+                    off = 1
+                    with torch.no_grad():
+                        for p in params:
+                            p.grad = (packed[off:off + p.numel()] * scale).view_as(p).to(p.dtype)
+                            off += p.numel()
+                        if obj.inv_C:
+                            f = f + (0.5 * obj.inv_C / obj.S) * W.detach().double().pow(2).sum()
+                            W.grad += (obj.inv_C / obj.S) * W.detach()
                 opt.step()
-                total += f.detach().double() * (idx.numel() / N)
+                total += f.detach().double() * (nb / N_all)
                 if bar is not None:
                     bar.update(1)
             cur = float(total)  # one sync per epoch
@@ -448,7 +492,8 @@ def fit_logistic_regression(X, y, n_classes, *, sample_weight=None, class_weight
     process_group: None (local fit) or a torch.distributed group (e.g. from
        resolve_process_group): X, y, sample_weight are this rank's shard, y already encoded
        with the classes agreed across ranks (agree_across_ranks); N and S are summed over ranks
-       once and each evaluation all-reduces the (loss, gradient) sums; lbfgs only.
+       once and each evaluation (lbfgs) or step (sgd/adam) all-reduces the (loss, gradient)
+       sums.
 
     Returns FitResult(coef, intercept, n_iter, converged, message); the multinomial intercepts
     are centred (they are defined up to a common shift).
@@ -456,10 +501,6 @@ def fit_logistic_regression(X, y, n_classes, *, sample_weight=None, class_weight
     if solver not in SOLVERS:
         raise ValueError(f"{caller}: solver must be one of {', '.join(map(repr, SOLVERS))}, got "
                          f"{solver!r}")
-    if process_group is not None and solver != "lbfgs":
-        raise NotImplementedError(f"{caller}: a data-parallel fit (torch.distributed) supports "
-                                  f"solver 'lbfgs' only, got {solver!r}; pass distributed=False "
-                                  f"to fit each rank's shard alone")
     comm = None if process_group is None else _Comm(process_group, X.device)
     binary = n_classes == 2
     K, D = (1 if binary else n_classes), X.shape[1]

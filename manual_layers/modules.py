@@ -478,20 +478,19 @@ class LogisticRegression(nn.Module):
         sizes. Returns self.
 
         distributed ("auto", True, False) and process_group: data-parallel fit over
-        torch.distributed (optimizer="lbfgs"; sgd/adam raise NotImplementedError). "auto": when
+        torch.distributed. "auto": when
         process_group is given or the default group is initialised with more than one rank
         (torchrun), X, y, sample_weight are this rank's shard (any size, also 0 rows; classes
         may be missing from a shard) and every rank ends with the same weights, those one
         process fits on all shards concatenated. Every rank must call fit. The label sets and
         in_features are agreed once (ValueError on every rank when they disagree or any rank's
         checks fail), N and the weight total once, then each L-BFGS evaluation all-reduces
-        (SUM) one float64 vector of 1 + rows * (in_features + 1) values. False: local fit."""
+        (SUM) one float64 vector of 1 + rows * (in_features + 1) values. sgd/adam: every rank
+        takes the same number of steps per epoch (the largest ceil(shard rows / batch_size)),
+        each on 1/steps of its shuffled shard, with one all-reduce (SUM) per step of (loss sum,
+        gradient sums, batch rows): the same update on every rank. False: local fit."""
         fn = "LogisticRegression.fit"
         group = _fit.resolve_process_group(distributed, process_group, fn)
-        if group is not None and optimizer != "lbfgs":
-            raise NotImplementedError(f"{fn}: a data-parallel fit (torch.distributed) supports "
-                                      f"optimizer='lbfgs' only, got {optimizer!r}; pass "
-                                      f"distributed=False to fit each rank's data alone")
         if optimizer not in _fit.SOLVERS:
             raise ValueError(f"{fn}: optimizer must be 'lbfgs', 'sgd' or 'adam', got "
                              f"{optimizer!r}")

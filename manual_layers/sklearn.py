@@ -96,7 +96,7 @@ class LogisticRegression(ClassifierMixin, BaseEstimator):
     warm_start : bool, default=False
         Start from the previous fit's coef_/intercept_ (when the shapes agree).
     distributed : "auto", True or False, default="auto"
-        Data-parallel fit over torch.distributed (solver="lbfgs"). "auto": when a default
+        Data-parallel fit over torch.distributed. "auto": when a default
         process group is initialised with more than one rank (e.g. under torchrun), or a
         process_group is passed to fit, each rank's fit(X, y, sample_weight) takes its X, y as
         this rank's shard (any sizes, also none; a shard may miss classes) and every rank ends
@@ -106,7 +106,10 @@ class LogisticRegression(ClassifierMixin, BaseEstimator):
         checks), N and the weight total once, then each L-BFGS function evaluation all-reduces
         one float64 vector of 1 + n_coef_rows * (n_features + 1) values. True: data-parallel
         also with one rank (needs an initialised group); False: fit the local data alone.
-        sgd/adam raise NotImplementedError when data-parallel.
+        sgd/adam: every rank takes the same number of steps per epoch (the largest
+        ceil(shard rows / 256)), each on 1/steps of its shuffled shard; one all-reduce (SUM) per
+        step of (loss sum, gradient sums, batch rows) gives every rank the same update, the
+        gradient over the union of the ranks' batches.
 
     Attributes
     ----------
@@ -190,10 +193,6 @@ class LogisticRegression(ClassifierMixin, BaseEstimator):
         device, dtype = self._check_params()
         fn = "LogisticRegression.fit"
         group = resolve_process_group(self.distributed, process_group, fn)
-        if group is not None and self.solver != "lbfgs":
-            raise NotImplementedError(f"{fn}: a data-parallel fit (torch.distributed) supports "
-                                      f"solver='lbfgs' only, got {self.solver!r}; set "
-                                      f"distributed=False to fit each rank's data alone")
         if group is None:
             X, y, sample_weight = self._check_local(X, y, sample_weight, min_samples=1)
             classes, y_idx = np.unique(y, return_inverse=True)

@@ -438,12 +438,39 @@ def _distributed_fit(torch, dist, ml, rank, device):
         errors["module_bad_shape_one_rank"] = "no error"
     except ValueError as e:
         errors["module_bad_shape_one_rank"] = str(e)
-    try:
-        Est(solver="sgd").fit(*data(73, 30))
-        errors["sgd"] = "no error"
-    except NotImplementedError as e:
-        errors["sgd"] = "NotImplementedError: " + str(e)
     out["errors"] = errors
+
+    # sgd / adam: the same steps on every rank (unequal shards, one of 0 rows for the module),
+    # ending near the L-BFGS optimum of all the data
+    shards = [data(80, 300, K=3), data(81, 130, K=3)]
+    X = np.concatenate([s[0] for s in shards])
+    Y = np.concatenate([s[1] for s in shards])
+    opt_ = Est(distributed=False, **kw).fit(X, Y)
+    for solver in ("sgd", "adam"):
+        torch.manual_seed(rank)  # different shuffles per rank
+        d = Est(solver=solver, max_iter=100 if solver == "sgd" else 200, tol=0).fit(
+            *shards[rank])
+        one = Est(solver=solver, max_iter=100 if solver == "sgd" else 200, tol=0,
+                  distributed=False).fit(X, Y)  # one process, same epochs, all the rows
+        out[f"est_{solver}"] = {
+            "rel_err": rel([d.coef_, d.intercept_], [opt_.coef_, opt_.intercept_]),
+            "one_process_rel_err": rel([one.coef_, one.intercept_], [opt_.coef_, opt_.intercept_]),
+            "ranks_agree": agree([d.coef_, d.intercept_]), "n_iter": int(d.n_iter_[0])}
+    # one batch per epoch (batch_size >= all rows): the steps are full-batch, so the
+    # data-parallel run must equal one process on the concatenation (rank 1 has no rows)
+    for solver in ("sgd", "adam"):
+        ms = []
+        for part in ("dist", "ref"):
+            m = ml.LogisticRegression(5, num_classes=3, dtype=torch.float64)
+            if part == "dist":
+                xr, yr = (X, Y) if rank == 0 else (X[:0], Y[:0])
+                m.fit(xr, yr, optimizer=solver, epochs=20, lr=0.05, batch_size=1000)
+            else:
+                m.fit(X, Y, optimizer=solver, epochs=20, lr=0.05, batch_size=1000,
+                      distributed=False)
+            ms.append([m.weight.detach().numpy(), m.bias.detach().numpy()])
+        out[f"module_{solver}_empty_rank"] = {"rel_err": rel(ms[0], ms[1]),
+                                              "ranks_agree": agree(ms[0])}
     return out
 
 
@@ -753,7 +780,20 @@ def test_distributed_fit_errors_on_every_rank(ddp_cpu):
             assert "rank 0: 5, rank 1: 6" in e[k], (r, k, e[k])
         assert "rank 1: ValueError" in e["module_bad_shape_one_rank"] and \
             "must have shape (N, 5)" in e["module_bad_shape_one_rank"], (r, e)
-        assert e["sgd"].startswith("NotImplementedError") and "lbfgs" in e["sgd"], (r, e)
+
+
+@pytest.mark.parametrize("case", ["est_sgd", "est_adam", "module_sgd_empty_rank",
+                                  "module_adam_empty_rank"])
+def test_distributed_minibatch_fit(ddp_cpu, case):
+    """sgd/adam: every rank takes the same steps (one all-reduce per step), so the ranks end
+    bitwise equal, near the L-BFGS optimum on all the data."""
+    for r, res in enumerate(_check(ddp_cpu, "distributed_fit")):
+        v = res[case]
+        assert v["ranks_agree"], f"rank {r} {case}: models differ across ranks"
+        # sgd/adam with 256-row batches: as near the L-BFGS optimum as one process gets with
+        # the same number of epochs on all the rows
+        tol = 1e-10 if case.startswith("module") else max(0.1, 1.5 * v["one_process_rel_err"])
+        assert v["rel_err"] <= tol, f"rank {r} {case}: {v}"
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
