@@ -17,9 +17,17 @@ vector [W.ravel(), b], starting from zeros; every evaluation is ONE call of the 
 loss+gradient kernel on X's device (LinearObjective.evaluate). solver="sgd"/"adam": mini-batch
 torch.optim optimizers, max_iter epochs.
 
-Data parallelism (not implemented here): each rank would hold its shard of X; the weight total S
-and the local (loss sum, gradient sum) vector in LinearObjective.evaluate are the only two
-quantities to torch.distributed.all_reduce (see the comments there).
+Data parallelism (resolve_process_group, agree_across_ranks, _Comm): each rank
+holds its shard of X, y (and sample weights). Agreed once, before the solver: every rank's
+(validation error or None, n_features, local label set) in one all_gather_object (a clear
+ValueError on every rank when any rank failed or the ranks disagree on n_features; the classes
+are the sorted union), the starting point (broadcast from rank 0), and (N, S) in one SUM
+all_reduce in LinearObjective.__init__. Then per function evaluation ONE SUM all_reduce of the
+float64 vector (loss sum, gradient sums): (1 + K*(D+1)) * 8 bytes, never O(N). Every rank's
+L-BFGS-B then sees bitwise the same values and takes the same steps, and every rank ends with the
+model one process fits on the concatenated shards. The reductions run on X's device with NCCL
+(CUDA tensors) and on the CPU with gloo. sgd/adam: the same number of steps on every rank, one
+all-reduce per step of (loss sum, gradient sums, batch rows) (see _minibatch).
 """
 
 import math
@@ -54,7 +62,104 @@ def __getattr__(name):
 SOLVERS = ("lbfgs", "sgd", "adam")
 
 __all__ = ["fit_logistic_regression", "LinearObjective", "FitResult", "ConvergenceWarning",
-           "SOLVERS"]
+           "SOLVERS", "resolve_process_group", "agree_across_ranks"]
+
+
+# ---- data parallelism ---------------------------------------------------------------------------
+
+def resolve_process_group(distributed, process_group, caller):
+    """The process group a fit is data-parallel over, or None for a local fit.
+
+    distributed: "auto" (data-parallel when process_group is given, or when the default group
+    is initialised, with more than one rank), True (data-parallel; needs process_group or an
+    initialised default group; also with one rank), False (local fit, whatever is initialised).
+    """
+    if not (distributed is True or distributed is False or
+            (isinstance(distributed, str) and distributed == "auto")):
+        raise ValueError(f"{caller}: distributed must be 'auto', True or False, got "
+                         f"{distributed!r}")
+    if distributed is False:
+        return None
+    import torch.distributed as dist
+    if not dist.is_available():
+        if distributed is True or process_group is not None:
+            raise ValueError(f"{caller}: distributed=True or process_group= needs "
+                             f"torch.distributed, which this torch build lacks")
+        return None
+    if process_group is None:
+        if not dist.is_initialized():
+            if distributed is True:
+                raise ValueError(f"{caller}: distributed=True needs an initialised default "
+                                 f"process group (torch.distributed.init_process_group) or "
+                                 f"process_group=")
+            return None
+        process_group = dist.group.WORLD
+    if distributed == "auto" and dist.get_world_size(process_group) <= 1:
+        return None
+    return process_group
+
+
+class _Comm:
+    """The collectives of a data-parallel fit over `group`; tensors reduce on X's device under
+    NCCL (CUDA), on the CPU otherwise (gloo)."""
+
+    def __init__(self, group, device):
+        import torch.distributed as dist
+        self.dist, self.group = dist, group
+        self.world = dist.get_world_size(group)
+        self.rank = dist.get_rank(group)
+        backend = str(dist.get_backend(group)).lower()
+        if "nccl" in backend:
+            self.device = device if device.type == "cuda" else \
+                torch.device("cuda", torch.cuda.current_device())
+        else:
+            self.device = torch.device("cpu")
+        self.n_allreduce, self.bytes = 0, 0
+
+    def all_reduce(self, t):
+        """SUM over ranks of a float64 tensor (any device); returns it on self.device."""
+        t = t.to(device=self.device, dtype=torch.float64).contiguous()
+        self.dist.all_reduce(t, op=self.dist.ReduceOp.SUM, group=self.group)
+        self.n_allreduce += 1
+        self.bytes += t.numel() * t.element_size()
+        return t
+
+    def broadcast_np(self, a):
+        """Rank 0's float64 numpy vector, on every rank."""
+        t = torch.as_tensor(np.ascontiguousarray(a, dtype=np.float64)).to(self.device)
+        self.dist.broadcast(t, src=self.dist.get_global_rank(self.group, 0), group=self.group)
+        return t.cpu().numpy()
+
+
+def agree_across_ranks(group, caller, error, n_features, local_classes):
+    """One all_gather_object of every rank's (validation error text or None, n_features, local
+    label set). Raises ValueError on EVERY rank when any rank's local checks failed or the ranks
+    disagree on n_features (rather than leaving the others waiting in a collective); returns the
+    sorted union of the label sets (numpy), the same on every rank. Labels may be numbers or
+    strings (any picklable, mutually sortable values)."""
+    import torch.distributed as dist
+    world = dist.get_world_size(group)
+    err = None if error is None else f"{type(error).__name__}: {error}"
+    lc = None if local_classes is None else np.asarray(local_classes)
+    got = [None] * world
+    dist.all_gather_object(got, (err, None if n_features is None else int(n_features), lc),
+                           group=group)
+    errs = [f"rank {r}: {e}" for r, (e, _, _) in enumerate(got) if e is not None]
+    if errs:
+        raise ValueError(f"{caller} (data-parallel over {world} ranks): a rank's data failed "
+                         f"its checks; " + "; ".join(errs))
+    ds = [d for _, d, _ in got]
+    if len(set(ds)) > 1:
+        raise ValueError(f"{caller} (data-parallel over {world} ranks): the ranks disagree on "
+                         f"the number of features (in_features): " +
+                         ", ".join(f"rank {r}: {d}" for r, d in enumerate(ds)))
+    parts = [c for _, _, c in got if c is not None and len(c)]
+    if not parts:
+        return np.array([])
+    if any(p.dtype.kind in "OUS" for p in parts) and not all(p.dtype.kind in "OUS"
+                                                             for p in parts):
+        parts = [p.astype(object) for p in parts]
+    return np.unique(np.concatenate(parts))
 
 
 @dataclass
@@ -112,15 +217,20 @@ class LinearObjective:
     vector params = [W.ravel() (K*D), b (K, only with fit_intercept)], K = 1 for binary."""
 
     def __init__(self, X, target, n_classes, s=None, class_weight_only=None, C=1.0,
-                 fit_intercept=True):
+                 fit_intercept=True, comm=None):
         self.X, self.target = X, target
         self.binary = n_classes == 2
         self.K = 1 if self.binary else n_classes
         self.D = X.shape[1]
         self.s, self.cw_only = s, class_weight_only
         self.fit_intercept = fit_intercept
-        # S: the weight total. Data-parallel: all_reduce it (sum over ranks) once, here.
+        self.comm = comm
+        # N and S (the weight total): data-parallel, summed over ranks once, here.
+        self.N = float(X.shape[0])
         self.S = float(X.shape[0]) if s is None else float(s.sum())
+        if comm is not None:
+            ns = comm.all_reduce(torch.tensor([self.N, self.S], dtype=torch.float64)).cpu()
+            self.N, self.S = float(ns[0]), float(ns[1])
         self.inv_C = 0.0 if C is None or C == math.inf else 1.0 / C
         self.n_evals = 0
 
@@ -139,6 +249,12 @@ class LinearObjective:
     def local_sums(self, params):
         """(sum_i s_i loss_i, its gradient [dW.ravel(), db]) over this process's rows, as one
         float64 numpy vector: one fused kernel call, one device-to-host copy."""
+        return self._local_sums(params).to(device="cpu").numpy()
+
+    def _local_sums(self, params):
+        """local_sums as a float64 tensor on X's device (zeros for a shard with no rows)."""
+        if self.X.shape[0] == 0:
+            return torch.zeros(1 + self.n_params, dtype=torch.float64, device=self.X.device)
         W, b = self.split(params)
         W = W.detach().requires_grad_()
         leaves = [W]
@@ -148,7 +264,7 @@ class LinearObjective:
         loss = _weighted_loss_sum(self.X, W, b, self.target, self.binary, self.s, self.cw_only)
         grads = torch.autograd.grad(loss, leaves)
         out = torch.cat([loss.detach().reshape(1)] + [g.reshape(-1) for g in grads])
-        return out.to(device="cpu", dtype=torch.float64).numpy()
+        return out.to(dtype=torch.float64)
 
     def evaluate(self, params):
         """The objective f and its gradient at params (float64 numpy), as scipy wants them.
@@ -156,8 +272,10 @@ class LinearObjective:
         Data-parallel fit: all_reduce (SUM) the vector `sums` right after local_sums, before
         the normalisation below; everything after it is the same on every rank."""
         self.n_evals += 1
-        sums = self.local_sums(params)
-        # <- torch.distributed.all_reduce(sums) goes here (data-parallel fit).
+        sums = self._local_sums(params)
+        if self.comm is not None:  # data-parallel: the one collective per evaluation
+            sums = self.comm.all_reduce(sums)
+        sums = sums.to(device="cpu").numpy()
         loss, grad = sums[0] / self.S, sums[1:] / self.S
         if self.inv_C:
             KD = self.K * self.D
@@ -252,6 +370,7 @@ def _lbfgs(obj, x0, max_iter, tol, verbose):
 def _minibatch(obj, x0, solver, max_iter, tol, lr, batch_size, verbose):
     X, target, s = obj.X, obj.target, obj.s
     N = X.shape[0]
+    comm = obj.comm
     W, b = obj.split(x0)
     W = W.clone().requires_grad_()
     params = [W]
@@ -262,26 +381,68 @@ def _minibatch(obj, x0, solver, max_iter, tol, lr, batch_size, verbose):
         lr = 0.1 if solver == "sgd" else 0.01
     opt = (torch.optim.SGD(params, lr=lr, momentum=0.9) if solver == "sgd"
            else torch.optim.Adam(params, lr=lr))
-    bs = min(batch_size, N)
-    steps = math.ceil(N / bs)
+    bs = max(1, min(batch_size, N))
+    if comm is None:
+        steps = math.ceil(N / bs)
+    else:
+        # Data-parallel: the same number of steps on every rank (agreed once: the largest
+        # ceil(n_rank / batch_size)); rank r splits its shuffled rows into `steps` near-equal
+        # batches (each <= batch_size rows, sizes proportional to its shard), so every row is
+        # used once per epoch and the global batch of a step is the union of the ranks' batches.
+        t = torch.tensor([float(math.ceil(N / bs)) if N else 0.0], dtype=torch.float64,
+                         device=comm.device)
+        comm.dist.all_reduce(t, op=comm.dist.ReduceOp.MAX, group=comm.group)
+        steps = max(1, int(t.item()))
+    N_all = obj.N
     bar = _progress(max_iter * steps, f"LogisticRegression.fit ({solver})", verbose)
     prev, converged, n_iter, msg = None, (None if not tol else False), 0, ""
     try:
         for epoch in range(max_iter):
             perm = torch.randperm(N, device=X.device)
             total = torch.zeros((), dtype=torch.float64, device=X.device)
-            for i in range(0, N, bs):
-                idx = perm[i:i + bs]
+            for i in range(steps):
+                if comm is None:
+                    idx = perm[i * bs:(i + 1) * bs]
+                else:
+                    idx = perm[i * N // steps:(i + 1) * N // steps]
                 sb = s[idx] if s is not None else None
                 cw = obj.cw_only
-                loss = _weighted_loss_sum(X[idx], W, b, target[idx], obj.binary, sb, cw)
-                f = loss * (N / idx.numel()) / obj.S
-                if obj.inv_C:
-                    f = f + (0.5 * obj.inv_C / obj.S) * W.pow(2).sum()
-                opt.zero_grad(set_to_none=True)
-                f.backward()
+                if comm is None:
+                    loss = _weighted_loss_sum(X[idx], W, b, target[idx], obj.binary, sb, cw)
+                    f = loss * (N / idx.numel()) / obj.S
+                    if obj.inv_C:
+                        f = f + (0.5 * obj.inv_C / obj.S) * W.pow(2).sum()
+                    opt.zero_grad(set_to_none=True)
+                    f.backward()
+                    nb = idx.numel()
+                else:
+                    # one all-reduce (SUM) per step: (loss sum, gradient sums, batch rows)
+                    if idx.numel():
+                        loss = _weighted_loss_sum(X[idx], W, b, target[idx], obj.binary, sb,
+                                                  cw)
+                        gs = torch.autograd.grad(loss, params)
+                        loss = loss.detach()
+                    else:
+                        loss = torch.zeros((), dtype=X.dtype, device=X.device)
+                        gs = [torch.zeros_like(p) for p in params]
+                    packed = torch.cat([loss.reshape(1).double()] +
+                                       [g.reshape(-1).double() for g in gs] +
+                                       [torch.full((1,), float(idx.numel()),
+                                                   dtype=torch.float64, device=X.device)])
+                    packed = comm.all_reduce(packed).to(X.device)
+                    nb = int(packed[-1].item())
+                    scale = (N_all / max(nb, 1)) / obj.S
+                    f = packed[0] * scale
+                    off = 1
+                    with torch.no_grad():
+                        for p in params:
+                            p.grad = (packed[off:off + p.numel()] * scale).view_as(p).to(p.dtype)
+                            off += p.numel()
+                        if obj.inv_C:
+                            f = f + (0.5 * obj.inv_C / obj.S) * W.detach().double().pow(2).sum()
+                            W.grad += (obj.inv_C / obj.S) * W.detach()
                 opt.step()
-                total += f.detach().double() * (idx.numel() / N)
+                total += f.detach().double() * (nb / N_all)
                 if bar is not None:
                     bar.update(1)
             cur = float(total)  # one sync per epoch
@@ -310,7 +471,8 @@ def _minibatch(obj, x0, solver, max_iter, tol, lr, batch_size, verbose):
 def fit_logistic_regression(X, y, n_classes, *, sample_weight=None, class_weight=None, C=1.0,
                             fit_intercept=True, solver="lbfgs", max_iter=100, tol=1e-4,
                             coef_init=None, intercept_init=None, lr=None, batch_size=256,
-                            verbose=0, warn=True, caller="LogisticRegression.fit"):
+                            verbose=0, warn=True, caller="LogisticRegression.fit",
+                            process_group=None):
     """Fit (multinomial or binary) L2 logistic regression, scikit-learn's objective.
 
     X: (N, D) floating tensor on the device that computes (the fused kernels run in X's dtype;
@@ -327,6 +489,11 @@ def fit_logistic_regression(X, y, n_classes, *, sample_weight=None, class_weight
     coef_init, intercept_init: starting point (tensors or arrays of the result's shapes);
        zeros when None.
     warn: emit ConvergenceWarning when the solver stops at max_iter without converging.
+    process_group: None (local fit) or a torch.distributed group (e.g. from
+       resolve_process_group): X, y, sample_weight are this rank's shard, y already encoded
+       with the classes agreed across ranks (agree_across_ranks); N and S are summed over ranks
+       once and each evaluation (lbfgs) or step (sgd/adam) all-reduces the (loss, gradient)
+       sums.
 
     Returns FitResult(coef, intercept, n_iter, converged, message); the multinomial intercepts
     are centred (they are defined up to a common shift).
@@ -334,6 +501,7 @@ def fit_logistic_regression(X, y, n_classes, *, sample_weight=None, class_weight
     if solver not in SOLVERS:
         raise ValueError(f"{caller}: solver must be one of {', '.join(map(repr, SOLVERS))}, got "
                          f"{solver!r}")
+    comm = None if process_group is None else _Comm(process_group, X.device)
     binary = n_classes == 2
     K, D = (1 if binary else n_classes), X.shape[1]
     s, cw_only = None, None
@@ -349,7 +517,7 @@ def fit_logistic_regression(X, y, n_classes, *, sample_weight=None, class_weight
         cw_only = None
     target = y.to(X.dtype) if binary else y.long()
     obj = LinearObjective(X, target, n_classes, s=s, class_weight_only=cw_only, C=C,
-                          fit_intercept=fit_intercept)
+                          fit_intercept=fit_intercept, comm=comm)
     if not obj.S > 0:
         raise ValueError(f"{caller}: the sample weights (sample_weight times class_weight) must "
                          f"have a positive sum, got {obj.S}")
@@ -359,6 +527,8 @@ def fit_logistic_regression(X, y, n_classes, *, sample_weight=None, class_weight
         x0[:K * D] = np.asarray(torch.as_tensor(coef_init).detach().cpu().double()).reshape(-1)
     if intercept_init is not None and fit_intercept:
         x0[K * D:] = np.asarray(torch.as_tensor(intercept_init).detach().cpu().double())
+    if comm is not None:  # every rank starts from rank 0's point (warm starts may differ)
+        x0 = comm.broadcast_np(x0)
 
     t0 = time.perf_counter()
     with _cpu_threads(_threads_for(X, K)), _blas_single_thread():
@@ -382,4 +552,9 @@ def fit_logistic_regression(X, y, n_classes, *, sample_weight=None, class_weight
     res = FitResult(coef, intercept, n_iter, converged, msg)
     res.fit_time = time.perf_counter() - t0
     res.n_evals = obj.n_evals
+    res.world_size = 1 if comm is None else comm.world
+    res.comm_bytes = 0 if comm is None else comm.bytes  # all-reduced, from this rank
+    res.n_samples_total = obj.N
+    # the per-evaluation all-reduce: (1 + K*(D+1)) float64 values (K*D without intercept)
+    res.bytes_per_eval = 0 if comm is None else (1 + obj.n_params) * 8
     return res

@@ -417,20 +417,31 @@ class LogisticRegression(nn.Module):
                              f"label per row of X), got {y.shape}")
         return float(np.mean(pred == y))
 
-    def _encode(self, y, n_rows, fn):
+    def _encode(self, y, n_rows, fn, classes=None):
         """Map labels to class indices 0..K-1, keeping the labels in classes_ (as scikit-learn
         does); checks K against num_classes. Integer labels in 0..num_classes-1 with some
-        classes absent are taken as the indices (at least two present)."""
+        classes absent are taken as the indices (at least two present). classes: the label set
+        agreed across ranks (data-parallel fit), else y's own."""
+        agreed = classes
         if isinstance(y, torch.Tensor):
             if y.is_floating_point() and not bool(torch.isfinite(y).all()):
                 raise ValueError(f"{fn}: y contains NaN or infinity")
-            classes, idx = torch.unique(y, return_inverse=True)
-            classes, labels = classes.cpu().numpy(), y
+            if agreed is None:
+                classes, idx = torch.unique(y, return_inverse=True)
+                classes = classes.cpu().numpy()
+            else:
+                idx = torch.searchsorted(torch.as_tensor(agreed).to(y.device, y.dtype),
+                                         y.contiguous())
+            labels = y
         else:
             labels = np.asarray(y.to_numpy() if hasattr(y, "to_numpy") else y)
             if labels.dtype.kind == "f" and not np.isfinite(labels).all():
                 raise ValueError(f"{fn}: y contains NaN or infinity")
-            classes, idx = np.unique(labels, return_inverse=True)
+            if agreed is None:
+                classes, idx = np.unique(labels, return_inverse=True)
+            else:
+                idx = np.searchsorted(agreed, labels) if labels.size else \
+                    np.zeros(labels.shape, dtype=np.intp)
             idx = torch.as_tensor(idx.reshape(labels.shape))
         if labels.shape != (n_rows,):
             raise ValueError(f"{fn}: y must have shape ({n_rows},) (one label per row of X), "
@@ -452,7 +463,7 @@ class LogisticRegression(nn.Module):
 
     def fit(self, X, y, *, C=1.0, optimizer="lbfgs", max_iter=100, tol=1e-4, lr=None,
             batch_size=None, epochs=None, sample_weight=None, class_weight=None,
-            warm_start=False, verbose=False):
+            warm_start=False, verbose=False, distributed="auto", process_group=None):
         """Fit on X (N, in_features) and labels y (N,): tensors (on any device; moved to the
         layer's), numpy arrays or pandas objects. Starts from zero weights (as scikit-learn)
         unless warm_start=True (then from the current weights).
@@ -464,8 +475,22 @@ class LogisticRegression(nn.Module):
         layer's dtype). C: inverse L2 strength as in scikit-learn (None: no penalty).
         sample_weight: (N,) or None; class_weight: (num_classes,) weights per class index, or
         None. Errors: ValueError naming the argument for NaN/inf, empty X, one class, bad
-        sizes. Returns self."""
+        sizes. Returns self.
+
+        distributed ("auto", True, False) and process_group: data-parallel fit over
+        torch.distributed. "auto": when
+        process_group is given or the default group is initialised with more than one rank
+        (torchrun), X, y, sample_weight are this rank's shard (any size, also 0 rows; classes
+        may be missing from a shard) and every rank ends with the same weights, those one
+        process fits on all shards concatenated. Every rank must call fit. The label sets and
+        in_features are agreed once (ValueError on every rank when they disagree or any rank's
+        checks fail), N and the weight total once, then each L-BFGS evaluation all-reduces
+        (SUM) one float64 vector of 1 + rows * (in_features + 1) values. sgd/adam: every rank
+        takes the same number of steps per epoch (the largest ceil(shard rows / batch_size)),
+        each on 1/steps of its shuffled shard, with one all-reduce (SUM) per step of (loss sum,
+        gradient sums, batch rows): the same update on every rank. False: local fit."""
         fn = "LogisticRegression.fit"
+        group = _fit.resolve_process_group(distributed, process_group, fn)
         if optimizer not in _fit.SOLVERS:
             raise ValueError(f"{fn}: optimizer must be 'lbfgs', 'sgd' or 'adam', got "
                              f"{optimizer!r}")
@@ -481,12 +506,64 @@ class LogisticRegression(nn.Module):
             raise ValueError(f"{fn}: lr must be positive, got {lr!r}")
         lbfgs = optimizer == "lbfgs"
         work = torch.float64 if lbfgs else self.weight.dtype
+        if group is None:
+            X, sw, cw = self._fit_inputs(X, sample_weight, class_weight, work, fn, True)
+            classes, idx = self._encode(y, X.shape[0], fn)
+        else:
+            # this rank's checks; their outcome, in_features and the label set go to every rank
+            err, local, d = None, None, None
+            try:
+                X, sw, cw = self._fit_inputs(X, sample_weight, class_weight, work, fn, False)
+                local, d = self._local_labels(y, X.shape[0], fn), X.shape[1]
+            except (ValueError, TypeError) as e:
+                err = e
+            agreed = _fit.agree_across_ranks(group, fn, err, d, local)
+            classes, idx = self._encode(y, X.shape[0], fn, classes=agreed)
+        init = {}
+        if warm_start:
+            init = {"coef_init": self.weight.detach(),
+                    "intercept_init": self.bias.detach() if self.bias is not None else None}
+        res = _fit.fit_logistic_regression(
+            X, idx, self.num_classes, sample_weight=sw, class_weight=cw, C=C,
+            fit_intercept=self.bias is not None, solver=optimizer,
+            max_iter=max_iter if lbfgs else (10 if epochs is None else epochs),
+            tol=tol if lbfgs else 0.0, lr=lr,
+            batch_size=256 if batch_size is None else batch_size, verbose=verbose, caller=fn,
+            process_group=group, **init)
+        with torch.no_grad():
+            self.weight.copy_(res.coef)
+            if self.bias is not None:
+                self.bias.copy_(res.intercept)
+        self.classes_ = classes
+        self.n_iter_ = res.n_iter
+        self.fit_time_ = res.fit_time
+        self.eval()
+        return self
+
+    def _local_labels(self, y, n_rows, fn):
+        """This rank's label set (numpy), y's shape and values checked."""
+        if isinstance(y, torch.Tensor):
+            if y.shape != (n_rows,):
+                raise ValueError(f"{fn}: y must have shape ({n_rows},) (one label per row of X), "
+                                 f"got {tuple(y.shape)}")
+            if y.is_floating_point() and not bool(torch.isfinite(y).all()):
+                raise ValueError(f"{fn}: y contains NaN or infinity")
+            return torch.unique(y).cpu().numpy()
+        labels = np.asarray(y.to_numpy() if hasattr(y, "to_numpy") else y)
+        if labels.shape != (n_rows,):
+            raise ValueError(f"{fn}: y must have shape ({n_rows},) (one label per row of X), got "
+                             f"{tuple(labels.shape)}")
+        if labels.dtype.kind == "f" and not np.isfinite(labels).all():
+            raise ValueError(f"{fn}: y contains NaN or infinity")
+        return np.unique(labels)
+
+    def _fit_inputs(self, X, sample_weight, class_weight, work, fn, need_rows):
+        """X, sample_weight, class_weight as checked tensors on the layer's device."""
         X = self._as_tensor(X, fn, dtype=work)
-        if X.shape[0] == 0:
+        if need_rows and X.shape[0] == 0:
             raise ValueError(f"{fn}: X is empty (0 rows); fit needs at least one sample of each "
                              f"of two classes")
         _finite_or_raise(X, "X", fn)
-        classes, idx = self._encode(y, X.shape[0], fn)
         sw = cw = None
         if sample_weight is not None:
             sw = torch.as_tensor(np.asarray(sample_weight) if not isinstance(
@@ -502,23 +579,4 @@ class LogisticRegression(nn.Module):
                 raise ValueError(f"{fn}: class_weight must have shape ({self.num_classes},), "
                                  f"one weight per class index, got {tuple(cw.shape)}")
             _finite_or_raise(cw, "class_weight", fn)
-        init = {}
-        if warm_start:
-            init = {"coef_init": self.weight.detach(),
-                    "intercept_init": self.bias.detach() if self.bias is not None else None}
-        res = _fit.fit_logistic_regression(
-            X, idx, self.num_classes, sample_weight=sw, class_weight=cw, C=C,
-            fit_intercept=self.bias is not None, solver=optimizer,
-            max_iter=max_iter if lbfgs else (10 if epochs is None else epochs),
-            tol=tol if lbfgs else 0.0, lr=lr,
-            batch_size=256 if batch_size is None else batch_size, verbose=verbose, caller=fn,
-            **init)
-        with torch.no_grad():
-            self.weight.copy_(res.coef)
-            if self.bias is not None:
-                self.bias.copy_(res.intercept)
-        self.classes_ = classes
-        self.n_iter_ = res.n_iter
-        self.fit_time_ = res.fit_time
-        self.eval()
-        return self
+        return X, sw, cw

@@ -21,7 +21,8 @@ from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import _check_sample_weight, check_is_fitted
 
-from ._fit import SOLVERS, ConvergenceWarning, fit_logistic_regression  # noqa: F401
+from ._fit import (SOLVERS, ConvergenceWarning, agree_across_ranks,  # noqa: F401
+                   fit_logistic_regression, resolve_process_group)
 from .modules import LogisticRegression as _LogisticRegressionModule
 
 try:  # scikit-learn >= 1.6
@@ -94,6 +95,21 @@ class LogisticRegression(ClassifierMixin, BaseEstimator):
         > 0 shows a progress bar (tqdm when installed).
     warm_start : bool, default=False
         Start from the previous fit's coef_/intercept_ (when the shapes agree).
+    distributed : "auto", True or False, default="auto"
+        Data-parallel fit over torch.distributed. "auto": when a default
+        process group is initialised with more than one rank (e.g. under torchrun), or a
+        process_group is passed to fit, each rank's fit(X, y, sample_weight) takes its X, y as
+        this rank's shard (any sizes, also none; a shard may miss classes) and every rank ends
+        with the model fitted to the concatenation of all shards (the same on every rank).
+        Every rank must call fit. The classes (union of the ranks' labels) and n_features are
+        agreed once (a ValueError on every rank when they disagree or any rank's data fails its
+        checks), N and the weight total once, then each L-BFGS function evaluation all-reduces
+        one float64 vector of 1 + n_coef_rows * (n_features + 1) values. True: data-parallel
+        also with one rank (needs an initialised group); False: fit the local data alone.
+        sgd/adam: every rank takes the same number of steps per epoch (the largest
+        ceil(shard rows / 256)), each on 1/steps of its shuffled shard; one all-reduce (SUM) per
+        step of (loss sum, gradient sums, batch rows) gives every rank the same update, the
+        gradient over the union of the ranks' batches.
 
     Attributes
     ----------
@@ -107,7 +123,7 @@ class LogisticRegression(ClassifierMixin, BaseEstimator):
 
     def __init__(self, C=1.0, penalty="l2", fit_intercept=True, class_weight=None,
                  max_iter=100, tol=1e-4, solver="lbfgs", device=None, dtype=None, verbose=0,
-                 warm_start=False):
+                 warm_start=False, distributed="auto"):
         self.C = C
         self.penalty = penalty
         self.fit_intercept = fit_intercept
@@ -119,6 +135,7 @@ class LogisticRegression(ClassifierMixin, BaseEstimator):
         self.dtype = dtype
         self.verbose = verbose
         self.warm_start = warm_start
+        self.distributed = distributed
 
     # ---- checks --------------------------------------------------------------------------
     def _check_params(self):
@@ -167,23 +184,42 @@ class LogisticRegression(ClassifierMixin, BaseEstimator):
             return compute_class_weight(self.class_weight, classes=classes, y=y)
 
     # ---- fit -----------------------------------------------------------------------------
-    def fit(self, X, y, sample_weight=None):
+    def fit(self, X, y, sample_weight=None, process_group=None):
         """Fit on X (n_samples, n_features) - numpy, pandas, lists, anything scikit-learn's
         check_array takes - and labels y (n_samples,) of any sortable type; sample_weight
-        (n_samples,) or None. Returns self."""
+        (n_samples,) or None. process_group: the torch.distributed group of a data-parallel fit
+        (default: the default group, see `distributed`); X, y, sample_weight are then this
+        rank's shard. Returns self."""
         device, dtype = self._check_params()
-        X, y = _validate_data(self, X, y, dtype=[np.float64, np.float32], order="C",
-                              reset=True)
-        check_classification_targets(y)
-        classes, y_idx = np.unique(y, return_inverse=True)
+        fn = "LogisticRegression.fit"
+        group = resolve_process_group(self.distributed, process_group, fn)
+        if group is None:
+            X, y, sample_weight = self._check_local(X, y, sample_weight, min_samples=1)
+            classes, y_idx = np.unique(y, return_inverse=True)
+        else:
+            # this rank's checks; their outcome, n_features and the label set go to every rank
+            err, local, n_features = None, None, None
+            try:
+                X, y, sample_weight = self._check_local(X, y, sample_weight, min_samples=0)
+                local, n_features = np.unique(y), X.shape[1]
+            except (ValueError, TypeError) as e:
+                err = e
+            classes = agree_across_ranks(group, fn, err, n_features, local)
+            y_idx = np.searchsorted(classes, y) if len(y) else np.zeros(0, dtype=np.intp)
         if len(classes) < 2:
             raise ValueError(f"LogisticRegression.fit: y must contain at least 2 classes, but it "
                              f"contains only one class: {classes[0]!r}")
-        if sample_weight is not None:
-            sample_weight = _check_sample_weight(sample_weight, X, dtype=np.float64)
-            if not np.isfinite(sample_weight).all():
-                raise ValueError("LogisticRegression.fit: sample_weight contains NaN or infinity")
-        cw = self._class_weights(classes, y, sample_weight)
+        if group is not None and self.class_weight == "balanced":
+            import torch.distributed as dist
+            w = np.bincount(y_idx, weights=sample_weight, minlength=len(classes))
+            t = torch.as_tensor(w, dtype=torch.float64)
+            if "nccl" in str(dist.get_backend(group)).lower():
+                t = t.to(device if device.type == "cuda" else "cuda")
+            dist.all_reduce(t, group=group)  # the class counts over all shards
+            w = t.cpu().numpy()
+            cw = w.sum() / (len(classes) * w)
+        else:
+            cw = self._class_weights(classes, y, sample_weight)
         K = len(classes)
         rows = 1 if K == 2 else K
         coef_init = intercept_init = None
@@ -203,7 +239,7 @@ class LogisticRegression(ClassifierMixin, BaseEstimator):
             fit_intercept=bool(self.fit_intercept), solver=self.solver,
             max_iter=int(self.max_iter), tol=float(self.tol), coef_init=coef_init,
             intercept_init=intercept_init, verbose=self.verbose,
-            caller="LogisticRegression.fit")
+            caller="LogisticRegression.fit", process_group=group)
 
         module = _LogisticRegressionModule(X.shape[1], num_classes=K,
                                            bias=bool(self.fit_intercept), device=device,
@@ -221,6 +257,17 @@ class LogisticRegression(ClassifierMixin, BaseEstimator):
         self.intercept_ = res.intercept.cpu().numpy().astype(X.dtype, copy=False)
         self.n_iter_ = np.array([res.n_iter], dtype=np.int32)
         return self
+
+    def _check_local(self, X, y, sample_weight, min_samples):
+        X, y = _validate_data(self, X, y, dtype=[np.float64, np.float32], order="C",
+                              reset=True, ensure_min_samples=min_samples)
+        if len(y):
+            check_classification_targets(y)
+        if sample_weight is not None:
+            sample_weight = _check_sample_weight(sample_weight, X, dtype=np.float64)
+            if not np.isfinite(sample_weight).all():
+                raise ValueError("LogisticRegression.fit: sample_weight contains NaN or infinity")
+        return X, y, sample_weight
 
     # ---- predict -------------------------------------------------------------------------
     def _tensor(self, X):
