@@ -172,11 +172,7 @@ class LogisticRegression(ClassifierMixin, BaseEstimator):
         if self.class_weight is None:
             return None
         from sklearn.utils.class_weight import compute_class_weight
-        if isinstance(self.class_weight, dict):
-            unknown = [k for k in self.class_weight if k not in set(classes.tolist())]
-            if unknown:
-                raise ValueError(f"LogisticRegression: class_weight has labels {unknown} that "
-                                 f"are not in y's classes {classes.tolist()}")
+        # Labels of a dict that y does not have are ignored, as scikit-learn does.
         try:
             return compute_class_weight(self.class_weight, classes=classes, y=y,
                                         sample_weight=sample_weight)
