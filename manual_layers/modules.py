@@ -530,6 +530,11 @@ class LogisticRegression(nn.Module):
             tol=tol if lbfgs else 0.0, lr=lr,
             batch_size=256 if batch_size is None else batch_size, verbose=verbose, caller=fn,
             process_group=group, **init)
+        return self._load_fit(res, classes)
+
+    def _load_fit(self, res, classes):
+        """Take a fit engine result (manual_layers._fit.FitResult) and its labels: parameters
+        (cast to the layer's dtype), classes_, n_iter_, fit_time_; eval mode. Returns self."""
         with torch.no_grad():
             self.weight.copy_(res.coef)
             if self.bias is not None:

@@ -240,14 +240,7 @@ class LogisticRegression(ClassifierMixin, BaseEstimator):
         module = _LogisticRegressionModule(X.shape[1], num_classes=K,
                                            bias=bool(self.fit_intercept), device=device,
                                            dtype=dtype)
-        with torch.no_grad():
-            module.weight.copy_(res.coef)
-            if module.bias is not None:
-                module.bias.copy_(res.intercept)
-        module.classes_ = classes
-        module.n_iter_ = res.n_iter
-        module.eval()
-        self.module_ = module
+        self.module_ = module._load_fit(res, classes)
         self.classes_ = classes
         self.coef_ = res.coef.cpu().numpy().astype(X.dtype, copy=False)
         self.intercept_ = res.intercept.cpu().numpy().astype(X.dtype, copy=False)

@@ -340,6 +340,21 @@ struct LtPlan {
   size_t workspace = 0;
 };
 
+// The bias and aux pointers of an epilogue into a matmul descriptor (those g has).
+inline cublasStatus_t lt_set_epilogue_pointers(cublasLtMatmulDesc_t desc, const LtGemm& g) {
+  if (g.bias != nullptr) {
+    const void* bp = g.bias;
+    ML_LT_TRY(cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bp,
+                                             sizeof(bp)));
+  }
+  if (g.aux != nullptr) {
+    const void* ap = g.aux;
+    ML_LT_TRY(cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_POINTER, &ap,
+                                             sizeof(ap)));
+  }
+  return CUBLAS_STATUS_SUCCESS;
+}
+
 // Builds a plan: descriptors, layouts, preference and one heuristic query.
 inline cublasStatus_t lt_make_plan(const LtGemm& g, const LtKey& key, cublasLtHandle_t handle,
                                    LtPlan* plan) {
@@ -353,16 +368,9 @@ inline cublasStatus_t lt_make_plan(const LtGemm& g, const LtKey& key, cublasLtHa
   ML_LT_TRY(cublasLtMatmulDescSetAttribute(plan->op.h, CUBLASLT_MATMUL_DESC_EPILOGUE, &epi,
                                            sizeof(epi)));
   // The heuristic sees the epilogue's pointers as set (values are replaced on every call).
-  if (g.bias != nullptr) {
-    const void* bp = g.bias;
-    ML_LT_TRY(cublasLtMatmulDescSetAttribute(plan->op.h, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bp,
-                                             sizeof(bp)));
-  }
+  ML_LT_TRY(lt_set_epilogue_pointers(plan->op.h, g));
   if (g.aux != nullptr) {
-    const void* ap = g.aux;
     const int64_t ald = g.aux_ld;
-    ML_LT_TRY(cublasLtMatmulDescSetAttribute(plan->op.h, CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_POINTER,
-                                             &ap, sizeof(ap)));
     ML_LT_TRY(cublasLtMatmulDescSetAttribute(plan->op.h, CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_LD,
                                              &ald, sizeof(ald)));
   }
@@ -463,16 +471,7 @@ inline cublasStatus_t lt_matmul(const LtGemm& g, const at::TensorOptions& ws_opt
   if (plan->status != CUBLAS_STATUS_SUCCESS) return plan->status;
 
   // This call's epilogue pointers.
-  if (g.bias != nullptr) {
-    const void* bp = g.bias;
-    ML_LT_TRY(cublasLtMatmulDescSetAttribute(plan->op.h, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bp,
-                                             sizeof(bp)));
-  }
-  if (g.aux != nullptr) {
-    const void* ap = g.aux;
-    ML_LT_TRY(cublasLtMatmulDescSetAttribute(plan->op.h, CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_POINTER,
-                                             &ap, sizeof(ap)));
-  }
+  ML_LT_TRY(lt_set_epilogue_pointers(plan->op.h, g));
 
   // The workspace comes from the caching allocator and goes back to it when this function
   // returns; that is safe because the allocator only reuses it for work queued later on the
