@@ -124,6 +124,35 @@ def test_ce_shapes(device, C, D):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("N", [15, 16, 17, 3 * 2048 + 21])
+@pytest.mark.parametrize("D,dtype,strided", [(16, torch.float32, False), (16, torch.float32, True),
+                                             (17, torch.float32, False), (16, torch.bfloat16, False),
+                                             (5, torch.float64, True)])
+def test_tile_and_block_boundaries(device, N, D, dtype, strided):
+    """The CPU pass works on tiles of 16 rows inside fixed blocks of rows, reading whole tiles in
+    place and copying the rest: partial tiles, several blocks, rows with a stride, converted
+    rows, and ignored rows inside a partial tile must all give the reference."""
+    base = torch.randn(N, D + 3 if strided else D, device=device, dtype=dtype)
+    x = base[:, :D]
+    w = torch.randn(1, D, device=device, dtype=dtype) / 3
+    b = torch.randn(1, device=device, dtype=dtype)
+    y = torch.rand(N, device=device, dtype=dtype)
+    tol = max(TOL[dtype], 1e-5)
+    for reduction in REDUCTIONS:
+        _compare(MF.linear_binary_cross_entropy_with_logits,
+                 R.linear_binary_cross_entropy_with_logits, x, w, b, y, reduction, tol)
+    C = 7
+    W = torch.randn(C, D, device=device, dtype=dtype) / 3
+    bc = torch.randn(C, device=device, dtype=dtype)
+    t = torch.randint(0, C, (N,), device=device)
+    t[N - 3::2] = -100  # ignored rows in the last (partial) tile
+    t[::5] = -100
+    for reduction in REDUCTIONS:
+        _compare(MF.linear_cross_entropy, R.linear_cross_entropy, x, W, bc, t, reduction, tol,
+                 label_smoothing=0.1, class_weight=torch.rand(C, device=device, dtype=dtype) + .5)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("N", [0, 1])
 def test_ce_tiny_batches(device, N):
     x = torch.randn(N, 5, device=device)
