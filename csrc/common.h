@@ -8,6 +8,10 @@
 
 namespace manual_layers {
 
+// at::empty for a large CPU output about to be written whole: asks for transparent huge pages
+// first (csrc/cpu_alloc.cpp says why). Any device; only large CPU tensors are advised.
+at::Tensor empty_for_write(at::IntArrayRef sizes, const at::TensorOptions& options);
+
 // Activations of the fused linear layer. The string names are the public API
 // (manual_layers.Linear(activation=...)); "softmax" is internal, used by
 // logistic_regression() for the multinomial probabilities (a row-wise epilogue).

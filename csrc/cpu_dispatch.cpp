@@ -52,6 +52,7 @@
   decltype(manual_layers::linear_bce_fwd_cpu) linear_bce_fwd_cpu;              \
   decltype(manual_layers::linear_ce_fwd_cpu) linear_ce_fwd_cpu;                \
   decltype(manual_layers::mlp_bwd_cpu) mlp_bwd_cpu;                            \
+  decltype(manual_layers::loss_dx_cpu) loss_dx_cpu;                            \
   }
 ML_DECLARE_ISA_KERNELS(DEFAULT)
 #ifdef ML_COMPILED_AVX2
@@ -74,11 +75,12 @@ struct CpuKernels {
   decltype(&manual_layers::linear_bce_fwd_cpu) linear_bce_fwd;
   decltype(&manual_layers::linear_ce_fwd_cpu) linear_ce_fwd;
   decltype(&manual_layers::mlp_bwd_cpu) mlp_bwd;
+  decltype(&manual_layers::loss_dx_cpu) loss_dx;  // called by _linear_loss_bwd (loss_bwd.cpp)
 };
 #define ML_ISA_KERNELS(ISA)                                                               \
   CpuKernels {                                                                            \
     &ISA::linear_fwd_cpu, &ISA::linear_bwd_cpu, &ISA::linear_bce_fwd_cpu,                 \
-        &ISA::linear_ce_fwd_cpu, &ISA::mlp_bwd_cpu                                        \
+        &ISA::linear_ce_fwd_cpu, &ISA::mlp_bwd_cpu, &ISA::loss_dx_cpu                     \
   }
 
 bool compiled(Isa isa) {
@@ -181,6 +183,12 @@ const Selected& selected() {
 
 // The level whose kernels run ("DEFAULT", "AVX2" or "AVX512").
 std::string cpu_kernels_isa() { return kIsaNames[static_cast<int>(selected().isa)]; }
+
+// The selected copy of the small-C dX kernel (csrc/loss_bwd.cpp).
+at::Tensor loss_dx_cpu(const at::Tensor& residual, const at::Tensor& coef,
+                       const at::Tensor& weight) {
+  return selected().kernels.loss_dx(residual, coef, weight);
+}
 
 }  // namespace manual_layers
 

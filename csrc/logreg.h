@@ -63,6 +63,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_loss_bwd(
     const at::Tensor& weight, const at::Tensor& grad_weight, const at::Tensor& grad_bias,
     int64_t reduction, bool need_x, bool need_weight, bool need_bias);
 
+// CPU, small C (csrc/loss_bwd.cpp decides): dX = coef * residual W, residual (N, C) acc_t,
+// coef a one-element or (N,) acc_t tensor (grad_output), weight (C, D); dX (N, D) in weight's
+// dtype.
+at::Tensor loss_dx_cpu(const at::Tensor& residual, const at::Tensor& coef,
+                       const at::Tensor& weight);
+
 #ifdef WITH_CUDA
 LossOut linear_bce_fwd_cuda(const at::Tensor& x, const at::Tensor& weight,
                             const c10::optional<at::Tensor>& bias, const at::Tensor& target,
