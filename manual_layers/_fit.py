@@ -195,7 +195,8 @@ def _progress(total, desc, verbose):
 
 
 def _weighted_loss_sum(X, W, b, target, binary, s, cw_only):
-    """sum_i s_i * loss_i through the fused kernels, differentiable in W and b.
+    """sum_i s_i * loss_i through the public fused ops, differentiable in W and b (the
+    minibatch solvers; L-BFGS uses _loss_and_grads below).
 
     s: per-sample weights (N,) or None. cw_only: s is exactly class_weight[target] (no sample
     weights), passed as the class weight of the cross-entropy kernel so that its single-pass
@@ -210,6 +211,34 @@ def _weighted_loss_sum(X, W, b, target, binary, s, cw_only):
         return MF.linear_cross_entropy(X, W, b, target, class_weight=cw_only, reduction="sum")
     per_row = MF.linear_cross_entropy(X, W, b, target, reduction="none")
     return torch.dot(per_row, s)
+
+
+_ops = torch.ops.manual_layers
+_SUM, _NONE = 2, 0  # the kernels' reduction codes (csrc/common.h)
+
+
+def _loss_and_grads(X, W, b, target, binary, s, cw_only):
+    """(sum_i s_i loss_i, its gradient in W, in b) from ONE call of the fused forward kernel,
+    which computes the loss and the weight/bias gradients in its single pass over X; no autograd
+    graph, no backward call (a fit evaluation is tens of microseconds on small data, where the
+    autograd machinery cost as much as the kernel).
+
+    s: per-sample weights (N,) or None. cw_only: s is exactly class_weight[target] (no sample
+    weights), passed as the cross-entropy kernel's class weight so its reduction="sum" pass is
+    used; other per-sample weights in the multinomial case go through reduction="none": the
+    kernel's per-row losses and unscaled residuals R, then sum s_i loss_i, X^T (s R), sum s R."""
+    has_b = b is not None
+    if binary:
+        loss, gw, gb, _ = _ops._linear_bce_fwd(X, W, b, target, None, s, _SUM, False, True, has_b)
+        return loss, gw, gb
+    if s is None or cw_only is not None:
+        loss, gw, gb, _ = _ops._linear_ce_fwd(X, W, b, target, cw_only, -100, 0.0, _SUM, False,
+                                               True, has_b)
+        return loss, gw, gb
+    rows, _, _, R = _ops._linear_ce_fwd(X, W, b, target, None, -100, 0.0, _NONE, False, True,
+                                        has_b)
+    G = R * s.to(R.dtype).unsqueeze(1)
+    return torch.dot(rows, s.to(rows.dtype)), G.t().mm(X.to(G.dtype)), G.sum(0)
 
 
 class LinearObjective:
@@ -256,15 +285,10 @@ class LinearObjective:
         if self.X.shape[0] == 0:
             return torch.zeros(1 + self.n_params, dtype=torch.float64, device=self.X.device)
         W, b = self.split(params)
-        W = W.detach().requires_grad_()
-        leaves = [W]
-        if b is not None:
-            b = b.detach().requires_grad_()
-            leaves.append(b)
-        loss = _weighted_loss_sum(self.X, W, b, self.target, self.binary, self.s, self.cw_only)
-        grads = torch.autograd.grad(loss, leaves)
-        out = torch.cat([loss.detach().reshape(1)] + [g.reshape(-1) for g in grads])
-        return out.to(dtype=torch.float64)
+        loss, gw, gb = _loss_and_grads(self.X, W, b, self.target, self.binary, self.s,
+                                       self.cw_only)
+        parts = [loss.reshape(1), gw.reshape(-1)] + ([gb] if b is not None else [])
+        return torch.cat(parts).to(dtype=torch.float64)
 
     def evaluate(self, params):
         """The objective f and its gradient at params (float64 numpy), as scipy wants them.

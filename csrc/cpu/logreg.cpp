@@ -211,6 +211,24 @@ struct Pass {
   acc_t* row_loss;  // (N,)
 };
 
+// The sum of a vector's lanes. at::vec's vec_reduce_all has a shuffle tree for float but, on
+// AVX-512, a lane-by-lane generic loop for double that made the float64 logits 7x slower than
+// their FMAs (digits, 1797 x 64 x 10: 1.1 ms per pass); here: halves added pairwise.
+template <typename acc_t>
+inline acc_t hsum(const Vectorized<acc_t>& v) {
+  using Vec = Vectorized<acc_t>;
+  if constexpr (std::is_same_v<acc_t, float>) {
+    return at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, v);
+  } else {
+    constexpr int64_t V = Vec::size();
+    alignas(64) acc_t t[V];
+    v.store(t);
+    for (int64_t h = V / 2; h >= 1; h /= 2)
+      for (int64_t j = 0; j < h; ++j) t[j] += t[j + h];
+    return t[0];
+  }
+}
+
 // z[c * kRows + k] = W_c . x_k + b_c for the kTile rows x_k = x + k * xs (k < kTile), two
 // classes at a time: 8 accumulators; each x and W vector loaded once serves 2 or 4 FMAs.
 template <typename acc_t>
@@ -219,14 +237,13 @@ inline void logits_block(const acc_t* x, int64_t xs, const acc_t* W, const acc_t
   using Vec = Vectorized<acc_t>;
   constexpr int64_t V = Vec::size();
   const acc_t* xr[kTile] = {x, x + xs, x + 2 * xs, x + 3 * xs};
-  const auto add = [](Vec& u, Vec& v) { return u + v; };
   const auto put = [&](int64_t c, const Vec& a0, const Vec& a1, const Vec& a2, const Vec& a3) {
     const acc_t b = bias ? bias[c] : acc_t(0);
     acc_t* zc = z + c * kRows;
-    zc[0] = at::vec::vec_reduce_all<acc_t>(add, a0) + b;
-    zc[1] = at::vec::vec_reduce_all<acc_t>(add, a1) + b;
-    zc[2] = at::vec::vec_reduce_all<acc_t>(add, a2) + b;
-    zc[3] = at::vec::vec_reduce_all<acc_t>(add, a3) + b;
+    zc[0] = hsum(a0) + b;
+    zc[1] = hsum(a1) + b;
+    zc[2] = hsum(a2) + b;
+    zc[3] = hsum(a3) + b;
   };
   int64_t c = 0;
   for (; c + 2 <= C; c += 2) {
