@@ -269,7 +269,9 @@ class LinearObjective:
 
     def split(self, params):
         """(W (K, D), b (K,) or None) as tensors on X's device in X's dtype."""
-        t = torch.as_tensor(params, dtype=self.X.dtype, device=self.X.device)
+        t = torch.from_numpy(np.ascontiguousarray(params, dtype=np.float64))  # no copy
+        if t.dtype != self.X.dtype or t.device != self.X.device:
+            t = t.to(device=self.X.device, dtype=self.X.dtype)
         KD = self.K * self.D
         W = t[:KD].view(self.K, self.D)
         b = t[KD:] if self.fit_intercept else None
