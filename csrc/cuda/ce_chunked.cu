@@ -1,7 +1,7 @@
 // CUDA row pass of the chunked linear + cross entropy (csrc/ce_chunked.cpp holds the
 // contract and the device-generic chunk loop with its ATen GEMMs; this file is only the row
-// kernel). One warp per row, lanes over classes, as ce_rows_kernel in csrc/cuda/logreg.cu (an
-// own copy: that file is being changed by others): bias added in acc_t, stable log-softmax,
+// kernel). One warp per row, lanes over classes, as ce_rows_kernel in csrc/cuda/logreg_gemm.cu
+// (an own copy): bias added in acc_t, stable log-softmax,
 // the loss term of csrc/logreg.h, and the residual written over the logits in place, times
 // aux[0] (1/den for mean, 1 otherwise; computed on the device by the driver: no host sync) and
 // the row's grad_output for the backward of reduction none. Targets out of range (and not
