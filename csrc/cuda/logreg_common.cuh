@@ -6,7 +6,8 @@
 //                       path, TORCH_LIBRARY_IMPL registration of _linear_bce_fwd / _linear_ce_fwd
 //   logreg_bce_fused.cu path 1, fused binary cross entropy (X read once)
 //   logreg_ce_fused.cu  path 1b, fused multinomial cross entropy (X read once)
-//   logreg_gemm.cu      path 2, GEMM + row kernels (everything else)
+//   logreg_gemm.cu      path 2, GEMM + row kernels (everything else); its cross-entropy row
+//                       kernel is also the row pass of the chunked CE (ce_chunked.cu)
 //   logreg_common.cu    the kernels every path ends with: finalize_kernel and the cross-entropy
 //                       mean denominator
 // This header holds the parameters, loss terms and block sums they share, the launchers of the
@@ -141,6 +142,50 @@ void launch_ce_den_partial(const int64_t* target, const acc_t* cw, int64_t N, in
 // (block_sum_partials, the order finalize_kernel and ce_rows_kernel use). One block.
 template <typename acc_t>
 void launch_ce_den_final(const acc_t* den_ws, int64_t n_den, acc_t* den_out, cudaStream_t stream);
+
+// ---------------------------------------------------------------------------------------
+// Cross-entropy row kernel (logreg_gemm.cu): path 2's and the chunked CE's row pass
+// ---------------------------------------------------------------------------------------
+
+// One warp per row, lanes over classes; bias added in acc_t; stable log-softmax; the loss of
+// csrc/logreg.h (eps = label smoothing, w = class weights, y = the row's class)
+//   loss = (1 - eps) w_y (lse - z_y) + (eps / C) sum_c w_c (lse - z_c);
+// the residual, as in logreg_ce_fused.cu,
+//   r_c = a p_c - (1 - eps) w_y [c == y] - (eps / C) w_c,  a = (1 - eps) w_y + (eps / C) sum_k w_k,
+// then scaled:
+//   res_scale == nullptr: r / den (grad_div), den the mean denominator: the fixed-order sum of
+//                         den_ws's n_den partials, or host_den when den_ws == nullptr (path 2:
+//                         1 for sum and none);
+//   res_scale != nullptr: r * res_scale[0] (* row_scale[i] when given) (the chunked CE: 1/den
+//                         or 1, computed on the device; grad_output_i for none's backward).
+// res may alias logits (res_t == scalar_t: the chunked CE writes the residual over its logits
+// chunk in place). An ignored row (and, with device asserts compiled out, a row whose class
+// index is out of range) has loss 0 and residual 0.
+template <typename scalar_t, typename res_t>
+struct CeRowsParams {
+  using acc_t = at::opmath_type<scalar_t>;
+  const scalar_t* logits;   // (N, C), without the bias
+  res_t* res;               // (N, C) residual out, or nullptr
+  acc_t* loss_out;          // (N,) per-row losses, or nullptr
+  acc_t* ws_loss;           // (gridDim.x,) per-block loss partials, or nullptr
+  const acc_t* bias;        // (C,) or nullptr
+  const int64_t* target;    // (N,) class indices
+  const acc_t* cw;          // (C,) class weights or nullptr
+  const acc_t* den_ws;      // (n_den,) partial mean denominators, or nullptr: host_den
+  int64_t n_den;
+  acc_t host_den;
+  const acc_t* res_scale;   // (1,) or nullptr (see above)
+  const acc_t* row_scale;   // (N,) or nullptr; only with res_scale
+  int64_t N;
+  int64_t C;
+  int64_t ignore_index;
+  acc_t eps;                // label smoothing
+};
+
+// Instantiated for <scalar_t, acc_t> (path 2) and <scalar_t, scalar_t> (the chunked CE) of
+// float, double, at::Half and at::BFloat16. grid: grid_for(N, kWarps).
+template <typename scalar_t, typename res_t>
+void launch_ce_rows(const CeRowsParams<scalar_t, res_t>& p, int64_t grid, cudaStream_t stream);
 
 // ---------------------------------------------------------------------------------------
 // Paths (chosen in logreg.cu; each explicitly instantiated for float, double, at::Half and

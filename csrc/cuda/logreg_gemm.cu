@@ -13,7 +13,9 @@
 // every consumer (no host sync).
 //
 // Row kernels: bce_rows_kernel (binary: one thread per row) and ce_rows_kernel (multinomial: one
-// warp per row).
+// warp per row). ce_rows_kernel is also the row pass of the chunked cross entropy for large C
+// (csrc/ce_chunked.cpp, through ce_chunked.cu and launch_ce_rows): there it writes the residual
+// over the logits chunk in place, in x's dtype, times a device scale.
 #include <ATen/OpMathType.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <ATen/ops/mm.h>
@@ -38,36 +40,28 @@ using cuda_common::warp_max;
 using cuda_common::warp_sum;
 
 // ---------------------------------------------------------------------------------------
-// Row kernels of the GEMM path (path 2). logits (N, C) in x's dtype, as at::mm wrote them;
-// res (N, C) acc_t, a separate buffer.
+// Row kernels. logits (N, C) in x's dtype, as at::mm wrote them, without the bias.
 // ---------------------------------------------------------------------------------------
 
 template <typename scalar_t, typename acc_t>
-struct RowParams {
-  const scalar_t* logits;   // (N, C)
-  acc_t* res;               // (N, C) residual out, or nullptr
+struct BceRowsParams {
+  const scalar_t* logits;   // (N,)
+  acc_t* res;               // (N,) residual out, or nullptr
   acc_t* loss_out;          // (N,) per-row loss (reduction none), or nullptr
   acc_t* ws_loss;           // (gridDim.x,) per-block loss partials, or nullptr
-  const acc_t* bias;        // (C,) or nullptr
-  const scalar_t* ftarget;  // binary: (N,) targets of x's dtype
-  const int64_t* itarget;   // multinomial: (N,) class indices
-  const acc_t* pos_weight;  // binary: (1,) or nullptr
-  const scalar_t* sw;       // binary: (N,) or nullptr
-  const acc_t* cw;          // multinomial: (C,) class weights or nullptr
-  const acc_t* den_ws;      // (n_den,) partial mean denominators, or nullptr: host_den
-  int64_t n_den;
-  acc_t host_den;           // residual divisor when den_ws == nullptr (N, or 1)
+  const acc_t* bias;        // (1,) or nullptr
+  const scalar_t* target;   // (N,) targets of x's dtype
+  const acc_t* pos_weight;  // (1,) or nullptr
+  const scalar_t* sw;       // (N,) or nullptr
+  acc_t den;                // residual divisor: N for mean, 1 otherwise
   int64_t N;
-  int64_t C;
-  int64_t ignore_index;
-  acc_t eps;                // label smoothing
 };
 
 // Binary: one thread per row.
 template <typename scalar_t, typename acc_t>
-__global__ void __launch_bounds__(kThreads) bce_rows_kernel(const RowParams<scalar_t, acc_t> p) {
+__global__ void __launch_bounds__(kThreads) bce_rows_kernel(const BceRowsParams<scalar_t, acc_t> p) {
   __shared__ acc_t sbuf[kThreads];
-  const acc_t den = p.den_ws != nullptr ? block_sum_partials(p.den_ws, p.n_den, sbuf) : p.host_den;
+  const acc_t den = p.den;
   const bool has_pw = p.pos_weight != nullptr;
   const acc_t pw = has_pw ? p.pos_weight[0] : acc_t(1);
   const acc_t bias = p.bias != nullptr ? p.bias[0] : acc_t(0);
@@ -75,7 +69,7 @@ __global__ void __launch_bounds__(kThreads) bce_rows_kernel(const RowParams<scal
   const int64_t step = static_cast<int64_t>(gridDim.x) * kThreads;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; i < p.N; i += step) {
     const acc_t z = static_cast<acc_t>(p.logits[i]) + bias;
-    const acc_t y = static_cast<acc_t>(p.ftarget[i]);
+    const acc_t y = static_cast<acc_t>(p.target[i]);
     const acc_t sw = p.sw != nullptr ? static_cast<acc_t>(p.sw[i]) : acc_t(1);
     acc_t loss_i, r;
     bce_term(z, y, has_pw, pw, sw, loss_i, r);
@@ -89,14 +83,19 @@ __global__ void __launch_bounds__(kThreads) bce_rows_kernel(const RowParams<scal
   }
 }
 
-// Multinomial: one warp per row, lanes over classes.
-template <typename scalar_t, typename acc_t>
-__global__ void __launch_bounds__(kThreads) ce_rows_kernel(const RowParams<scalar_t, acc_t> p) {
+// Multinomial: one warp per row, lanes over classes (CeRowsParams in logreg_common.cuh says
+// what it computes for its two callers). Three passes over the row: the max; the sum of
+// exponentials (with label smoothing also sum_c w_c (m - z_c) and sum_c w_c); the residual.
+template <typename scalar_t, typename res_t>
+__global__ void __launch_bounds__(kThreads) ce_rows_kernel(const CeRowsParams<scalar_t, res_t> p) {
+  using acc_t = at::opmath_type<scalar_t>;
   __shared__ acc_t sbuf[kThreads];
   __shared__ acc_t s_loss[kWarps];
   const int lane = threadIdx.x & 31;
   const int warp = threadIdx.x >> 5;
   const acc_t den = p.den_ws != nullptr ? block_sum_partials(p.den_ws, p.n_den, sbuf) : p.host_den;
+  const bool mul_scale = p.res_scale != nullptr;
+  const acc_t res_scale = mul_scale ? p.res_scale[0] : acc_t(1);
   const int64_t C = p.C;
   const acc_t eps = p.eps;
   const acc_t eps_c = eps / static_cast<acc_t>(C);
@@ -105,58 +104,65 @@ __global__ void __launch_bounds__(kThreads) ce_rows_kernel(const RowParams<scala
   const int64_t step = static_cast<int64_t>(gridDim.x) * kWarps;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * kWarps + warp; i < p.N; i += step) {
     const scalar_t* zr = p.logits + i * C;
-    acc_t* rr = p.res != nullptr ? p.res + i * C : nullptr;
-    const int64_t y = p.itarget[i];  // the same for every lane: warp-uniform branches below
+    res_t* rr = p.res != nullptr ? p.res + i * C : nullptr;
+    auto logit = [&](int64_t c) {  // z_c in acc_t, with the bias
+      return static_cast<acc_t>(zr[c]) + (p.bias != nullptr ? p.bias[c] : acc_t(0));
+    };
+    auto weight = [&](int64_t c) { return p.cw != nullptr ? p.cw[c] : acc_t(1); };
+    const int64_t y = p.target[i];  // the same for every lane: warp-uniform branches below
     if (y != p.ignore_index) {
-      CUDA_KERNEL_ASSERT(y >= 0 && y < C && "linear_ce_fwd: target class index out of range");
+      CUDA_KERNEL_ASSERT(y >= 0 && y < C && "cross entropy: target class index out of range");
     }
     // Out of range reaches here only if device asserts are compiled out: no memory access.
     const bool active = y != p.ignore_index && y >= 0 && y < C;
     if (!active) {
       if (rr != nullptr)
-        for (int64_t c = lane; c < C; c += 32) rr[c] = acc_t(0);
+        for (int64_t c = lane; c < C; c += 32) rr[c] = static_cast<res_t>(0);
       if (p.loss_out != nullptr && lane == 0) p.loss_out[i] = acc_t(0);
       continue;
     }
     acc_t m = -std::numeric_limits<acc_t>::infinity();
     for (int64_t c = lane; c < C; c += 32) {
-      const acc_t z = static_cast<acc_t>(zr[c]) + (p.bias != nullptr ? p.bias[c] : acc_t(0));
+      const acc_t z = logit(c);
       m = z > m ? z : m;
     }
     m = warp_max(m);
-    acc_t s = 0;
+    acc_t s = 0, sm = 0, wsum = 0;
     for (int64_t c = lane; c < C; c += 32) {
-      const acc_t z = static_cast<acc_t>(zr[c]) + (p.bias != nullptr ? p.bias[c] : acc_t(0));
+      const acc_t z = logit(c);
       s += ml_exp(z - m);
-    }
-    s = warp_sum(s);
-    const acc_t lse = m + ml_log(s);
-    acc_t sm = 0, wsum = 0;
-    if (smooth) {
-      for (int64_t c = lane; c < C; c += 32) {
-        const acc_t z = static_cast<acc_t>(zr[c]) + (p.bias != nullptr ? p.bias[c] : acc_t(0));
-        const acc_t wc = p.cw != nullptr ? p.cw[c] : acc_t(1);
-        sm += wc * (lse - z);
+      if (smooth) {
+        const acc_t wc = weight(c);
+        sm += wc * (m - z);
         wsum += wc;
       }
+    }
+    s = warp_sum(s);
+    if (smooth) {
       sm = warp_sum(sm);
       wsum = warp_sum(wsum);
     }
-    const acc_t wy = p.cw != nullptr ? p.cw[y] : acc_t(1);
-    const acc_t zy = static_cast<acc_t>(zr[y]) + (p.bias != nullptr ? p.bias[y] : acc_t(0));
-    const acc_t loss_i = (acc_t(1) - eps) * wy * (lse - zy) + eps_c * sm;
+    const acc_t lse = m + ml_log(s);
+    const acc_t wy = weight(y);
+    const acc_t zy = logit(y);
+    // loss = (1 - eps) w_y (lse - z_y) + (eps / C) sum_c w_c (lse - z_c), the smoothing sum
+    // taken as (lse - m) sum_c w_c + sum_c w_c (m - z_c), so that one pass before lse gives it.
+    acc_t loss_i = (acc_t(1) - eps) * wy * (lse - zy);
+    if (smooth) loss_i += eps_c * ((lse - m) * wsum + sm);
     // All reads of zr[y] by every lane happen before any write below (the warp_sum/warp_max
-    // shuffles above are warp-synchronous, and zr[y] is read before the residual loop).
+    // shuffles above are warp-synchronous, and zr[y] is read before the residual loop): the
+    // residual may be written over the logits.
     __syncwarp();
     if (rr != nullptr) {
-      // r_c = ((1-eps) w_y + (eps/C) sum_k w_k) p_c - (1-eps) w_y [c == y] - (eps/C) w_c
+      // r_c = ((1-eps) w_y + (eps/C) sum_k w_k) p_c - (1-eps) w_y [c == y] - (eps/C) w_c, then
+      // scaled (CeRowsParams)
       const acc_t a = (acc_t(1) - eps) * wy + eps_c * wsum;
+      const acc_t coef = p.row_scale != nullptr ? res_scale * p.row_scale[i] : res_scale;
       for (int64_t c = lane; c < C; c += 32) {
-        const acc_t z = static_cast<acc_t>(zr[c]) + (p.bias != nullptr ? p.bias[c] : acc_t(0));
-        acc_t r = a * ml_exp(z - lse);
+        acc_t r = a * ml_exp(logit(c) - lse);
         if (c == y) r -= (acc_t(1) - eps) * wy;
-        if (smooth) r -= eps_c * (p.cw != nullptr ? p.cw[c] : acc_t(1));
-        rr[c] = grad_div(r, den);  // den 0: zero gradients
+        if (smooth) r -= eps_c * weight(c);
+        rr[c] = static_cast<res_t>(mul_scale ? r * coef : grad_div(r, den));  // den 0: zero
       }
     }
     if (lane == 0) {
@@ -179,7 +185,12 @@ __global__ void __launch_bounds__(kThreads) ce_rows_kernel(const RowParams<scala
 // Host side
 // ---------------------------------------------------------------------------------------
 
-// Path 2 (see the file comment). binary selects the BCE row kernel.
+template <typename scalar_t, typename res_t>
+void launch_ce_rows(const CeRowsParams<scalar_t, res_t>& p, int64_t grid, cudaStream_t stream) {
+  ce_rows_kernel<scalar_t, res_t><<<grid, kThreads, 0, stream>>>(p);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 template <typename scalar_t>
 LossOut gemm_path(const Prepared& q, bool binary, int64_t ignore_index, double label_smoothing,
                   int64_t reduction, bool need_x, bool need_w, bool need_b) {
@@ -192,55 +203,61 @@ LossOut gemm_path(const Prepared& q, bool binary, int64_t ignore_index, double l
 
   at::Tensor logits = at::mm(x, q.weight.t()).contiguous();  // (N, C), x's dtype
 
-  RowParams<scalar_t, acc_t> rp{};
-  rp.logits = logits.data_ptr<scalar_t>();
-  rp.bias = opt_data<acc_t>(q.bias_acc);
-  rp.N = N;
-  rp.C = C;
-  rp.ignore_index = ignore_index;
-  rp.eps = static_cast<acc_t>(label_smoothing);
-  rp.host_den = acc_t(1);
-  if (binary) {
-    rp.ftarget = q.ftarget.data_ptr<scalar_t>();
-    rp.pos_weight = opt_data<acc_t>(q.pw_acc);
-    rp.sw = opt_data<scalar_t>(q.sw);
-  } else {
-    rp.itarget = q.itarget.data_ptr<int64_t>();
-    rp.cw = opt_data<acc_t>(q.cw_acc);
-  }
-
-  const int64_t grid = binary ? grid_for(N, kThreads) : grid_for(N, kWarps);
-  at::Tensor den_ws;
-  if (reduction == kMean) {
-    if (binary) {
-      rp.host_den = static_cast<acc_t>(N);
-    } else {
-      den_ws = at::empty({grid}, acc_opts);
-      launch_ce_den_partial(rp.itarget, rp.cw, N, C, ignore_index, den_ws.data_ptr<acc_t>(),
-                            grid, stream);
-      rp.den_ws = den_ws.data_ptr<acc_t>();
-      rp.n_den = grid;
-    }
-  }
-
   // The residual R = dloss/dlogits (N, C) in acc_t, divided by the mean denominator for
-  // mean/sum (unscaled for none).
+  // mean/sum (unscaled for none). The loss: per row (none) or per-block partials (mean/sum).
   at::Tensor R = any_grad ? at::empty({N, C}, acc_opts) : at::Tensor();
-  rp.res = any_grad ? R.data_ptr<acc_t>() : nullptr;
+  acc_t* res = any_grad ? R.data_ptr<acc_t>() : nullptr;
+  const int64_t grid = binary ? grid_for(N, kThreads) : grid_for(N, kWarps);
   at::Tensor loss, ws_loss;
   if (reduction == kNone) {
     loss = at::empty({N}, acc_opts);
-    rp.loss_out = loss.data_ptr<acc_t>();
   } else {
     ws_loss = at::empty({grid}, acc_opts);
-    rp.ws_loss = ws_loss.data_ptr<acc_t>();
   }
+  acc_t* loss_out = reduction == kNone ? loss.data_ptr<acc_t>() : nullptr;
+  acc_t* ws_loss_out = reduction == kNone ? nullptr : ws_loss.data_ptr<acc_t>();
+
+  // The mean denominator: N (binary) or on the device (cross entropy: den_ws partials).
+  acc_t host_den = acc_t(1);
+  at::Tensor den_ws;
   if (binary) {
+    BceRowsParams<scalar_t, acc_t> rp{};
+    rp.logits = logits.data_ptr<scalar_t>();
+    rp.res = res;
+    rp.loss_out = loss_out;
+    rp.ws_loss = ws_loss_out;
+    rp.bias = opt_data<acc_t>(q.bias_acc);
+    rp.target = q.ftarget.data_ptr<scalar_t>();
+    rp.pos_weight = opt_data<acc_t>(q.pw_acc);
+    rp.sw = opt_data<scalar_t>(q.sw);
+    if (reduction == kMean) host_den = static_cast<acc_t>(N);
+    rp.den = host_den;
+    rp.N = N;
     bce_rows_kernel<scalar_t, acc_t><<<grid, kThreads, 0, stream>>>(rp);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
   } else {
-    ce_rows_kernel<scalar_t, acc_t><<<grid, kThreads, 0, stream>>>(rp);
+    CeRowsParams<scalar_t, acc_t> rp{};
+    rp.logits = logits.data_ptr<scalar_t>();
+    rp.res = res;
+    rp.loss_out = loss_out;
+    rp.ws_loss = ws_loss_out;
+    rp.bias = opt_data<acc_t>(q.bias_acc);
+    rp.target = q.itarget.data_ptr<int64_t>();
+    rp.cw = opt_data<acc_t>(q.cw_acc);
+    rp.host_den = host_den;
+    rp.N = N;
+    rp.C = C;
+    rp.ignore_index = ignore_index;
+    rp.eps = static_cast<acc_t>(label_smoothing);
+    if (reduction == kMean) {
+      den_ws = at::empty({grid}, acc_opts);
+      launch_ce_den_partial(rp.target, rp.cw, N, C, ignore_index, den_ws.data_ptr<acc_t>(), grid,
+                            stream);
+      rp.den_ws = den_ws.data_ptr<acc_t>();
+      rp.n_den = grid;
+    }
+    launch_ce_rows(rp, grid, stream);
   }
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
 
   if (reduction == kNone) {
     return {loss, empty0(acc_opts), empty0(acc_opts), any_grad ? R : empty0(acc_opts)};
@@ -249,9 +266,9 @@ LossOut gemm_path(const Prepared& q, bool binary, int64_t ignore_index, double l
   loss = at::empty({}, acc_opts);
   FinalizeParams<acc_t> fp{};
   fp.ws_loss = ws_loss.data_ptr<acc_t>();
-  fp.den_ws = rp.den_ws;
-  fp.n_den = rp.n_den;
-  fp.host_den = rp.host_den;
+  fp.den_ws = den_ws.defined() ? den_ws.data_ptr<acc_t>() : nullptr;
+  fp.n_den = den_ws.defined() ? grid : 0;
+  fp.host_den = host_den;
   fp.loss_out = loss.data_ptr<acc_t>();
   fp.B = grid;
   fp.D = q.D;
@@ -274,6 +291,19 @@ ML_INSTANTIATE_GEMM(double)
 ML_INSTANTIATE_GEMM(at::Half)
 ML_INSTANTIATE_GEMM(at::BFloat16)
 #undef ML_INSTANTIATE_GEMM
+
+// The cross-entropy row kernel: res_t acc_t for path 2 (float and double are both callers'),
+// res_t scalar_t for the chunked CE's in-place residual.
+#define ML_INSTANTIATE_CE_ROWS(scalar_t, res_t)                                             \
+  template void launch_ce_rows<scalar_t, res_t>(const CeRowsParams<scalar_t, res_t>&, int64_t, \
+                                                cudaStream_t);
+ML_INSTANTIATE_CE_ROWS(float, float)
+ML_INSTANTIATE_CE_ROWS(double, double)
+ML_INSTANTIATE_CE_ROWS(at::Half, float)
+ML_INSTANTIATE_CE_ROWS(at::BFloat16, float)
+ML_INSTANTIATE_CE_ROWS(at::Half, at::Half)
+ML_INSTANTIATE_CE_ROWS(at::BFloat16, at::BFloat16)
+#undef ML_INSTANTIATE_CE_ROWS
 
 }  // namespace cuda_logreg
 }  // namespace manual_layers
