@@ -39,9 +39,6 @@
 namespace manual_layers {
 namespace cuda_logreg {
 
-using cuda_common::acc_type_of;
-using cuda_common::empty0;
-
 // Outputs for N == 0 (no kernel launches): torch gives NaN for mean, 0 for sum.
 LossOut empty_batch(const at::Tensor& x, int64_t C, int64_t D, int64_t reduction, bool need_x,
                     bool need_w, bool need_b) {

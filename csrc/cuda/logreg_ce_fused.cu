@@ -44,17 +44,6 @@
 namespace manual_layers {
 namespace cuda_logreg {
 
-using cuda_common::AlignedVec;
-using cuda_common::acc_type_of;
-using cuda_common::ceil_div;
-using cuda_common::empty0;
-using cuda_common::grid_for;
-using cuda_common::ml_exp;
-using cuda_common::ml_log;
-using cuda_common::num_sms;
-using cuda_common::opt_data;
-using cuda_common::warp_sum;
-
 // ---------------------------------------------------------------------------------------
 // The kernel
 // ---------------------------------------------------------------------------------------

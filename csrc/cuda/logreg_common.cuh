@@ -37,7 +37,21 @@
 namespace manual_layers {
 namespace cuda_logreg {
 
+// The cuda_common helpers the logreg files use.
+using cuda_common::AlignedVec;
+using cuda_common::acc_type_of;
+using cuda_common::ceil_div;
+using cuda_common::empty0;
+using cuda_common::grid_for;
 using cuda_common::kThreads;
+using cuda_common::ml_exp;
+using cuda_common::ml_log;
+using cuda_common::ml_log1p;
+using cuda_common::num_sms;
+using cuda_common::opt_data;
+using cuda_common::warp_max;
+using cuda_common::warp_sum;
+
 constexpr int kWarps = kThreads / 32;
 
 // ---------------------------------------------------------------------------------------
@@ -81,8 +95,8 @@ template <typename acc_t>
 __device__ __forceinline__ void bce_term(acc_t z, acc_t y, bool has_pw, acc_t pw, acc_t sw,
                                          acc_t& loss, acc_t& r) {
   const acc_t az = z < acc_t(0) ? -z : z;
-  const acc_t e = cuda_common::ml_exp(-az);  // in (0, 1]
-  const acc_t log_sig = (z < acc_t(0) ? z : acc_t(0)) - cuda_common::ml_log1p(e);
+  const acc_t e = ml_exp(-az);  // in (0, 1]
+  const acc_t log_sig = (z < acc_t(0) ? z : acc_t(0)) - ml_log1p(e);
   const acc_t sig = z >= acc_t(0) ? acc_t(1) / (acc_t(1) + e) : e / (acc_t(1) + e);
   if (has_pw) {
     const acc_t lw = (pw - acc_t(1)) * y + acc_t(1);

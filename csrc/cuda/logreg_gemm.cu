@@ -30,15 +30,6 @@
 namespace manual_layers {
 namespace cuda_logreg {
 
-using cuda_common::acc_type_of;
-using cuda_common::empty0;
-using cuda_common::grid_for;
-using cuda_common::ml_exp;
-using cuda_common::ml_log;
-using cuda_common::opt_data;
-using cuda_common::warp_max;
-using cuda_common::warp_sum;
-
 // ---------------------------------------------------------------------------------------
 // Row kernels. logits (N, C) in x's dtype, as at::mm wrote them, without the bias.
 // ---------------------------------------------------------------------------------------
@@ -214,38 +205,35 @@ LossOut gemm_path(const Prepared& q, bool binary, int64_t ignore_index, double l
   } else {
     ws_loss = at::empty({grid}, acc_opts);
   }
-  acc_t* loss_out = reduction == kNone ? loss.data_ptr<acc_t>() : nullptr;
-  acc_t* ws_loss_out = reduction == kNone ? nullptr : ws_loss.data_ptr<acc_t>();
+  // The fields the params of both row kernels have.
+  auto set_common = [&](auto& rp) {
+    rp.logits = logits.data_ptr<scalar_t>();
+    rp.res = res;
+    rp.loss_out = reduction == kNone ? loss.data_ptr<acc_t>() : nullptr;
+    rp.ws_loss = reduction == kNone ? nullptr : ws_loss.data_ptr<acc_t>();
+    rp.bias = opt_data<acc_t>(q.bias_acc);
+    rp.N = N;
+  };
 
   // The mean denominator: N (binary) or on the device (cross entropy: den_ws partials).
   acc_t host_den = acc_t(1);
   at::Tensor den_ws;
   if (binary) {
     BceRowsParams<scalar_t, acc_t> rp{};
-    rp.logits = logits.data_ptr<scalar_t>();
-    rp.res = res;
-    rp.loss_out = loss_out;
-    rp.ws_loss = ws_loss_out;
-    rp.bias = opt_data<acc_t>(q.bias_acc);
+    set_common(rp);
     rp.target = q.ftarget.data_ptr<scalar_t>();
     rp.pos_weight = opt_data<acc_t>(q.pw_acc);
     rp.sw = opt_data<scalar_t>(q.sw);
     if (reduction == kMean) host_den = static_cast<acc_t>(N);
     rp.den = host_den;
-    rp.N = N;
     bce_rows_kernel<scalar_t, acc_t><<<grid, kThreads, 0, stream>>>(rp);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   } else {
     CeRowsParams<scalar_t, acc_t> rp{};
-    rp.logits = logits.data_ptr<scalar_t>();
-    rp.res = res;
-    rp.loss_out = loss_out;
-    rp.ws_loss = ws_loss_out;
-    rp.bias = opt_data<acc_t>(q.bias_acc);
+    set_common(rp);
     rp.target = q.itarget.data_ptr<int64_t>();
     rp.cw = opt_data<acc_t>(q.cw_acc);
     rp.host_den = host_den;
-    rp.N = N;
     rp.C = C;
     rp.ignore_index = ignore_index;
     rp.eps = static_cast<acc_t>(label_smoothing);
