@@ -195,7 +195,8 @@ def build_extension():
     kernel_sources = sorted(glob.glob("csrc/cpu/*.cpp"))  # compiled once per ISA (BuildExt)
     # The kernel files and headers as dependencies: otherwise setuptools skips the link when
     # only a kernel file changed.
-    depends = kernel_sources + sorted(glob.glob("csrc/**/*.h", recursive=True))
+    depends = kernel_sources + sorted(glob.glob("csrc/**/*.h", recursive=True)
+                                      + glob.glob("csrc/**/*.cuh", recursive=True))
     defines += [f'-DML_TORCH_VERSION="{torch.__version__}"']
     log(f"torch {torch.__version__} (CUDA {torch.version.cuda}), python {sys.version.split()[0]}")
     log(f"C++ kernels: {len(kernel_sources)} files x CPU ISAs {', '.join(isas)} (chosen at load), "

@@ -1,8 +1,10 @@
-// Small CUDA helpers shared by the manual_layers .cu files (linear.cu; logreg.cu may reuse them).
+// Small CUDA helpers shared by the manual_layers .cu files (linear.cu, the logreg*.cu loss
+// files, ce_chunked.cu).
 //
 // Contents:
-//   1. launch helpers: kThreads, ceil_div, grid sizes for grid-stride loops (int64 indexing),
-//      16-byte alignment tests, aligned_contiguous();
+//   1. launch and host helpers: kThreads, ceil_div, num_sms, grid sizes for grid-stride loops
+//      (int64 indexing), 16-byte alignment tests, aligned_contiguous(), acc_type_of, empty0,
+//      opt_data;
 //   2. AlignedVec<T, VEC> for 16-byte vector loads/stores;
 //   3. warp reductions (sum, max) over all 32 lanes;
 //   4. activation functions act_forward<A>(z) and act_backward<A>(g, saved) in the op-math
@@ -44,11 +46,15 @@ constexpr int kThreads = 256;  // threads per block of the elementwise kernels (
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-// Blocks for a grid-stride loop over `items` work items with `threads` per block: enough to
-// fill the device (8 blocks of 256 threads per SM) and never more than needed, at least 1.
+// Streaming multiprocessors of the current device.
+inline int num_sms() { return at::cuda::getCurrentDeviceProperties()->multiProcessorCount; }
+
+// Blocks for a grid-stride loop over `items` work items with `threads` items per block (a
+// thread each, or e.g. a warp each for row kernels: grid_for(rows, warps per block)): enough to
+// fill the device (8 blocks per SM) and never more than needed, at least 1.
 // The loops index with int64, so any n is covered, and gridDim.x stays far below 2^31 - 1.
 inline int64_t grid_for(int64_t items, int threads = kThreads) {
-  const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  const int64_t sms = num_sms();
   int64_t blocks = ceil_div(items, threads);
   const int64_t cap = sms * 8;
   if (blocks > cap) blocks = cap;
@@ -71,6 +77,21 @@ inline at::Tensor aligned_contiguous(const at::Tensor& t) {
     return d;
   }
   return c;
+}
+
+// The accumulation dtype of the kernels (at::opmath_type as a ScalarType): double for double,
+// float for float, half and bfloat16.
+inline at::ScalarType acc_type_of(at::ScalarType t) {
+  return t == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// The empty (0,) tensor that stands for an output that was not asked for.
+inline at::Tensor empty0(const at::TensorOptions& options) { return at::empty({0}, options); }
+
+// The data of an optional input (undefined: nullptr), as T (checked against its dtype).
+template <typename T>
+inline const T* opt_data(const at::Tensor& t) {
+  return t.defined() ? t.const_data_ptr<T>() : nullptr;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -121,13 +142,17 @@ __device__ __forceinline__ acc_t warp_max(acc_t v) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// 4. Activations in the op-math type (float or double). Precise library functions (the
-//    extension is not built with --use_fast_math). __host__ too, so that host tests can
-//    check them.
+// 4. Activations (and the exp / log / log1p the loss kernels use) in the op-math type (float
+//    or double). Precise library functions (the extension is not built with --use_fast_math).
+//    __host__ too, so that host tests can check them.
 // ---------------------------------------------------------------------------------------------
 
 __host__ __device__ __forceinline__ float ml_exp(float v) { return expf(v); }
 __host__ __device__ __forceinline__ double ml_exp(double v) { return exp(v); }
+__host__ __device__ __forceinline__ float ml_log(float v) { return logf(v); }
+__host__ __device__ __forceinline__ double ml_log(double v) { return log(v); }
+__host__ __device__ __forceinline__ float ml_log1p(float v) { return log1pf(v); }
+__host__ __device__ __forceinline__ double ml_log1p(double v) { return log1p(v); }
 __host__ __device__ __forceinline__ float ml_erf(float v) { return erff(v); }
 __host__ __device__ __forceinline__ double ml_erf(double v) { return erf(v); }
 __host__ __device__ __forceinline__ float ml_tanh(float v) { return tanhf(v); }

@@ -1,0 +1,243 @@
+// CUDA logistic-regression losses: what the files of the op path share (csrc/logreg.h is the
+// contract).
+//
+// The op path, file by file:
+//   logreg.cu           host: argument checks, dtype conversion (Prepared), N == 0, the choice of
+//                       path, TORCH_LIBRARY_IMPL registration of _linear_bce_fwd / _linear_ce_fwd
+//   logreg_bce_fused.cu path 1, fused binary cross entropy (X read once)
+//   logreg_ce_fused.cu  path 1b, fused multinomial cross entropy (X read once)
+//   logreg_gemm.cu      path 2, GEMM + row kernels (everything else); its cross-entropy row
+//                       kernel is also the row pass of the chunked CE (ce_chunked.cu)
+//   logreg_common.cu    the kernels every path ends with: finalize_kernel and the cross-entropy
+//                       mean denominator
+// This header holds the parameters, loss terms and block sums they share, the launchers of the
+// shared kernels, and the entry points of the paths.
+//
+// Kernel templates are compiled in the one file that launches them: without relocatable device
+// code, a __global__ template is compiled into every .cu file that launches it, so the shared
+// kernels are reached through the launchers declared here (defined and explicitly instantiated
+// in one file each, for the types that are used).
+//
+// Everything runs on the current stream in a fixed order (no float atomics: bitwise
+// deterministic), and nothing waits on the host.
+#pragma once
+
+#include <ATen/OpMathType.h>
+#include <ATen/core/Tensor.h>
+#include <c10/macros/Macros.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <limits>
+
+#include "../common.h"
+#include "../logreg.h"
+#include "cuda_common.cuh"
+
+namespace manual_layers {
+namespace cuda_logreg {
+
+// The cuda_common helpers the logreg files use.
+using cuda_common::AlignedVec;
+using cuda_common::acc_type_of;
+using cuda_common::ceil_div;
+using cuda_common::empty0;
+using cuda_common::grid_for;
+using cuda_common::kThreads;
+using cuda_common::ml_exp;
+using cuda_common::ml_log;
+using cuda_common::ml_log1p;
+using cuda_common::num_sms;
+using cuda_common::opt_data;
+using cuda_common::warp_max;
+using cuda_common::warp_sum;
+
+constexpr int kWarps = kThreads / 32;
+
+// ---------------------------------------------------------------------------------------
+// Block sums (all kThreads threads of the block must call them)
+// ---------------------------------------------------------------------------------------
+
+// Fixed-order tree sum over the block.
+template <typename acc_t>
+__device__ acc_t block_sum(acc_t v, acc_t* sbuf) {
+  const int tid = threadIdx.x;
+  sbuf[tid] = v;
+  __syncthreads();
+#pragma unroll
+  for (int s = kThreads / 2; s > 0; s >>= 1) {
+    if (tid < s) sbuf[tid] += sbuf[tid + s];
+    __syncthreads();
+  }
+  const acc_t r = sbuf[0];
+  __syncthreads();  // sbuf may be reused right after
+  return r;
+}
+
+// Sum of n per-block partials, in a fixed order; the same value in every block that calls it.
+template <typename acc_t>
+__device__ acc_t block_sum_partials(const acc_t* part, int64_t n, acc_t* sbuf) {
+  acc_t v = 0;
+  for (int64_t k = threadIdx.x; k < n; k += kThreads) v += part[k];
+  return block_sum(v, sbuf);
+}
+
+// ---------------------------------------------------------------------------------------
+// Loss terms (csrc/logreg.h formulas)
+// ---------------------------------------------------------------------------------------
+
+// One binary cross-entropy term, torch's formulas (binary_cross_entropy_with_logits and its
+// backward): lw = 1 + (pw - 1) y,
+//   loss = sw * ((1 - y) z - lw * log_sigmoid(z)),  log_sigmoid(z) = min(z, 0) - log1p(e^-|z|)
+//   r    = sw * (lw * sigmoid(z) - pw y)             (= sw * (sigmoid(z) - y) without pw)
+// Paths 1 (logreg_bce_fused.cu) and 2 (logreg_gemm.cu).
+template <typename acc_t>
+__device__ __forceinline__ void bce_term(acc_t z, acc_t y, bool has_pw, acc_t pw, acc_t sw,
+                                         acc_t& loss, acc_t& r) {
+  const acc_t az = z < acc_t(0) ? -z : z;
+  const acc_t e = ml_exp(-az);  // in (0, 1]
+  const acc_t log_sig = (z < acc_t(0) ? z : acc_t(0)) - ml_log1p(e);
+  const acc_t sig = z >= acc_t(0) ? acc_t(1) / (acc_t(1) + e) : e / (acc_t(1) + e);
+  if (has_pw) {
+    const acc_t lw = (pw - acc_t(1)) * y + acc_t(1);
+    loss = sw * ((acc_t(1) - y) * z - lw * log_sig);
+    r = sw * (lw * sig - pw * y);
+  } else {
+    loss = sw * ((acc_t(1) - y) * z - log_sig);
+    r = sw * (sig - y);
+  }
+}
+
+// Gradient sums are divided by the mean denominator unless it is 0, which happens (N > 0)
+// only for cross entropy with every row ignored (or with zero class weights): then they are
+// 0, as on the CPU (scale 0), and the loss is NaN. Zero class weights with label smoothing
+// leave nonzero residuals, so "unscaled" would not be 0 there (nor would r / 0 be finite).
+template <typename acc_t>
+__device__ __forceinline__ acc_t grad_div(acc_t t, acc_t den) {
+  return den != acc_t(0) ? t / den : acc_t(0);
+}
+
+// ---------------------------------------------------------------------------------------
+// Shared kernels (logreg_common.cu), float and double
+// ---------------------------------------------------------------------------------------
+
+// finalize_kernel: fixed-order sums of the per-block partials of a path, divided by the mean
+// denominator. grid: max(1, ceil(D / 32)) blocks when grad_w is wanted, else 1. Block b handles
+// columns [32 b, 32 b + 32); block 0 also writes the loss and grad_b.
+template <typename acc_t>
+struct FinalizeParams {
+  const acc_t* ws_gw;    // (B, D) or nullptr
+  const acc_t* ws_loss;  // (B,)
+  const acc_t* ws_gb;    // (B, C) or nullptr (C == nb)
+  const acc_t* den_ws;   // (n_den,) partial denominators, or nullptr: use host_den
+  acc_t* gw_out;         // (D,) (one class) or nullptr
+  acc_t* gb_out;         // (nb,) or nullptr
+  acc_t* loss_out;       // 0-d
+  int64_t B;
+  int64_t D;
+  int64_t nb;
+  int64_t n_den;
+  acc_t host_den;
+};
+
+template <typename acc_t>
+void launch_finalize(const FinalizeParams<acc_t>& p, int64_t grid, cudaStream_t stream);
+
+// Partial mean denominators of cross entropy: per block (grid blocks of kThreads threads), the
+// sum of class_weight[target] (1 without weights) over rows that are not ignored (an
+// out-of-range class index, not ignore_index, raises a device assert). Consumers sum the
+// partials with block_sum_partials.
+template <typename acc_t>
+void launch_ce_den_partial(const int64_t* target, const acc_t* cw, int64_t N, int64_t C,
+                           int64_t ignore_index, acc_t* den_ws, int64_t grid,
+                           cudaStream_t stream);
+
+// The final mean denominator in one element: the fixed-order sum of the n_den partials
+// (block_sum_partials, the order finalize_kernel and ce_rows_kernel use). One block.
+template <typename acc_t>
+void launch_ce_den_final(const acc_t* den_ws, int64_t n_den, acc_t* den_out, cudaStream_t stream);
+
+// ---------------------------------------------------------------------------------------
+// Cross-entropy row kernel (logreg_gemm.cu): path 2's and the chunked CE's row pass
+// ---------------------------------------------------------------------------------------
+
+// One warp per row, lanes over classes; bias added in acc_t; stable log-softmax; the loss of
+// csrc/logreg.h (eps = label smoothing, w = class weights, y = the row's class)
+//   loss = (1 - eps) w_y (lse - z_y) + (eps / C) sum_c w_c (lse - z_c);
+// the residual, as in logreg_ce_fused.cu,
+//   r_c = a p_c - (1 - eps) w_y [c == y] - (eps / C) w_c,  a = (1 - eps) w_y + (eps / C) sum_k w_k,
+// then scaled:
+//   res_scale == nullptr: r / den (grad_div), den the mean denominator: the fixed-order sum of
+//                         den_ws's n_den partials, or host_den when den_ws == nullptr (path 2:
+//                         1 for sum and none);
+//   res_scale != nullptr: r * res_scale[0] (* row_scale[i] when given) (the chunked CE: 1/den
+//                         or 1, computed on the device; grad_output_i for none's backward).
+// res may alias logits (res_t == scalar_t: the chunked CE writes the residual over its logits
+// chunk in place). An ignored row (and, with device asserts compiled out, a row whose class
+// index is out of range) has loss 0 and residual 0.
+template <typename scalar_t, typename res_t>
+struct CeRowsParams {
+  using acc_t = at::opmath_type<scalar_t>;
+  const scalar_t* logits;   // (N, C), without the bias
+  res_t* res;               // (N, C) residual out, or nullptr
+  acc_t* loss_out;          // (N,) per-row losses, or nullptr
+  acc_t* ws_loss;           // (gridDim.x,) per-block loss partials, or nullptr
+  const acc_t* bias;        // (C,) or nullptr
+  const int64_t* target;    // (N,) class indices
+  const acc_t* cw;          // (C,) class weights or nullptr
+  const acc_t* den_ws;      // (n_den,) partial mean denominators, or nullptr: host_den
+  int64_t n_den;
+  acc_t host_den;
+  const acc_t* res_scale;   // (1,) or nullptr (see above)
+  const acc_t* row_scale;   // (N,) or nullptr; only with res_scale
+  int64_t N;
+  int64_t C;
+  int64_t ignore_index;
+  acc_t eps;                // label smoothing
+};
+
+// Instantiated for <scalar_t, acc_t> (path 2) and <scalar_t, scalar_t> (the chunked CE) of
+// float, double, at::Half and at::BFloat16. grid: grid_for(N, kWarps).
+template <typename scalar_t, typename res_t>
+void launch_ce_rows(const CeRowsParams<scalar_t, res_t>& p, int64_t grid, cudaStream_t stream);
+
+// ---------------------------------------------------------------------------------------
+// Paths (chosen in logreg.cu; each explicitly instantiated for float, double, at::Half and
+// at::BFloat16 in its file)
+// ---------------------------------------------------------------------------------------
+
+// Everything the paths need, prepared once by logreg.cu (dtypes converted, contiguous).
+struct Prepared {
+  at::Tensor x, weight, w_acc, bias_acc, ftarget, itarget, pw_acc, sw, cw_acc;
+  int64_t N = 0, D = 0, C = 0;
+};
+
+// Path 1 (logreg_bce_fused.cu): C == 1, mean/sum. Its configuration for D (group chunks and
+// warps per row), or false when D is too large for it. Needs q.w_acc: (D,) acc_t weight.
+template <typename scalar_t>
+bool bce_fused_config(int64_t D, int* chunks, int* wpr);
+template <typename scalar_t>
+LossOut bce_fused_path(const Prepared& q, int chunks, int wpr, int64_t reduction, bool need_x,
+                       bool need_w, bool need_b);
+
+// Path 1b (logreg_ce_fused.cu): mean/sum, small C and D. Its configuration, or false when the
+// shape is outside its limits. Needs q.w_acc: (C, D) acc_t weight.
+struct CeFusedConfig {
+  int cmax = 0;    // 16 or 32
+  int dj = 0;      // 1, 2 or 4
+  size_t smem = 0; // dynamic shared memory per block, bytes
+};
+template <typename scalar_t>
+bool ce_fused_config(int64_t C, int64_t D, CeFusedConfig* cfg);
+template <typename scalar_t>
+LossOut ce_fused_path(const Prepared& q, const CeFusedConfig& cfg, int64_t ignore_index,
+                      double label_smoothing, int64_t reduction, bool need_x, bool need_w,
+                      bool need_b);
+
+// Path 2 (logreg_gemm.cu): every case; binary selects the BCE row kernel.
+template <typename scalar_t>
+LossOut gemm_path(const Prepared& q, bool binary, int64_t ignore_index, double label_smoothing,
+                  int64_t reduction, bool need_x, bool need_w, bool need_b);
+
+}  // namespace cuda_logreg
+}  // namespace manual_layers
