@@ -1,7 +1,8 @@
 // Chunked linear + cross entropy for large class counts (an LM head: C = 32000 and more).
 //
 // The single-pass kernel (csrc/cpu/logreg.cpp) keeps per-block C x D partials and rereads the
-// C x D weight for every 4-row tile; the GEMM path of csrc/cuda/logreg.cu holds the N x C logits.
+// C x D weight for every 4-row block; the GEMM path of csrc/cuda/logreg_gemm.cu holds the N x C
+// logits.
 // Both are fine for small C and wrong for an LM head. This path runs over the rows in chunks of
 // R rows, R chosen so that the R x C logits chunk is at most kChunkBytes (32 MiB), and per chunk:
 //
