@@ -230,12 +230,17 @@ inline acc_t hsum(const Vectorized<acc_t>& v) {
 }
 
 // z[c * kRows + k] = W_c . x_k + b_c for the kTile rows x_k = x + k * xs (k < kTile), two
-// classes at a time: 8 accumulators; each x and W vector loaded once serves 2 or 4 FMAs.
+// classes at a time: 8 accumulators; each x and W vector loaded once serves 2 or 4 FMAs. Rows
+// hold D values (read in place: a last partial vector is a masked load, never past the row);
+// W rows are zero-padded to Dp.
 template <typename acc_t>
 inline void logits_block(const acc_t* x, int64_t xs, const acc_t* W, const acc_t* bias, int64_t C,
-                         int64_t Dp, acc_t* z) {
+                         int64_t D, int64_t Dp, acc_t* z) {
   using Vec = Vectorized<acc_t>;
   constexpr int64_t V = Vec::size();
+  const int64_t Df = D / V * V, tail = D - Df;
+  const auto full = [](const acc_t* q) { return Vec::loadu(q); };
+  const auto part = [tail](const acc_t* q) { return Vec::loadu(q, tail); };
   const acc_t* xr[kTile] = {x, x + xs, x + 2 * xs, x + 3 * xs};
   const auto put = [&](int64_t c, const Vec& a0, const Vec& a1, const Vec& a2, const Vec& a3) {
     const acc_t b = bias ? bias[c] : acc_t(0);
@@ -250,10 +255,10 @@ inline void logits_block(const acc_t* x, int64_t xs, const acc_t* W, const acc_t
     const acc_t* w0 = W + c * Dp;
     const acc_t* w1 = w0 + Dp;
     Vec a00(0), a10(0), a20(0), a30(0), a01(0), a11(0), a21(0), a31(0);
-    for (int64_t d = 0; d < Dp; d += V) {
+    const auto step = [&](int64_t d, const auto& ld) {
       const Vec u = Vec::loadu(w0 + d), v = Vec::loadu(w1 + d);
-      const Vec x0 = Vec::loadu(xr[0] + d), x1 = Vec::loadu(xr[1] + d);
-      const Vec x2 = Vec::loadu(xr[2] + d), x3 = Vec::loadu(xr[3] + d);
+      const Vec x0 = ld(xr[0] + d), x1 = ld(xr[1] + d);
+      const Vec x2 = ld(xr[2] + d), x3 = ld(xr[3] + d);
       a00 = at::vec::fmadd(x0, u, a00);
       a01 = at::vec::fmadd(x0, v, a01);
       a10 = at::vec::fmadd(x1, u, a10);
@@ -262,29 +267,34 @@ inline void logits_block(const acc_t* x, int64_t xs, const acc_t* W, const acc_t
       a21 = at::vec::fmadd(x2, v, a21);
       a30 = at::vec::fmadd(x3, u, a30);
       a31 = at::vec::fmadd(x3, v, a31);
-    }
+    };
+    for (int64_t d = 0; d < Df; d += V) step(d, full);
+    if (tail) step(Df, part);
     put(c, a00, a10, a20, a30);
     put(c + 1, a01, a11, a21, a31);
   }
   if (c < C) {  // odd C (the binary case): one class, one accumulator per row
     const acc_t* w0 = W + c * Dp;
     Vec a0(0), a1(0), a2(0), a3(0);
-    for (int64_t d = 0; d < Dp; d += V) {
+    const auto step = [&](int64_t d, const auto& ld) {
       const Vec u = Vec::loadu(w0 + d);
-      a0 = at::vec::fmadd(Vec::loadu(xr[0] + d), u, a0);
-      a1 = at::vec::fmadd(Vec::loadu(xr[1] + d), u, a1);
-      a2 = at::vec::fmadd(Vec::loadu(xr[2] + d), u, a2);
-      a3 = at::vec::fmadd(Vec::loadu(xr[3] + d), u, a3);
-    }
+      a0 = at::vec::fmadd(ld(xr[0] + d), u, a0);
+      a1 = at::vec::fmadd(ld(xr[1] + d), u, a1);
+      a2 = at::vec::fmadd(ld(xr[2] + d), u, a2);
+      a3 = at::vec::fmadd(ld(xr[3] + d), u, a3);
+    };
+    for (int64_t d = 0; d < Df; d += V) step(d, full);
+    if (tail) step(Df, part);
     put(c, a0, a1, a2, a3);
   }
 }
 
 // g[i * Dp + j * V ..] += sum_{k < kr} r[i * kRows + k] x_k[j * V ..] for NC classes and ND
-// feature vectors: NC x ND accumulators held in registers over the tile's rows.
+// feature vectors: NC x ND accumulators held in registers over the tile's rows. len < V (only
+// with ND == 1): the rows' last, partial vector (masked loads; g's padding gets zeros added).
 template <int NC, int ND, typename acc_t>
 inline void sweep_block(const acc_t* r, const acc_t* x, int64_t xs, int64_t kr, acc_t* g,
-                        int64_t Dp) {
+                        int64_t Dp, int64_t len = Vectorized<acc_t>::size()) {
   using Vec = Vectorized<acc_t>;
   constexpr int64_t V = Vec::size();
   Vec acc[NC][ND];
@@ -292,7 +302,7 @@ inline void sweep_block(const acc_t* r, const acc_t* x, int64_t xs, int64_t kr, 
     for (int j = 0; j < ND; ++j) acc[i][j] = Vec::loadu(g + i * Dp + j * V);
   for (int64_t k = 0; k < kr; ++k, x += xs) {
     Vec xv[ND];
-    for (int j = 0; j < ND; ++j) xv[j] = Vec::loadu(x + j * V);
+    for (int j = 0; j < ND; ++j) xv[j] = ND == 1 && len < V ? Vec::loadu(x, len) : Vec::loadu(x + j * V);
     for (int i = 0; i < NC; ++i) {
       const Vec rv(r[i * kRows + k]);
       for (int j = 0; j < ND; ++j) acc[i][j] = at::vec::fmadd(rv, xv[j], acc[i][j]);
@@ -302,25 +312,27 @@ inline void sweep_block(const acc_t* r, const acc_t* x, int64_t xs, int64_t kr, 
     for (int j = 0; j < ND; ++j) acc[i][j].store(g + i * Dp + j * V);
 }
 
-// grad_W (C x Dp) += R^T X for the tile: R class-major (C x kRows), rows x_k = x + k * xs.
+// grad_W (C x Dp) += R^T X for the tile: R class-major (C x kRows), rows x_k = x + k * xs of D
+// values each.
 template <typename acc_t>
 inline void sweep_tile(const acc_t* r, const acc_t* x, int64_t xs, int64_t kr, acc_t* gw,
-                       int64_t C, int64_t Dp) {
+                       int64_t C, int64_t D, int64_t Dp) {
   constexpr int64_t V = Vectorized<acc_t>::size();
-  int64_t c = 0;
-  for (; c + 2 <= C; c += 2) {
+  const int64_t Df = D / V * V;
+  for (int64_t c = 0; c < C; c += 2) {
     const acc_t* rc = r + c * kRows;
     acc_t* g = gw + c * Dp;
+    const bool two = c + 2 <= C;
     int64_t d = 0;
-    for (; d + 4 * V <= Dp; d += 4 * V) sweep_block<2, 4>(rc, x + d, xs, kr, g + d, Dp);
-    for (; d < Dp; d += V) sweep_block<2, 1>(rc, x + d, xs, kr, g + d, Dp);
-  }
-  if (c < C) {
-    const acc_t* rc = r + c * kRows;
-    acc_t* g = gw + c * Dp;
-    int64_t d = 0;
-    for (; d + 4 * V <= Dp; d += 4 * V) sweep_block<1, 4>(rc, x + d, xs, kr, g + d, Dp);
-    for (; d < Dp; d += V) sweep_block<1, 1>(rc, x + d, xs, kr, g + d, Dp);
+    for (; d + 4 * V <= Df; d += 4 * V) {
+      if (two) sweep_block<2, 4>(rc, x + d, xs, kr, g + d, Dp);
+      else sweep_block<1, 4>(rc, x + d, xs, kr, g + d, Dp);
+    }
+    for (; d < D; d += V) {
+      const int64_t len = std::min<int64_t>(V, D - d);
+      if (two) sweep_block<2, 1>(rc, x + d, xs, kr, g + d, Dp, len);
+      else sweep_block<1, 1>(rc, x + d, xs, kr, g + d, Dp, len);
+    }
   }
 }
 
@@ -340,10 +352,10 @@ void run_block(const Pass<scalar_t, acc_t>& p, const LossFn& loss_fn, int64_t bl
   if (gw) std::fill(gw, gw + C * Dp, acc_t(0));
   if (gb) std::fill(gb, gb + C, acc_t(0));
 
-  // Rows are read in place when they already are acc_t with D a multiple of the vector width;
-  // otherwise converted into a zero-padded acc_t tile (padding columns stay zero, so they add
-  // nothing to z nor to grad_W). A short last tile is padded with zero rows and zero residuals.
-  const bool direct = std::is_same_v<scalar_t, acc_t> && Dp == D;
+  // Whole tiles of acc_t rows are read in place, any D (a row's last partial vector is a masked
+  // load: float64 200,000 x 100 binary loss+grad, D not a multiple of 8, no longer copies every
+  // row); 16-bit rows and the last, short tile are converted / copied into a zero-padded acc_t
+  // tile, padded with zero rows (and zero residuals).
   std::vector<acc_t> xbuf(T * Dp, acc_t(0));
   std::vector<acc_t> z(T * C), r(T * C);  // class-major: [c * T + k]
   acc_t tile_loss[T];
@@ -355,7 +367,7 @@ void run_block(const Pass<scalar_t, acc_t>& p, const LossFn& loss_fn, int64_t bl
     const int64_t kr = (nr + kTile - 1) / kTile * kTile;  // rows the register blocks cover
     // The tile's rows x_k = xt + k * xs: in place (a whole tile of acc_t rows), or converted /
     // copied into xbuf with zero rows after the last one.
-    const bool in_place = direct && nr == T;
+    const bool in_place = std::is_same_v<scalar_t, acc_t> && nr == T;
     const acc_t* xt = in_place ? reinterpret_cast<const acc_t*>(p.x + i0 * p.x_row_stride)
                                : xbuf.data();
     const int64_t xs = in_place ? p.x_row_stride : Dp;
@@ -377,7 +389,7 @@ void run_block(const Pass<scalar_t, acc_t>& p, const LossFn& loss_fn, int64_t bl
           else at::vec::convert(p.x + (i0 + k) * p.x_row_stride, row, D);
         }
       }
-      logits_block(xt + k0 * xs, xs, p.W, p.bias, C, Dp, z.data() + k0);
+      logits_block(xt + k0 * xs, xs, p.W, p.bias, C, D, Dp, z.data() + k0);
     }
     for (int64_t k = kr; k < T; ++k)  // lanes no register block covered: finite padding
       for (int64_t c = 0; c < C; ++c) z[c * T + k] = acc_t(0);
@@ -405,7 +417,7 @@ void run_block(const Pass<scalar_t, acc_t>& p, const LossFn& loss_fn, int64_t bl
     // 3. one sweep over the tile: grad_W += R^T X_tile as a register-blocked micro-GEMM
     //    (2 classes x 4 feature vectors per block), the rows added in order: grad_W is loaded
     //    and stored once per tile, not once per row.
-    if constexpr (NEED_W) sweep_tile(r.data(), xt, xs, kr, gw, C, Dp);
+    if constexpr (NEED_W) sweep_tile(r.data(), xt, xs, kr, gw, C, D, Dp);
   }
   if (!none_mode) p.part_loss[blk] = loss_sum;
 }
