@@ -8,8 +8,8 @@
 //   logreg_ce_fused.cu  path 1b, fused multinomial cross entropy (X read once)
 //   logreg_gemm.cu      path 2, GEMM + row kernels (everything else); its cross-entropy row
 //                       kernel is also the row pass of the chunked CE (ce_chunked.cu)
-//   logreg_common.cu    the kernels every path ends with: finalize_kernel and the cross-entropy
-//                       mean denominator
+//   logreg_common.cu    finalize_kernel (the last step of every mean/sum path) and the
+//                       cross-entropy mean-denominator kernels
 // This header holds the parameters, loss terms and block sums they share, the launchers of the
 // shared kernels, and the entry points of the paths.
 //
