@@ -24,7 +24,9 @@
 //
 // The mean's denominator, sum of class_weight[t_i] over non-ignored rows, and the residual scale
 // are computed with ATen ops on the device before the first chunk (no host sync on CUDA) and
-// passed to the row pass as a 2-element acc_t tensor aux = [scale, sum_c class_weight_c].
+// passed to the row pass as a 2-element acc_t tensor aux = [scale, sum_c class_weight_c] (the CUDA
+// row kernel, shared with the GEMM path in csrc/cuda/logreg_gemm.cu, reads only aux[0] and sums
+// the class weights itself).
 //
 // Ops (schemas in csrc/ops.cpp):
 //   _linear_ce_chunked_fwd(x, weight, bias, target, class_weight, ignore_index, label_smoothing,
