@@ -38,7 +38,6 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from . import functional as MF
 
 class _ConvergenceWarning(UserWarning):
     """The solver stopped before meeting its tolerance (used when scikit-learn is absent)."""
@@ -192,25 +191,6 @@ def _progress(total, desc, verbose):
             def close(self):
                 pass
         return _Plain()
-
-
-def _weighted_loss_sum(X, W, b, target, binary, s, cw_only):
-    """sum_i s_i * loss_i through the public fused ops, differentiable in W and b (the
-    minibatch solvers; L-BFGS uses _loss_and_grads below).
-
-    s: per-sample weights (N,) or None. cw_only: s is exactly class_weight[target] (no sample
-    weights), passed as the class weight of the cross-entropy kernel so that its single-pass
-    reduction="sum" path is used; otherwise per-sample weights go through reduction="none"
-    and the returned sum weights each loss (its backward gets s as grad_output)."""
-    if binary:
-        return MF.linear_binary_cross_entropy_with_logits(X, W, b, target, sample_weight=s,
-                                                          reduction="sum")
-    if s is None:
-        return MF.linear_cross_entropy(X, W, b, target, reduction="sum")
-    if cw_only is not None:
-        return MF.linear_cross_entropy(X, W, b, target, class_weight=cw_only, reduction="sum")
-    per_row = MF.linear_cross_entropy(X, W, b, target, reduction="none")
-    return torch.dot(per_row, s)
 
 
 _ops = torch.ops.manual_layers
@@ -398,10 +378,10 @@ def _minibatch(obj, x0, solver, max_iter, tol, lr, batch_size, verbose):
     N = X.shape[0]
     comm = obj.comm
     W, b = obj.split(x0)
-    W = W.clone().requires_grad_()
+    W = W.clone()  # gradients come from the fused forward (_loss_and_grads), not autograd
     params = [W]
     if b is not None:
-        b = b.clone().requires_grad_()
+        b = b.clone()
         params.append(b)
     if lr is None:
         lr = 0.1 if solver == "sgd" else 0.01
@@ -432,25 +412,21 @@ def _minibatch(obj, x0, solver, max_iter, tol, lr, batch_size, verbose):
                 else:
                     idx = perm[i * N // steps:(i + 1) * N // steps]
                 sb = s[idx] if s is not None else None
-                cw = obj.cw_only
+                if idx.numel():
+                    loss, gw, gb = _loss_and_grads(X[idx], W.detach(), None if b is None else
+                                                   b.detach(), target[idx], obj.binary, sb,
+                                                   obj.cw_only)
+                    gs = [gw] + ([gb] if b is not None else [])
+                else:  # a data-parallel rank whose shard has fewer batches than steps
+                    loss = torch.zeros((), dtype=X.dtype, device=X.device)
+                    gs = [torch.zeros_like(p) for p in params]
                 if comm is None:
-                    loss = _weighted_loss_sum(X[idx], W, b, target[idx], obj.binary, sb, cw)
-                    f = loss * (N / idx.numel()) / obj.S
-                    if obj.inv_C:
-                        f = f + (0.5 * obj.inv_C / obj.S) * W.pow(2).sum()
-                    opt.zero_grad(set_to_none=True)
-                    f.backward()
                     nb = idx.numel()
+                    scale = (N / nb) / obj.S
+                    f = loss.double() * scale
+                    gs = [g * scale for g in gs]
                 else:
                     # one all-reduce (SUM) per step: (loss sum, gradient sums, batch rows)
-                    if idx.numel():
-                        loss = _weighted_loss_sum(X[idx], W, b, target[idx], obj.binary, sb,
-                                                  cw)
-                        gs = torch.autograd.grad(loss, params)
-                        loss = loss.detach()
-                    else:
-                        loss = torch.zeros((), dtype=X.dtype, device=X.device)
-                        gs = [torch.zeros_like(p) for p in params]
                     packed = torch.cat([loss.reshape(1).double()] +
                                        [g.reshape(-1).double() for g in gs] +
                                        [torch.full((1,), float(idx.numel()),
@@ -459,14 +435,14 @@ def _minibatch(obj, x0, solver, max_iter, tol, lr, batch_size, verbose):
                     nb = int(packed[-1].item())
                     scale = (N_all / max(nb, 1)) / obj.S
                     f = packed[0] * scale
-                    off = 1
-                    with torch.no_grad():
-                        for p in params:
-                            p.grad = (packed[off:off + p.numel()] * scale).view_as(p).to(p.dtype)
-                            off += p.numel()
-                        if obj.inv_C:
-                            f = f + (0.5 * obj.inv_C / obj.S) * W.detach().double().pow(2).sum()
-                            W.grad += (obj.inv_C / obj.S) * W.detach()
+                    sizes = [p.numel() for p in params]
+                    gs = list((packed[1:1 + sum(sizes)] * scale).split(sizes))
+                with torch.no_grad():
+                    for p, g in zip(params, gs):
+                        p.grad = g.reshape(p.shape).to(p.dtype)
+                    if obj.inv_C:
+                        f = f + (0.5 * obj.inv_C / obj.S) * W.detach().double().pow(2).sum()
+                        W.grad += (obj.inv_C / obj.S) * W.detach()
                 opt.step()
                 total += f.detach().double() * (nb / N_all)
                 if bar is not None:

@@ -429,6 +429,15 @@ void run_pass(const Pass<scalar_t, acc_t>& p, const LossFn& loss_fn) {
   });
 }
 
+// weight (C, D) as a contiguous acc_t (C, Dp) copy, each row zero-padded to Dp columns (whole
+// vectors): the W of the pass and of the dX kernel.
+inline at::Tensor padded_acc_weight(const at::Tensor& weight, int64_t Dp) {
+  const int64_t C = weight.size(0), D = weight.size(1);
+  at::Tensor Wp = at::zeros({C, Dp}, weight.options().dtype(at::toOpMathType(weight.scalar_type())));
+  Wp.narrow(1, 0, D).copy_(weight);
+  return Wp;
+}
+
 // Sums `count` partials of n elements each (laid out one after another) in block order.
 template <typename acc_t>
 void reduce_partials(const acc_t* part, int64_t count, int64_t n, acc_t* out) {
@@ -463,8 +472,7 @@ LossOut fused_loss(const at::Tensor& x_in, const at::Tensor& weight,
     constexpr int64_t V = Vectorized<acc_t>::size();
     const int64_t Dp = (D + V - 1) / V * V;
 
-    at::Tensor Wp = at::zeros({C, Dp}, acc_opts);
-    Wp.narrow(1, 0, D).copy_(weight);
+    const at::Tensor Wp = padded_acc_weight(weight, Dp);
     at::Tensor b_acc;
     if (bias.has_value() && bias->defined()) b_acc = bias->to(acc_opts.dtype()).contiguous();
 
@@ -642,13 +650,8 @@ void loss_dx_kernel(const at::Tensor& residual, const at::Tensor& coef, const at
   constexpr int64_t R = kTile;
   const int64_t N = residual.size(0), C = residual.size(1), D = weight.size(1);
   const int64_t Dp = (D + V - 1) / V * V;
-  std::vector<acc_t> Wp(C * Dp, acc_t(0));  // acc_t copy, rows padded to whole vectors
-  {
-    const at::Tensor w = weight.contiguous();
-    const scalar_t* wp = w.const_data_ptr<scalar_t>();
-    for (int64_t c = 0; c < C; ++c)
-      for (int64_t d = 0; d < D; ++d) Wp[c * Dp + d] = static_cast<acc_t>(wp[c * D + d]);
-  }
+  const at::Tensor Wt = padded_acc_weight(weight, Dp);
+  const acc_t* Wp = Wt.const_data_ptr<acc_t>();
   const acc_t* r = residual.const_data_ptr<acc_t>();
   const acc_t* cf = coef.const_data_ptr<acc_t>();
   const bool per_row = coef.numel() != 1;
@@ -664,7 +667,7 @@ void loss_dx_kernel(const at::Tensor& residual, const at::Tensor& coef, const at
       for (int64_t d = 0; d < Dp; d += V) {
         Vec acc0(0), acc1(0), acc2(0), acc3(0);
         for (int64_t c = 0; c < C; ++c) {
-          const Vec w = Vec::loadu(Wp.data() + c * Dp + d);
+          const Vec w = Vec::loadu(Wp + c * Dp + d);
           acc0 = at::vec::fmadd(Vec(a[c]), w, acc0);
           acc1 = at::vec::fmadd(Vec(a[C + c]), w, acc1);
           acc2 = at::vec::fmadd(Vec(a[2 * C + c]), w, acc2);
