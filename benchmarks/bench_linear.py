@@ -34,7 +34,7 @@ ADDMM_SHAPE = (16384, 1024, 4096)  # CUDA, bf16, forward, gelu_tanh vs torch._ad
 # the project's performance table (issues #6, #7, #9). Key: (device, dtype, activation, shape, mode, baseline).
 TARGETS = {
     ("cpu", torch.float32, "gelu", (65536, 256, 256), "fwd+bwd", "eager"): 1.2,
-    ("cpu", torch.float32, "gelu", (8192, 1024, 1024), "fwd+bwd", "eager"): 0.97,
+    ("cpu", torch.float32, "gelu", (8192, 1024, 1024), "fwd+bwd", "eager"): 1.05,
     ("cuda", torch.bfloat16, "gelu", (65536, 256, 256), "fwd+bwd", "eager"): 1 / 0.5,
     ("cuda", torch.bfloat16, "gelu", (16384, 1024, 4096), "fwd+bwd", "eager"): 1 / 0.97,
     ("cuda", torch.bfloat16, "gelu", (8192, 4096, 4096), "fwd+bwd", "eager"): 1 / 1.0,

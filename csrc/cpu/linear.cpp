@@ -110,10 +110,10 @@ std::tuple<at::Tensor, at::Tensor> linear_fwd_cpu(const at::Tensor& x, const at:
   // result was rounded to 16 bits would lose the accuracy near cancellation.
   const bool bias_in_gemm = has_bias && at::isReducedFloatingType(x.scalar_type());
   const bool keep_pre = save_pre && saved_for(act) == Saved::Pre;
-  at::Tensor out = at::empty({N, M}, x.options());
+  at::Tensor out = empty_for_write({N, M}, x.options());
   // With the pre-activation kept, the GEMM writes `pre` (then y + b in place) and the
   // activation goes to `out`; otherwise the activation is applied in place on `out`.
-  at::Tensor pre = keep_pre ? at::empty({N, M}, x.options()) : empty_like_none(x);
+  at::Tensor pre = keep_pre ? empty_for_write({N, M}, x.options()) : empty_like_none(x);
   at::Tensor gemm_out = keep_pre ? pre : out;
   at::Tensor bias = has_bias && !bias_in_gemm ? bias_opt->contiguous() : at::Tensor();
   // One GEMM over all rows, then the epilogue. (Row tiles, so that the epilogue reads each
@@ -166,7 +166,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_bwd_cpu(
     // Untiled: G is grad_out itself (no activation, or only the bias sums are wanted) or, in
     // 16-bit, one (N, M) tensor, so that dW is one GEMM with fp32 accumulation over all rows.
     const bool write_G = act != Act::None && need_G;
-    at::Tensor G = write_G ? at::empty({N, M}, x.options()) : g;
+    at::Tensor G = write_G ? empty_for_write({N, M}, x.options()) : g;
     if (need_bias || write_G) {
       AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "linear_bwd_cpu", [&] {
         dispatch_act(act, [&](auto A) {
@@ -188,7 +188,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_bwd_cpu(
   const int64_t K = x.size(1);
   const int64_t R = tile_rows(M, x.element_size(), N);
   at::Tensor Gbuf = at::empty({R, M}, x.options());
-  at::Tensor dx = need_x ? at::empty({N, K}, x.options()) : empty_like_none(x);
+  at::Tensor dx = need_x ? empty_for_write({N, K}, x.options()) : empty_like_none(x);
   at::Tensor dw = need_weight ? at::empty({M, K}, x.options()) : empty_like_none(x);
   at::Tensor db_tile = need_bias ? at::empty({M}, x.options()) : at::Tensor();
   if (need_bias) db.zero_();

@@ -52,7 +52,7 @@ MlpGrads mlp_bwd_cpu(const at::Tensor& grad_out, const at::Tensor& x, const at::
 
   at::Tensor gw2 = need_w2 ? at::mm(g.t(), h) : none_like(x);
   at::Tensor gb2 = need_b2 ? at::empty({O}, x.options()) : none_like(x);
-  at::Tensor gx = need_x ? at::empty({N, K}, x.options()) : none_like(x);
+  at::Tensor gx = need_x ? empty_for_write({N, K}, x.options()) : none_like(x);
   at::Tensor gw1 = need_w1 ? at::empty({H, K}, x.options()) : none_like(x);
   at::Tensor gb1 = need_b1 ? at::empty({H}, x.options()) : none_like(x);
   const bool first = need_x || need_w1 || need_b1;
