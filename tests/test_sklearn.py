@@ -273,6 +273,23 @@ def test_one_class_raises_the_same_error(labels):
         ml.LogisticRegression(3).fit(X, labels)
 
 
+@pytest.mark.parametrize("labels", [
+    np.array([0, 1, 1, 0]), np.array([7, -3, 7, 2], dtype=np.int8), np.array([-128, 127, 0], np.int8),
+    np.array([250, 3, 3], dtype=np.uint8), np.array([2**64 - 1, 2**64 - 3], dtype=np.uint64),
+    np.array([-(2**63), 2**63 - 1, 0]), np.array([2**62, 2**62 + 5, 2**62]),
+    np.array([5, 1000000, 5]), np.array(["b", "a", "b"]), np.array([0.5, -1.0, 0.5])])
+def test_label_encoding_matches_np_unique(labels):
+    """The counting label encoder of fit() gives np.unique's classes and inverse exactly, for
+    every integer width and sign, ranges too wide to count, and other dtypes."""
+    from manual_layers.sklearn import _encode_labels
+    rng = np.random.default_rng(0)
+    y = labels[rng.integers(0, len(labels), 50)]
+    classes, idx = _encode_labels(y)
+    ref_classes, ref_idx = np.unique(y, return_inverse=True)
+    assert classes.dtype == ref_classes.dtype and np.array_equal(classes, ref_classes)
+    assert idx.dtype == ref_idx.dtype and np.array_equal(idx, ref_idx)
+
+
 @pytest.mark.parametrize("kw, match", [
     (dict(optimizer="sgd", epochs=0), r"epochs must be an integer >= 1, got 0"),
     (dict(optimizer="adam", batch_size=0), r"batch_size must be an integer >= 1, got 0"),
