@@ -80,15 +80,27 @@ __global__ void __launch_bounds__(kThreads, (CHUNKS <= 2 || sizeof(scalar_t) == 
   const bool need_w = p.ws_gw != nullptr;
   const bool has_pw = p.pos_weight != nullptr;
 
-  acc_t wv[CHUNKS][VEC];
+  // w in x's dtype (the weight has x's dtype, so w_acc -> scalar_t is exact): for 16-bit
+  // types half the registers of an acc_t copy, which the row-ahead buffer below needs.
+  Vec wr[CHUNKS];
   acc_t gw[CHUNKS][VEC];
   Vec xr[CHUNKS];  // the row's values in x's dtype (half the registers for 16-bit types)
+  // 16-bit rows of one or two chunks (D <= 512 per warp) are loaded one row AHEAD: the next
+  // row's vectors are in flight while this row's dot, loss and grad_w run. One 16-byte load
+  // per chunk and thread and row kept too few bytes in flight for the copy rate (H100, bf16
+  // 4,194,304 x 512: 2.05 TB/s, fp32's 4-chunk instance 2.5 TB/s). Other instances have the
+  // bytes in flight already, or not the registers to spare (ptxas: 16-bit four chunks spill).
+  // ptxas (CUDA 13.0, sm_90) fits the bf16 two-chunk instance in its 80 registers with 20
+  // bytes of spill, reloaded from L1 once per row; sm_80 and fp16 do not spill. NOT YET RUN
+  // ON A GPU: written against the H100 profile in ../shared/perf, compiled for 8.0 and 9.0.
+  constexpr bool kAhead = sizeof(scalar_t) == 2 && CHUNKS <= 2;
+  Vec xn[kAhead ? CHUNKS : 1];
 #pragma unroll
   for (int k = 0; k < CHUNKS; ++k) {
     const int64_t c0 = (static_cast<int64_t>(j * CHUNKS + k) * 32 + lane) * VEC;
 #pragma unroll
     for (int e = 0; e < VEC; ++e) {
-      wv[k][e] = c0 + e < D ? p.w[c0 + e] : acc_t(0);
+      wr[k].val[e] = static_cast<scalar_t>(c0 + e < D ? p.w[c0 + e] : acc_t(0));
       gw[k][e] = acc_t(0);
     }
   }
@@ -99,36 +111,49 @@ __global__ void __launch_bounds__(kThreads, (CHUNKS <= 2 || sizeof(scalar_t) == 
   acc_t gb_acc = 0;
   int parity = 0;
 
-  const int64_t step = static_cast<int64_t>(gridDim.x) * gpb;
-  // The loop condition depends on blockIdx only: every thread of the block runs the same
-  // iterations, so the __syncthreads below is reached by all of them.
-  for (int64_t base = static_cast<int64_t>(blockIdx.x) * gpb; base < N; base += step) {
-    const int64_t i = base + g;
-    const bool valid = i < N;
+  // dst <- this warp's columns of row i (zeros outside the row, or for i >= N).
+  const auto load_row = [&](int64_t i, Vec* dst) {
 #pragma unroll
     for (int k = 0; k < CHUNKS; ++k)
 #pragma unroll
-      for (int e = 0; e < VEC; ++e) xr[k].val[e] = static_cast<scalar_t>(0.0f);
+      for (int e = 0; e < VEC; ++e) dst[k].val[e] = static_cast<scalar_t>(0.0f);
+    if (i >= N) return;
+    const scalar_t* xrow = p.x + i * D;
+#pragma unroll
+    for (int k = 0; k < CHUNKS; ++k) {
+      const int64_t c0 = (static_cast<int64_t>(j * CHUNKS + k) * 32 + lane) * VEC;
+      if (p.vec_ok) {
+        // D % VEC == 0 here, so a vector is either wholly inside the row or wholly outside.
+        if (c0 < D) dst[k] = *reinterpret_cast<const Vec*>(xrow + c0);
+      } else {
+#pragma unroll
+        for (int e = 0; e < VEC; ++e)
+          if (c0 + e < D) dst[k].val[e] = xrow[c0 + e];
+      }
+    }
+  };
+
+  const int64_t step = static_cast<int64_t>(gridDim.x) * gpb;
+  const int64_t first = static_cast<int64_t>(blockIdx.x) * gpb;
+  if (kAhead && first < N) load_row(first + g, xr);
+  // The loop condition depends on blockIdx only: every thread of the block runs the same
+  // iterations, so the __syncthreads below is reached by all of them.
+  for (int64_t base = first; base < N; base += step) {
+    const int64_t i = base + g;
+    const bool valid = i < N;
+    if constexpr (kAhead) {
+      load_row(base + step + g, xn);  // the next row: its loads overlap this row's math
+    } else {
+      load_row(i, xr);
+    }
     acc_t part = 0;
     if (valid) {
-      const scalar_t* xrow = p.x + i * D;
-#pragma unroll
-      for (int k = 0; k < CHUNKS; ++k) {
-        const int64_t c0 = (static_cast<int64_t>(j * CHUNKS + k) * 32 + lane) * VEC;
-        if (p.vec_ok) {
-          // D % VEC == 0 here, so a vector is either wholly inside the row or wholly outside.
-          if (c0 < D) xr[k] = *reinterpret_cast<const Vec*>(xrow + c0);
-        } else {
-#pragma unroll
-          for (int e = 0; e < VEC; ++e)
-            if (c0 + e < D) xr[k].val[e] = xrow[c0 + e];
-        }
-      }
-      // Columns outside the row hold 0 in xr and in wv.
+      // Columns outside the row hold 0 in xr and in wr.
 #pragma unroll
       for (int k = 0; k < CHUNKS; ++k)
 #pragma unroll
-        for (int e = 0; e < VEC; ++e) part += static_cast<acc_t>(xr[k].val[e]) * wv[k][e];
+        for (int e = 0; e < VEC; ++e)
+          part += static_cast<acc_t>(xr[k].val[e]) * static_cast<acc_t>(wr[k].val[e]);
     }
     part = warp_sum(part);
     acc_t z;
@@ -161,6 +186,10 @@ __global__ void __launch_bounds__(kThreads, (CHUNKS <= 2 || sizeof(scalar_t) == 
       }
       // The residual for backward's dX = (g res) w (csrc/logreg.h): one value per row.
       if (p.res != nullptr && j == 0 && lane == 0) p.res[i] = r / den;
+    }
+    if constexpr (kAhead) {
+#pragma unroll
+      for (int k = 0; k < CHUNKS; ++k) xr[k] = xn[k];
     }
   }
 
