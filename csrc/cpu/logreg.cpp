@@ -259,10 +259,10 @@ inline void row_logits(const acc_t* x, const acc_t* W, const acc_t* bias, int64_
         acc[i][j] = at::vec::fmadd(xv, Vec::loadu(w + i * Dp + d + j * V), acc[i][j]);
     }
   }
-  for (int j = 0; d < D; d += V, j = (j + 1) % ND) {  // what is left: whole, then partial vectors
+  for (; d < D; d += V) {  // fewer than ND vectors left: whole, then a partial one
     const Vec xv = D - d >= V ? Vec::loadu(x + d) : Vec::loadu(x + d, D - d);
     for (int i = 0; i < NC; ++i)
-      acc[i][j] = at::vec::fmadd(xv, Vec::loadu(w + i * Dp + d), acc[i][j]);
+      acc[i][0] = at::vec::fmadd(xv, Vec::loadu(w + i * Dp + d), acc[i][0]);
   }
   for (int i = 0; i < NC; ++i) {
     Vec a = acc[i][0];
