@@ -196,6 +196,42 @@ def test_extreme_logits_are_stable(device):
     assert_rel(loss, R.linear_cross_entropy(x, W, None, t), 1e-5)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_bce_per_row_loss_and_grad_across_logit_range(device, dtype):
+    """Per-row losses and gradients over logits from -120 to 120 (both labels, pos_weight)
+    against torch in float64. y = 1: loss = pw softplus(-z), no cancellation, so a few ulp
+    RELATIVE down to the smallest normal number (fails if log1p(exp(-|z|)) were log(1 + e));
+    y = 0: z + softplus(-z) cancels for z < 0, so a few ulp of max(|z|, 1), as eager."""
+    z = torch.linspace(-120, 120, 4001, dtype=torch.float64)
+    x = z.to(dtype).unsqueeze(1).to(device)
+    w = torch.ones(1, 1, dtype=dtype, device=device)
+    eps = torch.finfo(dtype).eps
+    for y_val in (0.0, 1.0):
+        y = torch.full((len(z),), y_val, dtype=dtype, device=device)
+        for pw in (None, torch.tensor([2.5], dtype=dtype, device=device)):
+            xr = x.clone().requires_grad_()
+            rows = MF.linear_binary_cross_entropy_with_logits(xr, w, None, y, pos_weight=pw,
+                                                              reduction="none")
+            rows.sum().backward()
+            zc = x.double().cpu()[:, 0]
+            ref = F.binary_cross_entropy_with_logits(
+                zc, y.double().cpu(), reduction="none",
+                pos_weight=None if pw is None else pw.double().cpu())
+            # (below the dtype's smallest normal number the loss may flush to 0, as eager's)
+            tiny = torch.finfo(dtype).tiny
+            scale = ref.abs().clamp_min(tiny) if y_val == 1.0 else zc.abs().clamp_min(1.0)
+            err = (rows.double().cpu() - ref).abs() / scale
+            assert err.max().item() <= 8 * eps, (y_val, pw, err.max().item() / eps)
+            # d loss / d x (w = 1) against torch's float64 autograd
+            zr = zc.clone().requires_grad_()
+            F.binary_cross_entropy_with_logits(
+                zr, y.double().cpu(), reduction="sum",
+                pos_weight=None if pw is None else pw.double().cpu()).backward()
+            gerr = (xr.grad.double().cpu()[:, 0] - zr.grad).abs()
+            assert gerr.max().item() <= 8 * eps * max(1.0, 2.5), (y_val, pw, gerr.max().item())
+
+
 # ---- autograd machinery -----------------------------------------------------------------------
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 def test_gradcheck(reduction):
