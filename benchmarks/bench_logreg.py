@@ -51,7 +51,11 @@ def default_cases(device, quick):
             case("binary", "binary", nb, db, torch.bfloat16, False, target=("floor", 1.1)),
             case("binary_dx", "binary", nb, db, torch.float32, True, target=("floor", 1.1)),
             case("multi_dx", "multi", nm, dm, torch.bfloat16, True, classes=10,
-                 target=("floor", 1.25)),
+                 target=[("floor", 1.3), ("eager", 2.5)]),
+            case("multi", "multi", nm, dm, torch.float32, False, classes=10,
+                 target=("floor", 1.3)),
+            case("multi_dx", "multi", nm, dm, torch.bfloat16, True, classes=128,
+                 target=("eager", 2.0)),
         ]
     n, d = (65536, 256) if quick else (1048576, 256)
     return [
@@ -87,6 +91,23 @@ def eager_multi(x, w, b, y):
     return F.cross_entropy(F.linear(x, w, b), y)
 
 
+CE_PATHS = ("single", "chunked")
+
+
+def forced_ce_path(fn, path):
+    def call(*args):
+        old = os.environ.get("MANUAL_LAYERS_CE_PATH")
+        os.environ["MANUAL_LAYERS_CE_PATH"] = path
+        try:
+            return fn(*args)
+        finally:
+            if old is None:
+                del os.environ["MANUAL_LAYERS_CE_PATH"]
+            else:
+                os.environ["MANUAL_LAYERS_CE_PATH"] = old
+    return call
+
+
 def bench_case(c, device, repeats, warmup, use_compile):
     """Returns ({impl: timing or None}, notes, floor_ms, {impl: peak MiB}, loss diff)."""
     cuda = device == "cuda"
@@ -102,6 +123,11 @@ def bench_case(c, device, repeats, warmup, use_compile):
 
     fns, notes = {}, {}
     impls = {"manual_layers": ours_fn, "eager": eager_fn}
+    if cuda and not binary:
+        # Both cross-entropy paths side by side (the default picks one by C, device and size:
+        # csrc/autograd.cpp, ce_use_chunked), forced per call through MANUAL_LAYERS_CE_PATH.
+        for path in CE_PATHS:
+            impls[f"manual_layers[{path}]"] = forced_ce_path(ours_fn, path)
     if use_compile:
         impls["compile"] = torch.compile(eager_fn, dynamic=False)
     for name, f in impls.items():
@@ -160,7 +186,7 @@ def bench_case(c, device, repeats, warmup, use_compile):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     C.add_timing_args(p, cuda_repeats=50)
-    p.add_argument("--cases", default=None, help="comma list of binary, binary_dx, multi_dx "
+    p.add_argument("--cases", default=None, help="comma list of binary, binary_dx, multi, multi_dx "
                    "(default: all of the device's defaults)")
     p.add_argument("--dtype", default=None, help="override every case's dtype")
     p.add_argument("--n", type=int, default=None, help="override the number of rows of X")
@@ -173,7 +199,7 @@ def main(argv=None):
     cases = default_cases(device, a.quick)
     if a.cases:
         want = [s.strip() for s in a.cases.split(",")]
-        bad = [s for s in want if s not in ("binary", "binary_dx", "multi_dx")]
+        bad = [s for s in want if s not in ("binary", "binary_dx", "multi", "multi_dx")]
         if bad:
             raise SystemExit(f"--cases: unknown case(s) {bad}")
         cases = [c for c in cases if c["name"] in want]
@@ -237,6 +263,10 @@ def main(argv=None):
                 ok = r is not None and r <= need
                 verdicts.append(f"{C.verdict(ok)} <= {need:.2f}x floor")
                 targets.append((label, f"{C.fmt_ratio(r)} of floor (target <= {need:.2f}x)", ok))
+        paths = [f"{p} {C.fmt_ms(res[f'manual_layers[{p}]']['p50'])} ms"
+                 for p in CE_PATHS if res.get(f"manual_layers[{p}]")]
+        if paths:
+            notes_all.append(f"{label}: cross-entropy paths forced: " + ", ".join(paths))
         tl = "; ".join(verdicts) or "-"
         for impl, why in notes.items():
             notes_all.append(f"{label}: {impl} n/a ({why})")

@@ -379,18 +379,33 @@ class BceFn : public torch::autograd::Function<BceFn> {
 // chunked 358 / 438 / 607 / 1022 ms at C 32 / 64 / 128 / 256; N 4096: chunked 1.4x faster at
 // C 256 to 5.6x at C 32000 (single-pass 18.6 s there). The single pass wins while C is small
 // enough that its one read of X matters more than GEMM speed (C <= 64); from C 128 the GEMMs
-// win. MANUAL_LAYERS_CE_PATH=chunked|single forces one (tests, benchmarks). Shapes only: the
-// choice is the same in eager mode and under tracing. CUDA uses the same rule (its fused
-// single-pass kernel covers C <= 32 only; the GEMM path it replaces holds N x C); unmeasured.
+// win.
+//
+// CUDA, mean/sum: the chunked path for every C once x holds kCeCudaChunkedMinBytes. The CUDA
+// single-pass kernel (logreg_ce_fused.cu) runs its dot products on CUDA cores and is bound by
+// them, not by memory: on an H100 (../shared/perf, main at c5fdc52; bf16 1,048,576 x 512, C 10,
+// with dX) it took 5.15 ms of kernel time where eager's three tensor-core GEMMs took 0.40-0.58 ms
+// each (1.55 ms, the work of the chunked path's GEMMs; its row pass over 1M x 10 logits is a
+// small fraction), and fp32 C 10 without dX 3.60 ms against eager's two GEMMs' 1.94 ms. Below
+// 32 MiB of x a call costs a few microseconds of device time either way and the single pass
+// launches fewer kernels. Not yet measured on a GPU as a whole path: benchmarks/bench_logreg.py
+// times both paths side by side on CUDA. reduction="none" keeps the single-pass choice (there
+// the GEMM path holds the N x C residual instead of recomputing the logits in backward).
+//
+// MANUAL_LAYERS_CE_PATH=chunked|single forces one (tests, benchmarks). Shapes, device and
+// reduction only: the choice is the same in eager mode and under tracing.
 constexpr int64_t kCeChunkedMinClasses = 128;
+constexpr int64_t kCeCudaChunkedMinBytes = int64_t(32) << 20;
 
-bool ce_use_chunked(int64_t C) {
+bool ce_use_chunked(const at::Tensor& x, int64_t C, int64_t reduction) {
   if (const char* env = std::getenv("MANUAL_LAYERS_CE_PATH")) {
     const std::string v(env);
     if (v == "chunked") return true;
     if (v == "single") return false;
   }
-  return C >= kCeChunkedMinClasses;
+  if (C >= kCeChunkedMinClasses) return true;
+  return x.is_cuda() && reduction != 0 &&
+         x.numel() * static_cast<int64_t>(x.element_size()) >= kCeCudaChunkedMinBytes;
 }
 
 class CeFn : public torch::autograd::Function<CeFn> {
@@ -401,7 +416,7 @@ class CeFn : public torch::autograd::Function<CeFn> {
                             double label_smoothing, int64_t reduction, bool float32_loss,
                             bool nx, bool nw, bool nb) {
     at::AutoDispatchBelowADInplaceOrView below;
-    const bool chunked = ce_use_chunked(weight.size(0));
+    const bool chunked = ce_use_chunked(x, weight.size(0), reduction);
     ctx->saved_data["chunked"] = chunked;
     if (!chunked) {
       LossOut outs = ce_fwd_op().call(x, weight, bias, target, class_weight, ignore_index,
@@ -605,7 +620,8 @@ at::Tensor linear_ce_autograd(const at::Tensor& x, const at::Tensor& weight,
                        label_smoothing, reduction, float32_loss, nx, nw, nb);
   } else {
     at::AutoDispatchBelowADInplaceOrView below;
-    const auto& op = ce_use_chunked(weight.size(0)) ? ce_chunked_fwd_op() : ce_fwd_op();
+    const auto& op =
+        ce_use_chunked(a.x2, weight.size(0), reduction) ? ce_chunked_fwd_op() : ce_fwd_op();
     loss = loss_out(std::get<0>(op.call(a.x2, weight, bias, a.target,
                                                  opt(a.class_weight), ignore_index,
                                                  label_smoothing, reduction, false, false,
@@ -620,7 +636,8 @@ at::Tensor linear_ce_plain(const at::Tensor& x, const at::Tensor& weight,
                            const c10::optional<at::Tensor>& class_weight, int64_t ignore_index,
                            double label_smoothing, int64_t reduction, bool float32_loss) {
   CeArgs a = prepare_ce(x, weight, bias, target, class_weight, label_smoothing, reduction, false);
-  const auto& op = ce_use_chunked(weight.size(0)) ? ce_chunked_fwd_op() : ce_fwd_op();
+  const auto& op =
+      ce_use_chunked(a.x2, weight.size(0), reduction) ? ce_chunked_fwd_op() : ce_fwd_op();
   const at::Tensor loss = std::get<0>(op.call(a.x2, weight, bias, a.target,
                                                        opt(a.class_weight), ignore_index,
                                                        label_smoothing, reduction, false, false,

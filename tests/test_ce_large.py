@@ -111,6 +111,42 @@ def test_default_path_large_c(device, reduction):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("C", [2, 10, 17])
+def test_small_c_matches_reference(device, dtype, reduction, C, force_chunked, chunk_rows):
+    """Small C on the chunked path: on CUDA it is the default for mean/sum once x holds 32 MiB
+    (csrc/autograd.cpp, ce_use_chunked), where the fused CUDA-core kernel is slower."""
+    chunk_rows(7)
+    x, w, b, t = _problem(40, 33, C, device, dtype)
+    _compare(x, w, b, t, reduction, TOL[dtype])
+
+
+def _ce_ops_run(fn):
+    """Names of the manual_layers cross-entropy ops that fn() dispatches."""
+    from torch.profiler import profile, ProfilerActivity
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    return {e.name for e in prof.events() if e.name.startswith("manual_layers::_linear_ce")}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU visible: CUDA kernels not exercised")
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_cuda_small_c_path_choice(reduction, monkeypatch):
+    """CUDA, C = 10: the single-pass kernel below 32 MiB of x, the chunked path from 32 MiB on
+    (mean/sum; reduction none keeps the single pass); the CPU keeps the single pass."""
+    monkeypatch.delenv("MANUAL_LAYERS_CE_PATH", raising=False)
+    for device, rows, chunked in (("cuda", 16384, False), ("cuda", 32768, reduction != "none"),
+                                  ("cpu", 32768, False)):
+        x, w, b, t = _problem(rows, 512, 10, device, torch.bfloat16)
+        x.requires_grad_()
+        names = _ce_ops_run(lambda: MF.linear_cross_entropy(x, w, b, t, reduction=reduction)
+                            .sum().backward())
+        want = "manual_layers::_linear_ce_chunked_fwd" if chunked else "manual_layers::_linear_ce_fwd"
+        assert want in names, (device, rows, reduction, names)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_leading_dims_noncontiguous_no_bias(device, force_chunked, chunk_rows):
     chunk_rows(3)
     C = 1000
