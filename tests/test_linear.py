@@ -90,6 +90,23 @@ def test_matches_nn_linear_and_activation(device, act):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("act", ["relu", "gelu", "gelu_tanh", "silu", "sigmoid", "tanh"])
+def test_bias_gradient_column_tiles_and_row_chunks(device, dtype, act):
+    """The CUDA backward sums the bias gradient in the activation-gradient kernel when a row of
+    G is whole 16-byte vectors (out_features % (16 / itemsize) == 0): column tiles of 32 vectors
+    (a partial last tile at 264 / 1000 features) and chunks of rows summed in order (a batch of
+    2053 rows spans several chunks, 1 row one). Other out_features take cuBLASLt's BGRADB."""
+    if device == "cpu" and dtype == torch.float16:
+        pytest.skip("covered on the CPU by test_matches_reference")
+    for n, out_f in ((2053, 264), (1, 64), (300, 1000), (37, 8), (129, 17)):
+        x = torch.randn(n, 24, device=device, dtype=dtype)
+        w = torch.randn(out_f, 24, device=device, dtype=dtype) / 5
+        b = torch.randn(out_f, device=device, dtype=dtype)
+        _check_against_reference(x, w, b, act, TOL[dtype])
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("shape", [(13,), (2, 13), (3, 5, 13), (2, 3, 4, 13)])
 def test_leading_dims(device, shape):
     layer = ml.Linear(13, 6, activation="silu", device=device)

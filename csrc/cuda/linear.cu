@@ -8,8 +8,11 @@
 //             others    -> BIAS (DEFAULT) writing the pre-activation, then one own
 //                          vectorised elementwise kernel (or the row-wise softmax kernel)
 //   backward  dX = G W            DEFAULT
-//             dW = G^T x          BGRADB when the bias gradient is needed (else DEFAULT)
-// where G = grad_out * act'(saved) comes from one own vectorised kernel (fp32 / fp64 math).
+//             dW = G^T x          DEFAULT; BGRADB for the bias gradient of activation none (or
+//                                 when the rows of G are not whole 16-byte vectors)
+// where G = grad_out * act'(saved) comes from one own vectorised kernel (fp32 / fp64 math) that
+// also sums G's columns for the bias gradient when it is wanted (act_bwd_colsum_kernel: per
+// chunk of rows, then the chunks in order), so no pass over G is spent on the bias alone.
 // The cuBLASLt GELU epilogue is the tanh approximation, so exact "gelu" never uses it; it is
 // also not used for fp32, whose 1e-5 tolerance an undocumented epilogue accuracy may miss.
 //
@@ -31,6 +34,7 @@
 #include <cublasLt.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <limits>
 #include <string>
 #include <tuple>
@@ -188,6 +192,61 @@ __global__ void colsum_final_kernel(const at::opmath_type<T>* __restrict__ parti
   }
 }
 
+// G = g * act'(s) and the column sums of G in one pass over the rows (the bias gradient without
+// a second read of G). Block (32, kFuseRows): lane x owns the VEC adjacent columns
+// [col, col + VEC) of the block's 32 * VEC column tile (blockIdx.x); thread row y takes rows
+// r0 + y, r0 + y + kFuseRows, ... of the block's chunk of rows_per_chunk rows (blockIdx.y) and
+// sums, in acc_t, the values it stores (rounded to T: the bias gradient is the column sum of the
+// very G the weight-gradient GEMM reads, as with cuBLASLt's BGRADB). The kFuseRows sums of a
+// column are then added in a fixed order and written to partial (gridDim.y, cols); the chunks
+// are summed in order by colsum_final_kernel. Needs cols % VEC == 0 and 16-byte aligned
+// g, s, G, so that every vector lies in one row.
+constexpr int kFuseRows = 8;
+
+template <typename T, Act A, int VEC>
+__global__ void __launch_bounds__(32 * kFuseRows)
+    act_bwd_colsum_kernel(const T* __restrict__ g, const T* __restrict__ s, T* __restrict__ G,
+                          at::opmath_type<T>* __restrict__ partial, int64_t rows, int64_t cols,
+                          int64_t rows_per_chunk) {
+  using acc_t = at::opmath_type<T>;
+  static_assert(VEC <= kFuseRows, "one thread of the block per column of the tile");
+  constexpr int kTile = 32 * VEC;
+  __shared__ acc_t sh[kFuseRows][kTile];
+  const int64_t tile0 = static_cast<int64_t>(blockIdx.x) * kTile;
+  const int64_t col = tile0 + static_cast<int64_t>(threadIdx.x) * VEC;
+  const int64_t r0 = static_cast<int64_t>(blockIdx.y) * rows_per_chunk;
+  const int64_t r1 = r0 + rows_per_chunk < rows ? r0 + rows_per_chunk : rows;
+  acc_t acc[VEC];
+#pragma unroll
+  for (int j = 0; j < VEC; ++j) acc[j] = acc_t(0);
+  if (col < cols) {  // cols % VEC == 0: the whole vector is in range
+#pragma unroll 2
+    for (int64_t r = r0 + threadIdx.y; r < r1; r += kFuseRows) {
+      const int64_t off = r * cols + col;
+      const AlignedVec<T, VEC> gv = load_vec<VEC>(g + off);
+      const AlignedVec<T, VEC> sv = load_vec<VEC>(s + off);
+      AlignedVec<T, VEC> out;
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) {
+        out.val[j] = static_cast<T>(
+            act_backward<A>(static_cast<acc_t>(gv.val[j]), static_cast<acc_t>(sv.val[j])));
+        acc[j] += static_cast<acc_t>(out.val[j]);
+      }
+      store_vec<VEC>(G + off, out);
+    }
+  }
+#pragma unroll
+  for (int j = 0; j < VEC; ++j) sh[threadIdx.y][threadIdx.x * VEC + j] = acc[j];
+  __syncthreads();
+  const int t = threadIdx.y * 32 + threadIdx.x;
+  if (t < kTile && tile0 + t < cols) {
+    acc_t sum = acc_t(0);
+#pragma unroll
+    for (int k = 0; k < kFuseRows; ++k) sum += sh[k][t];
+    partial[static_cast<int64_t>(blockIdx.y) * cols + tile0 + t] = sum;
+  }
+}
+
 // =============================================================================================
 // Launchers. All take contiguous tensors with numel > 0 on the current device / stream.
 // =============================================================================================
@@ -262,6 +321,59 @@ void apply_act_bwd(Act act, const at::Tensor& g, const at::Tensor& s, const at::
         C10_CUDA_KERNEL_LAUNCH_CHECK();
         break;
       }
+      default: TORCH_CHECK(false, "linear_bwd: unhandled activation");
+    }
+  });
+}
+
+// Whether act_bwd_colsum can produce G and the bias gradient of this problem: an elementwise
+// activation and rows of whole 16-byte vectors.
+bool act_bwd_colsum_ok(Act act, at::ScalarType dtype, int64_t cols) {
+  if (act == Act::None || act == Act::Softmax) return false;
+  const int64_t vec = 16 / static_cast<int64_t>(c10::elementSize(dtype));
+  return cols % vec == 0;
+}
+
+template <typename T, Act A>
+void launch_act_bwd_colsum(const at::Tensor& g, const at::Tensor& s, const at::Tensor& G,
+                           const at::Tensor& bias_grad) {
+  using acc_t = at::opmath_type<T>;
+  constexpr int VEC = VecWidth<T>::value;
+  const int64_t rows = g.size(0), cols = g.size(1);
+  const int64_t gx = ceil_div(cols, 32 * VEC);
+  TORCH_CHECK(gx <= std::numeric_limits<int32_t>::max(), "linear_bwd: too many output features (",
+              cols, ") for the bias-gradient kernel");
+  // About two waves of 8 blocks per SM, chunks of at least kFuseRows rows, gridDim.y < 65536.
+  int64_t chunks = ceil_div(int64_t(16) * num_sms(), gx);
+  chunks = std::min<int64_t>(chunks, std::min<int64_t>(ceil_div(rows, kFuseRows), 65535));
+  chunks = std::max<int64_t>(chunks, 1);
+  const int64_t rows_per_chunk = ceil_div(rows, chunks);
+  chunks = ceil_div(rows, rows_per_chunk);
+  const at::Tensor partial = at::empty({chunks, cols}, g.options().dtype(acc_type_of(g.scalar_type())));
+  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  act_bwd_colsum_kernel<T, A, VEC>
+      <<<dim3(static_cast<unsigned>(gx), static_cast<unsigned>(chunks)), dim3(32, kFuseRows), 0,
+         stream>>>(g.const_data_ptr<T>(), s.const_data_ptr<T>(), G.mutable_data_ptr<T>(),
+                   partial.mutable_data_ptr<acc_t>(), rows, cols, rows_per_chunk);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  colsum_final_kernel<T><<<static_cast<unsigned>(grid_for(cols)), kThreads, 0, stream>>>(
+      partial.const_data_ptr<acc_t>(), bias_grad.mutable_data_ptr<T>(), chunks, cols);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// G = g * act'(s) and bias_grad (M,) = column sums of G, for act_bwd_colsum_ok problems; all
+// (N, M) contiguous and 16-byte aligned, N >= 1. Deterministic (the order depends on N, M and
+// the device's SM count only).
+void apply_act_bwd_colsum(Act act, const at::Tensor& g, const at::Tensor& s, const at::Tensor& G,
+                          const at::Tensor& bias_grad) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), "linear_bwd_act_colsum", [&] {
+    switch (act) {
+      case Act::Relu: launch_act_bwd_colsum<scalar_t, Act::Relu>(g, s, G, bias_grad); break;
+      case Act::Gelu: launch_act_bwd_colsum<scalar_t, Act::Gelu>(g, s, G, bias_grad); break;
+      case Act::GeluTanh: launch_act_bwd_colsum<scalar_t, Act::GeluTanh>(g, s, G, bias_grad); break;
+      case Act::Silu: launch_act_bwd_colsum<scalar_t, Act::Silu>(g, s, G, bias_grad); break;
+      case Act::Sigmoid: launch_act_bwd_colsum<scalar_t, Act::Sigmoid>(g, s, G, bias_grad); break;
+      case Act::Tanh: launch_act_bwd_colsum<scalar_t, Act::Tanh>(g, s, G, bias_grad); break;
       default: TORCH_CHECK(false, "linear_bwd: unhandled activation");
     }
   });
@@ -437,16 +549,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_bwd_cuda(
 
   // G = grad_out * act'(saved), (N, M) contiguous and 16-byte aligned.
   const at::Tensor g = aligned_contiguous(grad_out);
+  // With the bias gradient wanted, one pass writes G and the bias gradient's column partials
+  // (act_bwd_colsum_kernel): the dW GEMM then needs no BGRADB epilogue, which on sm_90 is a
+  // separate cuBLASLt kernel reading G again (globalKernelBgradAB_v2, 0.069 ms of 0.84 at
+  // bf16 16384x1024->4096 on an H100, ../shared/perf).
   at::Tensor G;
+  bool bias_done = false;
   if (act == Act::None) {
     G = g;
   } else {
     const at::Tensor s = aligned_contiguous(saved);
     G = at::empty({N, M}, x.options());
-    apply_act_bwd(act, g, s, G);
+    if (need_bias && act_bwd_colsum_ok(act, x.scalar_type(), M)) {
+      apply_act_bwd_colsum(act, g, s, G, grad_b);
+      bias_done = true;
+    } else {
+      apply_act_bwd(act, g, s, G);
+    }
   }
 
-  bool bias_done = false;
   if (K > 0 && (need_x || need_weight)) {
     const at::Tensor xc = x.contiguous();
     const at::Tensor wc = weight.contiguous();
@@ -475,7 +596,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_bwd_cuda(
         // BGRADB: grad_b (length M = columns of D) = sums of op(B) = G over k = N.
         LtGemm gm = lt_gemm(CUBLAS_OP_N, CUBLAS_OP_T, K, M, N, xc.const_data_ptr(), K,
                             G.const_data_ptr(), M, grad_w.mutable_data_ptr(), K, dt, ct);
-        if (need_bias) {
+        if (need_bias && !bias_done) {
           gm.epilogue = CUBLASLT_EPILOGUE_BGRADB;
           gm.bias = grad_b.mutable_data_ptr();
           ok = lt_ok(lt_matmul(gm, x.options()));
