@@ -387,8 +387,9 @@ class BceFn : public torch::autograd::Function<BceFn> {
 // with dX) it took 5.15 ms of kernel time where eager's three tensor-core GEMMs took 0.40-0.58 ms
 // each (1.55 ms, the work of the chunked path's GEMMs; its row pass over 1M x 10 logits is a
 // small fraction), and fp32 C 10 without dX 3.60 ms against eager's two GEMMs' 1.94 ms. Below
-// 32 MiB of x a call costs a few microseconds of device time either way and the single pass
-// launches fewer kernels. Not yet measured on a GPU as a whole path: benchmarks/bench_logreg.py
+// 32 MiB of x (tens of microseconds of kernel time at those rates) the single pass, which
+// launches fewer kernels, is kept; that threshold is a guess until measured. The chunked path computes dX in forward (held until backward: memory
+// the size of x from the forward on). Not yet measured on a GPU as a whole path: bench_logreg.py
 // times both paths side by side on CUDA. reduction="none" keeps the single-pass choice (there
 // the GEMM path holds the N x C residual instead of recomputing the logits in backward).
 //
@@ -404,8 +405,10 @@ bool ce_use_chunked(const at::Tensor& x, int64_t C, int64_t reduction) {
     if (v == "single") return false;
   }
   if (C >= kCeChunkedMinClasses) return true;
+  // sym_numel: under torch.compile with dynamic shapes the size is symbolic (the comparison
+  // then guards on it).
   return x.is_cuda() && reduction != 0 &&
-         x.numel() * static_cast<int64_t>(x.element_size()) >= kCeCudaChunkedMinBytes;
+         x.sym_numel() * static_cast<int64_t>(x.element_size()) >= kCeCudaChunkedMinBytes;
 }
 
 class CeFn : public torch::autograd::Function<CeFn> {

@@ -130,20 +130,39 @@ def _ce_ops_run(fn):
     return {e.name for e in prof.events() if e.name.startswith("manual_layers::_linear_ce")}
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU visible: CUDA kernels not exercised")
 @pytest.mark.parametrize("reduction", REDUCTIONS)
-def test_cuda_small_c_path_choice(reduction, monkeypatch):
-    """CUDA, C = 10: the single-pass kernel below 32 MiB of x, the chunked path from 32 MiB on
-    (mean/sum; reduction none keeps the single pass); the CPU keeps the single pass."""
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_cuda_small_c_path_choice(reduction, dynamic, monkeypatch):
+    """The path choice for CUDA inputs, C = 10, bf16, D = 512, on fake CUDA tensors (no GPU
+    needed: only the dispatch runs): the single-pass kernel below 32 MiB of x, the chunked path
+    from 32 MiB on for mean/sum (reduction none keeps the single pass), also with symbolic
+    batch sizes as torch.compile(dynamic=True) traces them; CPU tensors keep the single pass."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.symbolic_shapes import (DimDynamic, ShapeEnv,
+                                                       StatelessSymbolicContext)
     monkeypatch.delenv("MANUAL_LAYERS_CE_PATH", raising=False)
+    red = {"none": 0, "mean": 1, "sum": 2}[reduction]
+    mode = FakeTensorMode(shape_env=ShapeEnv() if dynamic else None)
+
+    def fake(shape, dtype):  # the batch size symbolic when dynamic
+        if not dynamic:
+            return mode.from_tensor(torch.empty(shape, dtype=dtype))
+        ctx = StatelessSymbolicContext(
+            dynamic_sizes=[DimDynamic.DYNAMIC] + [DimDynamic.STATIC] * (len(shape) - 1))
+        t = mode.from_tensor(torch.empty(shape, dtype=dtype), symbolic_context=ctx)
+        assert isinstance(t.shape[0], torch.SymInt)
+        return t
+
     for device, rows, chunked in (("cuda", 16384, False), ("cuda", 32768, reduction != "none"),
                                   ("cpu", 32768, False)):
-        x, w, b, t = _problem(rows, 512, 10, device, torch.bfloat16)
-        x.requires_grad_()
-        names = _ce_ops_run(lambda: MF.linear_cross_entropy(x, w, b, t, reduction=reduction)
-                            .sum().backward())
-        want = "manual_layers::_linear_ce_chunked_fwd" if chunked else "manual_layers::_linear_ce_fwd"
-        assert want in names, (device, rows, reduction, names)
+        xc, tc = fake((rows, 512), torch.bfloat16), fake((rows,), torch.long)
+        with mode:
+            x, t = xc.to(device).requires_grad_(), tc.to(device)
+            w = torch.empty(10, 512, dtype=torch.bfloat16, device=device, requires_grad=True)
+            names = _ce_ops_run(lambda: ops.linear_ce(x, w, None, t, None, -100, 0.0, red, False))
+        want = ("manual_layers::_linear_ce_chunked_fwd" if chunked
+                else "manual_layers::_linear_ce_fwd")
+        assert names == {want}, (device, rows, reduction, dynamic, names)
 
 
 @pytest.mark.parametrize("device", DEVICES)
