@@ -43,7 +43,7 @@
 //
 // The device-generic driver (chunk loop, ATen GEMMs) lives here and serves CPU and CUDA; the row
 // pass is ce_rows_cpu (below: at::vec, at::parallel_for over rows) or ce_rows_cuda
-// (csrc/cuda/ce_chunked.cu: one warp per row).
+// (csrc/cuda/ce_chunked.cu: a warp per row, or a group of lanes per row for C <= 16).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>

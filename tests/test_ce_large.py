@@ -113,13 +113,19 @@ def test_default_path_large_c(device, reduction):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("reduction", REDUCTIONS)
-@pytest.mark.parametrize("C", [2, 10, 17])
+@pytest.mark.parametrize("C", [2, 3, 10, 16, 17])
 def test_small_c_matches_reference(device, dtype, reduction, C, force_chunked, chunk_rows):
     """Small C on the chunked path: on CUDA it is the default for mean/sum once x holds 32 MiB
-    (csrc/autograd.cpp, ce_use_chunked), where the fused CUDA-core kernel is slower."""
+    (csrc/autograd.cpp, ce_use_chunked), where the fused CUDA-core kernel is slower. On CUDA the
+    row pass of C <= 16 runs several rows per warp (groups of 2 / 4 / 16 lanes here; 17: a
+    warp per row): 41 rows leave a last warp partly past N, row 1 is ignored, and the options
+    (class weights, label smoothing) run in the same groups."""
     chunk_rows(7)
-    x, w, b, t = _problem(40, 33, C, device, dtype)
+    x, w, b, t = _problem(41, 33, C, device, dtype)
     _compare(x, w, b, t, reduction, TOL[dtype])
+    if dtype in (torch.float64, torch.float32):
+        cw = torch.rand(C, device=device, dtype=dtype) + 0.1
+        _compare(x, w, b, t, reduction, TOL[dtype], class_weight=cw, label_smoothing=0.15)
 
 
 def _ce_ops_run(fn):

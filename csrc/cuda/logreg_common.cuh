@@ -161,8 +161,9 @@ void launch_ce_den_final(const acc_t* den_ws, int64_t n_den, acc_t* den_out, cud
 // Cross-entropy row kernel (logreg_gemm.cu): path 2's and the chunked CE's row pass
 // ---------------------------------------------------------------------------------------
 
-// One warp per row, lanes over classes; bias added in acc_t; stable log-softmax; the loss of
-// csrc/logreg.h (eps = label smoothing, w = class weights, y = the row's class)
+// A warp per row (C <= 16: a group of lanes, several rows per warp), lanes over classes; bias
+// added in acc_t; stable log-softmax; the loss of csrc/logreg.h (eps = label smoothing,
+// w = class weights, y = the row's class)
 //   loss = (1 - eps) w_y (lse - z_y) + (eps / C) sum_c w_c (lse - z_c);
 // the residual, as in logreg_ce_fused.cu,
 //   r_c = a p_c - (1 - eps) w_y [c == y] - (eps / C) w_c,  a = (1 - eps) w_y + (eps / C) sum_k w_k,

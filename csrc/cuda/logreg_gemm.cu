@@ -12,8 +12,8 @@
 // denominator comes from ce_den_partial_kernel's partials, summed in the same fixed order by
 // every consumer (no host sync).
 //
-// Row kernels: bce_rows_kernel (binary: one thread per row) and ce_rows_kernel (multinomial: one
-// warp per row). ce_rows_kernel is also the row pass of the chunked cross entropy for large C
+// Row kernels: bce_rows_kernel (binary: one thread per row) and ce_rows_kernel (multinomial: a
+// warp per row, or for C <= 16 a group of the next power of two >= C lanes). ce_rows_kernel is also the row pass of the chunked cross entropy for large C
 // (csrc/ce_chunked.cpp, through ce_chunked.cu and launch_ce_rows): there it writes the residual
 // over the logits chunk in place, in x's dtype, times a device scale.
 #include <ATen/OpMathType.h>
@@ -74,16 +74,45 @@ __global__ void __launch_bounds__(kThreads) bce_rows_kernel(const BceRowsParams<
   }
 }
 
-// Multinomial: one warp per row, lanes over classes (CeRowsParams in logreg_common.cuh says
-// what it computes for its two callers). Three passes over the row: the max; the sum of
-// exponentials (with label smoothing also sum_c w_c (m - z_c) and sum_c w_c); the residual.
-template <typename scalar_t, typename res_t>
+// Reductions over the G lanes of an aligned group (G a power of two <= 32: xor offsets below G
+// stay inside the group), in warp_sum / warp_max's butterfly order (the same for G = 32). Every
+// lane of the warp must call them.
+template <int G, typename acc_t, typename Op>
+__device__ __forceinline__ acc_t group_reduce(acc_t v, Op op) {
+#pragma unroll
+  for (int off = G / 2; off > 0; off >>= 1) v = op(v, __shfl_xor_sync(0xffffffffu, v, off));
+  return v;
+}
+
+template <int G, typename acc_t>
+__device__ __forceinline__ acc_t group_sum(acc_t v) {
+  return group_reduce<G>(v, [](acc_t a, acc_t b) { return a + b; });
+}
+
+template <int G, typename acc_t>
+__device__ __forceinline__ acc_t group_max(acc_t v) {
+  return group_reduce<G>(v, [](acc_t a, acc_t o) { return o > a ? o : a; });
+}
+
+// Multinomial: G lanes per row, lanes over classes (CeRowsParams in logreg_common.cuh says what
+// it computes for its two callers). G = 32 (C > 16): one row per warp; C <= 16: G the smallest
+// power of two >= C, 32 / G rows per warp at once (a warp per row of 10 classes leaves 22 of
+// its lanes idle, in a pass whose few loads per row make it latency-bound; not yet timed on a
+// GPU). Three passes over the row: the max; the sum of exponentials (with label smoothing also
+// sum_c w_c (m - z_c) and sum_c w_c); the residual. The loop bounds are the same for every lane
+// of a warp, so every lane reaches every shuffle; the lanes of a row past N compute and write
+// nothing, those of an ignored row write a zero loss and zero residuals.
+template <typename scalar_t, typename res_t, int G>
 __global__ void __launch_bounds__(kThreads) ce_rows_kernel(const CeRowsParams<scalar_t, res_t> p) {
   using acc_t = at::opmath_type<scalar_t>;
+  static_assert(G >= 2 && G <= 32 && (G & (G - 1)) == 0, "G: a power of two <= 32");
+  constexpr int kRowsPerWarp = 32 / G;
   __shared__ acc_t sbuf[kThreads];
   __shared__ acc_t s_loss[kWarps];
   const int lane = threadIdx.x & 31;
   const int warp = threadIdx.x >> 5;
+  const int sub = lane % G;  // the lane's first class
+  const int grp = lane / G;  // the lane's row among the warp's rows
   const acc_t den = p.den_ws != nullptr ? block_sum_partials(p.den_ws, p.n_den, sbuf) : p.host_den;
   const bool mul_scale = p.res_scale != nullptr;
   const acc_t res_scale = mul_scale ? p.res_scale[0] : acc_t(1);
@@ -92,76 +121,87 @@ __global__ void __launch_bounds__(kThreads) ce_rows_kernel(const CeRowsParams<sc
   const acc_t eps_c = eps / static_cast<acc_t>(C);
   const bool smooth = eps != acc_t(0);
   acc_t loss_acc = 0;
-  const int64_t step = static_cast<int64_t>(gridDim.x) * kWarps;
-  for (int64_t i = static_cast<int64_t>(blockIdx.x) * kWarps + warp; i < p.N; i += step) {
-    const scalar_t* zr = p.logits + i * C;
-    res_t* rr = p.res != nullptr ? p.res + i * C : nullptr;
+  const int64_t step = static_cast<int64_t>(gridDim.x) * kWarps * kRowsPerWarp;
+  for (int64_t i0 = (static_cast<int64_t>(blockIdx.x) * kWarps + warp) * kRowsPerWarp; i0 < p.N;
+       i0 += step) {
+    const int64_t i = i0 + grp;
+    const bool in_range = i < p.N;
+    const scalar_t* zr = p.logits + (in_range ? i : 0) * C;
+    res_t* rr = p.res != nullptr && in_range ? p.res + i * C : nullptr;
     auto logit = [&](int64_t c) {  // z_c in acc_t, with the bias
       return static_cast<acc_t>(zr[c]) + (p.bias != nullptr ? p.bias[c] : acc_t(0));
     };
     auto weight = [&](int64_t c) { return p.cw != nullptr ? p.cw[c] : acc_t(1); };
-    const int64_t y = p.target[i];  // the same for every lane: warp-uniform branches below
-    if (y != p.ignore_index) {
+    const int64_t y = in_range ? p.target[i] : p.ignore_index;  // the same for the row's lanes
+    if (in_range && y != p.ignore_index) {
       CUDA_KERNEL_ASSERT(y >= 0 && y < C && "cross entropy: target class index out of range");
     }
     // Out of range reaches here only if device asserts are compiled out: no memory access.
-    const bool active = y != p.ignore_index && y >= 0 && y < C;
-    if (!active) {
-      if (rr != nullptr)
-        for (int64_t c = lane; c < C; c += 32) rr[c] = static_cast<res_t>(0);
-      if (p.loss_out != nullptr && lane == 0) p.loss_out[i] = acc_t(0);
-      continue;
-    }
+    const bool active = in_range && y != p.ignore_index && y >= 0 && y < C;
     acc_t m = -std::numeric_limits<acc_t>::infinity();
-    for (int64_t c = lane; c < C; c += 32) {
-      const acc_t z = logit(c);
-      m = z > m ? z : m;
-    }
-    m = warp_max(m);
-    acc_t s = 0, sm = 0, wsum = 0;
-    for (int64_t c = lane; c < C; c += 32) {
-      const acc_t z = logit(c);
-      s += ml_exp(z - m);
-      if (smooth) {
-        const acc_t wc = weight(c);
-        sm += wc * (m - z);
-        wsum += wc;
+    if (active) {
+      for (int64_t c = sub; c < C; c += G) {
+        const acc_t z = logit(c);
+        m = z > m ? z : m;
       }
     }
-    s = warp_sum(s);
-    if (smooth) {
-      sm = warp_sum(sm);
-      wsum = warp_sum(wsum);
+    m = group_max<G>(m);
+    acc_t s = 0, sm = 0, wsum = 0;
+    if (active) {
+      for (int64_t c = sub; c < C; c += G) {
+        const acc_t z = logit(c);
+        s += ml_exp(z - m);
+        if (smooth) {
+          const acc_t wc = weight(c);
+          sm += wc * (m - z);
+          wsum += wc;
+        }
+      }
     }
-    const acc_t lse = m + ml_log(s);
-    const acc_t wy = weight(y);
-    const acc_t zy = logit(y);
-    // loss = (1 - eps) w_y (lse - z_y) + (eps / C) sum_c w_c (lse - z_c), the smoothing sum
-    // taken as (lse - m) sum_c w_c + sum_c w_c (m - z_c), so that one pass before lse gives it.
-    acc_t loss_i = (acc_t(1) - eps) * wy * (lse - zy);
-    if (smooth) loss_i += eps_c * ((lse - m) * wsum + sm);
-    // All reads of zr[y] by every lane happen before any write below (the warp_sum/warp_max
-    // shuffles above are warp-synchronous, and zr[y] is read before the residual loop): the
-    // residual may be written over the logits.
+    s = group_sum<G>(s);
+    if (smooth) {
+      sm = group_sum<G>(sm);
+      wsum = group_sum<G>(wsum);
+    }
+    acc_t loss_i = 0, lse = 0, wy = 0;
+    if (active) {
+      lse = m + ml_log(s);
+      wy = weight(y);
+      const acc_t zy = logit(y);
+      // loss = (1 - eps) w_y (lse - z_y) + (eps / C) sum_c w_c (lse - z_c), the smoothing sum
+      // taken as (lse - m) sum_c w_c + sum_c w_c (m - z_c), so that one pass before lse gives it.
+      loss_i = (acc_t(1) - eps) * wy * (lse - zy);
+      if (smooth) loss_i += eps_c * ((lse - m) * wsum + sm);
+    }
+    // All reads of zr[y] by the row's lanes happen before any write below (the shuffles above
+    // are warp-synchronous, and zr[y] is read before the residual loop): the residual may be
+    // written over the logits.
     __syncwarp();
     if (rr != nullptr) {
-      // r_c = ((1-eps) w_y + (eps/C) sum_k w_k) p_c - (1-eps) w_y [c == y] - (eps/C) w_c, then
-      // scaled (CeRowsParams)
-      const acc_t a = (acc_t(1) - eps) * wy + eps_c * wsum;
-      const acc_t coef = p.row_scale != nullptr ? res_scale * p.row_scale[i] : res_scale;
-      for (int64_t c = lane; c < C; c += 32) {
-        acc_t r = a * ml_exp(logit(c) - lse);
-        if (c == y) r -= (acc_t(1) - eps) * wy;
-        if (smooth) r -= eps_c * weight(c);
-        rr[c] = static_cast<res_t>(mul_scale ? r * coef : grad_div(r, den));  // den 0: zero
+      if (active) {
+        // r_c = ((1-eps) w_y + (eps/C) sum_k w_k) p_c - (1-eps) w_y [c == y] - (eps/C) w_c,
+        // then scaled (CeRowsParams)
+        const acc_t a = (acc_t(1) - eps) * wy + eps_c * wsum;
+        const acc_t coef = p.row_scale != nullptr ? res_scale * p.row_scale[i] : res_scale;
+        for (int64_t c = sub; c < C; c += G) {
+          acc_t r = a * ml_exp(logit(c) - lse);
+          if (c == y) r -= (acc_t(1) - eps) * wy;
+          if (smooth) r -= eps_c * weight(c);
+          rr[c] = static_cast<res_t>(mul_scale ? r * coef : grad_div(r, den));  // den 0: zero
+        }
+      } else {
+        for (int64_t c = sub; c < C; c += G) rr[c] = static_cast<res_t>(0);
       }
     }
-    if (lane == 0) {
-      loss_acc += loss_i;
-      if (p.loss_out != nullptr) p.loss_out[i] = loss_i;
+    if (sub == 0 && in_range) {
+      if (active) loss_acc += loss_i;
+      if (p.loss_out != nullptr) p.loss_out[i] = loss_i;  // 0 for an ignored row
     }
   }
   if (p.ws_loss != nullptr) {
+    // The rows' losses sit in the lanes sub == 0; with several rows per warp they are added by
+    // a fixed butterfly (deterministic).
+    if constexpr (G < 32) loss_acc = warp_sum(loss_acc);
     if (lane == 0) s_loss[warp] = loss_acc;
     __syncthreads();
     if (threadIdx.x == 0) {
@@ -176,10 +216,22 @@ __global__ void __launch_bounds__(kThreads) ce_rows_kernel(const CeRowsParams<sc
 // Host side
 // ---------------------------------------------------------------------------------------
 
+// Lanes per row by C (ce_rows_kernel). The grid stays the caller's (grid_for(N, kWarps)): the
+// GEMM path sized its per-block loss partials to it; with several rows per warp, blocks past
+// the rows run no iteration and write a zero partial.
+template <typename scalar_t, typename res_t, int G>
+void launch_ce_rows_g(const CeRowsParams<scalar_t, res_t>& p, int64_t grid, cudaStream_t stream) {
+  ce_rows_kernel<scalar_t, res_t, G><<<grid, kThreads, 0, stream>>>(p);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 template <typename scalar_t, typename res_t>
 void launch_ce_rows(const CeRowsParams<scalar_t, res_t>& p, int64_t grid, cudaStream_t stream) {
-  ce_rows_kernel<scalar_t, res_t><<<grid, kThreads, 0, stream>>>(p);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  if (p.C <= 2) launch_ce_rows_g<scalar_t, res_t, 2>(p, grid, stream);
+  else if (p.C <= 4) launch_ce_rows_g<scalar_t, res_t, 4>(p, grid, stream);
+  else if (p.C <= 8) launch_ce_rows_g<scalar_t, res_t, 8>(p, grid, stream);
+  else if (p.C <= 16) launch_ce_rows_g<scalar_t, res_t, 16>(p, grid, stream);
+  else launch_ce_rows_g<scalar_t, res_t, 32>(p, grid, stream);
 }
 
 template <typename scalar_t>
