@@ -388,12 +388,13 @@ class BceFn : public torch::autograd::Function<BceFn> {
 // (the chunked path's logits and grad_W GEMMs); bf16 with dX 5.15 ms against 1.55 ms for eager's
 // three tensor-core GEMMs (that kernel also wrote dX on CUDA cores; today's writes the residual
 // and dX is a GEMM in backward, which leaves the logits and grad_W work of the fp32 case). The
-// chunked path's row pass over 1M x 10 logits is a small fraction of either. Below
-// 32 MiB of x (tens of microseconds of kernel time at those rates) the single pass, which
-// launches fewer kernels, is kept; that threshold is a guess until measured. The chunked path computes dX in forward (held until backward: memory
-// the size of x from the forward on). Not yet measured on a GPU as a whole path: bench_logreg.py
-// times both paths side by side on CUDA. reduction="none" keeps the single-pass choice (there
-// the GEMM path holds the N x C residual instead of recomputing the logits in backward).
+// chunked path's row pass over 1M x 10 logits is a small fraction of either. Below 32 MiB of x
+// (tens of microseconds of kernel time at those rates) the single pass, which launches fewer
+// kernels, is kept; that threshold is a guess until measured. The chunked path computes dX in
+// forward (held until backward: memory the size of x from the forward on). Not yet measured on
+// a GPU as a whole path: bench_logreg.py times both paths side by side on CUDA.
+// reduction="none" keeps the single-pass choice (there the GEMM path holds the N x C residual
+// instead of recomputing the logits in backward).
 //
 // MANUAL_LAYERS_CE_PATH=chunked|single forces one (tests, benchmarks). Shapes, device and
 // reduction only: the choice is the same in eager mode and under tracing.

@@ -349,7 +349,8 @@ void launch_act_bwd_colsum(const at::Tensor& g, const at::Tensor& s, const at::T
   chunks = std::max<int64_t>(chunks, 1);
   const int64_t rows_per_chunk = ceil_div(rows, chunks);
   chunks = ceil_div(rows, rows_per_chunk);
-  const at::Tensor partial = at::empty({chunks, cols}, g.options().dtype(acc_type_of(g.scalar_type())));
+  const at::Tensor partial =
+      at::empty({chunks, cols}, g.options().dtype(acc_type_of(g.scalar_type())));
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   act_bwd_colsum_kernel<T, A, VEC>
       <<<dim3(static_cast<unsigned>(gx), static_cast<unsigned>(chunks)), dim3(32, kFuseRows), 0,
@@ -366,7 +367,8 @@ void launch_act_bwd_colsum(const at::Tensor& g, const at::Tensor& s, const at::T
 // the device's SM count only).
 void apply_act_bwd_colsum(Act act, const at::Tensor& g, const at::Tensor& s, const at::Tensor& G,
                           const at::Tensor& bias_grad) {
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), "linear_bwd_act_colsum", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, g.scalar_type(), "linear_bwd_act_colsum", [&] {
     switch (act) {
       case Act::Relu: launch_act_bwd_colsum<scalar_t, Act::Relu>(g, s, G, bias_grad); break;
       case Act::Gelu: launch_act_bwd_colsum<scalar_t, Act::Gelu>(g, s, G, bias_grad); break;
