@@ -38,6 +38,7 @@
 #include <limits>
 #include <string>
 #include <tuple>
+#include <utility>
 
 #include "../common.h"
 #include "../linear.h"
@@ -262,9 +263,48 @@ void launch_act_fwd(const at::Tensor& z, const at::Tensor& out) {
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+// The row chunking of a two-stage column sum over `gx` column tiles: about `target_blocks`
+// blocks in all, each chunk at least `min_rows` rows, fewer than 65536 chunks (gridDim.y).
+// Returns {chunks, rows_per_chunk}; depends on its arguments only (deterministic sums).
+std::pair<int64_t, int64_t> column_chunks(int64_t rows, int64_t gx, int64_t target_blocks,
+                                          int64_t min_rows) {
+  int64_t chunks = ceil_div(target_blocks, gx);
+  chunks = std::min<int64_t>(chunks, std::min<int64_t>(ceil_div(rows, min_rows), 65535));
+  chunks = std::max<int64_t>(chunks, 1);
+  const int64_t rows_per_chunk = ceil_div(rows, chunks);
+  return {ceil_div(rows, rows_per_chunk), rows_per_chunk};
+}
+
+void check_column_tiles(int64_t gx, int64_t cols) {
+  TORCH_CHECK(gx <= std::numeric_limits<int32_t>::max(), "linear_bwd: too many output features (",
+              cols, ") for the bias-gradient kernel");
+}
+
+// G = g * act'(s); with bias_grad defined also bias_grad = column sums of G in the same pass
+// (act_bwd_colsum_kernel, about two waves of 8 blocks per SM, then colsum_final_kernel).
 template <typename T, Act A>
-void launch_act_bwd(const at::Tensor& g, const at::Tensor& s, const at::Tensor& G) {
+void launch_act_bwd(const at::Tensor& g, const at::Tensor& s, const at::Tensor& G,
+                    const at::Tensor& bias_grad) {
   constexpr int VEC = VecWidth<T>::value;
+  if (bias_grad.defined()) {
+    using acc_t = at::opmath_type<T>;
+    const int64_t rows = g.size(0), cols = g.size(1);
+    const int64_t gx = ceil_div(cols, 32 * VEC);
+    check_column_tiles(gx, cols);
+    const auto [chunks, rows_per_chunk] = column_chunks(rows, gx, 16 * num_sms(), kFuseRows);
+    const at::Tensor partial =
+        at::empty({chunks, cols}, g.options().dtype(acc_type_of(g.scalar_type())));
+    cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+    act_bwd_colsum_kernel<T, A, VEC>
+        <<<dim3(static_cast<unsigned>(gx), static_cast<unsigned>(chunks)), dim3(32, kFuseRows),
+           0, stream>>>(g.const_data_ptr<T>(), s.const_data_ptr<T>(), G.mutable_data_ptr<T>(),
+                        partial.mutable_data_ptr<acc_t>(), rows, cols, rows_per_chunk);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    colsum_final_kernel<T><<<static_cast<unsigned>(grid_for(cols)), kThreads, 0, stream>>>(
+        partial.const_data_ptr<acc_t>(), bias_grad.mutable_data_ptr<T>(), chunks, cols);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return;
+  }
   const int64_t n = g.numel();
   const int64_t blocks = grid_for(ceil_div(n, VEC));
   act_bwd_kernel<T, A, VEC><<<static_cast<unsigned>(blocks), kThreads, 0,
@@ -301,17 +341,31 @@ void apply_act_fwd(Act act, const at::Tensor& z, const at::Tensor& out) {
   });
 }
 
-// G = g * act'(s) (softmax: row-wise), all (N, M) contiguous and 16-byte aligned.
-void apply_act_bwd(Act act, const at::Tensor& g, const at::Tensor& s, const at::Tensor& G) {
+// Whether apply_act_bwd can also produce the bias gradient of this problem: an elementwise
+// activation and rows of whole 16-byte vectors.
+bool act_bwd_colsum_ok(Act act, at::ScalarType dtype, int64_t cols) {
+  if (act == Act::None || act == Act::Softmax) return false;
+  const int64_t vec = 16 / static_cast<int64_t>(c10::elementSize(dtype));
+  return cols % vec == 0;
+}
+
+// G = g * act'(s) (softmax: row-wise), all (N, M) contiguous and 16-byte aligned, N >= 1; with
+// bias_grad defined (only for act_bwd_colsum_ok problems) also bias_grad (M,) = the column sums
+// of G, deterministic (the order depends on N, M and the device's SM count only).
+void apply_act_bwd(Act act, const at::Tensor& g, const at::Tensor& s, const at::Tensor& G,
+                   const at::Tensor& bias_grad = at::Tensor()) {
+  TORCH_CHECK(!bias_grad.defined() || act_bwd_colsum_ok(act, g.scalar_type(), g.size(1)),
+              "linear_bwd: no fused bias gradient for this activation / width");
   const int64_t rows = g.size(0), cols = g.size(1);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), "linear_bwd_act", [&] {
+    const at::Tensor& b = bias_grad;
     switch (act) {
-      case Act::Relu: launch_act_bwd<scalar_t, Act::Relu>(g, s, G); break;
-      case Act::Gelu: launch_act_bwd<scalar_t, Act::Gelu>(g, s, G); break;
-      case Act::GeluTanh: launch_act_bwd<scalar_t, Act::GeluTanh>(g, s, G); break;
-      case Act::Silu: launch_act_bwd<scalar_t, Act::Silu>(g, s, G); break;
-      case Act::Sigmoid: launch_act_bwd<scalar_t, Act::Sigmoid>(g, s, G); break;
-      case Act::Tanh: launch_act_bwd<scalar_t, Act::Tanh>(g, s, G); break;
+      case Act::Relu: launch_act_bwd<scalar_t, Act::Relu>(g, s, G, b); break;
+      case Act::Gelu: launch_act_bwd<scalar_t, Act::Gelu>(g, s, G, b); break;
+      case Act::GeluTanh: launch_act_bwd<scalar_t, Act::GeluTanh>(g, s, G, b); break;
+      case Act::Silu: launch_act_bwd<scalar_t, Act::Silu>(g, s, G, b); break;
+      case Act::Sigmoid: launch_act_bwd<scalar_t, Act::Sigmoid>(g, s, G, b); break;
+      case Act::Tanh: launch_act_bwd<scalar_t, Act::Tanh>(g, s, G, b); break;
       case Act::Softmax: {
         const int64_t blocks = grid_for(ceil_div(rows, kWarpsPerBlock), 1);
         softmax_bwd_kernel<scalar_t><<<static_cast<unsigned>(blocks), kThreads, 0,
@@ -326,75 +380,15 @@ void apply_act_bwd(Act act, const at::Tensor& g, const at::Tensor& s, const at::
   });
 }
 
-// Whether act_bwd_colsum can produce G and the bias gradient of this problem: an elementwise
-// activation and rows of whole 16-byte vectors.
-bool act_bwd_colsum_ok(Act act, at::ScalarType dtype, int64_t cols) {
-  if (act == Act::None || act == Act::Softmax) return false;
-  const int64_t vec = 16 / static_cast<int64_t>(c10::elementSize(dtype));
-  return cols % vec == 0;
-}
-
-template <typename T, Act A>
-void launch_act_bwd_colsum(const at::Tensor& g, const at::Tensor& s, const at::Tensor& G,
-                           const at::Tensor& bias_grad) {
-  using acc_t = at::opmath_type<T>;
-  constexpr int VEC = VecWidth<T>::value;
-  const int64_t rows = g.size(0), cols = g.size(1);
-  const int64_t gx = ceil_div(cols, 32 * VEC);
-  TORCH_CHECK(gx <= std::numeric_limits<int32_t>::max(), "linear_bwd: too many output features (",
-              cols, ") for the bias-gradient kernel");
-  // About two waves of 8 blocks per SM, chunks of at least kFuseRows rows, gridDim.y < 65536.
-  int64_t chunks = ceil_div(int64_t(16) * num_sms(), gx);
-  chunks = std::min<int64_t>(chunks, std::min<int64_t>(ceil_div(rows, kFuseRows), 65535));
-  chunks = std::max<int64_t>(chunks, 1);
-  const int64_t rows_per_chunk = ceil_div(rows, chunks);
-  chunks = ceil_div(rows, rows_per_chunk);
-  const at::Tensor partial =
-      at::empty({chunks, cols}, g.options().dtype(acc_type_of(g.scalar_type())));
-  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  act_bwd_colsum_kernel<T, A, VEC>
-      <<<dim3(static_cast<unsigned>(gx), static_cast<unsigned>(chunks)), dim3(32, kFuseRows), 0,
-         stream>>>(g.const_data_ptr<T>(), s.const_data_ptr<T>(), G.mutable_data_ptr<T>(),
-                   partial.mutable_data_ptr<acc_t>(), rows, cols, rows_per_chunk);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  colsum_final_kernel<T><<<static_cast<unsigned>(grid_for(cols)), kThreads, 0, stream>>>(
-      partial.const_data_ptr<acc_t>(), bias_grad.mutable_data_ptr<T>(), chunks, cols);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-}
-
-// G = g * act'(s) and bias_grad (M,) = column sums of G, for act_bwd_colsum_ok problems; all
-// (N, M) contiguous and 16-byte aligned, N >= 1. Deterministic (the order depends on N, M and
-// the device's SM count only).
-void apply_act_bwd_colsum(Act act, const at::Tensor& g, const at::Tensor& s, const at::Tensor& G,
-                          const at::Tensor& bias_grad) {
-  AT_DISPATCH_FLOATING_TYPES_AND2(
-      at::kHalf, at::kBFloat16, g.scalar_type(), "linear_bwd_act_colsum", [&] {
-    switch (act) {
-      case Act::Relu: launch_act_bwd_colsum<scalar_t, Act::Relu>(g, s, G, bias_grad); break;
-      case Act::Gelu: launch_act_bwd_colsum<scalar_t, Act::Gelu>(g, s, G, bias_grad); break;
-      case Act::GeluTanh: launch_act_bwd_colsum<scalar_t, Act::GeluTanh>(g, s, G, bias_grad); break;
-      case Act::Silu: launch_act_bwd_colsum<scalar_t, Act::Silu>(g, s, G, bias_grad); break;
-      case Act::Sigmoid: launch_act_bwd_colsum<scalar_t, Act::Sigmoid>(g, s, G, bias_grad); break;
-      case Act::Tanh: launch_act_bwd_colsum<scalar_t, Act::Tanh>(g, s, G, bias_grad); break;
-      default: TORCH_CHECK(false, "linear_bwd: unhandled activation");
-    }
-  });
-}
-
 // out (M,) = column sums of G (N, M), N >= 1, M >= 1; deterministic (fixed reduction order,
 // which depends only on N and M).
 void column_sum(const at::Tensor& G, const at::Tensor& out) {
   const int64_t rows = G.size(0), cols = G.size(1);
   const int64_t gx = ceil_div(cols, kColTileX);
-  TORCH_CHECK(gx <= std::numeric_limits<int32_t>::max(), "linear_bwd: too many output features (",
-              cols, ") for the bias-gradient kernel");
-  // About 1024 blocks in all, each chunk at least 32 rows, at most 1024 chunks (< 65535).
-  int64_t chunks = ceil_div(1024, gx);
-  const int64_t max_chunks = ceil_div(rows, 32);
-  if (chunks > max_chunks) chunks = max_chunks;
-  if (chunks < 1) chunks = 1;
-  const int64_t rows_per_chunk = ceil_div(rows, chunks);
-  chunks = ceil_div(rows, rows_per_chunk);
+  check_column_tiles(gx, cols);
+  // About 1024 blocks in all, each chunk at least 32 rows.
+  int64_t chunks, rows_per_chunk;
+  std::tie(chunks, rows_per_chunk) = column_chunks(rows, gx, 1024, 32);
   const at::Tensor partial =
       at::empty({chunks, cols}, G.options().dtype(at::toOpMathType(G.scalar_type())));
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
@@ -562,12 +556,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_bwd_cuda(
   } else {
     const at::Tensor s = aligned_contiguous(saved);
     G = at::empty({N, M}, x.options());
-    if (need_bias && act_bwd_colsum_ok(act, x.scalar_type(), M)) {
-      apply_act_bwd_colsum(act, g, s, G, grad_b);
-      bias_done = true;
-    } else {
-      apply_act_bwd(act, g, s, G);
-    }
+    bias_done = need_bias && act_bwd_colsum_ok(act, x.scalar_type(), M);
+    apply_act_bwd(act, g, s, G, bias_done ? grad_b : at::Tensor());
   }
 
   if (K > 0 && (need_x || need_weight)) {
