@@ -394,24 +394,32 @@ class BceFn : public torch::autograd::Function<BceFn> {
 // forward (held until backward: memory the size of x from the forward on). Not yet measured on
 // a GPU as a whole path: bench_logreg.py times both paths side by side on CUDA.
 // reduction="none" keeps the single-pass choice (there the GEMM path holds the N x C residual
-// instead of recomputing the logits in backward).
+// instead of recomputing the logits in backward). 16-bit x in the shapes of the tensor-core
+// single pass (csrc/cuda/logreg_ce_tc.cu, ce_tc_shape_ok: C <= 32, D % 8 == 0, D <= 1024 or
+// 512) keeps the single pass at every size: its products run on tensor cores and it reads X
+// once, where the chunked path reads it twice (not yet timed on a GPU). Where that kernel
+// cannot run after all (a GPU older than sm_80, too little shared memory) the single op falls
+// back to the CUDA-core kernel or the GEMM path.
 //
 // MANUAL_LAYERS_CE_PATH=chunked|single forces one (tests, benchmarks). Shapes, device and
 // reduction only: the choice is the same in eager mode and under tracing.
 constexpr int64_t kCeChunkedMinClasses = 128;
 constexpr int64_t kCeCudaChunkedMinBytes = int64_t(32) << 20;
 
-bool ce_use_chunked(const at::Tensor& x, int64_t C, int64_t reduction) {
+bool ce_use_chunked(const at::Tensor& x, const at::Tensor& weight, int64_t reduction) {
   if (const char* env = std::getenv("MANUAL_LAYERS_CE_PATH")) {
     const std::string v(env);
     if (v == "chunked") return true;
     if (v == "single") return false;
   }
+  const int64_t C = weight.size(0);
   if (C >= kCeChunkedMinClasses) return true;
+  if (!x.is_cuda() || reduction == 0) return false;
+  // The tensor-core single pass reads X once; the chunked GEMMs read it twice.
+  if (ce_tc_enabled() && ce_tc_shape_ok(x.scalar_type(), C, weight.size(1))) return false;
   // sym_numel: under torch.compile with dynamic shapes the size is symbolic (the comparison
   // then guards on it).
-  return x.is_cuda() && reduction != 0 &&
-         x.sym_numel() * static_cast<int64_t>(x.element_size()) >= kCeCudaChunkedMinBytes;
+  return x.sym_numel() * static_cast<int64_t>(x.element_size()) >= kCeCudaChunkedMinBytes;
 }
 
 class CeFn : public torch::autograd::Function<CeFn> {
@@ -422,7 +430,7 @@ class CeFn : public torch::autograd::Function<CeFn> {
                             double label_smoothing, int64_t reduction, bool float32_loss,
                             bool nx, bool nw, bool nb) {
     at::AutoDispatchBelowADInplaceOrView below;
-    const bool chunked = ce_use_chunked(x, weight.size(0), reduction);
+    const bool chunked = ce_use_chunked(x, weight, reduction);
     ctx->saved_data["chunked"] = chunked;
     if (!chunked) {
       LossOut outs = ce_fwd_op().call(x, weight, bias, target, class_weight, ignore_index,
@@ -627,7 +635,7 @@ at::Tensor linear_ce_autograd(const at::Tensor& x, const at::Tensor& weight,
   } else {
     at::AutoDispatchBelowADInplaceOrView below;
     const auto& op =
-        ce_use_chunked(a.x2, weight.size(0), reduction) ? ce_chunked_fwd_op() : ce_fwd_op();
+        ce_use_chunked(a.x2, weight, reduction) ? ce_chunked_fwd_op() : ce_fwd_op();
     loss = loss_out(std::get<0>(op.call(a.x2, weight, bias, a.target,
                                                  opt(a.class_weight), ignore_index,
                                                  label_smoothing, reduction, false, false,
@@ -643,7 +651,7 @@ at::Tensor linear_ce_plain(const at::Tensor& x, const at::Tensor& weight,
                            double label_smoothing, int64_t reduction, bool float32_loss) {
   CeArgs a = prepare_ce(x, weight, bias, target, class_weight, label_smoothing, reduction, false);
   const auto& op =
-      ce_use_chunked(a.x2, weight.size(0), reduction) ? ce_chunked_fwd_op() : ce_fwd_op();
+      ce_use_chunked(a.x2, weight, reduction) ? ce_chunked_fwd_op() : ce_fwd_op();
   const at::Tensor loss = std::get<0>(op.call(a.x2, weight, bias, a.target,
                                                        opt(a.class_weight), ignore_index,
                                                        label_smoothing, reduction, false, false,

@@ -6,7 +6,7 @@
 //      (int64 indexing), 16-byte alignment tests, aligned_contiguous(), acc_type_of, empty0,
 //      opt_data;
 //   2. AlignedVec<T, VEC> for 16-byte vector loads/stores;
-//   3. warp reductions (sum, max) over all 32 lanes;
+//   3. warp reductions (sum, max) over all 32 lanes, and over aligned groups of G lanes;
 //   4. activation functions act_forward<A>(z) and act_backward<A>(g, saved) in the op-math
 //      type (float for half/bfloat16/float, double for double), with the exact formulas of
 //      torch's nn.ReLU / nn.GELU() / nn.GELU("tanh") / nn.SiLU / nn.Sigmoid / nn.Tanh;
@@ -139,6 +139,26 @@ __device__ __forceinline__ acc_t warp_max(acc_t v) {
     v = o > v ? o : v;
   }
   return v;
+}
+
+// Reductions over the G lanes of an aligned group (G a power of two <= 32: xor offsets below G
+// stay inside the group), in warp_sum / warp_max's butterfly order (the same for G = 32). Every
+// lane of the warp must call them.
+template <int G, typename acc_t, typename Op>
+__device__ __forceinline__ acc_t group_reduce(acc_t v, Op op) {
+#pragma unroll
+  for (int off = G / 2; off > 0; off >>= 1) v = op(v, __shfl_xor_sync(0xffffffffu, v, off));
+  return v;
+}
+
+template <int G, typename acc_t>
+__device__ __forceinline__ acc_t group_sum(acc_t v) {
+  return group_reduce<G>(v, [](acc_t a, acc_t b) { return a + b; });
+}
+
+template <int G, typename acc_t>
+__device__ __forceinline__ acc_t group_max(acc_t v) {
+  return group_reduce<G>(v, [](acc_t a, acc_t o) { return o > a ? o : a; });
 }
 
 // ---------------------------------------------------------------------------------------------

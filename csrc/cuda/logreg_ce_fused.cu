@@ -52,25 +52,7 @@ constexpr int kCeRowsPerWarp = 2;                    // rows a warp handles per 
 constexpr int kCeTile = kWarps * kCeRowsPerWarp;      // rows per tile (16)
 constexpr int kCeColStep = 128;                       // 32 lanes x 4 columns (phase A)
 
-template <typename scalar_t, typename acc_t>
-struct CeFusedParams {
-  const scalar_t* x;       // (N, D)
-  const acc_t* w;          // (C, D) weight in acc_t
-  const acc_t* bias;       // (C,) or nullptr
-  const int64_t* target;   // (N,)
-  const acc_t* cw;         // (C,) class weights or nullptr
-  const acc_t* den;        // (1,) finalized mean denominator, or nullptr (sum: 1)
-  acc_t* res;              // (N, C) residual / den, or nullptr (need_x)
-  acc_t* ws_gw;            // (B, C, D) or nullptr (need_weight)
-  acc_t* ws_gb;            // (B, C) or nullptr (need_bias)
-  acc_t* ws_loss;          // (B,)
-  int64_t N;
-  int64_t ignore_index;
-  int D;                   // <= 1024 (ce_fused_config)
-  int C;                   // <= CMAX <= 32
-  acc_t eps;               // label smoothing
-  bool vec_ok;             // x: 16-byte vector loads aligned for every row
-};
+// CeFusedParams: logreg_common.cuh (shared with path 1c).
 
 // Four consecutive values of p (aligned to 4 elements) converted to acc_t: one vector load
 // when 4 elements fit in 16 bytes, else scalar loads (double).
@@ -358,9 +340,6 @@ bool ce_fused_config(int64_t C, int64_t D, CeFusedConfig* cfg) {
 }
 
 template <typename scalar_t>
-using CeFusedKernel = void (*)(CeFusedParams<scalar_t, at::opmath_type<scalar_t>>);
-
-template <typename scalar_t>
 CeFusedKernel<scalar_t> ce_fused_kernel_for(int cmax, int dj) {
   using acc_t = at::opmath_type<scalar_t>;
   if constexpr (sizeof(acc_t) == 8) {  // ce_fused_config allows only these for fp64
@@ -383,15 +362,28 @@ LossOut ce_fused_path(const Prepared& q, const CeFusedConfig& cfg, int64_t ignor
                       double label_smoothing, int64_t reduction, bool need_x, bool need_w,
                       bool need_b) {
   using acc_t = at::opmath_type<scalar_t>;
+  constexpr int64_t VEC = 16 / sizeof(scalar_t);
+  CeFusedParams<scalar_t, acc_t> p{};
+  p.x = q.x.data_ptr<scalar_t>();
+  p.w = q.w_acc.data_ptr<acc_t>();
+  // Every row start is aligned iff the base is and a row is a whole number of vectors.
+  p.vec_ok = (reinterpret_cast<uintptr_t>(p.x) % 16 == 0) && (q.D % VEC == 0);
+  return ce_single_pass<scalar_t>(q, p, ce_fused_kernel_for<scalar_t>(cfg.cmax, cfg.dj), cfg.smem,
+                                  kCeTile, ignore_index, label_smoothing, reduction, need_x,
+                                  need_w, need_b);
+}
+
+template <typename scalar_t>
+LossOut ce_single_pass(const Prepared& q, CeFusedParams<scalar_t, at::opmath_type<scalar_t>> p,
+                       CeFusedKernel<scalar_t> kernel, size_t smem, int64_t tile_rows,
+                       int64_t ignore_index, double label_smoothing, int64_t reduction,
+                       bool need_x, bool need_w, bool need_b) {
+  using acc_t = at::opmath_type<scalar_t>;
   const at::Tensor& x = q.x;
   const int64_t N = q.N, D = q.D, C = q.C;
   const auto acc_opts = x.options().dtype(acc_type_of(x.scalar_type()));
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  constexpr int64_t VEC = 16 / sizeof(scalar_t);
 
-  CeFusedParams<scalar_t, acc_t> p{};
-  p.x = x.data_ptr<scalar_t>();
-  p.w = q.w_acc.data_ptr<acc_t>();
   p.bias = opt_data<acc_t>(q.bias_acc);
   p.target = q.itarget.data_ptr<int64_t>();
   p.cw = opt_data<acc_t>(q.cw_acc);
@@ -416,21 +408,17 @@ LossOut ce_fused_path(const Prepared& q, const CeFusedConfig& cfg, int64_t ignor
 
   at::Tensor res = need_x ? at::empty({N, C}, acc_opts) : empty0(acc_opts);
   p.res = need_x ? res.data_ptr<acc_t>() : nullptr;
-  // Every row start is aligned iff the base is and a row is a whole number of vectors.
-  p.vec_ok = (reinterpret_cast<uintptr_t>(p.x) % 16 == 0) && (D % VEC == 0);
 
-  CeFusedKernel<scalar_t> kernel = ce_fused_kernel_for<scalar_t>(cfg.cmax, cfg.dj);
-  if (cfg.smem > 48 * 1024) {
+  if (smem > 48 * 1024) {
     C10_CUDA_CHECK(cudaFuncSetAttribute(reinterpret_cast<const void*>(kernel),
                                         cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                        static_cast<int>(cfg.smem)));
+                                        static_cast<int>(smem)));
   }
   int per_sm = 0;
-  C10_CUDA_CHECK(
-      cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, cfg.smem));
+  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, smem));
   per_sm = std::max(per_sm, 1);
   const int64_t grid = std::max<int64_t>(
-      1, std::min<int64_t>(static_cast<int64_t>(per_sm) * num_sms(), ceil_div(N, kCeTile)));
+      1, std::min<int64_t>(static_cast<int64_t>(per_sm) * num_sms(), ceil_div(N, tile_rows)));
 
   at::Tensor ws_gw = need_w ? at::empty({grid, C * D}, acc_opts) : at::Tensor();
   at::Tensor ws_gb = need_b ? at::empty({grid, C}, acc_opts) : at::Tensor();
@@ -438,7 +426,7 @@ LossOut ce_fused_path(const Prepared& q, const CeFusedConfig& cfg, int64_t ignor
   p.ws_gw = need_w ? ws_gw.data_ptr<acc_t>() : nullptr;
   p.ws_gb = need_b ? ws_gb.data_ptr<acc_t>() : nullptr;
   p.ws_loss = ws_loss.data_ptr<acc_t>();
-  kernel<<<grid, kThreads, cfg.smem, stream>>>(p);
+  kernel<<<grid, kThreads, smem, stream>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 
   // finalize_kernel over the flattened (C * D) grad_W columns; grad_b has C entries.
@@ -466,7 +454,10 @@ LossOut ce_fused_path(const Prepared& q, const CeFusedConfig& cfg, int64_t ignor
 #define ML_INSTANTIATE_CE_FUSED(scalar_t)                                                     \
   template bool ce_fused_config<scalar_t>(int64_t, int64_t, CeFusedConfig*);                 \
   template LossOut ce_fused_path<scalar_t>(const Prepared&, const CeFusedConfig&, int64_t,   \
-                                           double, int64_t, bool, bool, bool);
+                                           double, int64_t, bool, bool, bool);               \
+  template LossOut ce_single_pass<scalar_t>(                                                  \
+      const Prepared&, CeFusedParams<scalar_t, at::opmath_type<scalar_t>>,                    \
+      CeFusedKernel<scalar_t>, size_t, int64_t, int64_t, double, int64_t, bool, bool, bool);
 ML_INSTANTIATE_CE_FUSED(float)
 ML_INSTANTIATE_CE_FUSED(double)
 ML_INSTANTIATE_CE_FUSED(at::Half)

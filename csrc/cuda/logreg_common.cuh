@@ -5,7 +5,9 @@
 //   logreg.cu           host: argument checks, dtype conversion (Prepared), N == 0, the choice of
 //                       path, TORCH_LIBRARY_IMPL registration of _linear_bce_fwd / _linear_ce_fwd
 //   logreg_bce_fused.cu path 1, fused binary cross entropy (X read once)
-//   logreg_ce_fused.cu  path 1b, fused multinomial cross entropy (X read once)
+//   logreg_ce_fused.cu  path 1b, fused multinomial cross entropy (X read once), and the host
+//                       side of the single-pass CE kernels (ce_single_pass)
+//   logreg_ce_tc.cu     path 1c, the same on tensor cores for 16-bit x (X read once)
 //   logreg_gemm.cu      path 2, GEMM + row kernels (everything else); its cross-entropy row
 //                       kernel is also the row pass of the chunked CE (ce_chunked.cu)
 //   logreg_common.cu    finalize_kernel (the last step of every mean/sum path) and the
@@ -43,6 +45,8 @@ using cuda_common::acc_type_of;
 using cuda_common::ceil_div;
 using cuda_common::empty0;
 using cuda_common::grid_for;
+using cuda_common::group_max;
+using cuda_common::group_sum;
 using cuda_common::kThreads;
 using cuda_common::ml_exp;
 using cuda_common::ml_log;
@@ -234,6 +238,60 @@ template <typename scalar_t>
 LossOut ce_fused_path(const Prepared& q, const CeFusedConfig& cfg, int64_t ignore_index,
                       double label_smoothing, int64_t reduction, bool need_x, bool need_w,
                       bool need_b);
+
+// Path 1c (logreg_ce_tc.cu): the same contract as 1b on tensor cores, for 16-bit x in the
+// shapes of ce_tc_shape_ok (csrc/logreg.h) on sm_80+. Its configuration, or false when the
+// kernel is off (MANUAL_LAYERS_CE_TC=0), the device is older than sm_80 or lacks the shared
+// memory. Instantiated for at::Half and at::BFloat16.
+struct CeTcConfig {
+  int cp = 0;      // classes padded to 16 or 32
+  int nt = 0;      // dW column tiles of 8 per warp: 4, 8 or 16
+  int stages = 0;  // row tiles of x in flight (cp.async pipeline): 2 to 4
+  size_t smem = 0; // dynamic shared memory per block, bytes
+};
+template <typename scalar_t>
+bool ce_tc_config(int64_t C, int64_t D, CeTcConfig* cfg);
+template <typename scalar_t>
+LossOut ce_tc_path(const Prepared& q, const CeTcConfig& cfg, int64_t ignore_index,
+                   double label_smoothing, int64_t reduction, bool need_x, bool need_w,
+                   bool need_b);
+
+// The parameters of the single-pass cross-entropy kernels (paths 1b and 1c): both write
+// per-block partials that ce_single_pass sums with finalize_kernel.
+template <typename scalar_t, typename acc_t>
+struct CeFusedParams {
+  const scalar_t* x;       // (N, D)
+  const acc_t* w;          // (C, D) weight in acc_t (path 1b)
+  const scalar_t* wx;      // (C, D) weight in x's dtype (path 1c)
+  const acc_t* bias;       // (C,) or nullptr
+  const int64_t* target;   // (N,)
+  const acc_t* cw;         // (C,) class weights or nullptr
+  const acc_t* den;        // (1,) finalized mean denominator, or nullptr (sum: 1)
+  acc_t* res;              // (N, C) residual / den, or nullptr (need_x)
+  acc_t* ws_gw;            // (B, C, D) or nullptr (need_weight)
+  acc_t* ws_gb;            // (B, C) or nullptr (need_bias)
+  acc_t* ws_loss;          // (B,)
+  int64_t N;
+  int64_t ignore_index;
+  int D;
+  int C;
+  acc_t eps;               // label smoothing
+  bool vec_ok;             // path 1b: x rows start 16-byte aligned and D % VEC == 0
+  int stages;              // path 1c: cp.async pipeline depth
+};
+
+template <typename scalar_t>
+using CeFusedKernel = void (*)(CeFusedParams<scalar_t, at::opmath_type<scalar_t>>);
+
+// The host side both single-pass kernels share (logreg_ce_fused.cu): the mean denominator on
+// the device, the residual and workspaces, the launch (grid: occupancy x SMs, at most
+// ceil(N / tile_rows) blocks) and finalize_kernel. p carries the kernel's own fields (w or
+// wx, vec_ok, stages); the rest is filled in here.
+template <typename scalar_t>
+LossOut ce_single_pass(const Prepared& q, CeFusedParams<scalar_t, at::opmath_type<scalar_t>> p,
+                       CeFusedKernel<scalar_t> kernel, size_t smem, int64_t tile_rows,
+                       int64_t ignore_index, double label_smoothing, int64_t reduction,
+                       bool need_x, bool need_w, bool need_b);
 
 // Path 2 (logreg_gemm.cu): every case; binary selects the BCE row kernel.
 template <typename scalar_t>

@@ -75,26 +75,6 @@ __global__ void __launch_bounds__(kThreads) bce_rows_kernel(const BceRowsParams<
   }
 }
 
-// Reductions over the G lanes of an aligned group (G a power of two <= 32: xor offsets below G
-// stay inside the group), in warp_sum / warp_max's butterfly order (the same for G = 32). Every
-// lane of the warp must call them.
-template <int G, typename acc_t, typename Op>
-__device__ __forceinline__ acc_t group_reduce(acc_t v, Op op) {
-#pragma unroll
-  for (int off = G / 2; off > 0; off >>= 1) v = op(v, __shfl_xor_sync(0xffffffffu, v, off));
-  return v;
-}
-
-template <int G, typename acc_t>
-__device__ __forceinline__ acc_t group_sum(acc_t v) {
-  return group_reduce<G>(v, [](acc_t a, acc_t b) { return a + b; });
-}
-
-template <int G, typename acc_t>
-__device__ __forceinline__ acc_t group_max(acc_t v) {
-  return group_reduce<G>(v, [](acc_t a, acc_t o) { return o > a ? o : a; });
-}
-
 // Multinomial: G lanes per row, lanes over classes (CeRowsParams in logreg_common.cuh says what
 // it computes for its two callers). G = 32 (C > 16): one row per warp; C <= 16: G the smallest
 // power of two >= C, 32 / G rows per warp at once (a warp per row of 10 classes leaves 22 of

@@ -1,0 +1,492 @@
+// CUDA logistic-regression losses, path 1c: fused multinomial cross entropy on tensor cores
+// (linear_ce_fwd, reduction mean/sum, 16-bit x). The contract, the outputs and the host side
+// are path 1b's (logreg_ce_fused.cu: ce_single_pass); logreg.cu chooses the path
+// (ce_tc_config) and logreg_common.cuh describes the op path file by file.
+//
+// Why: path 1b computes its dot products on CUDA cores and is bound by them (an H100 profile
+// of the first release, ../shared/perf: bf16 1M x 512, C = 10, 25 % occupancy, DRAM at 10 % of
+// peak). Here both products of the pass run as mma.sync.m16n8k16 (bf16 or fp16 inputs, fp32
+// accumulation; sm_80 and sm_90), which leaves the pass bound by reading X once.
+//
+// Shapes (csrc/logreg.h, ce_tc_shape_ok): D a multiple of 8, C <= 16 with D <= 1024, C <= 32
+// with D <= 512; classes padded to CP = 16 or 32.
+//
+// ce_tc_kernel: a fixed grid of B blocks (occupancy x SMs, at most ceil(N / 32)), 256 threads
+// = 8 warps, each block over tiles of kTcRows = 32 rows (tile b, b + B, ...):
+//   load   the block's next stages - 1 tiles of X are in flight at all times: cp.async 16-byte
+//          copies into a ring of `stages` shared-memory tiles (rows past N zero-filled);
+//   Z      logits Z (32 x CP) = X_tile W^T: warp w takes m-tile w % 2 (16 rows) and every 4th
+//          k-step of 16 columns from w / 2 (A fragments from the X tile, B fragments from W,
+//          staged once per block in shared memory); the 4 partial Z go to shared memory and
+//          are added in a fixed order;
+//   rows   8 lanes per row (CP / 8 classes each): + bias, stable log-softmax, the loss term
+//          and the residual r of csrc/logreg.h (class weights, label smoothing, ignore_index:
+//          the formulas of path 1b); r / den to the (N, C) residual for backward's dX; r,
+//          split into two 16-bit parts (hi = round(r), lo = round(r - hi): ~16 bits of
+//          mantissa) to shared memory, transposed (classes x rows);
+//   dW     dW (CP x D) += R^T X_tile as two mma per fragment (hi and lo): warp w owns the
+//          column tiles w, w + 8, ... of 8 columns (NT of them) for all classes; the
+//          accumulators stay in registers for the whole loop (CP x D / 256 floats per thread).
+// At the end the block writes its dW, grad_b and loss partials; finalize_kernel adds the B
+// partials in a fixed order and divides by the mean denominator. Bitwise deterministic: fixed
+// tile assignment, fixed summation orders, no atomics.
+//
+// fp16: the residual is scaled by an exact power of two, 2^-k >= 1 / (2 max_c w_c), before the
+// split (|r| <= 2 max_c w_c, so fp16 cannot overflow) and the partial dW is scaled back.
+//
+// Shared memory (16-bit elements as raw bits; row stride DSP = round_up(D, 64) + 8 elements,
+// so the fragment loads of 8 rows x 4 lanes hit 32 different banks):
+//   sW   [CP][DSP]                 weight, zero past C and D
+//   sX   [stages][kTcRows][DSP]    X tiles, columns D .. DSP zero
+//   sZ   [kTcSplits][kTcRows][ZS]  float partial logits (ZS = CP + 4); reused at the end
+//   sRh, sRl [CP][kTcResStride]    residual hi / lo parts, classes x rows
+//   sB, sCW [CP]                   float bias (0 without), class weights (1 without, 0 past C)
+//
+// Not yet run or timed: no GPU was available when it was written (README, "Known
+// limitations"); tests/test_ce_tc.py checks it against the reference wherever a GPU is.
+#include <ATen/OpMathType.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/util/Exception.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <limits>
+#include <type_traits>
+
+#include "logreg_common.cuh"
+// The PTX wrappers (cp.async, mma.sync) and 16-bit conversions: mma_sm80.cuh, or under
+// ML_CUDA_HOST_EMU the host emulation of tests/cuda_emu/ce_tc_emu.cpp, which compiles this file
+// with g++ and runs the kernel's threads on the CPU (tests/test_cuda_emu.py).
+#ifndef ML_CUDA_HOST_EMU
+#include "mma_sm80.cuh"
+#endif
+
+namespace manual_layers {
+namespace cuda_logreg {
+
+constexpr int kTcRows = 32;                          // rows per tile: 2 m-tiles of 16
+constexpr int kTcMTiles = kTcRows / 16;              // m-tiles of the logits product
+constexpr int kTcSplits = kWarps / kTcMTiles;        // k-splits of the logits product (4)
+constexpr int kTcLanes = kThreads / kTcRows;         // lanes per row in the row phase (8)
+constexpr int kTcResStride = kTcRows + 8;            // sRh / sRl row stride (elements)
+static_assert(kTcLanes == 8, "the row phase assumes 8 lanes per row");
+
+// Row stride of the 16-bit tiles in shared memory (see the header comment).
+inline int64_t tc_row_stride(int64_t D) { return ceil_div(D, 64) * 64 + 8; }
+
+__device__ __forceinline__ uint32_t lds32(const uint16_t* p) {
+  return *reinterpret_cast<const uint32_t*>(p);
+}
+__device__ __forceinline__ uint32_t pack2(uint16_t lo, uint16_t hi) {
+  return static_cast<uint32_t>(lo) | (static_cast<uint32_t>(hi) << 16);
+}
+
+// ---------------------------------------------------------------------------------------
+// The kernel
+// ---------------------------------------------------------------------------------------
+
+template <typename scalar_t, int CP, int NT>
+__global__ void __launch_bounds__(kThreads, 1)
+    ce_tc_kernel(const CeFusedParams<scalar_t, float> p) {
+#if ML_SM80
+  constexpr int NC = CP / 8;   // class n-tiles of the logits = classes per lane in the row phase
+  constexpr int MT = CP / 16;  // class m-tiles of dW
+  constexpr int ZS = CP + 4;   // sZ row stride (floats)
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+
+  const int tid = threadIdx.x;
+  const int lane = tid & 31;
+  const int warp = tid >> 5;
+  const int g = lane >> 2;
+  const int t = lane & 3;
+  const int C = p.C;
+  const int D = p.D;
+  const int DP = (D + 15) / 16 * 16;  // k extent of the logits (X and W are zero past D)
+  const int DSP = (D + 63) / 64 * 64 + 8;
+  const int NTT = DP / 8;             // column tiles of dW
+  const int S = p.stages;
+  const int64_t N = p.N;
+
+  uint16_t* sW = reinterpret_cast<uint16_t*>(smem_raw);
+  uint16_t* sX = sW + CP * DSP;
+  float* sZ = reinterpret_cast<float*>(sX + S * kTcRows * DSP);
+  uint16_t* sRh = reinterpret_cast<uint16_t*>(sZ + kTcSplits * kTcRows * ZS);
+  uint16_t* sRl = sRh + CP * kTcResStride;
+  float* sB = reinterpret_cast<float*>(sRl + CP * kTcResStride);
+  float* sCW = sB + CP;
+
+  // Stage W (zero past C and D), zero the pad columns of every X tile (cp.async writes only
+  // columns < D, so they stay zero), bias and class weights.
+  const uint16_t* wbits = reinterpret_cast<const uint16_t*>(p.wx);
+  for (int k = tid; k < CP * DSP; k += kThreads) {
+    const int c = k / DSP;
+    const int d = k - c * DSP;
+    sW[k] = (c < C && d < D) ? wbits[static_cast<int64_t>(c) * D + d] : uint16_t(0);
+  }
+  for (int k = tid; k < S * kTcRows * DSP; k += kThreads)
+    if (k % DSP >= D) sX[k] = 0;
+  if (tid < CP) {
+    sB[tid] = (p.bias != nullptr && tid < C) ? p.bias[tid] : 0.f;
+    sCW[tid] = tid < C ? (p.cw != nullptr ? p.cw[tid] : 1.f) : 0.f;
+  }
+  __syncthreads();
+
+  const float den = p.den != nullptr ? p.den[0] : 1.f;
+  const float eps = p.eps;
+  const float eps_c = eps / static_cast<float>(C);
+  const bool smooth = eps != 0.f;
+  float wsum = 0.f, wmax = 0.f;  // the same fixed order in every thread
+  for (int c = 0; c < C; ++c) {
+    wsum += sCW[c];
+    wmax = fmaxf(wmax, fabsf(sCW[c]));
+  }
+  // fp16: an exact power of two that keeps |r| * rscale <= 1 (|r| <= 2 wmax); bf16 has fp32's
+  // exponent range.
+  float rscale = 1.f;
+  if constexpr (std::is_same_v<scalar_t, at::Half>) {
+    int e = 0;
+    frexpf(fmaxf(2.f * wmax, 1.f), &e);  // 2 wmax < 2^e
+    rscale = ldexpf(1.f, -e);
+  }
+
+  // Tiles of this block: blockIdx.x + k gridDim.x, k < my_tiles.
+  const int64_t ntiles = (N + kTcRows - 1) / kTcRows;
+  const int64_t my_tiles =
+      blockIdx.x < ntiles ? (ntiles - 1 - blockIdx.x) / gridDim.x + 1 : 0;
+  const int chunks = D / 8;  // 16-byte chunks per row
+  auto load_tile = [&](int64_t k, int stage) {
+    const int64_t row0 = (blockIdx.x + k * gridDim.x) * kTcRows;
+    uint16_t* dst = sX + stage * kTcRows * DSP;
+    for (int e = tid; e < kTcRows * chunks; e += kThreads) {
+      const int r = e / chunks;
+      const int q = e - r * chunks;
+      const int64_t row = row0 + r;
+      const bool valid = row < N;
+      const scalar_t* src = p.x + (valid ? row : 0) * static_cast<int64_t>(D) + q * 8;
+      cp_async16(dst + r * DSP + q * 8, src, valid ? 16 : 0);
+    }
+  };
+
+  float acc[MT][NT][4];  // dW partials: classes mt * 16 + {g, g + 8}, columns of tile jn
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+    for (int jn = 0; jn < NT; ++jn)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[mt][jn][e] = 0.f;
+  float gb_part[NC];  // grad_b partials of classes j + 8 k for this thread's row slot
+#pragma unroll
+  for (int k = 0; k < NC; ++k) gb_part[k] = 0.f;
+  float loss_acc = 0.f;
+  const bool need_w = p.ws_gw != nullptr;
+
+  // Prologue: the first stages - 1 tiles in flight. One commit group per tile slot, empty
+  // when there is no tile, so that cp_async_wait(S - 1) below always means "tile it landed".
+  for (int s = 0; s < S - 1; ++s) {
+    if (s < my_tiles) load_tile(s, s);
+    cp_async_commit();
+  }
+  // my_tiles depends on blockIdx only: every thread runs the same iterations.
+  for (int64_t it = 0; it < my_tiles; ++it) {
+    if (it + S - 1 < my_tiles) load_tile(it + S - 1, static_cast<int>((it + S - 1) % S));
+    cp_async_commit();
+    cp_async_wait(S - 1);
+    __syncthreads();  // every thread's copies of tile it are visible
+    const uint16_t* xs = sX + static_cast<int>(it % S) * kTcRows * DSP;
+    const int64_t row0 = (blockIdx.x + it * gridDim.x) * kTcRows;
+
+    // Z: partial logits of m-tile w % 2 over k-steps w / 2, w / 2 + 4, ...
+    {
+      const int mt = warp % kTcMTiles;
+      const int split = warp / kTcMTiles;
+      float z[NC][4];
+#pragma unroll
+      for (int nc = 0; nc < NC; ++nc)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) z[nc][e] = 0.f;
+      const uint16_t* xa = xs + (mt * 16 + g) * DSP + 2 * t;
+      const uint16_t* wb = sW + g * DSP + 2 * t;
+      for (int k0 = split * 16; k0 < DP; k0 += kTcSplits * 16) {
+        uint32_t a[4];
+        a[0] = lds32(xa + k0);
+        a[1] = lds32(xa + 8 * DSP + k0);
+        a[2] = lds32(xa + k0 + 8);
+        a[3] = lds32(xa + 8 * DSP + k0 + 8);
+#pragma unroll
+        for (int nc = 0; nc < NC; ++nc) {
+          uint32_t b[2];
+          b[0] = lds32(wb + nc * 8 * DSP + k0);
+          b[1] = lds32(wb + nc * 8 * DSP + k0 + 8);
+          mma16816<scalar_t>(z[nc], a, b);
+        }
+      }
+      float* zs = sZ + (split * kTcRows + mt * 16 + g) * ZS + 2 * t;
+#pragma unroll
+      for (int nc = 0; nc < NC; ++nc) {
+        zs[nc * 8] = z[nc][0];
+        zs[nc * 8 + 1] = z[nc][1];
+        zs[8 * ZS + nc * 8] = z[nc][2];
+        zs[8 * ZS + nc * 8 + 1] = z[nc][3];
+      }
+    }
+    __syncthreads();
+
+    // Rows: 8 lanes per row r, lane j holds classes j + 8 k. Every lane runs every shuffle
+    // (smooth is uniform over the block); rows past N and ignored rows end with r = 0.
+    {
+      const int r = tid / kTcLanes;
+      const int j = tid % kTcLanes;
+      const int64_t i = row0 + r;
+      const bool valid = i < N;
+      const int64_t y = valid ? p.target[i] : p.ignore_index;
+      const bool ignored = y == p.ignore_index;
+      const bool in_range = y >= 0 && y < static_cast<int64_t>(C);
+      if (!ignored) {
+        CUDA_KERNEL_ASSERT(in_range && "linear_ce_fwd: target class index out of range");
+      }
+      const bool active = !ignored && in_range;  // out of range: only if asserts are off
+      const int yi = in_range ? static_cast<int>(y) : 0;
+      float zc[NC];
+      float m = -std::numeric_limits<float>::infinity();
+#pragma unroll
+      for (int k = 0; k < NC; ++k) {
+        const int c = j + 8 * k;
+        float v = 0.f;
+#pragma unroll
+        for (int s = 0; s < kTcSplits; ++s) v += sZ[(s * kTcRows + r) * ZS + c];
+        zc[k] = v + sB[c];
+        if (c < C) m = fmaxf(m, zc[k]);
+      }
+      m = group_max<kTcLanes>(m);  // class 0 is on lane 0: finite
+      float se = 0.f, zy = 0.f;
+#pragma unroll
+      for (int k = 0; k < NC; ++k) {
+        const int c = j + 8 * k;
+        if (c < C) se += ml_exp(zc[k] - m);
+        if (c == yi) zy = zc[k];
+      }
+      se = group_sum<kTcLanes>(se);
+      zy = group_sum<kTcLanes>(zy);  // one lane holds z_y, the others add zeros
+      const float lse = m + ml_log(se);
+      float sm = 0.f;
+      if (smooth) {
+#pragma unroll
+        for (int k = 0; k < NC; ++k) {
+          const int c = j + 8 * k;
+          if (c < C) sm += sCW[c] * (lse - zc[k]);
+        }
+        sm = group_sum<kTcLanes>(sm);
+      }
+      const float wy = sCW[yi];
+      if (active && j == 0) loss_acc += (1.f - eps) * wy * (lse - zy) + eps_c * sm;
+      // r_c = ((1-eps) w_y + (eps/C) sum_k w_k) p_c - (1-eps) w_y [c == y] - (eps/C) w_c
+      const float a = (1.f - eps) * wy + eps_c * wsum;
+      float* rrow = p.res != nullptr && valid ? p.res + i * static_cast<int64_t>(C) : nullptr;
+#pragma unroll
+      for (int k = 0; k < NC; ++k) {
+        const int c = j + 8 * k;
+        float v = 0.f;
+        if (active && c < C) {
+          v = a * ml_exp(zc[k] - lse);
+          if (c == yi) v -= (1.f - eps) * wy;
+          if (smooth) v -= eps_c * sCW[c];
+        }
+        gb_part[k] += v;
+        if (rrow != nullptr && c < C) rrow[c] = grad_div(v, den);
+        const float vs = v * rscale;
+        const uint16_t hi = to_bits<scalar_t>(vs);
+        sRh[c * kTcResStride + r] = hi;
+        sRl[c * kTcResStride + r] = to_bits<scalar_t>(vs - from_bits<scalar_t>(hi));
+      }
+    }
+    __syncthreads();
+
+    // dW += R^T X_tile: warp w owns column tiles w + 8 jn; k = the tile's rows.
+    if (need_w) {
+#pragma unroll
+      for (int k0 = 0; k0 < kTcRows; k0 += 16) {
+        uint32_t ah[MT][4], al[MT][4];
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) {
+          const int o = (mt * 16 + g) * kTcResStride + k0 + 2 * t;
+          ah[mt][0] = lds32(sRh + o);
+          ah[mt][1] = lds32(sRh + o + 8 * kTcResStride);
+          ah[mt][2] = lds32(sRh + o + 8);
+          ah[mt][3] = lds32(sRh + o + 8 * kTcResStride + 8);
+          al[mt][0] = lds32(sRl + o);
+          al[mt][1] = lds32(sRl + o + 8 * kTcResStride);
+          al[mt][2] = lds32(sRl + o + 8);
+          al[mt][3] = lds32(sRl + o + 8 * kTcResStride + 8);
+        }
+        const uint16_t* xb = xs + (k0 + 2 * t) * DSP + g;
+#pragma unroll
+        for (int jn = 0; jn < NT; ++jn) {
+          const int nt = warp + jn * kWarps;
+          if (nt < NTT) {  // warp-uniform
+            const uint16_t* col = xb + nt * 8;
+            uint32_t b[2];
+            b[0] = pack2(col[0], col[DSP]);
+            b[1] = pack2(col[8 * DSP], col[9 * DSP]);
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt) {
+              mma16816<scalar_t>(acc[mt][jn], ah[mt], b);
+              mma16816<scalar_t>(acc[mt][jn], al[mt], b);
+            }
+          }
+        }
+      }
+    }
+    __syncthreads();  // the next iteration refills this X stage, sZ and sRh / sRl
+  }
+  cp_async_wait(0);
+
+  // Block partials. dW: each accumulator element is one (class, column) of this block.
+  if (need_w) {
+    const float unscale = 1.f / rscale;  // exact: a power of two
+    float* out = p.ws_gw + static_cast<int64_t>(blockIdx.x) * C * D;
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+      for (int jn = 0; jn < NT; ++jn) {
+        const int d = (warp + jn * kWarps) * 8 + 2 * t;  // d < D implies d + 1 < D (D % 8 == 0)
+        const int c0 = mt * 16 + g;
+        if (d < D && c0 < C) {
+          out[static_cast<int64_t>(c0) * D + d] = acc[mt][jn][0] * unscale;
+          out[static_cast<int64_t>(c0) * D + d + 1] = acc[mt][jn][1] * unscale;
+        }
+        if (d < D && c0 + 8 < C) {
+          out[static_cast<int64_t>(c0 + 8) * D + d] = acc[mt][jn][2] * unscale;
+          out[static_cast<int64_t>(c0 + 8) * D + d + 1] = acc[mt][jn][3] * unscale;
+        }
+      }
+  }
+  // grad_b: the 32 row slots' partials added in slot order (sZ is free after the loop).
+  if (p.ws_gb != nullptr) {
+    float* red = sZ;  // [kTcRows][CP]
+#pragma unroll
+    for (int k = 0; k < NC; ++k) red[(tid / kTcLanes) * CP + tid % kTcLanes + 8 * k] = gb_part[k];
+    __syncthreads();
+    if (tid < C) {
+      float v = 0.f;
+      for (int r = 0; r < kTcRows; ++r) v += red[r * CP + tid];
+      p.ws_gb[static_cast<int64_t>(blockIdx.x) * C + tid] = v;
+    }
+    __syncthreads();  // red is reused by block_sum
+  }
+  const float block_loss = block_sum(loss_acc, sZ);
+  if (tid == 0) p.ws_loss[blockIdx.x] = block_loss;
+#else
+  __trap();  // ce_tc_config chooses this kernel on sm_80+ only
+#endif
+}
+
+// ---------------------------------------------------------------------------------------
+// Host side
+// ---------------------------------------------------------------------------------------
+
+template <typename scalar_t>
+size_t ce_tc_smem(int64_t cp, int64_t D, int64_t stages) {
+  const int64_t dsp = tc_row_stride(D);
+  const int64_t zs = cp + 4;
+  return static_cast<size_t>((cp + stages * kTcRows) * dsp * 2 +         // sW, sX
+                             kTcSplits * kTcRows * zs * 4 +               // sZ
+                             2 * cp * kTcResStride * 2 +                  // sRh, sRl
+                             2 * cp * 4);                                 // sB, sCW
+}
+
+// The kernel instance for a shape of ce_tc_shape_ok: classes padded to cp, nt column tiles of
+// dW per warp (the next instance up from ceil(ceil(D / 16) * 2 / 8)).
+inline void ce_tc_tiles(int64_t C, int64_t D, int* cp, int* nt) {
+  *cp = C <= 16 ? 16 : 32;
+  const int64_t need = ceil_div(ceil_div(D, 16) * 2, kWarps);
+  *nt = need <= 4 ? 4 : (need <= 8 ? 8 : 16);
+}
+
+template <typename scalar_t>
+CeFusedKernel<scalar_t> ce_tc_kernel_for(int cp, int nt) {
+  if (cp == 16) {
+    if (nt == 4) return ce_tc_kernel<scalar_t, 16, 4>;
+    if (nt == 8) return ce_tc_kernel<scalar_t, 16, 8>;
+    return ce_tc_kernel<scalar_t, 16, 16>;
+  }
+  TORCH_INTERNAL_ASSERT(nt <= 8, "ce_tc_kernel_for: no instance for CP 32, NT ", nt);
+  if (nt == 4) return ce_tc_kernel<scalar_t, 32, 4>;
+  return ce_tc_kernel<scalar_t, 32, 8>;
+}
+
+// Whether the instance's code for the current device was compiled for sm_80 or newer (a build
+// whose TORCH_CUDA_ARCH_LIST holds only older architectures would run the kernel's empty
+// body, JIT-compiled from their PTX). Asked once per instance.
+template <typename scalar_t>
+bool ce_tc_code_ok(int cp, int nt) {
+  static std::atomic<int> known[2][3] = {{-1, -1, -1}, {-1, -1, -1}};
+  std::atomic<int>& k = known[cp == 32][nt == 4 ? 0 : (nt == 8 ? 1 : 2)];
+  int v = k.load(std::memory_order_relaxed);
+  if (v < 0) {
+    cudaFuncAttributes attr{};
+    C10_CUDA_CHECK(cudaFuncGetAttributes(
+        &attr, reinterpret_cast<const void*>(ce_tc_kernel_for<scalar_t>(cp, nt))));
+    v = attr.ptxVersion >= 80 ? 1 : 0;
+    k.store(v, std::memory_order_relaxed);
+  }
+  return v == 1;
+}
+
+template <typename scalar_t>
+bool ce_tc_config(int64_t C, int64_t D, CeTcConfig* cfg) {
+  if (!ce_tc_enabled() || !ce_tc_shape_ok(c10::CppTypeToScalarType<scalar_t>::value, C, D))
+    return false;
+  const auto* prop = at::cuda::getCurrentDeviceProperties();
+  if (prop->major < 8) return false;
+  int cp = 0, nt = 0;
+  ce_tc_tiles(C, D, &cp, &nt);
+  if (cp / 16 * nt * 4 > 64) return false;  // dW accumulators per thread (ce_tc_shape_ok)
+  if (!ce_tc_code_ok<scalar_t>(cp, nt)) return false;
+  // The deepest ring of X tiles that fits the opt-in limit, at most 4 (>= 3 tiles in flight
+  // keep the memory system busy while a tile is computed; more only costs occupancy).
+  const int64_t limit = static_cast<int64_t>(prop->sharedMemPerBlockOptin);
+  for (int stages = 4; stages >= 2; --stages) {
+    const size_t smem = ce_tc_smem<scalar_t>(cp, D, stages);
+    if (static_cast<int64_t>(smem) <= limit) {
+      cfg->cp = cp;
+      cfg->nt = nt;
+      cfg->stages = stages;
+      cfg->smem = smem;
+      return true;
+    }
+  }
+  return false;
+}
+
+template <typename scalar_t>
+LossOut ce_tc_path(const Prepared& q, const CeTcConfig& cfg, int64_t ignore_index,
+                   double label_smoothing, int64_t reduction, bool need_x, bool need_w,
+                   bool need_b) {
+  using acc_t = at::opmath_type<scalar_t>;
+  static_assert(std::is_same_v<acc_t, float>, "path 1c: 16-bit x only");
+  // cp.async copies 16-byte pieces: x (and so every row, D % 8 == 0) must start 16-byte
+  // aligned; an offset view is copied once (the caching allocator aligns fresh blocks).
+  Prepared qa = q;
+  qa.x = cuda_common::aligned_contiguous(q.x);
+  const at::Tensor wx = q.weight.contiguous();
+  CeFusedParams<scalar_t, acc_t> p{};
+  p.x = qa.x.data_ptr<scalar_t>();
+  p.wx = wx.data_ptr<scalar_t>();
+  p.stages = cfg.stages;
+  return ce_single_pass<scalar_t>(qa, p, ce_tc_kernel_for<scalar_t>(cfg.cp, cfg.nt), cfg.smem,
+                                  kTcRows, ignore_index, label_smoothing, reduction, need_x,
+                                  need_w, need_b);
+}
+
+#define ML_INSTANTIATE_CE_TC(scalar_t)                                                        \
+  template bool ce_tc_config<scalar_t>(int64_t, int64_t, CeTcConfig*);                       \
+  template LossOut ce_tc_path<scalar_t>(const Prepared&, const CeTcConfig&, int64_t, double, \
+                                        int64_t, bool, bool, bool);
+ML_INSTANTIATE_CE_TC(at::Half)
+ML_INSTANTIATE_CE_TC(at::BFloat16)
+#undef ML_INSTANTIATE_CE_TC
+
+}  // namespace cuda_logreg
+}  // namespace manual_layers

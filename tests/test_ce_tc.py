@@ -1,0 +1,142 @@
+"""The tensor-core cross-entropy kernel (csrc/cuda/logreg_ce_tc.cu, path 1c: 16-bit x, mean/sum,
+C <= 32, D % 8 == 0) against manual_layers.reference, and the path choice that sends those
+shapes to it. The kernel tests need a GPU (sm_80+) and skip elsewhere; the path-choice test
+runs anywhere on fake CUDA tensors."""
+
+import pytest
+import torch
+
+import manual_layers as ml
+from conftest import CUDA, TOL
+from test_ce_large import _compare, _grads, _problem
+
+MF = ml.functional
+ops = torch.ops.manual_layers
+LOW = [torch.bfloat16, torch.float16]
+
+needs_tc = pytest.mark.skipif(
+    not CUDA or torch.cuda.get_device_capability()[0] < 8,
+    reason="no CUDA GPU of sm_80 or newer visible: the tensor-core kernel is not exercised")
+
+
+def _kernels(fn):
+    """Names of the CUDA kernels fn() launches."""
+    from torch.profiler import profile, ProfilerActivity
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return [e.name for e in prof.events()]
+
+
+def _ran_tc(x, w, b, t, **kw):
+    names = _kernels(lambda: MF.linear_cross_entropy(x, w, b, t, **kw))
+    return any("ce_tc_kernel" in n for n in names)
+
+
+@needs_tc
+@pytest.mark.parametrize("dtype", LOW)
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("N,D,C", [
+    (1, 8, 2),        # one row, one k-step: three of the four k-splits have nothing
+    (33, 24, 10),     # a partial tile, D not a multiple of 16 (zero pad columns)
+    (300, 1000, 3),   # D > 512: 16 column tiles per warp
+    (1000, 512, 10),  # the issue's shape at small N
+    (95, 512, 17),    # CP = 32
+    (64, 40, 32),     # every padded class used
+    (129, 1024, 16),  # the largest D, CP = 16
+])
+def test_matches_reference(dtype, reduction, N, D, C):
+    x, w, b, t = _problem(N, D, C, "cuda", dtype)
+    assert _ran_tc(x, w, b, t, reduction=reduction)
+    _compare(x, w, b, t, reduction, TOL[dtype])
+
+
+@needs_tc
+@pytest.mark.parametrize("dtype", LOW)
+@pytest.mark.parametrize("setting", ["weights", "smoothing", "both", "ignore_other", "big_weights"])
+def test_options(dtype, setting):
+    """Class weights, label smoothing and ignore_index in the kernel's row phase; big_weights:
+    class weights up to 3e4, where fp16's residual must be scaled before its split."""
+    N, D, C = 77, 64, 12
+    x, w, b, t = _problem(N, D, C, "cuda", dtype)
+    kw = {}
+    if setting in ("weights", "both"):
+        kw["class_weight"] = (torch.rand(C, device="cuda") + 0.1).to(dtype)
+    if setting == "big_weights":
+        kw["class_weight"] = (torch.rand(C, device="cuda") * 3e4 + 1).to(dtype)
+    if setting in ("smoothing", "both"):
+        kw["label_smoothing"] = 0.15
+    if setting == "ignore_other":
+        t[1] = t[3] = 7
+        kw["ignore_index"] = 7
+    assert _ran_tc(x, w, b, t, **kw)
+    # (with weights of 3e4 a summed fp16 loss overflows, in torch as here: mean only)
+    for reduction in ("mean",) if setting == "big_weights" else ("mean", "sum"):
+        _compare(x, w, b, t, reduction, TOL[dtype], **kw)
+
+
+@needs_tc
+@pytest.mark.parametrize("dtype", LOW)
+def test_many_tiles_per_block_deterministic(dtype, monkeypatch):
+    """Enough rows that every block runs several tiles through its cp.async ring (and a last
+    partial tile): bitwise the same twice, and close to the CUDA-core kernel's result."""
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    N, D, C = sms * 32 * 5 + 17, 512, 10
+    x, w, b, t = _problem(N, D, C, "cuda", dtype)
+    assert _ran_tc(x, w, b, t)
+    first = _grads(MF.linear_cross_entropy, x, w, b, t, 1.0)
+    second = _grads(MF.linear_cross_entropy, x, w, b, t, 1.0)
+    for a, e in zip(first, second):
+        assert torch.equal(a, e)
+    monkeypatch.setenv("MANUAL_LAYERS_CE_TC", "0")
+    assert not _ran_tc(x, w, b, t)
+    cudacore = _grads(MF.linear_cross_entropy, x, w, b, t, 1.0)
+    for name, a, e in zip(["loss", "grad_x", "grad_weight", "grad_bias"], first, cudacore):
+        err = ((a.double() - e.double()).norm() / e.double().norm().clamp_min(1e-30)).item()
+        assert err < 1e-2, (name, err)
+    _compare(x, w, b, t, "mean", TOL[dtype])
+
+
+@needs_tc
+def test_unaligned_x():
+    """x starting 2 bytes past a 16-byte boundary (cp.async copies 16-byte pieces): copied
+    once to an aligned buffer, same values."""
+    N, D, C = 50, 64, 10
+    buf = torch.randn(N * D + 1, device="cuda", dtype=torch.bfloat16)
+    x = buf[1:].view(N, D)
+    assert x.data_ptr() % 16 != 0
+    _, w, b, t = _problem(N, D, C, "cuda", torch.bfloat16)
+    assert _ran_tc(x, w, b, t)
+    _compare(x, w, b, t, "mean", TOL[torch.bfloat16])
+
+
+@pytest.mark.parametrize("dtype,D,C,tc_env,single", [
+    (torch.bfloat16, 512, 10, None, True),    # the tensor-core kernel's shape: single pass
+    (torch.float16, 1024, 16, None, True),
+    (torch.bfloat16, 512, 32, None, True),
+    (torch.bfloat16, 1024, 17, None, False),  # C > 16 with D > 512: chunked
+    (torch.bfloat16, 516, 10, None, False),   # D % 8 != 0: chunked
+    (torch.float32, 512, 10, None, False),    # fp32 (no TF32 shortcut): chunked
+    (torch.bfloat16, 512, 10, "0", False),    # MANUAL_LAYERS_CE_TC=0: chunked
+])
+def test_cuda_path_choice(dtype, D, C, tc_env, single, monkeypatch):
+    """On fake CUDA tensors (only the dispatch runs, no GPU needed), x of 64 MiB, mean: 16-bit
+    shapes the tensor-core kernel covers stay on the single-pass op at every size; the rest
+    take the chunked path from 32 MiB (csrc/autograd.cpp, ce_use_chunked)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from test_ce_large import _ce_ops_run
+    monkeypatch.delenv("MANUAL_LAYERS_CE_PATH", raising=False)
+    if tc_env is None:
+        monkeypatch.delenv("MANUAL_LAYERS_CE_TC", raising=False)
+    else:
+        monkeypatch.setenv("MANUAL_LAYERS_CE_TC", tc_env)
+    rows = (64 << 20) // (D * dtype.itemsize)
+    mode = FakeTensorMode()
+    xc = mode.from_tensor(torch.empty(rows, D, dtype=dtype))
+    tc = mode.from_tensor(torch.empty(rows, dtype=torch.long))
+    with mode:
+        x, t = xc.to("cuda").requires_grad_(), tc.to("cuda")
+        w = torch.empty(C, D, dtype=dtype, device="cuda", requires_grad=True)
+        names = _ce_ops_run(lambda: ops.linear_ce(x, w, None, t, None, -100, 0.0, 1, False))
+    want = "manual_layers::_linear_ce_fwd" if single else "manual_layers::_linear_ce_chunked_fwd"
+    assert names == {want}

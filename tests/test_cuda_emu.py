@@ -1,0 +1,87 @@
+"""The tensor-core cross-entropy kernel (csrc/cuda/logreg_ce_tc.cu) run on the CPU: g++ compiles
+the .cu file with tests/cuda_emu/ce_tc_emu.cpp, whose host emulation runs a block's 256
+threads as std::threads, the shuffles and __syncthreads as barriers, cp.async as a copy and
+mma.sync from the PTX ISA's fragment layout. Each case compares the kernel's outputs (loss,
+residual, dW and db partials summed in block order) with a float64 reference of the same
+16-bit inputs. This checks the kernel's tiling, shared-memory layout, fragment addressing,
+tile ring and row phase where no GPU is (CI); the PTX itself and timing need one
+(tests/test_ce_tc.py)."""
+
+import glob
+import os
+import shutil
+import subprocess
+
+import pytest
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+
+
+def _cuda_include_dirs():
+    """CUDA's own include directory (cuda_runtime.h with its crt/ headers), then the pip
+    wheels' (the math-library headers ATen's CUDA headers include)."""
+    dirs = []
+    for home in (os.environ.get("CUDA_HOME"), "/usr/local/cuda"):
+        if home and os.path.exists(os.path.join(home, "include", "crt", "host_config.h")):
+            dirs.append(os.path.join(home, "include"))
+            break
+    site = os.path.dirname(os.path.dirname(torch.__file__))
+    for sub in ("cu13", "cu12"):
+        d = os.path.join(site, "nvidia", sub, "include")
+        if os.path.isdir(d):
+            dirs.append(d)
+    return dirs
+
+
+@pytest.fixture(scope="module")
+def emu(tmp_path_factory):
+    cxx = shutil.which(os.environ.get("CXX", "g++"))
+    inc = _cuda_include_dirs()
+    tlib = os.path.join(os.path.dirname(torch.__file__), "lib")
+    if cxx is None or not inc or not os.path.exists(os.path.join(tlib, "libtorch_cuda.so")):
+        pytest.skip("needs g++, the CUDA headers and a CUDA build of torch")
+    exe = str(tmp_path_factory.mktemp("emu") / "ce_tc_emu")
+    tinc = os.path.join(os.path.dirname(torch.__file__), "include")
+    cmd = [cxx, "-std=c++20", "-O1", "-pthread", os.path.join(HERE, "cuda_emu", "ce_tc_emu.cpp"),
+           "-o", exe, "-I" + tinc, "-I" + os.path.join(tinc, "torch", "csrc", "api", "include")]
+    cmd += ["-I" + d for d in inc]
+    cmd += ["-DWITH_CUDA", "-L" + tlib, "-Wl,-rpath," + tlib,
+            "-lc10", "-ltorch_cpu", "-ltorch_cuda", "-lc10_cuda"]
+    # The CUDA runtime torch links (the host code of the .cu file names it; nothing calls it).
+    site = os.path.dirname(os.path.dirname(torch.__file__))
+    cudart = sorted(glob.glob(os.path.join(site, "nvidia", "*", "lib", "libcudart.so*")) +
+                    glob.glob(os.path.join(site, "nvidia", "cuda_runtime", "lib", "libcudart.so*")))
+    if cudart:
+        cmd += [cudart[0], "-Wl,-rpath," + os.path.dirname(cudart[0])]
+    else:
+        cmd += ["-lcudart"]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    assert r.returncode == 0, "emulation build failed:\n" + r.stderr[-4000:]
+    return exe
+
+
+# dtype, N, D, C, grid, stages, options (w: class weights, W: weights up to 3e4, s: label
+# smoothing, i: ignored rows). grid blocks run ceil(N / 32) tiles: several per block, a
+# partial last tile, and blocks with one tile more than others.
+CASES = [
+    ("bf16", 1, 8, 2, 1, 2, "-"),          # one row; three of four k-splits without work
+    ("bf16", 33, 24, 10, 2, 2, "i"),       # D not a multiple of 16: zero pad columns
+    ("f16", 200, 512, 10, 3, 4, "wsi"),
+    ("bf16", 1000, 512, 10, 4, 4, "i"),    # the issue's shape, 8 tiles per block
+    ("bf16", 95, 512, 17, 2, 3, "s"),      # CP = 32
+    ("f16", 64, 40, 32, 1, 4, "wsi"),      # every padded class in use
+    ("bf16", 129, 1024, 16, 2, 2, "-"),    # the largest D: 16 column tiles per warp
+    ("f16", 300, 1000, 3, 3, 2, "w"),
+    ("bf16", 2000, 256, 5, 7, 3, "ws"),
+    ("f16", 77, 64, 12, 2, 3, "Wsi"),      # fp16 residual scaled before its split
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=["-".join(map(str, c)) for c in CASES])
+def test_ce_tc_kernel_emulated(emu, case):
+    r = subprocess.run([emu] + [str(v) for v in case], capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert r.stdout.rstrip().endswith("OK"), r.stdout
