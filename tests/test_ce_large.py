@@ -139,11 +139,12 @@ def _ce_ops_run(fn):
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("dynamic", [False, True])
 def test_cuda_small_c_path_choice(reduction, dynamic, monkeypatch):
-    """The path choice for CUDA inputs, C = 10, fp32, D = 512, on fake CUDA tensors (no GPU
+    """The path choice for CUDA inputs, C = 10, fp64, D = 512, on fake CUDA tensors (no GPU
     needed: only the dispatch runs): the single-pass kernel below 32 MiB of x, the chunked path
     from 32 MiB on for mean/sum (reduction none keeps the single pass), also with symbolic
     batch sizes as torch.compile(dynamic=True) traces them; CPU tensors keep the single pass.
-    (16-bit x of this shape stays on the single pass: tests/test_ce_tc.py.)"""
+    (fp32 and 16-bit x of this shape stay on the single pass, the tensor-core kernel's:
+    tests/test_ce_tc.py.)"""
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.fx.experimental.symbolic_shapes import (DimDynamic, ShapeEnv,
                                                        StatelessSymbolicContext)
@@ -160,12 +161,12 @@ def test_cuda_small_c_path_choice(reduction, dynamic, monkeypatch):
         assert isinstance(t.shape[0], torch.SymInt)
         return t
 
-    for device, rows, chunked in (("cuda", 8192, False), ("cuda", 16384, reduction != "none"),
-                                  ("cpu", 16384, False)):
-        xc, tc = fake((rows, 512), torch.float32), fake((rows,), torch.long)
+    for device, rows, chunked in (("cuda", 4096, False), ("cuda", 8192, reduction != "none"),
+                                  ("cpu", 8192, False)):
+        xc, tc = fake((rows, 512), torch.float64), fake((rows,), torch.long)
         with mode:
             x, t = xc.to(device).requires_grad_(), tc.to(device)
-            w = torch.empty(10, 512, dtype=torch.float32, device=device, requires_grad=True)
+            w = torch.empty(10, 512, dtype=torch.float64, device=device, requires_grad=True)
             names = _ce_ops_run(lambda: ops.linear_ce(x, w, None, t, None, -100, 0.0, red, False))
         want = ("manual_layers::_linear_ce_chunked_fwd" if chunked
                 else "manual_layers::_linear_ce_fwd")

@@ -1,6 +1,7 @@
-"""The tensor-core cross-entropy kernel (csrc/cuda/logreg_ce_tc.cu, path 1c: 16-bit x, mean/sum,
-C <= 32, D % 8 == 0) against manual_layers.reference, and the path choice that sends those
-shapes to it. The kernel tests need a GPU (sm_80+) and skip elsewhere; the path-choice test
+"""The tensor-core cross-entropy kernel (csrc/cuda/logreg_ce_tc.cu, path 1c: 16-bit x, and fp32
+x as 3xTF32; mean/sum, C <= 32, D % 8 == 0) against manual_layers.reference, and the path choice
+that sends those shapes to it. The kernel tests need a GPU (sm_80+) and skip elsewhere
+(tests/test_cuda_emu.py runs the kernel's code in a host emulation there); the path-choice test
 runs anywhere on fake CUDA tensors."""
 
 import pytest
@@ -12,7 +13,7 @@ from test_ce_large import _compare, _grads, _problem
 
 MF = ml.functional
 ops = torch.ops.manual_layers
-LOW = [torch.bfloat16, torch.float16]
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 needs_tc = pytest.mark.skipif(
     not CUDA or torch.cuda.get_device_capability()[0] < 8,
@@ -34,7 +35,7 @@ def _ran_tc(x, w, b, t, **kw):
 
 
 @needs_tc
-@pytest.mark.parametrize("dtype", LOW)
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 @pytest.mark.parametrize("N,D,C", [
     (1, 8, 2),        # one row, one k-step: three of the four k-splits have nothing
@@ -46,13 +47,16 @@ def _ran_tc(x, w, b, t, **kw):
     (129, 1024, 16),  # the largest D, CP = 16
 ])
 def test_matches_reference(dtype, reduction, N, D, C):
+    """fp32 at full fp32 tolerance (3xTF32), for its shapes: D up to 512 (C <= 16) or 256."""
+    if dtype == torch.float32 and D > (512 if C <= 16 else 256):
+        D = 256 if C > 16 else 512
     x, w, b, t = _problem(N, D, C, "cuda", dtype)
     assert _ran_tc(x, w, b, t, reduction=reduction)
     _compare(x, w, b, t, reduction, TOL[dtype])
 
 
 @needs_tc
-@pytest.mark.parametrize("dtype", LOW)
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("setting", ["weights", "smoothing", "both", "ignore_other", "big_weights"])
 def test_options(dtype, setting):
     """Class weights, label smoothing and ignore_index in the kernel's row phase; big_weights:
@@ -76,10 +80,10 @@ def test_options(dtype, setting):
 
 
 @needs_tc
-@pytest.mark.parametrize("dtype", LOW)
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_many_tiles_per_block_deterministic(dtype, monkeypatch):
     """Enough rows that every block runs several tiles through its cp.async ring (and a last
-    partial tile): bitwise the same twice, and close to the CUDA-core kernel's result."""
+    partial tile): bitwise the same twice, and close to the result with the kernel off."""
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     N, D, C = sms * 32 * 5 + 17, 512, 10
     x, w, b, t = _problem(N, D, C, "cuda", dtype)
@@ -116,13 +120,15 @@ def test_unaligned_x():
     (torch.bfloat16, 512, 32, None, True),
     (torch.bfloat16, 1024, 17, None, False),  # C > 16 with D > 512: chunked
     (torch.bfloat16, 516, 10, None, False),   # D % 8 != 0: chunked
-    (torch.float32, 512, 10, None, False),    # fp32 (no TF32 shortcut): chunked
+    (torch.float32, 512, 10, None, True),     # fp32 as 3xTF32
+    (torch.float32, 1024, 10, None, False),   # fp32 past its D: chunked
+    (torch.float64, 512, 10, None, False),    # fp64: chunked
     (torch.bfloat16, 512, 10, "0", False),    # MANUAL_LAYERS_CE_TC=0: chunked
 ])
 def test_cuda_path_choice(dtype, D, C, tc_env, single, monkeypatch):
-    """On fake CUDA tensors (only the dispatch runs, no GPU needed), x of 64 MiB, mean: 16-bit
-    shapes the tensor-core kernel covers stay on the single-pass op at every size; the rest
-    take the chunked path from 32 MiB (csrc/autograd.cpp, ce_use_chunked)."""
+    """On fake CUDA tensors (only the dispatch runs, no GPU needed), x of 64 MiB, mean: shapes
+    the tensor-core kernel covers stay on the single-pass op at every size; the rest take the
+    chunked path from 32 MiB (csrc/autograd.cpp, ce_use_chunked)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
     from test_ce_large import _ce_ops_run
     monkeypatch.delenv("MANUAL_LAYERS_CE_PATH", raising=False)

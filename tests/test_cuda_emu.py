@@ -3,7 +3,7 @@ the .cu file with tests/cuda_emu/ce_tc_emu.cpp, whose host emulation runs a bloc
 threads as std::threads, the shuffles and __syncthreads as barriers, cp.async as a copy and
 mma.sync from the PTX ISA's fragment layout. Each case compares the kernel's outputs (loss,
 residual, dW and db partials summed in block order) with a float64 reference of the same
-16-bit inputs. This checks the kernel's tiling, shared-memory layout, fragment addressing,
+inputs (bf16, fp16, and fp32 through 3xTF32). This checks the kernel's tiling, shared-memory layout, fragment addressing,
 tile ring and row phase where no GPU is (CI); the PTX itself and timing need one
 (tests/test_ce_tc.py)."""
 
@@ -76,6 +76,11 @@ CASES = [
     ("f16", 300, 1000, 3, 3, 2, "w"),
     ("bf16", 2000, 256, 5, 7, 3, "ws"),
     ("f16", 77, 64, 12, 2, 3, "Wsi"),      # fp16 residual scaled before its split
+    ("f32", 1, 8, 2, 1, 2, "-"),           # fp32: 3xTF32 products, k-steps of 8
+    ("f32", 33, 24, 10, 2, 2, "i"),
+    ("f32", 1000, 512, 10, 4, 2, "wsi"),   # fp32's largest D for C <= 16
+    ("f32", 95, 256, 17, 2, 3, "s"),       # fp32, CP = 32
+    ("f32", 64, 40, 32, 1, 4, "wsi"),
 ]
 
 

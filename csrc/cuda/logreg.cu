@@ -13,10 +13,10 @@
 //    the device's opt-in limit); fp64 only for C <= 16, D <= 512 (ce_fused_config). X is read
 //    exactly once and no (N, C) buffer exists.
 //
-// 1c. Tensor-core multinomial path (logreg_ce_tc.cu): path 1b's contract for 16-bit x,
-//    reduction mean/sum, D % 8 == 0, C <= 16 with D <= 1024 or C <= 32 with D <= 512
-//    (ce_tc_shape_ok in csrc/logreg.h), sm_80+, and the shared memory for two tiles of X
-//    (ce_tc_config). Tried before 1b; MANUAL_LAYERS_CE_TC=0 turns it off.
+// 1c. Tensor-core multinomial path (logreg_ce_tc.cu): path 1b's contract for 16-bit and fp32
+//    x (3xTF32), reduction mean/sum, D % 8 == 0, C <= 32 and D up to 1024 (16-bit, C <= 16;
+//    ce_tc_shape_ok in csrc/logreg.h has the rest), sm_80+, and the shared memory for two
+//    tiles of X (ce_tc_config). Tried before 1b; MANUAL_LAYERS_CE_TC=0 turns it off.
 //
 // 2. GEMM path (logreg_gemm.cu), everything else: reduction none, binary with larger D,
 //    multinomial outside the limits of 1b. logits = x W^T through at::mm, a row kernel of our
@@ -153,8 +153,7 @@ LossOut linear_ce_fwd_cuda(const at::Tensor& x, const at::Tensor& weight,
 
   return AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, x.scalar_type(), "linear_ce_fwd_cuda", [&]() -> LossOut {
-        if constexpr (std::is_same_v<scalar_t, at::Half> ||
-                      std::is_same_v<scalar_t, at::BFloat16>) {
+        if constexpr (!std::is_same_v<scalar_t, double>) {
           CeTcConfig tc;
           if (reduction != kNone && ce_tc_config<scalar_t>(q.C, q.D, &tc)) {
             return ce_tc_path<scalar_t>(q, tc, ignore_index, label_smoothing, reduction, need_x,

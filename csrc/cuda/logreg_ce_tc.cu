@@ -70,17 +70,31 @@ constexpr int kTcRows = 32;                          // rows per tile: 2 m-tiles
 constexpr int kTcMTiles = kTcRows / 16;              // m-tiles of the logits product
 constexpr int kTcSplits = kWarps / kTcMTiles;        // k-splits of the logits product (4)
 constexpr int kTcLanes = kThreads / kTcRows;         // lanes per row in the row phase (8)
-constexpr int kTcResStride = kTcRows + 8;            // sRh / sRl row stride (elements)
+constexpr int kTcResStride = kTcRows + 8;            // sRh / sRl row stride (16-bit elements)
+constexpr int kTcResStrideF = kTcRows + 4;           // sRf row stride (fp32 x: floats)
 static_assert(kTcLanes == 8, "the row phase assumes 8 lanes per row");
 
-// Row stride of the 16-bit tiles in shared memory (see the header comment).
-inline int64_t tc_row_stride(int64_t D) { return ceil_div(D, 64) * 64 + 8; }
+// Row stride, in elements, of the X and W tiles in shared memory: with it the fragment loads of
+// 8 rows x 4 lanes hit 32 different banks (16-bit: DSP / 2 words = 4 mod 32; fp32: DSP = 4 mod
+// 32 words).
+__host__ __device__ constexpr int64_t tc_row_stride(int64_t D, int64_t elem_bytes) {
+  return elem_bytes == 2 ? (D + 63) / 64 * 64 + 8 : (D + 31) / 32 * 32 + 4;
+}
 
 __device__ __forceinline__ uint32_t lds32(const uint16_t* p) {
   return *reinterpret_cast<const uint32_t*>(p);
 }
 __device__ __forceinline__ uint32_t pack2(uint16_t lo, uint16_t hi) {
   return static_cast<uint32_t>(lo) | (static_cast<uint32_t>(hi) << 16);
+}
+// 3xTF32 (fp32 x): d += a_lo b_hi + a_hi b_lo + a_hi b_hi, the small terms first; a_lo b_lo
+// (~2^-22 relative) is dropped.
+__device__ __forceinline__ void mma3_tf32(float (&d)[4], const uint32_t (&ah)[4],
+                                          const uint32_t (&al)[4], const uint32_t (&bh)[2],
+                                          const uint32_t (&bl)[2]) {
+  mma1688_tf32(d, al, bh);
+  mma1688_tf32(d, ah, bl);
+  mma1688_tf32(d, ah, bh);
 }
 
 // ---------------------------------------------------------------------------------------
@@ -91,6 +105,9 @@ template <typename scalar_t, int CP, int NT>
 __global__ void __launch_bounds__(kThreads, 1)
     ce_tc_kernel(const CeFusedParams<scalar_t, float> p) {
 #if ML_SM80
+  constexpr bool kF32 = std::is_same_v<scalar_t, float>;  // 3xTF32 m16n8k8 instead of m16n8k16
+  using elem_t = std::conditional_t<kF32, uint32_t, uint16_t>;  // raw bits in shared memory
+  constexpr int EV = 16 / static_cast<int>(sizeof(scalar_t));   // elements per 16-byte copy
   constexpr int NC = CP / 8;   // class n-tiles of the logits = classes per lane in the row phase
   constexpr int MT = CP / 16;  // class m-tiles of dW
   constexpr int ZS = CP + 4;   // sZ row stride (floats)
@@ -104,26 +121,28 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int C = p.C;
   const int D = p.D;
   const int DP = (D + 15) / 16 * 16;  // k extent of the logits (X and W are zero past D)
-  const int DSP = (D + 63) / 64 * 64 + 8;
+  const int DSP = static_cast<int>(tc_row_stride(D, sizeof(scalar_t)));
   const int NTT = DP / 8;             // column tiles of dW
   const int S = p.stages;
   const int64_t N = p.N;
 
-  uint16_t* sW = reinterpret_cast<uint16_t*>(smem_raw);
-  uint16_t* sX = sW + CP * DSP;
+  elem_t* sW = reinterpret_cast<elem_t*>(smem_raw);
+  elem_t* sX = sW + CP * DSP;
   float* sZ = reinterpret_cast<float*>(sX + S * kTcRows * DSP);
-  uint16_t* sRh = reinterpret_cast<uint16_t*>(sZ + kTcSplits * kTcRows * ZS);
+  unsigned char* sR = reinterpret_cast<unsigned char*>(sZ + kTcSplits * kTcRows * ZS);
+  uint16_t* sRh = reinterpret_cast<uint16_t*>(sR);  // 16-bit x: residual hi / lo parts
   uint16_t* sRl = sRh + CP * kTcResStride;
-  float* sB = reinterpret_cast<float*>(sRl + CP * kTcResStride);
+  float* sRf = reinterpret_cast<float*>(sR);         // fp32 x: the residual
+  float* sB = reinterpret_cast<float*>(sR + CP * kTcResStride * 4);
   float* sCW = sB + CP;
 
   // Stage W (zero past C and D), zero the pad columns of every X tile (cp.async writes only
   // columns < D, so they stay zero), bias and class weights.
-  const uint16_t* wbits = reinterpret_cast<const uint16_t*>(p.wx);
+  const elem_t* wbits = reinterpret_cast<const elem_t*>(p.wx);
   for (int k = tid; k < CP * DSP; k += kThreads) {
     const int c = k / DSP;
     const int d = k - c * DSP;
-    sW[k] = (c < C && d < D) ? wbits[static_cast<int64_t>(c) * D + d] : uint16_t(0);
+    sW[k] = (c < C && d < D) ? wbits[static_cast<int64_t>(c) * D + d] : elem_t(0);
   }
   for (int k = tid; k < S * kTcRows * DSP; k += kThreads)
     if (k % DSP >= D) sX[k] = 0;
@@ -155,17 +174,17 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int64_t ntiles = (N + kTcRows - 1) / kTcRows;
   const int64_t my_tiles =
       blockIdx.x < ntiles ? (ntiles - 1 - blockIdx.x) / gridDim.x + 1 : 0;
-  const int chunks = D / 8;  // 16-byte chunks per row
+  const int chunks = D / EV;  // 16-byte chunks per row
   auto load_tile = [&](int64_t k, int stage) {
     const int64_t row0 = (blockIdx.x + k * gridDim.x) * kTcRows;
-    uint16_t* dst = sX + stage * kTcRows * DSP;
+    elem_t* dst = sX + stage * kTcRows * DSP;
     for (int e = tid; e < kTcRows * chunks; e += kThreads) {
       const int r = e / chunks;
       const int q = e - r * chunks;
       const int64_t row = row0 + r;
       const bool valid = row < N;
-      const scalar_t* src = p.x + (valid ? row : 0) * static_cast<int64_t>(D) + q * 8;
-      cp_async16(dst + r * DSP + q * 8, src, valid ? 16 : 0);
+      const scalar_t* src = p.x + (valid ? row : 0) * static_cast<int64_t>(D) + q * EV;
+      cp_async16(dst + r * DSP + q * EV, src, valid ? 16 : 0);
     }
   };
 
@@ -194,7 +213,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     cp_async_commit();
     cp_async_wait(S - 1);
     __syncthreads();  // every thread's copies of tile it are visible
-    const uint16_t* xs = sX + static_cast<int>(it % S) * kTcRows * DSP;
+    const elem_t* xs = sX + static_cast<int>(it % S) * kTcRows * DSP;
     const int64_t row0 = (blockIdx.x + it * gridDim.x) * kTcRows;
 
     // Z: partial logits of m-tile w % 2 over k-steps w / 2, w / 2 + 4, ...
@@ -206,20 +225,39 @@ __global__ void __launch_bounds__(kThreads, 1)
       for (int nc = 0; nc < NC; ++nc)
 #pragma unroll
         for (int e = 0; e < 4; ++e) z[nc][e] = 0.f;
-      const uint16_t* xa = xs + (mt * 16 + g) * DSP + 2 * t;
-      const uint16_t* wb = sW + g * DSP + 2 * t;
-      for (int k0 = split * 16; k0 < DP; k0 += kTcSplits * 16) {
-        uint32_t a[4];
-        a[0] = lds32(xa + k0);
-        a[1] = lds32(xa + 8 * DSP + k0);
-        a[2] = lds32(xa + k0 + 8);
-        a[3] = lds32(xa + 8 * DSP + k0 + 8);
+      if constexpr (kF32) {  // k-steps of 8; every product as 3 tf32 products
+        const elem_t* xa = xs + (mt * 16 + g) * DSP + t;
+        const elem_t* wb = sW + g * DSP + t;
+        for (int k0 = split * 8; k0 < DP; k0 += kTcSplits * 8) {
+          uint32_t ah[4], al[4];
+          tf32_split(xa[k0], ah[0], al[0]);
+          tf32_split(xa[8 * DSP + k0], ah[1], al[1]);
+          tf32_split(xa[k0 + 4], ah[2], al[2]);
+          tf32_split(xa[8 * DSP + k0 + 4], ah[3], al[3]);
 #pragma unroll
-        for (int nc = 0; nc < NC; ++nc) {
-          uint32_t b[2];
-          b[0] = lds32(wb + nc * 8 * DSP + k0);
-          b[1] = lds32(wb + nc * 8 * DSP + k0 + 8);
-          mma16816<scalar_t>(z[nc], a, b);
+          for (int nc = 0; nc < NC; ++nc) {
+            uint32_t bh[2], bl[2];
+            tf32_split(wb[nc * 8 * DSP + k0], bh[0], bl[0]);
+            tf32_split(wb[nc * 8 * DSP + k0 + 4], bh[1], bl[1]);
+            mma3_tf32(z[nc], ah, al, bh, bl);
+          }
+        }
+      } else {  // k-steps of 16
+        const elem_t* xa = xs + (mt * 16 + g) * DSP + 2 * t;
+        const elem_t* wb = sW + g * DSP + 2 * t;
+        for (int k0 = split * 16; k0 < DP; k0 += kTcSplits * 16) {
+          uint32_t a[4];
+          a[0] = lds32(xa + k0);
+          a[1] = lds32(xa + 8 * DSP + k0);
+          a[2] = lds32(xa + k0 + 8);
+          a[3] = lds32(xa + 8 * DSP + k0 + 8);
+#pragma unroll
+          for (int nc = 0; nc < NC; ++nc) {
+            uint32_t b[2];
+            b[0] = lds32(wb + nc * 8 * DSP + k0);
+            b[1] = lds32(wb + nc * 8 * DSP + k0 + 8);
+            mma16816<scalar_t>(z[nc], a, b);
+          }
         }
       }
       float* zs = sZ + (split * kTcRows + mt * 16 + g) * ZS + 2 * t;
@@ -295,44 +333,76 @@ __global__ void __launch_bounds__(kThreads, 1)
         }
         gb_part[k] += v;
         if (rrow != nullptr && c < C) rrow[c] = grad_div(v, den);
-        const float vs = v * rscale;
-        const uint16_t hi = to_bits<scalar_t>(vs);
-        sRh[c * kTcResStride + r] = hi;
-        sRl[c * kTcResStride + r] = to_bits<scalar_t>(vs - from_bits<scalar_t>(hi));
+        if constexpr (kF32) {
+          sRf[c * kTcResStrideF + r] = v;
+        } else {
+          const float vs = v * rscale;
+          const uint16_t hi = to_bits<scalar_t>(vs);
+          sRh[c * kTcResStride + r] = hi;
+          sRl[c * kTcResStride + r] = to_bits<scalar_t>(vs - from_bits<scalar_t>(hi));
+        }
       }
     }
     __syncthreads();
 
     // dW += R^T X_tile: warp w owns column tiles w + 8 jn; k = the tile's rows.
     if (need_w) {
+      if constexpr (kF32) {  // k-steps of 8 rows, 3 tf32 products
 #pragma unroll
-      for (int k0 = 0; k0 < kTcRows; k0 += 16) {
-        uint32_t ah[MT][4], al[MT][4];
+        for (int k0 = 0; k0 < kTcRows; k0 += 8) {
+          uint32_t ah[MT][4], al[MT][4];
 #pragma unroll
-        for (int mt = 0; mt < MT; ++mt) {
-          const int o = (mt * 16 + g) * kTcResStride + k0 + 2 * t;
-          ah[mt][0] = lds32(sRh + o);
-          ah[mt][1] = lds32(sRh + o + 8 * kTcResStride);
-          ah[mt][2] = lds32(sRh + o + 8);
-          ah[mt][3] = lds32(sRh + o + 8 * kTcResStride + 8);
-          al[mt][0] = lds32(sRl + o);
-          al[mt][1] = lds32(sRl + o + 8 * kTcResStride);
-          al[mt][2] = lds32(sRl + o + 8);
-          al[mt][3] = lds32(sRl + o + 8 * kTcResStride + 8);
+          for (int mt = 0; mt < MT; ++mt) {
+            const float* rr = sRf + (mt * 16 + g) * kTcResStrideF + k0 + t;
+            tf32_split(rr[0], ah[mt][0], al[mt][0]);
+            tf32_split(rr[8 * kTcResStrideF], ah[mt][1], al[mt][1]);
+            tf32_split(rr[4], ah[mt][2], al[mt][2]);
+            tf32_split(rr[8 * kTcResStrideF + 4], ah[mt][3], al[mt][3]);
+          }
+          const elem_t* xb = xs + (k0 + t) * DSP + g;
+#pragma unroll
+          for (int jn = 0; jn < NT; ++jn) {
+            const int nt = warp + jn * kWarps;
+            if (nt < NTT) {  // warp-uniform
+              const elem_t* col = xb + nt * 8;
+              uint32_t bh[2], bl[2];
+              tf32_split(col[0], bh[0], bl[0]);
+              tf32_split(col[4 * DSP], bh[1], bl[1]);
+#pragma unroll
+              for (int mt = 0; mt < MT; ++mt) mma3_tf32(acc[mt][jn], ah[mt], al[mt], bh, bl);
+            }
+          }
         }
-        const uint16_t* xb = xs + (k0 + 2 * t) * DSP + g;
+      } else {  // 16-bit: k-steps of 16 rows, the residual's hi and lo parts
 #pragma unroll
-        for (int jn = 0; jn < NT; ++jn) {
-          const int nt = warp + jn * kWarps;
-          if (nt < NTT) {  // warp-uniform
-            const uint16_t* col = xb + nt * 8;
-            uint32_t b[2];
-            b[0] = pack2(col[0], col[DSP]);
-            b[1] = pack2(col[8 * DSP], col[9 * DSP]);
+        for (int k0 = 0; k0 < kTcRows; k0 += 16) {
+          uint32_t ah[MT][4], al[MT][4];
 #pragma unroll
-            for (int mt = 0; mt < MT; ++mt) {
-              mma16816<scalar_t>(acc[mt][jn], ah[mt], b);
-              mma16816<scalar_t>(acc[mt][jn], al[mt], b);
+          for (int mt = 0; mt < MT; ++mt) {
+            const int o = (mt * 16 + g) * kTcResStride + k0 + 2 * t;
+            ah[mt][0] = lds32(sRh + o);
+            ah[mt][1] = lds32(sRh + o + 8 * kTcResStride);
+            ah[mt][2] = lds32(sRh + o + 8);
+            ah[mt][3] = lds32(sRh + o + 8 * kTcResStride + 8);
+            al[mt][0] = lds32(sRl + o);
+            al[mt][1] = lds32(sRl + o + 8 * kTcResStride);
+            al[mt][2] = lds32(sRl + o + 8);
+            al[mt][3] = lds32(sRl + o + 8 * kTcResStride + 8);
+          }
+          const elem_t* xb = xs + (k0 + 2 * t) * DSP + g;
+#pragma unroll
+          for (int jn = 0; jn < NT; ++jn) {
+            const int nt = warp + jn * kWarps;
+            if (nt < NTT) {  // warp-uniform
+              const elem_t* col = xb + nt * 8;
+              uint32_t b[2];
+              b[0] = pack2(col[0], col[DSP]);
+              b[1] = pack2(col[8 * DSP], col[9 * DSP]);
+#pragma unroll
+              for (int mt = 0; mt < MT; ++mt) {
+                mma16816<scalar_t>(acc[mt][jn], ah[mt], b);
+                mma16816<scalar_t>(acc[mt][jn], al[mt], b);
+              }
             }
           }
         }
@@ -388,11 +458,12 @@ __global__ void __launch_bounds__(kThreads, 1)
 
 template <typename scalar_t>
 size_t ce_tc_smem(int64_t cp, int64_t D, int64_t stages) {
-  const int64_t dsp = tc_row_stride(D);
+  constexpr int64_t es = sizeof(scalar_t);
+  const int64_t dsp = tc_row_stride(D, es);
   const int64_t zs = cp + 4;
-  return static_cast<size_t>((cp + stages * kTcRows) * dsp * 2 +         // sW, sX
+  return static_cast<size_t>((cp + stages * kTcRows) * dsp * es +        // sW, sX
                              kTcSplits * kTcRows * zs * 4 +               // sZ
-                             2 * cp * kTcResStride * 2 +                  // sRh, sRl
+                             cp * kTcResStride * 4 +                      // sRh + sRl or sRf
                              2 * cp * 4);                                 // sB, sCW
 }
 
@@ -406,14 +477,18 @@ inline void ce_tc_tiles(int64_t C, int64_t D, int* cp, int* nt) {
 
 template <typename scalar_t>
 CeFusedKernel<scalar_t> ce_tc_kernel_for(int cp, int nt) {
+  // fp32 shapes stop at half the 16-bit D (ce_tc_shape_ok): no (16, 16) and (32, 8) instances.
+  constexpr bool kF32 = std::is_same_v<scalar_t, float>;
+  TORCH_INTERNAL_ASSERT(nt <= (cp == 16 ? (kF32 ? 8 : 16) : (kF32 ? 4 : 8)),
+                        "ce_tc_kernel_for: no instance for CP ", cp, ", NT ", nt);
   if (cp == 16) {
     if (nt == 4) return ce_tc_kernel<scalar_t, 16, 4>;
     if (nt == 8) return ce_tc_kernel<scalar_t, 16, 8>;
-    return ce_tc_kernel<scalar_t, 16, 16>;
+    if constexpr (!kF32) return ce_tc_kernel<scalar_t, 16, 16>;
   }
-  TORCH_INTERNAL_ASSERT(nt <= 8, "ce_tc_kernel_for: no instance for CP 32, NT ", nt);
   if (nt == 4) return ce_tc_kernel<scalar_t, 32, 4>;
-  return ce_tc_kernel<scalar_t, 32, 8>;
+  if constexpr (!kF32) return ce_tc_kernel<scalar_t, 32, 8>;
+  return nullptr;  // unreachable (asserted above)
 }
 
 // Whether the instance's code for the current device was compiled for sm_80 or newer (a build
@@ -465,7 +540,7 @@ LossOut ce_tc_path(const Prepared& q, const CeTcConfig& cfg, int64_t ignore_inde
                    double label_smoothing, int64_t reduction, bool need_x, bool need_w,
                    bool need_b) {
   using acc_t = at::opmath_type<scalar_t>;
-  static_assert(std::is_same_v<acc_t, float>, "path 1c: 16-bit x only");
+  static_assert(std::is_same_v<acc_t, float>, "path 1c: 16-bit and fp32 x");
   // cp.async copies 16-byte pieces: x (and so every row, D % 8 == 0) must start 16-byte
   // aligned; an offset view is copied once (the caching allocator aligns fresh blocks).
   Prepared qa = q;
@@ -484,6 +559,7 @@ LossOut ce_tc_path(const Prepared& q, const CeTcConfig& cfg, int64_t ignore_inde
   template bool ce_tc_config<scalar_t>(int64_t, int64_t, CeTcConfig*);                       \
   template LossOut ce_tc_path<scalar_t>(const Prepared&, const CeTcConfig&, int64_t, double, \
                                         int64_t, bool, bool, bool);
+ML_INSTANTIATE_CE_TC(float)
 ML_INSTANTIATE_CE_TC(at::Half)
 ML_INSTANTIATE_CE_TC(at::BFloat16)
 #undef ML_INSTANTIATE_CE_TC

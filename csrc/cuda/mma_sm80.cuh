@@ -1,7 +1,8 @@
 // PTX wrappers for sm_80+ kernels (csrc/cuda/logreg_ce_tc.cu): cp.async copies global ->
-// shared, mma.sync.m16n8k16 with bf16 / fp16 inputs and fp32 accumulation, and float <-> raw
-// 16-bit conversions. ML_SM80 is 1 in the device passes for sm_80 and newer: kernels guard
-// their bodies with it (other passes compile an empty body). tests/cuda_emu/ce_tc_emu.cpp
+// shared, mma.sync.m16n8k16 with bf16 / fp16 inputs and m16n8k8 with tf32 inputs (fp32
+// accumulation), the tf32 split of a float, and float <-> raw 16-bit conversions. ML_SM80 is
+// 1 in the device passes for sm_80 and newer: kernels guard their bodies with it (other passes
+// compile an empty body). tests/cuda_emu/ce_tc_emu.cpp
 // defines the same functions for its host emulation (ML_CUDA_HOST_EMU).
 #pragma once
 
@@ -71,6 +72,39 @@ __device__ __forceinline__ void mma16816(float (&d)[4], const uint32_t (&a)[4],
         : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
   }
+#endif
+}
+
+// d += a b for one m16n8k8 tile with tf32 inputs (raw fp32 bits, the low 13 mantissa bits
+// ignored), f32 accumulate. Fragments (lane = 4 g + t): a[0] = A[g][t], a[1] = A[g+8][t],
+// a[2] = A[g][t+4], a[3] = A[g+8][t+4]; b[0] = B[t][g], b[1] = B[t+4][g]; d as for m16n8k16.
+__device__ __forceinline__ void mma1688_tf32(float (&d)[4], const uint32_t (&a)[4],
+                                             const uint32_t (&b)[2]) {
+#if ML_SM80
+  asm volatile(
+      "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+      "{%8,%9}, {%0,%1,%2,%3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+#endif
+}
+
+// v = hi + lo with hi = tf32(v) and lo = tf32(v - hi) (cvt.rna: to nearest, ties away from
+// zero): hi + lo carries ~22 of fp32's 24 mantissa bits. From a float or its raw bits.
+__device__ __forceinline__ void tf32_split(float v, uint32_t& hi, uint32_t& lo) {
+#if ML_SM80
+  asm("cvt.rna.tf32.f32 %0, %1;\n" : "=r"(hi) : "f"(v));
+  const float r = v - __uint_as_float(hi);
+  asm("cvt.rna.tf32.f32 %0, %1;\n" : "=r"(lo) : "f"(r));
+#else
+  hi = lo = 0;
+#endif
+}
+__device__ __forceinline__ void tf32_split(uint32_t bits, uint32_t& hi, uint32_t& lo) {
+#if ML_SM80
+  tf32_split(__uint_as_float(bits), hi, lo);
+#else
+  hi = lo = bits;
 #endif
 }
 

@@ -9,7 +9,7 @@
 // B[2t + 8r + h][g], D[g + 8 (r / 2)][2t + r % 2]). What it cannot check: the PTX itself, timing
 // and races between asynchronous copies and their readers (the waits are no-ops here).
 //
-// Usage: ce_tc_emu DTYPE N D C GRID STAGES OPTS, DTYPE bf16|f16, OPTS a subset of "wWsi"
+// Usage: ce_tc_emu DTYPE N D C GRID STAGES OPTS, DTYPE bf16|f16|f32, OPTS a subset of "wWsi"
 // (class weights in [0.1, 2] or up to 3e4, label smoothing, ignored rows) or "-"; exit 0 when
 // every output matches a float64 reference of the same 16-bit inputs, 1 otherwise.
 #include <cuda_runtime.h>
@@ -94,6 +94,44 @@ float from_bits(uint16_t v) {
   }
 }
 
+// cvt.rna.tf32.f32: keep the top 19 bits, rounding to nearest with ties away from zero.
+inline uint32_t tf32_round(float v) {
+  uint32_t b;
+  std::memcpy(&b, &v, 4);
+  return (b + 0x1000u) & 0xffffe000u;
+}
+inline float f32_of(uint32_t b) {
+  float v;
+  std::memcpy(&v, &b, 4);
+  return v;
+}
+inline void tf32_split(float v, uint32_t& hi, uint32_t& lo) {
+  hi = tf32_round(v);
+  lo = tf32_round(v - f32_of(hi));
+}
+inline void tf32_split(uint32_t bits, uint32_t& hi, uint32_t& lo) { tf32_split(f32_of(bits), hi, lo); }
+
+inline void mma1688_tf32(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+  const int w = emu::warp(), l = emu::lane();
+  for (int r = 0; r < 4; ++r) emu::mma_a[w][l][r] = a[r];
+  for (int r = 0; r < 2; ++r) emu::mma_b[w][l][r] = b[r];
+  emu::warp_sync();
+  // A[row][k]: lane 4 (row % 8) + k % 4, reg (row / 8) + 2 (k / 4); B[k][n]: lane 4 n + k % 4,
+  // reg k / 4; the low 13 bits of a tf32 operand are ignored.
+  auto A = [&](int row, int k) {
+    return f32_of(emu::mma_a[w][4 * (row % 8) + k % 4][row / 8 + 2 * (k / 4)] & 0xffffe000u);
+  };
+  auto B = [&](int k, int n) { return f32_of(emu::mma_b[w][4 * n + k % 4][k / 4] & 0xffffe000u); };
+  const int g = l >> 2, t = l & 3;
+  for (int r = 0; r < 4; ++r) {
+    const int row = g + 8 * (r / 2), col = 2 * t + r % 2;
+    double acc = 0;
+    for (int k = 0; k < 8; ++k) acc += static_cast<double>(A(row, k)) * B(k, col);
+    d[r] += static_cast<float>(acc);
+  }
+  emu::warp_sync();
+}
+
 template <typename scalar_t>
 void mma16816(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
   const int w = emu::warp(), l = emu::lane();
@@ -159,7 +197,7 @@ int run(int64_t N, int D, int C, int grid, int stages, const std::string& opts) 
   if (ignore) for (int64_t i = 1; i < N; i += 7) target[i] = ignore_index;
   const float eps = smooth ? 0.15f : 0.f;
 
-  // float64 reference from the same 16-bit values: loss, residual r, sum_i r x_i, sum_i r.
+  // float64 reference from the same input values: loss, residual r, sum_i r x_i, sum_i r.
   double den = 0, loss_ref = 0;
   std::vector<double> r_ref(N * C, 0.0), gw_ref(static_cast<size_t>(C) * D, 0.0), gb_ref(C, 0.0);
   double wsum = 0;
@@ -265,11 +303,14 @@ int run(int64_t N, int D, int C, int grid, int stages, const std::string& opts) 
   }
   const double e_loss = rel({loss}, {loss_ref});
   const double e_gw = rel(gw, gw_ref), e_gb = rel(gb, gb_ref), e_res = rel(rr, rr_ref);
-  const double tol = 2e-4;  // fp32 logits of exact 16-bit products; r split in two 16-bit parts
+  // 16-bit: fp32 logits of exact products, r split in two 16-bit parts; fp32: 3xTF32 products
+  const double tol = std::is_same_v<scalar_t, float> ? 2e-5 : 2e-4;
   const bool ok = e_loss < tol && e_gw < tol && e_gb < tol && e_res < tol;
   std::printf("%s N=%lld D=%d C=%d grid=%d stages=%d opts=%s cp=%d nt=%d: loss %.2e gw %.2e "
               "gb %.2e res %.2e -> %s\n",
-              std::is_same_v<scalar_t, c10::BFloat16> ? "bf16" : "f16",
+              std::is_same_v<scalar_t, c10::BFloat16> ? "bf16"
+              : std::is_same_v<scalar_t, float>       ? "f32"
+                                                      : "f16",
               static_cast<long long>(N), D, C, grid, stages, opts.c_str(), cp, nt, e_loss, e_gw,
               e_gb, e_res, ok ? "OK" : "FAIL");
   return ok ? 0 : 1;
@@ -286,5 +327,6 @@ int main(int argc, char** argv) {
             stages = std::atoi(argv[6]);
   const std::string opts = argv[7];
   if (dt == "bf16") return run<c10::BFloat16>(N, D, C, grid, stages, opts);
+  if (dt == "f32") return run<float>(N, D, C, grid, stages, opts);
   return run<c10::Half>(N, D, C, grid, stages, opts);
 }
