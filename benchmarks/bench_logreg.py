@@ -91,20 +91,31 @@ def eager_multi(x, w, b, y):
     return F.cross_entropy(F.linear(x, w, b), y)
 
 
-CE_PATHS = ("single", "chunked")
+# The cross-entropy paths timed side by side on CUDA, each forced through the environment the
+# kernels read per call: "single" is the single-pass op (the tensor-core kernel where
+# csrc/logreg.h's ce_tc_shape_ok holds, else the CUDA-core kernel or the GEMM path),
+# "single-no-tc" the same with the tensor-core kernel off, "chunked" the GEMM chunks.
+CE_PATHS = {
+    "single": {"MANUAL_LAYERS_CE_PATH": "single"},
+    "single-no-tc": {"MANUAL_LAYERS_CE_PATH": "single", "MANUAL_LAYERS_CE_TC": "0"},
+    "chunked": {"MANUAL_LAYERS_CE_PATH": "chunked"},
+}
 
 
 def forced_ce_path(fn, path):
+    env = CE_PATHS[path]
+
     def call(*args):
-        old = os.environ.get("MANUAL_LAYERS_CE_PATH")
-        os.environ["MANUAL_LAYERS_CE_PATH"] = path
+        old = {k: os.environ.get(k) for k in env}
+        os.environ.update(env)
         try:
             return fn(*args)
         finally:
-            if old is None:
-                del os.environ["MANUAL_LAYERS_CE_PATH"]
-            else:
-                os.environ["MANUAL_LAYERS_CE_PATH"] = old
+            for k, v in old.items():
+                if v is None:
+                    del os.environ[k]
+                else:
+                    os.environ[k] = v
     return call
 
 

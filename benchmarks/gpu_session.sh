@@ -13,8 +13,9 @@
 #   bench    bench_logreg, bench_linear, bench_overhead, bench_mlp, bench_ce_large (no compile
 #            baseline: torch.compile's first call costs minutes of device time)
 #   profile  Nsight Compute (SpeedOfLight, Occupancy) on bce_fused_kernel (bf16 and fp32,
-#            4,194,304 x 512), cross entropy bf16 C=10 1,048,576 x 512 with dX on both paths
-#            (ce_fused_kernel; the chunked path's GEMMs and ce_rows_kernel) and one Linear+GELU
+#            4,194,304 x 512), cross entropy C=10 1,048,576 x 512 with dX: bf16 on three paths
+#            (ce_tc_kernel, ce_fused_kernel, the chunked path's GEMMs and ce_rows_kernel),
+#            fp32 on ce_tc_kernel (3xTF32), and one Linear+GELU
 #            step (act_bwd_colsum_kernel), plus a torch.profiler kernel table of the same calls
 # Results: $OUT/summary.txt, $OUT/<stage>.log, $OUT/results/ (benchmark CSV/Markdown).
 #
@@ -64,14 +65,15 @@ def bce(dt):
     w.requires_grad_()
     y = (torch.rand(4194304, device=dev) > 0.5).to(dt)
     return lambda: F.linear_binary_cross_entropy_with_logits(x, w, b, y).backward()
-def ce(path):
-    x = torch.randn(1048576, 512, device=dev, dtype=torch.bfloat16, requires_grad=True)
-    w = (torch.randn(10, 512, device=dev, dtype=torch.bfloat16) * 0.05).requires_grad_()
+def ce(path, tc="1", dt=torch.bfloat16):
+    x = torch.randn(1048576, 512, device=dev, dtype=dt, requires_grad=True)
+    w = (torch.randn(10, 512, device=dev, dtype=dt) * 0.05).requires_grad_()
     t = torch.randint(0, 10, (1048576,), device=dev)
     def call():
         os.environ["MANUAL_LAYERS_CE_PATH"] = path
+        os.environ["MANUAL_LAYERS_CE_TC"] = tc
         F.linear_cross_entropy(x, w, None, t).backward()
-        del os.environ["MANUAL_LAYERS_CE_PATH"]
+        del os.environ["MANUAL_LAYERS_CE_PATH"], os.environ["MANUAL_LAYERS_CE_TC"]
     return call
 def lin():
     m = ml.Linear(1024, 4096, activation="gelu", device=dev, dtype=torch.bfloat16)
@@ -79,7 +81,8 @@ def lin():
     g = torch.randn(16384, 4096, device=dev, dtype=torch.bfloat16)
     return lambda: m(x).backward(g)
 calls = {"bce_bf16": bce(torch.bfloat16), "bce_fp32": bce(torch.float32),
-         "ce_bf16_single": ce("single"), "ce_bf16_chunked": ce("chunked"), "linear_gelu": lin()}
+         "ce_bf16_tc": ce("single"), "ce_bf16_cudacore": ce("single", "0"),
+         "ce_bf16_chunked": ce("chunked"), "ce_fp32_tc": ce("single", "1", torch.float32), "linear_gelu": lin()}
 for f in calls.values():
     f(); f()
 torch.cuda.synchronize()
@@ -117,7 +120,7 @@ run_bench() {
 run_profile() {
   stage kernel_table 90 $PY -c "$PROFILE_PY" table
   stage ncu 180 ncu --profile-from-start off --section SpeedOfLight --section Occupancy \
-    --kernel-name regex:'bce_fused_kernel|ce_fused_kernel|ce_rows_kernel|act_|gemm|nvjet|Kernel' \
+    --kernel-name regex:'bce_fused_kernel|ce_fused_kernel|ce_tc_kernel|ce_rows_kernel|act_|gemm|nvjet|Kernel' \
     --launch-count 16 \
     $PY -c "$PROFILE_PY"
 }

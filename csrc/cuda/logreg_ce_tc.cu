@@ -1,32 +1,37 @@
 // CUDA logistic-regression losses, path 1c: fused multinomial cross entropy on tensor cores
-// (linear_ce_fwd, reduction mean/sum, 16-bit x). The contract, the outputs and the host side
-// are path 1b's (logreg_ce_fused.cu: ce_single_pass); logreg.cu chooses the path
+// (linear_ce_fwd, reduction mean/sum; bf16, fp16 and fp32 x). The contract, the outputs and the
+// host side are path 1b's (logreg_ce_fused.cu: ce_single_pass); logreg.cu chooses the path
 // (ce_tc_config) and logreg_common.cuh describes the op path file by file.
 //
 // Why: path 1b computes its dot products on CUDA cores and is bound by them (an H100 profile
 // of the first release, ../shared/perf: bf16 1M x 512, C = 10, 25 % occupancy, DRAM at 10 % of
-// peak). Here both products of the pass run as mma.sync.m16n8k16 (bf16 or fp16 inputs, fp32
-// accumulation; sm_80 and sm_90), which leaves the pass bound by reading X once.
+// peak). Here both products of the pass run on tensor cores (mma.sync, fp32 accumulation; sm_80
+// and sm_90), which leaves the pass bound by reading X once:
+//   bf16 / fp16  m16n8k16 on the 16-bit values;
+//   fp32         m16n8k8 tf32, each product as 3xTF32 (a = a_hi + a_lo with a_hi = tf32(a),
+//                a_lo = tf32(a - a_hi); a b ~ a_lo b_hi + a_hi b_lo + a_hi b_hi): fp32 accuracy
+//                (about 2e-7 relative in tests/test_cuda_emu.py), no TF32 shortcut.
 //
-// Shapes (csrc/logreg.h, ce_tc_shape_ok): D a multiple of 8, C <= 16 with D <= 1024, C <= 32
-// with D <= 512; classes padded to CP = 16 or 32.
+// Shapes (csrc/logreg.h, ce_tc_shape_ok): D a multiple of 8; C <= 16 with D <= 1024 (fp32:
+// 512), C <= 32 with D <= 512 (fp32: 256); classes padded to CP = 16 or 32.
 //
 // ce_tc_kernel: a fixed grid of B blocks (occupancy x SMs, at most ceil(N / 32)), 256 threads
 // = 8 warps, each block over tiles of kTcRows = 32 rows (tile b, b + B, ...):
 //   load   the block's next stages - 1 tiles of X are in flight at all times: cp.async 16-byte
 //          copies into a ring of `stages` shared-memory tiles (rows past N zero-filled);
 //   Z      logits Z (32 x CP) = X_tile W^T: warp w takes m-tile w % 2 (16 rows) and every 4th
-//          k-step of 16 columns from w / 2 (A fragments from the X tile, B fragments from W,
-//          staged once per block in shared memory); the 4 partial Z go to shared memory and
-//          are added in a fixed order;
+//          k-step from w / 2 (A fragments from the X tile, B fragments from W, staged once per
+//          block in shared memory); the 4 partial Z go to shared memory and are added in a
+//          fixed order;
 //   rows   8 lanes per row (CP / 8 classes each): + bias, stable log-softmax, the loss term
 //          and the residual r of csrc/logreg.h (class weights, label smoothing, ignore_index:
-//          the formulas of path 1b); r / den to the (N, C) residual for backward's dX; r,
-//          split into two 16-bit parts (hi = round(r), lo = round(r - hi): ~16 bits of
-//          mantissa) to shared memory, transposed (classes x rows);
-//   dW     dW (CP x D) += R^T X_tile as two mma per fragment (hi and lo): warp w owns the
-//          column tiles w, w + 8, ... of 8 columns (NT of them) for all classes; the
-//          accumulators stay in registers for the whole loop (CP x D / 256 floats per thread).
+//          the formulas of path 1b); r / den to the (N, C) residual for backward's dX; r to
+//          shared memory, transposed (classes x rows): fp32, or for 16-bit x split into two
+//          16-bit parts (hi = round(r), lo = round(r - hi): ~16 bits of mantissa);
+//   dW     dW (CP x D) += R^T X_tile (16-bit: two mma per fragment, hi and lo; fp32: 3xTF32):
+//          warp w owns the column tiles w, w + 8, ... of 8 columns (NT of them) for all
+//          classes; the accumulators stay in registers for the whole loop (CP x D / 256 floats
+//          per thread).
 // At the end the block writes its dW, grad_b and loss partials; finalize_kernel adds the B
 // partials in a fixed order and divides by the mean denominator. Bitwise deterministic: fixed
 // tile assignment, fixed summation orders, no atomics.
@@ -34,16 +39,18 @@
 // fp16: the residual is scaled by an exact power of two, 2^-k >= 1 / (2 max_c w_c), before the
 // split (|r| <= 2 max_c w_c, so fp16 cannot overflow) and the partial dW is scaled back.
 //
-// Shared memory (16-bit elements as raw bits; row stride DSP = round_up(D, 64) + 8 elements,
-// so the fragment loads of 8 rows x 4 lanes hit 32 different banks):
+// Shared memory (elements as raw bits; row stride DSP = tc_row_stride(D), so that the fragment
+// loads of 8 rows x 4 lanes hit 32 different banks):
 //   sW   [CP][DSP]                 weight, zero past C and D
 //   sX   [stages][kTcRows][DSP]    X tiles, columns D .. DSP zero
 //   sZ   [kTcSplits][kTcRows][ZS]  float partial logits (ZS = CP + 4); reused at the end
-//   sRh, sRl [CP][kTcResStride]    residual hi / lo parts, classes x rows
+//   sRh, sRl [CP][kTcResStride]    16-bit x: residual hi / lo parts, classes x rows
+//   sRf  [CP][kTcResStrideF]       fp32 x: the residual, classes x rows (same bytes)
 //   sB, sCW [CP]                   float bias (0 without), class weights (1 without, 0 past C)
 //
-// Not yet run or timed: no GPU was available when it was written (README, "Known
-// limitations"); tests/test_ce_tc.py checks it against the reference wherever a GPU is.
+// Not yet run or timed on a GPU: none was available when it was written (README, "Known
+// limitations"). tests/test_cuda_emu.py runs this file's kernel code in a host emulation
+// (every shape class, against a float64 reference); tests/test_ce_tc.py checks it on a GPU.
 #include <ATen/OpMathType.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
