@@ -111,50 +111,54 @@ inline void tf32_split(float v, uint32_t& hi, uint32_t& lo) {
 }
 inline void tf32_split(uint32_t bits, uint32_t& hi, uint32_t& lo) { tf32_split(f32_of(bits), hi, lo); }
 
-inline void mma1688_tf32(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+// One warp-wide mma: every lane's fragments are exchanged, then each lane computes its four
+// elements of D = A B + D (d[r] = D[g + 8 (r / 2)][2t + r % 2]) in double from A(frag, row, k)
+// and B(frag, k, n), which read an element out of the warp's exchanged fragments.
+template <int K, typename GetA, typename GetB>
+void warp_mma(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2], GetA A, GetB B) {
   const int w = emu::warp(), l = emu::lane();
   for (int r = 0; r < 4; ++r) emu::mma_a[w][l][r] = a[r];
   for (int r = 0; r < 2; ++r) emu::mma_b[w][l][r] = b[r];
   emu::warp_sync();
-  // A[row][k]: lane 4 (row % 8) + k % 4, reg (row / 8) + 2 (k / 4); B[k][n]: lane 4 n + k % 4,
-  // reg k / 4; the low 13 bits of a tf32 operand are ignored.
-  auto A = [&](int row, int k) {
-    return f32_of(emu::mma_a[w][4 * (row % 8) + k % 4][row / 8 + 2 * (k / 4)] & 0xffffe000u);
-  };
-  auto B = [&](int k, int n) { return f32_of(emu::mma_b[w][4 * n + k % 4][k / 4] & 0xffffe000u); };
   const int g = l >> 2, t = l & 3;
   for (int r = 0; r < 4; ++r) {
     const int row = g + 8 * (r / 2), col = 2 * t + r % 2;
     double acc = 0;
-    for (int k = 0; k < 8; ++k) acc += static_cast<double>(A(row, k)) * B(k, col);
+    for (int k = 0; k < K; ++k)
+      acc += static_cast<double>(A(emu::mma_a[w], row, k)) * B(emu::mma_b[w], k, col);
     d[r] += static_cast<float>(acc);
   }
   emu::warp_sync();
 }
 
+// m16n8k8 tf32: A[row][k] in lane 4 (row % 8) + k % 4, register (row / 8) + 2 (k / 4);
+// B[k][n] in lane 4 n + k % 4, register k / 4; the low 13 bits of an operand are ignored.
+inline void mma1688_tf32(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+  warp_mma<8>(
+      d, a, b,
+      [](const uint32_t (*fa)[4], int row, int k) {
+        return f32_of(fa[4 * (row % 8) + k % 4][row / 8 + 2 * (k / 4)] & 0xffffe000u);
+      },
+      [](const uint32_t (*fb)[2], int k, int n) {
+        return f32_of(fb[4 * n + k % 4][k / 4] & 0xffffe000u);
+      });
+}
+
+// m16n8k16 16-bit: A[row][k] in lane 4 (row % 8) + (k % 8) / 2, register (row / 8) + 2 (k / 8),
+// half k % 2 (the lower k in the low 16 bits); B[k][n] in lane 4 n + (k % 8) / 2, register
+// k / 8, half k % 2.
 template <typename scalar_t>
 void mma16816(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
-  const int w = emu::warp(), l = emu::lane();
-  for (int r = 0; r < 4; ++r) emu::mma_a[w][l][r] = a[r];
-  for (int r = 0; r < 2; ++r) emu::mma_b[w][l][r] = b[r];
-  emu::warp_sync();
   auto half = [](uint32_t word, int h) { return static_cast<uint16_t>(word >> (16 * h)); };
-  auto A = [&](int row, int k) {  // A[row][k]: lane 4 (row % 8) + (k % 8) / 2, reg (row / 8) + 2 (k / 8)
-    const int lane = 4 * (row % 8) + (k % 8) / 2;
-    return from_bits<scalar_t>(half(emu::mma_a[w][lane][row / 8 + 2 * (k / 8)], k % 2));
-  };
-  auto B = [&](int k, int n) {  // B[k][n]: lane 4 n + (k % 8) / 2, reg k / 8
-    const int lane = 4 * n + (k % 8) / 2;
-    return from_bits<scalar_t>(half(emu::mma_b[w][lane][k / 8], k % 2));
-  };
-  const int g = l >> 2, t = l & 3;
-  for (int r = 0; r < 4; ++r) {
-    const int row = g + 8 * (r / 2), col = 2 * t + r % 2;
-    double acc = 0;
-    for (int k = 0; k < 16; ++k) acc += static_cast<double>(A(row, k)) * B(k, col);
-    d[r] += static_cast<float>(acc);
-  }
-  emu::warp_sync();
+  warp_mma<16>(
+      d, a, b,
+      [&](const uint32_t (*fa)[4], int row, int k) {
+        return from_bits<scalar_t>(
+            half(fa[4 * (row % 8) + (k % 8) / 2][row / 8 + 2 * (k / 8)], k % 2));
+      },
+      [&](const uint32_t (*fb)[2], int k, int n) {
+        return from_bits<scalar_t>(half(fb[4 * n + (k % 8) / 2][k / 8], k % 2));
+      });
 }
 
 }  // namespace cuda_logreg
