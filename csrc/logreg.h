@@ -96,6 +96,10 @@ inline bool ce_tc_shape_ok(at::ScalarType dtype, int64_t C, int64_t D) {
 }
 
 #ifdef WITH_CUDA
+// CUDA, C <= 16 (csrc/cuda/loss_dx.cu): loss_dx_cpu's contract; an undefined tensor when the
+// shape or W's alignment does not suit the kernel (the caller then runs the GEMM).
+at::Tensor loss_dx_cuda(const at::Tensor& residual, const at::Tensor& coef,
+                        const at::Tensor& weight);
 LossOut linear_bce_fwd_cuda(const at::Tensor& x, const at::Tensor& weight,
                             const c10::optional<at::Tensor>& bias, const at::Tensor& target,
                             const c10::optional<at::Tensor>& pos_weight,

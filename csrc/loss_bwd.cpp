@@ -10,14 +10,29 @@
 
 namespace manual_layers {
 
-// CPU with few classes: dX by our kernel (csrc/cpu/logreg.cpp, loss_dx_cpu), which writes each
-// row of dX once from registers; ATen's GEMM with K = C this small runs at a third of the copy
-// rate (1M x 10 @ 10 x 256 fp32 on the 2-core Zen 4: 200 ms against a 61 ms copy). Larger C and
-// CUDA: the GEMM.
+// Few classes: dX by our kernels, which write each row of dX once from registers, with the
+// acc_t residual (the GEMM needs it rounded to x's dtype first). CPU (csrc/cpu/logreg.cpp,
+// loss_dx_cpu), C <= 32: ATen's GEMM with K = C this small runs at a third of the copy rate
+// (1M x 10 @ 10 x 256 fp32 on the 2-core Zen 4: 200 ms against a 61 ms copy). CUDA
+// (csrc/cuda/loss_dx.cu), C <= 16: cuBLAS ran this shape below the copy rate on an H100 (bf16
+// 1M x 10 @ 10 x 512: 1.85 of 2.53 TB/s; the kernel has not been timed yet). Otherwise, and
+// where the CUDA kernel declines a shape (undefined result), the GEMM.
 constexpr int64_t kSmallDxClasses = 32;
-inline bool small_c_cpu(const at::Tensor& residual, const at::Tensor& weight) {
-  return residual.device().is_cpu() && weight.size(0) <= kSmallDxClasses &&
+inline bool small_c(const at::Tensor& residual, const at::Tensor& weight) {
+  return (residual.device().is_cpu() || residual.is_cuda()) &&
+         weight.size(0) <= kSmallDxClasses &&
          residual.scalar_type() == at::toOpMathType(weight.scalar_type());
+}
+
+// dX = coef * residual W by our kernel, or an undefined tensor (then the caller's GEMM).
+at::Tensor small_c_dx(const at::Tensor& residual, const at::Tensor& coef,
+                      const at::Tensor& weight) {
+  if (residual.device().is_cpu()) return loss_dx_cpu(residual, coef, weight);
+#ifdef WITH_CUDA
+  return loss_dx_cuda(residual, coef, weight);
+#else
+  return at::Tensor();
+#endif
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_loss_bwd(
@@ -41,8 +56,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_loss_bwd(
                 grad_loss.sizes());
     const at::Tensor g = grad_loss.reshape({}).to(acc);
     if (need_x) {
-      gx = small_c_cpu(residual, weight) ? loss_dx_cpu(residual, g, weight)
-                                         : at::mm((residual * g).to(dt), weight);
+      const at::Tensor own = small_c(residual, weight) ? small_c_dx(residual, g, weight)
+                                                       : at::Tensor();
+      gx = own.defined() ? own : at::mm((residual * g).to(dt), weight);
     }
     if (need_weight) {
       TORCH_CHECK(grad_weight.sizes() == weight.sizes(), op, ": grad_weight must be ",
@@ -62,8 +78,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_loss_bwd(
   // G = residual * grad_loss in acc_t (the bias gradient sums it at full precision); the
   // GEMMs run in x's dtype (fp32 accumulation inside for 16-bit types).
   const at::Tensor gl = grad_loss.reshape({N}).to(acc);
-  const bool own_dx = need_x && small_c_cpu(residual, weight);
-  if (own_dx) gx = loss_dx_cpu(residual, gl, weight);
+  const at::Tensor own = need_x && small_c(residual, weight) ? small_c_dx(residual, gl, weight)
+                                                             : at::Tensor();
+  const bool own_dx = own.defined();
+  if (own_dx) gx = own;
   if (!need_weight && !need_bias && (own_dx || !need_x)) return {gx, gw, gb};
   const at::Tensor G = residual.to(acc) * gl.reshape({N, 1});
   const at::Tensor Gd = G.to(dt);
