@@ -120,7 +120,7 @@ run_bench() {
 run_profile() {
   stage kernel_table 90 $PY -c "$PROFILE_PY" table
   stage ncu 180 ncu --profile-from-start off --section SpeedOfLight --section Occupancy \
-    --kernel-name regex:'bce_fused_kernel|ce_fused_kernel|ce_tc_kernel|ce_rows_kernel|act_|gemm|nvjet|Kernel' \
+    --kernel-name regex:'bce_fused_kernel|ce_fused_kernel|ce_tc_kernel|loss_dx_kernel|ce_rows_kernel|act_|gemm|nvjet|Kernel' \
     --launch-count 16 \
     $PY -c "$PROFILE_PY"
 }
