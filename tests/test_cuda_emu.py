@@ -1,11 +1,12 @@
-"""The tensor-core cross-entropy kernel (csrc/cuda/logreg_ce_tc.cu) run on the CPU: g++ compiles
-the .cu file with tests/cuda_emu/ce_tc_emu.cpp, whose host emulation runs a block's 256
-threads as std::threads, the shuffles and __syncthreads as barriers, cp.async as a copy and
-mma.sync from the PTX ISA's fragment layout. Each case compares the kernel's outputs (loss,
-residual, dW and db partials summed in block order) with a float64 reference of the same
-inputs (bf16, fp16, and fp32 through 3xTF32). This checks the kernel's tiling, shared-memory layout, fragment addressing,
-tile ring and row phase where no GPU is (CI); the PTX itself and timing need one
-(tests/test_ce_tc.py)."""
+"""CUDA kernels run on the CPU: g++ compiles their .cu files with tests/cuda_emu/kernels_emu.cpp,
+whose host emulation runs a block's 256 threads as std::threads, the shuffles and
+__syncthreads as barriers, cp.async as a copy and mma.sync from the PTX ISA's fragment layouts.
+Each case compares a kernel's outputs with a float64 reference of the same inputs:
+- the tensor-core cross-entropy kernel (csrc/cuda/logreg_ce_tc.cu; bf16, fp16, and fp32
+  through 3xTF32): loss, residual, and the dW / db partials summed in block order;
+- the losses' dX kernel for few classes (csrc/cuda/loss_dx.cu), every dtype.
+This checks the kernels' tiling, shared-memory layout, fragment addressing, tile ring and row
+phase where no GPU is (CI); the PTX itself and timing need one (tests/test_ce_tc.py)."""
 
 import glob
 import os
@@ -42,9 +43,9 @@ def emu(tmp_path_factory):
     tlib = os.path.join(os.path.dirname(torch.__file__), "lib")
     if cxx is None or not inc or not os.path.exists(os.path.join(tlib, "libtorch_cuda.so")):
         pytest.skip("needs g++, the CUDA headers and a CUDA build of torch")
-    exe = str(tmp_path_factory.mktemp("emu") / "ce_tc_emu")
+    exe = str(tmp_path_factory.mktemp("emu") / "kernels_emu")
     tinc = os.path.join(os.path.dirname(torch.__file__), "include")
-    cmd = [cxx, "-std=c++20", "-O1", "-pthread", os.path.join(HERE, "cuda_emu", "ce_tc_emu.cpp"),
+    cmd = [cxx, "-std=c++20", "-O1", "-pthread", os.path.join(HERE, "cuda_emu", "kernels_emu.cpp"),
            "-o", exe, "-I" + tinc, "-I" + os.path.join(tinc, "torch", "csrc", "api", "include")]
     cmd += ["-I" + d for d in inc]
     cmd += ["-DWITH_CUDA", "-L" + tlib, "-Wl,-rpath," + tlib,
@@ -84,9 +85,29 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("case", CASES, ids=["-".join(map(str, c)) for c in CASES])
-def test_ce_tc_kernel_emulated(emu, case):
-    r = subprocess.run([emu] + [str(v) for v in case], capture_output=True, text=True,
+def _run(emu, args):
+    r = subprocess.run([emu] + [str(v) for v in args], capture_output=True, text=True,
                        timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
     assert r.stdout.rstrip().endswith("OK"), r.stdout
+
+
+@pytest.mark.parametrize("case", CASES, ids=["-".join(map(str, c)) for c in CASES])
+def test_ce_tc_kernel_emulated(emu, case):
+    _run(emu, ("ce_tc",) + case)
+
+
+# dtype, N, D, C, thread cap, per-row coef (reduction none). Thread caps below N x D / VEC make
+# each thread walk several rows; D = 520 / 40 / 6: rows of 130 / 10 / 3 vectors.
+DX_CASES = [
+    ("bf16", 100, 64, 10, 512, 0),
+    ("f16", 1000, 520, 2, 2048, 1),
+    ("f32", 333, 40, 16, 256, 1),
+    ("f32", 7, 512, 1, 1 << 20, 0),        # more threads than vectors
+    ("f64", 50, 6, 3, 100, 1),
+]
+
+
+@pytest.mark.parametrize("case", DX_CASES, ids=["-".join(map(str, c)) for c in DX_CASES])
+def test_loss_dx_kernel_emulated(emu, case):
+    _run(emu, ("loss_dx",) + case)

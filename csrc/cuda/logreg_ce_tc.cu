@@ -64,7 +64,7 @@
 
 #include "logreg_common.cuh"
 // The PTX wrappers (cp.async, mma.sync) and 16-bit conversions: mma_sm80.cuh, or under
-// ML_CUDA_HOST_EMU the host emulation of tests/cuda_emu/ce_tc_emu.cpp, which compiles this file
+// ML_CUDA_HOST_EMU the host emulation of tests/cuda_emu/kernels_emu.cpp, which compiles this file
 // with g++ and runs the kernel's threads on the CPU (tests/test_cuda_emu.py).
 #ifndef ML_CUDA_HOST_EMU
 #include "mma_sm80.cuh"

@@ -11,7 +11,8 @@
 // product). Each dX element is written once; nothing waits on the host.
 //
 // Not yet run or timed on a GPU (none was lent when it was written); the CUDA tests of the
-// losses' gradients (tests/test_logreg.py, tests/test_ce_tc.py) exercise it wherever one is.
+// losses' gradients (tests/test_logreg.py, tests/test_ce_tc.py) exercise it wherever one is,
+// and tests/test_cuda_emu.py runs the kernel in a host emulation everywhere.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/cuda/CUDAContext.h>
@@ -89,6 +90,8 @@ __global__ void __launch_bounds__(kThreads)
 
 }  // namespace cuda_dx
 
+// The host side (tests/cuda_emu/kernels_emu.cpp compiles the kernel above without it).
+#ifndef ML_CUDA_HOST_EMU
 at::Tensor loss_dx_cuda(const at::Tensor& residual, const at::Tensor& coef,
                         const at::Tensor& weight) {
   using namespace cuda_dx;
@@ -125,5 +128,6 @@ at::Tensor loss_dx_cuda(const at::Tensor& residual, const at::Tensor& coef,
       });
   return out;
 }
+#endif  // ML_CUDA_HOST_EMU
 
 }  // namespace manual_layers

@@ -2,7 +2,7 @@
 // shared, mma.sync.m16n8k16 with bf16 / fp16 inputs and m16n8k8 with tf32 inputs (fp32
 // accumulation), the tf32 split of a float, and float <-> raw 16-bit conversions. ML_SM80 is
 // 1 in the device passes for sm_80 and newer: kernels guard their bodies with it (other passes
-// compile an empty body). tests/cuda_emu/ce_tc_emu.cpp
+// compile an empty body). tests/cuda_emu/kernels_emu.cpp
 // defines the same functions for its host emulation (ML_CUDA_HOST_EMU).
 #pragma once
 

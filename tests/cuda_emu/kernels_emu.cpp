@@ -1,17 +1,23 @@
-// Host emulation of the tensor-core cross-entropy kernel (csrc/cuda/logreg_ce_tc.cu), so that
-// its tiling, shared-memory layout, fragment addressing, pipeline ring and row phase are checked
-// on machines without a GPU (tests/test_cuda_emu.py builds and runs this with g++).
+// Host emulation of CUDA kernels that could not be run on a GPU when they were written, so that
+// their indexing, shared-memory layout, fragment addressing, pipeline ring and reductions are
+// checked on machines without one (tests/test_cuda_emu.py builds and runs this with g++):
+//   ce_tc    the tensor-core cross-entropy kernel (csrc/cuda/logreg_ce_tc.cu)
+//   loss_dx  the losses' dX kernel for few classes (csrc/cuda/loss_dx.cu)
 //
-// The .cu file is compiled as C++ with ML_CUDA_HOST_EMU: a block's 256 threads are std::threads,
-// __syncthreads and the warp shuffles are barriers, cp.async is a synchronous copy (or zero
-// fill), and mma.sync.m16n8k16 is computed from the fragment layout of the PTX ISA (written here
-// independently of the kernel: A[g + 8 (r % 2)][2t + 8 (r / 2) + h] in register r of lane 4g + t,
-// B[2t + 8r + h][g], D[g + 8 (r / 2)][2t + r % 2]). What it cannot check: the PTX itself, timing
-// and races between asynchronous copies and their readers (the waits are no-ops here).
+// The .cu files are compiled as C++ with ML_CUDA_HOST_EMU: a block's 256 threads are
+// std::threads (blocks run one after another), __syncthreads and the warp shuffles are
+// barriers, cp.async is a synchronous copy (or zero fill), and mma.sync is computed from the
+// fragment layouts of the PTX ISA, written here independently of the kernel (m16n8k16 16-bit:
+// A[g + 8 (r % 2)][2t + 8 (r / 2) + h] in register r of lane 4g + t, B[2t + 8r + h][g],
+// D[g + 8 (r / 2)][2t + r % 2]; m16n8k8 tf32 likewise with k = t + 4 (r / 2) and t + 4r).
+// What it cannot check: the PTX itself, timing, and races between asynchronous copies and
+// their readers (the waits are no-ops here).
 //
-// Usage: ce_tc_emu DTYPE N D C GRID STAGES OPTS, DTYPE bf16|f16|f32, OPTS a subset of "wWsi"
-// (class weights in [0.1, 2] or up to 3e4, label smoothing, ignored rows) or "-"; exit 0 when
-// every output matches a float64 reference of the same 16-bit inputs, 1 otherwise.
+// Usage (exit 0 when every output matches a float64 reference of the same inputs, else 1):
+//   kernels_emu ce_tc DTYPE N D C GRID STAGES OPTS   DTYPE bf16|f16|f32; OPTS a subset of
+//       "wWsi" (class weights in [0.1, 2] or up to 3e4, label smoothing, ignored rows) or "-"
+//   kernels_emu loss_dx DTYPE N D C THREADS PER_ROW  DTYPE bf16|f16|f32|f64; THREADS the
+//       launch's thread cap (rows per step = THREADS / (D / VEC)); PER_ROW 0|1 (none's coef)
 #include <cuda_runtime.h>
 
 #include <barrier>
@@ -165,6 +171,7 @@ void mma16816(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
 }  // namespace manual_layers
 
 #include "../../csrc/cuda/logreg_ce_tc.cu"
+#include "../../csrc/cuda/loss_dx.cu"
 
 // ce_single_pass (logreg_ce_fused.cu) is the CUDA host side; this program runs the kernel itself.
 namespace manual_layers {
@@ -180,8 +187,51 @@ LossOut ce_single_pass(const Prepared&, CeFusedParams<scalar_t, at::opmath_type<
 
 using namespace manual_layers::cuda_logreg;
 
+// Runs fn() as the kernel of a grid of `grid` blocks of kThreads threads, block after block,
+// shared memory poisoned (0xff bytes: NaN in 16 and 32 bits) before each block.
+template <typename Fn>
+void launch(int grid, Fn fn) {
+  gridDim = uint3{static_cast<unsigned>(grid), 1, 1};
+  for (int b = 0; b < grid; ++b) {
+    std::memset(smem_raw, 0xff, sizeof(smem_raw));
+    std::barrier<> block_bar(kThreads);
+    std::vector<std::unique_ptr<std::barrier<>>> warp_bars;
+    for (int k = 0; k < 8; ++k) warp_bars.push_back(std::make_unique<std::barrier<>>(32));
+    emu::block_bar = &block_bar;
+    for (int k = 0; k < 8; ++k) emu::warp_bar[k] = warp_bars[k].get();
+    std::vector<std::thread> threads;
+    for (int tid = 0; tid < kThreads; ++tid) {
+      threads.emplace_back([&, tid] {
+        threadIdx = uint3{static_cast<unsigned>(tid), 0, 0};
+        blockIdx = uint3{static_cast<unsigned>(b), 0, 0};
+        fn();
+      });
+    }
+    for (auto& th : threads) th.join();
+  }
+}
+
+// max |a - e| / max |e|, infinite when a holds a non-finite value (an unwritten output).
+double rel_err(const std::vector<double>& a, const std::vector<double>& e) {
+  double num = 0, den = 0;
+  for (size_t k = 0; k < a.size(); ++k) {
+    if (!std::isfinite(a[k])) return static_cast<double>(INFINITY);
+    num = std::max(num, std::abs(a[k] - e[k]));
+    den = std::max(den, std::abs(e[k]));
+  }
+  return num / std::max(den, 1e-30);
+}
+
 template <typename scalar_t>
-int run(int64_t N, int D, int C, int grid, int stages, const std::string& opts) {
+const char* dtype_name() {
+  if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) return "bf16";
+  if constexpr (std::is_same_v<scalar_t, c10::Half>) return "f16";
+  if constexpr (std::is_same_v<scalar_t, float>) return "f32";
+  return "f64";
+}
+
+template <typename scalar_t>
+int run_ce_tc(int64_t N, int D, int C, int grid, int stages, const std::string& opts) {
   std::mt19937 gen(N * 131 + D * 7 + C);
   std::normal_distribution<float> nd;
   std::uniform_real_distribution<float> ud(0.1f, 2.0f);
@@ -264,35 +314,9 @@ int run(int64_t N, int D, int C, int grid, int stages, const std::string& opts) 
     return 1;
   }
   auto kernel = ce_tc_kernel_for<scalar_t>(cp, nt);
-  gridDim = uint3{static_cast<unsigned>(grid), 1, 1};
-  for (int b = 0; b < grid; ++b) {
-    std::memset(smem_raw, 0xff, sizeof(smem_raw));  // 0xffff: a 16-bit NaN
-    std::barrier<> block_bar(kThreads);
-    std::vector<std::unique_ptr<std::barrier<>>> warp_bars;
-    for (int k = 0; k < 8; ++k) warp_bars.push_back(std::make_unique<std::barrier<>>(32));
-    emu::block_bar = &block_bar;
-    for (int k = 0; k < 8; ++k) emu::warp_bar[k] = warp_bars[k].get();
-    std::vector<std::thread> threads;
-    for (int tid = 0; tid < kThreads; ++tid) {
-      threads.emplace_back([&, tid] {
-        threadIdx = uint3{static_cast<unsigned>(tid), 0, 0};
-        blockIdx = uint3{static_cast<unsigned>(b), 0, 0};
-        kernel(p);
-      });
-    }
-    for (auto& th : threads) th.join();
-  }
+  launch(grid, [&] { kernel(p); });
 
   // finalize_kernel's sums (block order), then the relative errors.
-  auto rel = [](const std::vector<double>& a, const std::vector<double>& e) {
-    double num = 0, den2 = 0;
-    for (size_t k = 0; k < a.size(); ++k) {
-      if (!std::isfinite(a[k])) return static_cast<double>(INFINITY);
-      num = std::max(num, std::abs(a[k] - e[k]));
-      den2 = std::max(den2, std::abs(e[k]));
-    }
-    return num / std::max(den2, 1e-30);
-  };
   double loss = 0;
   std::vector<double> gw(static_cast<size_t>(C) * D, 0.0), gb(C, 0.0), rr(N * C);
   for (int b = 0; b < grid; ++b) {
@@ -305,32 +329,81 @@ int run(int64_t N, int D, int C, int grid, int stages, const std::string& opts) 
     rr[k] = res[k];
     rr_ref[k] = r_ref[k] / den;
   }
-  const double e_loss = rel({loss}, {loss_ref});
-  const double e_gw = rel(gw, gw_ref), e_gb = rel(gb, gb_ref), e_res = rel(rr, rr_ref);
+  const double e_loss = rel_err({loss}, {loss_ref});
+  const double e_gw = rel_err(gw, gw_ref), e_gb = rel_err(gb, gb_ref), e_res = rel_err(rr, rr_ref);
   // 16-bit: fp32 logits of exact products, r split in two 16-bit parts; fp32: 3xTF32 products
   const double tol = std::is_same_v<scalar_t, float> ? 2e-5 : 2e-4;
   const bool ok = e_loss < tol && e_gw < tol && e_gb < tol && e_res < tol;
-  std::printf("%s N=%lld D=%d C=%d grid=%d stages=%d opts=%s cp=%d nt=%d: loss %.2e gw %.2e "
-              "gb %.2e res %.2e -> %s\n",
-              std::is_same_v<scalar_t, c10::BFloat16> ? "bf16"
-              : std::is_same_v<scalar_t, float>       ? "f32"
-                                                      : "f16",
-              static_cast<long long>(N), D, C, grid, stages, opts.c_str(), cp, nt, e_loss, e_gw,
+  std::printf("ce_tc %s N=%lld D=%d C=%d grid=%d stages=%d opts=%s cp=%d nt=%d: loss %.2e "
+              "gw %.2e gb %.2e res %.2e -> %s\n",
+              dtype_name<scalar_t>(), static_cast<long long>(N), D, C, grid, stages, opts.c_str(), cp, nt, e_loss, e_gw,
               e_gb, e_res, ok ? "OK" : "FAIL");
   return ok ? 0 : 1;
 }
 
+// dX = coef * (residual W) against float64, residual in acc_t, coef one element or per row.
+template <typename scalar_t>
+int run_loss_dx(int64_t N, int D, int C, int64_t threads, bool per_row) {
+  using acc_t = at::opmath_type<scalar_t>;
+  using namespace manual_layers::cuda_dx;
+  constexpr int VEC = dx_vec<scalar_t>();
+  std::mt19937 gen(N * 17 + D + C);
+  std::normal_distribution<float> nd;
+  std::vector<acc_t> res(N * C), coef(per_row ? N : 1);
+  std::vector<scalar_t> w(static_cast<size_t>(C) * D);
+  for (auto& v : res) v = nd(gen);
+  for (auto& v : coef) v = nd(gen);
+  for (auto& v : w) v = scalar_t(nd(gen));
+  std::vector<scalar_t> out(N * D, scalar_t(std::nanf("")));
+  const int64_t nvec = D / VEC;
+  const int64_t rows_per_step = std::max<int64_t>(1, std::min<int64_t>(N, threads / nvec));
+  const int grid = static_cast<int>(ceil_div(rows_per_step * nvec, kThreads));
+  launch(grid, [&] {
+    loss_dx_kernel<scalar_t, VEC>(res.data(), coef.data(), per_row, w.data(), out.data(), N, C,
+                                  D, rows_per_step);
+  });
+  std::vector<double> got(N * D), want(N * D);
+  for (int64_t i = 0; i < N; ++i)
+    for (int d = 0; d < D; ++d) {
+      double v = 0;
+      for (int c = 0; c < C; ++c) v += static_cast<double>(res[i * C + c]) * static_cast<double>(w[c * D + d]);
+      want[i * D + d] = v * coef[per_row ? i : 0];
+      got[i * D + d] = static_cast<double>(out[i * D + d]);
+    }
+  const double err = rel_err(got, want);
+  const double tol = sizeof(scalar_t) == 2 ? 1e-2 : (sizeof(scalar_t) == 4 ? 1e-5 : 1e-12);
+  std::printf("loss_dx %s N=%lld D=%d C=%d threads=%lld per_row=%d: %.2e -> %s\n",
+              dtype_name<scalar_t>(), static_cast<long long>(N), D, C,
+              static_cast<long long>(threads), per_row ? 1 : 0, err, err < tol ? "OK" : "FAIL");
+  return err < tol ? 0 : 1;
+}
+
 int main(int argc, char** argv) {
-  if (argc != 8) {
-    std::fprintf(stderr, "usage: %s bf16|f16 N D C GRID STAGES OPTS\n", argv[0]);
-    return 2;
+  const std::string what = argc > 1 ? argv[1] : "";
+  if (what == "ce_tc" && argc == 9) {
+    const std::string dt = argv[2];
+    const int64_t N = std::atoll(argv[3]);
+    const int D = std::atoi(argv[4]), C = std::atoi(argv[5]), grid = std::atoi(argv[6]),
+              stages = std::atoi(argv[7]);
+    const std::string opts = argv[8];
+    if (dt == "bf16") return run_ce_tc<c10::BFloat16>(N, D, C, grid, stages, opts);
+    if (dt == "f32") return run_ce_tc<float>(N, D, C, grid, stages, opts);
+    return run_ce_tc<c10::Half>(N, D, C, grid, stages, opts);
   }
-  const std::string dt = argv[1];
-  const int64_t N = std::atoll(argv[2]);
-  const int D = std::atoi(argv[3]), C = std::atoi(argv[4]), grid = std::atoi(argv[5]),
-            stages = std::atoi(argv[6]);
-  const std::string opts = argv[7];
-  if (dt == "bf16") return run<c10::BFloat16>(N, D, C, grid, stages, opts);
-  if (dt == "f32") return run<float>(N, D, C, grid, stages, opts);
-  return run<c10::Half>(N, D, C, grid, stages, opts);
+  if (what == "loss_dx" && argc == 8) {
+    const std::string dt = argv[2];
+    const int64_t N = std::atoll(argv[3]);
+    const int D = std::atoi(argv[4]), C = std::atoi(argv[5]);
+    const int64_t threads = std::atoll(argv[6]);
+    const bool per_row = std::atoi(argv[7]) != 0;
+    if (dt == "bf16") return run_loss_dx<c10::BFloat16>(N, D, C, threads, per_row);
+    if (dt == "f16") return run_loss_dx<c10::Half>(N, D, C, threads, per_row);
+    if (dt == "f32") return run_loss_dx<float>(N, D, C, threads, per_row);
+    return run_loss_dx<double>(N, D, C, threads, per_row);
+  }
+  std::fprintf(stderr,
+               "usage: %s ce_tc bf16|f16|f32 N D C GRID STAGES OPTS\n"
+               "       %s loss_dx bf16|f16|f32|f64 N D C THREADS PER_ROW\n",
+               argv[0], argv[0]);
+  return 2;
 }
