@@ -4,7 +4,11 @@ __syncthreads as barriers, cp.async as a copy and mma.sync from the PTX ISA's fr
 Each case compares a kernel's outputs with a float64 reference of the same inputs:
 - the tensor-core cross-entropy kernel (csrc/cuda/logreg_ce_tc.cu; bf16, fp16, and fp32
   through 3xTF32): loss, residual, and the dW / db partials summed in block order;
-- the losses' dX kernel for few classes (csrc/cuda/loss_dx.cu), every dtype.
+- the losses' dX kernel for few classes (csrc/cuda/loss_dx.cu), every dtype;
+- Linear backward's activation gradient with the bias gradient's column sums in the same pass
+  (csrc/cuda/linear.cu: act_bwd_colsum_kernel, colsum_final_kernel);
+- the cross-entropy row kernel of the GEMM and chunked paths with G lanes per row
+  (csrc/cuda/logreg_gemm.cu: ce_rows_kernel), in each of its callers' modes.
 This checks the kernels' tiling, shared-memory layout, fragment addressing, tile ring and row
 phase where no GPU is (CI); the PTX itself and timing need one (tests/test_ce_tc.py)."""
 
@@ -111,3 +115,38 @@ DX_CASES = [
 @pytest.mark.parametrize("case", DX_CASES, ids=["-".join(map(str, c)) for c in DX_CASES])
 def test_loss_dx_kernel_emulated(emu, case):
     _run(emu, ("loss_dx",) + case)
+
+
+# dtype, activation, rows, cols, block target of the row chunking. cols: several 32 x VEC
+# column tiles with a partial last one (520 bf16: tiles of 256), one vector (6 fp64 = 3 x 2);
+# chunks of 8 rows and more, 1 row.
+ACT_CASES = [
+    ("bf16", "gelu", 100, 520, 64),
+    ("f16", "gelu_tanh", 1, 256, 128),
+    ("f32", "silu", 37, 24, 4),
+    ("f32", "gelu", 1000, 132, 2112),
+    ("f64", "relu", 300, 6, 1000),
+]
+
+
+@pytest.mark.parametrize("case", ACT_CASES, ids=["-".join(map(str, c)) for c in ACT_CASES])
+def test_act_bwd_colsum_kernel_emulated(emu, case):
+    _run(emu, ("act_bwd",) + case)
+
+
+# dtype, N, C, grid, mode, options. C picks the lanes per row G (2 -> 2, 3 -> 4, 10 / 16 ->
+# 16, 17 / 40 -> 32); grids smaller than N / rows-per-block make blocks loop; 41 rows leave a
+# partial last warp.
+CE_ROWS_CASES = [
+    ("f32", 50, 2, 1, "mean", "-"),
+    ("f32", 100, 3, 3, "mean", "ws"),
+    ("bf16", 41, 10, 2, "inplace", "ws"),
+    ("f16", 300, 16, 2, "inplace", "s"),
+    ("f64", 77, 17, 2, "scale", "w"),
+    ("f32", 64, 40, 3, "mean", "ws"),
+]
+
+
+@pytest.mark.parametrize("case", CE_ROWS_CASES, ids=["-".join(map(str, c)) for c in CE_ROWS_CASES])
+def test_ce_rows_kernel_emulated(emu, case):
+    _run(emu, ("ce_rows",) + case)

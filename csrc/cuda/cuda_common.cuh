@@ -35,6 +35,12 @@
 
 #include "../common.h"
 
+// A kernel's dynamic shared memory, as a byte array `name` (the host emulation of tests/cuda_emu
+// defines its own).
+#ifndef ML_DYNAMIC_SMEM
+#define ML_DYNAMIC_SMEM(name) extern __shared__ __align__(16) unsigned char name[]
+#endif
+
 namespace manual_layers {
 namespace cuda_common {
 

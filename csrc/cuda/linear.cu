@@ -248,6 +248,22 @@ __global__ void __launch_bounds__(32 * kFuseRows)
   }
 }
 
+// The row chunking of a two-stage column sum over `gx` column tiles: about `target_blocks`
+// blocks in all, each chunk at least `min_rows` rows, fewer than 65536 chunks (gridDim.y).
+// Returns {chunks, rows_per_chunk}; depends on its arguments only (deterministic sums).
+std::pair<int64_t, int64_t> column_chunks(int64_t rows, int64_t gx, int64_t target_blocks,
+                                          int64_t min_rows) {
+  int64_t chunks = ceil_div(target_blocks, gx);
+  chunks = std::min<int64_t>(chunks, std::min<int64_t>(ceil_div(rows, min_rows), 65535));
+  chunks = std::max<int64_t>(chunks, 1);
+  const int64_t rows_per_chunk = ceil_div(rows, chunks);
+  return {ceil_div(rows, rows_per_chunk), rows_per_chunk};
+}
+
+// The launchers and ops below are left out of the host emulation of tests/cuda_emu, which runs
+// the kernels above on the CPU.
+#ifndef ML_CUDA_HOST_EMU
+
 // =============================================================================================
 // Launchers. All take contiguous tensors with numel > 0 on the current device / stream.
 // =============================================================================================
@@ -261,18 +277,6 @@ void launch_act_fwd(const at::Tensor& z, const at::Tensor& out) {
                               at::cuda::getCurrentCUDAStream()>>>(
       z.const_data_ptr<T>(), out.mutable_data_ptr<T>(), n);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-}
-
-// The row chunking of a two-stage column sum over `gx` column tiles: about `target_blocks`
-// blocks in all, each chunk at least `min_rows` rows, fewer than 65536 chunks (gridDim.y).
-// Returns {chunks, rows_per_chunk}; depends on its arguments only (deterministic sums).
-std::pair<int64_t, int64_t> column_chunks(int64_t rows, int64_t gx, int64_t target_blocks,
-                                          int64_t min_rows) {
-  int64_t chunks = ceil_div(target_blocks, gx);
-  chunks = std::min<int64_t>(chunks, std::min<int64_t>(ceil_div(rows, min_rows), 65535));
-  chunks = std::max<int64_t>(chunks, 1);
-  const int64_t rows_per_chunk = ceil_div(rows, chunks);
-  return {ceil_div(rows, rows_per_chunk), rows_per_chunk};
 }
 
 void check_column_tiles(int64_t gx, int64_t cols) {
@@ -407,8 +411,11 @@ void column_sum(const at::Tensor& G, const at::Tensor& out) {
 }
 
 bool lt_ok(cublasStatus_t s) { return s == CUBLAS_STATUS_SUCCESS; }
+#endif  // ML_CUDA_HOST_EMU
 
 }  // namespace
+
+#ifndef ML_CUDA_HOST_EMU
 
 // =============================================================================================
 // Ops
@@ -615,5 +622,6 @@ TORCH_LIBRARY_IMPL(manual_layers, CUDA, m) {
   m.impl("_linear_fwd", &linear_fwd_cuda);
   m.impl("_linear_bwd", &linear_bwd_cuda);
 }
+#endif  // ML_CUDA_HOST_EMU
 
 }  // namespace manual_layers

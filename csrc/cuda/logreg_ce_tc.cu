@@ -118,7 +118,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   constexpr int NC = CP / 8;   // class n-tiles of the logits = classes per lane in the row phase
   constexpr int MT = CP / 16;  // class m-tiles of dW
   constexpr int ZS = CP + 4;   // sZ row stride (floats)
-  extern __shared__ __align__(16) unsigned char smem_raw[];
+  ML_DYNAMIC_SMEM(smem_raw);
 
   const int tid = threadIdx.x;
   const int lane = tid & 31;

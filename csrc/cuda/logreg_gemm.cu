@@ -200,6 +200,8 @@ __global__ void __launch_bounds__(kThreads) ce_rows_kernel(const CeRowsParams<sc
 // Lanes per row by C (ce_rows_kernel). The grid stays the caller's (grid_for(N, kWarps)): the
 // GEMM path sized its per-block loss partials to it; with several rows per warp, blocks past
 // the rows run no iteration and write a zero partial.
+// Left out of the host emulation of tests/cuda_emu, which runs the kernels above on the CPU.
+#ifndef ML_CUDA_HOST_EMU
 template <typename scalar_t, typename res_t, int G>
 void launch_ce_rows_g(const CeRowsParams<scalar_t, res_t>& p, int64_t grid, cudaStream_t stream) {
   ce_rows_kernel<scalar_t, res_t, G><<<grid, kThreads, 0, stream>>>(p);
@@ -325,6 +327,8 @@ ML_INSTANTIATE_CE_ROWS(at::BFloat16, float)
 ML_INSTANTIATE_CE_ROWS(at::Half, at::Half)
 ML_INSTANTIATE_CE_ROWS(at::BFloat16, at::BFloat16)
 #undef ML_INSTANTIATE_CE_ROWS
+
+#endif  // ML_CUDA_HOST_EMU
 
 }  // namespace cuda_logreg
 }  // namespace manual_layers

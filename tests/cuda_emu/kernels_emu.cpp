@@ -3,10 +3,15 @@
 // checked on machines without one (tests/test_cuda_emu.py builds and runs this with g++):
 //   ce_tc    the tensor-core cross-entropy kernel (csrc/cuda/logreg_ce_tc.cu)
 //   loss_dx  the losses' dX kernel for few classes (csrc/cuda/loss_dx.cu)
+//   act_bwd  the activation gradient with the bias gradient's column sums (csrc/cuda/linear.cu:
+//            act_bwd_colsum_kernel, colsum_final_kernel)
+//   ce_rows  the cross-entropy row kernel of the GEMM and chunked paths, G lanes per row
+//            (csrc/cuda/logreg_gemm.cu: ce_rows_kernel)
 //
-// The .cu files are compiled as C++ with ML_CUDA_HOST_EMU: a block's 256 threads are
-// std::threads (blocks run one after another), __syncthreads and the warp shuffles are
-// barriers, cp.async is a synchronous copy (or zero fill), and mma.sync is computed from the
+// The .cu files are compiled as C++ with ML_CUDA_HOST_EMU (which leaves out their host
+// code): a block's threads are std::threads (blocks run one after another; __shared__ arrays
+// are static, so all threads of a block see one), __syncthreads, __syncwarp and the warp
+// shuffles are barriers, cp.async is a synchronous copy (or zero fill), and mma.sync is computed from the
 // fragment layouts of the PTX ISA, written here independently of the kernel (m16n8k16 16-bit:
 // A[g + 8 (r % 2)][2t + 8 (r / 2) + h] in register r of lane 4g + t, B[2t + 8r + h][g],
 // D[g + 8 (r / 2)][2t + r % 2]; m16n8k8 tf32 likewise with k = t + 4 (r / 2) and t + 4r).
@@ -18,6 +23,9 @@
 //       "wWsi" (class weights in [0.1, 2] or up to 3e4, label smoothing, ignored rows) or "-"
 //   kernels_emu loss_dx DTYPE N D C THREADS PER_ROW  DTYPE bf16|f16|f32|f64; THREADS the
 //       launch's thread cap (rows per step = THREADS / (D / VEC)); PER_ROW 0|1 (none's coef)
+//   kernels_emu act_bwd DTYPE ACT ROWS COLS BLOCKS   ACT gelu|silu|gelu_tanh|relu; BLOCKS the
+//       block target of the row chunking (launch_act_bwd: 16 x SMs)
+//   kernels_emu ce_rows DTYPE N C GRID MODE OPTS     MODE mean|scale|inplace (run_ce_rows_g)
 #include <cuda_runtime.h>
 
 #include <barrier>
@@ -38,40 +46,46 @@
 #define ML_CUDA_HOST_EMU 1
 #define ML_SM80 1
 #define __launch_bounds__(...)
+#undef __shared__
+#define __shared__ static
+#define ML_DYNAMIC_SMEM(name) unsigned char* name = emu::smem_raw
 
 thread_local uint3 threadIdx;
 thread_local uint3 blockIdx;
 uint3 gridDim;
+uint3 blockDim;
 
 namespace emu {
+constexpr int kMaxWarps = 32;
+alignas(16) unsigned char smem_raw[232448];  // a kernel's dynamic shared memory
 std::barrier<>* block_bar = nullptr;
-std::barrier<>* warp_bar[8] = {};
-uint32_t xch[8][32];
-uint32_t mma_a[8][32][4];
-uint32_t mma_b[8][32][2];
-inline int warp() { return static_cast<int>(threadIdx.x) >> 5; }
-inline int lane() { return static_cast<int>(threadIdx.x) & 31; }
+std::barrier<>* warp_bar[kMaxWarps] = {};
+uint64_t xch[kMaxWarps][32];
+uint32_t mma_a[kMaxWarps][32][4];
+uint32_t mma_b[kMaxWarps][32][2];
+inline int tid() { return static_cast<int>(threadIdx.x + threadIdx.y * blockDim.x); }
+inline int warp() { return tid() >> 5; }
+inline int lane() { return tid() & 31; }
 inline void warp_sync() { warp_bar[warp()]->arrive_and_wait(); }
 }  // namespace emu
 
 inline void __syncthreads() { emu::block_bar->arrive_and_wait(); }
+inline void __syncwarp(unsigned = 0xffffffffu) { emu::warp_sync(); }
 
 template <typename T>
 T __shfl_xor_sync(unsigned, T v, int off) {
-  static_assert(sizeof(T) == 4, "32-bit shuffles only");
+  static_assert(sizeof(T) <= 8, "shuffles of up to 64 bits");
   const int w = emu::warp(), l = emu::lane();
-  std::memcpy(&emu::xch[w][l], &v, 4);
+  std::memcpy(&emu::xch[w][l], &v, sizeof(T));
   emu::warp_sync();
   T r;
-  std::memcpy(&r, &emu::xch[w][l ^ off], 4);
+  std::memcpy(&r, &emu::xch[w][l ^ off], sizeof(T));
   emu::warp_sync();
   return r;
 }
 
 namespace manual_layers {
 namespace cuda_logreg {
-
-alignas(16) unsigned char smem_raw[232448];  // the kernel's extern __shared__ buffer
 
 inline void cp_async16(void* smem, const void* gmem, int src_bytes) {
   if (src_bytes == 16) {
@@ -172,6 +186,8 @@ void mma16816(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
 
 #include "../../csrc/cuda/logreg_ce_tc.cu"
 #include "../../csrc/cuda/loss_dx.cu"
+#include "../../csrc/cuda/logreg_gemm.cu"
+#include "../../csrc/cuda/linear.cu"
 
 // ce_single_pass (logreg_ce_fused.cu) is the CUDA host side; this program runs the kernel itself.
 namespace manual_layers {
@@ -187,28 +203,36 @@ LossOut ce_single_pass(const Prepared&, CeFusedParams<scalar_t, at::opmath_type<
 
 using namespace manual_layers::cuda_logreg;
 
-// Runs fn() as the kernel of a grid of `grid` blocks of kThreads threads, block after block,
-// shared memory poisoned (0xff bytes: NaN in 16 and 32 bits) before each block.
+// Runs fn() as the kernel of a grid of grid.x x grid.y blocks of block.x x block.y threads
+// (block.x * block.y a multiple of 32, at most 1024), block after block, dynamic shared memory
+// poisoned (0xff bytes: NaN in 16 and 32 bits) before each block.
+template <typename Fn>
+void launch(uint3 grid, uint3 block, Fn fn) {
+  gridDim = grid;
+  blockDim = block;
+  const int n = static_cast<int>(block.x * block.y);
+  for (unsigned by = 0; by < grid.y; ++by)
+    for (unsigned bx = 0; bx < grid.x; ++bx) {
+      std::memset(emu::smem_raw, 0xff, sizeof(emu::smem_raw));
+      std::barrier<> block_bar(n);
+      std::vector<std::unique_ptr<std::barrier<>>> warp_bars;
+      for (int k = 0; k < n / 32; ++k) warp_bars.push_back(std::make_unique<std::barrier<>>(32));
+      emu::block_bar = &block_bar;
+      for (int k = 0; k < n / 32; ++k) emu::warp_bar[k] = warp_bars[k].get();
+      std::vector<std::thread> threads;
+      for (int t = 0; t < n; ++t) {
+        threads.emplace_back([&, t] {
+          threadIdx = uint3{t % block.x, t / block.x, 0};
+          blockIdx = uint3{bx, by, 0};
+          fn();
+        });
+      }
+      for (auto& th : threads) th.join();
+    }
+}
 template <typename Fn>
 void launch(int grid, Fn fn) {
-  gridDim = uint3{static_cast<unsigned>(grid), 1, 1};
-  for (int b = 0; b < grid; ++b) {
-    std::memset(smem_raw, 0xff, sizeof(smem_raw));
-    std::barrier<> block_bar(kThreads);
-    std::vector<std::unique_ptr<std::barrier<>>> warp_bars;
-    for (int k = 0; k < 8; ++k) warp_bars.push_back(std::make_unique<std::barrier<>>(32));
-    emu::block_bar = &block_bar;
-    for (int k = 0; k < 8; ++k) emu::warp_bar[k] = warp_bars[k].get();
-    std::vector<std::thread> threads;
-    for (int tid = 0; tid < kThreads; ++tid) {
-      threads.emplace_back([&, tid] {
-        threadIdx = uint3{static_cast<unsigned>(tid), 0, 0};
-        blockIdx = uint3{static_cast<unsigned>(b), 0, 0};
-        fn();
-      });
-    }
-    for (auto& th : threads) th.join();
-  }
+  launch(uint3{static_cast<unsigned>(grid), 1, 1}, uint3{kThreads, 1, 1}, fn);
 }
 
 // max |a - e| / max |e|, infinite when a holds a non-finite value (an unwritten output).
@@ -309,8 +333,8 @@ int run_ce_tc(int64_t N, int D, int C, int grid, int stages, const std::string& 
   int cp = 0, nt = 0;
   ce_tc_tiles(C, D, &cp, &nt);
   const size_t smem = ce_tc_smem<scalar_t>(cp, D, stages);
-  if (smem > sizeof(smem_raw)) {
-    std::printf("shared memory %zu > %zu\n", smem, sizeof(smem_raw));
+  if (smem > sizeof(emu::smem_raw)) {
+    std::printf("shared memory %zu > %zu\n", smem, sizeof(emu::smem_raw));
     return 1;
   }
   auto kernel = ce_tc_kernel_for<scalar_t>(cp, nt);
@@ -378,6 +402,174 @@ int run_loss_dx(int64_t N, int D, int C, int64_t threads, bool per_row) {
   return err < tol ? 0 : 1;
 }
 
+// G = g * act'(s) and bias = column sums of G (act_bwd_colsum_kernel + colsum_final_kernel),
+// the rows cut into chunks as launch_act_bwd cuts them for `target_blocks` blocks. G must equal
+// act_backward<A> element by element (same formula, same rounding); the bias is compared with
+// float64 column sums of that G.
+template <typename T, manual_layers::Act A>
+int run_act_bwd(int64_t rows, int64_t cols, int64_t target_blocks) {
+  using acc_t = at::opmath_type<T>;
+  using manual_layers::cuda_common::act_backward;
+  constexpr int VEC = manual_layers::cuda_common::VecWidth<T>::value;
+  if (cols % VEC != 0) {
+    std::printf("cols must be a multiple of %d\n", VEC);
+    return 2;
+  }
+  std::mt19937 gen(rows * 3 + cols);
+  std::normal_distribution<float> nd;
+  std::vector<T> g(rows * cols), sv(rows * cols), G(rows * cols, T(std::nanf("")));
+  for (auto& v : g) v = T(nd(gen));
+  for (auto& v : sv) v = T(2 * nd(gen));
+  const int64_t gx = ceil_div(cols, 32 * VEC);
+  const auto [chunks, rpc] = manual_layers::column_chunks(rows, gx, target_blocks,
+                                                          manual_layers::kFuseRows);
+  std::vector<acc_t> partial(chunks * cols, acc_t(std::nan("")));
+  std::vector<T> bias(cols, T(std::nanf("")));
+  launch(uint3{static_cast<unsigned>(gx), static_cast<unsigned>(chunks), 1},
+         uint3{32, manual_layers::kFuseRows, 1}, [&] {
+           manual_layers::act_bwd_colsum_kernel<T, A, VEC>(g.data(), sv.data(), G.data(),
+                                                           partial.data(), rows, cols, rpc);
+         });
+  launch(static_cast<int>(ceil_div(cols, kThreads)), [&] {
+    manual_layers::colsum_final_kernel<T>(partial.data(), bias.data(), chunks, cols);
+  });
+  int64_t bad = 0;
+  std::vector<double> colsum(cols, 0.0), got(cols);
+  for (int64_t k = 0; k < rows * cols; ++k) {
+    const T want = static_cast<T>(act_backward<A>(static_cast<acc_t>(g[k]), static_cast<acc_t>(sv[k])));
+    if (!(static_cast<double>(G[k]) == static_cast<double>(want))) ++bad;
+    colsum[k % cols] += static_cast<double>(G[k]);
+  }
+  for (int64_t c = 0; c < cols; ++c) got[c] = static_cast<double>(bias[c]);
+  const double err = rel_err(got, colsum);
+  const double tol = sizeof(T) == 2 ? 1e-2 : (sizeof(T) == 4 ? 1e-5 : 1e-12);
+  const bool ok = bad == 0 && err < tol;
+  std::printf("act_bwd %s act=%d rows=%lld cols=%lld chunks=%lld x %lld rows: G mismatches %lld, "
+              "bias %.2e -> %s\n",
+              dtype_name<T>(), static_cast<int>(A), static_cast<long long>(rows),
+              static_cast<long long>(cols), static_cast<long long>(chunks),
+              static_cast<long long>(rpc), static_cast<long long>(bad), err, ok ? "OK" : "FAIL");
+  return ok ? 0 : 1;
+}
+
+// ce_rows_kernel<T, R, G> against float64, in one of its callers' modes: "mean" (path 2: the
+// residual divided by the mean denominator, the fixed-order sum of n_den partials), "scale"
+// (the chunked path's none backward: res_scale x row_scale), "inplace" (the chunked path:
+// R == T, the residual written over the logits). Rows 1, 8, 15, ... are ignored; options "ws"
+// as for ce_tc. GRID blocks of 8 warps; the kernel loops when they do not cover N.
+template <typename T, typename R, int G>
+int run_ce_rows_g(int64_t N, int C, int grid, const std::string& mode, const std::string& opts) {
+  using acc_t = at::opmath_type<T>;
+  std::mt19937 gen(N * 5 + C);
+  std::normal_distribution<float> nd;
+  std::uniform_real_distribution<float> ud(0.1f, 2.0f);
+  const bool weights = opts.find('w') != std::string::npos;
+  const bool smooth = opts.find('s') != std::string::npos;
+  const acc_t eps = smooth ? acc_t(0.15) : acc_t(0);
+  const int64_t ignore_index = -100;
+  std::vector<T> logits(N * C);
+  for (auto& v : logits) v = T(2 * nd(gen));
+  std::vector<acc_t> bias(C), cw(C, acc_t(1)), row_scale(N);
+  for (auto& v : bias) v = nd(gen);
+  if (weights) for (auto& v : cw) v = ud(gen);
+  for (auto& v : row_scale) v = nd(gen);
+  std::vector<int64_t> target(N);
+  for (int64_t i = 0; i < N; ++i) target[i] = i % 7 == 1 ? ignore_index : static_cast<int64_t>(gen() % C);
+  // Mean denominator as partials (n_den of them), as ce_den_partial_kernel leaves it.
+  const int n_den = 3;
+  std::vector<acc_t> den_ws(n_den, acc_t(0));
+  double den = 0;
+  for (int64_t i = 0; i < N; ++i)
+    if (target[i] != ignore_index) {
+      den_ws[i % n_den] += cw[target[i]];
+      den += cw[target[i]];
+    }
+  const acc_t res_scale_v = acc_t(0.75);
+  std::vector<R> res_buf(mode == "inplace" ? 0 : N * C, R(std::nanf("")));
+  std::vector<acc_t> loss_out(N, acc_t(std::nan(""))), ws_loss(grid, acc_t(std::nan("")));
+  const std::vector<T> logits0 = logits;
+  CeRowsParams<T, R> p{};
+  p.logits = logits.data();
+  if constexpr (std::is_same_v<R, T>) {
+    p.res = mode == "inplace" ? logits.data() : res_buf.data();
+  } else {
+    p.res = res_buf.data();
+  }
+  p.loss_out = loss_out.data();
+  p.ws_loss = ws_loss.data();
+  p.bias = bias.data();
+  p.target = target.data();
+  p.cw = weights ? cw.data() : nullptr;
+  p.den_ws = mode == "mean" ? den_ws.data() : nullptr;
+  p.n_den = mode == "mean" ? n_den : 0;
+  p.host_den = acc_t(1);
+  p.res_scale = mode == "mean" ? nullptr : &res_scale_v;
+  p.row_scale = mode == "scale" ? row_scale.data() : nullptr;
+  p.N = N;
+  p.C = C;
+  p.ignore_index = ignore_index;
+  p.eps = eps;
+  launch(grid, [&] { ce_rows_kernel<T, R, G>(p); });
+
+  std::vector<double> r_got(N * C), r_want(N * C, 0.0), l_got(N), l_want(N, 0.0);
+  double total = 0, total_want = 0;
+  double wsum = 0;
+  for (int c = 0; c < C; ++c) wsum += cw[c];
+  for (int64_t i = 0; i < N; ++i) {
+    l_got[i] = loss_out[i];
+    for (int c = 0; c < C; ++c)
+      r_got[i * C + c] = static_cast<double>(mode == "inplace" ? static_cast<double>(logits[i * C + c])
+                                                                : static_cast<double>(p.res[i * C + c]));
+    if (target[i] == ignore_index) continue;
+    const int y = static_cast<int>(target[i]);
+    std::vector<double> z(C);
+    double m = -INFINITY;
+    for (int c = 0; c < C; ++c) {
+      z[c] = static_cast<double>(logits0[i * C + c]) + bias[c];
+      m = std::max(m, z[c]);
+    }
+    double se = 0, sm = 0;
+    for (int c = 0; c < C; ++c) se += std::exp(z[c] - m);
+    const double lse = m + std::log(se);
+    for (int c = 0; c < C; ++c) sm += cw[c] * (lse - z[c]);
+    l_want[i] = (1 - eps) * cw[y] * (lse - z[y]) + eps / C * sm;
+    total_want += l_want[i];
+    const double a = (1 - eps) * cw[y] + eps / C * wsum;
+    const double scale = mode == "mean" ? 1.0 / den : res_scale_v * (mode == "scale" ? row_scale[i] : 1.0);
+    for (int c = 0; c < C; ++c)
+      r_want[i * C + c] = (a * std::exp(z[c] - lse) - (c == y ? (1 - eps) * cw[y] : 0.0) -
+                           eps / C * cw[c]) * scale;
+  }
+  for (int b = 0; b < grid; ++b) total += ws_loss[b];
+  const double e_res = rel_err(r_got, r_want), e_loss = rel_err(l_got, l_want),
+               e_total = rel_err({total}, {total_want});
+  const double tol = sizeof(R) == 2 ? 1e-2 : (sizeof(acc_t) == 4 ? 1e-5 : 1e-12);
+  const double tol_l = sizeof(acc_t) == 4 ? 1e-5 : 1e-12;
+  const bool ok = e_res < tol && e_loss < tol_l && e_total < tol_l;
+  std::printf("ce_rows %s G=%d N=%lld C=%d grid=%d mode=%s opts=%s: res %.2e loss %.2e total "
+              "%.2e -> %s\n",
+              dtype_name<T>(), G, static_cast<long long>(N), C, grid, mode.c_str(), opts.c_str(),
+              e_res, e_loss, e_total, ok ? "OK" : "FAIL");
+  return ok ? 0 : 1;
+}
+
+// The lanes per row launch_ce_rows picks for C.
+template <typename T, typename R>
+int run_ce_rows(int64_t N, int C, int grid, const std::string& mode, const std::string& opts) {
+  if (C <= 2) return run_ce_rows_g<T, R, 2>(N, C, grid, mode, opts);
+  if (C <= 4) return run_ce_rows_g<T, R, 4>(N, C, grid, mode, opts);
+  if (C <= 8) return run_ce_rows_g<T, R, 8>(N, C, grid, mode, opts);
+  if (C <= 16) return run_ce_rows_g<T, R, 16>(N, C, grid, mode, opts);
+  return run_ce_rows_g<T, R, 32>(N, C, grid, mode, opts);
+}
+
+template <typename T>
+int run_ce_rows_mode(int64_t N, int C, int grid, const std::string& mode, const std::string& opts) {
+  // path 2 writes an acc_t residual; the chunked path a residual in x's dtype
+  if (mode == "mean") return run_ce_rows<T, at::opmath_type<T>>(N, C, grid, mode, opts);
+  return run_ce_rows<T, T>(N, C, grid, mode, opts);
+}
+
 int main(int argc, char** argv) {
   const std::string what = argc > 1 ? argv[1] : "";
   if (what == "ce_tc" && argc == 9) {
@@ -401,9 +593,38 @@ int main(int argc, char** argv) {
     if (dt == "f32") return run_loss_dx<float>(N, D, C, threads, per_row);
     return run_loss_dx<double>(N, D, C, threads, per_row);
   }
+  if (what == "act_bwd" && argc == 7) {
+    using manual_layers::Act;
+    const std::string dt = argv[2], act = argv[3];
+    const int64_t rows = std::atoll(argv[4]), cols = std::atoll(argv[5]),
+                  blocks = std::atoll(argv[6]);
+    auto by_act = [&](auto tag) {
+      using T = decltype(tag);
+      if (act == "gelu") return run_act_bwd<T, Act::Gelu>(rows, cols, blocks);
+      if (act == "silu") return run_act_bwd<T, Act::Silu>(rows, cols, blocks);
+      if (act == "gelu_tanh") return run_act_bwd<T, Act::GeluTanh>(rows, cols, blocks);
+      return run_act_bwd<T, Act::Relu>(rows, cols, blocks);
+    };
+    if (dt == "bf16") return by_act(c10::BFloat16());
+    if (dt == "f16") return by_act(c10::Half());
+    if (dt == "f32") return by_act(float());
+    return by_act(double());
+  }
+  if (what == "ce_rows" && argc == 8) {
+    const std::string dt = argv[2];
+    const int64_t N = std::atoll(argv[3]);
+    const int C = std::atoi(argv[4]), grid = std::atoi(argv[5]);
+    const std::string mode = argv[6], opts = argv[7];
+    if (dt == "bf16") return run_ce_rows_mode<c10::BFloat16>(N, C, grid, mode, opts);
+    if (dt == "f16") return run_ce_rows_mode<c10::Half>(N, C, grid, mode, opts);
+    if (dt == "f32") return run_ce_rows_mode<float>(N, C, grid, mode, opts);
+    return run_ce_rows_mode<double>(N, C, grid, mode, opts);
+  }
   std::fprintf(stderr,
                "usage: %s ce_tc bf16|f16|f32 N D C GRID STAGES OPTS\n"
-               "       %s loss_dx bf16|f16|f32|f64 N D C THREADS PER_ROW\n",
-               argv[0], argv[0]);
+               "       %s loss_dx bf16|f16|f32|f64 N D C THREADS PER_ROW\n"
+               "       %s act_bwd bf16|f16|f32|f64 gelu|silu|gelu_tanh|relu ROWS COLS BLOCKS\n"
+               "       %s ce_rows bf16|f16|f32|f64 N C GRID mean|scale|inplace OPTS\n",
+               argv[0], argv[0], argv[0], argv[0]);
   return 2;
 }
