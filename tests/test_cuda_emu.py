@@ -8,7 +8,10 @@ Each case compares a kernel's outputs with a float64 reference of the same input
 - Linear backward's activation gradient with the bias gradient's column sums in the same pass
   (csrc/cuda/linear.cu: act_bwd_colsum_kernel, colsum_final_kernel);
 - the cross-entropy row kernel of the GEMM and chunked paths with G lanes per row
-  (csrc/cuda/logreg_gemm.cu: ce_rows_kernel), in each of its callers' modes.
+  (csrc/cuda/logreg_gemm.cu: ce_rows_kernel), in each of its callers' modes;
+- the fused binary cross entropy (csrc/cuda/logreg_bce_fused.cu, every instance: 1, 2, 4 chunks,
+  1 to 8 warps per row, the 16-bit row-ahead loads, the scalar load path) and the finalize
+  step that sums every mean/sum path's block partials (csrc/cuda/logreg_common.cu).
 This checks the kernels' tiling, shared-memory layout, fragment addressing, tile ring and row
 phase where no GPU is (CI); the PTX itself and timing need one (tests/test_ce_tc.py)."""
 
@@ -150,3 +153,23 @@ CE_ROWS_CASES = [
 @pytest.mark.parametrize("case", CE_ROWS_CASES, ids=["-".join(map(str, c)) for c in CE_ROWS_CASES])
 def test_ce_rows_kernel_emulated(emu, case):
     _run(emu, ("ce_rows",) + case)
+
+
+# dtype, N, D, grid, options (p pos_weight, s sample weights, m sum, u scalar loads). D picks
+# the instance: bf16 512 two chunks (rows loaded one ahead), fp16 256 one chunk (ahead), fp16
+# 1000 four chunks, fp32 3000 / bf16 8192 four chunks x 8 warps per row.
+BCE_CASES = [
+    ("f32", 100, 64, 3, "-"),
+    ("bf16", 300, 512, 4, "ps"),
+    ("f16", 1000, 256, 7, "ps"),
+    ("f16", 77, 1000, 2, "pm"),
+    ("f32", 40, 3000, 2, "p"),
+    ("bf16", 20, 8192, 2, "s"),
+    ("bf16", 33, 100, 2, "u"),
+    ("f64", 50, 40, 2, "s"),
+]
+
+
+@pytest.mark.parametrize("case", BCE_CASES, ids=["-".join(map(str, c)) for c in BCE_CASES])
+def test_bce_fused_kernel_emulated(emu, case):
+    _run(emu, ("bce",) + case)

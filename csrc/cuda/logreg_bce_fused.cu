@@ -63,7 +63,7 @@ __global__ void __launch_bounds__(kThreads, (CHUNKS <= 2 || sizeof(scalar_t) == 
     bce_fused_kernel(const BceFusedParams<scalar_t, acc_t> p) {
   constexpr int VEC = 16 / static_cast<int>(sizeof(scalar_t));
   using Vec = AlignedVec<scalar_t, VEC>;
-  extern __shared__ __align__(16) unsigned char smem_raw[];
+  ML_DYNAMIC_SMEM(smem_raw);
   acc_t* s_red = reinterpret_cast<acc_t*>(smem_raw);  // (GPB, D) when ws_gw != nullptr
   __shared__ acc_t s_dot[2][kWarps];
   __shared__ acc_t s_loss[kWarps];
@@ -248,6 +248,8 @@ bool bce_fused_config(int64_t D, int* chunks, int* wpr) {
   return true;
 }
 
+// Left out of the host emulation of tests/cuda_emu, which runs the kernel above on the CPU.
+#ifndef ML_CUDA_HOST_EMU
 // Grid of the fused kernel: as many blocks as can be resident at once, at most grid_cap.
 template <typename scalar_t, int CHUNKS>
 int64_t fused_grid(int64_t grid_cap, size_t smem) {
@@ -343,6 +345,7 @@ ML_INSTANTIATE_BCE_FUSED(double)
 ML_INSTANTIATE_BCE_FUSED(at::Half)
 ML_INSTANTIATE_BCE_FUSED(at::BFloat16)
 #undef ML_INSTANTIATE_BCE_FUSED
+#endif  // ML_CUDA_HOST_EMU
 
 }  // namespace cuda_logreg
 }  // namespace manual_layers

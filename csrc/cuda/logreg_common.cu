@@ -83,6 +83,8 @@ __global__ void __launch_bounds__(kThreads)
   if (threadIdx.x == 0) den_out[0] = d;
 }
 
+// Left out of the host emulation of tests/cuda_emu, which runs the kernels above on the CPU.
+#ifndef ML_CUDA_HOST_EMU
 template <typename acc_t>
 void launch_finalize(const FinalizeParams<acc_t>& p, int64_t grid, cudaStream_t stream) {
   finalize_kernel<acc_t><<<grid, kThreads, 0, stream>>>(p);
@@ -113,6 +115,8 @@ void launch_ce_den_final(const acc_t* den_ws, int64_t n_den, acc_t* den_out,
 ML_INSTANTIATE_SHARED(float)
 ML_INSTANTIATE_SHARED(double)
 #undef ML_INSTANTIATE_SHARED
+
+#endif  // ML_CUDA_HOST_EMU
 
 }  // namespace cuda_logreg
 }  // namespace manual_layers

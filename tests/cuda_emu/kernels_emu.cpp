@@ -7,6 +7,8 @@
 //            act_bwd_colsum_kernel, colsum_final_kernel)
 //   ce_rows  the cross-entropy row kernel of the GEMM and chunked paths, G lanes per row
 //            (csrc/cuda/logreg_gemm.cu: ce_rows_kernel)
+//   bce      the fused binary cross entropy and the finalize step every mean/sum path ends with
+//            (csrc/cuda/logreg_bce_fused.cu, logreg_common.cu)
 //
 // The .cu files are compiled as C++ with ML_CUDA_HOST_EMU (which leaves out their host
 // code): a block's threads are std::threads (blocks run one after another; __shared__ arrays
@@ -26,6 +28,7 @@
 //   kernels_emu act_bwd DTYPE ACT ROWS COLS BLOCKS   ACT gelu|silu|gelu_tanh|relu; BLOCKS the
 //       block target of the row chunking (launch_act_bwd: 16 x SMs)
 //   kernels_emu ce_rows DTYPE N C GRID MODE OPTS     MODE mean|scale|inplace (run_ce_rows_g)
+//   kernels_emu bce DTYPE N D GRID OPTS              OPTS a subset of "psum" (run_bce) or "-"
 #include <cuda_runtime.h>
 
 #include <barrier>
@@ -34,6 +37,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <limits>
 #include <memory>
 #include <random>
 #include <string>
@@ -188,6 +192,8 @@ void mma16816(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
 #include "../../csrc/cuda/loss_dx.cu"
 #include "../../csrc/cuda/logreg_gemm.cu"
 #include "../../csrc/cuda/linear.cu"
+#include "../../csrc/cuda/logreg_bce_fused.cu"
+#include "../../csrc/cuda/logreg_common.cu"
 
 // ce_single_pass (logreg_ce_fused.cu) is the CUDA host side; this program runs the kernel itself.
 namespace manual_layers {
@@ -570,6 +576,107 @@ int run_ce_rows_mode(int64_t N, int C, int grid, const std::string& mode, const 
   return run_ce_rows<T, T>(N, C, grid, mode, opts);
 }
 
+// The fused binary cross entropy (bce_fused_kernel, its CHUNKS and rows-per-group from
+// bce_fused_config) and finalize_kernel over its partials, against float64: loss, grad_w,
+// grad_b (divided by N for mean) and the residual r / N. Options: p pos_weight, s sample
+// weights, u the scalar (unaligned) load path, m sum instead of mean.
+template <typename T>
+int run_bce(int64_t N, int64_t D, int grid, const std::string& opts) {
+  using acc_t = at::opmath_type<T>;
+  const bool use_pw = opts.find('p') != std::string::npos;
+  const bool use_sw = opts.find('s') != std::string::npos;
+  const bool mean = opts.find('m') == std::string::npos;
+  std::mt19937 gen(N * 11 + D);
+  std::normal_distribution<float> nd;
+  std::uniform_real_distribution<float> ud(0.f, 1.f);
+  std::vector<T> x(N * D), y(N), sw(N);
+  std::vector<acc_t> w(D);
+  for (auto& v : x) v = T(nd(gen));
+  // w has x's dtype (the op's contract; the kernel keeps it as scalar_t): values of T only
+  for (auto& v : w) v = static_cast<acc_t>(T(nd(gen) / std::sqrt(static_cast<float>(D))));
+  for (auto& v : y) v = T(ud(gen) < 0.5f ? 0.f : (ud(gen) < 0.8f ? 1.f : ud(gen)));
+  for (auto& v : sw) v = T(ud(gen) + 0.5f);
+  const acc_t bias = acc_t(0.3), pw = acc_t(2.5);
+  int chunks = 0, wpr = 0;
+  if (!bce_fused_config<T>(D, &chunks, &wpr)) {
+    std::printf("D too large for the fused kernel\n");
+    return 2;
+  }
+  const int64_t gpb = kWarps / wpr;
+  const size_t smem = static_cast<size_t>(gpb * D) * sizeof(acc_t);
+  if (smem > sizeof(emu::smem_raw)) return 2;
+  const acc_t den = mean ? static_cast<acc_t>(N) : acc_t(1);
+  const acc_t nan = std::numeric_limits<acc_t>::quiet_NaN();
+  std::vector<acc_t> res(N, nan), ws_gw(grid * D, nan), ws_loss(grid, nan), ws_gb(grid, nan);
+  BceFusedParams<T, acc_t> p{};
+  p.x = x.data();
+  p.w = w.data();
+  p.bias = &bias;
+  p.target = y.data();
+  p.pos_weight = use_pw ? &pw : nullptr;
+  p.sw = use_sw ? sw.data() : nullptr;
+  p.res = res.data();
+  p.ws_gw = ws_gw.data();
+  p.ws_loss = ws_loss.data();
+  p.ws_gb = ws_gb.data();
+  p.N = N;
+  p.D = D;
+  p.den = den;
+  p.wpr = wpr;
+  p.vec_ok = opts.find('u') == std::string::npos && D % (16 / sizeof(T)) == 0;
+  launch(grid, [&] {
+    if (chunks == 1) bce_fused_kernel<T, acc_t, 1>(p);
+    else if (chunks == 2) bce_fused_kernel<T, acc_t, 2>(p);
+    else bce_fused_kernel<T, acc_t, 4>(p);
+  });
+  acc_t loss = nan, gb = nan;
+  std::vector<acc_t> gw(D, nan);
+  FinalizeParams<acc_t> fp{};
+  fp.ws_gw = ws_gw.data();
+  fp.ws_loss = ws_loss.data();
+  fp.ws_gb = ws_gb.data();
+  fp.gw_out = gw.data();
+  fp.gb_out = &gb;
+  fp.loss_out = &loss;
+  fp.B = grid;
+  fp.D = D;
+  fp.nb = 1;
+  fp.host_den = den;
+  launch(static_cast<int>(std::max<int64_t>(1, ceil_div(D, 32))), [&] { finalize_kernel<acc_t>(fp); });
+
+  double loss_ref = 0, gb_ref = 0;
+  std::vector<double> gw_ref(D, 0.0), r_ref(N), r_got(N), gw_got(D);
+  for (int64_t i = 0; i < N; ++i) {
+    double z = bias;
+    for (int64_t d = 0; d < D; ++d) z += static_cast<double>(x[i * D + d]) * w[d];
+    const double yy = static_cast<double>(y[i]);
+    const double s = use_sw ? static_cast<double>(sw[i]) : 1.0;
+    const double lw = use_pw ? 1 + (pw - 1) * yy : 1.0;
+    const double log_sig = std::min(z, 0.0) - std::log1p(std::exp(-std::abs(z)));
+    const double sig = 1 / (1 + std::exp(-z));
+    loss_ref += s * ((1 - yy) * z - lw * log_sig);
+    const double r = s * (lw * sig - (use_pw ? pw : 1.0) * yy);
+    r_ref[i] = r / den;
+    r_got[i] = res[i];
+    gb_ref += r;
+    for (int64_t d = 0; d < D; ++d) gw_ref[d] += r * static_cast<double>(x[i * D + d]);
+  }
+  for (int64_t d = 0; d < D; ++d) {
+    gw_ref[d] /= den;
+    gw_got[d] = gw[d];
+  }
+  const double e_loss = rel_err({static_cast<double>(loss)}, {loss_ref / den});
+  const double e_gw = rel_err(gw_got, gw_ref), e_gb = rel_err({static_cast<double>(gb)}, {gb_ref / den});
+  const double e_res = rel_err(r_got, r_ref);
+  const double tol = sizeof(acc_t) == 4 ? 1e-5 : 1e-12;
+  const bool ok = e_loss < tol && e_gw < tol && e_gb < tol && e_res < tol;
+  std::printf("bce %s N=%lld D=%lld grid=%d chunks=%d wpr=%d vec=%d opts=%s: loss %.2e gw %.2e "
+              "gb %.2e res %.2e -> %s\n",
+              dtype_name<T>(), static_cast<long long>(N), static_cast<long long>(D), grid, chunks,
+              wpr, p.vec_ok ? 1 : 0, opts.c_str(), e_loss, e_gw, e_gb, e_res, ok ? "OK" : "FAIL");
+  return ok ? 0 : 1;
+}
+
 int main(int argc, char** argv) {
   const std::string what = argc > 1 ? argv[1] : "";
   if (what == "ce_tc" && argc == 9) {
@@ -620,11 +727,22 @@ int main(int argc, char** argv) {
     if (dt == "f32") return run_ce_rows_mode<float>(N, C, grid, mode, opts);
     return run_ce_rows_mode<double>(N, C, grid, mode, opts);
   }
+  if (what == "bce" && argc == 7) {
+    const std::string dt = argv[2];
+    const int64_t N = std::atoll(argv[3]), D = std::atoll(argv[4]);
+    const int grid = std::atoi(argv[5]);
+    const std::string opts = argv[6];
+    if (dt == "bf16") return run_bce<c10::BFloat16>(N, D, grid, opts);
+    if (dt == "f16") return run_bce<c10::Half>(N, D, grid, opts);
+    if (dt == "f32") return run_bce<float>(N, D, grid, opts);
+    return run_bce<double>(N, D, grid, opts);
+  }
   std::fprintf(stderr,
                "usage: %s ce_tc bf16|f16|f32 N D C GRID STAGES OPTS\n"
                "       %s loss_dx bf16|f16|f32|f64 N D C THREADS PER_ROW\n"
                "       %s act_bwd bf16|f16|f32|f64 gelu|silu|gelu_tanh|relu ROWS COLS BLOCKS\n"
-               "       %s ce_rows bf16|f16|f32|f64 N C GRID mean|scale|inplace OPTS\n",
-               argv[0], argv[0], argv[0], argv[0]);
+               "       %s ce_rows bf16|f16|f32|f64 N C GRID mean|scale|inplace OPTS\n"
+               "       %s bce bf16|f16|f32|f64 N D GRID OPTS\n",
+               argv[0], argv[0], argv[0], argv[0], argv[0]);
   return 2;
 }
