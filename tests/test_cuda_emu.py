@@ -4,6 +4,8 @@ __syncthreads as barriers, cp.async as a copy and mma.sync from the PTX ISA's fr
 Each case compares a kernel's outputs with a float64 reference of the same inputs:
 - the tensor-core cross-entropy kernel (csrc/cuda/logreg_ce_tc.cu; bf16, fp16, and fp32
   through 3xTF32): loss, residual, and the dW / db partials summed in block order;
+- the CUDA-core single-pass cross-entropy kernel (csrc/cuda/logreg_ce_fused.cu) the same way,
+  with the mean denominator from its own kernels (csrc/cuda/logreg_common.cu);
 - the losses' dX kernel for few classes (csrc/cuda/loss_dx.cu), every dtype;
 - Linear backward's activation gradient with the bias gradient's column sums in the same pass
   (csrc/cuda/linear.cu: act_bwd_colsum_kernel, colsum_final_kernel);
@@ -173,3 +175,20 @@ BCE_CASES = [
 @pytest.mark.parametrize("case", BCE_CASES, ids=["-".join(map(str, c)) for c in BCE_CASES])
 def test_bce_fused_kernel_emulated(emu, case):
     _run(emu, ("bce",) + case)
+
+
+# The CUDA-core kernel: dtype, N, D, C, grid, (unused), options. CMAX 16 / 32, DJ 1 / 2 / 4,
+# the scalar load path (D = 7), fp64.
+FUSED_CASES = [
+    ("f32", 100, 64, 10, 2, 0, "wsi"),
+    ("bf16", 300, 512, 10, 3, 0, "i"),
+    ("f16", 33, 1000, 3, 2, 0, "w"),
+    ("f32", 95, 512, 17, 2, 0, "s"),
+    ("f64", 77, 300, 16, 2, 0, "ws"),
+    ("f32", 50, 7, 2, 1, 0, "-"),
+]
+
+
+@pytest.mark.parametrize("case", FUSED_CASES, ids=["-".join(map(str, c)) for c in FUSED_CASES])
+def test_ce_fused_kernel_emulated(emu, case):
+    _run(emu, ("ce_fused",) + case)

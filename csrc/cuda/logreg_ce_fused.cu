@@ -93,7 +93,7 @@ __global__ void __launch_bounds__(kThreads)
   static_assert(CMAX % RVEC == 0, "CMAX must be a multiple of the acc_t vector width");
   using XVec = AlignedVec<scalar_t, VEC>;
   using RVec = AlignedVec<acc_t, RVEC>;
-  extern __shared__ __align__(16) unsigned char smem_raw[];
+  ML_DYNAMIC_SMEM(smem_raw);
   __shared__ acc_t s_loss[kWarps];
 
   const int tid = threadIdx.x;
@@ -313,6 +313,26 @@ __global__ void __launch_bounds__(kThreads)
 // Host side
 // ---------------------------------------------------------------------------------------
 
+template <typename scalar_t>
+CeFusedKernel<scalar_t> ce_fused_kernel_for(int cmax, int dj) {
+  using acc_t = at::opmath_type<scalar_t>;
+  if constexpr (sizeof(acc_t) == 8) {  // ce_fused_config allows only these for fp64
+    TORCH_INTERNAL_ASSERT(cmax == 16 && dj <= 2, "ce_fused_kernel_for: fp64 config ", cmax, "/", dj);
+    if (dj == 1) return ce_fused_kernel<scalar_t, acc_t, 16, 1>;
+    return ce_fused_kernel<scalar_t, acc_t, 16, 2>;
+  } else {
+    if (cmax == 16) {
+      if (dj == 1) return ce_fused_kernel<scalar_t, acc_t, 16, 1>;
+      if (dj == 2) return ce_fused_kernel<scalar_t, acc_t, 16, 2>;
+      return ce_fused_kernel<scalar_t, acc_t, 16, 4>;
+    }
+    if (dj == 1) return ce_fused_kernel<scalar_t, acc_t, 32, 1>;
+    return ce_fused_kernel<scalar_t, acc_t, 32, 2>;
+  }
+}
+
+// Left out of the host emulation of tests/cuda_emu, which runs the kernel above on the CPU.
+#ifndef ML_CUDA_HOST_EMU
 constexpr int64_t kCeMaxWBytes = 48 * 1024;     // W staged in shared memory (acc_t)
 constexpr int64_t kCeMaxSmemBytes = 96 * 1024;  // all dynamic shared memory of a block
 
@@ -337,24 +357,6 @@ bool ce_fused_config(int64_t C, int64_t D, CeFusedConfig* cfg) {
   cfg->dj = dj;
   cfg->smem = smem;
   return true;
-}
-
-template <typename scalar_t>
-CeFusedKernel<scalar_t> ce_fused_kernel_for(int cmax, int dj) {
-  using acc_t = at::opmath_type<scalar_t>;
-  if constexpr (sizeof(acc_t) == 8) {  // ce_fused_config allows only these for fp64
-    TORCH_INTERNAL_ASSERT(cmax == 16 && dj <= 2, "ce_fused_kernel_for: fp64 config ", cmax, "/", dj);
-    if (dj == 1) return ce_fused_kernel<scalar_t, acc_t, 16, 1>;
-    return ce_fused_kernel<scalar_t, acc_t, 16, 2>;
-  } else {
-    if (cmax == 16) {
-      if (dj == 1) return ce_fused_kernel<scalar_t, acc_t, 16, 1>;
-      if (dj == 2) return ce_fused_kernel<scalar_t, acc_t, 16, 2>;
-      return ce_fused_kernel<scalar_t, acc_t, 16, 4>;
-    }
-    if (dj == 1) return ce_fused_kernel<scalar_t, acc_t, 32, 1>;
-    return ce_fused_kernel<scalar_t, acc_t, 32, 2>;
-  }
 }
 
 template <typename scalar_t>
@@ -463,6 +465,7 @@ ML_INSTANTIATE_CE_FUSED(double)
 ML_INSTANTIATE_CE_FUSED(at::Half)
 ML_INSTANTIATE_CE_FUSED(at::BFloat16)
 #undef ML_INSTANTIATE_CE_FUSED
+#endif  // ML_CUDA_HOST_EMU
 
 }  // namespace cuda_logreg
 }  // namespace manual_layers

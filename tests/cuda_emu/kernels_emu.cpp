@@ -2,6 +2,8 @@
 // their indexing, shared-memory layout, fragment addressing, pipeline ring and reductions are
 // checked on machines without one (tests/test_cuda_emu.py builds and runs this with g++):
 //   ce_tc    the tensor-core cross-entropy kernel (csrc/cuda/logreg_ce_tc.cu)
+//   ce_fused the CUDA-core single-pass cross-entropy kernel and the mean-denominator kernels
+//            (csrc/cuda/logreg_ce_fused.cu, logreg_common.cu)
 //   loss_dx  the losses' dX kernel for few classes (csrc/cuda/loss_dx.cu)
 //   act_bwd  the activation gradient with the bias gradient's column sums (csrc/cuda/linear.cu:
 //            act_bwd_colsum_kernel, colsum_final_kernel)
@@ -21,8 +23,9 @@
 // their readers (the waits are no-ops here).
 //
 // Usage (exit 0 when every output matches a float64 reference of the same inputs, else 1):
-//   kernels_emu ce_tc DTYPE N D C GRID STAGES OPTS   DTYPE bf16|f16|f32; OPTS a subset of
-//       "wWsi" (class weights in [0.1, 2] or up to 3e4, label smoothing, ignored rows) or "-"
+//   kernels_emu ce_tc|ce_fused DTYPE N D C GRID STAGES OPTS   DTYPE bf16|f16|f32 (ce_fused:
+//       also f64); OPTS a subset of "wWsi" (class weights in [0.1, 2] or up to 3e4, label
+//       smoothing, ignored rows) or "-" (run_ce_single)
 //   kernels_emu loss_dx DTYPE N D C THREADS PER_ROW  DTYPE bf16|f16|f32|f64; THREADS the
 //       launch's thread cap (rows per step = THREADS / (D / VEC)); PER_ROW 0|1 (none's coef)
 //   kernels_emu act_bwd DTYPE ACT ROWS COLS BLOCKS   ACT gelu|silu|gelu_tanh|relu; BLOCKS the
@@ -194,6 +197,7 @@ void mma16816(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
 #include "../../csrc/cuda/linear.cu"
 #include "../../csrc/cuda/logreg_bce_fused.cu"
 #include "../../csrc/cuda/logreg_common.cu"
+#include "../../csrc/cuda/logreg_ce_fused.cu"
 
 // ce_single_pass (logreg_ce_fused.cu) is the CUDA host side; this program runs the kernel itself.
 namespace manual_layers {
@@ -260,8 +264,15 @@ const char* dtype_name() {
   return "f64";
 }
 
+// The single-pass cross-entropy kernels against float64 (loss, residual / den, dW and db
+// partials summed in block order): kind "tc" the tensor-core kernel (logreg_ce_tc.cu: STAGES
+// tiles in its ring), "fused" the CUDA-core kernel (logreg_ce_fused.cu: W in acc_t, the mean
+// denominator from ce_den_partial_kernel and ce_den_final_kernel, STAGES unused).
 template <typename scalar_t>
-int run_ce_tc(int64_t N, int D, int C, int grid, int stages, const std::string& opts) {
+int run_ce_single(const std::string& kind, int64_t N, int D, int C, int grid, int stages,
+                  const std::string& opts) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const bool tc = kind == "tc";
   std::mt19937 gen(N * 131 + D * 7 + C);
   std::normal_distribution<float> nd;
   std::uniform_real_distribution<float> ud(0.1f, 2.0f);
@@ -272,14 +283,15 @@ int run_ce_tc(int64_t N, int D, int C, int grid, int stages, const std::string& 
   std::vector<scalar_t> x(N * D), w(static_cast<size_t>(C) * D);
   for (auto& v : x) v = scalar_t(nd(gen));
   for (auto& v : w) v = scalar_t(nd(gen) / std::sqrt(static_cast<float>(D)));
-  std::vector<float> bias(C), cw(C, 1.f);
+  std::vector<acc_t> w_acc(w.begin(), w.end());
+  std::vector<acc_t> bias(C), cw(C, acc_t(1));
   for (auto& v : bias) v = nd(gen);
   if (weights) for (auto& v : cw) v = big ? ud(gen) * 1.5e4f : ud(gen);
   std::vector<int64_t> target(N);
   const int64_t ignore_index = -100;
   for (int64_t i = 0; i < N; ++i) target[i] = static_cast<int64_t>(gen() % C);
   if (ignore) for (int64_t i = 1; i < N; i += 7) target[i] = ignore_index;
-  const float eps = smooth ? 0.15f : 0.f;
+  const acc_t eps = smooth ? acc_t(0.15) : acc_t(0);
 
   // float64 reference from the same input values: loss, residual r, sum_i r x_i, sum_i r.
   double den = 0, loss_ref = 0;
@@ -295,7 +307,7 @@ int run_ce_tc(int64_t N, int D, int C, int grid, int stages, const std::string& 
     for (int c = 0; c < C; ++c) {
       double s = bias[c];
       for (int d = 0; d < D; ++d)
-        s += static_cast<double>(static_cast<float>(x[i * D + d])) * static_cast<float>(w[c * D + d]);
+        s += static_cast<double>(x[i * D + d]) * static_cast<double>(w[c * D + d]);
       z[c] = s;
       m = std::max(m, s);
     }
@@ -310,22 +322,21 @@ int run_ce_tc(int64_t N, int D, int C, int grid, int stages, const std::string& 
       double v = a * std::exp(z[c] - lse) - (c == y ? (1 - eps) * cw[y] : 0.0) - eps / C * cw[c];
       r_ref[i * C + c] = v;
       gb_ref[c] += v;
-      for (int d = 0; d < D; ++d) gw_ref[c * D + d] += v * static_cast<float>(x[i * D + d]);
+      for (int d = 0; d < D; ++d) gw_ref[c * D + d] += v * static_cast<double>(x[i * D + d]);
     }
   }
 
   // The kernel's inputs and outputs, outputs poisoned with NaN (an unwritten element fails).
-  const float nan = std::nanf("");
-  const float den_f = static_cast<float>(den);
-  std::vector<float> res(N * C, nan), ws_gw(static_cast<size_t>(grid) * C * D, nan),
+  const acc_t nan = std::numeric_limits<acc_t>::quiet_NaN();
+  std::vector<acc_t> res(N * C, nan), ws_gw(static_cast<size_t>(grid) * C * D, nan),
       ws_gb(static_cast<size_t>(grid) * C, nan), ws_loss(grid, nan);
-  CeFusedParams<scalar_t, float> p{};
+  CeFusedParams<scalar_t, acc_t> p{};
   p.x = x.data();
   p.wx = w.data();
+  p.w = w_acc.data();
   p.bias = bias.data();
   p.target = target.data();
   p.cw = weights ? cw.data() : nullptr;
-  p.den = &den_f;
   p.res = res.data();
   p.ws_gw = ws_gw.data();
   p.ws_gb = ws_gb.data();
@@ -336,14 +347,39 @@ int run_ce_tc(int64_t N, int D, int C, int grid, int stages, const std::string& 
   p.C = C;
   p.eps = eps;
   p.stages = stages;
-  int cp = 0, nt = 0;
-  ce_tc_tiles(C, D, &cp, &nt);
-  const size_t smem = ce_tc_smem<scalar_t>(cp, D, stages);
-  if (smem > sizeof(emu::smem_raw)) {
-    std::printf("shared memory %zu > %zu\n", smem, sizeof(emu::smem_raw));
-    return 1;
+  p.vec_ok = D % (16 / static_cast<int>(sizeof(scalar_t))) == 0;
+  // The mean denominator: the kernels' own partial and final sums (fused), or given (tc).
+  const int n_den = 3;
+  std::vector<acc_t> den_ws(n_den, nan);
+  acc_t den_dev = static_cast<acc_t>(den);
+  if (!tc) {
+    launch(n_den, [&] {
+      ce_den_partial_kernel<acc_t>(target.data(), p.cw, N, C, ignore_index, den_ws.data());
+    });
+    launch(1, [&] { ce_den_final_kernel<acc_t>(den_ws.data(), n_den, &den_dev); });
   }
-  auto kernel = ce_tc_kernel_for<scalar_t>(cp, nt);
+  p.den = &den_dev;
+  size_t smem = 0;
+  CeFusedKernel<scalar_t> kernel = nullptr;
+  int cp = 0, nt = 0;
+  if (tc) {
+    if constexpr (!std::is_same_v<scalar_t, double>) {
+      ce_tc_tiles(C, D, &cp, &nt);
+      smem = ce_tc_smem<scalar_t>(cp, D, stages);
+      kernel = ce_tc_kernel_for<scalar_t>(cp, nt);
+    }
+  } else {
+    cp = C <= 16 ? 16 : 32;            // ce_fused_config's CMAX
+    const int dj_need = (D + kThreads - 1) / kThreads;
+    nt = dj_need <= 1 ? 1 : (dj_need <= 2 ? 2 : 4);  // its DJ
+    smem = ce_fused_smem<scalar_t>(C, (D + 127) / 128 * 128, cp);
+    kernel = ce_fused_kernel_for<scalar_t>(cp, nt);
+  }
+  if (kernel == nullptr || smem > sizeof(emu::smem_raw)) {
+    std::printf("no kernel for this case, or shared memory %zu > %zu\n", smem,
+                sizeof(emu::smem_raw));
+    return 2;
+  }
   launch(grid, [&] { kernel(p); });
 
   // finalize_kernel's sums (block order), then the relative errors.
@@ -361,13 +397,16 @@ int run_ce_tc(int64_t N, int D, int C, int grid, int stages, const std::string& 
   }
   const double e_loss = rel_err({loss}, {loss_ref});
   const double e_gw = rel_err(gw, gw_ref), e_gb = rel_err(gb, gb_ref), e_res = rel_err(rr, rr_ref);
-  // 16-bit: fp32 logits of exact products, r split in two 16-bit parts; fp32: 3xTF32 products
-  const double tol = std::is_same_v<scalar_t, float> ? 2e-5 : 2e-4;
-  const bool ok = e_loss < tol && e_gw < tol && e_gb < tol && e_res < tol;
-  std::printf("ce_tc %s N=%lld D=%d C=%d grid=%d stages=%d opts=%s cp=%d nt=%d: loss %.2e "
-              "gw %.2e gb %.2e res %.2e -> %s\n",
-              dtype_name<scalar_t>(), static_cast<long long>(N), D, C, grid, stages, opts.c_str(), cp, nt, e_loss, e_gw,
-              e_gb, e_res, ok ? "OK" : "FAIL");
+  const double e_den = rel_err({static_cast<double>(den_dev)}, {den});
+  // tc 16-bit: fp32 logits of exact products, r split in two 16-bit parts; tc fp32: 3xTF32
+  // products; fused: fp32 (fp64) arithmetic throughout
+  const double tol = sizeof(acc_t) == 8 ? 1e-12
+                     : (!tc || std::is_same_v<scalar_t, float>) ? 2e-5 : 2e-4;
+  const bool ok = e_loss < tol && e_gw < tol && e_gb < tol && e_res < tol && e_den < tol;
+  std::printf("ce_%s %s N=%lld D=%d C=%d grid=%d stages=%d opts=%s cp=%d nt=%d: loss %.2e "
+              "gw %.2e gb %.2e res %.2e den %.2e -> %s\n",
+              kind.c_str(), dtype_name<scalar_t>(), static_cast<long long>(N), D, C, grid,
+              stages, opts.c_str(), cp, nt, e_loss, e_gw, e_gb, e_res, e_den, ok ? "OK" : "FAIL");
   return ok ? 0 : 1;
 }
 
@@ -679,15 +718,16 @@ int run_bce(int64_t N, int64_t D, int grid, const std::string& opts) {
 
 int main(int argc, char** argv) {
   const std::string what = argc > 1 ? argv[1] : "";
-  if (what == "ce_tc" && argc == 9) {
-    const std::string dt = argv[2];
+  if ((what == "ce_tc" || what == "ce_fused") && argc == 9) {
+    const std::string kind = what.substr(3), dt = argv[2];
     const int64_t N = std::atoll(argv[3]);
     const int D = std::atoi(argv[4]), C = std::atoi(argv[5]), grid = std::atoi(argv[6]),
               stages = std::atoi(argv[7]);
     const std::string opts = argv[8];
-    if (dt == "bf16") return run_ce_tc<c10::BFloat16>(N, D, C, grid, stages, opts);
-    if (dt == "f32") return run_ce_tc<float>(N, D, C, grid, stages, opts);
-    return run_ce_tc<c10::Half>(N, D, C, grid, stages, opts);
+    if (dt == "bf16") return run_ce_single<c10::BFloat16>(kind, N, D, C, grid, stages, opts);
+    if (dt == "f32") return run_ce_single<float>(kind, N, D, C, grid, stages, opts);
+    if (dt == "f64") return run_ce_single<double>(kind, N, D, C, grid, stages, opts);
+    return run_ce_single<c10::Half>(kind, N, D, C, grid, stages, opts);
   }
   if (what == "loss_dx" && argc == 8) {
     const std::string dt = argv[2];
@@ -738,7 +778,7 @@ int main(int argc, char** argv) {
     return run_bce<double>(N, D, grid, opts);
   }
   std::fprintf(stderr,
-               "usage: %s ce_tc bf16|f16|f32 N D C GRID STAGES OPTS\n"
+               "usage: %s ce_tc|ce_fused bf16|f16|f32|f64 N D C GRID STAGES OPTS\n"
                "       %s loss_dx bf16|f16|f32|f64 N D C THREADS PER_ROW\n"
                "       %s act_bwd bf16|f16|f32|f64 gelu|silu|gelu_tanh|relu ROWS COLS BLOCKS\n"
                "       %s ce_rows bf16|f16|f32|f64 N C GRID mean|scale|inplace OPTS\n"
