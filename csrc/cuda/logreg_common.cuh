@@ -7,7 +7,7 @@
 //   logreg_bce_fused.cu path 1, fused binary cross entropy (X read once)
 //   logreg_ce_fused.cu  path 1b, fused multinomial cross entropy (X read once), and the host
 //                       side of the single-pass CE kernels (ce_single_pass)
-//   logreg_ce_tc.cu     path 1c, the same on tensor cores for 16-bit x (X read once)
+//   logreg_ce_tc.cu     path 1c, the same on tensor cores for 16-bit and fp32 x (X read once)
 //   logreg_gemm.cu      path 2, GEMM + row kernels (everything else); its cross-entropy row
 //                       kernel is also the row pass of the chunked CE (ce_chunked.cu)
 //   logreg_common.cu    finalize_kernel (the last step of every mean/sum path) and the
