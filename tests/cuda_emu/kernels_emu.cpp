@@ -15,12 +15,13 @@
 // The .cu files are compiled as C++ with ML_CUDA_HOST_EMU (which leaves out their host
 // code): a block's threads are std::threads (blocks run one after another; __shared__ arrays
 // are static, so all threads of a block see one), __syncthreads, __syncwarp and the warp
-// shuffles are barriers, cp.async is a synchronous copy (or zero fill), and mma.sync is computed from the
-// fragment layouts of the PTX ISA, written here independently of the kernel (m16n8k16 16-bit:
-// A[g + 8 (r % 2)][2t + 8 (r / 2) + h] in register r of lane 4g + t, B[2t + 8r + h][g],
-// D[g + 8 (r / 2)][2t + r % 2]; m16n8k8 tf32 likewise with k = t + 4 (r / 2) and t + 4r).
-// What it cannot check: the PTX itself, timing, and races between asynchronous copies and
-// their readers (the waits are no-ops here).
+// shuffles are barriers, a cp.async copy lands when its thread waits for its group (a read
+// before the wait and the barrier sees the poisoned shared memory), and mma.sync is computed
+// from the fragment layouts of the PTX ISA, written here independently of the kernel
+// (m16n8k16 16-bit: A[g + 8 (r % 2)][2t + 8 (r / 2) + h] in register r of lane 4g + t,
+// B[2t + 8r + h][g], D[g + 8 (r / 2)][2t + r % 2]; m16n8k8 tf32 likewise with k = t + 4 (r / 2)
+// and t + 4r). What it cannot check: the PTX itself, timing, and races the thread schedule of
+// a run does not expose (threads interleave as the host schedules them, not as warps do).
 //
 // Usage (exit 0 when every output matches a float64 reference of the same inputs, else 1):
 //   kernels_emu ce_tc|ce_fused DTYPE N D C GRID STAGES OPTS   DTYPE bf16|f16|f32 (ce_fused:
@@ -40,6 +41,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <deque>
 #include <limits>
 #include <memory>
 #include <random>
@@ -94,15 +96,37 @@ T __shfl_xor_sync(unsigned, T v, int off) {
 namespace manual_layers {
 namespace cuda_logreg {
 
+// cp.async, deferred as on the GPU: a copy lands only when its thread waits for its commit
+// group (cp_async_wait), so a read of shared memory before the wait and the barrier after it
+// sees the poison, not the data. Per thread: the copies not yet committed, and the committed
+// groups not yet waited for, oldest first.
+struct AsyncCopy {
+  void* dst;
+  const void* src;
+  int bytes;  // 16, or 0: zero fill
+};
+thread_local std::vector<AsyncCopy> cp_open;
+thread_local std::deque<std::vector<AsyncCopy>> cp_groups;
+
 inline void cp_async16(void* smem, const void* gmem, int src_bytes) {
-  if (src_bytes == 16) {
-    std::memcpy(smem, gmem, 16);
-  } else {
-    std::memset(smem, 0, 16);
+  cp_open.push_back({smem, gmem, src_bytes});
+}
+inline void cp_async_commit() {
+  cp_groups.push_back(std::move(cp_open));
+  cp_open.clear();
+}
+inline void cp_async_wait(int n) {
+  while (static_cast<int>(cp_groups.size()) > n) {
+    for (const AsyncCopy& c : cp_groups.front()) {
+      if (c.bytes == 16) {
+        std::memcpy(c.dst, c.src, 16);
+      } else {
+        std::memset(c.dst, 0, 16);
+      }
+    }
+    cp_groups.pop_front();
   }
 }
-inline void cp_async_commit() {}
-inline void cp_async_wait(int) {}
 
 template <typename scalar_t>
 uint16_t to_bits(float v) {
