@@ -151,8 +151,11 @@ __global__ void __launch_bounds__(kThreads, 1)
     const int d = k - c * DSP;
     sW[k] = (c < C && d < D) ? wbits[static_cast<int64_t>(c) * D + d] : elem_t(0);
   }
-  for (int k = tid; k < S * kTcRows * DSP; k += kThreads)
-    if (k % DSP >= D) sX[k] = 0;
+  const int pad = DSP - D;  // columns D .. DSP of every row of every X tile
+  for (int k = tid; k < S * kTcRows * pad; k += kThreads) {
+    const int r = k / pad;
+    sX[r * DSP + D + (k - r * pad)] = 0;
+  }
   if (tid < CP) {
     sB[tid] = (p.bias != nullptr && tid < C) ? p.bias[tid] : 0.f;
     sCW[tid] = tid < C ? (p.cw != nullptr ? p.cw[tid] : 1.f) : 0.f;
