@@ -11,6 +11,7 @@ Each case compares a kernel's outputs with a float64 reference of the same input
   (csrc/cuda/linear.cu: act_bwd_colsum_kernel, colsum_final_kernel);
 - the cross-entropy row kernel of the GEMM and chunked paths with G lanes per row
   (csrc/cuda/logreg_gemm.cu: ce_rows_kernel), in each of its callers' modes;
+- the GEMM path's binary row kernel (csrc/cuda/logreg_gemm.cu: bce_rows_kernel);
 - the fused binary cross entropy (csrc/cuda/logreg_bce_fused.cu, every instance: 1, 2, 4 chunks,
   1 to 8 warps per row, the 16-bit row-ahead loads, the scalar load path) and the finalize
   step that sums every mean/sum path's block partials (csrc/cuda/logreg_common.cu).
@@ -192,3 +193,18 @@ FUSED_CASES = [
 @pytest.mark.parametrize("case", FUSED_CASES, ids=["-".join(map(str, c)) for c in FUSED_CASES])
 def test_ce_fused_kernel_emulated(emu, case):
     _run(emu, ("ce_fused",) + case)
+
+
+# The GEMM path's binary row kernel: dtype, N, grid (blocks of 256 threads; fewer than N / 256
+# make them loop), options (p pos_weight, s sample weights, m sum).
+BCE_ROWS_CASES = [
+    ("f32", 1000, 2, "ps"),
+    ("bf16", 77, 1, "s"),
+    ("f16", 600, 1, "pm"),
+    ("f64", 300, 3, "p"),
+]
+
+
+@pytest.mark.parametrize("case", BCE_ROWS_CASES, ids=["-".join(map(str, c)) for c in BCE_ROWS_CASES])
+def test_bce_rows_kernel_emulated(emu, case):
+    _run(emu, ("bce_rows",) + case)

@@ -11,6 +11,7 @@
 //            (csrc/cuda/logreg_gemm.cu: ce_rows_kernel)
 //   bce      the fused binary cross entropy and the finalize step every mean/sum path ends with
 //            (csrc/cuda/logreg_bce_fused.cu, logreg_common.cu)
+//   bce_rows the GEMM path's binary row kernel (csrc/cuda/logreg_gemm.cu: bce_rows_kernel)
 //
 // The .cu files are compiled as C++ with ML_CUDA_HOST_EMU (which leaves out their host
 // code): a block's threads are std::threads (blocks run one after another; __shared__ arrays
@@ -33,6 +34,7 @@
 //       block target of the row chunking (launch_act_bwd: 16 x SMs)
 //   kernels_emu ce_rows DTYPE N C GRID MODE OPTS     MODE mean|scale|inplace (run_ce_rows_g)
 //   kernels_emu bce DTYPE N D GRID OPTS              OPTS a subset of "psum" (run_bce) or "-"
+//   kernels_emu bce_rows DTYPE N GRID OPTS           OPTS a subset of "psm" or "-"
 #include <cuda_runtime.h>
 
 #include <barrier>
@@ -643,6 +645,15 @@ int run_ce_rows_mode(int64_t N, int C, int grid, const std::string& mode, const 
 // bce_fused_config) and finalize_kernel over its partials, against float64: loss, grad_w,
 // grad_b (divided by N for mean) and the residual r / N. Options: p pos_weight, s sample
 // weights, u the scalar (unaligned) load path, m sum instead of mean.
+// One binary cross-entropy term in float64 (torch's formulas): loss and r = dloss/dz.
+void bce_ref(double z, double y, double s, bool use_pw, double pw, double* loss, double* r) {
+  const double lw = use_pw ? 1 + (pw - 1) * y : 1.0;
+  const double log_sig = std::min(z, 0.0) - std::log1p(std::exp(-std::abs(z)));
+  const double sig = 1 / (1 + std::exp(-z));
+  *loss = s * ((1 - y) * z - lw * log_sig);
+  *r = s * (lw * sig - (use_pw ? pw : 1.0) * y);
+}
+
 template <typename T>
 int run_bce(int64_t N, int64_t D, int grid, const std::string& opts) {
   using acc_t = at::opmath_type<T>;
@@ -712,13 +723,10 @@ int run_bce(int64_t N, int64_t D, int grid, const std::string& opts) {
   for (int64_t i = 0; i < N; ++i) {
     double z = bias;
     for (int64_t d = 0; d < D; ++d) z += static_cast<double>(x[i * D + d]) * w[d];
-    const double yy = static_cast<double>(y[i]);
-    const double s = use_sw ? static_cast<double>(sw[i]) : 1.0;
-    const double lw = use_pw ? 1 + (pw - 1) * yy : 1.0;
-    const double log_sig = std::min(z, 0.0) - std::log1p(std::exp(-std::abs(z)));
-    const double sig = 1 / (1 + std::exp(-z));
-    loss_ref += s * ((1 - yy) * z - lw * log_sig);
-    const double r = s * (lw * sig - (use_pw ? pw : 1.0) * yy);
+    double l = 0, r = 0;
+    bce_ref(z, static_cast<double>(y[i]), use_sw ? static_cast<double>(sw[i]) : 1.0, use_pw,
+            pw, &l, &r);
+    loss_ref += l;
     r_ref[i] = r / den;
     r_got[i] = res[i];
     gb_ref += r;
@@ -737,6 +745,60 @@ int run_bce(int64_t N, int64_t D, int grid, const std::string& opts) {
               "gb %.2e res %.2e -> %s\n",
               dtype_name<T>(), static_cast<long long>(N), static_cast<long long>(D), grid, chunks,
               wpr, p.vec_ok ? 1 : 0, opts.c_str(), e_loss, e_gw, e_gb, e_res, ok ? "OK" : "FAIL");
+  return ok ? 0 : 1;
+}
+
+// The GEMM path's binary row kernel (bce_rows_kernel): one thread per row over the logits, loss
+// per row, residual / den and block loss partials against float64. Options as for bce.
+template <typename T>
+int run_bce_rows(int64_t N, int grid, const std::string& opts) {
+  using acc_t = at::opmath_type<T>;
+  const bool use_pw = opts.find('p') != std::string::npos;
+  const bool use_sw = opts.find('s') != std::string::npos;
+  const bool mean = opts.find('m') == std::string::npos;
+  std::mt19937 gen(N * 13);
+  std::normal_distribution<float> nd;
+  std::uniform_real_distribution<float> ud(0.f, 1.f);
+  std::vector<T> logits(N), y(N), sw(N);
+  for (auto& v : logits) v = T(4 * nd(gen));
+  for (auto& v : y) v = T(ud(gen) < 0.5f ? 0.f : 1.f);
+  for (auto& v : sw) v = T(ud(gen) + 0.5f);
+  const acc_t bias = acc_t(-0.7), pw = acc_t(3.0);
+  const acc_t den = mean ? static_cast<acc_t>(N) : acc_t(1);
+  const acc_t nan = std::numeric_limits<acc_t>::quiet_NaN();
+  std::vector<acc_t> res(N, nan), loss_out(N, nan), ws_loss(grid, nan);
+  BceRowsParams<T, acc_t> p{};
+  p.logits = logits.data();
+  p.res = res.data();
+  p.loss_out = loss_out.data();
+  p.ws_loss = ws_loss.data();
+  p.bias = &bias;
+  p.target = y.data();
+  p.pos_weight = use_pw ? &pw : nullptr;
+  p.sw = use_sw ? sw.data() : nullptr;
+  p.den = den;
+  p.N = N;
+  launch(grid, [&] { bce_rows_kernel<T, acc_t>(p); });
+  std::vector<double> r_got(N), r_want(N), l_got(N), l_want(N);
+  double total = 0, total_want = 0;
+  for (int64_t i = 0; i < N; ++i) {
+    double l = 0, r = 0;
+    bce_ref(static_cast<double>(logits[i]) + bias, static_cast<double>(y[i]),
+            use_sw ? static_cast<double>(sw[i]) : 1.0, use_pw, pw, &l, &r);
+    l_want[i] = l;
+    r_want[i] = r / den;
+    l_got[i] = loss_out[i];
+    r_got[i] = res[i];
+    total_want += l;
+  }
+  for (int b = 0; b < grid; ++b) total += ws_loss[b];
+  const double e_res = rel_err(r_got, r_want), e_loss = rel_err(l_got, l_want),
+               e_total = rel_err({total}, {total_want});
+  const double tol = sizeof(acc_t) == 4 ? 1e-5 : 1e-12;
+  const bool ok = e_res < tol && e_loss < tol && e_total < tol;
+  std::printf("bce_rows %s N=%lld grid=%d opts=%s: res %.2e loss %.2e total %.2e -> %s\n",
+              dtype_name<T>(), static_cast<long long>(N), grid, opts.c_str(), e_res, e_loss,
+              e_total, ok ? "OK" : "FAIL");
   return ok ? 0 : 1;
 }
 
@@ -801,12 +863,23 @@ int main(int argc, char** argv) {
     if (dt == "f32") return run_bce<float>(N, D, grid, opts);
     return run_bce<double>(N, D, grid, opts);
   }
+  if (what == "bce_rows" && argc == 6) {
+    const std::string dt = argv[2];
+    const int64_t N = std::atoll(argv[3]);
+    const int grid = std::atoi(argv[4]);
+    const std::string opts = argv[5];
+    if (dt == "bf16") return run_bce_rows<c10::BFloat16>(N, grid, opts);
+    if (dt == "f16") return run_bce_rows<c10::Half>(N, grid, opts);
+    if (dt == "f32") return run_bce_rows<float>(N, grid, opts);
+    return run_bce_rows<double>(N, grid, opts);
+  }
   std::fprintf(stderr,
                "usage: %s ce_tc|ce_fused bf16|f16|f32|f64 N D C GRID STAGES OPTS\n"
                "       %s loss_dx bf16|f16|f32|f64 N D C THREADS PER_ROW\n"
                "       %s act_bwd bf16|f16|f32|f64 gelu|silu|gelu_tanh|relu ROWS COLS BLOCKS\n"
                "       %s ce_rows bf16|f16|f32|f64 N C GRID mean|scale|inplace OPTS\n"
-               "       %s bce bf16|f16|f32|f64 N D GRID OPTS\n",
-               argv[0], argv[0], argv[0], argv[0], argv[0]);
+               "       %s bce bf16|f16|f32|f64 N D GRID OPTS\n"
+               "       %s bce_rows bf16|f16|f32|f64 N GRID OPTS\n",
+               argv[0], argv[0], argv[0], argv[0], argv[0], argv[0]);
   return 2;
 }
