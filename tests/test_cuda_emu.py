@@ -8,7 +8,8 @@ Each case compares a kernel's outputs with a float64 reference of the same input
   with the mean denominator from its own kernels (csrc/cuda/logreg_common.cu);
 - the losses' dX kernel for few classes (csrc/cuda/loss_dx.cu), every dtype;
 - Linear backward's activation gradient with the bias gradient's column sums in the same pass
-  (csrc/cuda/linear.cu: act_bwd_colsum_kernel, colsum_final_kernel);
+  (csrc/cuda/linear.cu: act_bwd_colsum_kernel, colsum_final_kernel), and Linear's other
+  kernels (activation forward / backward, softmax forward / backward, the column sum);
 - the cross-entropy row kernel of the GEMM and chunked paths with G lanes per row
   (csrc/cuda/logreg_gemm.cu: ce_rows_kernel), in each of its callers' modes;
 - the GEMM path's binary row kernel (csrc/cuda/logreg_gemm.cu: bce_rows_kernel);
@@ -208,3 +209,19 @@ BCE_ROWS_CASES = [
 @pytest.mark.parametrize("case", BCE_ROWS_CASES, ids=["-".join(map(str, c)) for c in BCE_ROWS_CASES])
 def test_bce_rows_kernel_emulated(emu, case):
     _run(emu, ("bce_rows",) + case)
+
+
+# Linear's activation, softmax and column-sum kernels: dtype, rows, cols, grid, block target of
+# the column sum's chunking. rows x cols not a multiple of the vector width (the scalar tail),
+# a single column, grids smaller than the data.
+LINEAR_CASES = [
+    ("f32", 37, 45, 2, 64),
+    ("bf16", 100, 515, 3, 1024),
+    ("f16", 9, 1, 1, 1),
+    ("f64", 300, 70, 2, 16),
+]
+
+
+@pytest.mark.parametrize("case", LINEAR_CASES, ids=["-".join(map(str, c)) for c in LINEAR_CASES])
+def test_linear_kernels_emulated(emu, case):
+    _run(emu, ("linear_misc",) + case)

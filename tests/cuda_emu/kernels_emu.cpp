@@ -12,6 +12,7 @@
 //   bce      the fused binary cross entropy and the finalize step every mean/sum path ends with
 //            (csrc/cuda/logreg_bce_fused.cu, logreg_common.cu)
 //   bce_rows the GEMM path's binary row kernel (csrc/cuda/logreg_gemm.cu: bce_rows_kernel)
+//   linear_misc  Linear's activation, softmax and column-sum kernels (csrc/cuda/linear.cu)
 //
 // The .cu files are compiled as C++ with ML_CUDA_HOST_EMU (which leaves out their host
 // code): a block's threads are std::threads (blocks run one after another; __shared__ arrays
@@ -35,6 +36,7 @@
 //   kernels_emu ce_rows DTYPE N C GRID MODE OPTS     MODE mean|scale|inplace (run_ce_rows_g)
 //   kernels_emu bce DTYPE N D GRID OPTS              OPTS a subset of "psum" (run_bce) or "-"
 //   kernels_emu bce_rows DTYPE N GRID OPTS           OPTS a subset of "psm" or "-"
+//   kernels_emu linear_misc DTYPE ROWS COLS GRID BLOCKS  (run_linear_misc)
 #include <cuda_runtime.h>
 
 #include <barrier>
@@ -802,6 +804,86 @@ int run_bce_rows(int64_t N, int grid, const std::string& opts) {
   return ok ? 0 : 1;
 }
 
+// Linear's other kernels (csrc/cuda/linear.cu) on a rows x cols matrix, GRID blocks of 256
+// threads (fewer than the data needs: grid-stride loops): act_fwd_kernel and act_bwd_kernel
+// (GELU; equal to act_forward / act_backward element by element, the vector body and the
+// scalar tail), softmax_fwd_kernel and softmax_bwd_kernel (against float64), and the column
+// sum of activation "none" (colsum_partial_kernel + colsum_final_kernel, chunked as
+// column_sum chunks it for `target_blocks` blocks, against float64).
+template <typename T>
+int run_linear_misc(int64_t rows, int64_t cols, int grid, int64_t target_blocks) {
+  using acc_t = at::opmath_type<T>;
+  using manual_layers::Act;
+  using manual_layers::cuda_common::act_backward;
+  using manual_layers::cuda_common::act_forward;
+  constexpr int VEC = manual_layers::cuda_common::VecWidth<T>::value;
+  const int64_t n = rows * cols;
+  std::mt19937 gen(rows * 7 + cols);
+  std::normal_distribution<float> nd;
+  std::vector<T> z(n), g(n);
+  for (auto& v : z) v = T(2 * nd(gen));
+  for (auto& v : g) v = T(nd(gen));
+  const T tnan = T(std::nanf(""));
+  std::vector<T> y(n, tnan), G(n, tnan), sm(n, tnan), sG(n, tnan), colsum(cols, tnan);
+  launch(grid, [&] { manual_layers::act_fwd_kernel<T, Act::Gelu, VEC>(z.data(), y.data(), n); });
+  launch(grid, [&] {
+    manual_layers::act_bwd_kernel<T, Act::Gelu, VEC>(g.data(), z.data(), G.data(), n);
+  });
+  launch(grid, [&] { manual_layers::softmax_fwd_kernel<T>(z.data(), sm.data(), rows, cols); });
+  launch(grid, [&] {
+    manual_layers::softmax_bwd_kernel<T>(g.data(), sm.data(), sG.data(), rows, cols);
+  });
+  const int64_t gx = ceil_div(cols, manual_layers::kColTileX);
+  const auto [chunks, rpc] = manual_layers::column_chunks(rows, gx, target_blocks, 32);
+  std::vector<acc_t> partial(chunks * cols, std::numeric_limits<acc_t>::quiet_NaN());
+  launch(uint3{static_cast<unsigned>(gx), static_cast<unsigned>(chunks), 1},
+         uint3{manual_layers::kColTileX, manual_layers::kColTileY, 1}, [&] {
+           manual_layers::colsum_partial_kernel<T>(g.data(), partial.data(), rows, cols, rpc);
+         });
+  launch(static_cast<int>(ceil_div(cols, kThreads)), [&] {
+    manual_layers::colsum_final_kernel<T>(partial.data(), colsum.data(), chunks, cols);
+  });
+
+  int64_t bad = 0;
+  for (int64_t k = 0; k < n; ++k) {
+    const T f = static_cast<T>(act_forward<Act::Gelu>(static_cast<acc_t>(z[k])));
+    const T b = static_cast<T>(
+        act_backward<Act::Gelu>(static_cast<acc_t>(g[k]), static_cast<acc_t>(z[k])));
+    if (!(static_cast<double>(y[k]) == static_cast<double>(f))) ++bad;
+    if (!(static_cast<double>(G[k]) == static_cast<double>(b))) ++bad;
+  }
+  std::vector<double> sm_got(n), sm_want(n), sg_got(n), sg_want(n), cs_got(cols),
+      cs_want(cols, 0.0);
+  for (int64_t r = 0; r < rows; ++r) {
+    double m = -INFINITY, se = 0, dot = 0;
+    for (int64_t j = 0; j < cols; ++j) m = std::max(m, static_cast<double>(z[r * cols + j]));
+    for (int64_t j = 0; j < cols; ++j) se += std::exp(static_cast<double>(z[r * cols + j]) - m);
+    for (int64_t j = 0; j < cols; ++j) {
+      const int64_t k = r * cols + j;
+      sm_want[k] = std::exp(static_cast<double>(z[k]) - m) / se;
+      sm_got[k] = static_cast<double>(sm[k]);
+      dot += static_cast<double>(g[k]) * static_cast<double>(sm[k]);  // backward of the y given
+    }
+    for (int64_t j = 0; j < cols; ++j) {
+      const int64_t k = r * cols + j;
+      sg_want[k] = static_cast<double>(sm[k]) * (static_cast<double>(g[k]) - dot);
+      sg_got[k] = static_cast<double>(sG[k]);
+      cs_want[j] += static_cast<double>(g[k]);
+    }
+  }
+  for (int64_t j = 0; j < cols; ++j) cs_got[j] = static_cast<double>(colsum[j]);
+  const double e_sm = rel_err(sm_got, sm_want), e_sg = rel_err(sg_got, sg_want),
+               e_cs = rel_err(cs_got, cs_want);
+  const double tol = sizeof(T) == 2 ? 1e-2 : (sizeof(T) == 4 ? 1e-5 : 1e-12);
+  const bool ok = bad == 0 && e_sm < tol && e_sg < tol && e_cs < tol;
+  std::printf("linear_misc %s rows=%lld cols=%lld grid=%d colsum chunks=%lld: act mismatches "
+              "%lld, softmax %.2e, softmax bwd %.2e, column sum %.2e -> %s\n",
+              dtype_name<T>(), static_cast<long long>(rows), static_cast<long long>(cols), grid,
+              static_cast<long long>(chunks), static_cast<long long>(bad), e_sm, e_sg, e_cs,
+              ok ? "OK" : "FAIL");
+  return ok ? 0 : 1;
+}
+
 int main(int argc, char** argv) {
   const std::string what = argc > 1 ? argv[1] : "";
   if ((what == "ce_tc" || what == "ce_fused") && argc == 9) {
@@ -873,13 +955,24 @@ int main(int argc, char** argv) {
     if (dt == "f32") return run_bce_rows<float>(N, grid, opts);
     return run_bce_rows<double>(N, grid, opts);
   }
+  if (what == "linear_misc" && argc == 7) {
+    const std::string dt = argv[2];
+    const int64_t rows = std::atoll(argv[3]), cols = std::atoll(argv[4]);
+    const int grid = std::atoi(argv[5]);
+    const int64_t blocks = std::atoll(argv[6]);
+    if (dt == "bf16") return run_linear_misc<c10::BFloat16>(rows, cols, grid, blocks);
+    if (dt == "f16") return run_linear_misc<c10::Half>(rows, cols, grid, blocks);
+    if (dt == "f32") return run_linear_misc<float>(rows, cols, grid, blocks);
+    return run_linear_misc<double>(rows, cols, grid, blocks);
+  }
   std::fprintf(stderr,
                "usage: %s ce_tc|ce_fused bf16|f16|f32|f64 N D C GRID STAGES OPTS\n"
                "       %s loss_dx bf16|f16|f32|f64 N D C THREADS PER_ROW\n"
                "       %s act_bwd bf16|f16|f32|f64 gelu|silu|gelu_tanh|relu ROWS COLS BLOCKS\n"
                "       %s ce_rows bf16|f16|f32|f64 N C GRID mean|scale|inplace OPTS\n"
                "       %s bce bf16|f16|f32|f64 N D GRID OPTS\n"
-               "       %s bce_rows bf16|f16|f32|f64 N GRID OPTS\n",
-               argv[0], argv[0], argv[0], argv[0], argv[0], argv[0]);
+               "       %s bce_rows bf16|f16|f32|f64 N GRID OPTS\n"
+               "       %s linear_misc bf16|f16|f32|f64 ROWS COLS GRID BLOCKS\n",
+               argv[0], argv[0], argv[0], argv[0], argv[0], argv[0], argv[0]);
   return 2;
 }
