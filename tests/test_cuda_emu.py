@@ -19,7 +19,6 @@ Each case compares a kernel's outputs with a float64 reference of the same input
 This checks the kernels' tiling, shared-memory layout, fragment addressing, tile ring and row
 phase where no GPU is (CI); the PTX itself and timing need one (tests/test_ce_tc.py)."""
 
-import glob
 import os
 import shutil
 import subprocess
@@ -52,23 +51,15 @@ def emu(tmp_path_factory):
     cxx = shutil.which(os.environ.get("CXX", "g++"))
     inc = _cuda_include_dirs()
     tlib = os.path.join(os.path.dirname(torch.__file__), "lib")
-    if cxx is None or not inc or not os.path.exists(os.path.join(tlib, "libtorch_cuda.so")):
-        pytest.skip("needs g++, the CUDA headers and a CUDA build of torch")
+    if cxx is None or not inc:
+        pytest.skip("needs g++ and the CUDA headers")
     exe = str(tmp_path_factory.mktemp("emu") / "kernels_emu")
     tinc = os.path.join(os.path.dirname(torch.__file__), "include")
     cmd = [cxx, "-std=c++20", "-O1", "-pthread", os.path.join(HERE, "cuda_emu", "kernels_emu.cpp"),
            "-o", exe, "-I" + tinc, "-I" + os.path.join(tinc, "torch", "csrc", "api", "include")]
     cmd += ["-I" + d for d in inc]
-    cmd += ["-DWITH_CUDA", "-L" + tlib, "-Wl,-rpath," + tlib,
-            "-lc10", "-ltorch_cpu", "-ltorch_cuda", "-lc10_cuda"]
-    # The CUDA runtime torch links (the host code of the .cu file names it; nothing calls it).
-    site = os.path.dirname(os.path.dirname(torch.__file__))
-    cudart = sorted(glob.glob(os.path.join(site, "nvidia", "*", "lib", "libcudart.so*")) +
-                    glob.glob(os.path.join(site, "nvidia", "cuda_runtime", "lib", "libcudart.so*")))
-    if cudart:
-        cmd += [cudart[0], "-Wl,-rpath," + os.path.dirname(cudart[0])]
-    else:
-        cmd += ["-lcudart"]
+    # The emulated files' host code is left out (ML_CUDA_HOST_EMU): only c10 is linked.
+    cmd += ["-DWITH_CUDA", "-L" + tlib, "-Wl,-rpath," + tlib, "-lc10"]
     r = subprocess.run(cmd, capture_output=True, text=True)
     assert r.returncode == 0, "emulation build failed:\n" + r.stderr[-4000:]
     return exe

@@ -501,6 +501,9 @@ CeFusedKernel<scalar_t> ce_tc_kernel_for(int cp, int nt) {
   return nullptr;  // unreachable (asserted above)
 }
 
+// The host side below is left out of the host emulation of tests/cuda_emu, which runs the
+// kernel above on the CPU (ce_tc_smem, ce_tc_tiles and ce_tc_kernel_for serve both).
+#ifndef ML_CUDA_HOST_EMU
 // Whether the instance's code for the current device was compiled for sm_80 or newer (a build
 // whose TORCH_CUDA_ARCH_LIST holds only older architectures would run the kernel's empty
 // body, JIT-compiled from their PTX). Asked once per instance.
@@ -555,10 +558,9 @@ LossOut ce_tc_path(const Prepared& q, const CeTcConfig& cfg, int64_t ignore_inde
   // aligned; an offset view is copied once (the caching allocator aligns fresh blocks).
   Prepared qa = q;
   qa.x = cuda_common::aligned_contiguous(q.x);
-  const at::Tensor wx = q.weight.contiguous();
   CeFusedParams<scalar_t, acc_t> p{};
   p.x = qa.x.data_ptr<scalar_t>();
-  p.wx = wx.data_ptr<scalar_t>();
+  p.wx = q.weight.data_ptr<scalar_t>();  // contiguous (prepare_common)
   p.stages = cfg.stages;
   return ce_single_pass<scalar_t>(qa, p, ce_tc_kernel_for<scalar_t>(cfg.cp, cfg.nt), cfg.smem,
                                   kTcRows, ignore_index, label_smoothing, reduction, need_x,
@@ -573,6 +575,7 @@ ML_INSTANTIATE_CE_TC(float)
 ML_INSTANTIATE_CE_TC(at::Half)
 ML_INSTANTIATE_CE_TC(at::BFloat16)
 #undef ML_INSTANTIATE_CE_TC
+#endif  // ML_CUDA_HOST_EMU
 
 }  // namespace cuda_logreg
 }  // namespace manual_layers

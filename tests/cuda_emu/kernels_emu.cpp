@@ -227,18 +227,6 @@ void mma16816(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
 #include "../../csrc/cuda/logreg_common.cu"
 #include "../../csrc/cuda/logreg_ce_fused.cu"
 
-// ce_single_pass (logreg_ce_fused.cu) is the CUDA host side; this program runs the kernel itself.
-namespace manual_layers {
-namespace cuda_logreg {
-template <typename scalar_t>
-LossOut ce_single_pass(const Prepared&, CeFusedParams<scalar_t, at::opmath_type<scalar_t>>,
-                       CeFusedKernel<scalar_t>, size_t, int64_t, int64_t, double, int64_t, bool,
-                       bool, bool) {
-  std::abort();
-}
-}  // namespace cuda_logreg
-}  // namespace manual_layers
-
 using namespace manual_layers::cuda_logreg;
 
 // Runs fn() as the kernel of a grid of grid.x x grid.y blocks of block.x x block.y threads
