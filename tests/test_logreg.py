@@ -127,7 +127,8 @@ def test_ce_shapes(device, C, D):
 @pytest.mark.parametrize("N", [15, 16, 17, 3 * 2048 + 21])
 @pytest.mark.parametrize("D,dtype,strided", [(16, torch.float32, False), (16, torch.float32, True),
                                              (17, torch.float32, False), (16, torch.bfloat16, False),
-                                             (5, torch.float64, True)])
+                                             (5, torch.float64, True), (17, torch.float16, True),
+                                             (40, torch.bfloat16, True)])
 def test_tile_and_block_boundaries(device, N, D, dtype, strided):
     """The CPU pass works on tiles of 16 rows inside fixed blocks of rows, reading whole tiles in
     place and copying the rest: partial tiles, several blocks, rows with a stride, converted
@@ -150,6 +151,37 @@ def test_tile_and_block_boundaries(device, N, D, dtype, strided):
     for reduction in REDUCTIONS:
         _compare(MF.linear_cross_entropy, R.linear_cross_entropy, x, W, bc, t, reduction, tol,
                  label_smoothing=0.1, class_weight=torch.rand(C, device=device, dtype=dtype) + .5)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("N,D", [(16 * 3 + 5, 17), (2 * 2048 + 7, 130), (64, 300)])
+@pytest.mark.parametrize("strided", [False, True])
+def test_16bit_rows_match_the_float32_pass_bitwise(dtype, N, D, strided):
+    """CPU: 16-bit rows are widened exactly (read in place by the binary pass, converted into a
+    tile buffer otherwise) and then take the float32 pass's arithmetic in the same order, so the
+    16-bit results are the float32 results of the widened inputs, rounded once."""
+    base = torch.randn(N, D + 5 if strided else D, dtype=dtype)
+    x = base[:, :D]
+    w = (torch.randn(1, D) / 3).to(dtype)
+    b = torch.randn(1).to(dtype)
+    y = torch.rand(N).to(dtype)
+    W = (torch.randn(7, D) / 3).to(dtype)
+    bc = torch.randn(7).to(dtype)
+    t = torch.randint(0, 7, (N,))
+    cases = [(MF.linear_binary_cross_entropy_with_logits, (w, b, y)),
+             (MF.linear_cross_entropy, (W, bc, t))]
+    for fn, (wt, bt, tt) in cases:
+        for reduction in REDUCTIONS:
+            g = torch.randn(N) if reduction == "none" else torch.tensor(2.5)
+            f32 = lambda v: v.float() if v.is_floating_point() else v
+            low = _grads(fn, x, wt, bt, tt, g.to(dtype), reduction=reduction)
+            wide = _grads(fn, f32(x), f32(wt), f32(bt), f32(tt), g, reduction=reduction)
+            # reduction="none": only the per-row losses (its backward is three ATen GEMMs in
+            # x's dtype, csrc/loss_bwd.cpp).
+            names = ["loss"] if reduction == "none" else ["loss", "grad_x", "grad_weight",
+                                                          "grad_bias"]
+            for name, a, e in zip(names, low, wide):
+                assert torch.equal(a, e.to(dtype)), f"{fn.__name__} {name} ({reduction})"
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -1,5 +1,5 @@
 // Vectorised element-wise pieces shared by the CPU kernels of Linear (csrc/cpu/linear.cpp) and
-// MLP (csrc/cpu/mlp.cpp): 16-bit <-> acc_t loads and stores, the activations and their
+// MLP (csrc/cpu/mlp.cpp): the 16-bit <-> acc_t loads and stores of vec_io.h, the activations and their
 // derivatives, row grains and tile sizes, and the backward epilogue (G = g * act'(saved) with
 // the bias-gradient column sums, bitwise deterministic). Included only by the per-ISA kernel
 // files: everything lands in manual_layers::CPU_CAPABILITY, in an anonymous namespace (one copy
@@ -18,6 +18,7 @@
 #include <vector>
 
 #include "../common.h"
+#include "vec_io.h"
 
 #ifndef CPU_CAPABILITY
 #error "csrc/cpu/epilogue.h is for the per-ISA kernel files (-DCPU_CAPABILITY=...)"
@@ -28,49 +29,6 @@ namespace CPU_CAPABILITY {
 namespace {
 
 using at::vec::Vectorized;
-
-// Load n <= Vec::size() elements of T into a vector of the accumulation type (zero-padded).
-template <typename T, typename acc_t>
-inline Vectorized<acc_t> load(const T* p, int64_t n) {
-  using Vec = Vectorized<acc_t>;
-  if constexpr (std::is_same_v<T, acc_t>) {
-    return n == Vec::size() ? Vec::loadu(p) : Vec::loadu(p, n);
-  } else {
-    // 16-bit -> float with ATen's vectorised conversion (AVX-512/AVX2: one vcvtph2ps or
-    // bf16 shift per vector; DEFAULT: ATen's scalar loop); same values as static_cast.
-    if (n == Vec::size()) {
-      Vec out;
-      at::vec::load_to_float<T>(p, out);
-      return out;
-    }
-    return at::vec::convert<acc_t>(Vectorized<T>::loadu(p, n));
-  }
-}
-
-template <typename T, typename acc_t>
-inline void store(T* p, const Vectorized<acc_t>& v, int64_t n) {
-  using Vec = Vectorized<acc_t>;
-  if constexpr (std::is_same_v<T, acc_t>) {
-    if (n == Vec::size()) v.store(p); else v.store(p, n);
-  } else {
-    // float -> 16-bit, vectorised, round to nearest even as static_cast<T>(float). A full
-    // vector is stored at its own width (256 bits under AVX-512, 128 under AVX2): the generic
-    // Vectorized<T>::store(p, n) would be a masked 512-bit (or a memcpy'd 256-bit) store.
-#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
-    if (n == Vec::size()) {
-      const auto h = std::is_same_v<T, c10::BFloat16> ? at::vec::cvtfp32_bf16(v)
-                                                      : at::vec::cvtfp32_fp16(v);
-#if defined(CPU_CAPABILITY_AVX512)
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), h);
-#else
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(p), h);
-#endif
-      return;
-    }
-#endif
-    at::vec::convert<T>(v).store(p, n);
-  }
-}
 
 constexpr double kSqrt1_2 = 0.70710678118654752440;     // 1/sqrt(2)
 constexpr double kInvSqrt2Pi = 0.39894228040143267794;  // 1/sqrt(2*pi)

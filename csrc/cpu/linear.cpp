@@ -36,8 +36,8 @@ namespace {
 
 using at::vec::Vectorized;
 
-// The shared pieces (loads/stores, activations, tiles, the backward epilogue) are in
-// csrc/cpu/epilogue.h.
+// The shared pieces (activations, tiles, the backward epilogue) are in csrc/cpu/epilogue.h, the
+// 16-bit loads/stores in csrc/cpu/vec_io.h.
 
 // ---------------------------------------------------------------------------------------------
 // Forward epilogue: out <- act(src + b), and pre <- src + b when pre is not null. `src` is the

@@ -49,6 +49,7 @@
 
 #include "../common.h"
 #include "../logreg.h"
+#include "vec_io.h"
 
 // Compiled once per ISA (csrc/cpu_dispatch.cpp explains the dispatch): everything below lives in
 // manual_layers::CPU_CAPABILITY (DEFAULT, AVX2 or AVX512), registered by csrc/cpu_dispatch.cpp.
@@ -293,36 +294,37 @@ inline void logits_block(const acc_t* x, int64_t xs, const acc_t* W, const acc_t
   }
 }
 
-// The same for one class (binary), with the row pf_stride bytes ahead of each row prefetched
-// into L2 a line per vector as the row is read (see run_block). The four accumulators are named
-// variables: as an array inlined into run_block, GCC 12 kept them on the stack (a store and a
-// reload per FMA).
-template <typename acc_t>
-inline void logits_block_binary(const acc_t* x, int64_t xs, const acc_t* W, const acc_t* bias,
+// The same for one class (binary), rows read in place in x's own dtype (src_t: acc_t, or
+// bf16/fp16 converted as loaded, so 16-bit rows are neither copied nor widened in memory); with
+// PF, the row pf_stride bytes ahead of each row is prefetched into L2 a line at a time as the
+// row is read (see run_block). The four accumulators are named variables: as an array inlined
+// into run_block, GCC 12 kept them on the stack (a store and a reload per FMA).
+template <bool PF, typename acc_t, typename src_t>
+inline void logits_block_binary(const src_t* x, int64_t xs, const acc_t* W, const acc_t* bias,
                                 int64_t D, acc_t* z, const char* pf, int64_t pf_stride) {
   using Vec = Vectorized<acc_t>;
   constexpr int64_t V = Vec::size();
-  constexpr int64_t S = sizeof(acc_t);
+  constexpr int64_t S = sizeof(src_t);
   const acc_t b = bias ? bias[0] : acc_t(0);
   for (int64_t k = 0; k < kTile; ++k, x += xs, ++z, pf += pf_stride) {
     Vec a0(0), a1(0), a2(0), a3(0);
     int64_t d = 0;
     for (; d + 4 * V <= D; d += 4 * V) {
-      __builtin_prefetch(pf + d * S, 0, 2);
-      __builtin_prefetch(pf + (d + V) * S, 0, 2);
-      __builtin_prefetch(pf + (d + 2 * V) * S, 0, 2);
-      __builtin_prefetch(pf + (d + 3 * V) * S, 0, 2);
-      a0 = at::vec::fmadd(Vec::loadu(x + d), Vec::loadu(W + d), a0);
-      a1 = at::vec::fmadd(Vec::loadu(x + d + V), Vec::loadu(W + d + V), a1);
-      a2 = at::vec::fmadd(Vec::loadu(x + d + 2 * V), Vec::loadu(W + d + 2 * V), a2);
-      a3 = at::vec::fmadd(Vec::loadu(x + d + 3 * V), Vec::loadu(W + d + 3 * V), a3);
+      if constexpr (PF) {
+        for (int64_t o = 0; o < 4 * V * S; o += 64) __builtin_prefetch(pf + d * S + o, 0, 2);
+      }
+      a0 = at::vec::fmadd(load<src_t, acc_t>(x + d, V), Vec::loadu(W + d), a0);
+      a1 = at::vec::fmadd(load<src_t, acc_t>(x + d + V, V), Vec::loadu(W + d + V), a1);
+      a2 = at::vec::fmadd(load<src_t, acc_t>(x + d + 2 * V, V), Vec::loadu(W + d + 2 * V), a2);
+      a3 = at::vec::fmadd(load<src_t, acc_t>(x + d + 3 * V, V), Vec::loadu(W + d + 3 * V), a3);
     }
-    // The lines of the rest of the row, its last byte included (rows need not start a line).
-    for (int64_t o = d * S; o < D * S; o += 64) __builtin_prefetch(pf + o, 0, 2);
-    __builtin_prefetch(pf + D * S - 1, 0, 2);
+    if constexpr (PF) {
+      // The lines of the rest of the row, its last byte included (rows need not start a line).
+      for (int64_t o = d * S; o < D * S; o += 64) __builtin_prefetch(pf + o, 0, 2);
+      __builtin_prefetch(pf + D * S - 1, 0, 2);
+    }
     for (; d < D; d += V) {  // as row_logits: whole vectors, then a partial one, into a0
-      const Vec xv = D - d >= V ? Vec::loadu(x + d) : Vec::loadu(x + d, D - d);
-      a0 = at::vec::fmadd(xv, Vec::loadu(W + d), a0);
+      a0 = at::vec::fmadd(load<src_t, acc_t>(x + d, std::min<int64_t>(V, D - d)), Vec::loadu(W + d), a0);
     }
     *z = hsum(((a0 + a1) + a2) + a3) + b;  // row_logits<1, 4>'s order: bitwise the same
   }
@@ -331,8 +333,8 @@ inline void logits_block_binary(const acc_t* x, int64_t xs, const acc_t* W, cons
 // g[i * Dp + j * V ..] += sum_{k < kr} r[i * kRows + k] x_k[j * V ..] for NC classes and ND
 // feature vectors: NC x ND accumulators held in registers over the tile's rows. len < V (only
 // with ND == 1): the rows' last, partial vector (masked loads; g's padding gets zeros added).
-template <int NC, int ND, typename acc_t>
-inline void sweep_block(const acc_t* r, const acc_t* x, int64_t xs, int64_t kr, acc_t* g,
+template <int NC, int ND, typename acc_t, typename src_t>
+inline void sweep_block(const acc_t* r, const src_t* x, int64_t xs, int64_t kr, acc_t* g,
                         int64_t Dp, int64_t len = Vectorized<acc_t>::size()) {
   using Vec = Vectorized<acc_t>;
   constexpr int64_t V = Vec::size();
@@ -341,7 +343,7 @@ inline void sweep_block(const acc_t* r, const acc_t* x, int64_t xs, int64_t kr, 
     for (int j = 0; j < ND; ++j) acc[i][j] = Vec::loadu(g + i * Dp + j * V);
   for (int64_t k = 0; k < kr; ++k, x += xs) {
     Vec xv[ND];
-    for (int j = 0; j < ND; ++j) xv[j] = ND == 1 && len < V ? Vec::loadu(x, len) : Vec::loadu(x + j * V);
+    for (int j = 0; j < ND; ++j) xv[j] = load<src_t, acc_t>(x + j * V, ND == 1 ? len : V);
     for (int i = 0; i < NC; ++i) {
       const Vec rv(r[i * kRows + k]);
       for (int j = 0; j < ND; ++j) acc[i][j] = at::vec::fmadd(rv, xv[j], acc[i][j]);
@@ -352,9 +354,9 @@ inline void sweep_block(const acc_t* r, const acc_t* x, int64_t xs, int64_t kr, 
 }
 
 // grad_W (C x Dp) += R^T X for the tile: R class-major (C x kRows), rows x_k = x + k * xs of D
-// values each.
-template <typename acc_t>
-inline void sweep_tile(const acc_t* r, const acc_t* x, int64_t xs, int64_t kr, acc_t* gw,
+// values each (acc_t, or 16-bit rows read in place by the binary pass).
+template <typename acc_t, typename src_t>
+inline void sweep_tile(const acc_t* r, const src_t* x, int64_t xs, int64_t kr, acc_t* gw,
                        int64_t C, int64_t D, int64_t Dp) {
   constexpr int64_t V = Vectorized<acc_t>::size();
   const int64_t Df = D / V * V;
@@ -393,7 +395,8 @@ void run_block(const Pass<scalar_t, acc_t>& p, const LossFn& loss_fn, int64_t bl
 
   // Whole tiles of acc_t rows are read in place, any D (a row's last partial vector is a masked
   // load: float64 200,000 x 100 binary loss+grad, D not a multiple of 8, no longer copies every
-  // row); 16-bit rows and the last, short tile are converted / copied into a zero-padded acc_t
+  // row); so are whole tiles of 16-bit rows in the binary pass, converted as loaded (below). The
+  // other 16-bit tiles and the last, short tile are converted / copied into a zero-padded acc_t
   // tile, padded with zero rows (and zero residuals).
   std::vector<acc_t> xbuf(T * Dp, acc_t(0));
   std::vector<acc_t> z(T * C), r(T * C);  // class-major: [c * T + k]
@@ -410,11 +413,19 @@ void run_block(const Pass<scalar_t, acc_t>& p, const LossFn& loss_fn, int64_t bl
     const int64_t nr = std::min(T, end - i0);
     const int64_t kr = (nr + kTile - 1) / kTile * kTile;  // rows the register blocks cover
     // The tile's rows x_k = xt + k * xs: in place (a whole tile of acc_t rows), or converted /
-    // copied into xbuf with zero rows after the last one.
+    // copied into xbuf with zero rows after the last one. Binary: a whole tile is read in place
+    // whatever x's dtype (`direct`, rows x_k = p.x + (i0 + k) * x_row_stride), 16-bit values
+    // converted in registers as they are loaded, by the logits and again by the sweep (from
+    // L1): writing the tile to xbuf and reading it back set the 16-bit pass's speed. Binary
+    // 1,048,576 x 256 loss+grad on the 2-core Zen 4 (A/B in alternating processes): bf16
+    // 23-25.5 -> 19.7-21.2 ms (1.2-1.35x -> 1.05-1.13x the fp32 pass's time per byte), fp16
+    // 96-98 -> 19.4-19.9 ms (its xbuf conversion was ATen's scalar loop: vec_io.h).
     const bool in_place = std::is_same_v<scalar_t, acc_t> && nr == T;
+    const bool direct = C == 1 && nr == T;
     const acc_t* xt = in_place ? reinterpret_cast<const acc_t*>(p.x + i0 * p.x_row_stride)
                                : xbuf.data();
     const int64_t xs = in_place ? p.x_row_stride : Dp;
+    const scalar_t* x_tile = p.x + i0 * p.x_row_stride;
     // 1. logits, one register block of kTile rows at a time.
     for (int64_t k0 = 0; k0 < kr; k0 += kTile) {
       // Reading X sets the pass's speed, and the hardware prefetcher idles while a tile's
@@ -425,22 +436,29 @@ void run_block(const Pass<scalar_t, acc_t>& p, const LossFn& loss_fn, int64_t bl
       // fp32 loss+grad 44-46 -> 36-40 ms where X.sum() takes 33-36 ms in the same process
       // (1.33-1.37x -> 1.09-1.12x), float64 200,000 x 100 1.22-1.31x -> 1.12-1.17x. Measured
       // slower for cross entropy (compute-bound: C = 10 117 -> 129 ms), which keeps the burst.
-      const bool spread = C == 1 && in_place && i0 + pf_rows + k0 + kTile <= end;
+      const bool spread = direct && i0 + pf_rows + k0 + kTile <= end;
       for (int64_t k = k0; !spread && k < k0 + kTile && i0 + pf_rows + k < end; ++k) {
         const char* row = reinterpret_cast<const char*>(p.x + (i0 + pf_rows + k) * p.x_row_stride);
         for (int64_t off = 0; off < row_bytes; off += 64) __builtin_prefetch(row + off, 0, 2);
       }
-      if (!in_place) {
+      if (!in_place && !direct) {
         for (int64_t k = k0; k < k0 + kTile; ++k) {
           acc_t* row = xbuf.data() + k * Dp;
           if (k >= nr) std::fill(row, row + D, acc_t(0));
-          else at::vec::convert(p.x + (i0 + k) * p.x_row_stride, row, D);
+          else convert_row(p.x + (i0 + k) * p.x_row_stride, row, D);
         }
       }
-      if (spread) {
-        logits_block_binary(xt + k0 * xs, xs, p.W, p.bias, D, z.data() + k0,
-                            reinterpret_cast<const char*>(p.x + (i0 + pf_rows + k0) * p.x_row_stride),
-                            p.x_row_stride * static_cast<int64_t>(sizeof(scalar_t)));
+      if (direct) {
+        const int64_t row_stride_bytes = p.x_row_stride * static_cast<int64_t>(sizeof(scalar_t));
+        const scalar_t* rows = x_tile + k0 * p.x_row_stride;
+        if (spread) {
+          logits_block_binary<true>(rows, p.x_row_stride, p.W, p.bias, D, z.data() + k0,
+                                    reinterpret_cast<const char*>(rows + pf_rows * p.x_row_stride),
+                                    row_stride_bytes);
+        } else {
+          logits_block_binary<false>(rows, p.x_row_stride, p.W, p.bias, D, z.data() + k0,
+                                     nullptr, 0);
+        }
       } else {
         logits_block(xt + k0 * xs, xs, p.W, p.bias, C, D, Dp, z.data() + k0);
       }
@@ -471,7 +489,10 @@ void run_block(const Pass<scalar_t, acc_t>& p, const LossFn& loss_fn, int64_t bl
     // 3. one sweep over the tile: grad_W += R^T X_tile as a register-blocked micro-GEMM
     //    (2 classes x 4 feature vectors per block), the rows added in order: grad_W is loaded
     //    and stored once per tile, not once per row.
-    if constexpr (NEED_W) sweep_tile(r.data(), xt, xs, kr, gw, C, D, Dp);
+    if constexpr (NEED_W) {
+      if (direct) sweep_tile(r.data(), x_tile, p.x_row_stride, kr, gw, C, D, Dp);
+      else sweep_tile(r.data(), xt, xs, kr, gw, C, D, Dp);
+    }
   }
   if (!none_mode) p.part_loss[blk] = loss_sum;
 }
@@ -712,7 +733,6 @@ void loss_dx_kernel(const at::Tensor& residual, const at::Tensor& coef, const at
   scalar_t* o = out.mutable_data_ptr<scalar_t>();
   at::parallel_for(0, (N + R - 1) / R, 64, [&](int64_t t0, int64_t t1) {
     std::vector<acc_t> a(R * C);  // a[k * C + c] = coef_i r_ic for the block's rows
-    acc_t tmp[R][V];
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t i0 = t * R, nr = std::min(R, N - i0);
       for (int64_t k = 0; k < R; ++k)
@@ -729,15 +749,7 @@ void loss_dx_kernel(const at::Tensor& residual, const at::Tensor& coef, const at
         }
         const int64_t len = std::min<int64_t>(V, D - d);
         const Vec accs[R] = {acc0, acc1, acc2, acc3};
-        for (int64_t k = 0; k < nr; ++k) {
-          scalar_t* dst = o + (i0 + k) * D + d;
-          if constexpr (std::is_same_v<scalar_t, acc_t>) {
-            accs[k].store(dst, len);
-          } else {
-            accs[k].store(tmp[k], len);
-            at::vec::convert(tmp[k], dst, len);
-          }
-        }
+        for (int64_t k = 0; k < nr; ++k) store<scalar_t, acc_t>(o + (i0 + k) * D + d, accs[k], len);
       }
     }
   });
