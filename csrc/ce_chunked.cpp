@@ -6,14 +6,14 @@
 // Both are fine for small C and wrong for an LM head. This path runs over the rows in chunks of
 // R rows, R chosen so that the R x C logits chunk is at most kChunkBytes (32 MiB), and per chunk:
 //
-//   1. L = x_c W^T                  GEMM in x's dtype (at::mm_out into one reused chunk buffer;
-//                                   fp32 accumulation inside the GEMM for 16-bit)
+//   1. L = x_c W^T                  GEMM in x's dtype (gemm::mm_out, csrc/cpu_gemm.cpp, into one
+//                                   reused chunk buffer; fp32 accumulation for 16-bit)
 //   2. row pass (ce_rows_*):        + bias (acc_t), stable log-softmax, the loss of each row
 //                                   (class weights, ignore_index, label smoothing: the formulas
 //                                   of csrc/logreg.h), and, when gradients are wanted, the
 //                                   residual dloss/dL written over L in place, times the scale
 //                                   (1/den for mean, 1 for sum, or grad_output_i for none)
-//   3. dX_c = R_c W                 at::mm_out straight into rows [s, s + r) of grad_x
+//   3. dX_c = R_c W                 gemm::mm_out straight into rows [s, s + r) of grad_x
 //      grad_W += R_c^T x_c          acc_t accumulator (addmm_ in place for fp32/fp64; for 16-bit
 //                                   each chunk's GEMM result is rounded once and added in fp32)
 //      grad_b += R_c.sum(0)         in acc_t
@@ -306,7 +306,7 @@ Chunked run_chunked(const at::Tensor& x_in, const at::Tensor& weight,
     const int64_t r = std::min(R, N - s);
     const at::Tensor xc = x.narrow(0, s, r);
     at::Tensor L = buf.narrow(0, 0, r);
-    at::mm_out(L, xc, wt);
+    gemm::mm_out(L, xc, wt);
     at::Tensor lrows = out.loss_rows.narrow(0, s, r);
     const at::Tensor rs = rs_all.defined() ? rs_all.narrow(0, s, r) : at::Tensor();
     rows_fn(L, b_acc, target.narrow(0, s, r), cw_acc, aux, rs, lrows, ignore_index,
@@ -314,11 +314,11 @@ Chunked run_chunked(const at::Tensor& x_in, const at::Tensor& weight,
     if (!want_res) continue;
     if (need_x) {
       at::Tensor gxc = out.gx.narrow(0, s, r);
-      at::mm_out(gxc, L, weight);
+      gemm::mm_out(gxc, L, weight);
     }
     if (need_weight) {
       if (dt == acc) out.gw.addmm_(L.t(), xc);
-      else out.gw.add_(at::mm(L.t(), xc));
+      else out.gw.add_(gemm::mm(L.t(), xc));
     }
     if (need_bias) out.gb.add_(L.sum(0, false, acc));
   }

@@ -12,6 +12,16 @@ namespace manual_layers {
 // first (csrc/cpu_alloc.cpp says why). Any device; only large CPU tensors are advised.
 at::Tensor empty_for_write(at::IntArrayRef sizes, const at::TensorOptions& options);
 
+// The kernels' GEMMs: at::mm / mm_out / addmm / addmm_out, except that fp16 on a CPU without a
+// native fp16 GEMM runs as an fp32 GEMM rounded once (csrc/cpu_gemm.cpp says why). Any device.
+namespace gemm {
+at::Tensor mm(const at::Tensor& a, const at::Tensor& b);
+at::Tensor& mm_out(at::Tensor& out, const at::Tensor& a, const at::Tensor& b);
+at::Tensor addmm(const at::Tensor& bias, const at::Tensor& a, const at::Tensor& b);
+at::Tensor& addmm_out(at::Tensor& out, const at::Tensor& bias, const at::Tensor& a,
+                      const at::Tensor& b);
+}  // namespace gemm
+
 // Activations of the fused linear layer. The string names are the public API
 // (manual_layers.Linear(activation=...)); "softmax" is internal, used by
 // logistic_regression() for the multinomial probabilities (a row-wise epilogue).

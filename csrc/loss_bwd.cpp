@@ -6,6 +6,7 @@
 #include <ATen/OpMathType.h>
 #include <torch/library.h>
 
+#include "common.h"
 #include "logreg.h"
 
 namespace manual_layers {
@@ -58,7 +59,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_loss_bwd(
     if (need_x) {
       const at::Tensor own = small_c(residual, weight) ? small_c_dx(residual, g, weight)
                                                        : at::Tensor();
-      gx = own.defined() ? own : at::mm((residual * g).to(dt), weight);
+      gx = own.defined() ? own : gemm::mm((residual * g).to(dt), weight);
     }
     if (need_weight) {
       TORCH_CHECK(grad_weight.sizes() == weight.sizes(), op, ": grad_weight must be ",
@@ -85,11 +86,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_loss_bwd(
   if (!need_weight && !need_bias && (own_dx || !need_x)) return {gx, gw, gb};
   const at::Tensor G = residual.to(acc) * gl.reshape({N, 1});
   const at::Tensor Gd = G.to(dt);
-  if (need_x && !own_dx) gx = at::mm(Gd, weight);
+  if (need_x && !own_dx) gx = gemm::mm(Gd, weight);
   if (need_weight) {
     TORCH_CHECK(x.dim() == 2 && x.size(0) == N && x.size(1) == D, op, ": x must be (", N, ", ",
                 D, "), got ", x.sizes());
-    gw = at::mm(Gd.t(), x);
+    gw = gemm::mm(Gd.t(), x);
   }
   if (need_bias) gb = G.sum(0).to(dt);
   return {gx, gw, gb};

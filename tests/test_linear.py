@@ -97,8 +97,6 @@ def test_bias_gradient_column_tiles_and_row_chunks(device, dtype, act):
     G is whole 16-byte vectors (out_features % (16 / itemsize) == 0): column tiles of 32 vectors
     (a partial last tile at 264 / 1000 features) and chunks of rows summed in order (a batch of
     2053 rows spans several chunks, 1 row one). Other out_features take cuBLASLt's BGRADB."""
-    if device == "cpu" and dtype == torch.float16:
-        pytest.skip("covered on the CPU by test_matches_reference")
     for n, out_f in ((2053, 264), (1, 64), (300, 1000), (37, 8), (129, 17)):
         x = torch.randn(n, 24, device=device, dtype=dtype)
         w = torch.randn(out_f, 24, device=device, dtype=dtype) / 5
@@ -162,6 +160,26 @@ def test_gradcheck_logistic_regression_probabilities():
         assert torch.autograd.gradcheck(ml.functional.logistic_regression, (x, w, b))
         assert_rel(ml.functional.logistic_regression(x, w, b), R.logistic_regression(x, w, b),
                    1e-12)
+
+
+@pytest.mark.skipif(torch.ops.mkldnn._is_mkldnn_fp16_supported(),
+                    reason="this CPU has a native fp16 GEMM: ATen's is used as is")
+def test_cpu_fp16_gemm_is_the_fp32_gemm_rounded_once():
+    """CPU fp16 without a native fp16 GEMM: the layer's GEMMs run in fp32 on the widened
+    operands (csrc/cpu_gemm.cpp), so the output equals fp32 F.linear rounded once, bitwise."""
+    x = torch.randn(300, 40).half()
+    w, b = (torch.randn(24, 40) / 5).half(), torch.randn(24).half()
+    lin = ml.Linear(40, 24, dtype=torch.float16)
+    with torch.no_grad():
+        lin.weight.copy_(w)
+        lin.bias.copy_(b)
+        expected = nn.functional.linear(x.float(), w.float(), b.float()).half()
+        assert torch.equal(lin(x), expected)
+    # and backward: dX = G W, dW = G^T x in fp32, rounded once
+    xg, g = x.clone().requires_grad_(), torch.randn(300, 24).half()
+    lin(xg).backward(g)
+    assert torch.equal(xg.grad, (g.float() @ w.float()).half())
+    assert torch.equal(lin.weight.grad, (g.float().t() @ x.float()).half())
 
 
 @pytest.mark.parametrize("device", DEVICES)

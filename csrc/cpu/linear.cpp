@@ -1,9 +1,10 @@
 // CPU kernels of the fused linear layer y = act(x W^T + b).
 //
-// Forward: the GEMM through ATen (at::mm -> MKL/oneDNN), then ONE parallel, vectorised pass
-// over the (N, M) output that adds the bias (in the accumulation type, fp32 for 16-bit
-// dtypes) and applies the activation, writing the pre-activation only when backward needs it.
-// With no activation the whole layer is a single at::addmm (bias folded into the GEMM).
+// Forward: the GEMM through ATen (gemm::mm -> MKL/oneDNN; fp16 as fp32 where ATen's fp16 GEMM
+// is slow, csrc/cpu_gemm.cpp), then ONE parallel, vectorised pass over the (N, M) output that
+// adds the bias (in the accumulation type, fp32 for 16-bit dtypes) and applies the activation,
+// writing the pre-activation only when backward needs it. With no activation the whole layer is
+// a single gemm::addmm (bias folded into the GEMM).
 //
 // Backward: ONE parallel, vectorised pass that computes G = grad_out * act'(saved) and, in the
 // same pass, the bias gradient's column sums (per fixed row block, reduced in a fixed order:
@@ -102,7 +103,7 @@ std::tuple<at::Tensor, at::Tensor> linear_fwd_cpu(const at::Tensor& x, const at:
 
   if (act == Act::None) {
     // No epilogue: nn.Linear's own single addmm (bias added inside the GEMM).
-    at::Tensor out = has_bias ? at::addmm(*bias_opt, x, weight.t()) : at::mm(x, weight.t());
+    at::Tensor out = has_bias ? gemm::addmm(*bias_opt, x, weight.t()) : gemm::mm(x, weight.t());
     return {out.contiguous(), empty_like_none(x)};
   }
   // fp32/fp64: the GEMM, then bias + activation in one pass. 16-bit dtypes: the bias goes
@@ -120,9 +121,9 @@ std::tuple<at::Tensor, at::Tensor> linear_fwd_cpu(const at::Tensor& x, const at:
   // tile's GEMM output from cache, were measured slower at 65536x256->256 and 8192x1024->1024
   // fp32 on 2 cores: 0.92x with 16 MiB tiles, 0.67-0.71x with 4 MiB, 0.32-0.46x with 1 MiB.)
   if (bias_in_gemm) {
-    at::addmm_out(gemm_out, *bias_opt, x, weight.t());
+    gemm::addmm_out(gemm_out, *bias_opt, x, weight.t());
   } else {
-    at::mm_out(gemm_out, x, weight.t());
+    gemm::mm_out(gemm_out, x, weight.t());
   }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "linear_fwd_cpu", [&] {
     const scalar_t* b = bias.defined() ? bias.data_ptr<scalar_t>() : nullptr;
@@ -177,8 +178,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_bwd_cpu(
         });
       });
     }
-    at::Tensor dx = need_x ? at::mm(G, weight) : empty_like_none(x);
-    at::Tensor dw = need_weight ? at::mm(G.t(), x) : empty_like_none(x);
+    at::Tensor dx = need_x ? gemm::mm(G, weight) : empty_like_none(x);
+    at::Tensor dw = need_weight ? gemm::mm(G.t(), x) : empty_like_none(x);
     return {dx, dw, db};
   }
   // fp32/fp64: row tiles. Each tile's G = g * act'(s) (with its bias column sums) is computed
@@ -204,11 +205,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_bwd_cpu(
         const at::Tensor xt = x.narrow(0, r0, n);
         if (need_x) {
           at::Tensor dxt = dx.narrow(0, r0, n);
-          at::mm_out(dxt, G, weight);
+          gemm::mm_out(dxt, G, weight);
         }
         if (need_weight) {
           if (r0 == 0) {
-            at::mm_out(dw, G.t(), xt);
+            gemm::mm_out(dw, G.t(), xt);
           } else {
             dw.addmm_(G.t(), xt);
           }

@@ -50,7 +50,7 @@ MlpGrads mlp_bwd_cpu(const at::Tensor& grad_out, const at::Tensor& x, const at::
   const at::Tensor s = act != Act::None ? saved.contiguous() : at::Tensor();
   const at::Tensor xc = x.stride(-1) == 1 ? x : x.contiguous();
 
-  at::Tensor gw2 = need_w2 ? at::mm(g.t(), h) : none_like(x);
+  at::Tensor gw2 = need_w2 ? gemm::mm(g.t(), h) : none_like(x);
   at::Tensor gb2 = need_b2 ? at::empty({O}, x.options()) : none_like(x);
   at::Tensor gx = need_x ? empty_for_write({N, K}, x.options()) : none_like(x);
   at::Tensor gw1 = need_w1 ? at::empty({H, K}, x.options()) : none_like(x);
@@ -69,13 +69,13 @@ MlpGrads mlp_bwd_cpu(const at::Tensor& grad_out, const at::Tensor& x, const at::
       if constexpr (kA != Act::Softmax) {
         const scalar_t* sp = act != Act::None ? s.const_data_ptr<scalar_t>() : nullptr;
         if (at::isReducedFloatingType(x.scalar_type()) || N == 0) {
-          at::Tensor G = at::mm(g, w2);  // dH (N, H), turned into G1 in place
+          at::Tensor G = gemm::mm(g, w2);  // dH (N, H), turned into G1 in place
           bwd_epilogue<scalar_t, kA>(G.const_data_ptr<scalar_t>(), sp,
                                      kA != Act::None && need_G ? G.mutable_data_ptr<scalar_t>()
                                                                : nullptr,
                                      need_b1 ? gb1.mutable_data_ptr<scalar_t>() : nullptr, N, H);
-          if (need_x) at::mm_out(gx, G, w1);
-          if (need_w1) at::mm_out(gw1, G.t(), xc);
+          if (need_x) gemm::mm_out(gx, G, w1);
+          if (need_w1) gemm::mm_out(gw1, G.t(), xc);
           return;
         }
         const int64_t R = tile_rows(H, x.element_size(), N);
@@ -85,7 +85,7 @@ MlpGrads mlp_bwd_cpu(const at::Tensor& grad_out, const at::Tensor& x, const at::
         for (int64_t r0 = 0; r0 < N; r0 += R) {
           const int64_t n = std::min(R, N - r0);
           at::Tensor G = Gbuf.narrow(0, 0, n);
-          at::mm_out(G, g.narrow(0, r0, n), w2);
+          gemm::mm_out(G, g.narrow(0, r0, n), w2);
           if (kA != Act::None || need_b1) bwd_epilogue<scalar_t, kA>(G.const_data_ptr<scalar_t>(), sp ? sp + r0 * H : nullptr,
                                      kA != Act::None && need_G ? G.mutable_data_ptr<scalar_t>()
                                                                : nullptr,
@@ -94,11 +94,11 @@ MlpGrads mlp_bwd_cpu(const at::Tensor& grad_out, const at::Tensor& x, const at::
           if (need_b1) gb1.add_(db_tile);
           if (need_x) {
             at::Tensor gxt = gx.narrow(0, r0, n);
-            at::mm_out(gxt, G, w1);
+            gemm::mm_out(gxt, G, w1);
           }
           if (need_w1) {
             const at::Tensor xt = xc.narrow(0, r0, n);
-            if (r0 == 0) at::mm_out(gw1, G.t(), xt);
+            if (r0 == 0) gemm::mm_out(gw1, G.t(), xt);
             else gw1.addmm_(G.t(), xt);
           }
         }
