@@ -19,7 +19,8 @@ namespace {
 
 bool fp16_gemm_is_native() {
   static const bool native = [] {
-    const auto op = c10::Dispatcher::singleton().findSchema({"mkldnn::_is_mkldnn_fp16_supported", ""});
+    const auto op =
+        c10::Dispatcher::singleton().findSchema({"mkldnn::_is_mkldnn_fp16_supported", ""});
     if (!op.has_value()) return false;  // a torch without oneDNN: ATen's fallback GEMM
     return op->typed<bool()>().call();
   }();

@@ -324,7 +324,8 @@ inline void logits_block_binary(const src_t* x, int64_t xs, const acc_t* W, cons
       __builtin_prefetch(pf + D * S - 1, 0, 2);
     }
     for (; d < D; d += V) {  // as row_logits: whole vectors, then a partial one, into a0
-      a0 = at::vec::fmadd(load<src_t, acc_t>(x + d, std::min<int64_t>(V, D - d)), Vec::loadu(W + d), a0);
+      const Vec xv = load<src_t, acc_t>(x + d, std::min<int64_t>(V, D - d));
+      a0 = at::vec::fmadd(xv, Vec::loadu(W + d), a0);
     }
     *z = hsum(((a0 + a1) + a2) + a3) + b;  // row_logits<1, 4>'s order: bitwise the same
   }
