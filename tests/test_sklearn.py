@@ -41,7 +41,9 @@ def _one_blas_thread():
 
 
 def _rng():
-    return np.random.default_rng(np.random.SeedSequence().entropy)  # fresh data every run
+    seed = np.random.SeedSequence().entropy  # fresh data every run
+    print(f"data seed: {seed}")  # shown with a failure, to reproduce it
+    return np.random.default_rng(seed)
 
 
 # ---- scikit-learn's own estimator checks --------------------------------------------------------
@@ -86,17 +88,20 @@ def _assert_same_as_sklearn(X, y, sample_weight=None, **params):
     sk = SkLR(**TIGHT, **params).fit(X, y, sample_weight=sample_weight)
     ours = LogisticRegression(**TIGHT, **params).fit(X, y, sample_weight=sample_weight)
     assert ours.coef_.shape == sk.coef_.shape and ours.intercept_.shape == sk.intercept_.shape
-    if _rel(ours.coef_, sk.coef_) > 1e-4:
+    intercept_gap = np.abs(ours.intercept_ - sk.intercept_).max() / max(
+        1.0, np.abs(sk.intercept_).max())
+    if _rel(ours.coef_, sk.coef_) > 1e-4 or intercept_gap > 1e-4:
         # Fresh random data is sometimes ill-conditioned enough (intercepts of a softmax are
         # flat in their common shift) that L-BFGS-B's relative-decrease stop leaves the two
-        # solutions further apart than 1e-4; then ours must be at least as good a minimum of
-        # the shared objective as scikit-learn's, and the predictions must still agree.
+        # solutions further apart than 1e-4, in the weights or only in the intercepts (seen in
+        # ~3% of 7-class draws: intercepts 2e-4 apart, weights 2e-5, our objective the lower by
+        # 3e-11 relative); then ours must be at least as good a minimum of the shared objective
+        # as scikit-learn's, and the predictions must still agree.
         f_ours, f_sk = (_objective(m, X, y, sample_weight, params) for m in (ours, sk))
-        assert f_ours <= f_sk * (1 + 1e-10), (_rel(ours.coef_, sk.coef_), f_ours, f_sk, params)
+        assert f_ours <= f_sk * (1 + 1e-10), (_rel(ours.coef_, sk.coef_), intercept_gap, f_ours,
+                                              f_sk, params)
         assert np.abs(ours.predict_proba(X) - sk.predict_proba(X)).max() <= 1e-3
         return ours, sk
-    assert np.abs(ours.intercept_ - sk.intercept_).max() <= 1e-4 * max(
-        1.0, np.abs(sk.intercept_).max())
     assert np.abs(ours.predict_proba(X) - sk.predict_proba(X)).max() <= 1e-4
     assert np.abs(ours.decision_function(X) - sk.decision_function(X)).max() <= 1e-4 * max(
         1.0, np.abs(sk.decision_function(X)).max())
