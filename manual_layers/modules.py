@@ -9,7 +9,6 @@ from torch import nn
 
 from . import _fit
 from . import functional as MF
-from .functional import ACTIVATIONS
 
 __all__ = ["Linear", "MLP", "convert", "LogisticRegression", "LinearBCEWithLogitsLoss",
            "LinearCrossEntropyLoss"]

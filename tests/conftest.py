@@ -9,12 +9,6 @@ DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
     not CUDA, reason="no CUDA GPU visible: CUDA kernels not exercised"))]
 
 
-def dtypes_for(device):
-    """Float dtypes the layer supports on a device (float16 on CPU where torch's CPU GEMM has
-    it, which is the case from torch 2.1)."""
-    return [torch.float64, torch.float32, torch.bfloat16, torch.float16]
-
-
 # Tolerances by dtype: fp64 1e-10, fp32 1e-5, 16-bit about 1e-2 (README, "Testing").
 TOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 1e-2}
 

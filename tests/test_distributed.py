@@ -317,7 +317,6 @@ def _fit_under_torchrun(torch, dist, ml, rank, device):
     should be one model, on every rank, fitted to the union of the shards (compared with
     scikit-learn's lbfgs on the concatenated data: the objective is strictly convex, so both
     reach its one minimum)."""
-    import numpy as np
     from sklearn.linear_model import LogisticRegression as SK
 
     def shard(r, n=200, D=6):

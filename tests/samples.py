@@ -1,0 +1,271 @@
+"""One sample-input generator per public op (as pytorch/extension-cpp's `sample_inputs`): the
+same inputs feed the reference comparison, gradcheck and opcheck of tests/test_samples.py, so a
+case added here is checked all three ways, on every device and dtype.
+
+    sample_inputs(op, device, dtype, requires_grad) -> [Sample, ...]
+
+op is one of OPS: "linear", "logistic_regression", "mlp", "linear_bce", "linear_ce". A Sample
+holds the arguments of the functional call (manual_layers.functional.<fn>) and knows the
+matching manual_layers.reference call and torch.ops.manual_layers call. With requires_grad the
+floating inputs a layer trains (x and the weights and biases; not targets or loss weights)
+require grad; strided inputs are leaf views of a larger tensor. Tensors are drawn from torch's
+global generator (tests/conftest.py seeds it per test)."""
+
+import contextlib
+import dataclasses
+import os
+
+import torch
+
+import manual_layers as ml
+from manual_layers import reference as R
+
+OPS = ("linear", "logistic_regression", "mlp", "linear_bce", "linear_ce")
+ACTS = (None, "relu", "gelu", "gelu_tanh", "silu", "sigmoid", "tanh")
+REDUCTIONS = ("mean", "sum", "none")
+_RED_CODE = {"none": 0, "mean": 1, "sum": 2}
+
+_FUNCTIONAL = {
+    "linear": ml.functional.linear,
+    "logistic_regression": ml.functional.logistic_regression,
+    "mlp": ml.functional.mlp,
+    "linear_bce": ml.functional.linear_binary_cross_entropy_with_logits,
+    "linear_ce": ml.functional.linear_cross_entropy,
+}
+
+
+def _reference_mlp(x, w1, b1, w2, b2, activation="gelu"):
+    return R.linear(R.linear(x, w1, b1, activation), w2, b2)
+
+
+_REFERENCE = {
+    "linear": R.linear,
+    "logistic_regression": R.logistic_regression,
+    "mlp": _reference_mlp,
+    "linear_bce": R.linear_binary_cross_entropy_with_logits,
+    "linear_ce": R.linear_cross_entropy,
+}
+
+
+@dataclasses.dataclass
+class Sample:
+    op: str
+    desc: str
+    args: tuple
+    kwargs: dict
+    env: dict = dataclasses.field(default_factory=dict)  # environment the call runs under
+
+    def __repr__(self):
+        return f"Sample({self.op}: {self.desc})"
+
+    # -- the tensors that require grad, and calls with them replaced --------------------------
+    def grad_inputs(self):
+        return [t for t in (*self.args, *self.kwargs.values())
+                if isinstance(t, torch.Tensor) and t.requires_grad]
+
+    def _substituted(self, replacements, convert=None):
+        it = iter(replacements or ())
+
+        def sub(t):
+            if isinstance(t, torch.Tensor) and t.requires_grad and replacements is not None:
+                return next(it)
+            return convert(t) if convert is not None and isinstance(t, torch.Tensor) else t
+
+        return tuple(sub(a) for a in self.args), {k: sub(v) for k, v in self.kwargs.items()}
+
+    def call(self, *grad_inputs):
+        """manual_layers.functional on the sample, with the grad inputs replaced by
+        `grad_inputs` when given (gradcheck passes its own copies)."""
+        args, kwargs = self._substituted(grad_inputs if grad_inputs else None)
+        return _FUNCTIONAL[self.op](*args, **kwargs)
+
+    def reference(self, dtype=None):
+        """manual_layers.reference on the sample, its floating tensors cast to dtype (float64 for
+        the yardstick, None: as they are), with fresh leaves in place of the grad inputs.
+        Returns (output, leaves)."""
+        leaves = [t.detach().to(dtype or t.dtype).requires_grad_() for t in self.grad_inputs()]
+        cast = (lambda t: t.to(dtype) if t.is_floating_point() else t) if dtype else None
+        args, kwargs = self._substituted(leaves, cast)
+        return _REFERENCE[self.op](*args, **kwargs), leaves
+
+    def op_args(self):
+        """The positional arguments of the torch.ops.manual_layers call the functional makes."""
+        a, k = self.args, self.kwargs
+        if self.op == "linear":
+            return (a[0], a[1], a[2], a[3] or "none")
+        if self.op == "logistic_regression":
+            return (a[0], a[1], a[2], "sigmoid" if a[1].shape[0] == 1 else "softmax")
+        if self.op == "mlp":
+            return (*a[:5], k.get("activation", "gelu") or "none")
+        red = _RED_CODE[k.get("reduction", "mean")]
+        if self.op == "linear_bce":
+            return (*a, k.get("pos_weight"), k.get("sample_weight"), red, False)
+        return (*a, k.get("class_weight"), k.get("ignore_index", -100),
+                float(k.get("label_smoothing", 0.0)), red, False)
+
+    def public_op(self):
+        name = "linear" if self.op == "logistic_regression" else self.op
+        return getattr(torch.ops.manual_layers, name).default
+
+    @contextlib.contextmanager
+    def environment(self):
+        """Runs the block with the sample's environment variables set (e.g. the CE path)."""
+        old = {k: os.environ.get(k) for k in self.env}
+        os.environ.update(self.env)
+        try:
+            yield
+        finally:
+            for k, v in old.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+
+
+class _Maker:
+    def __init__(self, device, dtype, requires_grad):
+        self.device, self.dtype, self.rg = device, dtype, requires_grad
+
+    def param(self, *shape, scale=1.0):
+        """A trainable input: a contiguous leaf."""
+        t = torch.randn(*shape, device=self.device, dtype=torch.float64) * scale
+        return t.to(self.dtype).requires_grad_(self.rg)
+
+    def strided(self, *shape, scale=1.0):
+        """A trainable input as a non-contiguous leaf view: every other element of its last
+        dim, of a tensor stored transposed in its last two dims."""
+        big = (*shape[:-1], 2 * shape[-1])
+        base = torch.randn(*big[:-2], big[-1], big[-2], device=self.device,
+                           dtype=torch.float64) if len(big) > 1 else \
+            torch.randn(*big, device=self.device, dtype=torch.float64)
+        base = (base * scale).to(self.dtype)
+        t = (base.transpose(-1, -2) if len(big) > 1 else base)[..., ::2]
+        assert t.shape == shape and not t.is_contiguous()
+        return t.requires_grad_(self.rg)
+
+    def data(self, *shape):
+        """A floating input that is not trained: uniform in [0, 1) (targets, loss weights)."""
+        return torch.rand(*shape, device=self.device, dtype=torch.float64).to(self.dtype)
+
+    def labels(self, c, *shape):
+        return torch.randint(0, c, shape, device=self.device)
+
+
+def _linear(m):
+    for act in ACTS:
+        yield f"{act}, 2-D x, bias", (m.param(9, 17), m.param(6, 17, scale=0.25), m.param(6),
+                                      act), {}
+        yield f"{act}, 3-D x, no bias", (m.param(2, 3, 17), m.param(6, 17, scale=0.25), None,
+                                         act), {}
+    for act in (None, "gelu", "tanh"):
+        yield (f"{act}, strided x, transposed weight, strided bias",
+               (m.strided(30, 20), m.strided(9, 20, scale=0.25), m.strided(9), act), {})
+        yield (f"{act}, 3-D x strided in its last dim",
+               (m.strided(4, 7, 20), m.param(9, 20, scale=0.25), m.param(9), act), {})
+    for act in (None, "relu", "gelu"):
+        yield f"{act}, 1-D x (one row)", (m.param(13), m.param(5, 13, scale=0.3), m.param(5),
+                                          act), {}
+        yield f"{act}, empty batch", (m.param(0, 3, 8), m.param(5, 8), m.param(5), act), {}
+        yield f"{act}, in_features 1", (m.param(11, 1), m.param(4, 1), m.param(4), act), {}
+    yield "silu, 300 rows, 40 -> 72 features (big)", \
+        (m.param(300, 40), m.param(72, 40, scale=0.15), m.param(72), "silu"), {}
+
+
+def _logistic_regression(m):
+    for c in (1, 4):
+        yield f"{c} output(s)", (m.param(7, 5), m.param(c, 5), m.param(c)), {}
+        yield f"{c} output(s), 3-D strided x, no bias", (m.strided(2, 3, 5), m.param(c, 5),
+                                                          None), {}
+
+
+def _mlp(m):
+    for act in ACTS:
+        yield f"{act}, 2-D x, biases", (m.param(7, 5), m.param(9, 5, scale=0.4), m.param(9),
+                                m.param(4, 9, scale=0.3), m.param(4)), {"activation": act}
+    for act in ("gelu", "relu", None):
+        yield f"{act}, 3-D strided x, no biases", (m.strided(2, 3, 6), m.param(8, 6, scale=0.4), None,
+                                           m.param(5, 8, scale=0.3), None), {"activation": act}
+        yield f"{act}, 1-D x, transposed w2", (m.param(6), m.param(8, 6, scale=0.4), m.param(8),
+                                       m.strided(5, 8, scale=0.3), m.param(5)), \
+            {"activation": act}
+    yield "gelu, empty batch", (m.param(0, 6), m.param(10, 6), m.param(10), m.param(4, 10),
+                          m.param(4)), {"activation": "gelu"}
+    yield "gelu_tanh, 300 rows, 33 -> 70 -> 17 (big)", (m.param(300, 33), m.param(70, 33, scale=0.2),
+                                             m.param(70), m.param(17, 70, scale=0.15),
+                                             m.param(17)), {"activation": "gelu_tanh"}
+
+
+def _bce(m):
+    for red in REDUCTIONS:
+        kw = {"reduction": red}
+        yield f"{red}, soft labels", (m.param(9, 4), m.param(1, 4), m.param(1), m.data(9)), kw
+        yield f"{red}, pos_weight and sample_weight", \
+            (m.param(9, 4), m.param(1, 4), m.param(1), m.data(9)), \
+            {**kw, "pos_weight": m.data(1) + 1.2, "sample_weight": m.data(9)}
+        yield f"{red}, 3-D strided x, no bias, broadcast sample_weight", \
+            (m.strided(3, 5, 6), m.param(1, 6), None, m.data(3, 5)), \
+            {**kw, "sample_weight": m.data(5)}
+        yield f"{red}, D = 1, 0/1 labels", \
+            (m.param(10, 1), m.param(1, 1), m.param(1), m.labels(2, 10).to(m.dtype)), kw
+        if red != "mean":  # the mean of nothing is NaN (as torch's), checked in test_logreg
+            yield f"{red}, empty batch", (m.param(0, 5), m.param(1, 5), m.param(1),
+                                          m.data(0)), kw
+        yield f"{red}, 1000 rows, D = 17 (big)", \
+            (m.param(1000, 17), m.param(1, 17, scale=0.3), m.param(1), m.data(1000)), \
+            {**kw, "pos_weight": m.data(1) + 2.0, "sample_weight": m.data(1000)}
+
+
+_CHUNKED = {"MANUAL_LAYERS_CE_PATH": "chunked", "MANUAL_LAYERS_CE_CHUNK_ROWS": "3"}
+
+
+def _ce(m):
+    for red in REDUCTIONS:
+        kw = {"reduction": red}
+        t = m.labels(5, 9)
+        t[4] = -100
+        yield f"{red}, C = 5", (m.param(9, 4), m.param(5, 4), m.param(5), t), kw
+        t = m.labels(3, 9)
+        t[::4] = 1
+        yield f"{red}, class_weight, ignore_index 1, label_smoothing", \
+            (m.param(9, 4), m.param(3, 4), m.param(3), t), \
+            {**kw, "class_weight": m.data(3) + 0.5, "ignore_index": 1, "label_smoothing": 0.1}
+        yield f"{red}, C = 2, 3-D strided x, no bias", \
+            (m.strided(2, 4, 6), m.param(2, 6), None, m.labels(2, 2, 4)), kw
+        yield f"{red}, C = 17", (m.param(8, 3), m.param(17, 3), m.param(17), m.labels(17, 8)), kw
+        if red != "mean":
+            yield f"{red}, empty batch", (m.param(0, 5), m.param(4, 5), m.param(4),
+                                          m.labels(4, 0)), kw
+        t = m.labels(40, 7)
+        t[0] = -100
+        s = (f"{red}, chunked path (3-row chunks), C = 40, class_weight, label_smoothing",
+             (m.param(7, 6), m.param(40, 6), m.param(40), t),
+             {**kw, "class_weight": m.data(40) + 0.5, "label_smoothing": 0.1})
+        yield (*s, _CHUNKED)
+        yield (f"{red}, chunked path, C = 300, 3-D strided x, no bias",
+               (m.strided(2, 3, 8), m.param(300, 8, scale=0.4), None, m.labels(300, 2, 3)), kw,
+               _CHUNKED)
+        t = m.labels(10, 1000)
+        t[::7] = 3
+        yield f"{red}, 1000 rows, C = 10, D = 17, all options (big)", \
+            (m.param(1000, 17), m.param(10, 17, scale=0.3), m.param(10), t), \
+            {**kw, "class_weight": m.data(10) + 0.1, "ignore_index": 3, "label_smoothing": 0.15}
+
+
+_GENERATORS = {"linear": _linear, "logistic_regression": _logistic_regression, "mlp": _mlp,
+               "linear_bce": _bce, "linear_ce": _ce}
+
+
+def sample_inputs(op, device="cpu", dtype=torch.float32, requires_grad=True):
+    """The samples of op (one of OPS) on device in dtype; see the module docstring."""
+    m = _Maker(device, dtype, requires_grad)
+    out = []
+    for item in _GENERATORS[op](m):
+        desc, args, kwargs = item[:3]
+        out.append(Sample(op, desc, args, kwargs, dict(item[3]) if len(item) > 3 else {}))
+    return out
+
+
+def sample_ids(op):
+    """The descriptions of op's samples, in order (test ids; drawn on the CPU in float64)."""
+    with torch.random.fork_rng():
+        return [s.desc for s in sample_inputs(op, "cpu", torch.float64, False)]
