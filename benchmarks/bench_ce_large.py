@@ -30,23 +30,6 @@ import common as C  # noqa: E402
 ml = C.import_manual_layers()
 
 
-def _status(key):
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key):
-                return int(line.split()[1]) / 1024.0  # MiB
-    return float("nan")
-
-
-def _reset_hwm():
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
 def problem(N, D, Cn, device, dtype):
     torch.manual_seed(0)
     x = torch.randn(N, D, device=device, dtype=dtype, requires_grad=True)
@@ -67,25 +50,19 @@ def step_eager(x, w, b, t):
 def measure(fn, args, device, repeats):
     """(median ms, peak extra MiB) of fn(*args), gradients reset to None before each call."""
     times, peaks = [], []
-    for _ in range(repeats):
+
+    def zero():
         for p in args[:3]:
             p.grad = None
-        C.synchronize(device)
-        if device == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-            base = torch.cuda.memory_allocated()
-            ok = True
-        else:
-            base = _status("VmRSS")
-            ok = _reset_hwm()
-        t0 = time.perf_counter()
+
+    def step():
+        start = time.perf_counter()
         fn(*args)
         C.synchronize(device)
-        times.append((time.perf_counter() - t0) * 1e3)
-        if device == "cuda":
-            peaks.append((torch.cuda.max_memory_allocated() - base) / 2 ** 20)
-        else:
-            peaks.append(_status("VmHWM") - base if ok else float("nan"))
+        times.append((time.perf_counter() - start) * 1e3)
+    for _ in range(repeats):
+        mib = C.peak_extra_mib(step, device, zero)
+        peaks.append(float("nan") if mib is None else mib)
     return statistics.median(times), max(peaks)
 
 

@@ -6,8 +6,10 @@ activation module in eager mode and under torch.compile, forward and forward+bac
     python benchmarks/bench_linear.py --device cpu --activation gelu,relu --shapes 4096x512x512
 
 Shapes are N x in_features -> out_features, written "65536x256->256" or "65536x256x256".
-Forward is timed under torch.no_grad() (inference); forward+backward computes the gradients
-of x, weight and bias from a random grad_output. Results: benchmarks/results/linear.{csv,md,png}.
+Modes: fwd is timed under torch.no_grad() (inference); fwd+bwd computes the gradients of x,
+weight and bias from a random grad_output; bwd times that backward alone (the forward runs,
+untimed, before each call). Each case also reports one call's peak extra memory
+(common.peak_extra_mib). Results: benchmarks/results/linear.{csv,md,png}.
 """
 
 import argparse
@@ -70,7 +72,8 @@ def torch_layer(ours, activation):
 
 def bench_case(shape, activation, mode, dtype, device, repeats, warmup, use_compile):
     """Time one (shape, activation, mode) for ours, eager and compile. Returns
-    ({impl: timing or None}, {impl: note}, max |ours - eager| of the output)."""
+    ({impl: timing or None}, {impl: note}, max |ours - eager| of the output,
+    {impl: peak extra MiB of one call or None})."""
     n, k, m = shape
     ours = ml.Linear(k, m, activation=activation, device=device, dtype=dtype)
     eager = torch_layer(ours, activation)
@@ -92,7 +95,7 @@ def bench_case(shape, activation, mode, dtype, device, repeats, warmup, use_comp
                 with torch.no_grad():
                     mod(x)
             setup = None
-        else:
+        elif mode == "fwd+bwd":
             xg = x.detach().clone().requires_grad_(True)
 
             def step(mod=mod, xg=xg):
@@ -102,6 +105,19 @@ def bench_case(shape, activation, mode, dtype, device, repeats, warmup, use_comp
                 xg.grad = None
                 for p in params:
                     p.grad = None
+        else:  # bwd: the forward runs in setup (untimed); the step is the backward alone
+            xg = x.detach().clone().requires_grad_(True)
+            held = []
+
+            def step(held=held):
+                held.pop().backward(g)
+
+            def setup(mod=mod, params=params, xg=xg, held=held):
+                xg.grad = None
+                for p in params:
+                    p.grad = None
+                held.clear()
+                held.append(mod(xg))
         if name == "compile":  # compile now; a failure (no triton, no compiler) means n/a
             why = C.try_run(lambda: (setup and setup(), step()), device)
             if why is not None:
@@ -122,10 +138,11 @@ def bench_case(shape, activation, mode, dtype, device, repeats, warmup, use_comp
     for name in list(impls) + ["addmm_act"]:
         if name in fns or name in notes:
             res.setdefault(name, None)
+    mem = {name: C.peak_extra_mib(step, device, setup) for name, (step, setup) in fns.items()}
     del impls, fns, x, g
     if use_compile:
         torch._dynamo.reset()
-    return res, notes, err
+    return res, notes, err, mem
 
 
 def main(argv=None):
@@ -137,7 +154,8 @@ def main(argv=None):
                    help="comma list of none,relu,gelu,gelu_tanh,silu,sigmoid,tanh "
                         "(default: gelu on CPU, gelu,gelu_tanh on CUDA)")
     p.add_argument("--shapes", default=None, help="comma list of NxK->M")
-    p.add_argument("--modes", default="fwd,fwd+bwd", help="comma list of fwd, fwd+bwd")
+    p.add_argument("--modes", default="fwd,bwd,fwd+bwd",
+                   help="comma list of fwd, bwd, fwd+bwd")
     a = p.parse_args(argv)
 
     device = C.checked_device(a)
@@ -154,7 +172,7 @@ def main(argv=None):
         shapes = QUICK_SHAPES if a.quick else (CUDA_SHAPES if cuda else CPU_SHAPES)
     modes = [s.strip() for s in a.modes.split(",")]
     for s in modes:
-        if s not in ("fwd", "fwd+bwd"):
+        if s not in ("fwd", "bwd", "fwd+bwd"):
             raise SystemExit(f"--modes: unknown mode {s!r}")
     repeats = a.repeats or ((20 if cuda else 5) if a.quick else (100 if cuda else 10))
     warmup = a.warmup if a.warmup is not None else (10 if cuda else 2)
@@ -173,8 +191,8 @@ def main(argv=None):
     for act, shape, mode in cases:
         label = f"{act or 'none'} {shape_str(shape)} {mode}"
         print(f"  {label} ...", flush=True)
-        res, notes, err = bench_case(shape, act, mode, dtype, device, repeats, warmup,
-                                     not a.no_compile)
+        res, notes, err, mem = bench_case(shape, act, mode, dtype, device, repeats, warmup,
+                                          not a.no_compile)
         ours = res["manual_layers"]
         rat = {}
         for base in ("eager", "compile", "addmm_act"):
@@ -182,8 +200,11 @@ def main(argv=None):
                 t = res[base]
                 rat[base] = t["p50"] / ours["p50"] if t else None
         for impl, t in res.items():
+            extra = notes.get(impl, "")
+            if mem.get(impl) is not None:
+                extra = (extra + "; " if extra else "") + f"peak_extra_MiB={mem[impl]:.1f}"
             rows_csv.append(C.make_row(NAME, label, impl, C.dtype_name(dtype), shape_str(shape),
-                                       mode, t, meta, extra=notes.get(impl, "")))
+                                       mode, t, meta, extra=extra))
         tl = []
         for base, r in rat.items():
             need = TARGETS.get((device, dtype, act, shape, mode, base))
@@ -208,6 +229,8 @@ def main(argv=None):
         row_common = [C.fmt_ratio(rat.get("eager")),
                       C.fmt_ratio(r_c) if "compile" in rat else "-",
                       C.fmt_ratio(rat.get("addmm_act")) if extra_base else "-",
+                      " / ".join(C.fmt_mib(mem.get(k))
+                                 for k in ("manual_layers", "eager", "compile")),
                       "; ".join(tl) or "-", f"{err:.1e}"]
         rows_txt.append([label, cell("manual_layers"), cell("eager"), cell("compile"),
                          cell("addmm_act")] + row_common)
@@ -221,7 +244,8 @@ def main(argv=None):
                                     if (device, dtype, act, shape, mode, b) in TARGETS}
 
     header = ["case", "manual_layers ms", "eager ms", "compile ms", "addmm_act ms",
-              "vs eager", "vs compile", "vs addmm_act", "target", "max abs diff"]
+              "vs eager", "vs compile", "vs addmm_act", "peak extra MiB (ours / eager / compile)",
+              "target", "max abs diff"]
     if not any("addmm_act" in m for m in medians.values()):  # CUDA-only baseline: drop columns
         keep = [i for i, h in enumerate(header) if "addmm_act" not in h]
         header = [header[i] for i in keep]
@@ -241,7 +265,10 @@ def main(argv=None):
              "eager = nn.Linear + activation module; compile = the same under torch.compile; "
              "addmm_act = torch._addmm_activation(bias, x, w.t(), use_gelu=True) "
              "(cuBLASLt GELU-tanh epilogue, CUDA only).",
-             "fwd is timed under torch.no_grad(); fwd+bwd computes dX, dW and db.",
+             "fwd is timed under torch.no_grad(); fwd+bwd computes dX, dW and db; bwd is the "
+             "backward alone (the forward runs untimed before each call).",
+             "peak extra MiB: one call's peak memory over what was allocated before it (CUDA: "
+             "max_memory_allocated; CPU: peak RSS growth), outputs and gradients included.",
              "Implementations are timed interleaved, round-robin, in the same process."]
     notes += [f"{C.verdict(ok)} {label}: {C.fmt_ratio(r)} vs {base} (target >= {need:.2f}x)"
               for label, base, need, r, ok in targets]

@@ -13,9 +13,10 @@ Cases (each gets its own fresh random inputs; gradients are set to None between 
               vs F.cross_entropy(F.linear(x, W, b), t)
 The floor is the time to stream the bytes the op must move: one read of X (plus one write of
 dX in the _dx cases). CPU: measured directly (X.sum(); dst.copy_(X) for the _dx cases). CUDA:
-bytes / the device-copy bandwidth (dst.copy_(X), read + write). Peak extra memory (CUDA only):
-torch.cuda.max_memory_allocated() during one call minus the memory allocated before it
-(includes the returned gradients). Results: benchmarks/results/logreg.{csv,md,png}.
+bytes / the device-copy bandwidth (dst.copy_(X), read + write). Peak extra memory of one call
+(common.peak_extra_mib): CUDA torch.cuda.max_memory_allocated() during the call minus the
+memory allocated before it; CPU the growth of the peak RSS over the RSS before it (both include
+the returned gradients). Results: benchmarks/results/logreg.{csv,md,png}.
 """
 
 import argparse
@@ -176,17 +177,9 @@ def bench_case(c, device, repeats, warmup, use_compile):
         with torch.no_grad():
             diff = abs(float(ours_fn(x, w, b, y)) - float(eager_fn(x, w, b, y)))
     mem = {}
-    if cuda:
-        for name, (step, setup) in fns.items():
-            if name == "floor":
-                continue
-            setup()
-            torch.cuda.synchronize()
-            base = torch.cuda.memory_allocated()
-            torch.cuda.reset_peak_memory_stats()
-            step()
-            torch.cuda.synchronize()
-            mem[name] = (torch.cuda.max_memory_allocated() - base) / 2 ** 20
+    for name, (step, setup) in fns.items():
+        if name != "floor":
+            mem[name] = C.peak_extra_mib(step, device, setup)
             setup()
     del x, w, b, y, dst, xd, fns, impls
     if use_compile:
@@ -256,7 +249,7 @@ def main(argv=None):
         vs_floor = {k: (t["p50"] / floor_ms if t else None) for k, t in res.items()}
         for impl, t in res.items():
             extra = notes.get(impl, "")
-            if impl in mem:
+            if mem.get(impl) is not None:
                 extra = (extra + "; " if extra else "") + f"peak_extra_MiB={mem[impl]:.1f}"
             rows_csv.append(C.make_row(NAME, label, impl, dt, shape, "loss+grad", t, meta, extra))
         rows_csv.append(C.make_row(NAME, label, "floor", dt, shape, "loss+grad",
@@ -292,9 +285,8 @@ def main(argv=None):
         tail = [C.fmt_ms(floor_ms), C.fmt_ratio(rat["eager"]), C.fmt_ratio(rat["compile"])
                 if "compile" in res else "-",
                 C.fmt_ratio(vs_floor.get("manual_layers")), C.fmt_ratio(vs_floor.get("eager"))]
-        if cuda:
-            tail.append(" / ".join(f"{mem[k]:.0f}" if k in mem else "n/a"
-                                   for k in ("manual_layers", "eager", "compile")))
+        tail.append(" / ".join(C.fmt_mib(mem.get(k))
+                               for k in ("manual_layers", "eager", "compile")))
         tail += [tl, "n/a" if diff is None else f"{diff:.1e}"]
         rows_txt.append([label, cell("manual_layers"), cell("eager"),
                          cell("compile") if "compile" in res else "-"] + tail)
@@ -311,8 +303,7 @@ def main(argv=None):
 
     header = ["case", "manual_layers ms", "eager ms", "compile ms", "floor ms", "vs eager",
               "vs compile", "ours/floor", "eager/floor"]
-    if cuda:
-        header.append("peak extra MiB (ours / eager / compile)")
+    header.append("peak extra MiB (ours / eager / compile)")
     header += ["target", "loss diff"]
     print()
     C.print_table(header, rows_txt)

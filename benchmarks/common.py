@@ -370,6 +370,70 @@ def time_many(fns, device="cpu", repeats=20, warmup=3):
     return out
 
 
+# ---- memory --------------------------------------------------------------------------------
+
+def _proc_status_mib(key):
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return None
+
+
+def _reset_peak_rss():
+    """Resets the process's peak RSS (VmHWM) to its current RSS; False where Linux refuses."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _malloc_trim():
+    """Returns the C heap's free memory to the OS (glibc malloc_trim), so that memory freed by
+    earlier calls and reused by the next one is faulted in again and shows in its RSS."""
+    try:
+        import ctypes
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def peak_extra_mib(step, device, setup=None):
+    """Peak extra memory of one step() call in MiB, after setup() (untimed, unmeasured: zeroing
+    gradients, or a forward pass for a backward-only step). CUDA: torch.cuda.max_memory_allocated()
+    during the call minus memory_allocated() before it. CPU: the growth of the process's peak
+    RSS (VmHWM reset through /proc/self/clear_refs before the call) over its RSS before it,
+    after the free heap memory is handed back to the OS (so reused memory counts too); None
+    where Linux does not offer that. Both count the outputs the call returns or keeps
+    (gradients in .grad) and the temporaries it frees again; the CPU figure counts pages
+    written, not allocated-but-untouched memory."""
+    if setup is not None:
+        setup()
+    synchronize(device)
+    if torch.device(device).type == "cuda":
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        step()
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - base) / 2 ** 20
+    _malloc_trim()
+    base = _proc_status_mib("VmRSS")
+    if base is None or not _reset_peak_rss():
+        return None
+    step()
+    peak = _proc_status_mib("VmHWM")
+    return None if peak is None else max(0.0, peak - base)
+
+
+def fmt_mib(x):
+    return "n/a" if x is None else f"{x:.0f}"
+
+
 def try_run(step, device):
     """Run step() once (e.g. to trigger torch.compile); returns None on success, else a short
     reason string (the baseline is then reported as n/a instead of crashing the script)."""

@@ -180,19 +180,22 @@ def _logistic_regression(m):
 
 def _mlp(m):
     for act in ACTS:
-        yield f"{act}, 2-D x, biases", (m.param(7, 5), m.param(9, 5, scale=0.4), m.param(9),
-                                m.param(4, 9, scale=0.3), m.param(4)), {"activation": act}
+        yield (f"{act}, 2-D x, biases",
+               (m.param(7, 5), m.param(9, 5, scale=0.4), m.param(9), m.param(4, 9, scale=0.3),
+                m.param(4)), {"activation": act})
     for act in ("gelu", "relu", None):
-        yield f"{act}, 3-D strided x, no biases", (m.strided(2, 3, 6), m.param(8, 6, scale=0.4), None,
-                                           m.param(5, 8, scale=0.3), None), {"activation": act}
-        yield f"{act}, 1-D x, transposed w2", (m.param(6), m.param(8, 6, scale=0.4), m.param(8),
-                                       m.strided(5, 8, scale=0.3), m.param(5)), \
-            {"activation": act}
-    yield "gelu, empty batch", (m.param(0, 6), m.param(10, 6), m.param(10), m.param(4, 10),
-                          m.param(4)), {"activation": "gelu"}
-    yield "gelu_tanh, 300 rows, 33 -> 70 -> 17 (big)", (m.param(300, 33), m.param(70, 33, scale=0.2),
-                                             m.param(70), m.param(17, 70, scale=0.15),
-                                             m.param(17)), {"activation": "gelu_tanh"}
+        yield (f"{act}, 3-D strided x, no biases",
+               (m.strided(2, 3, 6), m.param(8, 6, scale=0.4), None, m.param(5, 8, scale=0.3),
+                None), {"activation": act})
+        yield (f"{act}, 1-D x, transposed w2",
+               (m.param(6), m.param(8, 6, scale=0.4), m.param(8), m.strided(5, 8, scale=0.3),
+                m.param(5)), {"activation": act})
+    yield ("gelu, empty batch",
+           (m.param(0, 6), m.param(10, 6), m.param(10), m.param(4, 10), m.param(4)),
+           {"activation": "gelu"})
+    yield ("gelu_tanh, 300 rows, 33 -> 70 -> 17 (big)",
+           (m.param(300, 33), m.param(70, 33, scale=0.2), m.param(70),
+            m.param(17, 70, scale=0.15), m.param(17)), {"activation": "gelu_tanh"})
 
 
 def _bce(m):
