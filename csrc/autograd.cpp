@@ -382,12 +382,12 @@ class BceFn : public torch::autograd::Function<BceFn> {
 // win.
 //
 // CUDA, mean/sum: the chunked path for every C once x holds kCeCudaChunkedMinBytes. The CUDA
-// single-pass kernel (logreg_ce_fused.cu) runs its dot products on CUDA cores and is bound by
-// them, not by memory. On an H100 (../shared/perf, main at c5fdc52) fp32 1,048,576 x 512, C 10,
-// loss + grad_W without dX took 3.60 ms of kernel time against 1.94 ms for eager's two GEMMs
+// single-pass kernel (logreg_ce_fused.cu) runs its dot products on CUDA cores and is bound by them,
+// not by memory. On an H100 (docs/perf-h100-2026-11-28.md, main at c5fdc52) fp32 1,048,576 x 512,
+// C 10, loss + grad_W without dX took 3.60 ms of kernel time against 1.94 ms for eager's two GEMMs
 // (the chunked path's logits and grad_W GEMMs); bf16 with dX 5.15 ms against 1.55 ms for eager's
-// three tensor-core GEMMs (that kernel also wrote dX on CUDA cores; today's writes the residual
-// and dX is a GEMM in backward, which leaves the logits and grad_W work of the fp32 case). The
+// three tensor-core GEMMs (that kernel also wrote dX on CUDA cores; today's writes the residual and
+// dX is a GEMM in backward, which leaves the logits and grad_W work of the fp32 case). The
 // chunked path's row pass over 1M x 10 logits is a small fraction of either. Below 32 MiB of x
 // (tens of microseconds of kernel time at those rates) the single pass, which launches fewer
 // kernels, is kept; that threshold is a guess until measured. The chunked path computes dX in

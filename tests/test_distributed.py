@@ -312,8 +312,8 @@ def _ddp_options(torch, dist, nn, F, ml, rank, n, D, H, C, device):
 
 
 def _fit_under_torchrun(torch, dist, ml, rank, device):
-    """design.md promises 'the same fit on each rank under torchrun: data-parallel over
-    torch.distributed'. Each rank calls LogisticRegression.fit on its own shard; the result
+    """README promises the same fit on each rank under torchrun (data-parallel over
+    torch.distributed). Each rank calls LogisticRegression.fit on its own shard; the result
     should be one model, on every rank, fitted to the union of the shards (compared with
     scikit-learn's lbfgs on the concatenated data: the objective is strictly convex, so both
     reach its one minimum)."""

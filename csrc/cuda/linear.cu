@@ -555,7 +555,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_bwd_cuda(
   // With the bias gradient wanted, one pass writes G and the bias gradient's column partials
   // (act_bwd_colsum_kernel): the dW GEMM then needs no BGRADB epilogue, which on sm_90 is a
   // separate cuBLASLt kernel reading G again (globalKernelBgradAB_v2, 0.069 ms of 0.84 at
-  // bf16 16384x1024->4096 on an H100, ../shared/perf).
+  // bf16 16384x1024->4096 on an H100, docs/perf-h100-2026-11-28.md).
   at::Tensor G;
   bool bias_done = false;
   if (act == Act::None) {

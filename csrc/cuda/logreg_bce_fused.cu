@@ -89,10 +89,10 @@ __global__ void __launch_bounds__(kThreads, (CHUNKS <= 2 || sizeof(scalar_t) == 
   // row's vectors are in flight while this row's dot, loss and grad_w run. One 16-byte load
   // per chunk and thread and row kept too few bytes in flight for the copy rate (H100, bf16
   // 4,194,304 x 512: 2.05 TB/s, fp32's 4-chunk instance 2.5 TB/s). Other instances have the
-  // bytes in flight already, or not the registers to spare (ptxas: 16-bit four chunks spill).
-  // ptxas (CUDA 13.0, sm_90) fits the bf16 two-chunk instance in its 80 registers with 20
-  // bytes of spill, reloaded from L1 once per row; sm_80 and fp16 do not spill. NOT YET RUN
-  // ON A GPU: written against the H100 profile in ../shared/perf, compiled for 8.0 and 9.0.
+  // bytes in flight already, or not the registers to spare (ptxas: 16-bit four chunks spill). ptxas
+  // (CUDA 13.0, sm_90) fits the bf16 two-chunk instance in its 80 registers with 20 bytes of spill,
+  // reloaded from L1 once per row; sm_80 and fp16 do not spill. NOT YET RUN ON A GPU: written
+  // against the H100 profile in docs/perf-h100-2026-11-28.md, compiled for 8.0 and 9.0.
   constexpr bool kAhead = sizeof(scalar_t) == 2 && CHUNKS <= 2;
   Vec xn[kAhead ? CHUNKS : 1];
 #pragma unroll

@@ -3,9 +3,9 @@
 // host side are path 1b's (logreg_ce_fused.cu: ce_single_pass); logreg.cu chooses the path
 // (ce_tc_config) and logreg_common.cuh describes the op path file by file.
 //
-// Why: path 1b computes its dot products on CUDA cores and is bound by them (an H100 profile
-// of the first release, ../shared/perf: bf16 1M x 512, C = 10, 25 % occupancy, DRAM at 10 % of
-// peak). Here both products of the pass run on tensor cores (mma.sync, fp32 accumulation; sm_80
+// Why: path 1b computes its dot products on CUDA cores and is bound by them (an H100 profile of the
+// first release, docs/perf-h100-2026-11-28.md: bf16 1M x 512, C = 10, 25 % occupancy, DRAM at 10 %
+// of peak). Here both products of the pass run on tensor cores (mma.sync, fp32 accumulation; sm_80
 // and sm_90), which leaves the pass bound by reading X once:
 //   bf16 / fp16  m16n8k16 on the 16-bit values;
 //   fp32         m16n8k8 tf32, each product as 3xTF32 (a = a_hi + a_lo with a_hi = tf32(a),
