@@ -617,11 +617,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_bwd_cuda(
   if (need_bias && !bias_done) column_sum(G, grad_b);
   return {grad_x, grad_w, grad_b};
 }
-
-TORCH_LIBRARY_IMPL(manual_layers, CUDA, m) {
-  m.impl("_linear_fwd", &linear_fwd_cuda);
-  m.impl("_linear_bwd", &linear_bwd_cuda);
-}
 #endif  // ML_CUDA_HOST_EMU
 
 }  // namespace manual_layers
+
+#ifndef ML_CUDA_HOST_EMU
+TORCH_LIBRARY_IMPL(manual_layers, CUDA, m) {
+  m.impl("_linear_fwd", &manual_layers::linear_fwd_cuda);
+  m.impl("_linear_bwd", &manual_layers::linear_bwd_cuda);
+}
+#endif  // ML_CUDA_HOST_EMU
