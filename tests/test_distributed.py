@@ -516,18 +516,20 @@ def _fsdp_inputs(torch, nn, F, ml, rank, n, D, H, C, device):
     from torch.distributed.fsdp import fully_shard
     import manual_layers.functional as MFmod
     seen = []
-    real_ops = MFmod.ops
+    # The public ops (torch.ops.manual_layers.*) as functional.py binds them, wrapped in spies
+    # that record what they receive.
+    bound = {"_LINEAR": "linear", "_MLP": "mlp", "_LINEAR_BCE": "linear_bce",
+             "_LINEAR_CE": "linear_ce"}
+    real = {k: getattr(MFmod, k) for k in bound}
 
-    class Spy:  # records what the public ops (torch.ops.manual_layers.*) receive
-        def __getattr__(self, name):
-            op = getattr(real_ops, name)
-
-            def call(x, weight, bias, *rest):
-                seen.append([name, type(x).__name__, type(weight).__name__,
-                             type(bias).__name__, list(weight.shape)])
-                return op(x, weight, bias, *rest)
-            return call
-    MFmod.ops = Spy()
+    def spy(name, op):
+        def call(x, weight, bias, *rest):
+            seen.append([name, type(x).__name__, type(weight).__name__,
+                         type(bias).__name__, list(weight.shape)])
+            return op(x, weight, bias, *rest)
+        return call
+    for k, name in bound.items():
+        setattr(MFmod, k, spy(name, real[k]))
     try:
         for name in ("mlp_logreg_layer", "fused_ce_head", "bce_logreg_head"):
             m = _models(torch, nn, F, ml, D, H, C, torch.float64)[name][0].to(device)
@@ -537,7 +539,8 @@ def _fsdp_inputs(torch, nn, F, ml, rank, n, D, H, C, device):
             grads = sorted({type(p.grad).__name__ for p in m.parameters()})
             seen.append(["grads", *grads])
     finally:
-        MFmod.ops = real_ops
+        for k, op in real.items():
+            setattr(MFmod, k, op)
     return {"seen": seen}
 
 

@@ -505,11 +505,15 @@ void run_pass(const Pass<scalar_t, acc_t>& p, const LossFn& loss_fn) {
   });
 }
 
-// weight (C, D) as a contiguous acc_t (C, Dp) copy, each row zero-padded to Dp columns (whole
-// vectors): the W of the pass and of the dX kernel.
+// weight (C, D) as a contiguous acc_t (C, Dp) matrix, each row zero-padded to Dp columns (whole
+// vectors): the W of the pass and of the dX kernel, which only read it. A weight that already
+// is one (acc_t, contiguous, D a whole number of vectors) is used as it is; anything else is
+// copied (for small problems the copy was a sizeable part of the call: zeros, a view, copy_).
 inline at::Tensor padded_acc_weight(const at::Tensor& weight, int64_t Dp) {
   const int64_t C = weight.size(0), D = weight.size(1);
-  at::Tensor Wp = at::zeros({C, Dp}, weight.options().dtype(at::toOpMathType(weight.scalar_type())));
+  const auto acc = at::toOpMathType(weight.scalar_type());
+  if (D == Dp && weight.scalar_type() == acc && weight.is_contiguous()) return weight;
+  at::Tensor Wp = at::zeros({C, Dp}, weight.options().dtype(acc));
   Wp.narrow(1, 0, D).copy_(weight);
   return Wp;
 }
