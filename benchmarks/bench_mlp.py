@@ -1,6 +1,7 @@
 """manual_layers.MLP against nn.Sequential(nn.Linear, act, nn.Linear) in eager mode and under
 torch.compile: forward+backward (gradients of x and of all parameters from a random
-grad_output), medians of calls interleaved in one process.
+grad_output), medians of calls interleaved in one process, and one call's peak extra memory
+(common.peak_extra_mib: CUDA max_memory_allocated, CPU peak-RSS growth).
 
     python benchmarks/bench_mlp.py                          # CPU 8192x512->2048->512 fp32
                                                             # (+ CUDA 8192x1024->4096->1024 bf16)
@@ -48,8 +49,9 @@ def main():
     if torch.cuda.is_available() and not args.shapes:
         cases += CUDA_CASES
     print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads, activation {act}")
-    print("| device | shape | dtype | ours ms | eager ms | compile ms | vs eager | vs compile |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| device | shape | dtype | ours ms | eager ms | compile ms | vs eager | vs compile "
+          "| peak extra MiB (ours / eager / compile) |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for dev, (N, I, H, O), dt in cases:
         torch.manual_seed(0)
         seq = nn.Sequential(nn.Linear(I, H), ACTIVATION_MODULES[act](), nn.Linear(H, O)).to(
@@ -63,7 +65,7 @@ def main():
 
         def step(m):
             x.grad = None
-            for q in seq.parameters():
+            for q in seq.parameters():  # MLP.from_sequential shares these Parameters
                 q.grad = None
             m(x).backward(g)
 
@@ -80,9 +82,11 @@ def main():
                 times[k].append((time.perf_counter() - t0) * 1e3)
         med = {k: statistics.median(v) for k, v in times.items()}
         comp = med.get("compile", float("nan"))
+        mem = " / ".join(C.fmt_mib(C.peak_extra_mib(lambda m=impls[k]: step(m), dev))
+                         if k in impls else "n/a" for k in ("ours", "eager", "compile"))
         print(f"| {dev} | {N}x{I}->{H}->{O} | {C.dtype_name(dt)} | {med['ours']:.1f} | "
               f"{med['eager']:.1f} | {comp:.1f} | {med['eager'] / med['ours']:.2f}x | "
-              f"{comp / med['ours']:.2f}x |", flush=True)
+              f"{comp / med['ours']:.2f}x | {mem} |", flush=True)
 
 
 if __name__ == "__main__":
