@@ -14,8 +14,7 @@ CASES = [pytest.param(op, i, id=f"{op}[{desc}]")
 
 
 def _sample(op, i, device, dtype):
-    samples = sample_inputs(op, device, dtype, requires_grad=True)
-    return samples[i]
+    return sample_inputs(op, device, dtype, requires_grad=True)[i]
 
 
 def _grad_output(out):
@@ -47,7 +46,7 @@ def test_matches_reference(op, i, dtype, device):
         out = s.call()
     assert out.dtype == dtype, f"{s}: output dtype {out.dtype}"
     g = _grad_output(out)
-    ours = _value_and_grads(out, leaves, g) if out.numel() or leaves else [out]
+    ours = _value_and_grads(out, leaves, g)
     ref_out, ref_leaves = s.reference(torch.float64)
     ref = _value_and_grads(ref_out, ref_leaves, g.double())
     low = dtype in (torch.float16, torch.bfloat16)
