@@ -7,7 +7,9 @@
 // R rows, R chosen so that the R x C logits chunk is at most kChunkBytes (32 MiB), and per chunk:
 //
 //   1. L = x_c W^T                  GEMM in x's dtype (gemm::mm_out, csrc/cpu_gemm.cpp, into one
-//                                   reused chunk buffer; fp32 accumulation for 16-bit)
+//                                   reused chunk buffer; fp32 accumulation for 16-bit). fp16 on
+//                                   a CPU without a native fp16 GEMM: the whole loop in fp32
+//                                   (W widened once, fp32 logits), dX rounded to fp16 once
 //   2. row pass (ce_rows_*):        + bias (acc_t), stable log-softmax, the loss of each row
 //                                   (class weights, ignore_index, label smoothing: the formulas
 //                                   of csrc/logreg.h), and, when gradients are wanted, the
@@ -299,12 +301,19 @@ Chunked run_chunked(const at::Tensor& x_in, const at::Tensor& weight,
                                                 : at::Tensor();
   if (N == 0) return out;
 
-  const int64_t R = chunk_rows(N, C, at::elementSize(dt));
-  at::Tensor buf = at::empty({R, C}, x.options());
-  const at::Tensor wt = weight.t();
+  // fp16 where the GEMMs would widen it to fp32 anyway (gemm::widens: a CPU without a native
+  // fp16 GEMM): the loop runs in fp32, W widened once and each chunk's rows as they come, so
+  // the logits and residuals are fp32 and only dX is rounded to fp16 (once); gemm:: would
+  // otherwise widen W for each of a chunk's three GEMMs and round the logits to fp16.
+  const bool f32_loop = gemm::widens(x);
+  const auto ldt = f32_loop ? at::kFloat : dt;  // the logits' dtype
+  const at::Tensor w = f32_loop ? weight.to(at::kFloat) : weight;
+  const int64_t R = chunk_rows(N, C, at::elementSize(ldt));
+  at::Tensor buf = at::empty({R, C}, x.options().dtype(ldt));
+  const at::Tensor wt = w.t();
   for (int64_t s = 0; s < N; s += R) {
     const int64_t r = std::min(R, N - s);
-    const at::Tensor xc = x.narrow(0, s, r);
+    const at::Tensor xc = f32_loop ? x.narrow(0, s, r).to(at::kFloat) : x.narrow(0, s, r);
     at::Tensor L = buf.narrow(0, 0, r);
     gemm::mm_out(L, xc, wt);
     at::Tensor lrows = out.loss_rows.narrow(0, s, r);
@@ -314,10 +323,14 @@ Chunked run_chunked(const at::Tensor& x_in, const at::Tensor& weight,
     if (!want_res) continue;
     if (need_x) {
       at::Tensor gxc = out.gx.narrow(0, s, r);
-      gemm::mm_out(gxc, L, weight);
+      if (f32_loop) {
+        gxc.copy_(at::mm(L, w));
+      } else {
+        gemm::mm_out(gxc, L, weight);
+      }
     }
     if (need_weight) {
-      if (dt == acc) out.gw.addmm_(L.t(), xc);
+      if (ldt == acc) out.gw.addmm_(L.t(), xc);
       else out.gw.add_(gemm::mm(L.t(), xc));
     }
     if (need_bias) out.gb.add_(L.sum(0, false, acc));

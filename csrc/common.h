@@ -15,6 +15,9 @@ at::Tensor empty_for_write(at::IntArrayRef sizes, const at::TensorOptions& optio
 // The kernels' GEMMs: at::mm / mm_out / addmm / addmm_out, except that fp16 on a CPU without a
 // native fp16 GEMM runs as an fp32 GEMM rounded once (csrc/cpu_gemm.cpp says why). Any device.
 namespace gemm {
+// Whether these functions multiply a's dtype by widening it to fp32 (fp16 on a CPU without a
+// native fp16 GEMM): callers that run many GEMMs on one operand can widen it once themselves.
+bool widens(const at::Tensor& a);
 at::Tensor mm(const at::Tensor& a, const at::Tensor& b);
 at::Tensor& mm_out(at::Tensor& out, const at::Tensor& a, const at::Tensor& b);
 at::Tensor addmm(const at::Tensor& bias, const at::Tensor& a, const at::Tensor& b);

@@ -27,32 +27,32 @@ bool fp16_gemm_is_native() {
   return native;
 }
 
-inline bool widen(const at::Tensor& a) {
-  return a.is_cpu() && a.scalar_type() == at::kHalf && !fp16_gemm_is_native();
-}
-
 inline at::Tensor f32(const at::Tensor& t) { return t.to(at::kFloat); }
 
 }  // namespace
 
+bool widens(const at::Tensor& a) {
+  return a.is_cpu() && a.scalar_type() == at::kHalf && !fp16_gemm_is_native();
+}
+
 at::Tensor mm(const at::Tensor& a, const at::Tensor& b) {
-  if (!widen(a)) return at::mm(a, b);
+  if (!widens(a)) return at::mm(a, b);
   return at::mm(f32(a), f32(b)).to(at::kHalf);
 }
 
 at::Tensor& mm_out(at::Tensor& out, const at::Tensor& a, const at::Tensor& b) {
-  if (!widen(a)) return at::mm_out(out, a, b);
+  if (!widens(a)) return at::mm_out(out, a, b);
   return out.copy_(at::mm(f32(a), f32(b)));
 }
 
 at::Tensor addmm(const at::Tensor& bias, const at::Tensor& a, const at::Tensor& b) {
-  if (!widen(a)) return at::addmm(bias, a, b);
+  if (!widens(a)) return at::addmm(bias, a, b);
   return at::addmm(f32(bias), f32(a), f32(b)).to(at::kHalf);
 }
 
 at::Tensor& addmm_out(at::Tensor& out, const at::Tensor& bias, const at::Tensor& a,
                       const at::Tensor& b) {
-  if (!widen(a)) return at::addmm_out(out, bias, a, b);
+  if (!widens(a)) return at::addmm_out(out, bias, a, b);
   return out.copy_(at::addmm(f32(bias), f32(a), f32(b)));
 }
 

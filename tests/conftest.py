@@ -9,6 +9,15 @@ DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
     not CUDA, reason="no CUDA GPU visible: CUDA kernels not exercised"))]
 
 
+def native_fp16_gemm():
+    """Whether ATen multiplies CPU fp16 natively (its own test, asked the way csrc/cpu_gemm.cpp
+    asks it; a torch without oneDNN: no). Without it our CPU kernels run fp16 GEMMs in fp32."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_fp16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
 # Tolerances by dtype: fp64 1e-10, fp32 1e-5, 16-bit about 1e-2 (README, "Testing").
 TOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 1e-2}
 

@@ -12,7 +12,7 @@ import torch
 
 import manual_layers as ml
 from manual_layers import reference as R
-from conftest import DEVICES, TOL, assert_rel
+from conftest import DEVICES, TOL, assert_rel, native_fp16_gemm
 
 MF = ml.functional
 ops = torch.ops.manual_layers
@@ -266,6 +266,33 @@ def test_deterministic_bitwise(device, reduction, chunk_rows):
         runs.append(out)
     for a, e in zip(*runs):
         assert torch.equal(a, e)
+
+
+@pytest.mark.skipif(native_fp16_gemm(),
+                    reason="this CPU has a native fp16 GEMM: the fp16 chunked path stays fp16")
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_cpu_fp16_chunked_loop_runs_in_fp32(reduction, chunk_rows):
+    """CPU fp16 without a native fp16 GEMM: the chunked loop runs in fp32 on the widened inputs
+    (csrc/ce_chunked.cpp), so the loss and gradients are the fp32 path's, dX rounded once to
+    fp16, bitwise. The fp16 loop it replaced kept fp16 logits and residuals (gradient errors
+    ~1e-2 against float64 at C = 32000)."""
+    chunk_rows(7)
+    x, w, b, t = _problem(40, 24, 300, "cpu", torch.float16)
+    # grad_output exact in fp16, and 1 for mean/sum: backward scales the forward's fp16 dX by it
+    # (a second rounding for any other value)
+    g = torch.randn(40).half().float() if reduction == "none" else 1.0
+
+    def run(x, w, b):
+        x, w, b = (v.detach().requires_grad_() for v in (x, w, b))
+        loss = MF.linear_cross_entropy(x, w, b, t, reduction=reduction, label_smoothing=0.1)
+        loss.backward(g.to(loss.dtype) if torch.is_tensor(g) else torch.full_like(loss, g))
+        return loss, x.grad, w.grad, b.grad
+
+    half = run(x, w, b)
+    single = run(x.float(), w.float(), b.float())
+    assert half[1].dtype == torch.float16
+    for name, a, e in zip(("loss", "grad_x", "grad_weight", "grad_bias"), half, single):
+        assert torch.equal(a, e.to(a.dtype)), name
 
 
 def test_retained_graph_backward_twice(force_chunked):

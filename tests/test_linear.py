@@ -10,7 +10,7 @@ from torch import nn
 
 import manual_layers as ml
 from manual_layers import reference as R
-from conftest import DEVICES, TOL, assert_rel
+from conftest import DEVICES, TOL, assert_rel, native_fp16_gemm
 
 ACTS = [None, "relu", "gelu", "gelu_tanh", "silu", "sigmoid", "tanh"]
 ops = torch.ops.manual_layers
@@ -116,15 +116,7 @@ def test_empty_batch(device, act):
     assert torch.equal(layer.bias.grad, torch.zeros_like(layer.bias))
 
 
-def _native_fp16_gemm():
-    """ATen's test, as csrc/cpu_gemm.cpp makes it (a torch without oneDNN: no native GEMM)."""
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_fp16_supported())
-    except (AttributeError, RuntimeError):
-        return False
-
-
-@pytest.mark.skipif(_native_fp16_gemm(),
+@pytest.mark.skipif(native_fp16_gemm(),
                     reason="this CPU has a native fp16 GEMM: ATen's is used as is")
 def test_cpu_fp16_gemm_is_the_fp32_gemm_rounded_once():
     """CPU fp16 without a native fp16 GEMM: the layer's GEMMs run in fp32 on the widened
