@@ -638,10 +638,28 @@ def _free_port():
         return s.getsockname()[1]
 
 
+# What a rank prints when the rendezvous port _free_port() chose was taken by another process
+# between the probe and rank 0's TCPStore binding it (the probe cannot hold the port): the one
+# failure a second attempt with a fresh port may fix.
+_PORT_TAKEN = ("Address already in use", "EADDRINUSE", "failed to listen on any local network")
+
+
 def _launch(kind, device_type, out_dir):
     """Runs the 2 ranks; returns each rank's results. Fails (with the ranks' output) on a
-    non-zero exit or when the deadline passes (the ranks are killed: a hang fails)."""
-    out_dir = Path(out_dir)
+    non-zero exit or when the deadline passes (the ranks are killed: a hang fails). A run that
+    failed because its rendezvous port was taken is run once more on another port (seen: rank 0
+    fails with EADDRINUSE, rank 1 waits at the rendezvous until it is stopped)."""
+    for attempt in range(2):
+        results, text = _launch_once(kind, device_type, Path(out_dir) / f"attempt{attempt}")
+        if results is not None:
+            return results
+        if attempt == 0 and any(m in text for m in _PORT_TAKEN):
+            continue
+        pytest.fail(text)
+
+
+def _launch_once(kind, device_type, out_dir):
+    """One run of the ranks: (results, "") or (None, the failure and the ranks' output)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, WORLD_SIZE=str(WORLD), RESULT_DIR=str(out_dir),
                INIT_METHOD=f"tcp://127.0.0.1:{_free_port()}", OMP_NUM_THREADS="1",
@@ -656,14 +674,18 @@ def _launch(kind, device_type, out_dir):
             [sys.executable, str(Path(__file__).resolve()), "--worker", kind,
              "--device", device_type], env=dict(env, RANK=str(r)), cwd=str(ROOT),
             stdout=log, stderr=subprocess.STDOUT))
+    # Wait for every rank; once one has failed the others cannot finish (they wait for it in
+    # a collective or at the rendezvous), so they are stopped then instead of at the deadline.
     t0 = time.monotonic()
     timed_out = False
-    for p in procs:
-        try:
-            p.wait(timeout=max(1.0, DEADLINE_S - (time.monotonic() - t0)))
-        except subprocess.TimeoutExpired:
+    while True:
+        codes = [p.poll() for p in procs]
+        if all(c is not None for c in codes) or any(c not in (None, 0) for c in codes):
+            break
+        if time.monotonic() - t0 > DEADLINE_S:
             timed_out = True
             break
+        time.sleep(0.05)
     for p in procs:
         if p.poll() is None:
             p.kill()
@@ -674,11 +696,11 @@ def _launch(kind, device_type, out_dir):
         text.append(f"--- rank {r} (exit {procs[r].returncode}) ---\n{log.read()[-4000:]}")
         log.close()
     if timed_out:
-        pytest.fail(f"{kind} run on {device_type} did not finish within {DEADLINE_S} s "
-                    f"(hang?)\n" + "\n".join(text))
+        return None, (f"{kind} run on {device_type} did not finish within {DEADLINE_S} s "
+                      f"(hang?)\n" + "\n".join(text))
     if any(p.returncode != 0 for p in procs):
-        pytest.fail(f"{kind} run on {device_type} failed\n" + "\n".join(text))
-    return [json.loads((out_dir / f"rank{r}.json").read_text()) for r in range(WORLD)]
+        return None, f"{kind} run on {device_type} failed\n" + "\n".join(text)
+    return [json.loads((out_dir / f"rank{r}.json").read_text()) for r in range(WORLD)], ""
 
 
 def _check(results, key):
