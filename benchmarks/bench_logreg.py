@@ -47,8 +47,11 @@ def case(name, kind, n, d, dtype, dx, classes=1, target=None):
 def default_cases(device, quick):
     if device == "cuda":
         nb, db, nm, dm = (262144, 512, 262144, 512) if quick else (4194304, 512, 1048576, 512)
+        nw = 8192 if quick else 65536  # wide rows: 1 GiB of fp32 X at D 4096 (full size)
         return [
             case("binary", "binary", nb, db, torch.float32, False, target=("floor", 1.1)),
+            case("binary", "binary", nw, 4096, torch.float32, False, target=("floor", 1.15)),
+            case("binary", "binary", nw // 2, 8192, torch.float32, False, target=("floor", 1.15)),
             case("binary", "binary", nb, db, torch.bfloat16, False, target=("floor", 1.1)),
             case("binary_dx", "binary", nb, db, torch.float32, True, target=("floor", 1.1)),
             case("multi_dx", "multi", nm, dm, torch.bfloat16, True, classes=10,

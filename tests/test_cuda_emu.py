@@ -13,9 +13,9 @@ Each case compares a kernel's outputs with a float64 reference of the same input
 - the cross-entropy row kernel of the GEMM and chunked paths with G lanes per row
   (csrc/cuda/logreg_gemm.cu: ce_rows_kernel), in each of its callers' modes;
 - the GEMM path's binary row kernel (csrc/cuda/logreg_gemm.cu: bce_rows_kernel);
-- the fused binary cross entropy (csrc/cuda/logreg_bce_fused.cu, every instance: 1, 2, 4 chunks,
-  1 to 8 warps per row, the 16-bit row-ahead loads, the scalar load path) and the finalize
-  step that sums every mean/sum path's block partials (csrc/cuda/logreg_common.cu).
+- the fused binary cross entropy (csrc/cuda/logreg_bce_fused.cu, every instance: 1, 2, 4 and
+  (fp32) 8 chunks, 1 to 8 warps per row, the 16-bit row-ahead loads, the scalar load path) and
+  the finalize step that sums every mean/sum path's block partials (csrc/cuda/logreg_common.cu).
 This checks the kernels' tiling, shared-memory layout, fragment addressing, tile ring and row
 phase where no GPU is (CI); the PTX itself and timing need one (tests/test_ce_tc.py)."""
 
@@ -152,7 +152,8 @@ def test_ce_rows_kernel_emulated(emu, case):
 
 # dtype, N, D, grid, options (p pos_weight, s sample weights, m sum, u scalar loads). D picks
 # the instance: bf16 512 two chunks (rows loaded one ahead), fp16 256 one chunk (ahead), fp16
-# 1000 four chunks, fp32 3000 / bf16 8192 four chunks x 8 warps per row.
+# 1000 four chunks, fp32 3000 / bf16 8192 four chunks x 8 warps per row, fp32 8192 / 5001 eight
+# chunks x 8 warps (vector and scalar loads).
 BCE_CASES = [
     ("f32", 100, 64, 3, "-"),
     ("bf16", 300, 512, 4, "ps"),
@@ -160,6 +161,8 @@ BCE_CASES = [
     ("f16", 77, 1000, 2, "pm"),
     ("f32", 40, 3000, 2, "p"),
     ("bf16", 20, 8192, 2, "s"),
+    ("f32", 21, 8192, 2, "ps"),
+    ("f32", 9, 5001, 2, "m"),
     ("bf16", 33, 100, 2, "u"),
     ("f64", 50, 40, 2, "s"),
 ]

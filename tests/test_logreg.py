@@ -53,7 +53,9 @@ def _rel_err(a, e):
 # and strided x, against the reference: the samples of tests/samples.py (test_samples.py).
 # ---- binary -----------------------------------------------------------------------------------
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("D", [1, 3, 17, 4096])
+# CUDA: D 17 .. 4096 the fused kernel's 1- to 4-chunk instances, 5001 / 8192 its fp32 8-chunk one
+# (scalar and vector loads), 8193 the GEMM path.
+@pytest.mark.parametrize("D", [1, 3, 17, 4096, 5001, 8192, 8193])
 @pytest.mark.parametrize("N", [0, 1, 1000])
 @pytest.mark.parametrize("bias", [True, False])
 def test_bce_shapes(device, D, N, bias):

@@ -4,7 +4,7 @@
 // file per path (logreg_common.cuh describes the op path file by file):
 //
 // 1. Fused binary path (logreg_bce_fused.cu): C == 1, reduction mean/sum,
-//    D <= 4096 fp32 / 8192 fp16,bf16 / 2048 fp64 (bce_fused_config). X is read exactly once;
+//    D <= 8192 fp32 / 8192 fp16,bf16 / 2048 fp64 (bce_fused_config). X is read exactly once;
 //    per-block partials of loss, grad_w and grad_b, summed in a fixed order by finalize_kernel.
 //
 // 1b. Fused multinomial path (logreg_ce_fused.cu): reduction mean/sum, C <= 32, D <= 1024

@@ -1,6 +1,7 @@
 // CUDA logistic-regression losses, path 1: fused binary cross entropy (linear_bce_fwd, C == 1,
-// reduction mean/sum, D <= 8 warps x 4 chunks x 32 lanes x VEC, i.e. D <= 4096 fp32 /
-// 8192 fp16,bf16 / 2048 fp64). X is read exactly once. logreg.cu chooses the path
+// reduction mean/sum, D <= 8 warps x CHUNKS x 32 lanes x VEC with CHUNKS <= 4, i.e. D <= 4096
+// fp32 / 8192 fp16,bf16 / 2048 fp64, and for fp32 an 8-chunk instance up to D = 8192). X is
+// read exactly once. logreg.cu chooses the path
 // (bce_fused_config) and prepares the inputs; logreg_common.cuh describes the op path file by
 // file.
 //
@@ -26,6 +27,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <type_traits>
 
 #include "logreg_common.cuh"
 
@@ -35,6 +37,11 @@ namespace cuda_logreg {
 // ---------------------------------------------------------------------------------------
 // The kernel
 // ---------------------------------------------------------------------------------------
+
+// Whether scalar_t has the 8-chunk instance of bce_fused_kernel (fp32 only: see
+// bce_fused_config).
+template <typename scalar_t>
+constexpr bool kBce8Chunks = std::is_same_v<scalar_t, float>;
 
 template <typename scalar_t, typename acc_t>
 struct BceFusedParams {
@@ -57,9 +64,15 @@ struct BceFusedParams {
 
 // Minimum resident blocks per SM asked of the register allocator: 3 (24 warps, so enough
 // loads in flight) where the live registers allow it without spilling (up to two chunks, and
-// fp32 with four), else 2 (ptxas: four chunks of fp16/bf16 spill 4 bytes at 2).
+// fp32 with four), else 2 (ptxas: four chunks of fp16/bf16 spill 4 bytes at 2; fp32's eight
+// chunks hold 96 registers of row, w and grad_w per thread and fit 128 at 2).
+template <int CHUNKS, int BYTES>
+constexpr int bce_min_blocks() {
+  return (CHUNKS <= 2 || (BYTES == 4 && CHUNKS <= 4)) ? 3 : 2;
+}
+
 template <typename scalar_t, typename acc_t, int CHUNKS>
-__global__ void __launch_bounds__(kThreads, (CHUNKS <= 2 || sizeof(scalar_t) == 4) ? 3 : 2)
+__global__ void __launch_bounds__(kThreads, (bce_min_blocks<CHUNKS, sizeof(scalar_t)>()))
     bce_fused_kernel(const BceFusedParams<scalar_t, acc_t> p) {
   constexpr int VEC = 16 / static_cast<int>(sizeof(scalar_t));
   using Vec = AlignedVec<scalar_t, VEC>;
@@ -231,6 +244,10 @@ __global__ void __launch_bounds__(kThreads, (CHUNKS <= 2 || sizeof(scalar_t) == 
 // Host side
 // ---------------------------------------------------------------------------------------
 
+// Chunks per warp and warps per row for D (false: D is past the fused kernel's range). fp32
+// rows past 4096 values (8 warps x 4 chunks) take the 8-chunk instance up to 8192, so that a
+// linear probe on 5120- or 8192-wide fp32 features reads X once instead of the GEMM path's
+// twice; the 16-bit and fp64 instances would need 128+ registers of grad_w and row there.
 template <typename scalar_t>
 bool bce_fused_config(int64_t D, int* chunks, int* wpr) {
   constexpr int64_t VEC = 16 / sizeof(scalar_t);
@@ -244,7 +261,12 @@ bool bce_fused_config(int64_t D, int* chunks, int* wpr) {
   if (nchunks <= 8) *wpr = 2;
   else if (nchunks <= 16) *wpr = 4;
   else if (nchunks <= 32) *wpr = 8;
-  else return false;
+  else if (kBce8Chunks<scalar_t> && nchunks <= 64) {
+    *chunks = 8;
+    *wpr = 8;
+  } else {
+    return false;
+  }
   return true;
 }
 
@@ -303,7 +325,10 @@ LossOut bce_fused_path(const Prepared& q, int chunks, int wpr, int64_t reduction
   switch (chunks) {
     case 1: grid = fused_grid<scalar_t, 1>(grid_cap, smem); break;
     case 2: grid = fused_grid<scalar_t, 2>(grid_cap, smem); break;
-    default: grid = fused_grid<scalar_t, 4>(grid_cap, smem); break;
+    case 4: grid = fused_grid<scalar_t, 4>(grid_cap, smem); break;
+    default:
+      if constexpr (kBce8Chunks<scalar_t>) grid = fused_grid<scalar_t, 8>(grid_cap, smem);
+      break;
   }
   at::Tensor ws_gw = need_w ? at::empty({grid, D}, acc_opts) : at::Tensor();
   at::Tensor ws_loss = at::empty({grid}, acc_opts);
@@ -314,7 +339,10 @@ LossOut bce_fused_path(const Prepared& q, int chunks, int wpr, int64_t reduction
   switch (chunks) {
     case 1: run_bce_fused<scalar_t, 1>(p, grid, smem, stream); break;
     case 2: run_bce_fused<scalar_t, 2>(p, grid, smem, stream); break;
-    default: run_bce_fused<scalar_t, 4>(p, grid, smem, stream); break;
+    case 4: run_bce_fused<scalar_t, 4>(p, grid, smem, stream); break;
+    default:
+      if constexpr (kBce8Chunks<scalar_t>) run_bce_fused<scalar_t, 8>(p, grid, smem, stream);
+      break;
   }
 
   at::Tensor loss = at::empty({}, acc_opts);

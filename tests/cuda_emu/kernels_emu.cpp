@@ -691,7 +691,8 @@ int run_bce(int64_t N, int64_t D, int grid, const std::string& opts) {
   launch(grid, [&] {
     if (chunks == 1) bce_fused_kernel<T, acc_t, 1>(p);
     else if (chunks == 2) bce_fused_kernel<T, acc_t, 2>(p);
-    else bce_fused_kernel<T, acc_t, 4>(p);
+    else if (chunks == 4) bce_fused_kernel<T, acc_t, 4>(p);
+    else if constexpr (kBce8Chunks<T>) bce_fused_kernel<T, acc_t, 8>(p);
   });
   acc_t loss = nan, gb = nan;
   std::vector<acc_t> gw(D, nan);
