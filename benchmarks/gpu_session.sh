@@ -9,7 +9,8 @@
 #
 # Stages:
 #   build    python setup.py build_ext --inplace, TORCH_CUDA_ARCH_LIST=9.0, MAX_JOBS=16
-#   tests    pytest tests (CPU and CUDA; CUDA tests poison outputs and check every launch)
+#   tests    pytest tests (CPU and CUDA; CUDA tests poison outputs and check every launch),
+#            then 1000 more random samples per op on CUDA (tests/test_fuzz.py, seeds 100..1099)
 #   bench    bench_logreg, bench_linear, bench_overhead, bench_mlp, bench_ce_large (no compile
 #            baseline: torch.compile's first call costs minutes of device time)
 #   profile  Nsight Compute (SpeedOfLight, Occupancy) on bce_fused_kernel (bf16 and fp32,
@@ -107,6 +108,8 @@ run_build() {
 }
 run_tests() {
   stage tests 360 $PY -m pytest tests -q -p no:cacheprovider -rfEs --durations=15
+  MANUAL_LAYERS_FUZZ_CASES=1000 MANUAL_LAYERS_FUZZ_SEED=100 \
+    stage fuzz 180 $PY -m pytest tests/test_fuzz.py -q -p no:cacheprovider -rfE -k cuda
 }
 run_bench() {
   stage bench_logreg 150 $PY benchmarks/bench_logreg.py --device cuda --no-compile

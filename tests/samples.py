@@ -3,6 +3,8 @@ same inputs feed the reference comparison, gradcheck and opcheck of tests/test_s
 case added here is checked all three ways, on every device and dtype.
 
     sample_inputs(op, device, dtype, requires_grad) -> [Sample, ...]
+    random_sample(op, device, seed) -> Sample       (tests/test_fuzz.py)
+    check_reference(sample)                         (values and gradients against float64)
 
 op is one of OPS: "linear", "logistic_regression", "mlp", "linear_bce", "linear_ce". A Sample
 holds the arguments of the functional call (manual_layers.functional.<fn>) and knows the
@@ -14,10 +16,12 @@ global generator (tests/conftest.py seeds it per test)."""
 import contextlib
 import dataclasses
 import os
+import random
 
 import torch
 
 import manual_layers as ml
+from conftest import TOL, assert_rel
 from manual_layers import reference as R
 
 OPS = ("linear", "logistic_regression", "mlp", "linear_bce", "linear_ce")
@@ -145,7 +149,7 @@ class _Maker:
 
     def data(self, *shape):
         """A floating input that is not trained: uniform in [0, 1) (targets, loss weights)."""
-        return torch.rand(*shape, device=self.device, dtype=torch.float64).to(self.dtype)
+        return torch.rand(shape, device=self.device, dtype=torch.float64).to(self.dtype)
 
     def labels(self, c, *shape):
         return torch.randint(0, c, shape, device=self.device)
@@ -272,3 +276,172 @@ def sample_ids(op):
     """The descriptions of op's samples, in order (test ids; drawn on the CPU in float64)."""
     with torch.random.fork_rng():
         return [s.desc for s in sample_inputs(op, "cpu", torch.float64, False)]
+
+
+# ---- checking a sample against the reference ----------------------------------------------
+
+def _grad_output(out):
+    """grad_output: random (and not all ones) for tensors, 2.5 for a scalar loss."""
+    if out.dim() == 0:
+        return torch.full_like(out, 2.5)
+    return torch.randn(out.shape, dtype=torch.float64, device=out.device).to(out.dtype)
+
+
+def _value_and_grads(out, leaves, g):
+    return [out] + list(torch.autograd.grad(out, leaves, g)) if leaves else [out]
+
+
+def _rel_err(a, e):
+    a, e = a.detach().double(), e.detach().double()
+    return ((a - e).norm() / e.norm().clamp_min(1e-30)).item() if e.numel() else 0.0
+
+
+# The bar of random samples (tests/test_fuzz.py). Random shapes include ill-conditioned results,
+# where any computation in the dtype misses TOL: a bias gradient of two classes summed over 2049
+# rows of both signs (fp32: 3e-5 here, PyTorch 4e-6); a bf16 softmax gradient y (g - sum g y)
+# whose terms cancel to 1 %, from outputs rounded to bf16 that do not sum to 1 (13 % here,
+# PyTorch 0.3 % by the luck of its rounding: the 16-bit FUZZ_TOL); a bf16 sigmoid bias gradient
+# sum_i g_i y_i (1 - y_i) of 100 terms whose magnitudes add to 3000x the sum (120 % here, PyTorch
+# 41 %). So the bar is FUZZ_TOL, or where larger 8 x the dtype's unit roundoff x the
+# cancellation the grad_output's signs cause: |reference with |g|| / |reference with g|. Indexing, tiling and path bugs, what random
+# shapes are for, give errors of order 1 (one wrong row of 2049: about 2 %, in every dtype;
+# 60 % of the samples are fp32 / fp64); accuracy is held to TOL by the fixed samples.
+FUZZ_TOL = {torch.float64: 1e-7, torch.float32: 1e-3, torch.bfloat16: 0.25, torch.float16: 0.05}
+_UNIT_ROUNDOFF = {torch.float64: 2.0 ** -53, torch.float32: 2.0 ** -24,
+                  torch.bfloat16: 2.0 ** -9, torch.float16: 2.0 ** -11}
+
+
+def check_reference(s, fuzz=False):
+    """Ours in the sample's dtype (its x's) against manual_layers.reference in float64 on the
+    same (rounded) inputs: the output and the gradient of every input that requires grad, for
+    a random grad_output. The bar is TOL for the dtype or, in 16-bit and if larger, 1.5x the
+    error of the plain PyTorch composition run in that dtype on the same inputs; with fuzz,
+    FUZZ_TOL and the cancellation allowance above."""
+    dtype = s.args[0].dtype
+    leaves = s.grad_inputs()
+    with s.environment():
+        out = s.call()
+    assert out.dtype == dtype, f"{s}: output dtype {out.dtype}"
+    g = _grad_output(out)
+    with s.environment():
+        ours = _value_and_grads(out, leaves, g)
+    ref_out, ref_leaves = s.reference(torch.float64)
+    ref = _value_and_grads(ref_out, ref_leaves, g.double())
+    low = dtype in (torch.float16, torch.bfloat16)
+    same = _value_and_grads(*s.reference(None), g) if low else [None] * len(ref)
+    mag = _value_and_grads(*s.reference(torch.float64), g.double().abs()) if fuzz \
+        else [None] * len(ref)
+    names = ["output"] + [f"grad of input {k}" for k in range(len(leaves))]
+    for name, a, e, t, m in zip(names, ours, ref, same, mag):
+        assert a.dtype == dtype and a.shape == e.shape, f"{s} {name}: {a.dtype} {a.shape}"
+        bar = (FUZZ_TOL if fuzz else TOL)[dtype]
+        if low:
+            bar = max(bar, 1.5 * _rel_err(t, e))
+        if fuzz:
+            cancel = m.detach().norm().item() / max(e.detach().norm().item(), 1e-300)
+            bar = max(bar, 8 * _UNIT_ROUNDOFF[dtype] * cancel)
+        assert_rel(a, e, bar, f"{s} {name} ({dtype})")
+
+
+# ---- random samples (tests/test_fuzz.py) --------------------------------------------------
+# Sizes on both sides of every boundary the kernels have: the CPU's 16-row tiles and 4-row
+# logits steps, vector widths (8 / 16 lanes), the CUDA kernels' chunk widths (32 lanes x 4 / 8
+# values per warp, 1 / 2 / 4 / 8 chunks, 1 to 8 warps per row: D 128 / 256 / 512 / 1024 /
+# 4096 / 8192), the tensor-core cross entropy's D % 8 and C <= 16 / 32, the few-class dX kernel
+# (C <= 16), and the chunked cross entropy (C >= 128, forced with small chunks).
+_ROWS = (1, 2, 3, 7, 15, 16, 17, 31, 32, 33, 64, 100, 257, 1000, 2049)
+_FEATURES = (1, 2, 3, 5, 8, 15, 16, 17, 31, 32, 33, 64, 100, 127, 128, 129, 255, 256, 257,
+             511, 512, 513, 1000, 1024, 1025, 2048, 4095, 4096, 4097, 5001, 8192, 8193)
+_CLASSES = (2, 3, 5, 10, 15, 16, 17, 31, 32, 33, 64, 127, 128, 129, 300, 1000)
+_OUT_FEATURES = (1, 2, 7, 16, 17, 64, 100, 257, 1024)
+_BUDGET = 1 << 21  # elements of x, of W and of the N x C logits, each: keeps a case < ~0.5 s
+_DTYPES = (torch.float64, torch.float32, torch.float32, torch.bfloat16, torch.float16)
+
+
+def _pick(rng, choices, fits):
+    ok = [c for c in choices if fits(c)]
+    return rng.choice(ok) if ok else min(choices)
+
+
+def random_sample(op, device="cpu", seed=0):
+    """One random sample of op, drawn from seed alone (structure from random.Random(seed),
+    values from torch's generator seeded with it): dtype, shape near a kernel boundary,
+    leading dims (1-D to 3-D), strided x, biases and every loss option and reduction. Inputs
+    require grad as in sample_inputs."""
+    rng = random.Random(f"{op}-{seed}")
+    torch.manual_seed(seed)
+    dtype = rng.choice(_DTYPES)
+    m = _Maker(device, dtype, True)
+    N = rng.choice(_ROWS + (0,))
+    D = _pick(rng, _FEATURES, lambda d: max(N, 1) * d <= _BUDGET)
+    lead = rng.choice(["2d", "2d", "3d", "1d"]) if N > 0 else "2d"
+    if lead == "1d":
+        N = 1
+    strided = rng.random() < 0.3 and D > 1 and (N > 1 or lead == "1d")  # else contiguous anyway
+    shape = {"2d": (N, D), "1d": (D,)}.get(lead) or (*_split(rng, N), D)
+    x = m.strided(*shape) if strided else m.param(*shape)
+    lead_shape = shape[:-1]
+    desc = [f"{tuple(shape)}{' strided' if strided else ''}"]
+    kwargs, env = {}, {}
+    bias = rng.random() < 0.75
+
+    if op in ("linear", "logistic_regression"):
+        if op == "linear":
+            M = _pick(rng, _OUT_FEATURES, lambda o: o * D <= _BUDGET and max(N, 1) * o <= _BUDGET)
+            act = rng.choice(ACTS)
+        else:
+            M, act = rng.choice((1, 2, 5)), None
+        w = m.param(M, D, scale=D ** -0.5)
+        args = (x, w, m.param(M) if bias else None) + ((act,) if op == "linear" else ())
+        desc.append(f"out {M} {act}")
+    elif op == "mlp":
+        H = _pick(rng, _OUT_FEATURES, lambda h: h * D <= _BUDGET and max(N, 1) * h <= _BUDGET)
+        O = _pick(rng, _OUT_FEATURES[:6], lambda o: True)
+        act = rng.choice(ACTS)
+        args = (x, m.param(H, D, scale=D ** -0.5), m.param(H) if bias else None,
+                m.param(O, H, scale=H ** -0.5), m.param(O) if rng.random() < 0.75 else None)
+        kwargs["activation"] = act
+        desc.append(f"{D} -> {H} -> {O} {act}")
+    else:
+        red = rng.choice(REDUCTIONS)
+        if N == 0 and red == "mean":
+            red = "sum"  # the mean of nothing is NaN, as torch's (test_logreg checks it)
+        kwargs["reduction"] = red
+        if op == "linear_bce":
+            y = m.data(*lead_shape) if rng.random() < 0.5 else m.labels(2, *lead_shape).to(dtype)
+            args = (x, m.param(1, D, scale=D ** -0.5), m.param(1) if bias else None, y)
+            if rng.random() < 0.4:
+                # torch's BCE broadcasts pos_weight onto the logits: 0-d for one row (1-D x)
+                kwargs["pos_weight"] = m.data(*(() if lead == "1d" else (1,))) + 0.5
+            if rng.random() < 0.4:
+                sw_shape = lead_shape[-1:] if len(lead_shape) > 1 and rng.random() < 0.5 \
+                    else lead_shape
+                kwargs["sample_weight"] = m.data(*sw_shape) + 0.1
+            desc.append(f"{red} {sorted(k for k in kwargs if k != 'reduction')}")
+        else:
+            C = _pick(rng, _CLASSES, lambda c: c * D <= _BUDGET and max(N, 1) * c <= _BUDGET)
+            t = m.labels(C, *lead_shape)
+            if rng.random() < 0.3 and t.numel() > 1:
+                ii = rng.choice((-100, 0, C - 1))
+                t.view(-1)[1::3] = ii  # ignored rows
+                if t.view(-1)[0] == ii:  # row 0 counted, so the mean's denominator is not 0
+                    t.view(-1)[0] = (ii + 1) % C
+                kwargs["ignore_index"] = ii
+            if rng.random() < 0.4:
+                kwargs["class_weight"] = m.data(C) + 0.1
+            if rng.random() < 0.3:
+                kwargs["label_smoothing"] = rng.choice((0.05, 0.1, 0.3))
+            args = (x, m.param(C, D, scale=D ** -0.5), m.param(C) if bias else None, t)
+            if rng.random() < 0.25:
+                env = {"MANUAL_LAYERS_CE_PATH": "chunked",
+                       "MANUAL_LAYERS_CE_CHUNK_ROWS": str(rng.choice((1, 5, 64)))}
+            desc.append(f"C {C} {red} {sorted(k for k in kwargs if k != 'reduction')}"
+                        f"{' chunked ' + env['MANUAL_LAYERS_CE_CHUNK_ROWS'] if env else ''}")
+    desc.append(f"{str(dtype)[6:]} bias={bias}")
+    return Sample(op, f"seed {seed}: " + ", ".join(desc), args, kwargs, env)
+
+
+def _split(rng, n):
+    """Two leading dims whose product is n (> 0)."""
+    a = rng.choice([d for d in range(1, n + 1) if n % d == 0])
+    return a, n // a

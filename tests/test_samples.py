@@ -5,8 +5,8 @@ and torch.library.opcheck (schema, fake kernel, autograd registration, AOT dispa
 import pytest
 import torch
 
-from conftest import DEVICES, TOL, assert_rel
-from samples import OPS, sample_ids, sample_inputs
+from conftest import DEVICES
+from samples import OPS, check_reference, sample_ids, sample_inputs
 
 DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
 CASES = [pytest.param(op, i, id=f"{op}[{desc}]")
@@ -17,45 +17,13 @@ def _sample(op, i, device, dtype):
     return sample_inputs(op, device, dtype, requires_grad=True)[i]
 
 
-def _grad_output(out):
-    """grad_output: random (and not all ones) for tensors, 2.5 for a scalar loss."""
-    if out.dim() == 0:
-        return torch.full_like(out, 2.5)
-    return torch.randn(out.shape, dtype=torch.float64, device=out.device).to(out.dtype)
-
-
-def _value_and_grads(out, leaves, g):
-    return [out] + list(torch.autograd.grad(out, leaves, g)) if leaves else [out]
-
-
-def _rel_err(a, e):
-    a, e = a.detach().double(), e.detach().double()
-    return ((a - e).norm() / e.norm().clamp_min(1e-30)).item() if e.numel() else 0.0
-
-
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("op,i", CASES)
 def test_matches_reference(op, i, dtype, device):
     """Ours in the sample's dtype against the reference in float64 on the same (rounded)
-    inputs. In 16-bit the bar is the dtype's tolerance or, if larger, 1.5x the error of the
-    plain PyTorch composition run in that dtype on the same inputs."""
-    s = _sample(op, i, device, dtype)
-    leaves = s.grad_inputs()
-    with s.environment():
-        out = s.call()
-    assert out.dtype == dtype, f"{s}: output dtype {out.dtype}"
-    g = _grad_output(out)
-    ours = _value_and_grads(out, leaves, g)
-    ref_out, ref_leaves = s.reference(torch.float64)
-    ref = _value_and_grads(ref_out, ref_leaves, g.double())
-    low = dtype in (torch.float16, torch.bfloat16)
-    same = _value_and_grads(*s.reference(None), g) if low else [None] * len(ref)
-    names = ["output"] + [f"grad of input {k}" for k in range(len(leaves))]
-    for name, a, e, t in zip(names, ours, ref, same):
-        assert a.dtype == dtype and a.shape == e.shape, f"{s} {name}: {a.dtype} {a.shape}"
-        bar = max(TOL[dtype], 1.5 * _rel_err(t, e)) if low else TOL[dtype]
-        assert_rel(a, e, bar, f"{s} {name} ({dtype})")
+    inputs (samples.check_reference)."""
+    check_reference(_sample(op, i, device, dtype))
 
 
 @pytest.mark.parametrize("device", DEVICES)
