@@ -1,9 +1,8 @@
 // CUDA logistic-regression losses, path 1: fused binary cross entropy (linear_bce_fwd, C == 1,
 // reduction mean/sum, D <= 8 warps x CHUNKS x 32 lanes x VEC with CHUNKS <= 4, i.e. D <= 4096
 // fp32 / 8192 fp16,bf16 / 2048 fp64, and for fp32 an 8-chunk instance up to D = 8192). X is
-// read exactly once. logreg.cu chooses the path
-// (bce_fused_config) and prepares the inputs; logreg_common.cuh describes the op path file by
-// file.
+// read exactly once. logreg.cu chooses the path (bce_fused_config) and prepares the inputs;
+// logreg_common.cuh describes the op path file by file.
 //
 // bce_fused_kernel runs a fixed grid of B blocks (B = occupancy x SM count, at most one
 // block per group of rows), 256 threads = 8 warps. A "group" of WPR warps (WPR in 1,2,4,8)
@@ -327,7 +326,11 @@ LossOut bce_fused_path(const Prepared& q, int chunks, int wpr, int64_t reduction
     case 2: grid = fused_grid<scalar_t, 2>(grid_cap, smem); break;
     case 4: grid = fused_grid<scalar_t, 4>(grid_cap, smem); break;
     default:
-      if constexpr (kBce8Chunks<scalar_t>) grid = fused_grid<scalar_t, 8>(grid_cap, smem);
+      if constexpr (kBce8Chunks<scalar_t>) {
+        grid = fused_grid<scalar_t, 8>(grid_cap, smem);
+      } else {
+        TORCH_INTERNAL_ASSERT(false, "bce_fused_path: no ", chunks, "-chunk instance");
+      }
       break;
   }
   at::Tensor ws_gw = need_w ? at::empty({grid, D}, acc_opts) : at::Tensor();
@@ -341,7 +344,11 @@ LossOut bce_fused_path(const Prepared& q, int chunks, int wpr, int64_t reduction
     case 2: run_bce_fused<scalar_t, 2>(p, grid, smem, stream); break;
     case 4: run_bce_fused<scalar_t, 4>(p, grid, smem, stream); break;
     default:
-      if constexpr (kBce8Chunks<scalar_t>) run_bce_fused<scalar_t, 8>(p, grid, smem, stream);
+      if constexpr (kBce8Chunks<scalar_t>) {
+        run_bce_fused<scalar_t, 8>(p, grid, smem, stream);
+      } else {
+        TORCH_INTERNAL_ASSERT(false, "bce_fused_path: no ", chunks, "-chunk instance");
+      }
       break;
   }
 
