@@ -297,15 +297,16 @@ def _rel_err(a, e):
 
 
 # The bar of random samples (tests/test_fuzz.py). Random shapes include ill-conditioned results,
-# where any computation in the dtype misses TOL: a bias gradient of two classes summed over 2049
-# rows of both signs (fp32: 3e-5 here, PyTorch 4e-6); a bf16 softmax gradient y (g - sum g y)
-# whose terms cancel to 1 %, from outputs rounded to bf16 that do not sum to 1 (13 % here,
-# PyTorch 0.3 % by the luck of its rounding: the 16-bit FUZZ_TOL); a bf16 sigmoid bias gradient
-# sum_i g_i y_i (1 - y_i) of 100 terms whose magnitudes add to 3000x the sum (120 % here, PyTorch
-# 41 %). So the bar is FUZZ_TOL, or where larger 8 x the dtype's unit roundoff x the
-# cancellation the grad_output's signs cause: |reference with |g|| / |reference with g|. Indexing, tiling and path bugs, what random
-# shapes are for, give errors of order 1 (one wrong row of 2049: about 2 %, in every dtype;
-# 60 % of the samples are fp32 / fp64); accuracy is held to TOL by the fixed samples.
+# where any computation in the dtype misses TOL: a two-class cross-entropy bias gradient summed
+# over 31 rows of both signs (fp32: 3e-5 here, PyTorch 4e-6); a bf16 softmax gradient
+# y (g - sum g y) whose terms cancel to 1 %, from outputs rounded to bf16 that do not sum to 1
+# (13 % here, PyTorch 0.3 % by the luck of its rounding: the 16-bit FUZZ_TOL); a bf16 sigmoid
+# bias gradient sum_i g_i y_i (1 - y_i) of 100 terms whose magnitudes add to 3000x the sum
+# (120 % here, PyTorch 41 %). So the bar is FUZZ_TOL or, where larger, 8 x the dtype's unit
+# roundoff x the cancellation the grad_output's signs cause: |reference with |g|| / |reference
+# with g|. Indexing, tiling and path bugs, what random shapes are for, give errors of order 1
+# (one wrong row of 2049 similar rows is about 2 % of the norm; 60 % of the samples are fp32 /
+# fp64, held to 1e-3); accuracy is held to TOL by the fixed samples.
 FUZZ_TOL = {torch.float64: 1e-7, torch.float32: 1e-3, torch.bfloat16: 0.25, torch.float16: 0.05}
 _UNIT_ROUNDOFF = {torch.float64: 2.0 ** -53, torch.float32: 2.0 ** -24,
                   torch.bfloat16: 2.0 ** -9, torch.float16: 2.0 ** -11}
