@@ -365,10 +365,10 @@ def _pick(rng, choices, fits):
 
 
 def random_sample(op, device="cpu", seed=0):
-    """One random sample of op, drawn from seed alone (structure from random.Random(seed),
-    values from torch's generator seeded with it): dtype, shape near a kernel boundary,
-    leading dims (1-D to 3-D), strided x, biases and every loss option and reduction. Inputs
-    require grad as in sample_inputs."""
+    """One random sample of op, drawn from op and seed alone (structure from
+    random.Random(f"{op}-{seed}"), values from torch's generators seeded with seed): dtype,
+    shape near a kernel boundary, leading dims (1-D to 3-D), strided x, biases and every loss
+    option and reduction. Inputs require grad as in sample_inputs."""
     rng = random.Random(f"{op}-{seed}")
     torch.manual_seed(seed)
     dtype = rng.choice(_DTYPES)
