@@ -17,7 +17,9 @@ Each case compares a kernel's outputs with a float64 reference of the same input
   (fp32) 8 chunks, 1 to 8 warps per row, the 16-bit row-ahead loads, the scalar load path) and
   the finalize step that sums every mean/sum path's block partials (csrc/cuda/logreg_common.cu).
 This checks the kernels' tiling, shared-memory layout, fragment addressing, tile ring and row
-phase where no GPU is (CI); the PTX itself and timing need one (tests/test_ce_tc.py)."""
+phase where no GPU is (CI); the PTX itself and timing need one (tests/test_ce_tc.py). Small cases
+of each kernel run again built with ThreadSanitizer (shared-memory races between barriers) and
+with AddressSanitizer + UBSan (out-of-bounds shared or global accesses): test_kernels_sanitized."""
 
 import os
 import shutil
@@ -46,23 +48,33 @@ def _cuda_include_dirs():
     return dirs
 
 
-@pytest.fixture(scope="module")
-def emu(tmp_path_factory):
+def _build(tmp_path_factory, name, flags=()):
+    """Compiles kernels_emu.cpp with the emulated .cu files; returns the executable's path, or
+    (for a sanitizer build) None when the toolchain has no runtime for that sanitizer."""
     cxx = shutil.which(os.environ.get("CXX", "g++"))
     inc = _cuda_include_dirs()
     tlib = os.path.join(os.path.dirname(torch.__file__), "lib")
     if cxx is None or not inc:
         pytest.skip("needs g++ and the CUDA headers")
-    exe = str(tmp_path_factory.mktemp("emu") / "kernels_emu")
+    exe = str(tmp_path_factory.mktemp("emu") / name)
     tinc = os.path.join(os.path.dirname(torch.__file__), "include")
-    cmd = [cxx, "-std=c++20", "-O1", "-pthread", os.path.join(HERE, "cuda_emu", "kernels_emu.cpp"),
+    cmd = [cxx, "-std=c++20", "-O1", "-pthread", *flags,
+           os.path.join(HERE, "cuda_emu", "kernels_emu.cpp"),
            "-o", exe, "-I" + tinc, "-I" + os.path.join(tinc, "torch", "csrc", "api", "include")]
     cmd += ["-I" + d for d in inc]
     # The emulated files' host code is left out (ML_CUDA_HOST_EMU): only c10 is linked.
     cmd += ["-DWITH_CUDA", "-L" + tlib, "-Wl,-rpath," + tlib, "-lc10"]
     r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode != 0 and flags and any(
+            f"-l{lib}" in r.stderr or f"lib{lib}" in r.stderr for lib in ("tsan", "asan", "ubsan")):
+        return None
     assert r.returncode == 0, "emulation build failed:\n" + r.stderr[-4000:]
     return exe
+
+
+@pytest.fixture(scope="module")
+def emu(tmp_path_factory):
+    return _build(tmp_path_factory, "kernels_emu")
 
 
 # dtype, N, D, C, grid, stages, options (w: class weights, W: weights up to 3e4, s: label
@@ -87,9 +99,9 @@ CASES = [
 ]
 
 
-def _run(emu, args):
+def _run(emu, args, env=None):
     r = subprocess.run([emu] + [str(v) for v in args], capture_output=True, text=True,
-                       timeout=300)
+                       timeout=300, env=env)
     assert r.returncode == 0, r.stdout + r.stderr
     assert r.stdout.rstrip().endswith("OK"), r.stdout
 
@@ -219,3 +231,72 @@ LINEAR_CASES = [
 @pytest.mark.parametrize("case", LINEAR_CASES, ids=["-".join(map(str, c)) for c in LINEAR_CASES])
 def test_linear_kernels_emulated(emu, case):
     _run(emu, ("linear_misc",) + case)
+
+
+# The same kernels built with a sanitizer (cf. compute-sanitizer's racecheck / memcheck on a GPU):
+# - thread: ThreadSanitizer orders every memory access of the block's threads by the
+#   __syncthreads / __syncwarp / shuffle barriers, so a shared-memory race (a missing barrier)
+#   is reported whatever order the threads happened to run in; the value checks above see it
+#   only when the schedule exposes it. The shuffles are barriers here, so a race that only a
+#   shuffle "orders" on the GPU (which promises no memory ordering for it) is not reported.
+# - address: AddressSanitizer and UBSan. Dynamic shared memory is the launch's size placed at
+#   the end of the emulator's array (kernels_emu.cpp: launch), so a kernel reading or writing
+#   past the size its host code computes is reported; so are out-of-bounds global accesses.
+# Small cases of every kernel (ThreadSanitizer runs a block's 256 threads ~5-20x slower).
+SAN_CASES = [
+    ("ce_tc", "bf16", 33, 24, 10, 2, 2, "i"),
+    ("ce_tc", "f16", 77, 64, 12, 2, 3, "Wsi"),
+    ("ce_tc", "f16", 64, 40, 32, 1, 4, "wsi"),
+    ("ce_tc", "f32", 33, 24, 10, 2, 2, "i"),
+    ("ce_fused", "f32", 100, 64, 10, 2, 0, "wsi"),
+    ("ce_fused", "f16", 33, 1000, 3, 2, 0, "w"),
+    ("ce_fused", "f32", 50, 7, 2, 1, 0, "-"),
+    ("loss_dx", "bf16", 100, 64, 10, 512, 0),
+    ("loss_dx", "f32", 333, 40, 16, 256, 1),
+    ("loss_dx", "f64", 50, 6, 3, 100, 1),
+    ("act_bwd", "f16", "gelu_tanh", 1, 256, 128),
+    ("act_bwd", "f32", "silu", 37, 24, 4),
+    ("ce_rows", "f32", 100, 3, 3, "mean", "ws"),
+    ("ce_rows", "bf16", 41, 10, 2, "inplace", "ws"),
+    ("ce_rows", "f32", 64, 40, 3, "mean", "ws"),
+    ("bce", "f32", 100, 64, 3, "-"),
+    ("bce", "f16", 60, 256, 2, "ps"),      # one chunk, rows loaded one ahead
+    ("bce", "bf16", 40, 512, 2, "ps"),     # two chunks, rows loaded one ahead
+    ("bce", "f16", 20, 1000, 1, "pm"),     # four chunks
+    ("bce", "f32", 3, 4100, 1, "ps"),      # eight chunks x 8 warps per row
+    ("bce", "bf16", 33, 100, 2, "u"),
+    ("bce", "f64", 50, 40, 2, "s"),
+    ("bce_rows", "f32", 1000, 2, "ps"),
+    ("bce_rows", "f16", 600, 1, "pm"),
+    ("linear_misc", "f32", 37, 45, 2, 64),
+    ("linear_misc", "f16", 9, 1, 1, 1),
+]
+
+SANITIZERS = {
+    "thread": ["-fsanitize=thread"],
+    "address": ["-fsanitize=address,undefined", "-fno-sanitize-recover=undefined"],
+}
+SAN_ENV = {
+    "TSAN_OPTIONS": "halt_on_error=1",
+    "ASAN_OPTIONS": "detect_leaks=0",
+    "UBSAN_OPTIONS": "halt_on_error=1:print_stacktrace=1",
+}
+
+
+@pytest.fixture(scope="module", params=sorted(SANITIZERS))
+def emu_san(request, tmp_path_factory):
+    exe = _build(tmp_path_factory, "kernels_emu_" + request.param, SANITIZERS[request.param])
+    if exe is None:
+        pytest.skip(f"g++ has no {request.param} sanitizer runtime here")
+    env = dict(os.environ, **SAN_ENV)
+    probe = subprocess.run([exe, "bce_rows", "f32", "1", "1", "-"], capture_output=True,
+                           text=True, timeout=300, env=env)
+    if "FATAL: ThreadSanitizer" in probe.stderr:  # e.g. an address-space layout it cannot map
+        pytest.skip("ThreadSanitizer cannot run on this kernel: " + probe.stderr.strip()[:200])
+    return exe, env
+
+
+@pytest.mark.parametrize("case", SAN_CASES, ids=["-".join(map(str, c)) for c in SAN_CASES])
+def test_kernels_sanitized(emu_san, case):
+    exe, env = emu_san
+    _run(exe, case, env)

@@ -269,6 +269,12 @@ bool bce_fused_config(int64_t D, int* chunks, int* wpr) {
   return true;
 }
 
+// The kernel's dynamic shared memory: the block's (GPB, D) grad_W rows, when grad_W is wanted.
+template <typename acc_t>
+size_t bce_fused_smem(int64_t gpb, int64_t D, bool need_w) {
+  return need_w ? static_cast<size_t>(gpb * D) * sizeof(acc_t) : 0;
+}
+
 // Left out of the host emulation of tests/cuda_emu, which runs the kernel above on the CPU.
 #ifndef ML_CUDA_HOST_EMU
 // Grid of the fused kernel: as many blocks as can be resident at once, at most grid_cap.
@@ -318,7 +324,7 @@ LossOut bce_fused_path(const Prepared& q, int chunks, int wpr, int64_t reduction
   p.vec_ok = (reinterpret_cast<uintptr_t>(p.x) % 16 == 0) && (D % VEC == 0);
 
   const int64_t gpb = kWarps / wpr;
-  const size_t smem = need_w ? static_cast<size_t>(gpb * D) * sizeof(acc_t) : 0;
+  const size_t smem = bce_fused_smem<acc_t>(gpb, D, need_w);
   const int64_t grid_cap = ceil_div(N, gpb);
   int64_t grid = 1;
   switch (chunks) {

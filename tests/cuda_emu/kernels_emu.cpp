@@ -61,7 +61,7 @@
 #define __launch_bounds__(...)
 #undef __shared__
 #define __shared__ static
-#define ML_DYNAMIC_SMEM(name) unsigned char* name = emu::smem_raw
+#define ML_DYNAMIC_SMEM(name) unsigned char* name = emu::smem_dyn
 
 thread_local uint3 threadIdx;
 thread_local uint3 blockIdx;
@@ -70,7 +70,11 @@ uint3 blockDim;
 
 namespace emu {
 constexpr int kMaxWarps = 32;
-alignas(16) unsigned char smem_raw[232448];  // a kernel's dynamic shared memory
+// A kernel's dynamic shared memory: the launch's size in bytes (16-byte multiple) at the END of
+// smem_raw, so that an access past it leaves the array (AddressSanitizer reports it in the
+// sanitizer builds, tests/test_cuda_emu.py).
+alignas(16) unsigned char smem_raw[232448];
+unsigned char* smem_dyn = smem_raw + sizeof(smem_raw);
 std::barrier<>* block_bar = nullptr;
 std::barrier<>* warp_bar[kMaxWarps] = {};
 uint64_t xch[kMaxWarps][32];
@@ -230,35 +234,50 @@ void mma16816(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
 using namespace manual_layers::cuda_logreg;
 
 // Runs fn() as the kernel of a grid of grid.x x grid.y blocks of block.x x block.y threads
-// (block.x * block.y a multiple of 32, at most 1024), block after block, dynamic shared memory
-// poisoned (0xff bytes: NaN in 16 and 32 bits) before each block.
+// (block.x * block.y a multiple of 32, at most 1024), block after block, with dyn_smem bytes of
+// dynamic shared memory (as the launch's third argument) poisoned (0xff bytes: NaN in 16 and 32
+// bits) before each block. One std::thread per thread of a block runs every block in turn
+// (creating them per block made a 129-block launch take seconds under ThreadSanitizer); the
+// blocks are separated by a barrier of their own, so a thread that leaves the kernel early
+// still deadlocks a __syncthreads of the others (on a GPU: undefined) instead of completing it.
+// Per-thread cp.async state is dropped at the end of each block.
 template <typename Fn>
-void launch(uint3 grid, uint3 block, Fn fn) {
+void launch(uint3 grid, uint3 block, Fn fn, size_t dyn_smem = 0) {
+  const size_t dyn = (dyn_smem + 15) / 16 * 16;
+  if (dyn > sizeof(emu::smem_raw)) {
+    std::fprintf(stderr, "dynamic shared memory %zu > %zu\n", dyn, sizeof(emu::smem_raw));
+    std::exit(2);
+  }
+  emu::smem_dyn = emu::smem_raw + sizeof(emu::smem_raw) - dyn;
   gridDim = grid;
   blockDim = block;
   const int n = static_cast<int>(block.x * block.y);
-  for (unsigned by = 0; by < grid.y; ++by)
-    for (unsigned bx = 0; bx < grid.x; ++bx) {
-      std::memset(emu::smem_raw, 0xff, sizeof(emu::smem_raw));
-      std::barrier<> block_bar(n);
-      std::vector<std::unique_ptr<std::barrier<>>> warp_bars;
-      for (int k = 0; k < n / 32; ++k) warp_bars.push_back(std::make_unique<std::barrier<>>(32));
-      emu::block_bar = &block_bar;
-      for (int k = 0; k < n / 32; ++k) emu::warp_bar[k] = warp_bars[k].get();
-      std::vector<std::thread> threads;
-      for (int t = 0; t < n; ++t) {
-        threads.emplace_back([&, t] {
-          threadIdx = uint3{t % block.x, t / block.x, 0};
+  std::barrier<> block_bar(n), edge(n);
+  std::vector<std::unique_ptr<std::barrier<>>> warp_bars;
+  for (int k = 0; k < n / 32; ++k) warp_bars.push_back(std::make_unique<std::barrier<>>(32));
+  emu::block_bar = &block_bar;
+  for (int k = 0; k < n / 32; ++k) emu::warp_bar[k] = warp_bars[k].get();
+  std::vector<std::thread> threads;
+  for (int t = 0; t < n; ++t) {
+    threads.emplace_back([&, t] {
+      threadIdx = uint3{t % block.x, t / block.x, 0};
+      for (unsigned by = 0; by < grid.y; ++by)
+        for (unsigned bx = 0; bx < grid.x; ++bx) {
+          if (t == 0) std::memset(emu::smem_raw, 0xff, sizeof(emu::smem_raw));
+          edge.arrive_and_wait();  // poisoned before any thread of the block starts
           blockIdx = uint3{bx, by, 0};
           fn();
-        });
-      }
-      for (auto& th : threads) th.join();
-    }
+          manual_layers::cuda_logreg::cp_open.clear();
+          manual_layers::cuda_logreg::cp_groups.clear();
+          edge.arrive_and_wait();  // every thread done before the next block's poison
+        }
+    });
+  }
+  for (auto& th : threads) th.join();
 }
 template <typename Fn>
-void launch(int grid, Fn fn) {
-  launch(uint3{static_cast<unsigned>(grid), 1, 1}, uint3{kThreads, 1, 1}, fn);
+void launch(int grid, Fn fn, size_t dyn_smem = 0) {
+  launch(uint3{static_cast<unsigned>(grid), 1, 1}, uint3{kThreads, 1, 1}, fn, dyn_smem);
 }
 
 // max |a - e| / max |e|, infinite when a holds a non-finite value (an unwritten output).
@@ -396,7 +415,7 @@ int run_ce_single(const std::string& kind, int64_t N, int D, int C, int grid, in
                 sizeof(emu::smem_raw));
     return 2;
   }
-  launch(grid, [&] { kernel(p); });
+  launch(grid, [&] { kernel(p); }, smem);
 
   // finalize_kernel's sums (block order), then the relative errors.
   double loss = 0;
@@ -667,7 +686,7 @@ int run_bce(int64_t N, int64_t D, int grid, const std::string& opts) {
     return 2;
   }
   const int64_t gpb = kWarps / wpr;
-  const size_t smem = static_cast<size_t>(gpb * D) * sizeof(acc_t);
+  const size_t smem = bce_fused_smem<acc_t>(gpb, D, true);
   if (smem > sizeof(emu::smem_raw)) return 2;
   const acc_t den = mean ? static_cast<acc_t>(N) : acc_t(1);
   const acc_t nan = std::numeric_limits<acc_t>::quiet_NaN();
@@ -693,7 +712,7 @@ int run_bce(int64_t N, int64_t D, int grid, const std::string& opts) {
     else if (chunks == 2) bce_fused_kernel<T, acc_t, 2>(p);
     else if (chunks == 4) bce_fused_kernel<T, acc_t, 4>(p);
     else if constexpr (kBce8Chunks<T>) bce_fused_kernel<T, acc_t, 8>(p);
-  });
+  }, smem);
   acc_t loss = nan, gb = nan;
   std::vector<acc_t> gw(D, nan);
   FinalizeParams<acc_t> fp{};
