@@ -5,6 +5,7 @@
 #
 #   bash benchmarks/gpu_session.sh build tests          # ~7 min: build for 9.0, the whole suite
 #   bash benchmarks/gpu_session.sh bench profile        # ~4 min: benchmarks, ncu on the kernels
+#   bash benchmarks/gpu_session.sh sanitize             # ~3 min: compute-sanitizer on every path
 #   bash benchmarks/gpu_session.sh all                  # everything (more than one 10-min call)
 #
 # Stages:
@@ -18,6 +19,10 @@
 #            (ce_tc_kernel, ce_fused_kernel, the chunked path's GEMMs and ce_rows_kernel),
 #            fp32 on ce_tc_kernel (3xTF32), and one Linear+GELU
 #            step (act_bwd_colsum_kernel), plus a torch.profiler kernel table of the same calls
+#   sanitize compute-sanitizer memcheck, racecheck and synccheck on benchmarks/sanitize_calls.py
+#            (every kernel path once, small shapes; PyTorch's caching allocator off so that an
+#            access past an output is past its allocation). The host emulation's ThreadSanitizer
+#            and AddressSanitizer runs (tests/test_cuda_emu.py) are the same checks without a GPU.
 # Results: $OUT/summary.txt, $OUT/<stage>.log, $OUT/results/ (benchmark CSV/Markdown).
 #
 # The device machine has no network and no expecttest (torch.library.opcheck needs it): put a
@@ -128,6 +133,15 @@ run_profile() {
     $PY -c "$PROFILE_PY"
 }
 
+run_sanitize() {
+  local cs=compute-sanitizer
+  command -v $cs >/dev/null || { echo "sanitize: no compute-sanitizer on PATH" | tee -a "$OUT/summary.txt"; return 0; }
+  for tool in memcheck racecheck synccheck; do
+    PYTORCH_NO_CUDA_MEMORY_CACHING=1 stage "sanitize_$tool" 150 \
+      $cs --tool $tool --error-exitcode 9 --print-limit 20 $PY benchmarks/sanitize_calls.py
+  done
+}
+
 [ $# -eq 0 ] && set -- build tests
 for s in "$@"; do
   case "$s" in
@@ -135,8 +149,9 @@ for s in "$@"; do
     tests) run_tests ;;
     bench) run_bench ;;
     profile) run_profile ;;
-    all) run_build || exit 1; run_tests; run_bench; run_profile ;;
-    *) echo "unknown stage '$s' (build, tests, bench, profile, all)"; exit 2 ;;
+    sanitize) run_sanitize ;;
+    all) run_build || exit 1; run_tests; run_sanitize; run_bench; run_profile ;;
+    *) echo "unknown stage '$s' (build, tests, sanitize, bench, profile, all)"; exit 2 ;;
   esac
 done
 cat "$OUT/summary.txt"
