@@ -72,9 +72,10 @@ at::Tensor loss_dx_cpu(const at::Tensor& residual, const at::Tensor& coef,
                        const at::Tensor& weight);
 
 // The shapes the CUDA tensor-core cross-entropy kernel covers (csrc/cuda/logreg_ce_tc.cu, for
-// reduction mean/sum): D a multiple of 8; 16-bit x with C <= 16 and D <= 1024 or C <= 32 and
-// D <= 512 (its dW accumulators live in registers); fp32 x (3xTF32: fp32 accuracy) with half
-// those D (its X tiles take twice the shared memory). It also needs sm_80 or newer and the
+// reduction mean/sum): D a multiple of 8; 16-bit x with C <= 16 and D <= 1024, C <= 32 and
+// D <= 512, or C <= 64 and D <= 256 (its dW accumulators, C x D / 256 floats per thread, live
+// in registers); fp32 x (3xTF32: fp32 accuracy) with half those D (its X tiles take twice the
+// shared memory). It also needs sm_80 or newer and the
 // shared memory, which that file checks. Device-agnostic, so that the path choice in
 // csrc/autograd.cpp (ce_use_chunked) can keep these shapes on the single pass.
 // MANUAL_LAYERS_CE_TC=0 turns the kernel off (the CUDA-core kernel or the chunked path run).
@@ -91,8 +92,8 @@ inline bool ce_tc_shape_ok(at::ScalarType dtype, int64_t C, int64_t D) {
   } else {
     return false;
   }
-  if (D < 8 || D % 8 != 0 || C < 1 || C > 32) return false;
-  return D <= (C <= 16 ? dmax : dmax / 2);
+  if (D < 8 || D % 8 != 0 || C < 1 || C > 64) return false;
+  return D <= (C <= 16 ? dmax : (C <= 32 ? dmax / 2 : dmax / 4));
 }
 
 #ifdef WITH_CUDA

@@ -1,5 +1,5 @@
 """The tensor-core cross-entropy kernel (csrc/cuda/logreg_ce_tc.cu, path 1c: 16-bit x, and fp32
-x as 3xTF32; mean/sum, C <= 32, D % 8 == 0) against manual_layers.reference, and the path choice
+x as 3xTF32; mean/sum, C <= 64, D % 8 == 0) against manual_layers.reference, and the path choice
 that sends those shapes to it. The kernel tests need a GPU (sm_80+) and skip elsewhere
 (tests/test_cuda_emu.py runs the kernel's code in a host emulation there); the path-choice test
 runs anywhere on fake CUDA tensors."""
@@ -45,11 +45,15 @@ def _ran_tc(x, w, b, t, **kw):
     (95, 512, 17),    # CP = 32
     (64, 40, 32),     # every padded class used
     (129, 1024, 16),  # the largest D, CP = 16
+    (100, 256, 64),   # CP = 64, its largest D
+    (77, 200, 33),    # CP = 64, one class past 32
 ])
 def test_matches_reference(dtype, reduction, N, D, C):
-    """fp32 at full fp32 tolerance (3xTF32), for its shapes: D up to 512 (C <= 16) or 256."""
-    if dtype == torch.float32 and D > (512 if C <= 16 else 256):
-        D = 256 if C > 16 else 512
+    """fp32 at full fp32 tolerance (3xTF32), for its shapes: D up to 512 (C <= 16), 256
+    (C <= 32) or 128 (C <= 64)."""
+    dmax = 512 if C <= 16 else (256 if C <= 32 else 128)
+    if dtype == torch.float32 and D > dmax:
+        D = dmax
     x, w, b, t = _problem(N, D, C, "cuda", dtype)
     assert _ran_tc(x, w, b, t, reduction=reduction)
     _compare(x, w, b, t, reduction, TOL[dtype])
@@ -118,6 +122,11 @@ def test_unaligned_x():
     (torch.bfloat16, 512, 10, None, True),    # the tensor-core kernel's shape: single pass
     (torch.float16, 1024, 16, None, True),
     (torch.bfloat16, 512, 32, None, True),
+    (torch.bfloat16, 256, 64, None, True),    # CP = 64
+    (torch.float16, 264, 33, None, False),    # C > 32 with D > 256: chunked
+    (torch.bfloat16, 256, 65, None, False),   # C > 64: chunked
+    (torch.float32, 128, 64, None, True),
+    (torch.float32, 256, 40, None, False),    # fp32 C > 32 past D 128: chunked
     (torch.bfloat16, 1024, 17, None, False),  # C > 16 with D > 512: chunked
     (torch.bfloat16, 516, 10, None, False),   # D % 8 != 0: chunked
     (torch.float32, 512, 10, None, True),     # fp32 as 3xTF32

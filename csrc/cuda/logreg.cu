@@ -14,7 +14,7 @@
 //    exactly once and no (N, C) buffer exists.
 //
 // 1c. Tensor-core multinomial path (logreg_ce_tc.cu): path 1b's contract for 16-bit and fp32
-//    x (3xTF32), reduction mean/sum, D % 8 == 0, C <= 32 and D up to 1024 (16-bit, C <= 16;
+//    x (3xTF32), reduction mean/sum, D % 8 == 0, C <= 64 and D up to 1024 (16-bit, C <= 16;
 //    ce_tc_shape_ok in csrc/logreg.h has the rest), sm_80+, and the shared memory for two
 //    tiles of X (ce_tc_config). Tried before 1b; MANUAL_LAYERS_CE_TC=0 turns it off.
 //

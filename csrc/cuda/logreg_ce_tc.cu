@@ -13,7 +13,8 @@
 //                (about 2e-7 relative in tests/test_cuda_emu.py), no TF32 shortcut.
 //
 // Shapes (csrc/logreg.h, ce_tc_shape_ok): D a multiple of 8; C <= 16 with D <= 1024 (fp32:
-// 512), C <= 32 with D <= 512 (fp32: 256); classes padded to CP = 16 or 32.
+// 512), C <= 32 with D <= 512 (fp32: 256), C <= 64 with D <= 256 (fp32: 128); classes padded
+// to CP = 16, 32 or 64.
 //
 // ce_tc_kernel: a fixed grid of B blocks (occupancy x SMs, at most ceil(N / 32)), 256 threads
 // = 8 warps, each block over tiles of kTcRows = 32 rows (tile b, b + B, ...):
@@ -480,22 +481,25 @@ size_t ce_tc_smem(int64_t cp, int64_t D, int64_t stages) {
 // The kernel instance for a shape of ce_tc_shape_ok: classes padded to cp, nt column tiles of
 // dW per warp (the next instance up from ceil(ceil(D / 16) * 2 / 8)).
 inline void ce_tc_tiles(int64_t C, int64_t D, int* cp, int* nt) {
-  *cp = C <= 16 ? 16 : 32;
+  *cp = C <= 16 ? 16 : (C <= 32 ? 32 : 64);
   const int64_t need = ceil_div(ceil_div(D, 16) * 2, kWarps);
   *nt = need <= 4 ? 4 : (need <= 8 ? 8 : 16);
 }
 
 template <typename scalar_t>
 CeFusedKernel<scalar_t> ce_tc_kernel_for(int cp, int nt) {
-  // fp32 shapes stop at half the 16-bit D (ce_tc_shape_ok): no (16, 16) and (32, 8) instances.
+  // fp32 shapes stop at half the 16-bit D (ce_tc_shape_ok): no (16, 16) and (32, 8) instances;
+  // CP = 64 (D <= 256, fp32 128) needs NT = 4 only.
   constexpr bool kF32 = std::is_same_v<scalar_t, float>;
-  TORCH_INTERNAL_ASSERT(nt <= (cp == 16 ? (kF32 ? 8 : 16) : (kF32 ? 4 : 8)),
+  const int nt_max = cp == 16 ? (kF32 ? 8 : 16) : (cp == 32 ? (kF32 ? 4 : 8) : 4);
+  TORCH_INTERNAL_ASSERT((cp == 16 || cp == 32 || cp == 64) && nt <= nt_max,
                         "ce_tc_kernel_for: no instance for CP ", cp, ", NT ", nt);
   if (cp == 16) {
     if (nt == 4) return ce_tc_kernel<scalar_t, 16, 4>;
     if (nt == 8) return ce_tc_kernel<scalar_t, 16, 8>;
     if constexpr (!kF32) return ce_tc_kernel<scalar_t, 16, 16>;
   }
+  if (cp == 64) return ce_tc_kernel<scalar_t, 64, 4>;
   if (nt == 4) return ce_tc_kernel<scalar_t, 32, 4>;
   if constexpr (!kF32) return ce_tc_kernel<scalar_t, 32, 8>;
   return nullptr;  // unreachable (asserted above)
@@ -509,8 +513,8 @@ CeFusedKernel<scalar_t> ce_tc_kernel_for(int cp, int nt) {
 // body, JIT-compiled from their PTX). Asked once per instance.
 template <typename scalar_t>
 bool ce_tc_code_ok(int cp, int nt) {
-  static std::atomic<int> known[2][3] = {{-1, -1, -1}, {-1, -1, -1}};
-  std::atomic<int>& k = known[cp == 32][nt == 4 ? 0 : (nt == 8 ? 1 : 2)];
+  static std::atomic<int> known[3][3] = {{-1, -1, -1}, {-1, -1, -1}, {-1, -1, -1}};
+  std::atomic<int>& k = known[cp == 16 ? 0 : (cp == 32 ? 1 : 2)][nt == 4 ? 0 : (nt == 8 ? 1 : 2)];
   int v = k.load(std::memory_order_relaxed);
   if (v < 0) {
     cudaFuncAttributes attr{};

@@ -244,7 +244,7 @@ LossOut ce_fused_path(const Prepared& q, const CeFusedConfig& cfg, int64_t ignor
 // false when the kernel is off (MANUAL_LAYERS_CE_TC=0), the device is older than sm_80 or
 // lacks the shared memory. Instantiated for float, at::Half and at::BFloat16.
 struct CeTcConfig {
-  int cp = 0;      // classes padded to 16 or 32
+  int cp = 0;      // classes padded to 16, 32 or 64
   int nt = 0;      // dW column tiles of 8 per warp: 4, 8 or 16
   int stages = 0;  // row tiles of x in flight (cp.async pipeline): 2 to 4
   size_t smem = 0; // dynamic shared memory per block, bytes
