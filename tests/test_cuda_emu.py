@@ -241,10 +241,12 @@ def test_linear_kernels_emulated(emu, case):
 
 # The same kernels built with a sanitizer (cf. compute-sanitizer's racecheck / memcheck on a GPU):
 # - thread: ThreadSanitizer orders every memory access of the block's threads by the
-#   __syncthreads / __syncwarp / shuffle barriers, so a shared-memory race (a missing barrier)
-#   is reported whatever order the threads happened to run in; the value checks above see it
-#   only when the schedule exposes it. The shuffles are barriers here, so a race that only a
-#   shuffle "orders" on the GPU (which promises no memory ordering for it) is not reported.
+#   __syncthreads / __syncwarp barriers, so a shared-memory race (a missing barrier) is reported
+#   whatever order the threads happened to run in; the value checks above see it only when the
+#   schedule exposes it. Shuffles exchange their values through relaxed atomics in this build
+#   and order nothing else (kernels_emu.cpp), as on the GPU, whose memory model gives
+#   __shfl_sync no ordering: a __syncwarp replaced by a shuffle in the row kernel
+#   (logreg_gemm.cu) is reported, where the value checks pass.
 # - address: AddressSanitizer and UBSan. Dynamic shared memory is the launch's size placed at
 #   the end of the emulator's array (kernels_emu.cpp: launch), so a kernel reading or writing
 #   past the size its host code computes is reported; so are out-of-bounds global accesses.

@@ -17,13 +17,15 @@
 // The .cu files are compiled as C++ with ML_CUDA_HOST_EMU (which leaves out their host
 // code): a block's threads are std::threads (blocks run one after another; __shared__ arrays
 // are static, so all threads of a block see one), __syncthreads, __syncwarp and the warp
-// shuffles are barriers, a cp.async copy lands when its thread waits for its group (a read
-// before the wait and the barrier sees the poisoned shared memory), and mma.sync is computed
-// from the fragment layouts of the PTX ISA, written here independently of the kernel
-// (m16n8k16 16-bit: A[g + 8 (r % 2)][2t + 8 (r / 2) + h] in register r of lane 4g + t,
-// B[2t + 8r + h][g], D[g + 8 (r / 2)][2t + r % 2]; m16n8k8 tf32 likewise with k = t + 4 (r / 2)
-// and t + 4r). What it cannot check: the PTX itself, timing, and races the thread schedule of
-// a run does not expose (threads interleave as the host schedules them, not as warps do).
+// shuffles are barriers (under ThreadSanitizer the shuffles order no memory: __shfl_xor_sync),
+// dynamic shared memory is the launch's size at the end of an array (launch), a cp.async copy
+// lands when its thread waits for its group (a read before the wait and the barrier sees the
+// poisoned shared memory), and mma.sync is computed from the fragment layouts of the PTX ISA,
+// written here independently of the kernel (m16n8k16 16-bit: A[g + 8 (r % 2)][2t + 8 (r / 2) +
+// h] in register r of lane 4g + t, B[2t + 8r + h][g], D[g + 8 (r / 2)][2t + r % 2]; m16n8k8
+// tf32 likewise with k = t + 4 (r / 2) and t + 4r). What it cannot check: the PTX itself and
+// timing. A race the thread schedule of a run does not expose passes the value checks; built
+// with -fsanitize=thread (tests/test_cuda_emu.py) it is reported whatever the schedule.
 //
 // Usage (exit 0 when every output matches a float64 reference of the same inputs, else 1):
 //   kernels_emu ce_tc|ce_fused DTYPE N D C GRID STAGES OPTS   DTYPE bf16|f16|f32 (ce_fused:
@@ -39,6 +41,7 @@
 //   kernels_emu linear_misc DTYPE ROWS COLS GRID BLOCKS  (run_linear_misc)
 #include <cuda_runtime.h>
 
+#include <atomic>
 #include <barrier>
 #include <cmath>
 #include <cstdint>
@@ -89,6 +92,36 @@ inline void warp_sync() { warp_bar[warp()]->arrive_and_wait(); }
 inline void __syncthreads() { emu::block_bar->arrive_and_wait(); }
 inline void __syncwarp(unsigned = 0xffffffffu) { emu::warp_sync(); }
 
+#if defined(__SANITIZE_THREAD__)
+// Under ThreadSanitizer a shuffle exchanges its value through relaxed atomics and waits on a
+// relaxed counter: it orders no other memory access, as on the GPU, where the memory model gives
+// __shfl_sync no ordering (__syncwarp and __syncthreads have it). So shared memory written by one
+// lane and read by another with only shuffles between them is reported as the race it is.
+namespace emu {
+std::atomic<uint64_t> axch[kMaxWarps][32];
+std::atomic<uint64_t> arrivals[kMaxWarps];
+inline void relaxed_warp_wait() {
+  std::atomic<uint64_t>& n = arrivals[warp()];
+  const uint64_t target = (n.fetch_add(1, std::memory_order_relaxed) / 32 + 1) * 32;
+  while (n.load(std::memory_order_relaxed) < target) std::this_thread::yield();
+}
+}  // namespace emu
+
+template <typename T>
+T __shfl_xor_sync(unsigned, T v, int off) {
+  static_assert(sizeof(T) <= 8, "shuffles of up to 64 bits");
+  const int w = emu::warp(), l = emu::lane();
+  uint64_t bits = 0;
+  std::memcpy(&bits, &v, sizeof(T));
+  emu::axch[w][l].store(bits, std::memory_order_relaxed);
+  emu::relaxed_warp_wait();  // every lane's value stored
+  bits = emu::axch[w][l ^ off].load(std::memory_order_relaxed);
+  emu::relaxed_warp_wait();  // every lane's value read before the next shuffle stores
+  T r;
+  std::memcpy(&r, &bits, sizeof(T));
+  return r;
+}
+#else
 template <typename T>
 T __shfl_xor_sync(unsigned, T v, int off) {
   static_assert(sizeof(T) <= 8, "shuffles of up to 64 bits");
@@ -100,6 +133,7 @@ T __shfl_xor_sync(unsigned, T v, int off) {
   emu::warp_sync();
   return r;
 }
+#endif
 
 namespace manual_layers {
 namespace cuda_logreg {
