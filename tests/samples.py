@@ -17,6 +17,7 @@ import contextlib
 import dataclasses
 import os
 import random
+from unittest import mock
 
 import torch
 
@@ -114,16 +115,8 @@ class Sample:
     @contextlib.contextmanager
     def environment(self):
         """Runs the block with the sample's environment variables set (e.g. the CE path)."""
-        old = {k: os.environ.get(k) for k in self.env}
-        os.environ.update(self.env)
-        try:
+        with mock.patch.dict(os.environ, self.env):
             yield
-        finally:
-            for k, v in old.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
 
 
 class _Maker:
