@@ -135,7 +135,10 @@ run_profile() {
 
 run_sanitize() {
   local cs=compute-sanitizer
-  command -v $cs >/dev/null || { echo "sanitize: no compute-sanitizer on PATH" | tee -a "$OUT/summary.txt"; return 0; }
+  if ! command -v $cs >/dev/null; then
+    echo "sanitize: no compute-sanitizer on PATH" | tee -a "$OUT/summary.txt"
+    return 0
+  fi
   for tool in memcheck racecheck synccheck; do
     PYTORCH_NO_CUDA_MEMORY_CACHING=1 stage "sanitize_$tool" 150 \
       $cs --tool $tool --error-exitcode 9 --print-limit 20 $PY benchmarks/sanitize_calls.py

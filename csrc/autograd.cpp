@@ -396,8 +396,9 @@ class BceFn : public torch::autograd::Function<BceFn> {
 // reduction="none" keeps the single-pass choice (there the GEMM path holds the N x C residual
 // instead of recomputing the logits in backward). 16-bit and fp32 x in the shapes of the
 // tensor-core single pass (csrc/cuda/logreg_ce_tc.cu, ce_tc_shape_ok in csrc/logreg.h: C <= 64,
-// D % 8 == 0, D up to 1024 for C <= 16) keeps the single pass at every size: its products run on tensor
-// cores and it reads X once, where the chunked path reads it twice (not yet timed on a GPU).
+// D % 8 == 0, D up to 1024 for C <= 16) keeps the single pass at every size: its products run
+// on tensor cores and it reads X once, where the chunked path reads it twice (not yet timed on
+// a GPU).
 // Where that kernel cannot run after all (a GPU older than sm_80, too little shared memory)
 // the single op falls back to the CUDA-core kernel or the GEMM path.
 //

@@ -75,9 +75,9 @@ at::Tensor loss_dx_cpu(const at::Tensor& residual, const at::Tensor& coef,
 // reduction mean/sum): D a multiple of 8; 16-bit x with C <= 16 and D <= 1024, C <= 32 and
 // D <= 512, or C <= 64 and D <= 256 (its dW accumulators, C x D / 256 floats per thread, live
 // in registers); fp32 x (3xTF32: fp32 accuracy) with half those D (its X tiles take twice the
-// shared memory). It also needs sm_80 or newer and the
-// shared memory, which that file checks. Device-agnostic, so that the path choice in
-// csrc/autograd.cpp (ce_use_chunked) can keep these shapes on the single pass.
+// shared memory). It also needs sm_80 or newer and the shared memory, which that file checks.
+// Device-agnostic, so that the path choice in csrc/autograd.cpp (ce_use_chunked) can keep these
+// shapes on the single pass.
 // MANUAL_LAYERS_CE_TC=0 turns the kernel off (the CUDA-core kernel or the chunked path run).
 inline bool ce_tc_enabled() {
   const char* env = std::getenv("MANUAL_LAYERS_CE_TC");

@@ -514,7 +514,8 @@ CeFusedKernel<scalar_t> ce_tc_kernel_for(int cp, int nt) {
 template <typename scalar_t>
 bool ce_tc_code_ok(int cp, int nt) {
   static std::atomic<int> known[3][3] = {{-1, -1, -1}, {-1, -1, -1}, {-1, -1, -1}};
-  std::atomic<int>& k = known[cp == 16 ? 0 : (cp == 32 ? 1 : 2)][nt == 4 ? 0 : (nt == 8 ? 1 : 2)];
+  const int ci = cp == 16 ? 0 : (cp == 32 ? 1 : 2);
+  std::atomic<int>& k = known[ci][nt == 4 ? 0 : (nt == 8 ? 1 : 2)];
   int v = k.load(std::memory_order_relaxed);
   if (v < 0) {
     cudaFuncAttributes attr{};
