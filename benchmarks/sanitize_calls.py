@@ -32,8 +32,10 @@ def leaf(t):
 
 def bce_call(dev, dt, n, d, reduction="mean", strided=False, **opts):
     g = torch.Generator().manual_seed(n * 31 + d)
-    x = torch.randn(n, d + (1 if strided else 0), generator=g, dtype=dt)[:, :d].to(dev)
-    x = x.requires_grad_() if not strided else x
+    # strided: a view of wider rows, sliced on the device (.to() of a view with gaps would
+    # hand the kernel a contiguous copy)
+    full = torch.randn(n, d + (1 if strided else 0), generator=g, dtype=dt).to(dev)
+    x = full[:, :d] if strided else leaf(full)
     w = leaf((torch.randn(1, d, generator=g) * 0.05).to(dev, dt))
     b = leaf(torch.zeros(1, dtype=dt, device=dev))
     y = (torch.rand(n, generator=g) > 0.5).to(dev, dt)
