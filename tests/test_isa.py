@@ -95,6 +95,11 @@ def _inputs():
         y = torch.rand(301, generator=g).to(dt)
         loss[f"{dt}-bce-mean"] = (x, w1, b1, y, {"pos_weight": torch.tensor([1.5], dtype=dt)})
         loss[f"{dt}-bce-none"] = (x, w1, b1, y, {"reduction": "none"})
+        # rows of 800 / 1600 bytes: the binary pass's 4-row and 16-row prefetching tiles
+        # (csrc/cpu/logreg.cpp, tile_shape); 37 columns take 16 (fp32) and 8 (fp64) rows.
+        xw = torch.randn(301, 200, generator=g).to(dt)
+        ww = (torch.randn(1, 200, generator=g) / 14).to(dt)
+        loss[f"{dt}-bce-wide"] = (xw, ww, b1, y, {"sample_weight": torch.rand(301, generator=g).to(dt)})
         W, B = torch.randn(11, 37, generator=g).to(dt), torch.randn(11, generator=g).to(dt)
         t = torch.randint(0, 11, (301,), generator=g)
         loss[f"{dt}-ce-mean"] = (x, W, B, t, {"label_smoothing": 0.1,

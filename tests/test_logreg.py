@@ -91,11 +91,18 @@ def test_ce_shapes(device, C, D):
 @pytest.mark.parametrize("D,dtype,strided", [(16, torch.float32, False), (16, torch.float32, True),
                                              (17, torch.float32, False), (16, torch.bfloat16, False),
                                              (5, torch.float64, True), (17, torch.float16, True),
-                                             (40, torch.bfloat16, True)])
+                                             (40, torch.bfloat16, True),
+                                             # binary tiles of 8 and 4 rows (csrc/cpu/logreg.cpp,
+                                             # tile_shape), and 16 with prefetch
+                                             (100, torch.float32, False),
+                                             (130, torch.bfloat16, True),
+                                             (200, torch.float32, True),
+                                             (300, torch.float32, False)])
 def test_tile_and_block_boundaries(device, N, D, dtype, strided):
-    """The CPU pass works on tiles of 16 rows inside fixed blocks of rows, reading whole tiles in
-    place and copying the rest: partial tiles, several blocks, rows with a stride, converted
-    rows, and ignored rows inside a partial tile must all give the reference."""
+    """The CPU pass works on tiles of 16 rows (binary, rows of up to 1 KiB: 16, 8 or 4) inside
+    fixed blocks of rows, reading whole tiles in place and copying the rest: partial tiles,
+    several blocks, rows with a stride, converted rows, and ignored rows inside a partial tile
+    must all give the reference."""
     base = torch.randn(N, D + 3 if strided else D, device=device, dtype=dtype)
     x = base[:, :D]
     w = torch.randn(1, D, device=device, dtype=dtype) / 3
@@ -122,7 +129,9 @@ def test_tile_and_block_boundaries(device, N, D, dtype, strided):
 def test_16bit_rows_match_the_float32_pass_bitwise(dtype, N, D, strided):
     """CPU: 16-bit rows are widened exactly (read in place by the binary pass, converted into a
     tile buffer otherwise) and then take the float32 pass's arithmetic in the same order, so the
-    16-bit results are the float32 results of the widened inputs, rounded once."""
+    16-bit results are the float32 results of the widened inputs, rounded once. D = 130 and 300
+    also check that the binary pass's tile size changes no bit: their 16-bit rows run in tiles of
+    8 and 4 rows, the float32 rows in tiles of 4 and 16."""
     base = torch.randn(N, D + 5 if strided else D, dtype=dtype)
     x = base[:, :D]
     w = (torch.randn(1, D) / 3).to(dtype)

@@ -8,11 +8,11 @@
 //
 //   rows are split into a FIXED number of contiguous blocks (a function of N, C and D only, never
 //   of the thread count); at::parallel_for runs over the blocks. Within a block, per tile of
-//   kRows (16) rows:
+//   kRows (16) rows (the binary pass on rows of up to 1 KiB: 16, 8 or 4, see tile_shape):
 //     1. z = W x_i + b for the tile's rows, one row after another, each read front to back
 //        (up to 4 classes per register block; vectorised, accumulation type acc_t: float for
 //        float/bf16/half, double for double; W is kept as a zero-padded acc_t copy), with the
-//        rows ~48 KiB ahead prefetched into L2;
+//        rows ~48 KiB ahead prefetched into L2 (except in the binary pass's short-row tiles);
 //     2. the loss terms and residuals r_i = dloss_i/dz_i of the tile, vectorised over its rows
 //        (one SIMD lane per row: stable softplus / log-sum-exp), the residual multiplied by the
 //        reduction's scale (1/N, 1/sum_w or 1), the losses accumulated in double in row order;
@@ -28,6 +28,8 @@
 //   one X.sum() in the same process, from 2.0x); CE C=10 with grad 155 -> 110 ms; float64
 //   200,000 x 100 binary (the fit's pass) 10.6 -> 6.1 ms. Binary prefetches spread over the
 //   row reads (a line per vector instead of a burst per 4 rows): 45 -> 36-40 ms (1.1x X.sum()).
+//   Binary tiles of at most 4 KiB and no software prefetch for rows up to 1 KiB (tile_shape):
+//   1.13-1.44x -> 1.04-1.25x one X.sum() in the same process.
 //   The block partials (loss, grad_W, grad_b) are then summed in block order: bitwise
 //   deterministic from run to run, whatever the thread count, no atomics. Temporary memory is
 //   O(blocks x C x D), independent of N.
@@ -64,7 +66,7 @@ namespace {
 using at::vec::Vectorized;
 
 constexpr int64_t kTile = 4;                  // rows per logits step (converted/prefetched together)
-constexpr int64_t kRows = 16;                 // rows per tile: the losses and the grad_W sweep
+constexpr int64_t kRows = 16;                 // rows per tile (at most): losses, grad_W sweep
 constexpr int64_t kPrefetchBytes = 48 << 10;  // software prefetch distance (into L2)
 constexpr int64_t kMinBlockRows = 2048;       // a block is at least this many rows...
 constexpr int64_t kMaxBlocks = 64;            // ...and there are at most this many blocks,
@@ -87,6 +89,30 @@ Blocks make_blocks(int64_t N, int64_t C, int64_t Dp, int64_t elem_size) {
   return {count, rows};
 }
 
+// Rows per tile and software prefetch. While a tile's losses and grad_W sweep run from L1, the
+// pass asks for no new line of X. Cross entropy (compute-bound) and the binary pass on rows of more
+// than 1 KiB: 16-row tiles, with the rows ~48 KiB ahead prefetched into L2 meanwhile (run_block).
+// The binary pass on shorter rows: the most rows, 16, 8 or 4, whose tile fits 4 KiB, and no
+// software prefetch, as the hardware prefetchers then keep X streaming. Binary loss+grad per
+// X.sum() in the same process, 2-core Zen 4, medians of 11, 2-6 processes each, against 16-row
+// tiles with prefetch: fp32 1,048,576 x 256 (4 rows) 1.13-1.44x -> 1.04-1.25x; 2,097,152 x 128
+// (8 rows) 1.15-1.17x -> 0.99-1.00x; 4,194,304 x 64 (16 rows) 1.12-1.33x -> 1.02-1.16x; bf16 and
+// fp16 1,048,576 x 256 (8 rows) 1.30-1.39x -> 1.25-1.29x; float64 200,000 x 100 (4 rows) the
+// same. Rows of 2 and 4 KiB (fp32 D = 512, 1000) were slower in 4-row tiles or without the
+// prefetch. A tile's size changes no result: every sum runs in row order whatever the tiles.
+struct TileShape {
+  int64_t rows;
+  bool prefetch;
+};
+
+inline TileShape tile_shape(int64_t C, int64_t row_bytes) {
+  if (C == 1) {
+    for (int64_t rows = kRows; rows >= kTile; rows /= 2)
+      if (rows * row_bytes <= (4 << 10)) return {rows, false};
+  }
+  return {kRows, true};
+}
+
 // ---------------------------------------------------------------------------------------------
 // Per-tile losses, vectorised over the tile's ROWS (one lane per row): the transcendental
 // functions run once per kRows / Vec::size() rows and class, not once per row.
@@ -103,11 +129,12 @@ struct BceLoss {
   const acc_t* sample_weight;  // (N,) or null
   acc_t pos_weight;  // 1 when None
 
-  inline void tile(int64_t i0, int64_t nr, const acc_t* z, acc_t* r, acc_t* loss) const {
+  inline void tile(int64_t i0, int64_t nr, int64_t rows, const acc_t* z, acc_t* r,
+                   acc_t* loss) const {
     using Vec = Vectorized<acc_t>;
     constexpr int64_t V = Vec::size();
     const Vec one(1), zero(0);
-    for (int64_t k = 0; k < kRows; k += V) {
+    for (int64_t k = 0; k < rows; k += V) {
       const int64_t len = std::max<int64_t>(0, std::min<int64_t>(V, nr - k));
       const Vec zv = Vec::loadu(z + k);
       const Vec y = Vec::loadu(target + i0 + k, len);
@@ -142,7 +169,8 @@ struct CeLoss {
   acc_t eps;
   acc_t class_weight_sum;  // sum_k w_k (C when None)
 
-  inline void tile(int64_t i0, int64_t nr, const acc_t* z, acc_t* r, acc_t* loss) const {
+  inline void tile(int64_t i0, int64_t nr, int64_t rows, const acc_t* z, acc_t* r,
+                   acc_t* loss) const {
     using Vec = Vectorized<acc_t>;
     constexpr int64_t V = Vec::size();
     const acc_t keep = acc_t(1) - eps, eps_c = eps / acc_t(C);
@@ -157,7 +185,7 @@ struct CeLoss {
       zt[k] = valid ? z[t * kRows + k] : acc_t(0);
       wt[k] = valid ? (class_weight ? class_weight[t] : acc_t(1)) : acc_t(0);
     }
-    for (int64_t k = 0; k < kRows; k += V) {
+    for (int64_t k = 0; k < rows; k += V) {
       Vec m = Vec::loadu(z + k);
       for (int64_t c = 1; c < C; ++c) m = at::vec::maximum(m, Vec::loadu(z + c * kRows + k));
       Vec s(0);
@@ -188,7 +216,7 @@ struct CeLoss {
       }
       l.store(loss + k);
     }
-    for (int64_t k = 0; k < kRows; ++k) {
+    for (int64_t k = 0; k < rows; ++k) {
       if (tk[k] >= 0) {
         r[tk[k] * kRows + k] -= keep * wt[k];
       } else {
@@ -212,6 +240,7 @@ struct Pass {
   const acc_t* bias;  // (C,) or null
   acc_t scale;  // applied to the residual before accumulation (mean/sum)
   Blocks blocks;
+  TileShape tile;
   // mean/sum outputs
   double* part_loss;  // (blocks,)
   acc_t* part_w;  // (blocks, C, Dp) or null
@@ -382,8 +411,9 @@ template <typename scalar_t, typename acc_t, bool NEED_W, typename LossFn>
 void run_block(const Pass<scalar_t, acc_t>& p, const LossFn& loss_fn, int64_t blk) {
   using Vec = Vectorized<acc_t>;
   constexpr int64_t V = Vec::size();
-  constexpr int64_t T = kRows;
-  static_assert(T % kTile == 0 && T % V == 0, "a tile is whole register blocks and vectors");
+  static_assert(kRows % kTile == 0 && kRows % V == 0, "buffers of whole register blocks and vectors");
+  const int64_t T = p.tile.rows;  // a multiple of kTile, at most kRows
+  const bool prefetch = p.tile.prefetch;
   const int64_t C = p.C, D = p.D, Dp = p.Dp;
   const int64_t begin = std::min(p.N, blk * p.blocks.rows);
   const int64_t end = std::min(p.N, begin + p.blocks.rows);
@@ -400,14 +430,15 @@ void run_block(const Pass<scalar_t, acc_t>& p, const LossFn& loss_fn, int64_t bl
   // other 16-bit tiles and the last, short tile are converted / copied into a zero-padded acc_t
   // tile, padded with zero rows (and zero residuals).
   std::vector<acc_t> xbuf(T * Dp, acc_t(0));
-  std::vector<acc_t> z(T * C), r(T * C);  // class-major: [c * T + k]
-  acc_t tile_loss[T];
+  std::vector<acc_t> z(kRows * C), r(kRows * C);  // class-major: [c * kRows + k]
+  acc_t tile_loss[kRows];
   double loss_sum = 0;
 
   const int64_t row_bytes = D * static_cast<int64_t>(sizeof(scalar_t));
-  // Software prefetch distance in rows: kPrefetchBytes ahead (binary 1,048,576 x 256 fp32 on
-  // the 2-core Zen 4, per X.sum() in the same process: 1.41x without, 1.31-1.40x at 16-128 KiB,
-  // flat; into L1 instead of L2, or 8 rows ahead, was slower than none).
+  // Software prefetch distance in rows, where tile_shape asks for prefetch: kPrefetchBytes
+  // ahead (binary 1,048,576 x 256 fp32 in 16-row tiles on the 2-core Zen 4, per X.sum() in the
+  // same process: 1.41x without, 1.31-1.40x at 16-128 KiB, flat; into L1 instead of L2, or 8
+  // rows ahead, was slower than none).
   const int64_t pf_rows =
       std::max<int64_t>(kTile, (kPrefetchBytes + row_bytes - 1) / std::max<int64_t>(row_bytes, 1));
   for (int64_t i0 = begin; i0 < end; i0 += T) {
@@ -437,8 +468,8 @@ void run_block(const Pass<scalar_t, acc_t>& p, const LossFn& loss_fn, int64_t bl
       // fp32 loss+grad 44-46 -> 36-40 ms where X.sum() takes 33-36 ms in the same process
       // (1.33-1.37x -> 1.09-1.12x), float64 200,000 x 100 1.22-1.31x -> 1.12-1.17x. Measured
       // slower for cross entropy (compute-bound: C = 10 117 -> 129 ms), which keeps the burst.
-      const bool spread = direct && i0 + pf_rows + k0 + kTile <= end;
-      for (int64_t k = k0; !spread && k < k0 + kTile && i0 + pf_rows + k < end; ++k) {
+      const bool spread = prefetch && direct && i0 + pf_rows + k0 + kTile <= end;
+      for (int64_t k = k0; prefetch && !spread && k < k0 + kTile && i0 + pf_rows + k < end; ++k) {
         const char* row = reinterpret_cast<const char*>(p.x + (i0 + pf_rows + k) * p.x_row_stride);
         for (int64_t off = 0; off < row_bytes; off += 64) __builtin_prefetch(row + off, 0, 2);
       }
@@ -465,26 +496,29 @@ void run_block(const Pass<scalar_t, acc_t>& p, const LossFn& loss_fn, int64_t bl
       }
     }
     for (int64_t k = kr; k < T; ++k)  // lanes no register block covered: finite padding
-      for (int64_t c = 0; c < C; ++c) z[c * T + k] = acc_t(0);
+      for (int64_t c = 0; c < C; ++c) z[c * kRows + k] = acc_t(0);
 
     // 2. losses and residuals of the tile's rows; padding lanes get zero residuals.
-    loss_fn.tile(i0, nr, z.data(), r.data(), tile_loss);
-    for (int64_t c = 0; c < C; ++c) std::fill(r.data() + c * T + nr, r.data() + (c + 1) * T, acc_t(0));
+    loss_fn.tile(i0, nr, T, z.data(), r.data(), tile_loss);
+    for (int64_t c = 0; c < C; ++c)
+      std::fill(r.data() + c * kRows + nr, r.data() + c * kRows + T, acc_t(0));
     if (none_mode) {
       for (int64_t k = 0; k < nr; ++k) p.row_loss[i0 + k] = tile_loss[k];
     } else {
       for (int64_t k = 0; k < nr; ++k) loss_sum += static_cast<double>(tile_loss[k]);
-      for (int64_t j = 0; j < C * T; j += V) (Vec::loadu(r.data() + j) * Vec(p.scale)).store(r.data() + j);
+      for (int64_t c = 0; c < C; ++c)
+        for (int64_t j = c * kRows; j < c * kRows + T; j += V)
+          (Vec::loadu(r.data() + j) * Vec(p.scale)).store(r.data() + j);
     }
     if (p.residual) {
       for (int64_t k = 0; k < nr; ++k)
-        for (int64_t c = 0; c < C; ++c) p.residual[(i0 + k) * C + c] = r[c * T + k];
+        for (int64_t c = 0; c < C; ++c) p.residual[(i0 + k) * C + c] = r[c * kRows + k];
     }
     if (none_mode) continue;
 
     if (gb) {
       for (int64_t c = 0; c < C; ++c)
-        for (int64_t k = 0; k < nr; ++k) gb[c] += r[c * T + k];
+        for (int64_t k = 0; k < nr; ++k) gb[c] += r[c * kRows + k];
     }
 
     // 3. one sweep over the tile: grad_W += R^T X_tile as a register-blocked micro-GEMM
@@ -563,6 +597,7 @@ LossOut fused_loss(const at::Tensor& x_in, const at::Tensor& weight,
     p.N = N, p.D = D, p.Dp = Dp, p.C = C;
     p.W = Wp.const_data_ptr<acc_t>();
     p.bias = b_acc.defined() ? b_acc.const_data_ptr<acc_t>() : nullptr;
+    p.tile = tile_shape(C, D * static_cast<int64_t>(sizeof(scalar_t)));
 
     if (reduction == kNone) {
       loss = at::empty({N}, acc_opts);
