@@ -90,27 +90,33 @@ Blocks make_blocks(int64_t N, int64_t C, int64_t Dp, int64_t elem_size) {
 }
 
 // Rows per tile and software prefetch. While a tile's losses and grad_W sweep run from L1, the
-// pass asks for no new line of X. Cross entropy (compute-bound) and the binary pass on rows of more
-// than 1 KiB: 16-row tiles, with the rows ~48 KiB ahead prefetched into L2 meanwhile (run_block).
-// The binary pass on shorter rows: the most rows, 16, 8 or 4, whose tile fits 4 KiB, and no
-// software prefetch, as the hardware prefetchers then keep X streaming. Binary loss+grad per
-// X.sum() in the same process, 2-core Zen 4, medians of 11, 2-6 processes each, against 16-row
-// tiles with prefetch: fp32 1,048,576 x 256 (4 rows) 1.13-1.44x -> 1.04-1.25x; 2,097,152 x 128
-// (8 rows) 1.15-1.17x -> 0.99-1.00x; 4,194,304 x 64 (16 rows) 1.12-1.33x -> 1.02-1.16x; bf16 and
-// fp16 1,048,576 x 256 (8 rows) 1.30-1.39x -> 1.25-1.29x; float64 200,000 x 100 (4 rows) the
-// same. Rows of 2 and 4 KiB (fp32 D = 512, 1000) were slower in 4-row tiles or without the
-// prefetch. A tile's size changes no result: every sum runs in row order whatever the tiles.
+// pass asks for no new line of X; by default tiles are 16 rows, with the rows ~48 KiB ahead
+// prefetched into L2 meanwhile (run_block). Measured exceptions (2-core Zen 4; medians of 7-11
+// interleaved calls, 2-6 processes each; A tile's size changes no result: every sum runs in row
+// order whatever the tiles):
+//  - the binary pass on rows of up to 1 KiB: the most rows, 16, 8 or 4, whose tile fits 4 KiB,
+//    and no software prefetch: the hardware prefetchers then keep X streaming. Loss+grad per
+//    X.sum() in the same process, against 16-row tiles with prefetch: fp32 1,048,576 x 256
+//    (4 rows) 1.13-1.44x -> 1.04-1.25x; 2,097,152 x 128 (8 rows) 1.15-1.17x -> 0.99-1.00x;
+//    4,194,304 x 64 (16 rows) 1.12-1.33x -> 1.02-1.16x; bf16 and fp16 1,048,576 x 256 (8 rows)
+//    1.30-1.39x -> 1.25-1.29x; float64 200,000 x 100 (4 rows) the same. Rows of 2 and 4 KiB (fp32
+//    D = 512, 1000) were slower in 4-row tiles or without the prefetch;
+//  - cross entropy with C <= 16 on float32 rows (read in place): 16 rows, no prefetch. 1 GiB of
+//    X, loss+grad: D = 256, C = 10 115-122 -> 107-110 ms, C = 16 158-163 -> 146-149 ms, C = 2-4
+//    at D = 64, 256, 512 12-24 % faster; C = 20 the same, C = 32 3 % slower (300 -> 310 ms).
+//    16-bit rows (converted into a float32 tile first) were 20-35 % slower without the prefetch,
+//    float64 C = 10, D = 64 3-5 %.
 struct TileShape {
   int64_t rows;
   bool prefetch;
 };
 
-inline TileShape tile_shape(int64_t C, int64_t row_bytes) {
+inline TileShape tile_shape(int64_t C, int64_t row_bytes, bool f32_rows) {
   if (C == 1) {
     for (int64_t rows = kRows; rows >= kTile; rows /= 2)
       if (rows * row_bytes <= (4 << 10)) return {rows, false};
   }
-  return {kRows, true};
+  return {kRows, !(C >= 2 && C <= 16 && f32_rows)};
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -461,8 +467,8 @@ void run_block(const Pass<scalar_t, acc_t>& p, const LossFn& loss_fn, int64_t bl
     // 1. logits, one register block of kTile rows at a time.
     for (int64_t k0 = 0; k0 < kr; k0 += kTile) {
       // Reading X sets the pass's speed, and the hardware prefetcher idles while a tile's
-      // losses and grad_W sweep run from L1: ask for the rows pf_rows ahead (into L2, so the
-      // tile in L1 is not evicted) so that memory stays busy during that math.
+      // losses and grad_W sweep run from L1: where tile_shape says so, ask for the rows pf_rows
+      // ahead (into L2, so the tile in L1 is not evicted) so that memory stays busy meanwhile.
       // Binary rows read in place: one prefetch per line, issued as this row's same line is
       // read (logits_block_binary), not a burst of kTile rows' lines here: 1,048,576 x 256
       // fp32 loss+grad 44-46 -> 36-40 ms where X.sum() takes 33-36 ms in the same process
@@ -597,7 +603,8 @@ LossOut fused_loss(const at::Tensor& x_in, const at::Tensor& weight,
     p.N = N, p.D = D, p.Dp = Dp, p.C = C;
     p.W = Wp.const_data_ptr<acc_t>();
     p.bias = b_acc.defined() ? b_acc.const_data_ptr<acc_t>() : nullptr;
-    p.tile = tile_shape(C, D * static_cast<int64_t>(sizeof(scalar_t)));
+    p.tile = tile_shape(C, D * static_cast<int64_t>(sizeof(scalar_t)),
+                        std::is_same_v<scalar_t, float>);
 
     if (reduction == kNone) {
       loss = at::empty({N}, acc_opts);
