@@ -12,7 +12,7 @@
 //     1. z = W x_i + b for the tile's rows, one row after another, each read front to back
 //        (up to 4 classes per register block; vectorised, accumulation type acc_t: float for
 //        float/bf16/half, double for double; W is kept as a zero-padded acc_t copy), with the
-//        rows ~48 KiB ahead prefetched into L2 (except in the binary pass's short-row tiles);
+//        rows ~48 KiB ahead prefetched into L2 where tile_shape asks for it;
 //     2. the loss terms and residuals r_i = dloss_i/dz_i of the tile, vectorised over its rows
 //        (one SIMD lane per row: stable softplus / log-sum-exp), the residual multiplied by the
 //        reduction's scale (1/N, 1/sum_w or 1), the losses accumulated in double in row order;
@@ -29,7 +29,8 @@
 //   200,000 x 100 binary (the fit's pass) 10.6 -> 6.1 ms. Binary prefetches spread over the
 //   row reads (a line per vector instead of a burst per 4 rows): 45 -> 36-40 ms (1.1x X.sum()).
 //   Binary tiles of at most 4 KiB and no software prefetch for rows up to 1 KiB (tile_shape):
-//   1.13-1.44x -> 1.04-1.25x one X.sum() in the same process.
+//   1.13-1.44x -> 1.04-1.25x one X.sum() in the same process; no prefetch for float32 cross
+//   entropy with C <= 16: C = 10 115-122 -> 107-110 ms.
 //   The block partials (loss, grad_W, grad_b) are then summed in block order: bitwise
 //   deterministic from run to run, whatever the thread count, no atomics. Temporary memory is
 //   O(blocks x C x D), independent of N.
@@ -91,9 +92,9 @@ Blocks make_blocks(int64_t N, int64_t C, int64_t Dp, int64_t elem_size) {
 
 // Rows per tile and software prefetch. While a tile's losses and grad_W sweep run from L1, the
 // pass asks for no new line of X; by default tiles are 16 rows, with the rows ~48 KiB ahead
-// prefetched into L2 meanwhile (run_block). Measured exceptions (2-core Zen 4; medians of 7-11
-// interleaved calls, 2-6 processes each; A tile's size changes no result: every sum runs in row
-// order whatever the tiles):
+// prefetched into L2 meanwhile (run_block). A tile's size changes no result: every sum runs in
+// row order whatever the tiles. Measured exceptions (2-core Zen 4; medians of 7-11 interleaved
+// calls, 2-6 processes each):
 //  - the binary pass on rows of up to 1 KiB: the most rows, 16, 8 or 4, whose tile fits 4 KiB,
 //    and no software prefetch: the hardware prefetchers then keep X streaming. Loss+grad per
 //    X.sum() in the same process, against 16-row tiles with prefetch: fp32 1,048,576 x 256
@@ -473,7 +474,8 @@ void run_block(const Pass<scalar_t, acc_t>& p, const LossFn& loss_fn, int64_t bl
       // read (logits_block_binary), not a burst of kTile rows' lines here: 1,048,576 x 256
       // fp32 loss+grad 44-46 -> 36-40 ms where X.sum() takes 33-36 ms in the same process
       // (1.33-1.37x -> 1.09-1.12x), float64 200,000 x 100 1.22-1.31x -> 1.12-1.17x. Measured
-      // slower for cross entropy (compute-bound: C = 10 117 -> 129 ms), which keeps the burst.
+      // slower for cross entropy (compute-bound: C = 10 117 -> 129 ms), which keeps the burst
+      // where it prefetches.
       const bool spread = prefetch && direct && i0 + pf_rows + k0 + kTile <= end;
       for (int64_t k = k0; prefetch && !spread && k < k0 + kTile && i0 + pf_rows + k < end; ++k) {
         const char* row = reinterpret_cast<const char*>(p.x + (i0 + pf_rows + k) * p.x_row_stride);
