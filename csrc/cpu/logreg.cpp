@@ -29,8 +29,7 @@
 //   200,000 x 100 binary (the fit's pass) 10.6 -> 6.1 ms. Binary prefetches spread over the
 //   row reads (a line per vector instead of a burst per 4 rows): 45 -> 36-40 ms (1.1x X.sum()).
 //   Binary tiles of at most 4 KiB and no software prefetch for rows up to 1 KiB (tile_shape):
-//   1.13-1.44x -> 1.04-1.25x one X.sum() in the same process; no prefetch for float32 cross
-//   entropy with C <= 16: C = 10 115-122 -> 107-110 ms.
+//   1.11-1.38x -> 1.03-1.27x one X.sum() in the same process.
 //   The block partials (loss, grad_W, grad_b) are then summed in block order: bitwise
 //   deterministic from run to run, whatever the thread count, no atomics. Temporary memory is
 //   O(blocks x C x D), independent of N.
@@ -93,31 +92,27 @@ Blocks make_blocks(int64_t N, int64_t C, int64_t Dp, int64_t elem_size) {
 // Rows per tile and software prefetch. While a tile's losses and grad_W sweep run from L1, the
 // pass asks for no new line of X; by default tiles are 16 rows, with the rows ~48 KiB ahead
 // prefetched into L2 meanwhile (run_block). A tile's size changes no result: every sum runs in
-// row order whatever the tiles. Measured exceptions (2-core Zen 4; medians of 7-11 interleaved
-// calls, 2-6 processes each):
-//  - the binary pass on rows of up to 1 KiB: the most rows, 16, 8 or 4, whose tile fits 4 KiB,
-//    and no software prefetch: the hardware prefetchers then keep X streaming. Loss+grad per
-//    X.sum() in the same process, against 16-row tiles with prefetch: fp32 1,048,576 x 256
-//    (4 rows) 1.13-1.44x -> 1.04-1.25x; 2,097,152 x 128 (8 rows) 1.15-1.17x -> 0.99-1.00x;
-//    4,194,304 x 64 (16 rows) 1.12-1.33x -> 1.02-1.16x; bf16 and fp16 1,048,576 x 256 (8 rows)
-//    1.30-1.39x -> 1.25-1.29x; float64 200,000 x 100 (4 rows) the same. Rows of 2 and 4 KiB (fp32
-//    D = 512, 1000) were slower in 4-row tiles or without the prefetch;
-//  - cross entropy with C <= 16 on float32 rows (read in place): 16 rows, no prefetch. 1 GiB of
-//    X, loss+grad: D = 256, C = 10 115-122 -> 107-110 ms, C = 16 158-163 -> 146-149 ms, C = 2-4
-//    at D = 64, 256, 512 12-24 % faster; C = 20 the same, C = 32 3 % slower (300 -> 310 ms).
-//    16-bit rows (converted into a float32 tile first) were 20-35 % slower without the prefetch,
-//    float64 C = 10, D = 64 3-5 %.
+// row order whatever the tiles. The exception, measured on the 2-core Zen 4: the binary pass on
+// rows of up to 1 KiB takes the most rows, 16, 8 or 4, whose tile fits 4 KiB, and no software
+// prefetch: the hardware prefetchers then keep X streaming. Loss+grad per X.sum() in the same
+// process (medians of 11 interleaved calls, 2-6 processes each), against 16-row tiles with
+// prefetch: fp32 1,048,576 x 256 (4 rows) 1.11-1.38x -> 1.03-1.27x; 2,097,152 x 128 (8 rows)
+// 1.09-1.20x -> 1.02x; 4,194,304 x 64 (16 rows) 1.15-1.17x -> 0.98-1.01x; bf16 1,048,576 x 256
+// (8 rows) 1.28-1.30x -> 1.19-1.24x; float64 200,000 x 100 (4 rows) 1.15-1.22x -> 1.15-1.18x.
+// Rows of 2 and 4 KiB (fp32 D = 512, 1000) were slower in 4-row tiles or without the prefetch.
+// Cross entropy (compute-bound) keeps 16 rows and the prefetch: without it, 1 GiB of fp32 X,
+// D = 256, C = 10 took the same time, C = 4 up to 35 % longer, bf16 C = 10 20-35 % longer.
 struct TileShape {
   int64_t rows;
   bool prefetch;
 };
 
-inline TileShape tile_shape(int64_t C, int64_t row_bytes, bool f32_rows) {
+inline TileShape tile_shape(int64_t C, int64_t row_bytes) {
   if (C == 1) {
     for (int64_t rows = kRows; rows >= kTile; rows /= 2)
       if (rows * row_bytes <= (4 << 10)) return {rows, false};
   }
-  return {kRows, !(C >= 2 && C <= 16 && f32_rows)};
+  return {kRows, true};
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -414,12 +409,16 @@ inline void sweep_tile(const acc_t* r, const src_t* x, int64_t xs, int64_t kr, a
   }
 }
 
-template <typename scalar_t, typename acc_t, bool NEED_W, typename LossFn>
+// T: rows per tile (p.tile.rows), a compile-time constant: as a run-time value the 4-row tiles'
+// loops (the loss's vector, the residual scaling, the sweep's row loop) cost the time the small
+// tiles save (binary 1,048,576 x 256 fp32 in the VM's slow-memory processes: 1.15-1.22x one
+// X.sum() against 1.03-1.07x).
+template <typename scalar_t, typename acc_t, bool NEED_W, int64_t T, typename LossFn>
 void run_block(const Pass<scalar_t, acc_t>& p, const LossFn& loss_fn, int64_t blk) {
   using Vec = Vectorized<acc_t>;
   constexpr int64_t V = Vec::size();
-  static_assert(kRows % kTile == 0 && kRows % V == 0, "buffers of whole register blocks and vectors");
-  const int64_t T = p.tile.rows;  // a multiple of kTile, at most kRows
+  static_assert(T % kTile == 0 && T <= kRows && kRows % V == 0,
+                "tiles of whole register blocks, buffers of whole vectors");
   const bool prefetch = p.tile.prefetch;
   const int64_t C = p.C, D = p.D, Dp = p.Dp;
   const int64_t begin = std::min(p.N, blk * p.blocks.rows);
@@ -474,8 +473,7 @@ void run_block(const Pass<scalar_t, acc_t>& p, const LossFn& loss_fn, int64_t bl
       // read (logits_block_binary), not a burst of kTile rows' lines here: 1,048,576 x 256
       // fp32 loss+grad 44-46 -> 36-40 ms where X.sum() takes 33-36 ms in the same process
       // (1.33-1.37x -> 1.09-1.12x), float64 200,000 x 100 1.22-1.31x -> 1.12-1.17x. Measured
-      // slower for cross entropy (compute-bound: C = 10 117 -> 129 ms), which keeps the burst
-      // where it prefetches.
+      // slower for cross entropy (compute-bound: C = 10 117 -> 129 ms), which keeps the burst.
       const bool spread = prefetch && direct && i0 + pf_rows + k0 + kTile <= end;
       for (int64_t k = k0; prefetch && !spread && k < k0 + kTile && i0 + pf_rows + k < end; ++k) {
         const char* row = reinterpret_cast<const char*>(p.x + (i0 + pf_rows + k) * p.x_row_stride);
@@ -543,7 +541,21 @@ void run_block(const Pass<scalar_t, acc_t>& p, const LossFn& loss_fn, int64_t bl
 template <typename scalar_t, typename acc_t, bool NEED_W, typename LossFn>
 void run_pass(const Pass<scalar_t, acc_t>& p, const LossFn& loss_fn) {
   at::parallel_for(0, p.blocks.count, 1, [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; ++b) run_block<scalar_t, acc_t, NEED_W>(p, loss_fn, b);
+    for (int64_t b = b0; b < b1; ++b) {
+      // Only the binary pass takes tiles of fewer than kRows rows (tile_shape).
+      if constexpr (std::is_same_v<LossFn, BceLoss<acc_t>>) {
+        if (p.tile.rows == kTile) {
+          run_block<scalar_t, acc_t, NEED_W, kTile>(p, loss_fn, b);
+          continue;
+        }
+        if (p.tile.rows == 2 * kTile) {
+          run_block<scalar_t, acc_t, NEED_W, 2 * kTile>(p, loss_fn, b);
+          continue;
+        }
+      }
+      TORCH_INTERNAL_ASSERT(p.tile.rows == kRows);
+      run_block<scalar_t, acc_t, NEED_W, kRows>(p, loss_fn, b);
+    }
   });
 }
 
@@ -605,8 +617,7 @@ LossOut fused_loss(const at::Tensor& x_in, const at::Tensor& weight,
     p.N = N, p.D = D, p.Dp = Dp, p.C = C;
     p.W = Wp.const_data_ptr<acc_t>();
     p.bias = b_acc.defined() ? b_acc.const_data_ptr<acc_t>() : nullptr;
-    p.tile = tile_shape(C, D * static_cast<int64_t>(sizeof(scalar_t)),
-                        std::is_same_v<scalar_t, float>);
+    p.tile = tile_shape(C, D * static_cast<int64_t>(sizeof(scalar_t)));
 
     if (reduction == kNone) {
       loss = at::empty({N}, acc_opts);
