@@ -408,7 +408,8 @@ def peak_extra_mib(step, device, setup=None):
     gradients, or a forward pass for a backward-only step). CUDA: torch.cuda.max_memory_allocated()
     during the call minus memory_allocated() before it. CPU: the growth of the process's peak
     RSS (VmHWM reset through /proc/self/clear_refs before the call) over its RSS before it,
-    after the free heap memory is handed back to the OS (so reused memory counts too); None
+    after the free heap memory and the idle buffers of manual_layers' CPU output cache are handed
+    back to the OS (so reused memory counts too); None
     where Linux does not offer that. Both count the outputs the call returns or keeps
     (gradients in .grad) and the temporaries it frees again; the CPU figure counts pages
     written, not allocated-but-untouched memory."""
@@ -422,6 +423,7 @@ def peak_extra_mib(step, device, setup=None):
         torch.cuda.synchronize()
         return (torch.cuda.max_memory_allocated() - base) / 2 ** 20
     _malloc_trim()
+    import_manual_layers().empty_cpu_cache()  # our idle output buffers: a cold call's figure
     base = _proc_status_mib("VmRSS")
     if base is None or not _reset_peak_rss():
         return None

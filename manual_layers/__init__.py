@@ -16,7 +16,7 @@ __version__ = "0.1.0"
 
 __all__ = ["Linear", "MLP", "LogisticRegression", "LinearBCEWithLogitsLoss",
            "LinearCrossEntropyLoss", "convert", "functional", "reference", "sklearn",
-           "fit_logistic_regression", "BUILD_INFO", "info", "cpu_kernels_isa"]
+           "fit_logistic_regression", "BUILD_INFO", "info", "cpu_kernels_isa", "cpu_cache_info", "empty_cpu_cache"]
 
 from ._fit import fit_logistic_regression  # noqa: E402
 
@@ -37,6 +37,25 @@ def cpu_kernels_isa():
     this CPU lacks (a refused request warns and falls back)."""
     import torch
     return torch.ops.manual_layers._cpu_kernels_isa()
+
+
+def cpu_cache_info():
+    """The reuse cache of large CPU outputs (csrc/cpu_alloc.cpp): outputs of 8 MiB and more that
+    the kernels write whole (Linear/MLP outputs and gradients, the losses' dX) take the memory
+    of a freed output of the same size, already mapped, instead of fresh pages; the memory of
+    freed ones is kept up to a cap, MANUAL_LAYERS_CPU_CACHE_MB (default: an eighth of physical
+    memory, at most 4096 MiB; 0: no reuse). Returns a dict: idle_bytes (kept, unused), cap_bytes,
+    reuses, new_buffers (counts since the library loaded)."""
+    import torch
+    idle, cap, hits, misses = torch.ops.manual_layers._cpu_output_cache(False)
+    return {"idle_bytes": idle, "cap_bytes": cap, "reuses": hits, "new_buffers": misses}
+
+
+def empty_cpu_cache():
+    """Frees the idle memory of the CPU output cache (see cpu_cache_info); outputs in use are
+    untouched. The CPU counterpart of torch.cuda.empty_cache()."""
+    import torch
+    torch.ops.manual_layers._cpu_output_cache(True)
 
 
 def info():
