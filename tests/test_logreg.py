@@ -92,8 +92,8 @@ def test_ce_shapes(device, C, D):
                                              (17, torch.float32, False), (16, torch.bfloat16, False),
                                              (5, torch.float64, True), (17, torch.float16, True),
                                              (40, torch.bfloat16, True),
-                                             # binary tiles of 8 and 4 rows (csrc/cpu/logreg.cpp,
-                                             # tile_shape), and 16 with prefetch
+                                             # on AMD, binary tiles of 8 and 4 rows (csrc/cpu/
+                                             # logreg.cpp, tile_shape), and 16 with prefetch
                                              (100, torch.float32, False),
                                              (130, torch.bfloat16, True),
                                              (200, torch.float32, True),
@@ -123,15 +123,59 @@ def test_tile_and_block_boundaries(device, N, D, dtype, strided):
                  label_smoothing=0.1, class_weight=torch.rand(C, device=device, dtype=dtype) + .5)
 
 
+BINARY_TILES = ["4,noprefetch", "8,noprefetch", "16,noprefetch", "4", "8", "16"]
+
+
+@pytest.mark.parametrize("N,D,dtype,strided", [(16 * 3 + 5, 17, torch.float32, False),
+                                               (2 * 2048 + 7, 130, torch.bfloat16, True),
+                                               (2 * 2048 + 9, 100, torch.float32, True),
+                                               (37, 300, torch.float16, False),
+                                               (2 * 2048 + 3, 64, torch.float64, False)])
+def test_binary_tile_shapes_give_the_same_bits(monkeypatch, N, D, dtype, strided):
+    """CPU: the binary pass's tile (csrc/cpu/logreg.cpp, tile_shape: 16, 8 or 4 rows, with or
+    without the software prefetch; which one runs depends on the CPU's vendor and the row
+    length) changes no bit, and every tile shape gives the reference. Each shape is forced
+    through MANUAL_LAYERS_CPU_BINARY_TILE, so every instantiation runs on any CPU."""
+    base = torch.randn(N, D + 3 if strided else D, dtype=dtype)
+    x = base[:, :D]
+    w = (torch.randn(1, D) / 3).to(dtype)
+    b = torch.randn(1).to(dtype)
+    y = torch.rand(N).to(dtype)
+    sw = torch.rand(N).to(dtype)
+    fn = MF.linear_binary_cross_entropy_with_logits
+    # fp32: grad_bias is one sum of ~4k residuals of both signs, relative to itself
+    tol = max(TOL[dtype], 3e-5)
+    for reduction in REDUCTIONS:
+        g = torch.randn(N, dtype=dtype) if reduction == "none" else torch.tensor(1.5, dtype=dtype)
+        results = {}
+        for tile in ["auto"] + BINARY_TILES:
+            monkeypatch.setenv("MANUAL_LAYERS_CPU_BINARY_TILE", tile)
+            results[tile] = _grads(fn, x, w, b, y, g, reduction=reduction, sample_weight=sw)
+            if tile == "auto":
+                _compare(fn, R.linear_binary_cross_entropy_with_logits, x, w, b, y, reduction,
+                         tol, sample_weight=sw)
+        for tile in BINARY_TILES:
+            for name, a, e in zip(["loss", "grad_x", "grad_weight", "grad_bias"],
+                                  results[tile], results["auto"]):
+                assert torch.equal(a, e), f"tile {tile}: {name} ({reduction})"
+
+
+def test_binary_tile_setting_is_checked(monkeypatch):
+    monkeypatch.setenv("MANUAL_LAYERS_CPU_BINARY_TILE", "32")
+    x, w, b, y = torch.randn(4, 3), torch.randn(1, 3), torch.randn(1), torch.rand(4)
+    with pytest.raises(ValueError, match="MANUAL_LAYERS_CPU_BINARY_TILE"):
+        MF.linear_binary_cross_entropy_with_logits(x, w, b, y)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("N,D", [(16 * 3 + 5, 17), (2 * 2048 + 7, 130), (64, 300)])
 @pytest.mark.parametrize("strided", [False, True])
 def test_16bit_rows_match_the_float32_pass_bitwise(dtype, N, D, strided):
     """CPU: 16-bit rows are widened exactly (read in place by the binary pass, converted into a
     tile buffer otherwise) and then take the float32 pass's arithmetic in the same order, so the
-    16-bit results are the float32 results of the widened inputs, rounded once. D = 130 and 300
-    also check that the binary pass's tile size changes no bit: their 16-bit rows run in tiles of
-    8 and 4 rows, the float32 rows in tiles of 4 and 16."""
+    16-bit results are the float32 results of the widened inputs, rounded once. On AMD CPUs,
+    D = 130 and 300 also pair different tile sizes (16-bit rows in tiles of 8 and 4 rows, the
+    float32 rows in 4 and 16; test_binary_tile_shapes_give_the_same_bits forces every one)."""
     base = torch.randn(N, D + 5 if strided else D, dtype=dtype)
     x = base[:, :D]
     w = (torch.randn(1, D) / 3).to(dtype)

@@ -8,7 +8,7 @@
 //
 //   rows are split into a FIXED number of contiguous blocks (a function of N, C and D only, never
 //   of the thread count); at::parallel_for runs over the blocks. Within a block, per tile of
-//   kRows (16) rows (the binary pass on rows of up to 1 KiB: 16, 8 or 4, see tile_shape):
+//   kRows (16) rows (on AMD, the binary pass on rows of up to 1 KiB: 16, 8 or 4, see tile_shape):
 //     1. z = W x_i + b for the tile's rows, one row after another, each read front to back
 //        (up to 4 classes per register block; vectorised, accumulation type acc_t: float for
 //        float/bf16/half, double for double; W is kept as a zero-padded acc_t copy), with the
@@ -28,8 +28,9 @@
 //   one X.sum() in the same process, from 2.0x); CE C=10 with grad 155 -> 110 ms; float64
 //   200,000 x 100 binary (the fit's pass) 10.6 -> 6.1 ms. Binary prefetches spread over the
 //   row reads (a line per vector instead of a burst per 4 rows): 45 -> 36-40 ms (1.1x X.sum()).
-//   Binary tiles of at most 4 KiB and no software prefetch for rows up to 1 KiB (tile_shape):
-//   1.11-1.38x -> 1.03-1.27x one X.sum() in the same process.
+//   On the Zen 4, binary tiles of at most 4 KiB and no software prefetch for rows up to 1 KiB
+//   (tile_shape): 1.11-1.38x -> 1.03-1.27x one X.sum() in the same process; on an Intel Xeon
+//   the 16-row prefetching tiles stream at X.sum()'s rate (0.96-0.97x) and the short ones do not.
 //   The block partials (loss, grad_W, grad_b) are then summed in block order: bitwise
 //   deterministic from run to run, whatever the thread count, no atomics. Temporary memory is
 //   O(blocks x C x D), independent of N.
@@ -45,9 +46,16 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
+#include <cstring>
 #include <limits>
+#include <string>
 #include <type_traits>
 #include <vector>
+
+#if (defined(__x86_64__) || defined(__i386__)) && (defined(__GNUC__) || defined(__clang__))
+#include <cpuid.h>
+#endif
 
 #include "../common.h"
 #include "../logreg.h"
@@ -92,9 +100,9 @@ Blocks make_blocks(int64_t N, int64_t C, int64_t Dp, int64_t elem_size) {
 // Rows per tile and software prefetch. While a tile's losses and grad_W sweep run from L1, the
 // pass asks for no new line of X; by default tiles are 16 rows, with the rows ~48 KiB ahead
 // prefetched into L2 meanwhile (run_block). A tile's size changes no result: every sum runs in
-// row order whatever the tiles. The exception, measured on the 2-core Zen 4: the binary pass on
-// rows of up to 1 KiB takes the most rows, 16, 8 or 4, whose tile fits 4 KiB, and no software
-// prefetch: the hardware prefetchers then keep X streaming. Loss+grad per X.sum() in the same
+// row order whatever the tiles. The exception, on AMD CPUs only (measured on a 2-core Zen 4): the
+// binary pass on rows of up to 1 KiB takes the most rows, 16, 8 or 4, whose tile fits 4 KiB, and
+// no software prefetch: the hardware prefetchers then keep X streaming. Loss+grad per X.sum() in the same
 // process (medians of 11 interleaved calls, 2-6 processes each), against 16-row tiles with
 // prefetch: fp32 1,048,576 x 256 (4 rows) 1.11-1.38x -> 1.03-1.27x; 2,097,152 x 128 (8 rows)
 // 1.09-1.20x -> 1.02x; 4,194,304 x 64 (16 rows) 1.15-1.17x -> 0.98-1.01x; bf16 1,048,576 x 256
@@ -102,13 +110,50 @@ Blocks make_blocks(int64_t N, int64_t C, int64_t Dp, int64_t elem_size) {
 // Rows of 2 and 4 KiB (fp32 D = 512, 1000) were slower in 4-row tiles or without the prefetch.
 // Cross entropy (compute-bound) keeps 16 rows and the prefetch: without it, 1 GiB of fp32 X,
 // D = 256, C = 10 took the same time, C = 4 up to 35 % longer, bf16 C = 10 20-35 % longer.
+// On a 2-core Intel Xeon (AVX-512, AMX; KVM) the same comparison goes the other way: per X.sum()
+// (medians of 9 interleaved calls, one process per shape), 16 rows with the prefetch against the
+// Zen 4 rule: fp32 1,048,576 x 256 0.96-0.97x against 1.19-1.22x; 2,097,152 x 128 1.02x against
+// 1.29x; 4,194,304 x 64 1.14x against 1.34x; bf16 1,048,576 x 256 0.99x against 1.20x; float64
+// 200,000 x 100 1.04x against 1.49x; 8 or 4 rows with the prefetch in between; fp32 D = 1024 the
+// same within 3 %. Cross entropy there too: C = 10 2.19x X.sum() with the prefetch, 2.31x
+// without. Hence the vendor test (cpu_is_amd); other CPUs take the Intel rule, unmeasured.
 struct TileShape {
   int64_t rows;
   bool prefetch;
 };
 
+// Whether this is an AMD CPU (x86 CPUID vendor string), where the short binary tiles were
+// measured faster; elsewhere (Intel measured) 16-row tiles with the prefetch are.
+inline bool cpu_is_amd() {
+#if (defined(__x86_64__) || defined(__i386__)) && (defined(__GNUC__) || defined(__clang__))
+  static const bool amd = [] {
+    unsigned a = 0, b = 0, c = 0, d = 0;
+    if (!__get_cpuid(0, &a, &b, &c, &d)) return false;
+    return b == 0x68747541u && d == 0x69746e65u && c == 0x444d4163u;  // "AuthenticAMD"
+  }();
+  return amd;
+#else
+  return false;
+#endif
+}
+
+// MANUAL_LAYERS_CPU_BINARY_TILE=ROWS[,noprefetch] (ROWS 4, 8 or 16; read per call) forces the
+// binary pass's tiles: for tuning on another CPU, and for the tests, which run every tile shape
+// on any CPU and check that all give the same bits.
 inline TileShape tile_shape(int64_t C, int64_t row_bytes) {
   if (C == 1) {
+    const char* e = std::getenv("MANUAL_LAYERS_CPU_BINARY_TILE");
+    if (e != nullptr && *e != '\0' && std::strcmp(e, "auto") != 0) {
+      const std::string v(e);
+      const bool no_pf = v.size() > 11 && v.compare(v.size() - 11, 11, ",noprefetch") == 0;
+      const std::string rows = no_pf ? v.substr(0, v.size() - 11) : v;
+      TORCH_CHECK_VALUE(rows == "4" || rows == "8" || rows == "16",
+                        "MANUAL_LAYERS_CPU_BINARY_TILE must be auto, 4, 8 or 16, optionally "
+                        "followed by ',noprefetch'; got '", v, "'");
+      return {std::stoi(rows), !no_pf};
+    }
+  }
+  if (C == 1 && cpu_is_amd()) {
     for (int64_t rows = kRows; rows >= kTile; rows /= 2)
       if (rows * row_bytes <= (4 << 10)) return {rows, false};
   }
