@@ -7,6 +7,7 @@ import sys
 import pytest
 import torch
 from torch import nn
+import torch.nn.functional as F
 
 import manual_layers as ml
 from manual_layers import reference as R
@@ -91,6 +92,48 @@ def test_bias_gradient_column_tiles_and_row_chunks(device, dtype, act):
         w = torch.randn(out_f, 24, device=device, dtype=dtype) / 5
         b = torch.randn(out_f, device=device, dtype=dtype)
         _check_against_reference(x, w, b, act, TOL[dtype])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("act", ["gelu", "gelu_tanh", "silu"])
+def test_activation_accuracy_over_its_whole_range(device, act):
+    """fp32 activation and derivative, element by element, on pre-activations from -40 to 40 (the
+    saturated tails included) and +-1e10 against float64: |error| <= bound * max(|exact|, 1)
+    (torch's own fp32 functions: 1.1e-6 / 1.0e-6 for GELU, GELU-tanh, SiLU); GELU-tanh within
+    5e-7 (the CPU kernel computes it as z sigmoid(2u), with 1 - sigmoid without cancellation:
+    measured 1.4e-7 / 1.7e-7); inf, -inf and NaN give what torch gives (GELU: NaN)."""
+    z = torch.cat([torch.linspace(-40, 40, 80001),
+                   torch.tensor([0.0, -0.0, 1e-30, -1e-30, 1e10, -1e10])]).to(device)
+    one = torch.ones(1, 1, device=device)
+    zz = z.reshape(-1, 1).requires_grad_()
+    y = ml.functional.linear(zz, one, None, act)
+    (g,) = torch.autograd.grad(y.sum(), zz)
+    torch_act = {"gelu": F.gelu, "silu": F.silu,
+                 "gelu_tanh": lambda v: F.gelu(v, approximate="tanh")}[act]
+    zd = zz.detach().double().requires_grad_()
+    if act == "gelu_tanh":  # float64 reference without 1 + tanh(u)'s cancellation
+        u = (2 * 0.7978845608028654) * (zd + 0.044715 * zd ** 3)
+        yd = zd * torch.sigmoid(u)
+    else:
+        yd = torch_act(zd)
+    (gd,) = torch.autograd.grad(yd.sum(), zd)
+    bound = 5e-7 if act == "gelu_tanh" and device == "cpu" else 2e-6
+    for name, a, e in (("value", y.detach(), yd.detach()), ("derivative", g, gd)):
+        a, e = a.double().flatten(), e.flatten()
+        err = ((a - e).abs() / e.abs().clamp_min(1)).max().item()
+        assert err <= bound, f"{act} {name}: error {err:.2e} > {bound:.0e}"
+    # torch's exact GELU of +-inf depends on its code path (a single element: inf; a vector:
+    # NaN), so GELU is held to NaN -> NaN only
+    special = torch.tensor([float("nan")] if act == "gelu" else
+                           [float("inf"), -float("inf"), float("nan")], device=device)
+    sz = special.reshape(-1, 1).requires_grad_()
+    ys = ml.functional.linear(sz, one, None, act)
+    (gs,) = torch.autograd.grad(ys.sum(), sz)
+    st = special.reshape(-1, 1).clone().requires_grad_()
+    yt = torch_act(st)
+    (gt,) = torch.autograd.grad(yt.sum(), st)
+    assert torch.equal(ys.isnan(), yt.isnan()) and torch.equal(ys.nan_to_num(), yt.nan_to_num())
+    assert torch.equal(gs.isnan(), gt.isnan()) and torch.equal(gs.nan_to_num(), gt.nan_to_num())
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -52,6 +52,25 @@ inline Vectorized<float> gelu_cdf(const Vectorized<float>& s, Vectorized<float>&
   return half * (one + Vec::blendv(erf_abs, erf_abs.neg(), s < Vec(0.f)));
 }
 
+// GELU-tanh through one exp: (1 + tanh(u)) / 2 = sigmoid(2u), u = beta (z + kappa z^3), so
+// gelu_tanh(z) = z sig with sig = 1 / (1 + exp(-2u)), and 1 - tanh(u)^2 = 4 sig (1 - sig). Same
+// function as torch's 0.5 z (1 + tanh(u)) (no cancellation: 1 + tanh(u) is never formed); a
+// vectorised tanh costs about three exps (Sleef): bf16 8192x1024->1024 epilogue 7.8 -> 2.5 ms on
+// 2 Xeon cores. Overflow goes the right way: exp(-2u) = inf gives sig = 0.
+// Returns sig; with `tau`, also 1 - sig without cancellation: e sig = e / (1 + e) where
+// sig >= 1/2 (e = exp(-2u) <= 1), 1 - sig elsewhere.
+template <typename acc_t>
+inline Vectorized<acc_t> gelu_tanh_sigma(const Vectorized<acc_t>& z,
+                                         Vectorized<acc_t>* tau = nullptr) {
+  using Vec = Vectorized<acc_t>;
+  const Vec one(1), half(0.5);
+  const Vec u2 = Vec(2 * kBeta) * at::vec::fmadd(Vec(kKappa) * z, z * z, z);
+  const Vec e = u2.neg().exp();
+  const Vec sig = one / (one + e);
+  if (tau != nullptr) *tau = Vec::blendv(one - sig, e * sig, sig >= half);
+  return sig;
+}
+
 // Element-wise activation of the pre-activation z.
 template <Act A, typename acc_t>
 inline Vectorized<acc_t> act_fwd(const Vectorized<acc_t>& z) {
@@ -67,10 +86,7 @@ inline Vectorized<acc_t> act_fwd(const Vectorized<acc_t>& z) {
       return z * half * (one + (z * Vec(kSqrt1_2)).erf());
     }
   }
-  if constexpr (A == Act::GeluTanh) {
-    const Vec inner = Vec(kBeta) * (z + Vec(kKappa) * z * z * z);
-    return half * z * (one + inner.tanh());
-  }
+  if constexpr (A == Act::GeluTanh) return z * gelu_tanh_sigma(z);
   if constexpr (A == Act::Silu) return z / (one + z.neg().exp());
   if constexpr (A == Act::Sigmoid) return one / (one + z.neg().exp());
   if constexpr (A == Act::Tanh) return z.tanh();
@@ -96,12 +112,11 @@ inline Vectorized<acc_t> act_bwd(const Vectorized<acc_t>& g, const Vectorized<ac
       return g * (cdf + s * pdf);
     }
   }
-  if constexpr (A == Act::GeluTanh) {
-    const Vec s2 = s * s;
-    const Vec t = (Vec(kBeta) * (s + Vec(kKappa) * s2 * s)).tanh();
-    const Vec left_d = half * (one + t);
-    const Vec right_d = half * s * (one - t * t) * Vec(kBeta) * (one + Vec(3 * kKappa) * s2);
-    return g * (left_d + right_d);
+  if constexpr (A == Act::GeluTanh) {  // d/ds [s sig] = sig + 2 beta s sig (1 - sig) (1 + 3 kappa s^2)
+    Vec tau;
+    const Vec sig = gelu_tanh_sigma(s, &tau);
+    const Vec slope = Vec(2 * kBeta) * at::vec::fmadd(Vec(3 * kKappa), s * s, one);
+    return g * at::vec::fmadd(s * sig * tau, slope, sig);
   }
   if constexpr (A == Act::Silu) {
     const Vec sig = one / (one + s.neg().exp());
