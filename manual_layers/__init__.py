@@ -16,7 +16,8 @@ __version__ = "0.1.0"
 
 __all__ = ["Linear", "MLP", "LogisticRegression", "LinearBCEWithLogitsLoss",
            "LinearCrossEntropyLoss", "convert", "functional", "reference", "sklearn",
-           "fit_logistic_regression", "BUILD_INFO", "info", "cpu_kernels_isa", "cpu_cache_info", "empty_cpu_cache"]
+           "fit_logistic_regression", "BUILD_INFO", "info", "cpu_kernels_isa", "cpu_cache_info",
+           "empty_cpu_cache"]
 
 from ._fit import fit_logistic_regression  # noqa: E402
 

@@ -112,7 +112,8 @@ inline Vectorized<acc_t> act_bwd(const Vectorized<acc_t>& g, const Vectorized<ac
       return g * (cdf + s * pdf);
     }
   }
-  if constexpr (A == Act::GeluTanh) {  // d/ds [s sig] = sig + 2 beta s sig (1 - sig) (1 + 3 kappa s^2)
+  if constexpr (A == Act::GeluTanh) {
+    // d/ds [s sig] = sig + 2 beta s sig (1 - sig) (1 + 3 kappa s^2)
     Vec tau;
     const Vec sig = gelu_tanh_sigma(s, &tau);
     const Vec slope = Vec(2 * kBeta) * at::vec::fmadd(Vec(3 * kKappa), s * s, one);

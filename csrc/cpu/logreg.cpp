@@ -102,9 +102,9 @@ Blocks make_blocks(int64_t N, int64_t C, int64_t Dp, int64_t elem_size) {
 // prefetched into L2 meanwhile (run_block). A tile's size changes no result: every sum runs in
 // row order whatever the tiles. The exception, on AMD CPUs only (measured on a 2-core Zen 4): the
 // binary pass on rows of up to 1 KiB takes the most rows, 16, 8 or 4, whose tile fits 4 KiB, and
-// no software prefetch: the hardware prefetchers then keep X streaming. Loss+grad per X.sum() in the same
-// process (medians of 11 interleaved calls, 2-6 processes each), against 16-row tiles with
-// prefetch: fp32 1,048,576 x 256 (4 rows) 1.11-1.38x -> 1.03-1.27x; 2,097,152 x 128 (8 rows)
+// no software prefetch: the hardware prefetchers then keep X streaming. Loss+grad per X.sum() in
+// the same process (medians of 11 interleaved calls, 2-6 processes each), against 16-row tiles
+// with prefetch: fp32 1,048,576 x 256 (4 rows) 1.11-1.38x -> 1.03-1.27x; 2,097,152 x 128 (8 rows)
 // 1.09-1.20x -> 1.02x; 4,194,304 x 64 (16 rows) 1.15-1.17x -> 0.98-1.01x; bf16 1,048,576 x 256
 // (8 rows) 1.28-1.30x -> 1.19-1.24x; float64 200,000 x 100 (4 rows) 1.15-1.22x -> 1.15-1.18x.
 // Rows of 2 and 4 KiB (fp32 D = 512, 1000) were slower in 4-row tiles or without the prefetch.
