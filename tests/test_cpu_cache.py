@@ -16,6 +16,11 @@ from conftest import TOL, assert_rel
 MF = ml.functional
 MIB = 1 << 20
 
+# The in-process tests need the cache on (MANUAL_LAYERS_CPU_CACHE_MB=0 in the environment turns
+# it off; the cap tests below set it themselves, in subprocesses).
+needs_cache = pytest.mark.skipif(ml.cpu_cache_info()["cap_bytes"] < 64 * MIB,
+                                 reason="CPU output cache off or below 64 MiB in this environment")
+
 
 def _stats():
     return ml.cpu_cache_info()
@@ -29,6 +34,7 @@ def _poison_and_free(*tensors):
             t.fill_(float("nan"))
 
 
+@needs_cache
 @pytest.mark.parametrize("activation", [None, "gelu", "relu"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_linear_outputs_reuse_poisoned_buffers(activation, dtype):
@@ -63,6 +69,7 @@ def test_linear_outputs_reuse_poisoned_buffers(activation, dtype):
     assert_rel(y2, want_y, TOL[dtype], "out")
 
 
+@needs_cache
 @pytest.mark.parametrize("kind", ["bce", "ce"])
 def test_loss_dx_reuses_poisoned_buffer(kind):
     """The losses' dX (here 8 MiB, fp32) from a reused, NaN-filled buffer."""
@@ -95,6 +102,7 @@ def test_loss_dx_reuses_poisoned_buffer(kind):
     assert_rel(dx2, want_dx, TOL[torch.float32], "dX")
 
 
+@needs_cache
 def test_cached_tensors_are_ordinary():
     """Resizable (resize_ keeps the data), shareable, picklable; empty_cpu_cache frees the idle
     memory and leaves outputs in use alone."""
