@@ -8,8 +8,9 @@
 
 namespace manual_layers {
 
-// at::empty for a large CPU output about to be written whole: asks for transparent huge pages
-// first (csrc/cpu_alloc.cpp says why). Any device; only large CPU tensors are advised.
+// at::empty for an output about to be written whole. CPU outputs of 8 MiB and more reuse the
+// memory of a freed output of the same size (new buffers get the huge-page advice); any other
+// tensor is plain at::empty. csrc/cpu_alloc.cpp says why.
 at::Tensor empty_for_write(at::IntArrayRef sizes, const at::TensorOptions& options);
 
 // The kernels' GEMMs: at::mm / mm_out / addmm / addmm_out, except that fp16 on a CPU without a
