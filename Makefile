@@ -17,6 +17,9 @@ $(VENV)/.deps:
 	$(PY) -m venv $(VENV)
 	$(VPY) -m pip install -q torch numpy scipy scikit-learn pandas pytest expecttest ninja tqdm matplotlib \
 		setuptools wheel cmake pybind11
+	# CUTLASS's C++ headers for the sm_90 kernels (csrc/cuda/linear_sm90.h); its Python tools
+	# and their dependencies are not used.
+	$(VPY) -m pip install -q --no-deps nvidia-cutlass
 	touch $@
 
 # The extension build (ninja; incremental). CUDA kernels are built whenever torch is a CUDA

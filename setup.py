@@ -6,7 +6,13 @@ Environment:
   MANUAL_LAYERS_CUDA=1    build the CUDA kernels or fail with the reason
   (unset)                 build the CUDA kernels when torch is a CUDA build and nvcc is found,
                           with or without a visible GPU
-  TORCH_CUDA_ARCH_LIST    GPU architectures (default: the visible GPUs', else "8.0;9.0")
+  TORCH_CUDA_ARCH_LIST    GPU architectures (default: the visible GPUs', else "8.0;9.0"); an
+                          entry 9.0 is compiled as 9.0a (the H100/H200's wgmma and TMA, which the
+                          CUTLASS kernels of csrc/cuda/linear_sm90.h need; such a cubin runs on
+                          exactly the GPUs a 9.0 cubin runs on)
+  CUTLASS_PATH            a CUTLASS checkout (its include/ is used); otherwise the headers of the
+                          nvidia-cutlass wheel when it is installed. Without CUTLASS (or without
+                          9.0 in the arch list) the sm_90 Linear+GELU/SiLU kernels are left out
   CUDA_HOME               the CUDA toolkit; otherwise resolved from /usr/local/cuda or from
                           the nvcc on PATH (following wrapper scripts to the real toolkit)
   MANUAL_LAYERS_CPU_ISAS  x86-64 vector ISAs to compile the CPU kernels for, besides the portable
@@ -93,6 +99,35 @@ def want_cuda():
     return True, ("MANUAL_LAYERS_CUDA=1" if forced else
                   f"torch {torch.__version__} is a CUDA {torch.version.cuda} build and nvcc is at "
                   f"{CUDA_HOME}/bin/nvcc")
+
+
+def cutlass_include_dirs():
+    """CUTLASS's include folders (include/ and tools/util/include/): CUTLASS_PATH, else the
+    nvidia-cutlass wheel (cutlass_library/source), found without importing it. [] if neither."""
+    roots = []
+    if os.environ.get("CUTLASS_PATH"):
+        roots.append(os.environ["CUTLASS_PATH"])
+    try:
+        import importlib.util
+        spec = importlib.util.find_spec("cutlass_library")
+    except (ImportError, ValueError):
+        spec = None
+    if spec is not None and spec.submodule_search_locations:
+        roots += [os.path.join(p, "source") for p in spec.submodule_search_locations]
+    for r in roots:
+        inc = os.path.join(r, "include")
+        if os.path.isfile(os.path.join(inc, "cutlass", "gemm", "collective",
+                                       "collective_builder.hpp")):
+            return [inc, os.path.join(r, "tools", "util", "include")]
+    return []
+
+
+def sm90a_arch_list(archs):
+    """TORCH_CUDA_ARCH_LIST with a plain 9.0 entry compiled as 9.0a (arch-specific sm_90a
+    code: wgmma, TMA); returns (new list, whether it holds 9.0a)."""
+    items = [a.strip() for a in re.split(r"[;\s]+", archs) if a.strip()]
+    items = ["9.0a" if a == "9.0" else a for a in items]
+    return ";".join(items), "9.0a" in items
 
 
 def cuda_lib_dirs():
@@ -221,12 +256,22 @@ def build_extension():
             os.environ["TORCH_CUDA_ARCH_LIST"] = ";".join(caps)
         else:
             os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0"
-    archs = os.environ["TORCH_CUDA_ARCH_LIST"]
+    archs, has_sm90a = sm90a_arch_list(os.environ["TORCH_CUDA_ARCH_LIST"])
+    os.environ["TORCH_CUDA_ARCH_LIST"] = archs
     incs, libdirs, link = cuda_lib_dirs()
     cu_sources = sorted(glob.glob("csrc/cuda/*.cu"))
     log(f"CUDA kernels: ON ({why}); archs {archs}; {len(cu_sources)} .cu files; cuBLASLt "
         f"{link} from {libdirs[0]}")
     defines += ["-DWITH_CUDA", f'-DML_CUDA_ARCHS="{archs}"']
+    cutlass_incs = cutlass_include_dirs()
+    if cutlass_incs and has_sm90a:
+        log(f"sm_90 Linear+GELU/SiLU kernels (CUTLASS): ON, headers from {cutlass_incs[0]}")
+        incs = incs + cutlass_incs
+        defines += ["-DML_WITH_CUTLASS_SM90"]
+    else:
+        log("sm_90 Linear+GELU/SiLU kernels (CUTLASS): OFF (" +
+            ("no 9.0 in the arch list" if not has_sm90a else
+             "CUTLASS headers not found: pip install nvidia-cutlass, or set CUTLASS_PATH") + ")")
     return finish(CUDAExtension(
         "manual_layers._C", sources + cu_sources,
         depends=depends,

@@ -6,6 +6,9 @@ activation module in eager mode and under torch.compile, forward and forward+bac
     python benchmarks/bench_linear.py --device cpu --activation gelu,relu --shapes 4096x512x512
 
 Shapes are N x in_features -> out_features, written "65536x256->256" or "65536x256x256".
+On an sm_90 GPU, GELU and SiLU cases in 16 bits also time the layer with MANUAL_LAYERS_CUTLASS=1
+(the CUTLASS kernels of csrc/cuda/linear_sm90.h), interleaved with the rest: one line per case
+and rows "manual_layers+cutlass" in the CSV.
 Modes: fwd is timed under torch.no_grad() (inference); fwd+bwd computes the gradients of x,
 weight and bias from a random grad_output; bwd times that backward alone (the forward runs,
 untimed, before each call). Each case also reports one call's peak extra memory
@@ -70,6 +73,33 @@ def torch_layer(ours, activation):
     return nn.Sequential(lin, act)
 
 
+def cutlass_applies(device, dtype, activation):
+    """Whether MANUAL_LAYERS_CUTLASS=1 changes this case's forward: the sm_90 CUTLASS kernels
+    are built in and the GPU is sm_90, a 16-bit dtype, GELU (erf) or SiLU."""
+    return (device == "cuda" and ml.info().get("cuda_sm90_cutlass_kernels", False)
+            and torch.cuda.get_device_capability() == (9, 0)
+            and dtype in (torch.bfloat16, torch.float16) and activation in ("gelu", "silu"))
+
+
+def with_cutlass(f):
+    """f run with MANUAL_LAYERS_CUTLASS=1 (read by the op on every call), the variable then
+    restored."""
+    if f is None:
+        return None
+
+    def g():
+        old = os.environ.get("MANUAL_LAYERS_CUTLASS")
+        os.environ["MANUAL_LAYERS_CUTLASS"] = "1"
+        try:
+            f()
+        finally:
+            if old is None:
+                del os.environ["MANUAL_LAYERS_CUTLASS"]
+            else:
+                os.environ["MANUAL_LAYERS_CUTLASS"] = old
+    return g
+
+
 def bench_case(shape, activation, mode, dtype, device, repeats, warmup, use_compile):
     """Time one (shape, activation, mode) for ours, eager and compile. Returns
     ({impl: timing or None}, {impl: note}, max |ours - eager| of the output,
@@ -124,6 +154,9 @@ def bench_case(shape, activation, mode, dtype, device, repeats, warmup, use_comp
                 notes[name] = why
                 continue
         fns[name] = (step, setup)
+    if "manual_layers" in fns and cutlass_applies(device, dtype, activation):
+        # The same layer with MANUAL_LAYERS_CUTLASS=1 (csrc/cuda/linear_sm90.h), interleaved.
+        fns["manual_layers+cutlass"] = tuple(with_cutlass(f) for f in fns["manual_layers"])
     if device == "cuda" and mode == "fwd" and activation == "gelu_tanh" and shape == ADDMM_SHAPE:
         w, b = ours.weight.detach(), ours.bias.detach()
 
@@ -135,7 +168,7 @@ def bench_case(shape, activation, mode, dtype, device, repeats, warmup, use_comp
         else:
             notes["addmm_act"] = why
     res = C.time_many(fns, device, repeats=repeats, warmup=warmup)
-    for name in list(impls) + ["addmm_act"]:
+    for name in list(impls) + ["manual_layers+cutlass", "addmm_act"]:
         if name in fns or name in notes:
             res.setdefault(name, None)
     mem = {name: C.peak_extra_mib(step, device, setup) for name, (step, setup) in fns.items()}
@@ -205,6 +238,12 @@ def main(argv=None):
                 extra = (extra + "; " if extra else "") + f"peak_extra_MiB={mem[impl]:.1f}"
             rows_csv.append(C.make_row(NAME, label, impl, C.dtype_name(dtype), shape_str(shape),
                                        mode, t, meta, extra=extra))
+        cut = res.get("manual_layers+cutlass")
+        if cut:
+            print(f"    with MANUAL_LAYERS_CUTLASS=1: {C.fmt_ms(cut['p50'])} ms, "
+                  f"{C.fmt_ratio(res['eager']['p50'] / cut['p50'] if res.get('eager') else None)}"
+                  f" vs eager, {C.fmt_ratio(ours['p50'] / cut['p50'])} vs the default path",
+                  flush=True)
         tl = []
         for base, r in rat.items():
             need = TARGETS.get((device, dtype, act, shape, mode, base))

@@ -6,6 +6,7 @@
 #   bash benchmarks/gpu_session.sh build tests          # ~7 min: build for 9.0, the whole suite
 #   bash benchmarks/gpu_session.sh bench profile        # ~4 min: benchmarks, ncu on the kernels
 #   bash benchmarks/gpu_session.sh sanitize             # ~3 min: compute-sanitizer on every path
+#   bash benchmarks/gpu_session.sh cutlass              # ~3 min: the sm_90 CUTLASS Linear kernels
 #   bash benchmarks/gpu_session.sh all                  # everything (more than one 10-min call)
 #
 # Stages:
@@ -23,11 +24,17 @@
 #            (every kernel path once, small shapes; PyTorch's caching allocator off so that an
 #            access past an output is past its allocation). The host emulation's ThreadSanitizer
 #            and AddressSanitizer runs (tests/test_cuda_emu.py) are the same checks without a GPU.
+#   cutlass  the Linear and MLP tests with MANUAL_LAYERS_CUTLASS=1 (csrc/cuda/linear_sm90.h: GELU /
+#            SiLU in the GEMM's epilogue; opt-in until this stage has passed on a GPU), then
+#            bench_linear for gelu / silu (each case also timed with the switch, interleaved),
+#            bench_mlp with the switch, and ncu on the CUTLASS kernel
 # Results: $OUT/summary.txt, $OUT/<stage>.log, $OUT/results/ (benchmark CSV/Markdown).
 #
-# The device machine has no network and no expecttest (torch.library.opcheck needs it): put a
-# wheel in .gpu_wheels/ (untracked, not ignored, so it travels with the tree) beforehand:
+# The device machine has no network, no expecttest (torch.library.opcheck needs it) and no
+# CUTLASS headers (the sm_90 Linear kernels need them): put the wheels in .gpu_wheels/
+# (untracked, not ignored, so they travel with the tree) beforehand:
 #   pip download expecttest --python-version 3.12 --only-binary=:all: -d .gpu_wheels
+#   pip download nvidia-cutlass --no-deps --only-binary=:all: -d .gpu_wheels
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu_out}
@@ -42,6 +49,12 @@ if ! $PY -c "import expecttest" 2>/dev/null; then
     [ -f "$w" ] && $PY -m zipfile -e "$w" .gpu_wheels/site
   done
   [ -d .gpu_wheels/site ] && export PYTHONPATH="$PWD/.gpu_wheels/site:${PYTHONPATH:-}"
+fi
+if [ -z "${CUTLASS_PATH:-}" ] && ! $PY -c "import cutlass_library" 2>/dev/null; then
+  for w in .gpu_wheels/nvidia_cutlass-*.whl; do
+    [ -f "$w" ] && $PY -m zipfile -e "$w" .gpu_wheels/cutlass \
+      && export CUTLASS_PATH="$PWD/.gpu_wheels/cutlass/cutlass_library/source"
+  done
 fi
 
 # stage NAME SECONDS CMD...: runs CMD under `timeout`, output to $OUT/NAME.log, one line to
@@ -133,6 +146,21 @@ run_profile() {
     $PY -c "$PROFILE_PY"
 }
 
+run_cutlass() {
+  MANUAL_LAYERS_CUTLASS=1 stage tests_cutlass 240 $PY -m pytest tests/test_linear_sm90.py \
+    tests/test_linear.py tests/test_mlp.py -q -p no:cacheprovider -rfEs
+  stage bench_linear_cutlass 150 $PY benchmarks/bench_linear.py --device cuda --no-compile \
+    --activation gelu,silu --dtype bfloat16
+  MANUAL_LAYERS_CUTLASS=1 stage bench_mlp_cutlass 90 $PY benchmarks/bench_mlp.py --no-compile
+  MANUAL_LAYERS_CUTLASS=1 stage ncu_cutlass 120 ncu --section SpeedOfLight --section Occupancy \
+    --kernel-name regex:'cutlass|nvjet|act_' --launch-count 6 $PY -c "
+import torch, manual_layers as ml
+m = ml.Linear(1024, 4096, activation='gelu', device='cuda', dtype=torch.bfloat16)
+x = torch.randn(16384, 1024, device='cuda', dtype=torch.bfloat16, requires_grad=True)
+for _ in range(2): m(x).backward(torch.randn(16384, 4096, device='cuda', dtype=torch.bfloat16))
+torch.cuda.synchronize()"
+}
+
 run_sanitize() {
   local cs=compute-sanitizer
   if ! command -v $cs >/dev/null; then
@@ -153,8 +181,9 @@ for s in "$@"; do
     bench) run_bench ;;
     profile) run_profile ;;
     sanitize) run_sanitize ;;
-    all) run_build || exit 1; run_tests; run_sanitize; run_bench; run_profile ;;
-    *) echo "unknown stage '$s' (build, tests, sanitize, bench, profile, all)"; exit 2 ;;
+    cutlass) run_cutlass ;;
+    all) run_build || exit 1; run_tests; run_cutlass; run_sanitize; run_bench; run_profile ;;
+    *) echo "unknown stage '$s' (build, tests, cutlass, sanitize, bench, profile, all)"; exit 2 ;;
   esac
 done
 cat "$OUT/summary.txt"

@@ -110,9 +110,15 @@ PYBIND11_MODULE(_C, m) {
 #ifdef WITH_CUDA
     d["cuda_compiled"] = true;
     d["cuda_archs"] = ML_CUDA_ARCHS;
+#ifdef ML_WITH_CUTLASS_SM90
+    d["cutlass_sm90"] = true;  // csrc/cuda/linear_sm90.h
+#else
+    d["cutlass_sm90"] = false;
+#endif
 #else
     d["cuda_compiled"] = false;
     d["cuda_archs"] = "";
+    d["cutlass_sm90"] = false;
 #endif
     return d;
   });

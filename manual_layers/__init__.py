@@ -73,6 +73,8 @@ def info():
         "aten_cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "cuda_kernels_compiled": BUILD_INFO["cuda_compiled"],
         "cuda_archs": BUILD_INFO["cuda_archs"] or None,
+        # Linear + GELU / SiLU in one CUTLASS kernel on sm_90 (used with MANUAL_LAYERS_CUTLASS=1)
+        "cuda_sm90_cutlass_kernels": BUILD_INFO.get("cutlass_sm90", False),
         "gpu_visible": torch.cuda.is_available(),
     }
     if torch.cuda.is_available():

@@ -5,6 +5,9 @@
 //             relu      -> RELU_BIAS (RELU)
 //             gelu_tanh -> fp16 / bf16 only: GELU_AUX_BIAS (GELU_AUX) when the pre-activation
 //                          is saved and M % 8 == 0, else GELU_BIAS (GELU) when it is not saved
+//             gelu, silu -> with MANUAL_LAYERS_CUTLASS=1 on an sm_90 GPU, fp16 / bf16, K and
+//                          M multiples of 8: one CUTLASS kernel with the activation (and the
+//                          pre-activation store) in its epilogue (csrc/cuda/linear_sm90.h)
 //             others    -> BIAS (DEFAULT) writing the pre-activation, then one own
 //                          vectorised elementwise kernel (or the row-wise softmax kernel)
 //   backward  dX = G W            DEFAULT
@@ -43,6 +46,9 @@
 #include "../common.h"
 #include "../linear.h"
 #include "cuda_common.cuh"
+#ifndef ML_CUDA_HOST_EMU
+#include "linear_sm90.h"
+#endif
 
 namespace manual_layers {
 namespace {
@@ -411,6 +417,14 @@ void column_sum(const at::Tensor& G, const at::Tensor& out) {
 }
 
 bool lt_ok(cublasStatus_t s) { return s == CUBLAS_STATUS_SUCCESS; }
+
+// MANUAL_LAYERS_CUTLASS=1 turns on the sm_90 CUTLASS kernels of Linear + GELU / SiLU
+// (csrc/cuda/linear_sm90.h): opt-in until they have been measured on an H100 / H200. Read on
+// every call, like the other path switches.
+bool sm90_cutlass_enabled() {
+  const char* v = std::getenv("MANUAL_LAYERS_CUTLASS");
+  return v != nullptr && std::strcmp(v, "1") == 0;
+}
 #endif  // ML_CUDA_HOST_EMU
 
 }  // namespace
@@ -452,8 +466,20 @@ std::tuple<at::Tensor, at::Tensor> linear_fwd_cuda(const at::Tensor& x, const at
     const at::Tensor xc = x.contiguous();
     const at::Tensor wc = weight.contiguous();
     bool gemm_done = false;
+    // 0. GELU / SiLU with the pre-activation store in one sm_90 CUTLASS kernel (opt-in).
+    if ((act == Act::Gelu || act == Act::Silu) && sm90_cutlass_enabled()) {
+      const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
+      if (prop->major == 9 && prop->minor == 0) {
+        gemm_done = sm90::linear_act_fwd(
+            x.scalar_type(), act, xc.const_data_ptr(), wc.const_data_ptr(),
+            has_bias ? b.const_data_ptr() : nullptr, out.mutable_data_ptr(),
+            keep_pre ? pre.mutable_data_ptr() : nullptr, N, M, K, x.get_device(),
+            prop->multiProcessorCount, at::cuda::getCurrentCUDAStream());
+        act_done = gemm_done;
+      }
+    }
     cudaDataType_t dt = CUDA_R_32F;
-    if (lt_dtype(x.scalar_type(), &dt) && lt_shape_ok(M, N, K)) {
+    if (!gemm_done && lt_dtype(x.scalar_type(), &dt) && lt_shape_ok(M, N, K)) {
       // y^T (M x N, ld M) = W^T (op T of col-major K x M, ld K) . x^T (col-major K x N, ld K)
       // (D is set below, per epilogue.)
       LtGemm g = lt_gemm(CUBLAS_OP_T, CUBLAS_OP_N, M, N, K, wc.const_data_ptr(), K,

@@ -1,0 +1,180 @@
+// The CUTLASS 3 kernels behind csrc/cuda/linear_sm90.h, as templates: each of
+// linear_sm90_bf16.cu and linear_sm90_fp16.cu instantiates them for its dtype (two files, so
+// that a 2-core build compiles them in parallel; each kernel is about 35 s of nvcc).
+//
+// The GEMM: D (rows x features) = A (rows x K, row-major x) . B^T, B = w (features x K,
+// row-major: CUTLASS's K-major "column-major" B), fp32 accumulation, 128 x 256 x 64 tiles,
+// 2 x 1 clusters (the B tile multicast to both CTAs), the persistent cooperative schedule
+// (two consumer warpgroups per tile, one TMA producer warp). No C operand (beta = 0).
+// The epilogue (CUTLASS's fusion LinCombPerColBiasEltAct[Aux]): z = acc + bias[col] in fp32,
+// aux = z (rounded to T, TMA-stored), D = act(z) (rounded to T). act is the function of the
+// project's own elementwise kernels (act_forward in cuda_common.cuh: erff / expf, fp32), so
+// the result differs from the two-pass path only where that path rounds z to T first.
+#pragma once
+
+#ifdef ML_WITH_CUTLASS_SM90
+
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/util/Exception.h>
+
+#include <cute/tensor.hpp>
+#include <cutlass/cutlass.h>
+#include <cutlass/epilogue/collective/collective_builder.hpp>
+#include <cutlass/epilogue/fusion/operations.hpp>
+#include <cutlass/gemm/collective/collective_builder.hpp>
+#include <cutlass/gemm/device/gemm_universal_adapter.h>
+#include <cutlass/gemm/dispatch_policy.hpp>
+#include <cutlass/gemm/kernel/gemm_universal.hpp>
+#include <cutlass/util/packed_stride.hpp>
+
+#include <cstdint>
+#include <limits>
+#include <type_traits>
+
+#include "cuda_common.cuh"
+#include "linear_sm90.h"
+
+namespace manual_layers {
+namespace sm90 {
+namespace detail {
+
+// The activation as a CUTLASS epilogue functor: the scalar form, and the fragment form the
+// sm_90 epilogue visitor calls (ComputeFn<Array<ElementCompute, FragmentSize>>).
+template <Act A, class T>
+struct ActOp {
+  static constexpr bool kIsHeavy = true;
+  CUTLASS_HOST_DEVICE T operator()(T const& z) const { return cuda_common::act_forward<A>(z); }
+};
+
+template <Act A, class T, int N>
+struct ActOp<A, cutlass::Array<T, N>> {
+  static constexpr bool kIsHeavy = true;
+  CUTLASS_HOST_DEVICE cutlass::Array<T, N> operator()(cutlass::Array<T, N> const& z) const {
+    cutlass::Array<T, N> y;
+    CUTLASS_PRAGMA_UNROLL
+    for (int i = 0; i < N; ++i) y[i] = cuda_common::act_forward<A>(z[i]);
+    return y;
+  }
+};
+
+template <class T>
+using GeluErf = ActOp<Act::Gelu, T>;
+template <class T>
+using Silu = ActOp<Act::Silu, T>;
+
+constexpr int kAlign = 8;  // elements per 16 bytes of a 16-bit type (TMA's row alignment)
+
+template <class T, template <class> class Fn, bool kAux>
+struct Config {
+  using TileShape = cute::Shape<cute::_128, cute::_256, cute::_64>;
+  using ClusterShape = cute::Shape<cute::_2, cute::_1, cute::_1>;
+  using RowMajor = cutlass::layout::RowMajor;
+  using ColMajor = cutlass::layout::ColumnMajor;
+  // D = Fn(acc + bias[col]) [, aux = acc + bias[col]]; elements: D, compute, (aux,) bias,
+  // source (unused: no C), scalar.
+  using Fusion = std::conditional_t<
+      kAux,
+      cutlass::epilogue::fusion::LinCombPerColBiasEltActAux<RowMajor, Fn, T, float, T, T, T,
+                                                            float>,
+      cutlass::epilogue::fusion::LinCombPerColBiasEltAct<Fn, T, float, T, T, float>>;
+  using Epilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
+      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, TileShape, ClusterShape,
+      cutlass::epilogue::collective::EpilogueTileAuto, float, float, void, RowMajor, kAlign, T,
+      RowMajor, kAlign, cutlass::epilogue::TmaWarpSpecializedCooperative, Fusion>::CollectiveOp;
+  using Mainloop = typename cutlass::gemm::collective::CollectiveBuilder<
+      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, T, RowMajor, kAlign, T, ColMajor,
+      kAlign, float, TileShape, ClusterShape,
+      cutlass::gemm::collective::StageCountAutoCarveout<static_cast<int>(
+          sizeof(typename Epilogue::SharedStorage))>,
+      cutlass::gemm::KernelTmaWarpSpecializedCooperative>::CollectiveOp;
+  using Kernel =
+      cutlass::gemm::kernel::GemmUniversal<cute::Shape<int, int, int, int>, Mainloop, Epilogue>;
+  using Gemm = cutlass::gemm::device::GemmUniversalAdapter<Kernel>;
+};
+
+inline bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
+template <class T, template <class> class Fn, bool kAux>
+bool run(const void* x, const void* w, const void* bias, void* out, void* pre, int rows,
+         int features, int in_features, int device, int sm_count, cudaStream_t stream) {
+  using C = Config<T, Fn, kAux>;
+  using Gemm = typename C::Gemm;
+  using Kernel = typename C::Kernel;
+  typename Gemm::Arguments args{};
+  args.mode = cutlass::gemm::GemmUniversalMode::kGemm;
+  args.problem_shape = {rows, features, in_features, 1};
+  args.mainloop.ptr_A = static_cast<const T*>(x);
+  args.mainloop.dA = cutlass::make_cute_packed_stride(typename Kernel::StrideA{},
+                                                      cute::make_shape(rows, in_features, 1));
+  args.mainloop.ptr_B = static_cast<const T*>(w);
+  args.mainloop.dB = cutlass::make_cute_packed_stride(typename Kernel::StrideB{},
+                                                      cute::make_shape(features, in_features, 1));
+  args.epilogue.ptr_C = nullptr;
+  args.epilogue.ptr_D = static_cast<T*>(out);
+  args.epilogue.dD = cutlass::make_cute_packed_stride(typename Kernel::StrideD{},
+                                                      cute::make_shape(rows, features, 1));
+  auto& ep = args.epilogue.thread;
+  ep.alpha = 1.f;
+  ep.beta = 0.f;
+  ep.bias_ptr = static_cast<const T*>(bias);  // nullptr: no bias (a broadcast zero)
+  if constexpr (kAux) {
+    ep.aux_ptr = static_cast<T*>(pre);
+    ep.dAux = cutlass::make_cute_packed_stride(decltype(ep.dAux){},
+                                               cute::make_shape(rows, features, 1));
+  }
+  args.hw_info.device_id = device;
+  args.hw_info.sm_count = sm_count;
+
+  if (Gemm::can_implement(args) != cutlass::Status::kSuccess) return false;
+  const size_t ws_bytes = Gemm::get_workspace_size(args);
+  at::Tensor ws;  // freed in stream order after the launch (PyTorch's caching allocator)
+  if (ws_bytes > 0) {
+    ws = at::empty({static_cast<int64_t>(ws_bytes)},
+                   at::TensorOptions().dtype(at::kByte).device(at::kCUDA, device));
+  }
+  Gemm gemm;
+  if (gemm.initialize(args, ws_bytes > 0 ? ws.data_ptr() : nullptr, stream) !=
+      cutlass::Status::kSuccess) {
+    return false;  // nothing launched yet (the TMA descriptors or the smem attribute failed)
+  }
+  const cutlass::Status st = gemm.run(stream);
+  TORCH_CHECK(st == cutlass::Status::kSuccess, "linear_fwd: the sm_90 CUTLASS kernel failed to ",
+              "launch: ", cutlassGetStatusString(st));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return true;
+}
+
+template <class T>
+bool linear_act_fwd_typed(Act act, const void* x, const void* w, const void* bias, void* out,
+                          void* pre, int64_t rows, int64_t features, int64_t in_features,
+                          int device, int sm_count, cudaStream_t stream) {
+  constexpr int64_t kMax = std::numeric_limits<int>::max();
+  if (act != Act::Gelu && act != Act::Silu) return false;
+  if (rows < 1 || features < 1 || in_features < 1 || rows > kMax || features > kMax ||
+      in_features > kMax) {
+    return false;
+  }
+  // TMA: 16-byte aligned bases and row strides (A, B, D, aux); the bias is read as 16-byte
+  // vectors.
+  if (in_features % kAlign != 0 || features % kAlign != 0) return false;
+  if (!aligned16(x) || !aligned16(w) || !aligned16(out) || (pre && !aligned16(pre)) ||
+      (bias && !aligned16(bias))) {
+    return false;
+  }
+  const int r = static_cast<int>(rows), f = static_cast<int>(features);
+  const int k = static_cast<int>(in_features);
+  if (act == Act::Gelu) {
+    return pre ? run<T, GeluErf, true>(x, w, bias, out, pre, r, f, k, device, sm_count, stream)
+               : run<T, GeluErf, false>(x, w, bias, out, pre, r, f, k, device, sm_count, stream);
+  }
+  return pre ? run<T, Silu, true>(x, w, bias, out, pre, r, f, k, device, sm_count, stream)
+             : run<T, Silu, false>(x, w, bias, out, pre, r, f, k, device, sm_count, stream);
+}
+
+}  // namespace detail
+}  // namespace sm90
+}  // namespace manual_layers
+
+#endif  // ML_WITH_CUTLASS_SM90

@@ -1,0 +1,156 @@
+"""Linear + GELU / SiLU in one sm_90 CUTLASS kernel (csrc/cuda/linear_sm90.h), the path
+MANUAL_LAYERS_CUTLASS=1 turns on for bf16 / fp16 on an H100 / H200: the build wiring (runs on
+any machine), and on such a GPU the kernel's outputs, pre-activation, gradients and fallbacks
+against the float64 reference. The whole Linear and MLP suites also run with the switch on in
+benchmarks/gpu_session.sh (stage tests_cutlass)."""
+
+import importlib.util
+
+import pytest
+import torch
+
+import manual_layers as ml
+from manual_layers import reference as R
+from manual_layers._ops import BUILD_INFO
+from conftest import TOL, assert_rel
+
+ops = torch.ops.manual_layers
+
+
+def _sm90_gpu():
+    return torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
+
+
+needs_sm90 = pytest.mark.skipif(
+    not (_sm90_gpu() and BUILD_INFO.get("cutlass_sm90", False)),
+    reason="needs an sm_90 GPU (H100 / H200) and a build with the CUTLASS sm_90 kernels")
+
+
+def test_build_has_the_sm90_kernels_where_cutlass_is_installed():
+    """setup.py's wiring: a CUDA build for 9.0 (compiled as 9.0a) with CUTLASS's headers
+    installed (make's venv installs nvidia-cutlass) must include the kernels."""
+    if not BUILD_INFO["cuda_compiled"]:
+        assert BUILD_INFO["cutlass_sm90"] is False
+        pytest.skip("CPU-only build")
+    archs = BUILD_INFO["cuda_archs"].split(";")
+    assert "9.0" not in archs, "a plain 9.0 entry should have been compiled as 9.0a"
+    if importlib.util.find_spec("cutlass_library") is None:
+        pytest.skip("nvidia-cutlass is not installed here")
+    assert BUILD_INFO["cutlass_sm90"] is ("9.0a" in archs)
+    assert ml.info()["cuda_sm90_cutlass_kernels"] is BUILD_INFO["cutlass_sm90"]
+
+
+def _kernels(fn):
+    """The CUDA kernel names fn launches."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return [e.key for e in prof.key_averages()]
+
+
+def _fwd(x, w, b, act, save_pre):
+    return ops._linear_fwd(x, w, b, act, save_pre)
+
+
+# (rows, in_features, out_features): one row; odd row counts; K not a multiple of the 64-wide
+# K tile; out_features not a multiple of the 256-wide N tile; several tiles and clusters.
+SHAPES = [(1, 8, 8), (37, 24, 264), (300, 1000, 1000), (2053, 64, 520), (4099, 512, 1024)]
+
+
+@needs_sm90
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("act", ["gelu", "silu"])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_forward_writes_every_output_and_pre_activation(monkeypatch, dtype, act, bias, shape):
+    monkeypatch.setenv("MANUAL_LAYERS_CUTLASS", "1")
+    n, k, m = shape
+    x = torch.randn(n, k, device="cuda", dtype=dtype)
+    w = (torch.randn(m, k, device="cuda", dtype=dtype) / k ** 0.5).to(dtype)
+    b = torch.randn(m, device="cuda", dtype=dtype) if bias else None
+    for save_pre in (True, False):
+        names = _kernels(lambda: _fwd(x, w, b, act, save_pre))
+        assert any("cutlass" in s for s in names), names
+        out, pre = _fwd(x, w, b, act, save_pre)  # outputs on NaN-poisoned memory (conftest)
+        z = x.double() @ w.double().t() + (b.double() if bias else 0)
+        ref = R.linear(x.double(), w.double(), b.double() if bias else None, act)
+        assert_rel(out, ref, TOL[dtype], f"{act} {dtype} out")
+        if save_pre:
+            # pre is z rounded once to the dtype: within half an ulp of 16 bits plus the fp32
+            # accumulation error.
+            assert_rel(pre, z, 4e-3, f"{act} {dtype} pre")
+            # out = act(z) in fp32 before rounding, so act(pre) agrees to the dtype's rounding.
+            assert_rel(out, R.ACTIVATIONS[act](pre.double()), TOL[dtype],
+                       f"{act} {dtype} out vs act(pre)")
+        else:
+            assert pre.numel() == 0
+
+
+@needs_sm90
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("act", ["gelu", "silu"])
+def test_gradients_and_nn_module_match_the_reference(monkeypatch, dtype, act):
+    monkeypatch.setenv("MANUAL_LAYERS_CUTLASS", "1")
+    layer = ml.Linear(1024, 520, activation=act, device="cuda", dtype=dtype)
+    x = torch.randn(3, 700, 1024, device="cuda", dtype=dtype, requires_grad=True)
+    y = layer(x)
+    g = torch.randn_like(y)
+    y.backward(g)
+    xd = x.detach().double().requires_grad_()
+    wd = layer.weight.detach().double().requires_grad_()
+    bd = layer.bias.detach().double().requires_grad_()
+    yd = R.linear(xd, wd, bd, act)
+    yd.backward(g.double())
+    for name, a, e in (("out", y, yd), ("grad_x", x.grad, xd.grad),
+                       ("grad_weight", layer.weight.grad, wd.grad),
+                       ("grad_bias", layer.bias.grad, bd.grad)):
+        assert_rel(a, e, TOL[dtype], f"{act} {dtype} {name}")
+
+
+@needs_sm90
+@pytest.mark.parametrize("act", ["gelu", "silu"])
+def test_same_result_as_the_two_pass_path_and_deterministic(monkeypatch, act):
+    """The CUTLASS path and the default (cuBLASLt GEMM + activation kernel) agree to bf16
+    rounding, and the CUTLASS path repeats bit for bit."""
+    x = torch.randn(2000, 768, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(1536, 768, device="cuda", dtype=torch.bfloat16) / 28
+    b = torch.randn(1536, device="cuda", dtype=torch.bfloat16)
+    monkeypatch.setenv("MANUAL_LAYERS_CUTLASS", "0")
+    out0, pre0 = _fwd(x, w, b, act, True)
+    monkeypatch.setenv("MANUAL_LAYERS_CUTLASS", "1")
+    out1, pre1 = _fwd(x, w, b, act, True)
+    out2, pre2 = _fwd(x, w, b, act, True)
+    assert torch.equal(out1, out2) and torch.equal(pre1, pre2)
+    assert_rel(pre1, pre0, 4e-3, "pre")
+    assert_rel(out1, out0, 1e-2, "out")
+
+
+@needs_sm90
+def test_unaligned_or_odd_problems_take_the_other_path(monkeypatch):
+    """K or out_features not a multiple of 8, or x not 16-byte aligned: no CUTLASS launch, and
+    the result is still right (the cuBLASLt path)."""
+    monkeypatch.setenv("MANUAL_LAYERS_CUTLASS", "1")
+    dt = torch.bfloat16
+    base = torch.randn(64 * 33 + 1, device="cuda", dtype=dt)
+    cases = [
+        (torch.randn(50, 20, device="cuda", dtype=dt), 64),   # K % 8 != 0
+        (torch.randn(50, 64, device="cuda", dtype=dt), 17),   # out_features % 8 != 0
+        (base[1:].view(33, 64), 64),                           # x 2 bytes past alignment
+    ]
+    for x, m in cases:
+        w = torch.randn(m, x.shape[1], device="cuda", dtype=dt) / 8
+        b = torch.randn(m, device="cuda", dtype=dt)
+        names = _kernels(lambda: _fwd(x, w, b, "gelu", True))
+        assert not any("cutlass" in s for s in names), names
+        out, pre = _fwd(x, w, b, "gelu", True)
+        assert_rel(out, R.linear(x.double(), w.double(), b.double(), "gelu"), TOL[dt], "out")
+
+
+@needs_sm90
+def test_switch_off_means_no_cutlass_kernel(monkeypatch):
+    monkeypatch.delenv("MANUAL_LAYERS_CUTLASS", raising=False)
+    x = torch.randn(256, 256, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(256, 256, device="cuda", dtype=torch.bfloat16)
+    names = _kernels(lambda: _fwd(x, w, None, "gelu", True))
+    assert not any("cutlass" in s for s in names), names
