@@ -12,7 +12,7 @@ Environment:
                           exactly the GPUs a 9.0 cubin runs on)
   CUTLASS_PATH            a CUTLASS checkout (its include/ is used); otherwise the headers of the
                           nvidia-cutlass wheel when it is installed. Without CUTLASS (or without
-                          9.0 in the arch list) the sm_90 Linear+GELU/SiLU kernels are left out
+                          9.0 in the arch list) the sm_90 CUTLASS kernels are left out
   CUDA_HOME               the CUDA toolkit; otherwise resolved from /usr/local/cuda or from
                           the nvcc on PATH (following wrapper scripts to the real toolkit)
   MANUAL_LAYERS_CPU_ISAS  x86-64 vector ISAs to compile the CPU kernels for, besides the portable
@@ -265,13 +265,15 @@ def build_extension():
     defines += ["-DWITH_CUDA", f'-DML_CUDA_ARCHS="{archs}"']
     cutlass_incs = cutlass_include_dirs()
     if cutlass_incs and has_sm90a:
-        log(f"sm_90 Linear+GELU/SiLU kernels (CUTLASS): ON, headers from {cutlass_incs[0]}")
+        log(f"sm_90 CUTLASS kernels (Linear + GELU/SiLU, MLP dgrad): ON, headers from "
+            f"{cutlass_incs[0]}")
         incs = incs + cutlass_incs
         defines += ["-DML_WITH_CUTLASS_SM90"]
     else:
-        log("sm_90 Linear+GELU/SiLU kernels (CUTLASS): OFF (" +
+        log("sm_90 CUTLASS kernels (Linear + GELU/SiLU, MLP dgrad): OFF (" +
             ("no 9.0 in the arch list" if not has_sm90a else
-             "CUTLASS headers not found: pip install nvidia-cutlass, or set CUTLASS_PATH") + ")")
+             "CUTLASS headers not found: pip install --no-deps nvidia-cutlass, or set "
+             "CUTLASS_PATH") + ")")
     return finish(CUDAExtension(
         "manual_layers._C", sources + cu_sources,
         depends=depends,

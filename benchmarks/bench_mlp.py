@@ -7,7 +7,8 @@ grad_output), medians of calls interleaved in one process, and one call's peak e
                                                             # (+ CUDA 8192x1024->4096->1024 bf16)
     python benchmarks/bench_mlp.py --shapes 4096x256x1024x256 --activation relu --no-compile
 
-Target (issue #7): >= 1.15x eager on CUDA bf16 at 8192x1024->4096->1024, GELU.
+Target (issue #7): >= 1.15x eager on CUDA bf16 at 8192x1024->4096->1024, GELU. On an sm_90 GPU
+the MLP is also timed with MANUAL_LAYERS_CUTLASS=1 (csrc/cuda/linear_sm90.h), interleaved.
 """
 
 import argparse
@@ -28,6 +29,15 @@ from manual_layers.reference import ACTIVATION_MODULES  # noqa: E402
 
 CPU_CASES = [("cpu", (8192, 512, 2048, 512), torch.float32)]
 CUDA_CASES = [("cuda", (8192, 1024, 4096, 1024), torch.bfloat16)]
+
+
+def cutlass_applies(dev, dt, act):
+    """Whether MANUAL_LAYERS_CUTLASS=1 changes this case (csrc/cuda/linear_sm90.h): the sm_90
+    CUTLASS kernels built in, an sm_90 GPU, 16 bits, an activation they cover."""
+    return (dev == "cuda" and ml.info().get("cuda_sm90_cutlass_kernels", False)
+            and torch.cuda.get_device_capability() == (9, 0)
+            and dt in (torch.bfloat16, torch.float16)
+            and act in ("gelu", "gelu_tanh", "silu", "relu"))
 
 
 def parse_shape(s):
@@ -62,25 +72,40 @@ def main():
         impls = {"ours": ours, "eager": seq}
         if not args.no_compile:
             impls["compile"] = torch.compile(seq)
+        if cutlass_applies(dev, dt, act):  # the same MLP with MANUAL_LAYERS_CUTLASS=1
+            impls["ours+cutlass"] = ours
 
-        def step(m):
+        def step(m, cutlass=False):
             x.grad = None
             for q in seq.parameters():  # MLP.from_sequential shares these Parameters
                 q.grad = None
-            m(x).backward(g)
+            old = os.environ.get("MANUAL_LAYERS_CUTLASS")
+            if cutlass:
+                os.environ["MANUAL_LAYERS_CUTLASS"] = "1"
+            try:
+                m(x).backward(g)
+            finally:
+                if cutlass and old is None:
+                    del os.environ["MANUAL_LAYERS_CUTLASS"]
+                elif cutlass:
+                    os.environ["MANUAL_LAYERS_CUTLASS"] = old
 
-        for m in impls.values():
+        for k, m in impls.items():
             for _ in range(args.warmup):
-                step(m)
+                step(m, k == "ours+cutlass")
         times = {k: [] for k in impls}
         for _ in range(args.repeats):
             for k, m in impls.items():
                 C.synchronize(dev)
                 t0 = time.perf_counter()
-                step(m)
+                step(m, k == "ours+cutlass")
                 C.synchronize(dev)
                 times[k].append((time.perf_counter() - t0) * 1e3)
         med = {k: statistics.median(v) for k, v in times.items()}
+        if "ours+cutlass" in med:
+            print(f"  {dev} {N}x{I}->{H}->{O}: with MANUAL_LAYERS_CUTLASS=1 "
+                  f"{med['ours+cutlass']:.3f} ms, {med['eager'] / med['ours+cutlass']:.2f}x eager, "
+                  f"{med['ours'] / med['ours+cutlass']:.2f}x the default path", flush=True)
         comp = med.get("compile", float("nan"))
         mem = " / ".join(C.fmt_mib(C.peak_extra_mib(lambda m=impls[k]: step(m), dev))
                          if k in impls else "n/a" for k in ("ours", "eager", "compile"))

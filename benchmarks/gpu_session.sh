@@ -25,9 +25,10 @@
 #            access past an output is past its allocation). The host emulation's ThreadSanitizer
 #            and AddressSanitizer runs (tests/test_cuda_emu.py) are the same checks without a GPU.
 #   cutlass  the Linear and MLP tests with MANUAL_LAYERS_CUTLASS=1 (csrc/cuda/linear_sm90.h: GELU /
-#            SiLU in the GEMM's epilogue; opt-in until this stage has passed on a GPU), then
-#            bench_linear for gelu / silu (each case also timed with the switch, interleaved),
-#            bench_mlp with the switch, and ncu on the CUTLASS kernel
+#            SiLU in the forward GEMM's epilogue, the MLP backward's dgrad with the activation
+#            and bias gradients in its epilogue; opt-in until this stage has passed on a GPU),
+#            then bench_linear for gelu / silu and bench_mlp (each also timed with the switch,
+#            interleaved), and ncu on the CUTLASS kernels of a Linear+GELU and an MLP step
 # Results: $OUT/summary.txt, $OUT/<stage>.log, $OUT/results/ (benchmark CSV/Markdown).
 #
 # The device machine has no network, no expecttest (torch.library.opcheck needs it) and no
@@ -151,13 +152,16 @@ run_cutlass() {
     tests/test_linear.py tests/test_mlp.py -q -p no:cacheprovider -rfEs
   stage bench_linear_cutlass 150 $PY benchmarks/bench_linear.py --device cuda --no-compile \
     --activation gelu,silu --dtype bfloat16
-  MANUAL_LAYERS_CUTLASS=1 stage bench_mlp_cutlass 90 $PY benchmarks/bench_mlp.py --no-compile
+  stage bench_mlp_cutlass 90 $PY benchmarks/bench_mlp.py --no-compile
   MANUAL_LAYERS_CUTLASS=1 stage ncu_cutlass 120 ncu --section SpeedOfLight --section Occupancy \
-    --kernel-name regex:'cutlass|nvjet|act_' --launch-count 6 $PY -c "
+    --kernel-name regex:'cutlass|nvjet|act_' --launch-count 12 $PY -c "
 import torch, manual_layers as ml
 m = ml.Linear(1024, 4096, activation='gelu', device='cuda', dtype=torch.bfloat16)
 x = torch.randn(16384, 1024, device='cuda', dtype=torch.bfloat16, requires_grad=True)
 for _ in range(2): m(x).backward(torch.randn(16384, 4096, device='cuda', dtype=torch.bfloat16))
+p = ml.MLP(1024, 4096, 1024, activation='gelu', device='cuda', dtype=torch.bfloat16)
+x = torch.randn(8192, 1024, device='cuda', dtype=torch.bfloat16, requires_grad=True)
+for _ in range(2): p(x).backward(torch.randn(8192, 1024, device='cuda', dtype=torch.bfloat16))
 torch.cuda.synchronize()"
 }
 

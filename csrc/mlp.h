@@ -7,6 +7,7 @@
 #include <c10/util/string_view.h>
 
 #include <tuple>
+#include <utility>
 
 #include "common.h"
 
@@ -28,6 +29,17 @@ MlpGrads mlp_bwd_composed(const at::Tensor& grad_out, const at::Tensor& x, const
                           const at::Tensor& w2, const at::Tensor& h, const at::Tensor& saved,
                           c10::string_view activation, bool need_x, bool need_w1, bool need_b1,
                           bool need_w2, bool need_b2);
+
+#ifdef WITH_CUDA
+// CUDA (csrc/cuda/linear.cu), with MANUAL_LAYERS_CUTLASS=1 on an sm_90 GPU, 16-bit: the first
+// layer's activation gradient G1 = (grad_out w2) * act'(saved) (N, H) and, when need_b1, its
+// bias gradient (H,) from one CUTLASS kernel (csrc/cuda/linear_sm90.h: mlp_dgrad_act).
+// Undefined tensors when that path does not apply (mlp_bwd_composed then composes _linear_bwd).
+std::pair<at::Tensor, at::Tensor> mlp_dgrad_act_cuda(const at::Tensor& grad_out,
+                                                     const at::Tensor& w2,
+                                                     const at::Tensor& saved, Act act,
+                                                     bool need_b1);
+#endif
 
 // The shape checks both _mlp_bwd kernels make (memory safety; the public op checked the rest).
 inline void check_mlp_bwd(const at::Tensor& g, const at::Tensor& x, const at::Tensor& w1,

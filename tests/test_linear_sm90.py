@@ -1,9 +1,12 @@
-"""Linear + GELU / SiLU in one sm_90 CUTLASS kernel (csrc/cuda/linear_sm90.h), the path
-MANUAL_LAYERS_CUTLASS=1 turns on for bf16 / fp16 on an H100 / H200: the build wiring (runs on
-any machine), and on such a GPU the kernel's outputs, pre-activation, gradients and fallbacks
-against the float64 reference. The whole Linear and MLP suites also run with the switch on in
+"""The sm_90 CUTLASS kernels (csrc/cuda/linear_sm90.h) that MANUAL_LAYERS_CUTLASS=1 turns on
+for bf16 / fp16 on an H100 / H200: Linear + GELU / SiLU with the activation in the GEMM's
+epilogue, and the MLP backward's dgrad with the activation gradient and the first bias
+gradient in its epilogue. The build wiring runs on any machine; on such a GPU, the kernels'
+outputs (on NaN-poisoned memory), gradients, fallbacks and determinism against the float64
+reference. The whole Linear and MLP suites also run with the switch on in
 benchmarks/gpu_session.sh (stage tests_cutlass)."""
 
+import copy
 import importlib.util
 
 import pytest
@@ -154,3 +157,56 @@ def test_switch_off_means_no_cutlass_kernel(monkeypatch):
     w = torch.randn(256, 256, device="cuda", dtype=torch.bfloat16)
     names = _kernels(lambda: _fwd(x, w, None, "gelu", True))
     assert not any("cutlass" in s for s in names), names
+
+
+# (rows, in, hidden, out): one row; hidden / out not multiples of the tiles; several tiles.
+MLP_SHAPES = [(1, 16, 8, 8), (37, 24, 264, 16), (2053, 64, 520, 72), (4099, 256, 1024, 512)]
+
+
+def _mlp_grads(model, x, g):
+    model.zero_grad(set_to_none=True)
+    x = x.detach().requires_grad_()
+    y = model(x)
+    y.backward(g)
+    return [y, x.grad] + [p.grad for p in model.parameters()]
+
+
+@needs_sm90
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("act", ["gelu", "gelu_tanh", "silu", "relu"])
+@pytest.mark.parametrize("shape", MLP_SHAPES)
+def test_mlp_backward_dgrad_epilogue(monkeypatch, dtype, act, shape):
+    """The MLP backward with the activation and first bias gradients in the dH GEMM's
+    epilogue: every gradient against float64, with and without biases, the kernel launched."""
+    monkeypatch.setenv("MANUAL_LAYERS_CUTLASS", "1")
+    n, i, h, o = shape
+    for bias in (True, False):
+        ours = ml.MLP(i, h, o, activation=act, bias=bias, device="cuda", dtype=dtype)
+        ref = copy.deepcopy(ours).double()
+        x = torch.randn(n, i, device="cuda", dtype=dtype)
+        g = torch.randn(n, o, device="cuda", dtype=dtype)
+        names = _kernels(lambda: _mlp_grads(ours, x, g))
+        assert sum("cutlass" in s for s in names) >= (1 if act in ("relu", "gelu_tanh") else 2), \
+            names
+        a = _mlp_grads(ours, x, g)
+        e = _mlp_grads(ref, x.double(), g.double())
+        for k, (ai, ei) in enumerate(zip(a, e)):
+            assert ai.dtype == dtype
+            assert_rel(ai, ei, TOL[dtype], f"{act} {dtype} bias={bias} [{k}]")
+
+
+@needs_sm90
+def test_mlp_backward_dgrad_epilogue_is_deterministic_and_matches_the_composed_path(
+        monkeypatch):
+    ours = ml.MLP(512, 2048, 512, activation="gelu", device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(3000, 512, device="cuda", dtype=torch.bfloat16)
+    g = torch.randn(3000, 512, device="cuda", dtype=torch.bfloat16)
+    monkeypatch.setenv("MANUAL_LAYERS_CUTLASS", "1")
+    a1 = [t.clone() for t in _mlp_grads(ours, x, g)]
+    a2 = _mlp_grads(ours, x, g)
+    for t1, t2 in zip(a1, a2):
+        assert torch.equal(t1, t2)
+    monkeypatch.setenv("MANUAL_LAYERS_CUTLASS", "0")
+    b = _mlp_grads(ours, x, g)
+    for k, (t1, t0) in enumerate(zip(a1, b)):
+        assert_rel(t1, t0, 1e-2, f"[{k}]")

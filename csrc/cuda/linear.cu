@@ -45,6 +45,7 @@
 
 #include "../common.h"
 #include "../linear.h"
+#include "../mlp.h"
 #include "cuda_common.cuh"
 #ifndef ML_CUDA_HOST_EMU
 #include "linear_sm90.h"
@@ -642,6 +643,37 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_bwd_cuda(
 
   if (need_bias && !bias_done) column_sum(G, grad_b);
   return {grad_x, grad_w, grad_b};
+}
+
+std::pair<at::Tensor, at::Tensor> mlp_dgrad_act_cuda(const at::Tensor& grad_out,
+                                                     const at::Tensor& w2,
+                                                     const at::Tensor& saved, Act act,
+                                                     bool need_b1) {
+  const at::ScalarType dt = grad_out.scalar_type();
+  if (!sm90_cutlass_enabled() || !grad_out.is_cuda() ||
+      (dt != at::kBFloat16 && dt != at::kHalf) || w2.scalar_type() != dt ||
+      saved.scalar_type() != dt || grad_out.dim() != 2 || w2.dim() != 2 ||
+      saved.dim() != 2) {
+    return {};
+  }
+  c10::cuda::CUDAGuard guard(grad_out.device());
+  const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
+  if (prop->major != 9 || prop->minor != 0) return {};
+  const int64_t N = grad_out.size(0), O = grad_out.size(1), H = w2.size(1);
+  if (N == 0 || O == 0 || H == 0 || w2.size(0) != O || saved.size(0) != N ||
+      saved.size(1) != H) {
+    return {};
+  }
+  const at::Tensor g = grad_out.contiguous(), w = w2.contiguous(), s = saved.contiguous();
+  const at::Tensor G = at::empty({N, H}, grad_out.options());
+  const at::Tensor db = need_b1 ? at::empty({H}, grad_out.options()) : at::Tensor();
+  if (!sm90::mlp_dgrad_act(dt, act, g.const_data_ptr(), w.const_data_ptr(), s.const_data_ptr(),
+                           G.mutable_data_ptr(), need_b1 ? db.mutable_data_ptr() : nullptr, N,
+                           H, O, grad_out.get_device(), prop->multiProcessorCount,
+                           at::cuda::getCurrentCUDAStream())) {
+    return {};
+  }
+  return {G, db};
 }
 #endif  // ML_CUDA_HOST_EMU
 

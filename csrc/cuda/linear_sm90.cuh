@@ -64,6 +64,36 @@ using GeluErf = ActOp<Act::Gelu, T>;
 template <class T>
 using Silu = ActOp<Act::Silu, T>;
 
+// act'(s) * g, for the dgrad epilogue (CUTLASS calls it with the GEMM's value and the aux).
+template <Act A, class T>
+struct DActOp {
+  static constexpr bool kIsHeavy = true;
+  CUTLASS_HOST_DEVICE T operator()(T const& g, T const& s) const {
+    return cuda_common::act_backward<A>(g, s);
+  }
+};
+
+template <Act A, class T, int N>
+struct DActOp<A, cutlass::Array<T, N>> {
+  static constexpr bool kIsHeavy = true;
+  CUTLASS_HOST_DEVICE cutlass::Array<T, N> operator()(cutlass::Array<T, N> const& g,
+                                                      cutlass::Array<T, N> const& s) const {
+    cutlass::Array<T, N> y;
+    CUTLASS_PRAGMA_UNROLL
+    for (int i = 0; i < N; ++i) y[i] = cuda_common::act_backward<A>(g[i], s[i]);
+    return y;
+  }
+};
+
+template <class T>
+using DGeluErf = DActOp<Act::Gelu, T>;
+template <class T>
+using DGeluTanh = DActOp<Act::GeluTanh, T>;
+template <class T>
+using DSilu = DActOp<Act::Silu, T>;
+template <class T>
+using DRelu = DActOp<Act::Relu, T>;
+
 constexpr int kAlign = 8;  // elements per 16 bytes of a 16-bit type (TMA's row alignment)
 
 template <class T, template <class> class Fn, bool kAux>
@@ -94,7 +124,56 @@ struct Config {
   using Gemm = cutlass::gemm::device::GemmUniversalAdapter<Kernel>;
 };
 
+// The dgrad GEMM, transposed: D = G^T (hidden x rows, column-major = G row-major) =
+// A (hidden x out: w2^T, w2 row-major, so M-major) . B^T (B = g, rows x out, K-major). The
+// epilogue (LinCombDeEltActDePerRowBias): D = DFn(acc, aux) with aux = saved^T (column-major
+// like D), and the per-row (hidden) sums of DFn's fp32 values over all rows.
+template <class T, template <class> class DFn>
+struct DgradConfig {
+  using TileShape = cute::Shape<cute::_128, cute::_256, cute::_64>;
+  using ClusterShape = cute::Shape<cute::_2, cute::_1, cute::_1>;
+  using ColMajor = cutlass::layout::ColumnMajor;
+  using Fusion =
+      cutlass::epilogue::fusion::LinCombDeEltActDePerRowBias<ColMajor, DFn, T, float, T, T, T,
+                                                             float>;
+  using Epilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
+      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, TileShape, ClusterShape,
+      cutlass::epilogue::collective::EpilogueTileAuto, float, float, void, ColMajor, kAlign, T,
+      ColMajor, kAlign, cutlass::epilogue::TmaWarpSpecializedCooperative, Fusion>::CollectiveOp;
+  using Mainloop = typename cutlass::gemm::collective::CollectiveBuilder<
+      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, T, ColMajor, kAlign, T, ColMajor,
+      kAlign, float, TileShape, ClusterShape,
+      cutlass::gemm::collective::StageCountAutoCarveout<static_cast<int>(
+          sizeof(typename Epilogue::SharedStorage))>,
+      cutlass::gemm::KernelTmaWarpSpecializedCooperative>::CollectiveOp;
+  using Kernel =
+      cutlass::gemm::kernel::GemmUniversal<cute::Shape<int, int, int, int>, Mainloop, Epilogue>;
+  using Gemm = cutlass::gemm::device::GemmUniversalAdapter<Kernel>;
+};
+
 inline bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
+// can_implement, workspace, initialize, run: false when nothing was launched.
+template <class Gemm>
+bool launch(const typename Gemm::Arguments& args, int device, cudaStream_t stream) {
+  if (Gemm::can_implement(args) != cutlass::Status::kSuccess) return false;
+  const size_t ws_bytes = Gemm::get_workspace_size(args);
+  at::Tensor ws;  // freed in stream order after the launch (PyTorch's caching allocator)
+  if (ws_bytes > 0) {
+    ws = at::empty({static_cast<int64_t>(ws_bytes)},
+                   at::TensorOptions().dtype(at::kByte).device(at::kCUDA, device));
+  }
+  Gemm gemm;
+  if (gemm.initialize(args, ws_bytes > 0 ? ws.data_ptr() : nullptr, stream) !=
+      cutlass::Status::kSuccess) {
+    return false;  // nothing launched yet (the TMA descriptors or the smem attribute failed)
+  }
+  const cutlass::Status st = gemm.run(stream);
+  TORCH_CHECK(st == cutlass::Status::kSuccess, "manual_layers: an sm_90 CUTLASS kernel failed ",
+              "to launch: ", cutlassGetStatusString(st));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return true;
+}
 
 template <class T, template <class> class Fn, bool kAux>
 bool run(const void* x, const void* w, const void* bias, void* out, void* pre, int rows,
@@ -126,24 +205,38 @@ bool run(const void* x, const void* w, const void* bias, void* out, void* pre, i
   }
   args.hw_info.device_id = device;
   args.hw_info.sm_count = sm_count;
+  return launch<Gemm>(args, device, stream);
+}
 
-  if (Gemm::can_implement(args) != cutlass::Status::kSuccess) return false;
-  const size_t ws_bytes = Gemm::get_workspace_size(args);
-  at::Tensor ws;  // freed in stream order after the launch (PyTorch's caching allocator)
-  if (ws_bytes > 0) {
-    ws = at::empty({static_cast<int64_t>(ws_bytes)},
-                   at::TensorOptions().dtype(at::kByte).device(at::kCUDA, device));
-  }
-  Gemm gemm;
-  if (gemm.initialize(args, ws_bytes > 0 ? ws.data_ptr() : nullptr, stream) !=
-      cutlass::Status::kSuccess) {
-    return false;  // nothing launched yet (the TMA descriptors or the smem attribute failed)
-  }
-  const cutlass::Status st = gemm.run(stream);
-  TORCH_CHECK(st == cutlass::Status::kSuccess, "linear_fwd: the sm_90 CUTLASS kernel failed to ",
-              "launch: ", cutlassGetStatusString(st));
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return true;
+template <class T, template <class> class DFn>
+bool run_dgrad(const void* g, const void* w2, const void* saved, void* G, void* db, int rows,
+               int hidden, int out, int device, int sm_count, cudaStream_t stream) {
+  using C = DgradConfig<T, DFn>;
+  using Gemm = typename C::Gemm;
+  using Kernel = typename C::Kernel;
+  typename Gemm::Arguments args{};
+  args.mode = cutlass::gemm::GemmUniversalMode::kGemm;
+  args.problem_shape = {hidden, rows, out, 1};  // M = hidden, N = rows, K = out
+  args.mainloop.ptr_A = static_cast<const T*>(w2);
+  args.mainloop.dA = cutlass::make_cute_packed_stride(typename Kernel::StrideA{},
+                                                      cute::make_shape(hidden, out, 1));
+  args.mainloop.ptr_B = static_cast<const T*>(g);
+  args.mainloop.dB = cutlass::make_cute_packed_stride(typename Kernel::StrideB{},
+                                                      cute::make_shape(rows, out, 1));
+  args.epilogue.ptr_C = nullptr;
+  args.epilogue.ptr_D = static_cast<T*>(G);
+  args.epilogue.dD = cutlass::make_cute_packed_stride(typename Kernel::StrideD{},
+                                                      cute::make_shape(hidden, rows, 1));
+  auto& ep = args.epilogue.thread;
+  ep.alpha = 1.f;
+  ep.beta = 0.f;
+  ep.aux_ptr = static_cast<const T*>(saved);
+  ep.dAux = cutlass::make_cute_packed_stride(decltype(ep.dAux){},
+                                             cute::make_shape(hidden, rows, 1));
+  ep.dbias_ptr = static_cast<T*>(db);  // nullptr: no bias gradient
+  args.hw_info.device_id = device;
+  args.hw_info.sm_count = sm_count;
+  return launch<Gemm>(args, device, stream);
 }
 
 template <class T>
@@ -171,6 +264,35 @@ bool linear_act_fwd_typed(Act act, const void* x, const void* w, const void* bia
   }
   return pre ? run<T, Silu, true>(x, w, bias, out, pre, r, f, k, device, sm_count, stream)
              : run<T, Silu, false>(x, w, bias, out, pre, r, f, k, device, sm_count, stream);
+}
+
+template <class T>
+bool mlp_dgrad_act_typed(Act act, const void* g, const void* w2, const void* saved, void* G,
+                         void* db, int64_t rows, int64_t hidden, int64_t out, int device,
+                         int sm_count, cudaStream_t stream) {
+  constexpr int64_t kMax = std::numeric_limits<int>::max();
+  if (rows < 1 || hidden < 1 || out < 1 || rows > kMax || hidden > kMax || out > kMax) {
+    return false;
+  }
+  if (hidden % kAlign != 0 || out % kAlign != 0) return false;
+  if (!aligned16(g) || !aligned16(w2) || !aligned16(saved) || !aligned16(G) ||
+      (db && !aligned16(db))) {
+    return false;
+  }
+  const int r = static_cast<int>(rows), h = static_cast<int>(hidden);
+  const int o = static_cast<int>(out);
+  switch (act) {
+    case Act::Gelu:
+      return run_dgrad<T, DGeluErf>(g, w2, saved, G, db, r, h, o, device, sm_count, stream);
+    case Act::GeluTanh:
+      return run_dgrad<T, DGeluTanh>(g, w2, saved, G, db, r, h, o, device, sm_count, stream);
+    case Act::Silu:
+      return run_dgrad<T, DSilu>(g, w2, saved, G, db, r, h, o, device, sm_count, stream);
+    case Act::Relu:
+      return run_dgrad<T, DRelu>(g, w2, saved, G, db, r, h, o, device, sm_count, stream);
+    default:
+      return false;
+  }
 }
 
 }  // namespace detail

@@ -35,6 +35,40 @@ bool linear_act_fwd_fp16(Act act, const void* x, const void* w, const void* bias
                          void* pre, int64_t rows, int64_t features, int64_t in_features,
                          int device, int sm_count, cudaStream_t stream);
 
+// The MLP backward's middle step (csrc/mlp_composed.cpp) in one kernel: G (rows, hidden) =
+// (g (rows, out) . w2 (out, hidden)) * act'(saved) and, when db != nullptr, db (hidden,) = the
+// column sums of G (summed in fp32 before G is rounded; per-tile partials added in a fixed
+// order: deterministic). saved is what csrc/common.h saved_for names (the pre-activation for
+// gelu / gelu_tanh / silu, the output for relu), (rows, hidden) like G. The second layer's
+// dgrad GEMM, computed transposed (G^T = w2^T . g^T) so that the bias gradient is CUTLASS's
+// per-row reduction. Activations gelu, gelu_tanh, silu, relu; same contract as linear_act_fwd
+// otherwise (false: nothing launched, the caller composes _linear_bwd instead).
+bool mlp_dgrad_act_bf16(Act act, const void* g, const void* w2, const void* saved, void* G,
+                        void* db, int64_t rows, int64_t hidden, int64_t out, int device,
+                        int sm_count, cudaStream_t stream);
+bool mlp_dgrad_act_fp16(Act act, const void* g, const void* w2, const void* saved, void* G,
+                        void* db, int64_t rows, int64_t hidden, int64_t out, int device,
+                        int sm_count, cudaStream_t stream);
+
+inline bool mlp_dgrad_act(c10::ScalarType dtype, Act act, const void* g, const void* w2,
+                          const void* saved, void* G, void* db, int64_t rows, int64_t hidden,
+                          int64_t out, int device, int sm_count, cudaStream_t stream) {
+#ifdef ML_WITH_CUTLASS_SM90
+  if (dtype == c10::ScalarType::BFloat16) {
+    return mlp_dgrad_act_bf16(act, g, w2, saved, G, db, rows, hidden, out, device, sm_count,
+                              stream);
+  }
+  if (dtype == c10::ScalarType::Half) {
+    return mlp_dgrad_act_fp16(act, g, w2, saved, G, db, rows, hidden, out, device, sm_count,
+                              stream);
+  }
+#else
+  (void)dtype, (void)act, (void)g, (void)w2, (void)saved, (void)G, (void)db, (void)rows;
+  (void)hidden, (void)out, (void)device, (void)sm_count, (void)stream;
+#endif
+  return false;
+}
+
 inline bool linear_act_fwd(c10::ScalarType dtype, Act act, const void* x, const void* w,
                            const void* bias, void* out, void* pre, int64_t rows,
                            int64_t features, int64_t in_features, int device, int sm_count,
