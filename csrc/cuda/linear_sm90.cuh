@@ -1,15 +1,14 @@
-// The CUTLASS 3 kernels behind csrc/cuda/linear_sm90.h, as templates: each of
-// linear_sm90_bf16.cu and linear_sm90_fp16.cu instantiates them for its dtype (two files, so
-// that a 2-core build compiles them in parallel; each kernel is about 35 s of nvcc).
+// The CUTLASS 3 kernels behind csrc/cuda/linear_sm90.h, as templates; linear_sm90_bf16.cu and
+// linear_sm90_fp16.cu instantiate them (ML_SM90_DEFINE below) for their dtype: two files, so
+// that a 2-core build compiles them in parallel (each kernel is about 35 s of nvcc).
 //
-// The GEMM: D (rows x features) = A (rows x K, row-major x) . B^T, B = w (features x K,
-// row-major: CUTLASS's K-major "column-major" B), fp32 accumulation, 128 x 256 x 64 tiles,
-// 2 x 1 clusters (the B tile multicast to both CTAs), the persistent cooperative schedule
-// (two consumer warpgroups per tile, one TMA producer warp). No C operand (beta = 0).
-// The epilogue (CUTLASS's fusion LinCombPerColBiasEltAct[Aux]): z = acc + bias[col] in fp32,
-// aux = z (rounded to T, TMA-stored), D = act(z) (rounded to T). act is the function of the
-// project's own elementwise kernels (act_forward in cuda_common.cuh: erff / expf, fp32), so
-// the result differs from the two-pass path only where that path rounds z to T first.
+// Linear's forward: z = x W^T + bias in fp32, aux = z (rounded to T, TMA-stored) when the
+// pre-activation is kept, out = act(z) (rounded to T), CUTLASS's fusion
+// LinCombPerColBiasEltAct[Aux]. The MLP backward's dgrad: G = (g W2) * act'(saved) and the
+// column sums of G, LinCombDeEltActDePerRowBias on the transposed product. act and act' are
+// the project's own fp32 functions (act_forward / act_backward in cuda_common.cuh, those of
+// the elementwise kernels), so results differ from the two-pass paths only where those
+// round an intermediate to T first.
 #pragma once
 
 #ifdef ML_WITH_CUTLASS_SM90
@@ -96,26 +95,22 @@ using DRelu = DActOp<Act::Relu, T>;
 
 constexpr int kAlign = 8;  // elements per 16 bytes of a 16-bit type (TMA's row alignment)
 
-template <class T, template <class> class Fn, bool kAux>
-struct Config {
+// One sm_90 GEMM D (M x N) = A (M x K) . B^T (B: N x K, K-major, CUTLASS's "column-major" B)
+// in T with fp32 accumulation: 128 x 256 x 64 tiles, 2 x 1 clusters (the B tile multicast to
+// both CTAs), the persistent cooperative schedule, no C operand (beta = 0), the epilogue
+// `Fusion`. LayoutA / LayoutD: RowMajor (K-major A, row-major D) or ColumnMajor (M-major A,
+// column-major D and aux).
+template <class T, class LayoutA, class LayoutD, class Fusion>
+struct Sm90Gemm {
   using TileShape = cute::Shape<cute::_128, cute::_256, cute::_64>;
   using ClusterShape = cute::Shape<cute::_2, cute::_1, cute::_1>;
-  using RowMajor = cutlass::layout::RowMajor;
-  using ColMajor = cutlass::layout::ColumnMajor;
-  // D = Fn(acc + bias[col]) [, aux = acc + bias[col]]; elements: D, compute, (aux,) bias,
-  // source (unused: no C), scalar.
-  using Fusion = std::conditional_t<
-      kAux,
-      cutlass::epilogue::fusion::LinCombPerColBiasEltActAux<RowMajor, Fn, T, float, T, T, T,
-                                                            float>,
-      cutlass::epilogue::fusion::LinCombPerColBiasEltAct<Fn, T, float, T, T, float>>;
   using Epilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
       cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, TileShape, ClusterShape,
-      cutlass::epilogue::collective::EpilogueTileAuto, float, float, void, RowMajor, kAlign, T,
-      RowMajor, kAlign, cutlass::epilogue::TmaWarpSpecializedCooperative, Fusion>::CollectiveOp;
+      cutlass::epilogue::collective::EpilogueTileAuto, float, float, void, LayoutD, kAlign, T,
+      LayoutD, kAlign, cutlass::epilogue::TmaWarpSpecializedCooperative, Fusion>::CollectiveOp;
   using Mainloop = typename cutlass::gemm::collective::CollectiveBuilder<
-      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, T, RowMajor, kAlign, T, ColMajor,
-      kAlign, float, TileShape, ClusterShape,
+      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, T, LayoutA, kAlign, T,
+      cutlass::layout::ColumnMajor, kAlign, float, TileShape, ClusterShape,
       cutlass::gemm::collective::StageCountAutoCarveout<static_cast<int>(
           sizeof(typename Epilogue::SharedStorage))>,
       cutlass::gemm::KernelTmaWarpSpecializedCooperative>::CollectiveOp;
@@ -124,32 +119,25 @@ struct Config {
   using Gemm = cutlass::gemm::device::GemmUniversalAdapter<Kernel>;
 };
 
-// The dgrad GEMM, transposed: D = G^T (hidden x rows, column-major = G row-major) =
+// Linear's forward: D = y (rows x features, row-major) = x . w^T; epilogue D = Fn(acc +
+// bias[col]) [, aux = acc + bias[col]] (elements: D, compute, (aux,) bias, source, scalar).
+template <class T, template <class> class Fn, bool kAux>
+using FwdGemm = Sm90Gemm<
+    T, cutlass::layout::RowMajor, cutlass::layout::RowMajor,
+    std::conditional_t<kAux,
+                       cutlass::epilogue::fusion::LinCombPerColBiasEltActAux<
+                           cutlass::layout::RowMajor, Fn, T, float, T, T, T, float>,
+                       cutlass::epilogue::fusion::LinCombPerColBiasEltAct<Fn, T, float, T, T,
+                                                                          float>>>;
+
+// The MLP's dgrad, transposed: D = G^T (hidden x rows, column-major = G row-major) =
 // A (hidden x out: w2^T, w2 row-major, so M-major) . B^T (B = g, rows x out, K-major). The
 // epilogue (LinCombDeEltActDePerRowBias): D = DFn(acc, aux) with aux = saved^T (column-major
 // like D), and the per-row (hidden) sums of DFn's fp32 values over all rows.
 template <class T, template <class> class DFn>
-struct DgradConfig {
-  using TileShape = cute::Shape<cute::_128, cute::_256, cute::_64>;
-  using ClusterShape = cute::Shape<cute::_2, cute::_1, cute::_1>;
-  using ColMajor = cutlass::layout::ColumnMajor;
-  using Fusion =
-      cutlass::epilogue::fusion::LinCombDeEltActDePerRowBias<ColMajor, DFn, T, float, T, T, T,
-                                                             float>;
-  using Epilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
-      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, TileShape, ClusterShape,
-      cutlass::epilogue::collective::EpilogueTileAuto, float, float, void, ColMajor, kAlign, T,
-      ColMajor, kAlign, cutlass::epilogue::TmaWarpSpecializedCooperative, Fusion>::CollectiveOp;
-  using Mainloop = typename cutlass::gemm::collective::CollectiveBuilder<
-      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, T, ColMajor, kAlign, T, ColMajor,
-      kAlign, float, TileShape, ClusterShape,
-      cutlass::gemm::collective::StageCountAutoCarveout<static_cast<int>(
-          sizeof(typename Epilogue::SharedStorage))>,
-      cutlass::gemm::KernelTmaWarpSpecializedCooperative>::CollectiveOp;
-  using Kernel =
-      cutlass::gemm::kernel::GemmUniversal<cute::Shape<int, int, int, int>, Mainloop, Epilogue>;
-  using Gemm = cutlass::gemm::device::GemmUniversalAdapter<Kernel>;
-};
+using DgradGemm = Sm90Gemm<T, cutlass::layout::ColumnMajor, cutlass::layout::ColumnMajor,
+                           cutlass::epilogue::fusion::LinCombDeEltActDePerRowBias<
+                               cutlass::layout::ColumnMajor, DFn, T, float, T, T, T, float>>;
 
 inline bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
@@ -178,9 +166,8 @@ bool launch(const typename Gemm::Arguments& args, int device, cudaStream_t strea
 template <class T, template <class> class Fn, bool kAux>
 bool run(const void* x, const void* w, const void* bias, void* out, void* pre, int rows,
          int features, int in_features, int device, int sm_count, cudaStream_t stream) {
-  using C = Config<T, Fn, kAux>;
-  using Gemm = typename C::Gemm;
-  using Kernel = typename C::Kernel;
+  using Gemm = typename FwdGemm<T, Fn, kAux>::Gemm;
+  using Kernel = typename FwdGemm<T, Fn, kAux>::Kernel;
   typename Gemm::Arguments args{};
   args.mode = cutlass::gemm::GemmUniversalMode::kGemm;
   args.problem_shape = {rows, features, in_features, 1};
@@ -211,9 +198,8 @@ bool run(const void* x, const void* w, const void* bias, void* out, void* pre, i
 template <class T, template <class> class DFn>
 bool run_dgrad(const void* g, const void* w2, const void* saved, void* G, void* db, int rows,
                int hidden, int out, int device, int sm_count, cudaStream_t stream) {
-  using C = DgradConfig<T, DFn>;
-  using Gemm = typename C::Gemm;
-  using Kernel = typename C::Kernel;
+  using Gemm = typename DgradGemm<T, DFn>::Gemm;
+  using Kernel = typename DgradGemm<T, DFn>::Kernel;
   typename Gemm::Arguments args{};
   args.mode = cutlass::gemm::GemmUniversalMode::kGemm;
   args.problem_shape = {hidden, rows, out, 1};  // M = hidden, N = rows, K = out
@@ -298,5 +284,25 @@ bool mlp_dgrad_act_typed(Act act, const void* g, const void* w2, const void* sav
 }  // namespace detail
 }  // namespace sm90
 }  // namespace manual_layers
+
+// The per-dtype entry points of linear_sm90.h (NAME: bf16 / fp16, TYPE: the CUTLASS type).
+#define ML_SM90_DEFINE(NAME, TYPE)                                                             \
+  namespace manual_layers {                                                                    \
+  namespace sm90 {                                                                             \
+  bool linear_act_fwd_##NAME(Act act, const void* x, const void* w, const void* bias,         \
+                             void* out, void* pre, int64_t rows, int64_t features,             \
+                             int64_t in_features, int device, int sm_count,                    \
+                             cudaStream_t stream) {                                            \
+    return detail::linear_act_fwd_typed<TYPE>(act, x, w, bias, out, pre, rows, features,       \
+                                              in_features, device, sm_count, stream);          \
+  }                                                                                            \
+  bool mlp_dgrad_act_##NAME(Act act, const void* g, const void* w2, const void* saved,         \
+                            void* G, void* db, int64_t rows, int64_t hidden, int64_t out,      \
+                            int device, int sm_count, cudaStream_t stream) {                   \
+    return detail::mlp_dgrad_act_typed<TYPE>(act, g, w2, saved, G, db, rows, hidden, out,      \
+                                             device, sm_count, stream);                        \
+  }                                                                                            \
+  }                                                                                            \
+  }
 
 #endif  // ML_WITH_CUTLASS_SM90
