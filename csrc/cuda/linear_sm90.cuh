@@ -163,65 +163,58 @@ bool launch(const typename Gemm::Arguments& args, int device, cudaStream_t strea
   return true;
 }
 
+// The arguments every one of these GEMMs shares: D (M x N) = A (M x K) . B^T, packed operands
+// in the layouts of the Gemm's kernel, no C, alpha 1, beta 0; the caller adds its epilogue's.
+template <class Gemm, class T>
+typename Gemm::Arguments gemm_args(const void* A, const void* B, void* D, int M, int N, int K,
+                                   int device, int sm_count) {
+  using Kernel = typename Gemm::GemmKernel;
+  typename Gemm::Arguments args{};
+  args.mode = cutlass::gemm::GemmUniversalMode::kGemm;
+  args.problem_shape = {M, N, K, 1};
+  args.mainloop.ptr_A = static_cast<const T*>(A);
+  args.mainloop.dA = cutlass::make_cute_packed_stride(typename Kernel::StrideA{},
+                                                      cute::make_shape(M, K, 1));
+  args.mainloop.ptr_B = static_cast<const T*>(B);
+  args.mainloop.dB = cutlass::make_cute_packed_stride(typename Kernel::StrideB{},
+                                                      cute::make_shape(N, K, 1));
+  args.epilogue.ptr_C = nullptr;
+  args.epilogue.ptr_D = static_cast<T*>(D);
+  args.epilogue.dD = cutlass::make_cute_packed_stride(typename Kernel::StrideD{},
+                                                      cute::make_shape(M, N, 1));
+  args.epilogue.thread.alpha = 1.f;
+  args.epilogue.thread.beta = 0.f;
+  args.hw_info.device_id = device;
+  args.hw_info.sm_count = sm_count;
+  return args;
+}
+
 template <class T, template <class> class Fn, bool kAux>
 bool run(const void* x, const void* w, const void* bias, void* out, void* pre, int rows,
          int features, int in_features, int device, int sm_count, cudaStream_t stream) {
   using Gemm = typename FwdGemm<T, Fn, kAux>::Gemm;
-  using Kernel = typename FwdGemm<T, Fn, kAux>::Kernel;
-  typename Gemm::Arguments args{};
-  args.mode = cutlass::gemm::GemmUniversalMode::kGemm;
-  args.problem_shape = {rows, features, in_features, 1};
-  args.mainloop.ptr_A = static_cast<const T*>(x);
-  args.mainloop.dA = cutlass::make_cute_packed_stride(typename Kernel::StrideA{},
-                                                      cute::make_shape(rows, in_features, 1));
-  args.mainloop.ptr_B = static_cast<const T*>(w);
-  args.mainloop.dB = cutlass::make_cute_packed_stride(typename Kernel::StrideB{},
-                                                      cute::make_shape(features, in_features, 1));
-  args.epilogue.ptr_C = nullptr;
-  args.epilogue.ptr_D = static_cast<T*>(out);
-  args.epilogue.dD = cutlass::make_cute_packed_stride(typename Kernel::StrideD{},
-                                                      cute::make_shape(rows, features, 1));
+  auto args = gemm_args<Gemm, T>(x, w, out, rows, features, in_features, device, sm_count);
   auto& ep = args.epilogue.thread;
-  ep.alpha = 1.f;
-  ep.beta = 0.f;
   ep.bias_ptr = static_cast<const T*>(bias);  // nullptr: no bias (a broadcast zero)
   if constexpr (kAux) {
     ep.aux_ptr = static_cast<T*>(pre);
     ep.dAux = cutlass::make_cute_packed_stride(decltype(ep.dAux){},
                                                cute::make_shape(rows, features, 1));
   }
-  args.hw_info.device_id = device;
-  args.hw_info.sm_count = sm_count;
   return launch<Gemm>(args, device, stream);
 }
 
+// M = hidden, N = rows, K = out (the transposed product, DgradGemm).
 template <class T, template <class> class DFn>
 bool run_dgrad(const void* g, const void* w2, const void* saved, void* G, void* db, int rows,
                int hidden, int out, int device, int sm_count, cudaStream_t stream) {
   using Gemm = typename DgradGemm<T, DFn>::Gemm;
-  using Kernel = typename DgradGemm<T, DFn>::Kernel;
-  typename Gemm::Arguments args{};
-  args.mode = cutlass::gemm::GemmUniversalMode::kGemm;
-  args.problem_shape = {hidden, rows, out, 1};  // M = hidden, N = rows, K = out
-  args.mainloop.ptr_A = static_cast<const T*>(w2);
-  args.mainloop.dA = cutlass::make_cute_packed_stride(typename Kernel::StrideA{},
-                                                      cute::make_shape(hidden, out, 1));
-  args.mainloop.ptr_B = static_cast<const T*>(g);
-  args.mainloop.dB = cutlass::make_cute_packed_stride(typename Kernel::StrideB{},
-                                                      cute::make_shape(rows, out, 1));
-  args.epilogue.ptr_C = nullptr;
-  args.epilogue.ptr_D = static_cast<T*>(G);
-  args.epilogue.dD = cutlass::make_cute_packed_stride(typename Kernel::StrideD{},
-                                                      cute::make_shape(hidden, rows, 1));
+  auto args = gemm_args<Gemm, T>(w2, g, G, hidden, rows, out, device, sm_count);
   auto& ep = args.epilogue.thread;
-  ep.alpha = 1.f;
-  ep.beta = 0.f;
   ep.aux_ptr = static_cast<const T*>(saved);
   ep.dAux = cutlass::make_cute_packed_stride(decltype(ep.dAux){},
                                              cute::make_shape(hidden, rows, 1));
   ep.dbias_ptr = static_cast<T*>(db);  // nullptr: no bias gradient
-  args.hw_info.device_id = device;
-  args.hw_info.sm_count = sm_count;
   return launch<Gemm>(args, device, stream);
 }
 
