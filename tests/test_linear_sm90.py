@@ -1,13 +1,18 @@
 """The sm_90 CUTLASS kernels (csrc/cuda/linear_sm90.h) that MANUAL_LAYERS_CUTLASS=1 turns on
 for bf16 / fp16 on an H100 / H200: Linear + GELU / SiLU with the activation in the GEMM's
 epilogue, and the MLP backward's dgrad with the activation gradient and the first bias
-gradient in its epilogue. The build wiring runs on any machine; on such a GPU, the kernels'
-outputs (on NaN-poisoned memory), gradients, fallbacks and determinism against the float64
-reference. The whole Linear and MLP suites also run with the switch on in
+gradient in its epilogue. On any machine: the build wiring, and the arguments the launch code
+gives CUTLASS (strides and can_implement, checked on the host by tests/cuda_emu/sm90_args.cu).
+On such a GPU: the kernels' outputs (on NaN-poisoned memory), gradients, fallbacks and
+determinism against the float64 reference. The whole Linear and MLP suites also run with the switch on in
 benchmarks/gpu_session.sh (stage tests_cutlass)."""
 
 import copy
+import glob
 import importlib.util
+import os
+import shutil
+import subprocess
 
 import pytest
 import torch
@@ -41,6 +46,52 @@ def test_build_has_the_sm90_kernels_where_cutlass_is_installed():
         pytest.skip("nvidia-cutlass is not installed here")
     assert BUILD_INFO["cutlass_sm90"] is ("9.0a" in archs)
     assert ml.info()["cuda_sm90_cutlass_kernels"] is BUILD_INFO["cutlass_sm90"]
+
+
+def _nvcc():
+    for home in (os.environ.get("CUDA_HOME"), "/usr/local/cuda"):
+        if home and os.path.isfile(os.path.join(home, "bin", "nvcc")):
+            return os.path.join(home, "bin", "nvcc")
+    return shutil.which("nvcc")
+
+
+def _cutlass_include():
+    roots = [os.environ["CUTLASS_PATH"]] if os.environ.get("CUTLASS_PATH") else []
+    spec = importlib.util.find_spec("cutlass_library")
+    if spec is not None and spec.submodule_search_locations:
+        roots += [os.path.join(p, "source") for p in spec.submodule_search_locations]
+    for r in roots:
+        if os.path.isfile(os.path.join(r, "include", "cutlass", "cutlass.h")):
+            return [os.path.join(r, "include"), os.path.join(r, "tools", "util", "include")]
+    return None
+
+
+def test_cutlass_argument_layouts(tmp_path):
+    """tests/cuda_emu/sm90_args.cu, built with nvcc and run on the host: the strides the
+    kernels' launch code gives CUTLASS put element (i, j) of x, w, out, pre (forward) and of
+    w2, g, G, saved (the MLP's transposed dgrad) where the ops' row-major tensors hold it, the
+    bias gradient runs along the hidden dimension, and CUTLASS's can_implement accepts the
+    shapes the ops send (rejects rows that are not whole 16-byte vectors). Instantiates no
+    kernel: no GPU needed, and an injected layout swap fails it."""
+    nvcc, cutlass_inc = _nvcc(), _cutlass_include()
+    if nvcc is None or cutlass_inc is None:
+        pytest.skip("needs nvcc and CUTLASS's headers (pip install --no-deps nvidia-cutlass)")
+    tinc = os.path.join(os.path.dirname(torch.__file__), "include")
+    tlib = os.path.join(os.path.dirname(torch.__file__), "lib")
+    site = os.path.dirname(os.path.dirname(torch.__file__))
+    wheel_inc = [d for d in glob.glob(os.path.join(site, "nvidia", "*", "include"))
+                 if os.path.isfile(os.path.join(d, "cublasLt.h"))]
+    exe = str(tmp_path / "sm90_args")
+    cmd = [nvcc, "-std=c++20", "-O1", "--expt-relaxed-constexpr", "-DML_WITH_CUTLASS_SM90",
+           "-DWITH_CUDA", "-gencode", "arch=compute_90a,code=sm_90a",
+           os.path.join(os.path.dirname(os.path.abspath(__file__)), "cuda_emu", "sm90_args.cu"),
+           "-o", exe, "-I" + tinc, "-I" + os.path.join(tinc, "torch", "csrc", "api", "include"),
+           "-L" + tlib, "-Xlinker", "-rpath=" + tlib, "-lc10"]
+    cmd += ["-I" + d for d in cutlass_inc + wheel_inc]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, "build failed:\n" + r.stderr[-4000:]
+    r = subprocess.run([exe], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and r.stdout.rstrip().endswith("OK"), r.stdout + r.stderr
 
 
 def _kernels(fn):

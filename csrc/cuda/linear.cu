@@ -419,9 +419,10 @@ void column_sum(const at::Tensor& G, const at::Tensor& out) {
 
 bool lt_ok(cublasStatus_t s) { return s == CUBLAS_STATUS_SUCCESS; }
 
-// MANUAL_LAYERS_CUTLASS=1 turns on the sm_90 CUTLASS kernels of Linear + GELU / SiLU
-// (csrc/cuda/linear_sm90.h): opt-in until they have been measured on an H100 / H200. Read on
-// every call, like the other path switches.
+// MANUAL_LAYERS_CUTLASS=1 turns on the sm_90 CUTLASS kernels (csrc/cuda/linear_sm90.h):
+// Linear + GELU / SiLU here, the MLP backward's fused dgrad (mlp_dgrad_act_cuda below). Opt-in
+// until they have been measured on an H100 / H200. Read on every call, like the other path
+// switches.
 bool sm90_cutlass_enabled() {
   const char* v = std::getenv("MANUAL_LAYERS_CUTLASS");
   return v != nullptr && std::strcmp(v, "1") == 0;
