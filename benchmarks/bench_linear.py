@@ -74,30 +74,8 @@ def torch_layer(ours, activation):
 
 
 def cutlass_applies(device, dtype, activation):
-    """Whether MANUAL_LAYERS_CUTLASS=1 changes this case's forward: the sm_90 CUTLASS kernels
-    are built in and the GPU is sm_90, a 16-bit dtype, GELU (erf) or SiLU."""
-    return (device == "cuda" and ml.info().get("cuda_sm90_cutlass_kernels", False)
-            and torch.cuda.get_device_capability() == (9, 0)
-            and dtype in (torch.bfloat16, torch.float16) and activation in ("gelu", "silu"))
-
-
-def with_cutlass(f):
-    """f run with MANUAL_LAYERS_CUTLASS=1 (read by the op on every call), the variable then
-    restored."""
-    if f is None:
-        return None
-
-    def g():
-        old = os.environ.get("MANUAL_LAYERS_CUTLASS")
-        os.environ["MANUAL_LAYERS_CUTLASS"] = "1"
-        try:
-            f()
-        finally:
-            if old is None:
-                del os.environ["MANUAL_LAYERS_CUTLASS"]
-            else:
-                os.environ["MANUAL_LAYERS_CUTLASS"] = old
-    return g
+    """Whether MANUAL_LAYERS_CUTLASS=1 changes this case's forward (GELU or SiLU)."""
+    return C.cutlass_sm90(device, dtype) and activation in ("gelu", "silu")
 
 
 def bench_case(shape, activation, mode, dtype, device, repeats, warmup, use_compile):
@@ -156,7 +134,7 @@ def bench_case(shape, activation, mode, dtype, device, repeats, warmup, use_comp
         fns[name] = (step, setup)
     if "manual_layers" in fns and cutlass_applies(device, dtype, activation):
         # The same layer with MANUAL_LAYERS_CUTLASS=1 (csrc/cuda/linear_sm90.h), interleaved.
-        fns["manual_layers+cutlass"] = tuple(with_cutlass(f) for f in fns["manual_layers"])
+        fns["manual_layers+cutlass"] = tuple(C.with_cutlass(f) for f in fns["manual_layers"])
     if device == "cuda" and mode == "fwd" and activation == "gelu_tanh" and shape == ADDMM_SHAPE:
         w, b = ours.weight.detach(), ours.bias.detach()
 

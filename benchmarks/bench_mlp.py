@@ -32,12 +32,9 @@ CUDA_CASES = [("cuda", (8192, 1024, 4096, 1024), torch.bfloat16)]
 
 
 def cutlass_applies(dev, dt, act):
-    """Whether MANUAL_LAYERS_CUTLASS=1 changes this case (csrc/cuda/linear_sm90.h): the sm_90
-    CUTLASS kernels built in, an sm_90 GPU, 16 bits, an activation they cover."""
-    return (dev == "cuda" and ml.info().get("cuda_sm90_cutlass_kernels", False)
-            and torch.cuda.get_device_capability() == (9, 0)
-            and dt in (torch.bfloat16, torch.float16)
-            and act in ("gelu", "gelu_tanh", "silu", "relu"))
+    """Whether MANUAL_LAYERS_CUTLASS=1 changes this case (the activations the MLP's fused
+    dgrad covers)."""
+    return C.cutlass_sm90(dev, dt) and act in ("gelu", "gelu_tanh", "silu", "relu")
 
 
 def parse_shape(s):
@@ -75,20 +72,16 @@ def main():
         if cutlass_applies(dev, dt, act):  # the same MLP with MANUAL_LAYERS_CUTLASS=1
             impls["ours+cutlass"] = ours
 
-        def step(m, cutlass=False):
+        def plain_step(m):
             x.grad = None
             for q in seq.parameters():  # MLP.from_sequential shares these Parameters
                 q.grad = None
-            old = os.environ.get("MANUAL_LAYERS_CUTLASS")
-            if cutlass:
-                os.environ["MANUAL_LAYERS_CUTLASS"] = "1"
-            try:
-                m(x).backward(g)
-            finally:
-                if cutlass and old is None:
-                    del os.environ["MANUAL_LAYERS_CUTLASS"]
-                elif cutlass:
-                    os.environ["MANUAL_LAYERS_CUTLASS"] = old
+            m(x).backward(g)
+
+        cutlass_step = C.with_cutlass(plain_step)
+
+        def step(m, cutlass=False):
+            (cutlass_step if cutlass else plain_step)(m)
 
         for k, m in impls.items():
             for _ in range(args.warmup):

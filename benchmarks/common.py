@@ -40,6 +40,35 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float64": torch.floa
           "float16": torch.float16, "fp16": torch.float16}
 
 
+def cutlass_sm90(device, dtype):
+    """Whether MANUAL_LAYERS_CUTLASS=1 can change a 16-bit case on this device: the sm_90
+    CUTLASS kernels (csrc/cuda/linear_sm90.h) are built in and the GPU is sm_90. Each
+    benchmark adds the activations they cover."""
+    import manual_layers as ml
+    return (device == "cuda" and ml.info().get("cuda_sm90_cutlass_kernels", False)
+            and torch.cuda.get_device_capability() == (9, 0)
+            and dtype in (torch.bfloat16, torch.float16))
+
+
+def with_cutlass(f):
+    """f run with MANUAL_LAYERS_CUTLASS=1 (read by the ops on every call), the variable then
+    restored; None stays None."""
+    if f is None:
+        return None
+
+    def g(*args, **kwargs):
+        old = os.environ.get("MANUAL_LAYERS_CUTLASS")
+        os.environ["MANUAL_LAYERS_CUTLASS"] = "1"
+        try:
+            return f(*args, **kwargs)
+        finally:
+            if old is None:
+                del os.environ["MANUAL_LAYERS_CUTLASS"]
+            else:
+                os.environ["MANUAL_LAYERS_CUTLASS"] = old
+    return g
+
+
 def default_device():
     return "cuda" if torch.cuda.is_available() else "cpu"
 
