@@ -263,6 +263,8 @@ def build_extension():
     log(f"CUDA kernels: ON ({why}); archs {archs}; {len(cu_sources)} .cu files; cuBLASLt "
         f"{link} from {libdirs[0]}")
     defines += ["-DWITH_CUDA", f'-DML_CUDA_ARCHS="{archs}"']
+    if has_sm90a:  # sm_90a code in the build: the cross-entropy cluster kernels can run
+        defines += ["-DML_BUILT_SM90A"]
     cutlass_incs = cutlass_include_dirs()
     if cutlass_incs and has_sm90a:
         log(f"sm_90 CUTLASS kernels (Linear + GELU/SiLU, MLP dgrad): ON, headers from "

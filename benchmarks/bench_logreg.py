@@ -100,12 +100,23 @@ def eager_multi(x, w, b, y):
 # The cross-entropy paths timed side by side on CUDA, each forced through the environment the
 # kernels read per call: "single" is the single-pass op (the tensor-core kernel where
 # csrc/logreg.h's ce_tc_shape_ok holds, else the CUDA-core kernel or the GEMM path),
-# "single-no-tc" the same with the tensor-core kernel off, "chunked" the GEMM chunks.
+# "single-no-tc" the same with the tensor-core kernel off, "chunked" the GEMM chunks, "cluster"
+# the tensor-core kernel's sm_90a cluster instances (opt-in: 33 <= C <= 256; timed on sm_90
+# GPUs only, see cluster_case).
 CE_PATHS = {
     "single": {"MANUAL_LAYERS_CE_PATH": "single"},
+    "cluster": {"MANUAL_LAYERS_CE_PATH": "single", "MANUAL_LAYERS_CE_CLUSTER": "1"},
     "single-no-tc": {"MANUAL_LAYERS_CE_PATH": "single", "MANUAL_LAYERS_CE_TC": "0"},
     "chunked": {"MANUAL_LAYERS_CE_PATH": "chunked"},
 }
+
+
+def cluster_case(c):
+    """Whether the cluster instances can run this case here (csrc/logreg.h,
+    ce_tc_cluster_shape_ok; the kernel skips it elsewhere and the row would time another path)."""
+    dmax = 512 if c["dtype"] in (torch.bfloat16, torch.float16) else 256
+    return (torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
+            and 32 < c["classes"] <= 256 and c["d"] % 8 == 0 and c["d"] <= dmax)
 
 
 def forced_ce_path(fn, path):
@@ -144,7 +155,8 @@ def bench_case(c, device, repeats, warmup, use_compile):
         # Both cross-entropy paths side by side (the default picks one by C, device and size:
         # csrc/autograd.cpp, ce_use_chunked), forced per call through MANUAL_LAYERS_CE_PATH.
         for path in CE_PATHS:
-            impls[f"manual_layers[{path}]"] = forced_ce_path(ours_fn, path)
+            if path != "cluster" or cluster_case(c):
+                impls[f"manual_layers[{path}]"] = forced_ce_path(ours_fn, path)
     if use_compile:
         impls["compile"] = torch.compile(eager_fn, dynamic=False)
     for name, f in impls.items():

@@ -18,7 +18,8 @@
 #   profile  Nsight Compute (SpeedOfLight, Occupancy) on bce_fused_kernel (bf16 and fp32,
 #            4,194,304 x 512), cross entropy C=10 1,048,576 x 512 with dX: bf16 on three paths
 #            (ce_tc_kernel, ce_fused_kernel, the chunked path's GEMMs and ce_rows_kernel),
-#            fp32 on ce_tc_kernel (3xTF32), and one Linear+GELU
+#            fp32 on ce_tc_kernel (3xTF32), C=128 on the cluster instances of ce_tc_kernel
+#            (MANUAL_LAYERS_CE_CLUSTER=1) and on the chunked path, and one Linear+GELU
 #            step (act_bwd_colsum_kernel), plus a torch.profiler kernel table of the same calls
 #   sanitize compute-sanitizer memcheck, racecheck and synccheck on benchmarks/sanitize_calls.py
 #            (every kernel path once, small shapes; PyTorch's caching allocator off so that an
@@ -85,15 +86,17 @@ def bce(dt):
     w.requires_grad_()
     y = (torch.rand(4194304, device=dev) > 0.5).to(dt)
     return lambda: F.linear_binary_cross_entropy_with_logits(x, w, b, y).backward()
-def ce(path, tc="1", dt=torch.bfloat16):
+def ce(path, tc="1", dt=torch.bfloat16, classes=10, cluster="0"):
     x = torch.randn(1048576, 512, device=dev, dtype=dt, requires_grad=True)
-    w = (torch.randn(10, 512, device=dev, dtype=dt) * 0.05).requires_grad_()
-    t = torch.randint(0, 10, (1048576,), device=dev)
+    w = (torch.randn(classes, 512, device=dev, dtype=dt) * 0.05).requires_grad_()
+    t = torch.randint(0, classes, (1048576,), device=dev)
+    env = {"MANUAL_LAYERS_CE_PATH": path, "MANUAL_LAYERS_CE_TC": tc,
+           "MANUAL_LAYERS_CE_CLUSTER": cluster}
     def call():
-        os.environ["MANUAL_LAYERS_CE_PATH"] = path
-        os.environ["MANUAL_LAYERS_CE_TC"] = tc
+        os.environ.update(env)
         F.linear_cross_entropy(x, w, None, t).backward()
-        del os.environ["MANUAL_LAYERS_CE_PATH"], os.environ["MANUAL_LAYERS_CE_TC"]
+        for k in env:
+            del os.environ[k]
     return call
 def lin():
     m = ml.Linear(1024, 4096, activation="gelu", device=dev, dtype=torch.bfloat16)
@@ -102,7 +105,9 @@ def lin():
     return lambda: m(x).backward(g)
 calls = {"bce_bf16": bce(torch.bfloat16), "bce_fp32": bce(torch.float32),
          "ce_bf16_tc": ce("single"), "ce_bf16_cudacore": ce("single", "0"),
-         "ce_bf16_chunked": ce("chunked"), "ce_fp32_tc": ce("single", "1", torch.float32), "linear_gelu": lin()}
+         "ce_bf16_chunked": ce("chunked"), "ce_fp32_tc": ce("single", "1", torch.float32),
+         "ce_bf16_c128_cluster": ce("single", classes=128, cluster="1"),
+         "ce_bf16_c128_chunked": ce("chunked", classes=128), "linear_gelu": lin()}
 for f in calls.values():
     f(); f()
 torch.cuda.synchronize()
@@ -143,7 +148,7 @@ run_profile() {
   stage kernel_table 90 $PY -c "$PROFILE_PY" table
   stage ncu 180 ncu --profile-from-start off --section SpeedOfLight --section Occupancy \
     --kernel-name regex:'bce_fused_kernel|ce_fused_kernel|ce_tc_kernel|loss_dx_kernel|ce_rows_kernel|act_|gemm|nvjet|Kernel' \
-    --launch-count 16 \
+    --launch-count 24 \
     $PY -c "$PROFILE_PY"
 }
 

@@ -414,6 +414,13 @@ bool ce_use_chunked(const at::Tensor& x, const at::Tensor& weight, int64_t reduc
     if (v == "single") return false;
   }
   const int64_t C = weight.size(0);
+#ifdef WITH_CUDA
+  // The tensor-core kernel's cluster instances (sm_90a, opt-in) read X once for C up to 256.
+  if (x.is_cuda() && reduction != 0 && ce_tc_enabled() &&
+      ce_tc_cluster_shape_ok(x.scalar_type(), C, weight.size(1)) &&
+      ce_tc_cluster_device_ok(x.device().index()))
+    return false;
+#endif
   if (C >= kCeChunkedMinClasses) return true;
   if (!x.is_cuda() || reduction == 0) return false;
   // The tensor-core single pass reads X once; the chunked GEMMs read it twice.

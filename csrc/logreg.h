@@ -83,6 +83,28 @@ inline bool ce_tc_enabled() {
   const char* env = std::getenv("MANUAL_LAYERS_CE_TC");
   return env == nullptr || std::string(env) != "0";
 }
+// The cluster instances of that kernel (sm_90a: a device of compute capability 9.0 and a build
+// whose TORCH_CUDA_ARCH_LIST holds 9.0) take the larger class counts: ceil(C / 32) blocks of a
+// thread-block cluster each own 32 classes of every row and receive the same tiles of X through
+// one multicast copy, so X is still read once; 33 <= C <= 256, D a multiple of 8 up to 512
+// (fp32: 256), for the shapes ce_tc_shape_ok leaves out. Not yet run on a GPU: off unless
+// MANUAL_LAYERS_CE_CLUSTER=1 (README, "Known limitations").
+inline bool ce_tc_cluster_enabled() {
+  const char* env = std::getenv("MANUAL_LAYERS_CE_CLUSTER");
+  return env != nullptr && std::string(env) == "1";
+}
+inline bool ce_tc_shape_ok(at::ScalarType dtype, int64_t C, int64_t D);
+inline bool ce_tc_cluster_shape_ok(at::ScalarType dtype, int64_t C, int64_t D) {
+  int64_t dmax = 0;
+  if (dtype == at::kHalf || dtype == at::kBFloat16) {
+    dmax = 512;
+  } else if (dtype == at::kFloat) {
+    dmax = 256;
+  } else {
+    return false;
+  }
+  return C > 32 && C <= 256 && D >= 8 && D % 8 == 0 && D <= dmax && !ce_tc_shape_ok(dtype, C, D);
+}
 inline bool ce_tc_shape_ok(at::ScalarType dtype, int64_t C, int64_t D) {
   int64_t dmax = 0;
   if (dtype == at::kHalf || dtype == at::kBFloat16) {
@@ -97,6 +119,10 @@ inline bool ce_tc_shape_ok(at::ScalarType dtype, int64_t C, int64_t D) {
 }
 
 #ifdef WITH_CUDA
+// Whether the cluster instances of the tensor-core cross entropy can run on CUDA device
+// `device`: switched on (ce_tc_cluster_enabled), the build holds sm_90a code and the device is
+// of compute capability 9.0 (csrc/cuda/logreg_ce_tc.cu).
+bool ce_tc_cluster_device_ok(int device);
 // CUDA, C <= 16 (csrc/cuda/loss_dx.cu): loss_dx_cpu's contract; an undefined tensor when the
 // shape or W's alignment does not suit the kernel (the caller then runs the GEMM).
 at::Tensor loss_dx_cuda(const at::Tensor& residual, const at::Tensor& coef,

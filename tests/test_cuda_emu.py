@@ -3,7 +3,10 @@ whose host emulation runs a block's 256 threads as std::threads, the shuffles an
 __syncthreads as barriers, cp.async as a copy and mma.sync from the PTX ISA's fragment layouts.
 Each case compares a kernel's outputs with a float64 reference of the same inputs:
 - the tensor-core cross-entropy kernel (csrc/cuda/logreg_ce_tc.cu; bf16, fp16, and fp32
-  through 3xTF32): loss, residual, and the dW / db partials summed in block order;
+  through 3xTF32): loss, residual, and the dW / db partials summed in block order; and its
+  sm_90a cluster instances (C up to 256), whose blocks the emulator runs at the same time, with
+  the multicast bulk copies, mbarriers, cluster barrier and distributed shared memory they use
+  (csrc/cuda/cluster_sm90.cuh);
 - the CUDA-core single-pass cross-entropy kernel (csrc/cuda/logreg_ce_fused.cu) the same way,
   with the mean denominator from its own kernels (csrc/cuda/logreg_common.cu);
 - the losses' dX kernel for few classes (csrc/cuda/loss_dx.cu), every dtype;
@@ -115,6 +118,29 @@ def _run(emu, args, env=None):
 @pytest.mark.parametrize("case", CASES, ids=["-".join(map(str, c)) for c in CASES])
 def test_ce_tc_kernel_emulated(emu, case):
     _run(emu, ("ce_tc",) + case)
+
+
+# The same kernel's cluster instances (sm_90a, 33 <= C <= 256): GRID clusters of ceil(C / 32)
+# blocks of 32 classes each, run at the same time; X reaches every block of a cluster through
+# one multicast bulk copy per row, the row statistics through the blocks' shared memory. The
+# emulator skews the blocks after each cluster barrier, so that a copy issued before every block
+# is done with a stage changes what a block reads (and the values fail).
+CL_CASES = [
+    ("bf16", 1, 8, 33, 1, 2, "-"),          # one row, 2 blocks, the second with one class
+    ("bf16", 33, 264, 33, 3, 2, "i"),       # D past the one-block kernel's 256; a cluster idle
+    ("f16", 77, 40, 65, 1, 2, "Wsi"),       # 3 blocks; fp16's scaled residual
+    ("bf16", 100, 64, 100, 2, 3, "wsi"),    # 4 blocks, the last with 4 classes
+    ("bf16", 200, 512, 128, 2, 4, "wsi"),   # the issue's C = 128, D = 512: 4 tiles per cluster
+    ("f16", 129, 512, 255, 2, 4, "Wsi"),    # 8 blocks, the largest D
+    ("bf16", 100, 512, 256, 1, 3, "s"),     # the largest C
+    ("f32", 70, 256, 256, 1, 2, "Wsi"),     # fp32 (3xTF32): its largest D and C
+    ("f32", 50, 136, 40, 2, 3, "i"),        # fp32 2 blocks, D past the one-block kernel's 128
+]
+
+
+@pytest.mark.parametrize("case", CL_CASES, ids=["-".join(map(str, c)) for c in CL_CASES])
+def test_ce_tc_cluster_kernel_emulated(emu, case):
+    _run(emu, ("ce_tc_cl",) + case)
 
 
 # dtype, N, D, C, thread cap, per-row coef (reduction none). Thread caps below N x D / VEC make
@@ -257,6 +283,8 @@ SAN_CASES = [
     ("ce_tc", "f16", 64, 40, 32, 1, 4, "wsi"),
     ("ce_tc", "f32", 33, 24, 10, 2, 2, "i"),
     ("ce_tc", "bf16", 40, 64, 50, 2, 3, "wsi"),
+    ("ce_tc_cl", "bf16", 70, 64, 70, 1, 2, "wsi"),   # 3 blocks: the row statistics' exchange
+    ("ce_tc_cl", "f32", 40, 136, 40, 2, 2, "i"),
     ("ce_fused", "f32", 100, 64, 10, 2, 0, "wsi"),
     ("ce_fused", "f16", 33, 1000, 3, 2, 0, "w"),
     ("ce_fused", "f32", 50, 7, 2, 1, 0, "-"),

@@ -16,7 +16,9 @@
 // 1c. Tensor-core multinomial path (logreg_ce_tc.cu): path 1b's contract for 16-bit and fp32
 //    x (3xTF32), reduction mean/sum, D % 8 == 0, C <= 64 and D up to 1024 (16-bit, C <= 16;
 //    ce_tc_shape_ok in csrc/logreg.h has the rest), sm_80+, and the shared memory for two
-//    tiles of X (ce_tc_config). Tried before 1b; MANUAL_LAYERS_CE_TC=0 turns it off.
+//    tiles of X (ce_tc_config). Tried before 1b; MANUAL_LAYERS_CE_TC=0 turns it off. Its
+//    cluster instances (opt-in, MANUAL_LAYERS_CE_CLUSTER=1; ce_tc_cluster_shape_ok) take
+//    33 <= C <= 256 with D up to 512 on sm_90a: clusters of ceil(C / 32) blocks.
 //
 // 2. GEMM path (logreg_gemm.cu), everything else: reduction none, binary with larger D,
 //    multinomial outside the limits of 1b. logits = x W^T through at::mm, a row kernel of our

@@ -379,7 +379,7 @@ template <typename scalar_t>
 LossOut ce_single_pass(const Prepared& q, CeFusedParams<scalar_t, at::opmath_type<scalar_t>> p,
                        CeFusedKernel<scalar_t> kernel, size_t smem, int64_t tile_rows,
                        int64_t ignore_index, double label_smoothing, int64_t reduction,
-                       bool need_x, bool need_w, bool need_b) {
+                       bool need_x, bool need_w, bool need_b, int cluster) {
   using acc_t = at::opmath_type<scalar_t>;
   const at::Tensor& x = q.x;
   const int64_t N = q.N, D = q.D, C = q.C;
@@ -416,11 +416,35 @@ LossOut ce_single_pass(const Prepared& q, CeFusedParams<scalar_t, at::opmath_typ
                                         cudaFuncAttributeMaxDynamicSharedMemorySize,
                                         static_cast<int>(smem)));
   }
-  int per_sm = 0;
-  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, smem));
-  per_sm = std::max(per_sm, 1);
-  const int64_t grid = std::max<int64_t>(
-      1, std::min<int64_t>(static_cast<int64_t>(per_sm) * num_sms(), ceil_div(N, tile_rows)));
+  // grid: the partials' count (blocks, or clusters of `cluster` blocks), at most one per tile.
+  cudaLaunchConfig_t lc{};
+  cudaLaunchAttribute attr[1];
+  int64_t grid = 0;
+  if (cluster > 1) {
+    lc.blockDim = dim3(kThreads);
+    lc.dynamicSmemBytes = smem;
+    lc.stream = stream;
+    attr[0].id = cudaLaunchAttributeClusterDimension;
+    attr[0].val.clusterDim.x = static_cast<unsigned>(cluster);
+    attr[0].val.clusterDim.y = 1;
+    attr[0].val.clusterDim.z = 1;
+    lc.attrs = attr;
+    lc.numAttrs = 1;
+    lc.gridDim = dim3(static_cast<unsigned>(cluster));
+    int clusters = 0;
+    C10_CUDA_CHECK(cudaOccupancyMaxActiveClusters(&clusters, kernel, &lc));
+    TORCH_INTERNAL_ASSERT(clusters > 0, "ce_single_pass: no cluster of ", cluster,
+                          " blocks fits (ce_tc_config checks this)");
+    grid = std::max<int64_t>(1, std::min<int64_t>(clusters, ceil_div(N, tile_rows)));
+    lc.gridDim = dim3(static_cast<unsigned>(grid * cluster));
+  } else {
+    int per_sm = 0;
+    C10_CUDA_CHECK(
+        cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, smem));
+    per_sm = std::max(per_sm, 1);
+    grid = std::max<int64_t>(
+        1, std::min<int64_t>(static_cast<int64_t>(per_sm) * num_sms(), ceil_div(N, tile_rows)));
+  }
 
   at::Tensor ws_gw = need_w ? at::empty({grid, C * D}, acc_opts) : at::Tensor();
   at::Tensor ws_gb = need_b ? at::empty({grid, C}, acc_opts) : at::Tensor();
@@ -428,8 +452,12 @@ LossOut ce_single_pass(const Prepared& q, CeFusedParams<scalar_t, at::opmath_typ
   p.ws_gw = need_w ? ws_gw.data_ptr<acc_t>() : nullptr;
   p.ws_gb = need_b ? ws_gb.data_ptr<acc_t>() : nullptr;
   p.ws_loss = ws_loss.data_ptr<acc_t>();
-  kernel<<<grid, kThreads, smem, stream>>>(p);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  if (cluster > 1) {
+    C10_CUDA_CHECK(cudaLaunchKernelEx(&lc, kernel, p));
+  } else {
+    kernel<<<grid, kThreads, smem, stream>>>(p);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
 
   // finalize_kernel over the flattened (C * D) grad_W columns; grad_b has C entries.
   at::Tensor loss = at::empty({}, acc_opts);
@@ -459,7 +487,7 @@ LossOut ce_single_pass(const Prepared& q, CeFusedParams<scalar_t, at::opmath_typ
                                            double, int64_t, bool, bool, bool);               \
   template LossOut ce_single_pass<scalar_t>(                                                  \
       const Prepared&, CeFusedParams<scalar_t, at::opmath_type<scalar_t>>,                    \
-      CeFusedKernel<scalar_t>, size_t, int64_t, int64_t, double, int64_t, bool, bool, bool);
+      CeFusedKernel<scalar_t>, size_t, int64_t, int64_t, double, int64_t, bool, bool, bool, int);
 ML_INSTANTIATE_CE_FUSED(float)
 ML_INSTANTIATE_CE_FUSED(double)
 ML_INSTANTIATE_CE_FUSED(at::Half)

@@ -37,6 +37,28 @@
 // partials in a fixed order and divides by the mean denominator. Bitwise deterministic: fixed
 // tile assignment, fixed summation orders, no atomics.
 //
+// Cluster instances (kCl; sm_90a; csrc/logreg.h, ce_tc_cluster_shape_ok: 33 <= C <= 256, D up
+// to 512, fp32 256; opt-in, MANUAL_LAYERS_CE_CLUSTER=1): past C = 64 one block's registers
+// cannot hold the dW partials (C = 128, D = 512 is 64K floats, the SM's whole register file), so
+// a cluster of K = ceil(C / 32) blocks shares each tile, block k owning the classes 32k ..
+// 32k + 31 (CP = 32) for the logits, residual, dW and grad_b, and the cluster (not the block) is
+// the unit the tiles and partials are counted in. Per tile:
+//   load   block k issues one bulk copy per row for rows k, k + K, ... of the tile, multicast to
+//          every block of the cluster (cluster_sm90.cuh); each block's mbarrier for that stage
+//          expects the whole tile's bytes. X is still read from memory once. Rows past N
+//          copy row N - 1 again (zero residual), so every tile is the same number of bytes;
+//   rows   each block reduces its own classes to (max m_k, sum e^(z - m_k), z_y if y is one
+//          of them, sum w_c (m_k - z_c)), writes them to shared memory, and after one cluster
+//          barrier lane k of the row's 8 reads block k's four numbers (distributed shared
+//          memory) and the 8 lanes combine them: the same log-sum-exp, loss term and
+//          smoothing sum in every block, in one fixed order. The statistics are double
+//          buffered, so that one cluster barrier per tile suffices: it is also the point where
+//          every block is done with the previous tile, and so where the next tile's copy into
+//          that stage is issued;
+//   dW     as above, for the block's 32 classes (rank 0 alone counts the loss).
+// A last cluster barrier keeps every block resident until no other reads its statistics.
+// Bitwise deterministic as the one-block instances.
+//
 // fp16: the residual is scaled by an exact power of two, 2^-k >= 1 / (2 max_c w_c), before the
 // split (|r| <= 2 max_c w_c, so fp16 cannot overflow) and the partial dW is scaled back.
 //
@@ -68,6 +90,7 @@
 // ML_CUDA_HOST_EMU the host emulation of tests/cuda_emu/kernels_emu.cpp, which compiles this file
 // with g++ and runs the kernel's threads on the CPU (tests/test_cuda_emu.py).
 #ifndef ML_CUDA_HOST_EMU
+#include "cluster_sm90.cuh"
 #include "mma_sm80.cuh"
 #endif
 
@@ -80,6 +103,8 @@ constexpr int kTcSplits = kWarps / kTcMTiles;        // k-splits of the logits p
 constexpr int kTcLanes = kThreads / kTcRows;         // lanes per row in the row phase (8)
 constexpr int kTcResStride = kTcRows + 8;            // sRh / sRl row stride (16-bit elements)
 constexpr int kTcResStrideF = kTcRows + 4;           // sRf row stride (fp32 x: floats)
+constexpr int kMaxCluster = 8;                       // blocks per cluster (portable limit)
+constexpr int kClClasses = 32;                       // classes per block of a cluster
 static_assert(kTcLanes == 8, "the row phase assumes 8 lanes per row");
 
 // Row stride, in elements, of the X and W tiles in shared memory: with it the fragment loads of
@@ -109,10 +134,13 @@ __device__ __forceinline__ void mma3_tf32(float (&d)[4], const uint32_t (&ah)[4]
 // The kernel
 // ---------------------------------------------------------------------------------------
 
-template <typename scalar_t, int CP, int NT>
+template <typename scalar_t, int CP, int NT, bool kCl>
 __global__ void __launch_bounds__(kThreads, 1)
     ce_tc_kernel(const CeFusedParams<scalar_t, float> p) {
 #if ML_SM80
+#if !ML_SM90A
+  if constexpr (kCl) __trap();  // ce_tc_config chooses the cluster instances on sm_90a only
+#endif
   constexpr bool kF32 = std::is_same_v<scalar_t, float>;  // 3xTF32 m16n8k8 instead of m16n8k16
   using elem_t = std::conditional_t<kF32, uint32_t, uint16_t>;  // raw bits in shared memory
   constexpr int EV = 16 / static_cast<int>(sizeof(scalar_t));   // elements per 16-byte copy
@@ -133,6 +161,18 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int NTT = DP / 8;             // column tiles of dW
   const int S = p.stages;
   const int64_t N = p.N;
+  // The unit of work is a block, or a cluster of K blocks (kCl) in which block `rank` owns the
+  // classes c_base .. c_base + Cq - 1 of every row (CP each, the last one the rest).
+  int rank = 0, K = 1;
+  int64_t unit = blockIdx.x, units = gridDim.x;
+  if constexpr (kCl) {
+    rank = cluster_rank();
+    K = cluster_size();
+    unit = blockIdx.x / K;  // 1-D clusters of a 1-D grid: blocks unit K .. unit K + K - 1
+    units = gridDim.x / K;
+  }
+  const int c_base = rank * CP;
+  const int Cq = std::min(CP, C - c_base);
 
   elem_t* sW = reinterpret_cast<elem_t*>(smem_raw);
   elem_t* sX = sW + CP * DSP;
@@ -143,6 +183,9 @@ __global__ void __launch_bounds__(kThreads, 1)
   float* sRf = reinterpret_cast<float*>(sR);         // fp32 x: the residual
   float* sB = reinterpret_cast<float*>(sR + CP * kTcResStride * 4);
   float* sCW = sB + CP;
+  float4* sStat = reinterpret_cast<float4*>(sCW + CP);  // kCl: [2][kTcRows] row statistics
+  float* sWk = reinterpret_cast<float*>(sStat + 2 * kTcRows);  // [kMaxCluster] weight sums
+  uint64_t* sBar = reinterpret_cast<uint64_t*>(sWk + kMaxCluster);  // kCl: [stages] mbarriers
 
   // Stage W (zero past C and D), zero the pad columns of every X tile (cp.async writes only
   // columns < D, so they stay zero), bias and class weights.
@@ -150,7 +193,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   for (int k = tid; k < CP * DSP; k += kThreads) {
     const int c = k / DSP;
     const int d = k - c * DSP;
-    sW[k] = (c < C && d < D) ? wbits[static_cast<int64_t>(c) * D + d] : elem_t(0);
+    sW[k] = (c < Cq && d < D) ? wbits[static_cast<int64_t>(c_base + c) * D + d] : elem_t(0);
   }
   const int pad = DSP - D;  // columns D .. DSP of every row of every X tile
   for (int k = tid; k < S * kTcRows * pad; k += kThreads) {
@@ -158,20 +201,32 @@ __global__ void __launch_bounds__(kThreads, 1)
     sX[r * DSP + D + (k - r * pad)] = 0;
   }
   if (tid < CP) {
-    sB[tid] = (p.bias != nullptr && tid < C) ? p.bias[tid] : 0.f;
-    sCW[tid] = tid < C ? (p.cw != nullptr ? p.cw[tid] : 1.f) : 0.f;
+    sB[tid] = (p.bias != nullptr && tid < Cq) ? p.bias[c_base + tid] : 0.f;
+    sCW[tid] = tid < Cq ? (p.cw != nullptr ? p.cw[c_base + tid] : 1.f) : 0.f;
   }
-  __syncthreads();
+  // The class weights' sum over the classes of each block of the cluster (one block: all C),
+  // each in class order.
+  if (tid < K) {
+    float v = 0.f;
+    const int c_end = std::min(C, (tid + 1) * CP);
+    for (int c = tid * CP; c < c_end; ++c) v += p.cw != nullptr ? p.cw[c] : 1.f;
+    sWk[tid] = v;
+  }
+  if constexpr (kCl) {
+    if (tid < S) mbarrier_init(sBar + tid, 1);  // one arrival (expect_tx) + the bytes
+    fence_mbarrier_init();
+    cluster_sync();  // every block's barriers set up before any copy signals them
+  } else {
+    __syncthreads();
+  }
 
   const float den = p.den != nullptr ? p.den[0] : 1.f;
   const float eps = p.eps;
   const float eps_c = eps / static_cast<float>(C);
   const bool smooth = eps != 0.f;
-  float wsum = 0.f, wmax = 0.f;  // the same fixed order in every thread
-  for (int c = 0; c < C; ++c) {
-    wsum += sCW[c];
-    wmax = fmaxf(wmax, fabsf(sCW[c]));
-  }
+  float wsum = 0.f, wmax = 0.f;  // the same fixed order in every thread (and block)
+  for (int k = 0; k < K; ++k) wsum += sWk[k];
+  for (int c = 0; c < C; ++c) wmax = fmaxf(wmax, fabsf(p.cw != nullptr ? p.cw[c] : 1.f));
   // fp16: an exact power of two that keeps |r| * rscale <= 1 (|r| <= 2 wmax); bf16 has fp32's
   // exponent range.
   float rscale = 1.f;
@@ -181,21 +236,33 @@ __global__ void __launch_bounds__(kThreads, 1)
     rscale = ldexpf(1.f, -e);
   }
 
-  // Tiles of this block: blockIdx.x + k gridDim.x, k < my_tiles.
+  // Tiles of this block (or cluster): unit + k units, k < my_tiles.
   const int64_t ntiles = (N + kTcRows - 1) / kTcRows;
-  const int64_t my_tiles =
-      blockIdx.x < ntiles ? (ntiles - 1 - blockIdx.x) / gridDim.x + 1 : 0;
+  const int64_t my_tiles = unit < ntiles ? (ntiles - 1 - unit) / units + 1 : 0;
   const int chunks = D / EV;  // 16-byte chunks per row
   auto load_tile = [&](int64_t k, int stage) {
-    const int64_t row0 = (blockIdx.x + k * gridDim.x) * kTcRows;
+    const int64_t row0 = (unit + k * units) * kTcRows;
     elem_t* dst = sX + stage * kTcRows * DSP;
-    for (int e = tid; e < kTcRows * chunks; e += kThreads) {
-      const int r = e / chunks;
-      const int q = e - r * chunks;
-      const int64_t row = row0 + r;
-      const bool valid = row < N;
-      const scalar_t* src = p.x + (valid ? row : 0) * static_cast<int64_t>(D) + q * EV;
-      cp_async16(dst + r * DSP + q * EV, src, valid ? 16 : 0);
+    if constexpr (kCl) {
+      // Block `rank` copies the rows rank, rank + K, ... of the tile into every block of the
+      // cluster, one bulk copy per row; each block's barrier of this stage expects the whole
+      // tile. Rows past N copy row N - 1 again (their residual is 0: they add nothing).
+      const uint32_t row_bytes = static_cast<uint32_t>(D) * sizeof(elem_t);
+      if (tid == 0) mbarrier_arrive_expect_tx(sBar + stage, kTcRows * row_bytes);
+      if (tid < kTcRows && tid % K == rank) {
+        const int64_t row = std::min<int64_t>(row0 + tid, N - 1);
+        bulk_load_multicast(dst + tid * DSP, p.x + row * static_cast<int64_t>(D), row_bytes,
+                            sBar + stage, static_cast<uint16_t>((1u << K) - 1));
+      }
+    } else {
+      for (int e = tid; e < kTcRows * chunks; e += kThreads) {
+        const int r = e / chunks;
+        const int q = e - r * chunks;
+        const int64_t row = row0 + r;
+        const bool valid = row < N;
+        const scalar_t* src = p.x + (valid ? row : 0) * static_cast<int64_t>(D) + q * EV;
+        cp_async16(dst + r * DSP + q * EV, src, valid ? 16 : 0);
+      }
     }
   };
 
@@ -220,12 +287,18 @@ __global__ void __launch_bounds__(kThreads, 1)
   }
   // my_tiles depends on blockIdx only: every thread runs the same iterations.
   for (int64_t it = 0; it < my_tiles; ++it) {
-    if (it + S - 1 < my_tiles) load_tile(it + S - 1, static_cast<int>((it + S - 1) % S));
-    cp_async_commit();
-    cp_async_wait(S - 1);
-    __syncthreads();  // every thread's copies of tile it are visible
+    if constexpr (kCl) {
+      // Tile it's bytes all in (the stage's (it / S)-th phase); the next load is issued after
+      // the cluster barrier of the row phase, when every block is done with its stage.
+      mbarrier_wait(sBar + it % S, static_cast<uint32_t>((it / S) & 1));
+    } else {
+      if (it + S - 1 < my_tiles) load_tile(it + S - 1, static_cast<int>((it + S - 1) % S));
+      cp_async_commit();
+      cp_async_wait(S - 1);
+      __syncthreads();  // every thread's copies of tile it are visible
+    }
     const elem_t* xs = sX + static_cast<int>(it % S) * kTcRows * DSP;
-    const int64_t row0 = (blockIdx.x + it * gridDim.x) * kTcRows;
+    const int64_t row0 = (unit + it * units) * kTcRows;
 
     // Z: partial logits of m-tile w % 2 over k-steps w / 2, w / 2 + 4, ...
     {
@@ -306,44 +379,68 @@ __global__ void __launch_bounds__(kThreads, 1)
 #pragma unroll
         for (int s = 0; s < kTcSplits; ++s) v += sZ[(s * kTcRows + r) * ZS + c];
         zc[k] = v + sB[c];
-        if (c < C) m = fmaxf(m, zc[k]);
+        if (c < Cq) m = fmaxf(m, zc[k]);
       }
       m = group_max<kTcLanes>(m);  // class 0 is on lane 0: finite
       float se = 0.f, zy = 0.f;
 #pragma unroll
       for (int k = 0; k < NC; ++k) {
         const int c = j + 8 * k;
-        if (c < C) se += ml_exp(zc[k] - m);
-        if (c == yi) zy = zc[k];
+        if (c < Cq) se += ml_exp(zc[k] - m);
+        if (c_base + c == yi) zy = zc[k];
       }
       se = group_sum<kTcLanes>(se);
-      zy = group_sum<kTcLanes>(zy);  // one lane holds z_y, the others add zeros
-      const float lse = m + ml_log(se);
+      zy = group_sum<kTcLanes>(zy);  // one lane holds z_y (or none: kCl), the others add zeros
+      float lse = m + ml_log(se);
+      // Label smoothing's sum_c w_c (lse - z_c); kCl: this block's sum_c w_c (m - z_c).
+      const float ref = kCl ? m : lse;
       float sm = 0.f;
       if (smooth) {
 #pragma unroll
         for (int k = 0; k < NC; ++k) {
           const int c = j + 8 * k;
-          if (c < C) sm += sCW[c] * (lse - zc[k]);
+          if (c < Cq) sm += sCW[c] * (ref - zc[k]);
         }
         sm = group_sum<kTcLanes>(sm);
       }
-      const float wy = sCW[yi];
-      if (active && j == 0) loss_acc += (1.f - eps) * wy * (lse - zy) + eps_c * sm;
+      if constexpr (kCl) {
+        // The row's statistics over all classes from the K blocks' (m_k, se_k, z_y, s_k),
+        // lane k reading block k's: lse = M + log(sum_k se_k e^(m_k - M)), M = max_k m_k, and
+        // sum_c w_c (lse - z_c) = sum_k (s_k + (lse - m_k) W_k), W_k the block's weight sum.
+        // Every block combines the same values in the same order: the same lse everywhere.
+        float4* st = sStat + (it & 1) * kTcRows;  // double buffered: one barrier per tile
+        if (j == 0) st[r] = make_float4(m, se, zy, sm);
+        cluster_sync();
+        // Every block is past tile it - 1: its stage, (it + S - 1) % S, can be refilled.
+        if (it + S - 1 < my_tiles) load_tile(it + S - 1, static_cast<int>((it + S - 1) % S));
+        const float4 q = j < K ? *cluster_map(st + r, j)
+                               : make_float4(-std::numeric_limits<float>::infinity(), 0.f, 0.f,
+                                             0.f);
+        const float M = group_max<kTcLanes>(q.x);
+        se = group_sum<kTcLanes>(j < K ? q.y * ml_exp(q.x - M) : 0.f);
+        zy = group_sum<kTcLanes>(q.z);
+        lse = M + ml_log(se);
+        if (smooth) sm = group_sum<kTcLanes>(j < K ? q.w + (lse - q.x) * sWk[j] : 0.f);
+      }
+      const float wy = p.cw != nullptr && in_range ? p.cw[yi] : 1.f;
+      if (active && j == 0 && rank == 0) {
+        loss_acc += (1.f - eps) * wy * (lse - zy) + eps_c * sm;
+      }
       // r_c = ((1-eps) w_y + (eps/C) sum_k w_k) p_c - (1-eps) w_y [c == y] - (eps/C) w_c
       const float a = (1.f - eps) * wy + eps_c * wsum;
-      float* rrow = p.res != nullptr && valid ? p.res + i * static_cast<int64_t>(C) : nullptr;
+      float* rrow =
+          p.res != nullptr && valid ? p.res + i * static_cast<int64_t>(C) + c_base : nullptr;
 #pragma unroll
       for (int k = 0; k < NC; ++k) {
         const int c = j + 8 * k;
         float v = 0.f;
-        if (active && c < C) {
+        if (active && c < Cq) {
           v = a * ml_exp(zc[k] - lse);
-          if (c == yi) v -= (1.f - eps) * wy;
+          if (c_base + c == yi) v -= (1.f - eps) * wy;
           if (smooth) v -= eps_c * sCW[c];
         }
         gb_part[k] += v;
-        if (rrow != nullptr && c < C) rrow[c] = grad_div(v, den);
+        if (rrow != nullptr && c < Cq) rrow[c] = grad_div(v, den);
         if constexpr (kF32) {
           sRf[c * kTcResStrideF + r] = v;
         } else {
@@ -426,18 +523,18 @@ __global__ void __launch_bounds__(kThreads, 1)
   // Block partials. dW: each accumulator element is one (class, column) of this block.
   if (need_w) {
     const float unscale = 1.f / rscale;  // exact: a power of two
-    float* out = p.ws_gw + static_cast<int64_t>(blockIdx.x) * C * D;
+    float* out = p.ws_gw + (unit * C + c_base) * static_cast<int64_t>(D);
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
       for (int jn = 0; jn < NT; ++jn) {
         const int d = (warp + jn * kWarps) * 8 + 2 * t;  // d < D implies d + 1 < D (D % 8 == 0)
         const int c0 = mt * 16 + g;
-        if (d < D && c0 < C) {
+        if (d < D && c0 < Cq) {
           out[static_cast<int64_t>(c0) * D + d] = acc[mt][jn][0] * unscale;
           out[static_cast<int64_t>(c0) * D + d + 1] = acc[mt][jn][1] * unscale;
         }
-        if (d < D && c0 + 8 < C) {
+        if (d < D && c0 + 8 < Cq) {
           out[static_cast<int64_t>(c0 + 8) * D + d] = acc[mt][jn][2] * unscale;
           out[static_cast<int64_t>(c0 + 8) * D + d + 1] = acc[mt][jn][3] * unscale;
         }
@@ -449,15 +546,18 @@ __global__ void __launch_bounds__(kThreads, 1)
 #pragma unroll
     for (int k = 0; k < NC; ++k) red[(tid / kTcLanes) * CP + tid % kTcLanes + 8 * k] = gb_part[k];
     __syncthreads();
-    if (tid < C) {
+    if (tid < Cq) {
       float v = 0.f;
       for (int r = 0; r < kTcRows; ++r) v += red[r * CP + tid];
-      p.ws_gb[static_cast<int64_t>(blockIdx.x) * C + tid] = v;
+      p.ws_gb[unit * C + c_base + tid] = v;
     }
     __syncthreads();  // red is reused by block_sum
   }
   const float block_loss = block_sum(loss_acc, sZ);
-  if (tid == 0) p.ws_loss[blockIdx.x] = block_loss;
+  if (tid == 0 && rank == 0) p.ws_loss[unit] = block_loss;  // kCl: rank 0 holds the loss
+  if constexpr (kCl) {
+    cluster_sync();  // no block leaves while another may still read its row statistics
+  }
 #else
   __trap();  // ce_tc_config chooses this kernel on sm_80+ only
 #endif
@@ -475,33 +575,45 @@ size_t ce_tc_smem(int64_t cp, int64_t D, int64_t stages) {
   return static_cast<size_t>((cp + stages * kTcRows) * dsp * es +        // sW, sX
                              kTcSplits * kTcRows * zs * 4 +               // sZ
                              cp * kTcResStride * 4 +                      // sRh + sRl or sRf
-                             2 * cp * 4);                                 // sB, sCW
+                             2 * cp * 4 +                                 // sB, sCW
+                             2 * kTcRows * 16 + kMaxCluster * 4 +         // sStat, sWk
+                             stages * 8);                                 // sBar
 }
 
-// The kernel instance for a shape of ce_tc_shape_ok: classes padded to cp, nt column tiles of
-// dW per warp (the next instance up from ceil(ceil(D / 16) * 2 / 8)).
-inline void ce_tc_tiles(int64_t C, int64_t D, int* cp, int* nt) {
-  *cp = C <= 16 ? 16 : (C <= 32 ? 32 : 64);
+// The kernel instance for a shape of ce_tc_shape_ok or ce_tc_cluster_shape_ok: classes per
+// block cp (padded to 16, 32 or 64; a cluster's blocks 32 each), nt column tiles of dW per warp
+// (the next instance up from ceil(ceil(D / 16) * 2 / 8)), and the blocks per cluster (1: no
+// cluster; else ceil(C / 32)).
+inline void ce_tc_tiles(int64_t C, int64_t D, bool cluster, int* cp, int* nt, int* blocks) {
+  *cp = cluster ? kClClasses : (C <= 16 ? 16 : (C <= 32 ? 32 : 64));
+  *blocks = cluster ? static_cast<int>(ceil_div(C, kClClasses)) : 1;
   const int64_t need = ceil_div(ceil_div(D, 16) * 2, kWarps);
   *nt = need <= 4 ? 4 : (need <= 8 ? 8 : 16);
 }
 
 template <typename scalar_t>
-CeFusedKernel<scalar_t> ce_tc_kernel_for(int cp, int nt) {
+CeFusedKernel<scalar_t> ce_tc_kernel_for(int cp, int nt, bool cluster) {
   // fp32 shapes stop at half the 16-bit D (ce_tc_shape_ok): no (16, 16) and (32, 8) instances;
-  // CP = 64 (D <= 256, fp32 128) needs NT = 4 only.
+  // CP = 64 (D <= 256, fp32 128) needs NT = 4 only; the clusters' CP = 32 blocks take D up to
+  // 512 (fp32 256), NT 4 or 8 (fp32 4).
   constexpr bool kF32 = std::is_same_v<scalar_t, float>;
   const int nt_max = cp == 16 ? (kF32 ? 8 : 16) : (cp == 32 ? (kF32 ? 4 : 8) : 4);
-  TORCH_INTERNAL_ASSERT((cp == 16 || cp == 32 || cp == 64) && nt <= nt_max,
-                        "ce_tc_kernel_for: no instance for CP ", cp, ", NT ", nt);
-  if (cp == 16) {
-    if (nt == 4) return ce_tc_kernel<scalar_t, 16, 4>;
-    if (nt == 8) return ce_tc_kernel<scalar_t, 16, 8>;
-    if constexpr (!kF32) return ce_tc_kernel<scalar_t, 16, 16>;
+  TORCH_INTERNAL_ASSERT((cp == 16 || cp == 32 || cp == 64) && nt <= nt_max &&
+                            (!cluster || cp == kClClasses),
+                        "ce_tc_kernel_for: no instance for CP ", cp, ", NT ", nt,
+                        cluster ? " (cluster)" : "");
+  if (cluster) {
+    if (nt == 4) return ce_tc_kernel<scalar_t, kClClasses, 4, true>;
+    if constexpr (!kF32) return ce_tc_kernel<scalar_t, kClClasses, 8, true>;
   }
-  if (cp == 64) return ce_tc_kernel<scalar_t, 64, 4>;
-  if (nt == 4) return ce_tc_kernel<scalar_t, 32, 4>;
-  if constexpr (!kF32) return ce_tc_kernel<scalar_t, 32, 8>;
+  if (cp == 16) {
+    if (nt == 4) return ce_tc_kernel<scalar_t, 16, 4, false>;
+    if (nt == 8) return ce_tc_kernel<scalar_t, 16, 8, false>;
+    if constexpr (!kF32) return ce_tc_kernel<scalar_t, 16, 16, false>;
+  }
+  if (cp == 64) return ce_tc_kernel<scalar_t, 64, 4, false>;
+  if (nt == 4) return ce_tc_kernel<scalar_t, 32, 4, false>;
+  if constexpr (!kF32) return ce_tc_kernel<scalar_t, 32, 8, false>;
   return nullptr;  // unreachable (asserted above)
 }
 
@@ -510,9 +622,13 @@ CeFusedKernel<scalar_t> ce_tc_kernel_for(int cp, int nt) {
 #ifndef ML_CUDA_HOST_EMU
 // Whether the instance's code for the current device was compiled for sm_80 or newer (a build
 // whose TORCH_CUDA_ARCH_LIST holds only older architectures would run the kernel's empty
-// body, JIT-compiled from their PTX). Asked once per instance.
+// body, JIT-compiled from their PTX). Asked once per instance. The cluster instances need
+// sm_90a code, which a device of compute capability 9.0 runs when the build holds it
+// (ML_BUILT_SM90A: setup.py compiles TORCH_CUDA_ARCH_LIST's 9.0 as 9.0a); the function
+// attributes cannot tell sm_90 from sm_90a.
 template <typename scalar_t>
-bool ce_tc_code_ok(int cp, int nt) {
+bool ce_tc_code_ok(int cp, int nt, bool cluster) {
+  if (cluster) return ce_tc_cluster_device_ok(at::cuda::current_device());
   static std::atomic<int> known[3][3] = {{-1, -1, -1}, {-1, -1, -1}, {-1, -1, -1}};
   const int ci = cp == 16 ? 0 : (cp == 32 ? 1 : 2);
   std::atomic<int>& k = known[ci][nt == 4 ? 0 : (nt == 8 ? 1 : 2)];
@@ -520,33 +636,77 @@ bool ce_tc_code_ok(int cp, int nt) {
   if (v < 0) {
     cudaFuncAttributes attr{};
     C10_CUDA_CHECK(cudaFuncGetAttributes(
-        &attr, reinterpret_cast<const void*>(ce_tc_kernel_for<scalar_t>(cp, nt))));
+        &attr, reinterpret_cast<const void*>(ce_tc_kernel_for<scalar_t>(cp, nt, false))));
     v = attr.ptxVersion >= 80 ? 1 : 0;
     k.store(v, std::memory_order_relaxed);
   }
   return v == 1;
 }
 
+}  // namespace cuda_logreg
+
+bool ce_tc_cluster_device_ok(int device) {
+#ifdef ML_BUILT_SM90A
+  if (!ce_tc_cluster_enabled() || at::cuda::device_count() == 0) return false;
+  if (device < 0) device = at::cuda::current_device();
+  if (device >= at::cuda::device_count()) return false;
+  const auto* prop = at::cuda::getDeviceProperties(device);
+  return prop->major == 9 && prop->minor == 0;
+#else
+  (void)device;
+  return false;
+#endif
+}
+
+namespace cuda_logreg {
+
+// Whether a cluster of `blocks` blocks with `smem` bytes each can be resident on the device
+// (cudaOccupancyMaxActiveClusters: the blocks of a cluster run on one GPC at once).
+template <typename Kernel>
+bool cluster_fits(Kernel kernel, int blocks, size_t smem) {
+  C10_CUDA_CHECK(cudaFuncSetAttribute(reinterpret_cast<const void*>(kernel),
+                                      cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                      static_cast<int>(smem)));
+  cudaLaunchConfig_t lc{};
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeClusterDimension;
+  attr[0].val.clusterDim.x = static_cast<unsigned>(blocks);
+  attr[0].val.clusterDim.y = 1;
+  attr[0].val.clusterDim.z = 1;
+  lc.gridDim = dim3(static_cast<unsigned>(blocks));
+  lc.blockDim = dim3(kThreads);
+  lc.dynamicSmemBytes = smem;
+  lc.attrs = attr;
+  lc.numAttrs = 1;
+  int clusters = 0;
+  C10_CUDA_CHECK(cudaOccupancyMaxActiveClusters(&clusters, kernel, &lc));
+  return clusters > 0;
+}
+
 template <typename scalar_t>
 bool ce_tc_config(int64_t C, int64_t D, CeTcConfig* cfg) {
-  if (!ce_tc_enabled() || !ce_tc_shape_ok(c10::CppTypeToScalarType<scalar_t>::value, C, D))
-    return false;
+  constexpr auto dtype = c10::CppTypeToScalarType<scalar_t>::value;
+  if (!ce_tc_enabled()) return false;
+  const bool cluster = !ce_tc_shape_ok(dtype, C, D);
+  if (cluster && !(ce_tc_cluster_enabled() && ce_tc_cluster_shape_ok(dtype, C, D))) return false;
   const auto* prop = at::cuda::getCurrentDeviceProperties();
   if (prop->major < 8) return false;
-  int cp = 0, nt = 0;
-  ce_tc_tiles(C, D, &cp, &nt);
+  int cp = 0, nt = 0, blocks = 1;
+  ce_tc_tiles(C, D, cluster, &cp, &nt, &blocks);
   if (cp / 16 * nt * 4 > 64) return false;  // dW accumulators per thread (ce_tc_shape_ok)
-  if (!ce_tc_code_ok<scalar_t>(cp, nt)) return false;
+  if (!ce_tc_code_ok<scalar_t>(cp, nt, cluster)) return false;
   // The deepest ring of X tiles that fits the opt-in limit, at most 4 (>= 3 tiles in flight
   // keep the memory system busy while a tile is computed; more only costs occupancy).
   const int64_t limit = static_cast<int64_t>(prop->sharedMemPerBlockOptin);
   for (int stages = 4; stages >= 2; --stages) {
     const size_t smem = ce_tc_smem<scalar_t>(cp, D, stages);
-    if (static_cast<int64_t>(smem) <= limit) {
+    if (static_cast<int64_t>(smem) <= limit &&
+        (!cluster || cluster_fits(ce_tc_kernel_for<scalar_t>(cp, nt, true), blocks, smem))) {
       cfg->cp = cp;
       cfg->nt = nt;
       cfg->stages = stages;
       cfg->smem = smem;
+      cfg->cluster = blocks;
       return true;
     }
   }
@@ -567,9 +727,10 @@ LossOut ce_tc_path(const Prepared& q, const CeTcConfig& cfg, int64_t ignore_inde
   p.x = qa.x.data_ptr<scalar_t>();
   p.wx = q.weight.data_ptr<scalar_t>();  // contiguous (prepare_common)
   p.stages = cfg.stages;
-  return ce_single_pass<scalar_t>(qa, p, ce_tc_kernel_for<scalar_t>(cfg.cp, cfg.nt), cfg.smem,
-                                  kTcRows, ignore_index, label_smoothing, reduction, need_x,
-                                  need_w, need_b);
+  return ce_single_pass<scalar_t>(qa, p, ce_tc_kernel_for<scalar_t>(cfg.cp, cfg.nt,
+                                                                   cfg.cluster > 1),
+                                  cfg.smem, kTcRows, ignore_index, label_smoothing, reduction,
+                                  need_x, need_w, need_b, cfg.cluster);
 }
 
 #define ML_INSTANTIATE_CE_TC(scalar_t)                                                        \

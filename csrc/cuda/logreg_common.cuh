@@ -246,8 +246,9 @@ LossOut ce_fused_path(const Prepared& q, const CeFusedConfig& cfg, int64_t ignor
 struct CeTcConfig {
   int cp = 0;      // classes padded to 16, 32 or 64
   int nt = 0;      // dW column tiles of 8 per warp: 4, 8 or 16
-  int stages = 0;  // row tiles of x in flight (cp.async pipeline): 2 to 4
+  int stages = 0;  // row tiles of x in flight (cp.async or bulk-copy pipeline): 2 to 4
   size_t smem = 0; // dynamic shared memory per block, bytes
+  int cluster = 1; // blocks per cluster: 1, or ceil(C / 32) (ce_tc_cluster_shape_ok)
 };
 template <typename scalar_t>
 bool ce_tc_config(int64_t C, int64_t D, CeTcConfig* cfg);
@@ -286,12 +287,13 @@ using CeFusedKernel = void (*)(CeFusedParams<scalar_t, at::opmath_type<scalar_t>
 // The host side both single-pass kernels share (logreg_ce_fused.cu): the mean denominator on
 // the device, the residual and workspaces, the launch (grid: occupancy x SMs, at most
 // ceil(N / tile_rows) blocks) and finalize_kernel. p carries the kernel's own fields (w or
-// wx, vec_ok, stages); the rest is filled in here.
+// wx, vec_ok, stages); the rest is filled in here. cluster > 1: the kernel runs as clusters of
+// that many blocks (path 1c's cluster instances), one partial per cluster.
 template <typename scalar_t>
 LossOut ce_single_pass(const Prepared& q, CeFusedParams<scalar_t, at::opmath_type<scalar_t>> p,
                        CeFusedKernel<scalar_t> kernel, size_t smem, int64_t tile_rows,
                        int64_t ignore_index, double label_smoothing, int64_t reduction,
-                       bool need_x, bool need_w, bool need_b);
+                       bool need_x, bool need_w, bool need_b, int cluster = 1);
 
 // Path 2 (logreg_gemm.cu): every case; binary selects the BCE row kernel.
 template <typename scalar_t>

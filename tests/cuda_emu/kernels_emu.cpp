@@ -2,6 +2,8 @@
 // their indexing, shared-memory layout, fragment addressing, pipeline ring and reductions are
 // checked on machines without one (tests/test_cuda_emu.py builds and runs this with g++):
 //   ce_tc    the tensor-core cross-entropy kernel (csrc/cuda/logreg_ce_tc.cu)
+//   ce_tc_cl its sm_90a cluster instances (the cluster functions of csrc/cuda/cluster_sm90.cuh
+//            are emulated below: a cluster's blocks run at the same time)
 //   ce_fused the CUDA-core single-pass cross-entropy kernel and the mean-denominator kernels
 //            (csrc/cuda/logreg_ce_fused.cu, logreg_common.cu)
 //   loss_dx  the losses' dX kernel for few classes (csrc/cuda/loss_dx.cu)
@@ -28,7 +30,8 @@
 // with -fsanitize=thread (tests/test_cuda_emu.py) it is reported whatever the schedule.
 //
 // Usage (exit 0 when every output matches a float64 reference of the same inputs, else 1):
-//   kernels_emu ce_tc|ce_fused DTYPE N D C GRID STAGES OPTS   DTYPE bf16|f16|f32 (ce_fused:
+//   kernels_emu ce_tc|ce_tc_cl|ce_fused DTYPE N D C GRID STAGES OPTS   (ce_tc_cl: GRID
+//       clusters of ceil(C / 32) blocks) DTYPE bf16|f16|f32 (ce_fused:
 //       also f64); OPTS a subset of "wWsi" (class weights in [0.1, 2] or up to 3e4, label
 //       smoothing, ignored rows) or "-" (run_ce_single)
 //   kernels_emu loss_dx DTYPE N D C THREADS PER_ROW  DTYPE bf16|f16|f32|f64; THREADS the
@@ -43,14 +46,18 @@
 
 #include <atomic>
 #include <barrier>
+#include <chrono>
 #include <cmath>
+#include <condition_variable>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <deque>
 #include <limits>
+#include <map>
 #include <memory>
+#include <mutex>
 #include <random>
 #include <string>
 #include <thread>
@@ -61,6 +68,7 @@
 
 #define ML_CUDA_HOST_EMU 1
 #define ML_SM80 1
+#define ML_SM90A 1
 #define __launch_bounds__(...)
 #undef __shared__
 #define __shared__ static
@@ -72,19 +80,24 @@ uint3 gridDim;
 uint3 blockDim;
 
 namespace emu {
-constexpr int kMaxWarps = 32;
+constexpr int kMaxCluster = 8;                 // blocks of a cluster, run at the same time
+constexpr int kMaxWarps = 32 * kMaxCluster;    // warps of those blocks
+constexpr size_t kSmemBytes = 232448;          // shared memory per block (sm_90's opt-in limit)
 // A kernel's dynamic shared memory: the launch's size in bytes (16-byte multiple) at the END of
-// smem_raw, so that an access past it leaves the array (AddressSanitizer reports it in the
-// sanitizer builds, tests/test_cuda_emu.py).
-alignas(16) unsigned char smem_raw[232448];
-unsigned char* smem_dyn = smem_raw + sizeof(smem_raw);
-std::barrier<>* block_bar = nullptr;
+// each block's array, so that an access past it leaves the array (AddressSanitizer reports it
+// in the sanitizer builds, tests/test_cuda_emu.py). Block k of a cluster has smem_raw[k].
+alignas(16) unsigned char smem_raw[kMaxCluster][kSmemBytes];
+thread_local unsigned char* smem_dyn = nullptr;  // this thread's block's
+unsigned char* block_smem[kMaxCluster] = {};    // every block's (distributed shared memory)
+size_t dyn_bytes = 0;                           // the launch's dynamic shared memory
+thread_local std::barrier<>* block_bar = nullptr;
+thread_local int warp_base = 0;                 // 32 x the block's rank in its cluster
 std::barrier<>* warp_bar[kMaxWarps] = {};
 uint64_t xch[kMaxWarps][32];
 uint32_t mma_a[kMaxWarps][32][4];
 uint32_t mma_b[kMaxWarps][32][2];
 inline int tid() { return static_cast<int>(threadIdx.x + threadIdx.y * blockDim.x); }
-inline int warp() { return tid() >> 5; }
+inline int warp() { return warp_base + (tid() >> 5); }  // unique over the cluster's blocks
 inline int lane() { return tid() & 31; }
 inline void warp_sync() { warp_bar[warp()]->arrive_and_wait(); }
 }  // namespace emu
@@ -167,6 +180,125 @@ inline void cp_async_wait(int n) {
       }
     }
     cp_groups.pop_front();
+  }
+}
+
+// Thread-block clusters (csrc/cuda/cluster_sm90.cuh): a cluster's blocks run at the same time
+// (launch), each with its own shared memory; cluster_sync is a barrier of all their threads,
+// cluster_map points into another block's shared memory at the same offset. An mbarrier is an
+// object beside the shared-memory word it is initialised at: arrivals and a transaction count
+// per phase, as in the PTX ISA (a phase completes when its arrivals are all in and the count is
+// back to 0; copies may complete their bytes before the expecting arrival). A multicast bulk
+// copy lands at once, in every block of its mask, and completes its bytes on each block's
+// mbarrier at the same offset: a copy issued into a stage that another block is still reading
+// changes what that block reads (and ThreadSanitizer reports the race). A wait that would never
+// end on a GPU (a miscounted phase) ends the run after 60 s; so does a block's barrier that
+// still expects bytes or arrivals when the kernel returns (copies in flight at exit).
+// Each mbarrier has a lock of its own, so that ThreadSanitizer sees only the orderings the
+// barrier gives on a GPU (one lock for all of them would order unrelated blocks' accesses).
+namespace cl {
+struct MBar {
+  int count = 0;       // arrivals per phase
+  int pending = 0;     // arrivals still expected in this phase
+  int64_t tx = 0;      // bytes still expected in this phase
+  uint32_t phase = 0;  // completed phases
+  std::mutex mu;
+  std::condition_variable cv;
+};
+std::mutex init_mu;  // mbarrier_init (before the cluster_sync after which the others look up)
+std::map<const void*, std::unique_ptr<MBar>> bars;  // by address (a shared-memory word)
+int size = 1;                      // blocks per cluster
+std::barrier<>* bar = nullptr;     // all threads of the cluster
+thread_local int rank = 0;
+
+[[noreturn]] inline void fail(const char* what) {
+  std::fprintf(stderr, "cluster emulation: %s\n", what);
+  std::fflush(stderr);
+  std::_Exit(3);
+}
+inline MBar& get(const void* b) {
+  auto it = bars.find(b);
+  if (it == bars.end()) fail("mbarrier used before mbarrier_init");
+  return *it->second;
+}
+inline void settle(MBar& m) {  // caller holds m.mu
+  if (m.pending < 0) fail("more arrivals than the mbarrier's count in one phase");
+  if (m.pending == 0 && m.tx == 0) {
+    ++m.phase;
+    m.pending = m.count;
+    m.cv.notify_all();
+  }
+}
+// The address `offset` bytes into block `r`'s shared memory that p is into this block's.
+template <typename T>
+T* peer(T* p, int r) {
+  const unsigned char* b = reinterpret_cast<const unsigned char*>(p);
+  if (b < emu::smem_dyn || b >= emu::smem_dyn + emu::dyn_bytes) fail("not a shared address");
+  if (r < 0 || r >= size) fail("rank outside the cluster");
+  return reinterpret_cast<T*>(emu::block_smem[r] + (b - emu::smem_dyn));
+}
+}  // namespace cl
+
+inline int cluster_rank() { return cl::rank; }
+inline int cluster_size() { return cl::size; }
+// After each cluster barrier the blocks leave with a skew (ML_EMU_CLUSTER_SKEW_MS per rank,
+// default 25; the order reversed every other barrier), long against a block's work between two
+// barriers here: a block that writes into another's shared memory before that one is done
+// with it (a copy issued one barrier too early) then changes what it reads, and the value
+// checks fail.
+inline int skew_ms() {
+  static const int ms = [] {
+    const char* e = std::getenv("ML_EMU_CLUSTER_SKEW_MS");
+    return e != nullptr ? std::atoi(e) : 25;
+  }();
+  return ms;
+}
+inline void cluster_sync() {
+  static thread_local unsigned calls = 0;
+  cl::bar->arrive_and_wait();
+  const int order = (calls++ % 2 == 0) ? cl::rank : cl::size - 1 - cl::rank;
+  if (order > 0 && skew_ms() > 0)
+    std::this_thread::sleep_for(std::chrono::milliseconds(skew_ms() * order));
+}
+template <typename T>
+const T* cluster_map(const T* p, int rank) {
+  return cl::peer(p, rank);
+}
+inline void mbarrier_init(uint64_t* bar, int count) {
+  std::lock_guard<std::mutex> lk(cl::init_mu);
+  auto m = std::make_unique<cl::MBar>();
+  m->count = m->pending = count;
+  cl::bars[bar] = std::move(m);
+}
+inline void fence_mbarrier_init() {}
+inline void mbarrier_arrive_expect_tx(uint64_t* bar, uint32_t bytes) {
+  cl::MBar& m = cl::get(bar);
+  std::lock_guard<std::mutex> lk(m.mu);
+  m.tx += bytes;
+  --m.pending;
+  cl::settle(m);
+}
+inline void mbarrier_wait(uint64_t* bar, uint32_t parity) {
+  cl::MBar& m = cl::get(bar);
+  std::unique_lock<std::mutex> lk(m.mu);
+  if (!m.cv.wait_for(lk, std::chrono::seconds(60), [&] { return (m.phase & 1) != parity; }))
+    cl::fail("mbarrier wait never completes (a hang on a GPU)");
+}
+inline void bulk_load_multicast(void* dst, const void* src, uint32_t bytes, uint64_t* bar,
+                                uint16_t mask) {
+  if (bytes % 16 != 0 || reinterpret_cast<uintptr_t>(dst) % 16 != 0 ||
+      reinterpret_cast<uintptr_t>(src) % 16 != 0)
+    cl::fail("bulk copy: size or address not a multiple of 16");
+  if (mask >> cl::size) cl::fail("bulk copy: mask names a block outside the cluster");
+  for (int r = 0; r < cl::size; ++r) {
+    if (!((mask >> r) & 1)) continue;
+    unsigned char* d = cl::peer(static_cast<unsigned char*>(dst), r);
+    if (d + bytes > emu::block_smem[r] + emu::dyn_bytes) cl::fail("bulk copy past shared memory");
+    std::memcpy(d, src, bytes);
+    cl::MBar& m = cl::get(cl::peer(bar, r));
+    std::lock_guard<std::mutex> lk(m.mu);
+    m.tx -= bytes;
+    cl::settle(m);
   }
 }
 
@@ -268,45 +400,70 @@ void mma16816(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
 using namespace manual_layers::cuda_logreg;
 
 // Runs fn() as the kernel of a grid of grid.x x grid.y blocks of block.x x block.y threads
-// (block.x * block.y a multiple of 32, at most 1024), block after block, with dyn_smem bytes of
-// dynamic shared memory (as the launch's third argument) poisoned (0xff bytes: NaN in 16 and 32
-// bits) before each block. One std::thread per thread of a block runs every block in turn
-// (creating them per block made a 129-block launch take seconds under ThreadSanitizer); the
-// blocks are separated by a barrier of their own, so a thread that leaves the kernel early
-// still deadlocks a __syncthreads of the others (on a GPU: undefined) instead of completing it.
-// Per-thread cp.async state is dropped at the end of each block.
+// (block.x * block.y a multiple of 32, at most 1024), in clusters of `cluster` consecutive
+// blocks along x (grid.x a multiple of it; 1: no clusters), cluster after cluster, the blocks
+// of a cluster at the same time; dyn_smem bytes of dynamic shared memory (as the launch's third
+// argument) per block, poisoned (0xff bytes: NaN in 16 and 32 bits) before each cluster. One
+// std::thread per thread of a cluster runs every cluster in turn (creating them per block made
+// a 129-block launch take seconds under ThreadSanitizer); the clusters are separated by a
+// barrier of their own, so a thread that leaves the kernel early still deadlocks a
+// __syncthreads of the others (on a GPU: undefined) instead of completing it. Per-thread
+// cp.async state and the mbarriers are dropped at the end of each cluster.
 template <typename Fn>
-void launch(uint3 grid, uint3 block, Fn fn, size_t dyn_smem = 0) {
+void launch(uint3 grid, uint3 block, Fn fn, size_t dyn_smem = 0, int cluster = 1) {
   const size_t dyn = (dyn_smem + 15) / 16 * 16;
-  if (dyn > sizeof(emu::smem_raw)) {
-    std::fprintf(stderr, "dynamic shared memory %zu > %zu\n", dyn, sizeof(emu::smem_raw));
+  if (dyn > emu::kSmemBytes) {
+    std::fprintf(stderr, "dynamic shared memory %zu > %zu\n", dyn, emu::kSmemBytes);
     std::exit(2);
   }
-  emu::smem_dyn = emu::smem_raw + sizeof(emu::smem_raw) - dyn;
+  if (cluster < 1 || cluster > emu::kMaxCluster || grid.x % cluster != 0) {
+    std::fprintf(stderr, "cluster of %d blocks for a grid of %u\n", cluster, grid.x);
+    std::exit(2);
+  }
+  emu::dyn_bytes = dyn;
+  for (int r = 0; r < cluster; ++r) emu::block_smem[r] = emu::smem_raw[r] + emu::kSmemBytes - dyn;
   gridDim = grid;
   blockDim = block;
+  cl::size = cluster;
   const int n = static_cast<int>(block.x * block.y);
-  std::barrier<> block_bar(n), edge(n);
-  std::vector<std::unique_ptr<std::barrier<>>> warp_bars;
-  for (int k = 0; k < n / 32; ++k) warp_bars.push_back(std::make_unique<std::barrier<>>(32));
-  emu::block_bar = &block_bar;
-  for (int k = 0; k < n / 32; ++k) emu::warp_bar[k] = warp_bars[k].get();
-  std::vector<std::thread> threads;
-  for (int t = 0; t < n; ++t) {
-    threads.emplace_back([&, t] {
-      threadIdx = uint3{t % block.x, t / block.x, 0};
-      for (unsigned by = 0; by < grid.y; ++by)
-        for (unsigned bx = 0; bx < grid.x; ++bx) {
-          if (t == 0) std::memset(emu::smem_raw, 0xff, sizeof(emu::smem_raw));
-          edge.arrive_and_wait();  // poisoned before any thread of the block starts
-          blockIdx = uint3{bx, by, 0};
-          fn();
-          manual_layers::cuda_logreg::cp_open.clear();
-          manual_layers::cuda_logreg::cp_groups.clear();
-          edge.arrive_and_wait();  // every thread done before the next block's poison
-        }
-    });
+  std::vector<std::unique_ptr<std::barrier<>>> block_bars, warp_bars;
+  for (int r = 0; r < cluster; ++r) block_bars.push_back(std::make_unique<std::barrier<>>(n));
+  for (int k = 0; k < cluster * n / 32; ++k) {
+    warp_bars.push_back(std::make_unique<std::barrier<>>(32));
+    emu::warp_bar[k] = warp_bars[k].get();
   }
+  std::barrier<> cluster_bar(cluster * n), edge(cluster * n);
+  cl::bar = &cluster_bar;
+  std::vector<std::thread> threads;
+  for (int r = 0; r < cluster; ++r)
+    for (int t = 0; t < n; ++t) {
+      threads.emplace_back([&, r, t] {
+        threadIdx = uint3{t % block.x, t / block.x, 0};
+        emu::smem_dyn = emu::block_smem[r];
+        emu::block_bar = block_bars[r].get();
+        emu::warp_base = r * (n / 32);
+        cl::rank = r;
+        for (unsigned by = 0; by < grid.y; ++by)
+          for (unsigned bx = r; bx < grid.x; bx += cluster) {
+            if (r == 0 && t == 0) {
+              for (int k = 0; k < cluster; ++k)
+                std::memset(emu::smem_raw[k], 0xff, emu::kSmemBytes);
+              cl::bars.clear();
+            }
+            edge.arrive_and_wait();  // poisoned before any thread of the cluster starts
+            blockIdx = uint3{bx, by, 0};
+            fn();
+            manual_layers::cuda_logreg::cp_open.clear();
+            manual_layers::cuda_logreg::cp_groups.clear();
+            edge.arrive_and_wait();  // every thread done before the next cluster's poison
+            if (r == 0 && t == 0) {
+              for (const auto& [addr, m] : cl::bars)
+                if (m->pending != m->count || m->tx != 0)
+                  cl::fail("a block returned with arrivals or bytes still due on its mbarrier");
+            }
+          }
+      });
+    }
   for (auto& th : threads) th.join();
 }
 template <typename Fn>
@@ -341,7 +498,8 @@ template <typename scalar_t>
 int run_ce_single(const std::string& kind, int64_t N, int D, int C, int grid, int stages,
                   const std::string& opts) {
   using acc_t = at::opmath_type<scalar_t>;
-  const bool tc = kind == "tc";
+  const bool cl = kind == "tc_cl";  // the cluster instances: GRID clusters of ceil(C / 32)
+  const bool tc = kind == "tc" || cl;
   std::mt19937 gen(N * 131 + D * 7 + C);
   std::normal_distribution<float> nd;
   std::uniform_real_distribution<float> ud(0.1f, 2.0f);
@@ -430,12 +588,12 @@ int run_ce_single(const std::string& kind, int64_t N, int D, int C, int grid, in
   p.den = &den_dev;
   size_t smem = 0;
   CeFusedKernel<scalar_t> kernel = nullptr;
-  int cp = 0, nt = 0;
+  int cp = 0, nt = 0, blocks = 1;
   if (tc) {
     if constexpr (!std::is_same_v<scalar_t, double>) {
-      ce_tc_tiles(C, D, &cp, &nt);
+      ce_tc_tiles(C, D, cl, &cp, &nt, &blocks);
       smem = ce_tc_smem<scalar_t>(cp, D, stages);
-      kernel = ce_tc_kernel_for<scalar_t>(cp, nt);
+      kernel = ce_tc_kernel_for<scalar_t>(cp, nt, cl);
     }
   } else {
     cp = C <= 16 ? 16 : 32;            // ce_fused_config's CMAX
@@ -444,14 +602,14 @@ int run_ce_single(const std::string& kind, int64_t N, int D, int C, int grid, in
     smem = ce_fused_smem<scalar_t>(C, (D + 127) / 128 * 128, cp);
     kernel = ce_fused_kernel_for<scalar_t>(cp, nt);
   }
-  if (kernel == nullptr || smem > sizeof(emu::smem_raw)) {
-    std::printf("no kernel for this case, or shared memory %zu > %zu\n", smem,
-                sizeof(emu::smem_raw));
+  if (kernel == nullptr || smem > emu::kSmemBytes) {
+    std::printf("no kernel for this case, or shared memory %zu > %zu\n", smem, emu::kSmemBytes);
     return 2;
   }
-  launch(grid, [&] { kernel(p); }, smem);
+  launch(uint3{static_cast<unsigned>(grid * blocks), 1, 1}, uint3{kThreads, 1, 1},
+         [&] { kernel(p); }, smem, blocks);
 
-  // finalize_kernel's sums (block order), then the relative errors.
+  // finalize_kernel's sums (block or cluster order), then the relative errors.
   double loss = 0;
   std::vector<double> gw(static_cast<size_t>(C) * D, 0.0), gb(C, 0.0), rr(N * C);
   for (int b = 0; b < grid; ++b) {
@@ -472,10 +630,11 @@ int run_ce_single(const std::string& kind, int64_t N, int D, int C, int grid, in
   const double tol = sizeof(acc_t) == 8 ? 1e-12
                      : (!tc || std::is_same_v<scalar_t, float>) ? 2e-5 : 2e-4;
   const bool ok = e_loss < tol && e_gw < tol && e_gb < tol && e_res < tol && e_den < tol;
-  std::printf("ce_%s %s N=%lld D=%d C=%d grid=%d stages=%d opts=%s cp=%d nt=%d: loss %.2e "
-              "gw %.2e gb %.2e res %.2e den %.2e -> %s\n",
+  std::printf("ce_%s %s N=%lld D=%d C=%d grid=%d stages=%d opts=%s cp=%d nt=%d cluster=%d: "
+              "loss %.2e gw %.2e gb %.2e res %.2e den %.2e -> %s\n",
               kind.c_str(), dtype_name<scalar_t>(), static_cast<long long>(N), D, C, grid,
-              stages, opts.c_str(), cp, nt, e_loss, e_gw, e_gb, e_res, e_den, ok ? "OK" : "FAIL");
+              stages, opts.c_str(), cp, nt, blocks, e_loss, e_gw, e_gb, e_res, e_den,
+              ok ? "OK" : "FAIL");
   return ok ? 0 : 1;
 }
 
@@ -721,7 +880,7 @@ int run_bce(int64_t N, int64_t D, int grid, const std::string& opts) {
   }
   const int64_t gpb = kWarps / wpr;
   const size_t smem = bce_fused_smem<acc_t>(gpb, D, true);
-  if (smem > sizeof(emu::smem_raw)) return 2;
+  if (smem > emu::kSmemBytes) return 2;
   const acc_t den = mean ? static_cast<acc_t>(N) : acc_t(1);
   const acc_t nan = std::numeric_limits<acc_t>::quiet_NaN();
   std::vector<acc_t> res(N, nan), ws_gw(grid * D, nan), ws_loss(grid, nan), ws_gb(grid, nan);
@@ -928,7 +1087,7 @@ int run_linear_misc(int64_t rows, int64_t cols, int grid, int64_t target_blocks)
 
 int main(int argc, char** argv) {
   const std::string what = argc > 1 ? argv[1] : "";
-  if ((what == "ce_tc" || what == "ce_fused") && argc == 9) {
+  if ((what == "ce_tc" || what == "ce_tc_cl" || what == "ce_fused") && argc == 9) {
     const std::string kind = what.substr(3), dt = argv[2];
     const int64_t N = std::atoll(argv[3]);
     const int D = std::atoi(argv[4]), C = std::atoi(argv[5]), grid = std::atoi(argv[6]),
