@@ -93,29 +93,22 @@ inline bool ce_tc_cluster_enabled() {
   const char* env = std::getenv("MANUAL_LAYERS_CE_CLUSTER");
   return env != nullptr && std::string(env) == "1";
 }
-inline bool ce_tc_shape_ok(at::ScalarType dtype, int64_t C, int64_t D);
-inline bool ce_tc_cluster_shape_ok(at::ScalarType dtype, int64_t C, int64_t D) {
-  int64_t dmax = 0;
-  if (dtype == at::kHalf || dtype == at::kBFloat16) {
-    dmax = 512;
-  } else if (dtype == at::kFloat) {
-    dmax = 256;
-  } else {
-    return false;
-  }
-  return C > 32 && C <= 256 && D >= 8 && D % 8 == 0 && D <= dmax && !ce_tc_shape_ok(dtype, C, D);
+// The largest D of the one-block kernel (C <= 16): 1024 for 16-bit x, 512 for fp32 (whose X
+// tiles take twice the shared memory); 0 for other dtypes.
+inline int64_t ce_tc_dmax(at::ScalarType dtype) {
+  if (dtype == at::kHalf || dtype == at::kBFloat16) return 1024;
+  return dtype == at::kFloat ? 512 : 0;
 }
 inline bool ce_tc_shape_ok(at::ScalarType dtype, int64_t C, int64_t D) {
-  int64_t dmax = 0;
-  if (dtype == at::kHalf || dtype == at::kBFloat16) {
-    dmax = 1024;
-  } else if (dtype == at::kFloat) {
-    dmax = 512;
-  } else {
-    return false;
-  }
-  if (D < 8 || D % 8 != 0 || C < 1 || C > 64) return false;
+  const int64_t dmax = ce_tc_dmax(dtype);
+  if (dmax == 0 || D < 8 || D % 8 != 0 || C < 1 || C > 64) return false;
   return D <= (C <= 16 ? dmax : (C <= 32 ? dmax / 2 : dmax / 4));
+}
+inline bool ce_tc_cluster_shape_ok(at::ScalarType dtype, int64_t C, int64_t D) {
+  // Each block of a cluster is the one-block kernel's C <= 32 instance: half the largest D.
+  const int64_t dmax = ce_tc_dmax(dtype) / 2;
+  return dmax > 0 && C > 32 && C <= 256 && D >= 8 && D % 8 == 0 && D <= dmax &&
+         !ce_tc_shape_ok(dtype, C, D);
 }
 
 #ifdef WITH_CUDA

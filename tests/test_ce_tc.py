@@ -98,18 +98,25 @@ def test_many_tiles_per_block_deterministic(dtype, monkeypatch):
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     N, D, C = sms * 32 * 5 + 17, 512, 10
     x, w, b, t = _problem(N, D, C, "cuda", dtype)
-    assert _ran_tc(x, w, b, t)
+    _check_repeat_and_other_path(x, w, b, t, _ran_tc, "MANUAL_LAYERS_CE_TC", monkeypatch)
+    _compare(x, w, b, t, "mean", TOL[dtype])
+
+
+def _check_repeat_and_other_path(x, w, b, t, ran, switch, monkeypatch):
+    """ran(x, w, b, t) holds; the loss and gradients are bitwise the same twice; with the
+    environment variable `switch` set to 0 that kernel no longer runs, and the other path's
+    results are close (1e-2 relative)."""
+    assert ran(x, w, b, t)
     first = _grads(MF.linear_cross_entropy, x, w, b, t, 1.0)
     second = _grads(MF.linear_cross_entropy, x, w, b, t, 1.0)
     for a, e in zip(first, second):
         assert torch.equal(a, e)
-    monkeypatch.setenv("MANUAL_LAYERS_CE_TC", "0")
-    assert not _ran_tc(x, w, b, t)
-    cudacore = _grads(MF.linear_cross_entropy, x, w, b, t, 1.0)
-    for name, a, e in zip(["loss", "grad_x", "grad_weight", "grad_bias"], first, cudacore):
+    monkeypatch.setenv(switch, "0")
+    assert not ran(x, w, b, t)
+    other = _grads(MF.linear_cross_entropy, x, w, b, t, 1.0)
+    for name, a, e in zip(["loss", "grad_x", "grad_weight", "grad_bias"], first, other):
         err = ((a.double() - e.double()).norm() / e.double().norm().clamp_min(1e-30)).item()
         assert err < 1e-2, (name, err)
-    _compare(x, w, b, t, "mean", TOL[dtype])
 
 
 @needs_tc
@@ -228,17 +235,8 @@ def test_cluster_many_tiles_deterministic(dtype, monkeypatch):
     C, D = 128, 512 if dtype != torch.float32 else 256
     N = sms * 32 * 3 + 17
     x, w, b, t = _problem(N, D, C, "cuda", dtype)
-    assert _ran_cluster(x, w, b, t)
-    first = _grads(MF.linear_cross_entropy, x, w, b, t, 1.0)
-    second = _grads(MF.linear_cross_entropy, x, w, b, t, 1.0)
-    for a, e in zip(first, second):
-        assert torch.equal(a, e)
-    monkeypatch.setenv("MANUAL_LAYERS_CE_CLUSTER", "0")
-    assert not _ran_cluster(x, w, b, t)
-    other = _grads(MF.linear_cross_entropy, x, w, b, t, 1.0)
-    for name, a, e in zip(["loss", "grad_x", "grad_weight", "grad_bias"], first, other):
-        err = ((a.double() - e.double()).norm() / e.double().norm().clamp_min(1e-30)).item()
-        assert err < 1e-2, (name, err)
+    _check_repeat_and_other_path(x, w, b, t, _ran_cluster, "MANUAL_LAYERS_CE_CLUSTER",
+                                 monkeypatch)
 
 
 @needs_cluster

@@ -379,7 +379,8 @@ template <typename scalar_t>
 LossOut ce_single_pass(const Prepared& q, CeFusedParams<scalar_t, at::opmath_type<scalar_t>> p,
                        CeFusedKernel<scalar_t> kernel, size_t smem, int64_t tile_rows,
                        int64_t ignore_index, double label_smoothing, int64_t reduction,
-                       bool need_x, bool need_w, bool need_b, int cluster) {
+                       bool need_x, bool need_w, bool need_b, int cluster,
+                       int64_t max_clusters) {
   using acc_t = at::opmath_type<scalar_t>;
   const at::Tensor& x = q.x;
   const int64_t N = q.N, D = q.D, C = q.C;
@@ -421,22 +422,10 @@ LossOut ce_single_pass(const Prepared& q, CeFusedParams<scalar_t, at::opmath_typ
   cudaLaunchAttribute attr[1];
   int64_t grid = 0;
   if (cluster > 1) {
-    lc.blockDim = dim3(kThreads);
-    lc.dynamicSmemBytes = smem;
-    lc.stream = stream;
-    attr[0].id = cudaLaunchAttributeClusterDimension;
-    attr[0].val.clusterDim.x = static_cast<unsigned>(cluster);
-    attr[0].val.clusterDim.y = 1;
-    attr[0].val.clusterDim.z = 1;
-    lc.attrs = attr;
-    lc.numAttrs = 1;
-    lc.gridDim = dim3(static_cast<unsigned>(cluster));
-    int clusters = 0;
-    C10_CUDA_CHECK(cudaOccupancyMaxActiveClusters(&clusters, kernel, &lc));
-    TORCH_INTERNAL_ASSERT(clusters > 0, "ce_single_pass: no cluster of ", cluster,
+    TORCH_INTERNAL_ASSERT(max_clusters > 0, "ce_single_pass: no cluster of ", cluster,
                           " blocks fits (ce_tc_config checks this)");
-    grid = std::max<int64_t>(1, std::min<int64_t>(clusters, ceil_div(N, tile_rows)));
-    lc.gridDim = dim3(static_cast<unsigned>(grid * cluster));
+    grid = std::max<int64_t>(1, std::min<int64_t>(max_clusters, ceil_div(N, tile_rows)));
+    lc = cluster_launch_config(cluster, grid, smem, stream, attr);
   } else {
     int per_sm = 0;
     C10_CUDA_CHECK(
@@ -481,13 +470,40 @@ LossOut ce_single_pass(const Prepared& q, CeFusedParams<scalar_t, at::opmath_typ
   return {loss, gw, gb, res};
 }
 
+cudaLaunchConfig_t cluster_launch_config(int cluster, int64_t clusters, size_t smem,
+                                         cudaStream_t stream, cudaLaunchAttribute* attr) {
+  attr[0].id = cudaLaunchAttributeClusterDimension;
+  attr[0].val.clusterDim.x = static_cast<unsigned>(cluster);
+  attr[0].val.clusterDim.y = 1;
+  attr[0].val.clusterDim.z = 1;
+  cudaLaunchConfig_t lc{};
+  lc.gridDim = dim3(static_cast<unsigned>(clusters * cluster));
+  lc.blockDim = dim3(kThreads);
+  lc.dynamicSmemBytes = smem;
+  lc.stream = stream;
+  lc.attrs = attr;
+  lc.numAttrs = 1;
+  return lc;
+}
+
+int max_active_clusters(const void* kernel, int cluster, size_t smem) {
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                      static_cast<int>(smem)));
+  cudaLaunchAttribute attr[1];
+  const cudaLaunchConfig_t lc = cluster_launch_config(cluster, 1, smem, nullptr, attr);
+  int clusters = 0;
+  C10_CUDA_CHECK(cudaOccupancyMaxActiveClusters(&clusters, kernel, &lc));
+  return clusters;
+}
+
 #define ML_INSTANTIATE_CE_FUSED(scalar_t)                                                     \
   template bool ce_fused_config<scalar_t>(int64_t, int64_t, CeFusedConfig*);                 \
   template LossOut ce_fused_path<scalar_t>(const Prepared&, const CeFusedConfig&, int64_t,   \
                                            double, int64_t, bool, bool, bool);               \
   template LossOut ce_single_pass<scalar_t>(                                                  \
       const Prepared&, CeFusedParams<scalar_t, at::opmath_type<scalar_t>>,                    \
-      CeFusedKernel<scalar_t>, size_t, int64_t, int64_t, double, int64_t, bool, bool, bool, int);
+      CeFusedKernel<scalar_t>, size_t, int64_t, int64_t, double, int64_t, bool, bool, bool, int, \
+      int64_t);
 ML_INSTANTIATE_CE_FUSED(float)
 ML_INSTANTIATE_CE_FUSED(double)
 ML_INSTANTIATE_CE_FUSED(at::Half)

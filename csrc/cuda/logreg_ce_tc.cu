@@ -184,8 +184,9 @@ __global__ void __launch_bounds__(kThreads, 1)
   float* sB = reinterpret_cast<float*>(sR + CP * kTcResStride * 4);
   float* sCW = sB + CP;
   float4* sStat = reinterpret_cast<float4*>(sCW + CP);  // kCl: [2][kTcRows] row statistics
-  float* sWk = reinterpret_cast<float*>(sStat + 2 * kTcRows);  // [kMaxCluster] weight sums
-  uint64_t* sBar = reinterpret_cast<uint64_t*>(sWk + kMaxCluster);  // kCl: [stages] mbarriers
+  // [kMaxCluster] class-weight sums, then [kMaxCluster] largest |weights|, one per cluster block
+  float* sWk = reinterpret_cast<float*>(sStat + 2 * kTcRows);
+  uint64_t* sBar = reinterpret_cast<uint64_t*>(sWk + 2 * kMaxCluster);  // kCl: [stages] mbarriers
 
   // Stage W (zero past C and D), zero the pad columns of every X tile (cp.async writes only
   // columns < D, so they stay zero), bias and class weights.
@@ -204,13 +205,18 @@ __global__ void __launch_bounds__(kThreads, 1)
     sB[tid] = (p.bias != nullptr && tid < Cq) ? p.bias[c_base + tid] : 0.f;
     sCW[tid] = tid < Cq ? (p.cw != nullptr ? p.cw[c_base + tid] : 1.f) : 0.f;
   }
-  // The class weights' sum over the classes of each block of the cluster (one block: all C),
-  // each in class order.
+  // The class weights' sum (in class order) and largest magnitude over the classes of each
+  // block of the cluster (one block: all C).
   if (tid < K) {
-    float v = 0.f;
+    float v = 0.f, vmax = 0.f;
     const int c_end = std::min(C, (tid + 1) * CP);
-    for (int c = tid * CP; c < c_end; ++c) v += p.cw != nullptr ? p.cw[c] : 1.f;
+    for (int c = tid * CP; c < c_end; ++c) {
+      const float w = p.cw != nullptr ? p.cw[c] : 1.f;
+      v += w;
+      vmax = fmaxf(vmax, fabsf(w));
+    }
     sWk[tid] = v;
+    sWk[kMaxCluster + tid] = vmax;
   }
   if constexpr (kCl) {
     if (tid < S) mbarrier_init(sBar + tid, 1);  // one arrival (expect_tx) + the bytes
@@ -225,8 +231,10 @@ __global__ void __launch_bounds__(kThreads, 1)
   const float eps_c = eps / static_cast<float>(C);
   const bool smooth = eps != 0.f;
   float wsum = 0.f, wmax = 0.f;  // the same fixed order in every thread (and block)
-  for (int k = 0; k < K; ++k) wsum += sWk[k];
-  for (int c = 0; c < C; ++c) wmax = fmaxf(wmax, fabsf(p.cw != nullptr ? p.cw[c] : 1.f));
+  for (int k = 0; k < K; ++k) {
+    wsum += sWk[k];
+    wmax = fmaxf(wmax, sWk[kMaxCluster + k]);
+  }
   // fp16: an exact power of two that keeps |r| * rscale <= 1 (|r| <= 2 wmax); bf16 has fp32's
   // exponent range.
   float rscale = 1.f;
@@ -281,9 +289,10 @@ __global__ void __launch_bounds__(kThreads, 1)
 
   // Prologue: the first stages - 1 tiles in flight. One commit group per tile slot, empty
   // when there is no tile, so that cp_async_wait(S - 1) below always means "tile it landed".
+  // (kCl: the stages' mbarriers count the copies instead.)
   for (int s = 0; s < S - 1; ++s) {
     if (s < my_tiles) load_tile(s, s);
-    cp_async_commit();
+    if constexpr (!kCl) cp_async_commit();
   }
   // my_tiles depends on blockIdx only: every thread runs the same iterations.
   for (int64_t it = 0; it < my_tiles; ++it) {
@@ -518,7 +527,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     }
     __syncthreads();  // the next iteration refills this X stage, sZ and sRh / sRl
   }
-  cp_async_wait(0);
+  if constexpr (!kCl) cp_async_wait(0);
 
   // Block partials. dW: each accumulator element is one (class, column) of this block.
   if (need_w) {
@@ -576,7 +585,7 @@ size_t ce_tc_smem(int64_t cp, int64_t D, int64_t stages) {
                              kTcSplits * kTcRows * zs * 4 +               // sZ
                              cp * kTcResStride * 4 +                      // sRh + sRl or sRf
                              2 * cp * 4 +                                 // sB, sCW
-                             2 * kTcRows * 16 + kMaxCluster * 4 +         // sStat, sWk
+                             2 * kTcRows * 16 + 2 * kMaxCluster * 4 +     // sStat, sWk
                              stages * 8);                                 // sBar
 }
 
@@ -660,29 +669,6 @@ bool ce_tc_cluster_device_ok(int device) {
 
 namespace cuda_logreg {
 
-// Whether a cluster of `blocks` blocks with `smem` bytes each can be resident on the device
-// (cudaOccupancyMaxActiveClusters: the blocks of a cluster run on one GPC at once).
-template <typename Kernel>
-bool cluster_fits(Kernel kernel, int blocks, size_t smem) {
-  C10_CUDA_CHECK(cudaFuncSetAttribute(reinterpret_cast<const void*>(kernel),
-                                      cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                      static_cast<int>(smem)));
-  cudaLaunchConfig_t lc{};
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeClusterDimension;
-  attr[0].val.clusterDim.x = static_cast<unsigned>(blocks);
-  attr[0].val.clusterDim.y = 1;
-  attr[0].val.clusterDim.z = 1;
-  lc.gridDim = dim3(static_cast<unsigned>(blocks));
-  lc.blockDim = dim3(kThreads);
-  lc.dynamicSmemBytes = smem;
-  lc.attrs = attr;
-  lc.numAttrs = 1;
-  int clusters = 0;
-  C10_CUDA_CHECK(cudaOccupancyMaxActiveClusters(&clusters, kernel, &lc));
-  return clusters > 0;
-}
-
 template <typename scalar_t>
 bool ce_tc_config(int64_t C, int64_t D, CeTcConfig* cfg) {
   constexpr auto dtype = c10::CppTypeToScalarType<scalar_t>::value;
@@ -698,15 +684,22 @@ bool ce_tc_config(int64_t C, int64_t D, CeTcConfig* cfg) {
   // The deepest ring of X tiles that fits the opt-in limit, at most 4 (>= 3 tiles in flight
   // keep the memory system busy while a tile is computed; more only costs occupancy).
   const int64_t limit = static_cast<int64_t>(prop->sharedMemPerBlockOptin);
+  // A cluster's blocks must also be resident at once, on one GPC.
   for (int stages = 4; stages >= 2; --stages) {
     const size_t smem = ce_tc_smem<scalar_t>(cp, D, stages);
-    if (static_cast<int64_t>(smem) <= limit &&
-        (!cluster || cluster_fits(ce_tc_kernel_for<scalar_t>(cp, nt, true), blocks, smem))) {
+    if (static_cast<int64_t>(smem) > limit) continue;
+    const int64_t max_clusters =
+        cluster ? max_active_clusters(
+                      reinterpret_cast<const void*>(ce_tc_kernel_for<scalar_t>(cp, nt, true)),
+                      blocks, smem)
+                : 0;
+    if (!cluster || max_clusters > 0) {
       cfg->cp = cp;
       cfg->nt = nt;
       cfg->stages = stages;
       cfg->smem = smem;
       cfg->cluster = blocks;
+      cfg->max_clusters = max_clusters;
       return true;
     }
   }
@@ -730,7 +723,7 @@ LossOut ce_tc_path(const Prepared& q, const CeTcConfig& cfg, int64_t ignore_inde
   return ce_single_pass<scalar_t>(qa, p, ce_tc_kernel_for<scalar_t>(cfg.cp, cfg.nt,
                                                                    cfg.cluster > 1),
                                   cfg.smem, kTcRows, ignore_index, label_smoothing, reduction,
-                                  need_x, need_w, need_b, cfg.cluster);
+                                  need_x, need_w, need_b, cfg.cluster, cfg.max_clusters);
 }
 
 #define ML_INSTANTIATE_CE_TC(scalar_t)                                                        \

@@ -249,6 +249,7 @@ struct CeTcConfig {
   int stages = 0;  // row tiles of x in flight (cp.async or bulk-copy pipeline): 2 to 4
   size_t smem = 0; // dynamic shared memory per block, bytes
   int cluster = 1; // blocks per cluster: 1, or ceil(C / 32) (ce_tc_cluster_shape_ok)
+  int64_t max_clusters = 0;  // cluster > 1: how many can be resident at once (>= 1)
 };
 template <typename scalar_t>
 bool ce_tc_config(int64_t C, int64_t D, CeTcConfig* cfg);
@@ -288,12 +289,22 @@ using CeFusedKernel = void (*)(CeFusedParams<scalar_t, at::opmath_type<scalar_t>
 // the device, the residual and workspaces, the launch (grid: occupancy x SMs, at most
 // ceil(N / tile_rows) blocks) and finalize_kernel. p carries the kernel's own fields (w or
 // wx, vec_ok, stages); the rest is filled in here. cluster > 1: the kernel runs as clusters of
-// that many blocks (path 1c's cluster instances), one partial per cluster.
+// that many blocks (path 1c's cluster instances), at most max_clusters of them
+// (max_active_clusters), one partial per cluster.
 template <typename scalar_t>
 LossOut ce_single_pass(const Prepared& q, CeFusedParams<scalar_t, at::opmath_type<scalar_t>> p,
                        CeFusedKernel<scalar_t> kernel, size_t smem, int64_t tile_rows,
                        int64_t ignore_index, double label_smoothing, int64_t reduction,
-                       bool need_x, bool need_w, bool need_b, int cluster = 1);
+                       bool need_x, bool need_w, bool need_b, int cluster = 1,
+                       int64_t max_clusters = 0);
+
+// The cluster instances' launch (logreg_ce_fused.cu): the configuration of `clusters` clusters
+// of `cluster` blocks of kThreads threads with `smem` bytes of dynamic shared memory each (attr:
+// storage for its cluster-dimension attribute), and how many such clusters of `kernel` can be
+// resident at once (0: none fits; sets the kernel's dynamic shared-memory limit first).
+cudaLaunchConfig_t cluster_launch_config(int cluster, int64_t clusters, size_t smem,
+                                         cudaStream_t stream, cudaLaunchAttribute* attr);
+int max_active_clusters(const void* kernel, int cluster, size_t smem);
 
 // Path 2 (logreg_gemm.cu): every case; binary selects the BCE row kernel.
 template <typename scalar_t>
