@@ -55,7 +55,12 @@
 //          buffered, so that one cluster barrier per tile suffices: it is also the point where
 //          every block is done with the previous tile, and so where the next tile's copy into
 //          that stage is issued;
-//   dW     as above, for the block's 32 classes (rank 0 alone counts the loss).
+//   dW     as above, for the block's 32 classes (rank 0 alone counts the loss), but 16-bit x
+//          rounds the residual once (hi only, one mma per fragment): these instances are bound
+//          by their mma (C = 128, D = 512: 4 N D C flops against 6 N D C with the split), and
+//          one rounding is eager's own precision for it and below that of the 16-bit dW
+//          returned (README, "How it works"); the loss, grad_b and the (N, C) residual are
+//          unchanged.
 // A last cluster barrier keeps every block resident until no other reads its statistics.
 // Bitwise deterministic as the one-block instances.
 //
@@ -147,6 +152,11 @@ __global__ void __launch_bounds__(kThreads, 1)
   constexpr int NC = CP / 8;   // class n-tiles of the logits = classes per lane in the row phase
   constexpr int MT = CP / 16;  // class m-tiles of dW
   constexpr int ZS = CP + 4;   // sZ row stride (floats)
+  // 16-bit x: the residual for dW in two 16-bit parts (hi, lo), or in one (hi) for the cluster
+  // instances, which are bound by their mma (see the header). Estimated, not measured: at
+  // CP = 16 / 32 the lo part's mma hide under the read of X; whether they do at CP = 64 is for
+  // a profile to say.
+  constexpr bool kSplitR = !kCl;
   ML_DYNAMIC_SMEM(smem_raw);
 
   const int tid = threadIdx.x;
@@ -456,7 +466,9 @@ __global__ void __launch_bounds__(kThreads, 1)
           const float vs = v * rscale;
           const uint16_t hi = to_bits<scalar_t>(vs);
           sRh[c * kTcResStride + r] = hi;
-          sRl[c * kTcResStride + r] = to_bits<scalar_t>(vs - from_bits<scalar_t>(hi));
+          if constexpr (kSplitR) {
+            sRl[c * kTcResStride + r] = to_bits<scalar_t>(vs - from_bits<scalar_t>(hi));
+          }
         }
       }
     }
@@ -490,7 +502,7 @@ __global__ void __launch_bounds__(kThreads, 1)
             }
           }
         }
-      } else {  // 16-bit: k-steps of 16 rows, the residual's hi and lo parts
+      } else {  // 16-bit: k-steps of 16 rows, the residual's hi (and lo) parts
 #pragma unroll
         for (int k0 = 0; k0 < kTcRows; k0 += 16) {
           uint32_t ah[MT][4], al[MT][4];
@@ -501,10 +513,12 @@ __global__ void __launch_bounds__(kThreads, 1)
             ah[mt][1] = lds32(sRh + o + 8 * kTcResStride);
             ah[mt][2] = lds32(sRh + o + 8);
             ah[mt][3] = lds32(sRh + o + 8 * kTcResStride + 8);
-            al[mt][0] = lds32(sRl + o);
-            al[mt][1] = lds32(sRl + o + 8 * kTcResStride);
-            al[mt][2] = lds32(sRl + o + 8);
-            al[mt][3] = lds32(sRl + o + 8 * kTcResStride + 8);
+            if constexpr (kSplitR) {
+              al[mt][0] = lds32(sRl + o);
+              al[mt][1] = lds32(sRl + o + 8 * kTcResStride);
+              al[mt][2] = lds32(sRl + o + 8);
+              al[mt][3] = lds32(sRl + o + 8 * kTcResStride + 8);
+            }
           }
           const elem_t* xb = xs + (k0 + 2 * t) * DSP + g;
 #pragma unroll
@@ -518,7 +532,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 #pragma unroll
               for (int mt = 0; mt < MT; ++mt) {
                 mma16816<scalar_t>(acc[mt][jn], ah[mt], b);
-                mma16816<scalar_t>(acc[mt][jn], al[mt], b);
+                if constexpr (kSplitR) mma16816<scalar_t>(acc[mt][jn], al[mt], b);
               }
             }
           }
