@@ -19,6 +19,7 @@ Each case compares a kernel's outputs with a float64 reference of the same input
 - the fused binary cross entropy (csrc/cuda/logreg_bce_fused.cu, every instance: 1, 2, 4 and
   (fp32) 8 chunks, 1 to 8 warps per row, the 16-bit row-ahead loads, the scalar load path) and
   the finalize step that sums every mean/sum path's block partials (csrc/cuda/logreg_common.cu).
+Fixed cases name what each covers; test_random_cases_emulated adds random shapes of every kernel.
 This checks the kernels' tiling, shared-memory layout, fragment addressing, tile ring and row
 phase where no GPU is (CI); the PTX itself and timing need one (tests/test_ce_tc.py). Small cases
 of each kernel run again built with ThreadSanitizer (shared-memory races between barriers) and
@@ -308,6 +309,74 @@ SAN_CASES = [
     ("linear_misc", "f32", 37, 45, 2, 64),
     ("linear_misc", "f16", 9, 1, 1, 1),
 ]
+
+# Random cases of every emulated kernel, each drawn from its seed alone (as tests/test_fuzz.py
+# does for the ops): 16 per run, MANUAL_LAYERS_EMU_FUZZ_CASES=N MANUAL_LAYERS_EMU_FUZZ_SEED=S for
+# more. Shapes stay inside what each kernel's host code launches (noted per kind); a case the
+# emulator declines (exit 2: its shared memory, a column count its vectors do not divide) is
+# skipped.
+EMU_FUZZ_CASES = int(os.environ.get("MANUAL_LAYERS_EMU_FUZZ_CASES", "16"))
+EMU_FUZZ_SEED = int(os.environ.get("MANUAL_LAYERS_EMU_FUZZ_SEED", "0"))
+
+
+def random_case(seed):
+    """One emulator command line (tests/cuda_emu/kernels_emu.cpp's usage) from the seed."""
+    import random
+    rng = random.Random(seed)
+    rows = rng.choice([1, 2, 7, 31, 32, 33, 63, 64, 65, 100, 129, 200, 257, 300])
+    grid = rng.randint(1, 4)
+
+    def opts(chars):
+        return "".join(c for c in chars if rng.random() < 0.5) or "-"
+
+    def tc_dmax(C, dt):  # csrc/logreg.h: ce_tc_dmax
+        d = 1024 if C <= 16 else 512 if C <= 32 else 256 if C <= 64 else 0
+        return d // 2 if dt == "f32" else d
+
+    kind = rng.choice(["ce_tc", "ce_tc", "ce_tc_cl", "ce_fused", "loss_dx", "act_bwd", "ce_rows",
+                       "bce", "bce_rows", "linear_misc"])
+    dt = rng.choice(["bf16", "f16", "f32"] if kind.startswith("ce_tc") else
+                    ["bf16", "f16", "f32", "f64"])
+    if kind == "ce_tc":  # ce_tc_shape_ok: D % 8 == 0, C <= 64, D <= ce_tc_dmax
+        C = rng.randint(2, 64)
+        D = 8 * rng.randint(1, tc_dmax(C, dt) // 8)
+        return kind, dt, rows, D, C, grid, rng.randint(2, 4), opts("wWsi")
+    if kind == "ce_tc_cl":  # ce_tc_cluster_shape_ok: 33 <= C <= 256, outside ce_tc_shape_ok
+        C = rng.randint(33, 256)
+        D = 8 * rng.randint(tc_dmax(C, dt) // 8 + 1, (256 if dt == "f32" else 512) // 8)
+        return kind, dt, rows, D, C, rng.randint(1, 3), rng.randint(2, 4), opts("wWsi")
+    if kind == "ce_fused":  # ce_fused_config: C <= 32, CMAX x DJ <= 64, fp64 CMAX 16, DJ <= 2
+        C = rng.randint(2, 16 if dt == "f64" else 32)
+        D = rng.randint(1, 512 if (C > 16 or dt == "f64") else 1024)
+        return kind, dt, rows, D, C, grid, 0, opts("wsi")
+    if kind == "loss_dx":  # loss_dx_cuda: C <= 16, D a multiple of the vector width
+        D = (2 if dt == "f64" else 4) * rng.randint(1, 200)
+        return kind, dt, rows, D, rng.randint(1, 16), rng.choice([32, 256, 1024, 1 << 20]), \
+            rng.randint(0, 1)
+    vec = {"bf16": 8, "f16": 8, "f32": 4, "f64": 2}[dt]  # cuda_common.cuh: VecWidth
+    if kind == "act_bwd":  # act_bwd_colsum_ok: whole vectors per row
+        return kind, dt, rng.choice(["gelu", "silu", "gelu_tanh", "relu"]), rows, \
+            vec * rng.randint(1, 600 // vec), rng.choice([1, 4, 64, 2112])
+    if kind == "ce_rows":
+        return kind, dt, rows, rng.randint(2, 300), grid, \
+            rng.choice(["mean", "scale", "inplace"]), opts("ws")
+    if kind == "bce":  # bce_fused_config: D <= 8192 (fp64 2048)
+        return kind, dt, rows, rng.randint(1, 2048 if dt == "f64" else 8192), grid, opts("psmu")
+    if kind == "bce_rows":
+        return kind, dt, rng.randint(1, 1200), grid, opts("psm")
+    return kind, dt, rows, rng.randint(1, 700), grid, rng.choice([1, 16, 64, 1024])
+
+
+@pytest.mark.parametrize("seed", range(EMU_FUZZ_SEED, EMU_FUZZ_SEED + EMU_FUZZ_CASES))
+def test_random_cases_emulated(emu, seed):
+    case = random_case(seed)
+    r = subprocess.run([emu] + [str(v) for v in case], capture_output=True, text=True,
+                       timeout=300, env=dict(os.environ, ML_EMU_CLUSTER_SKEW_MS="2"))
+    if r.returncode == 2:
+        pytest.skip(f"{case}: {r.stdout.strip()[-200:]}")
+    assert r.returncode == 0 and r.stdout.rstrip().endswith("OK"), \
+        f"{case}:\n{r.stdout[-2000:]}{r.stderr[-2000:]}"
+
 
 SANITIZERS = {
     "thread": ["-fsanitize=thread"],

@@ -984,7 +984,13 @@ int run_bce(int64_t N, int64_t D, int grid, const std::string& opts) {
   const double e_gw = rel_err(gw_got, gw_ref), e_gb = rel_err({static_cast<double>(gb)}, {gb_ref / den});
   const double e_res = rel_err(r_got, r_ref);
   const double tol = sizeof(acc_t) == 4 ? 1e-5 : 1e-12;
-  const bool ok = e_loss < tol && e_gw < tol && e_gb < tol && e_res < tol;
+  // grad_b is one sum of residuals of both signs: its bar scales with the sum's condition
+  // number sum_i |r_i| / |sum_i r_i| (random shapes found N = 33 where it is 7530: 3.4e-4 in
+  // fp32, with every residual right to 7e-8).
+  double abs_sum = 0;
+  for (int64_t i = 0; i < N; ++i) abs_sum += std::abs(r_ref[i]);
+  const double cond = std::max(1.0, abs_sum / std::max(std::abs(gb_ref / den), 1e-300));
+  const bool ok = e_loss < tol && e_gw < tol && e_gb < tol * cond && e_res < tol;
   std::printf("bce %s N=%lld D=%lld grid=%d chunks=%d wpr=%d vec=%d opts=%s: loss %.2e gw %.2e "
               "gb %.2e res %.2e -> %s\n",
               dtype_name<T>(), static_cast<long long>(N), static_cast<long long>(D), grid, chunks,
