@@ -22,20 +22,26 @@ def native_fp16_gemm():
 TOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 1e-2}
 
 
-def assert_rel(actual, expected, tol, what=""):
-    """Relative error on the scale of the result. For tol < 1e-3 (fp32/fp64) it is
-    max|a - e| / max|e|; for the 16-bit tolerances it is ||a - e|| / ||e||, because a 16-bit
+def rel_error(actual, expected, tol):
+    """assert_rel's relative error on the scale of the result. For tol < 1e-3 (fp32/fp64) it
+    is max|a - e| / max|e|; for the 16-bit tolerances it is ||a - e|| / ||e||, because a 16-bit
     pre-activation that rounds to the other side of relu's kink flips one element of the
-    derivative, which the norm absorbs while the max does not."""
-    assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape}"
+    derivative, which the norm absorbs while the max does not. 0 for empty tensors."""
     a, e = actual.detach().double(), expected.detach().double()
     if e.numel() == 0:
-        return
-    assert torch.isfinite(a).all(), f"{what}: non-finite values"
+        return 0.0
     if tol < 1e-3:
-        err = ((a - e).abs().max() / e.abs().max().clamp_min(1e-30)).item()
-    else:
-        err = ((a - e).norm() / e.norm().clamp_min(1e-30)).item()
+        return ((a - e).abs().max() / e.abs().max().clamp_min(1e-30)).item()
+    return ((a - e).norm() / e.norm().clamp_min(1e-30)).item()
+
+
+def assert_rel(actual, expected, tol, what=""):
+    """actual's rel_error against expected at most tol, every value finite."""
+    assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape}"
+    if expected.numel() == 0:
+        return
+    assert torch.isfinite(actual).all(), f"{what}: non-finite values"
+    err = rel_error(actual, expected, tol)
     assert err <= tol, f"{what}: relative error {err:.3g} > {tol:.1g}"
 
 
