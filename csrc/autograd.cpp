@@ -373,13 +373,23 @@ class BceFn : public torch::autograd::Function<BceFn> {
 // Which cross-entropy kernel: the single-pass kernel (_linear_ce_fwd: X read once, per-block
 // C x D partials, an N x C residual kept for backward) for small C, the chunked path
 // (_linear_ce_chunked_fwd, csrc/ce_chunked.cpp: GEMMs over row chunks, no N x C buffer)
-// from kCeChunkedMinClasses classes on. Measured on the 2-core CPU, D 256, fp32, forward +
-// backward of mean loss with dX, dW, db (benchmarks/bench_ce_large.py --threshold; README,
-// "Large-vocabulary cross entropy"): N 131072: single-pass 232 / 372 / 697 / 1347 ms against
-// chunked 358 / 438 / 607 / 1022 ms at C 32 / 64 / 128 / 256; N 4096: chunked 1.4x faster at
-// C 256 to 5.6x at C 32000 (single-pass 18.6 s there). The single pass wins while C is small
-// enough that its one read of X matters more than GEMM speed (C <= 64); from C 128 the GEMMs
-// win.
+// from kCeChunkedMinClasses classes on (reduction none and CUDA) or from ce_cpu_chunked_min
+// (CPU, mean/sum). Measured on a 2-core VM on 2026-11-28, D 256, fp32, forward + backward of
+// mean loss with dX, dW, db (benchmarks/bench_ce_large.py --threshold; README, "Large-vocabulary
+// cross entropy", first table): N 131072: single-pass 232 / 372 / 697 / 1347 ms against chunked 358 / 438 /
+// 607 / 1022 ms at C 32 / 64 / 128 / 256; N 4096: chunked 1.4x faster at C 256 to 5.6x at C 32000
+// (single-pass 18.6 s there). The single pass wins while C is small enough that its one read of
+// X matters more than GEMM speed; the GEMMs win as C grows.
+//
+// CPU, mean/sum, since the chunked path's dX and backward use the output cache and its bias
+// gradient comes out of the row pass (2026-11-29, 2-core Intel Xeon with AMX, forward +
+// backward with dX, dW, db, medians of 5; README "Large-vocabulary cross entropy"): the
+// single pass's dot products run on fp32 FMAs whatever x's dtype, the GEMMs of a native 16-bit
+// type on AMX. N 131072, D 256, single / chunked ms: bf16 C 16 33 / 30, C 32 57 / 37, C 64 106 /
+// 52; fp16 C 24 44 / 47, C 32 56 / 56, C 48 85 / 68; fp32 C 48 74 / 76, C 64 107 / 95; fp64 C 32
+// 121 / 138, C 48 208 / 170, C 64 266 / 200 (D 1024 and D 64 agree). So: chunked from C 32 for
+// a 16-bit x whose GEMM oneDNN runs natively (gemm::native_16bit), from C 64 otherwise. Not
+// measured on a CPU without AMX (Zen 4's bf16 GEMM is AVX512-BF16, slower than AMX).
 //
 // CUDA, mean/sum: the chunked path for every C once x holds kCeCudaChunkedMinBytes. The CUDA
 // single-pass kernel (logreg_ce_fused.cu) runs its dot products on CUDA cores and is bound by them,
@@ -406,6 +416,7 @@ class BceFn : public torch::autograd::Function<BceFn> {
 // reduction only: the choice is the same in eager mode and under tracing.
 constexpr int64_t kCeChunkedMinClasses = 128;
 constexpr int64_t kCeCudaChunkedMinBytes = int64_t(32) << 20;
+int64_t ce_cpu_chunked_min(const at::Tensor& x) { return gemm::native_16bit(x) ? 32 : 64; }
 
 bool ce_use_chunked(const at::Tensor& x, const at::Tensor& weight, int64_t reduction) {
   if (const char* env = std::getenv("MANUAL_LAYERS_CE_PATH")) {
@@ -422,7 +433,8 @@ bool ce_use_chunked(const at::Tensor& x, const at::Tensor& weight, int64_t reduc
     return false;
 #endif
   if (C >= kCeChunkedMinClasses) return true;
-  if (!x.is_cuda() || reduction == 0) return false;
+  if (reduction == 0) return false;
+  if (!x.is_cuda()) return x.is_cpu() && C >= ce_cpu_chunked_min(x);
   // The tensor-core single pass reads X once; the chunked GEMMs read it twice.
   if (ce_tc_enabled() && ce_tc_shape_ok(x.scalar_type(), C, weight.size(1))) return false;
   // sym_numel: under torch.compile with dynamic shapes the size is symbolic (the comparison
@@ -486,7 +498,10 @@ class CeFn : public torch::autograd::Function<CeFn> {
     const at::Tensor& weight = s[3];
     const auto dt = weight.scalar_type();
     const at::Tensor g = grads[0].reshape({}).to(at::toOpMathType(dt));
-    if (need[0]) out[0] = s[0] * g;  // x's dtype (a 0-d tensor does not promote it)
+    if (need[0]) {  // x's dtype (a 0-d tensor does not promote it); CPU: the output cache's memory
+      at::Tensor gx = empty_for_write(s[0].sizes(), s[0].options());
+      out[0] = at::mul_out(gx, s[0], g);
+    }
     if (need[1]) out[1] = (s[1] * g).to(dt);
     if (need[2]) out[2] = (s[2] * g).to(dt);
     return out;

@@ -3,7 +3,9 @@
 // The single-pass kernel (csrc/cpu/logreg.cpp) keeps per-block C x D partials and rereads the
 // C x D weight for every 4-row block; the GEMM path of csrc/cuda/logreg_gemm.cu holds the N x C
 // logits.
-// Both are fine for small C and wrong for an LM head. This path runs over the rows in chunks of
+// Both are fine for small C and wrong for an LM head. (On the CPU this path also serves mean/sum
+// from C = 32 or 64, where its GEMMs beat the single pass's fp32 FMAs: csrc/autograd.cpp,
+// ce_use_chunked.) This path runs over the rows in chunks of
 // R rows, R chosen so that the R x C logits chunk is at most kChunkBytes (32 MiB), and per chunk:
 //
 //   1. L = x_c W^T                  GEMM in x's dtype (gemm::mm_out, csrc/cpu_gemm.cpp, into one
@@ -18,7 +20,9 @@
 //   3. dX_c = R_c W                 gemm::mm_out straight into rows [s, s + r) of grad_x
 //      grad_W += R_c^T x_c          acc_t accumulator (addmm_ in place for fp32/fp64; for 16-bit
 //                                   each chunk's GEMM result is rounded once and added in fp32)
-//      grad_b += R_c.sum(0)         in acc_t
+//      grad_b += R_c.sum(0)         in acc_t (CPU: summed by the row pass from the acc_t
+//                                   residual before it is rounded to x's dtype, per fixed row
+//                                   block, the blocks added in order)
 //
 // Peak extra memory: one R x C chunk (<= 32 MiB) plus the outputs (grad_x N x D, grad_W C x D in
 // acc_t, per-row losses N), never N x C. Every reduction runs in a fixed order (chunks in order,
@@ -68,11 +72,13 @@ namespace manual_layers {
 // The row pass: logits (R, C) x's dtype, contiguous, overwritten with the residual when
 // write_residual. bias / class_weight: (C,) acc_t or undefined; aux: (2,) acc_t
 // [residual scale, sum of class weights]; row_scale: (R,) acc_t or undefined (multiplies the
-// residual of each row); loss_rows: (R,) acc_t, the unscaled per-row losses.
+// residual of each row); loss_rows: (R,) acc_t, the unscaled per-row losses; bias_grad: null
+// or a (C,) acc_t tensor to which the residual's column sums are added (in a fixed order).
 using CeRowsFn = void (*)(at::Tensor& logits, const at::Tensor& bias, const at::Tensor& target,
                           const at::Tensor& class_weight, const at::Tensor& aux,
                           const at::Tensor& row_scale, at::Tensor& loss_rows,
-                          int64_t ignore_index, double label_smoothing, bool write_residual);
+                          int64_t ignore_index, double label_smoothing, bool write_residual,
+                          at::Tensor* bias_grad);
 
 #ifdef WITH_CUDA
 void ce_rows_cuda(at::Tensor& logits, const at::Tensor& bias, const at::Tensor& target,
@@ -104,11 +110,16 @@ int64_t chunk_rows(int64_t N, int64_t C, int64_t elem) {
 // ---------------------------------------------------------------------------------------------
 // CPU row pass
 
+// Bias gradient partials of the CPU row pass: one (C,) acc_t row per block of rows, at most 64
+// blocks and 32 MiB (the bound of the logits chunk). The blocks are also the row pass's units
+// of parallel work then (64 are plenty for the threads of one socket).
+constexpr int64_t kMaxBiasBlocks = 64;
+
 template <typename scalar_t, typename acc_t>
 void ce_rows_cpu_impl(at::Tensor& logits, const at::Tensor& bias, const at::Tensor& target,
                       const at::Tensor& class_weight, const at::Tensor& aux,
                       const at::Tensor& row_scale, at::Tensor& loss_rows, int64_t ignore_index,
-                      double label_smoothing, bool write_residual) {
+                      double label_smoothing, bool write_residual, at::Tensor* bias_grad) {
   using Vec = Vectorized<acc_t>;
   constexpr int64_t V = Vec::size();
   constexpr bool kSame = std::is_same<scalar_t, acc_t>::value;
@@ -125,8 +136,18 @@ void ce_rows_cpu_impl(at::Tensor& logits, const at::Tensor& bias, const at::Tens
   const acc_t eps_c = eps / static_cast<acc_t>(C);
   const bool smooth = eps != acc_t(0);
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, C));
+  // The bias gradient (write_residual only): each block of rows sums its acc_t residuals in row
+  // order into its own partial, then the partials are added to bias_grad in block order. The
+  // blocks depend on R and C only, not on the thread count: bitwise the same on any machine.
+  const bool sum_bias = write_residual && bias_grad != nullptr;
+  const int64_t max_blk = kChunkBytes / std::max<int64_t>(1, C * int64_t(sizeof(acc_t)));
+  const int64_t nblk =
+      sum_bias ? std::max<int64_t>(1, std::min<int64_t>({R, kMaxBiasBlocks, max_blk})) : 1;
+  const int64_t blk_rows = (R + nblk - 1) / nblk;
+  std::vector<acc_t> partial(sum_bias ? nblk * C : 0, acc_t(0));
 
-  at::parallel_for(0, R, grain, [&](int64_t i0, int64_t i1) {
+  // Rows [i0, i1); part: the block's bias partial (C,) or null.
+  auto rows = [&](int64_t i0, int64_t i1, acc_t* part) {
     std::vector<acc_t> buf(kSame ? 0 : C);
     for (int64_t i = i0; i < i1; ++i) {
       scalar_t* row = L + i * C;
@@ -216,27 +237,61 @@ void ce_rows_cpu_impl(at::Tensor& logits, const at::Tensor& bias, const at::Tens
         z[c] = r;
       }
       z[t] -= coef * (acc_t(1) - eps) * wt;
+      if (part != nullptr) {
+        c = 0;
+        for (; c + V <= C; c += V) (Vec::loadu(part + c) + Vec::loadu(z + c)).store(part + c);
+        for (; c < C; ++c) part[c] += z[c];
+      }
       if constexpr (!kSame) at::vec::convert(z, row, C);
     }
+  };
+  if (!sum_bias) {
+    at::parallel_for(0, R, grain, [&](int64_t i0, int64_t i1) { rows(i0, i1, nullptr); });
+    return;
+  }
+  at::parallel_for(0, nblk, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b)
+      rows(b * blk_rows, std::min(R, (b + 1) * blk_rows), partial.data() + b * C);
   });
+  acc_t* gb = bias_grad->mutable_data_ptr<acc_t>();
+  for (int64_t b = 0; b < nblk; ++b) {
+    const acc_t* pb = partial.data() + b * C;
+    int64_t c = 0;
+    for (; c + V <= C; c += V) (Vec::loadu(gb + c) + Vec::loadu(pb + c)).store(gb + c);
+    for (; c < C; ++c) gb[c] += pb[c];
+  }
 }
 
 void ce_rows_cpu(at::Tensor& logits, const at::Tensor& bias, const at::Tensor& target,
                  const at::Tensor& class_weight, const at::Tensor& aux, const at::Tensor& row_scale,
                  at::Tensor& loss_rows, int64_t ignore_index, double label_smoothing,
-                 bool write_residual) {
+                 bool write_residual, at::Tensor* bias_grad) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "ce_rows_cpu",
                                   [&] {
                                     using acc_t = at::opmath_type<scalar_t>;
                                     ce_rows_cpu_impl<scalar_t, acc_t>(
                                         logits, bias, target, class_weight, aux, row_scale,
-                                        loss_rows, ignore_index, label_smoothing, write_residual);
+                                        loss_rows, ignore_index, label_smoothing, write_residual,
+                                        bias_grad);
                                   });
 }
 
-#ifndef WITH_CUDA
+#ifdef WITH_CUDA
+// The CUDA row kernel writes the residual; its column sums are then ATen's (of the residual in
+// x's dtype, accumulated in acc_t).
+void ce_rows_cuda_sum(at::Tensor& logits, const at::Tensor& bias, const at::Tensor& target,
+                      const at::Tensor& class_weight, const at::Tensor& aux,
+                      const at::Tensor& row_scale, at::Tensor& loss_rows, int64_t ignore_index,
+                      double label_smoothing, bool write_residual, at::Tensor* bias_grad) {
+  ce_rows_cuda(logits, bias, target, class_weight, aux, row_scale, loss_rows, ignore_index,
+               label_smoothing, write_residual);
+  if (write_residual && bias_grad != nullptr)
+    bias_grad->add_(logits.sum(0, false, bias_grad->scalar_type()));
+}
+#else
 void ce_rows_no_cuda(at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                     const at::Tensor&, const at::Tensor&, at::Tensor&, int64_t, double, bool) {
+                     const at::Tensor&, const at::Tensor&, at::Tensor&, int64_t, double, bool,
+                     at::Tensor*) {
   TORCH_CHECK(false,
               "manual_layers was built without its CUDA kernels (CPU-only build), so it cannot "
               "run on CUDA tensors. Rebuild with a CUDA build of torch and nvcc available: "
@@ -294,7 +349,9 @@ Chunked run_chunked(const at::Tensor& x_in, const at::Tensor& weight,
   out.den = den;
   out.loss_rows = at::empty({N}, acc_opts);
   auto empty = [&](at::ScalarType t) { return at::empty({0}, x.options().dtype(t)); };
-  out.gx = want_res && need_x ? at::empty({N, D}, x.options()) : empty(dt);
+  // dX is as large as x: on the CPU from the output cache (memory already mapped; a fresh
+  // 128 MiB tensor costs ~35 ms of page faults on the 2-core VMs).
+  out.gx = want_res && need_x ? empty_for_write({N, D}, x.options()) : empty(dt);
   out.gw = want_res && need_weight ? at::zeros({C, D}, acc_opts) : empty(acc);
   out.gb = want_res && need_bias ? at::zeros({C}, acc_opts) : empty(acc);
   const at::Tensor rs_all = grad_rows.defined() ? grad_rows.reshape({N}).to(acc).contiguous()
@@ -319,7 +376,7 @@ Chunked run_chunked(const at::Tensor& x_in, const at::Tensor& weight,
     at::Tensor lrows = out.loss_rows.narrow(0, s, r);
     const at::Tensor rs = rs_all.defined() ? rs_all.narrow(0, s, r) : at::Tensor();
     rows_fn(L, b_acc, target.narrow(0, s, r), cw_acc, aux, rs, lrows, ignore_index,
-            label_smoothing, want_res);
+            label_smoothing, want_res, want_res && need_bias ? &out.gb : nullptr);
     if (!want_res) continue;
     if (need_x) {
       at::Tensor gxc = out.gx.narrow(0, s, r);
@@ -333,7 +390,6 @@ Chunked run_chunked(const at::Tensor& x_in, const at::Tensor& weight,
       if (ldt == acc) out.gw.addmm_(L.t(), xc);
       else out.gw.add_(gemm::mm(L.t(), xc));
     }
-    if (need_bias) out.gb.add_(L.sum(0, false, acc));
   }
   return out;
 }
@@ -341,7 +397,7 @@ Chunked run_chunked(const at::Tensor& x_in, const at::Tensor& weight,
 CeRowsFn rows_for(const at::Tensor& x) {
   if (x.device().is_cpu()) return &ce_rows_cpu;
 #ifdef WITH_CUDA
-  return &ce_rows_cuda;
+  return &ce_rows_cuda_sum;
 #else
   return &ce_rows_no_cuda;
 #endif

@@ -19,6 +19,9 @@ namespace gemm {
 // Whether these functions multiply a's dtype by widening it to fp32 (fp16 on a CPU without a
 // native fp16 GEMM): callers that run many GEMMs on one operand can widen it once themselves.
 bool widens(const at::Tensor& a);
+// Whether a is a CPU bf16 / fp16 tensor whose GEMMs oneDNN runs in that type on this CPU (its
+// 16-bit dot-product or AMX instructions), faster than fp32.
+bool native_16bit(const at::Tensor& a);
 at::Tensor mm(const at::Tensor& a, const at::Tensor& b);
 at::Tensor& mm_out(at::Tensor& out, const at::Tensor& a, const at::Tensor& b);
 at::Tensor addmm(const at::Tensor& bias, const at::Tensor& a, const at::Tensor& b);

@@ -18,13 +18,18 @@ namespace manual_layers {
 namespace gemm {
 namespace {
 
+// ATen's own tests of whether oneDNN runs its 16-bit GEMMs on this CPU (bf16: AVX512-BF16 or
+// AMX-BF16; fp16: AVX512-FP16 or AMX-FP16); false on a torch without oneDNN.
+bool mkldnn_says(const char* name) {
+  const auto op = c10::Dispatcher::singleton().findSchema({name, ""});
+  return op.has_value() && op->typed<bool()>().call();
+}
 bool fp16_gemm_is_native() {
-  static const bool native = [] {
-    const auto op =
-        c10::Dispatcher::singleton().findSchema({"mkldnn::_is_mkldnn_fp16_supported", ""});
-    if (!op.has_value()) return false;  // a torch without oneDNN: ATen's fallback GEMM
-    return op->typed<bool()>().call();
-  }();
+  static const bool native = mkldnn_says("mkldnn::_is_mkldnn_fp16_supported");
+  return native;
+}
+bool bf16_gemm_is_native() {
+  static const bool native = mkldnn_says("mkldnn::_is_mkldnn_bf16_supported");
   return native;
 }
 
@@ -34,6 +39,12 @@ inline at::Tensor f32(const at::Tensor& t) { return t.to(at::kFloat); }
 
 bool widens(const at::Tensor& a) {
   return a.is_cpu() && a.scalar_type() == at::kHalf && !fp16_gemm_is_native();
+}
+
+bool native_16bit(const at::Tensor& a) {
+  if (!a.is_cpu()) return false;
+  if (a.scalar_type() == at::kHalf) return fp16_gemm_is_native();
+  return a.scalar_type() == at::kBFloat16 && bf16_gemm_is_native();
 }
 
 at::Tensor mm(const at::Tensor& a, const at::Tensor& b) {

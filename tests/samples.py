@@ -241,6 +241,12 @@ def _ce(m):
              (m.param(7, 6), m.param(40, 6), m.param(40), t),
              {**kw, "class_weight": m.data(40) + 0.5, "label_smoothing": 0.1})
         yield (*s, _CHUNKED)
+        t = m.labels(70, 11)
+        t[2] = -100
+        yield (f"{red}, single pass (forced), C = 70, class_weight, label_smoothing",
+               (m.param(11, 9), m.param(70, 9, scale=0.4), m.param(70), t),
+               {**kw, "class_weight": m.data(70) + 0.5, "label_smoothing": 0.05},
+               {"MANUAL_LAYERS_CE_PATH": "single"})
         yield (f"{red}, chunked path, C = 300, 3-D strided x, no bias",
                (m.strided(2, 3, 8), m.param(300, 8, scale=0.4), None, m.labels(300, 2, 3)), kw,
                _CHUNKED)
@@ -467,8 +473,13 @@ def random_sample(op, device="cpu", seed=0):
             if rng.random() < 0.25:
                 env = {"MANUAL_LAYERS_CE_PATH": "chunked",
                        "MANUAL_LAYERS_CE_CHUNK_ROWS": str(rng.choice((1, 5, 64)))}
-            desc.append(f"C {C} {red} {sorted(k for k in kwargs if k != 'reduction')}"
-                        f"{' chunked ' + env['MANUAL_LAYERS_CE_CHUNK_ROWS'] if env else ''}")
+            elif C >= 32 and rng.random() < 0.3:
+                # from C = 32 (CPU, mean/sum) the chunked path may be the default: keep the
+                # single pass drawn too
+                env = {"MANUAL_LAYERS_CE_PATH": "single"}
+            path = {"chunked": f" chunked {env.get('MANUAL_LAYERS_CE_CHUNK_ROWS')}",
+                    "single": " single pass"}.get(env.get("MANUAL_LAYERS_CE_PATH"), "")
+            desc.append(f"C {C} {red} {sorted(k for k in kwargs if k != 'reduction')}{path}")
     desc.append(f"{str(dtype)[6:]} bias={bias}")
     return Sample(op, f"seed {seed}: " + ", ".join(desc), args, kwargs, env)
 

@@ -142,8 +142,8 @@ def test_cuda_small_c_path_choice(reduction, dynamic, monkeypatch):
     """The path choice for CUDA inputs, C = 10, fp64, D = 512, on fake CUDA tensors (no GPU
     needed: only the dispatch runs): the single-pass kernel below 32 MiB of x, the chunked path
     from 32 MiB on for mean/sum (reduction none keeps the single pass), also with symbolic
-    batch sizes as torch.compile(dynamic=True) traces them; CPU tensors keep the single pass.
-    (fp32 and 16-bit x of this shape stay on the single pass, the tensor-core kernel's:
+    batch sizes as torch.compile(dynamic=True) traces them; CPU tensors keep the single pass
+    (C = 10: below every CPU threshold, test_cpu_path_choice). (fp32 and 16-bit x of this shape stay on the single pass, the tensor-core kernel's:
     tests/test_ce_tc.py.)"""
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.fx.experimental.symbolic_shapes import (DimDynamic, ShapeEnv,
@@ -171,6 +171,32 @@ def test_cuda_small_c_path_choice(reduction, dynamic, monkeypatch):
         want = ("manual_layers::_linear_ce_chunked_fwd" if chunked
                 else "manual_layers::_linear_ce_fwd")
         assert names == {want}, (device, rows, reduction, dynamic, names)
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_cpu_path_choice(reduction, monkeypatch):
+    """CPU, mean/sum: the chunked path from C = 32 for bf16 / fp16 x whose GEMM oneDNN runs
+    natively on this CPU (torch.ops.mkldnn._is_mkldnn_*_supported), from C = 64 for every other
+    x, the single pass below (csrc/autograd.cpp, ce_use_chunked); reduction none keeps the single
+    pass below C = 128. Checked with and without gradients (the no-grad loss takes the same
+    path)."""
+    monkeypatch.delenv("MANUAL_LAYERS_CE_PATH", raising=False)
+    red = {"none": 0, "mean": 1, "sum": 2}[reduction]
+    native = {torch.bfloat16: torch.ops.mkldnn._is_mkldnn_bf16_supported(),
+              torch.float16: torch.ops.mkldnn._is_mkldnn_fp16_supported()}
+    for dtype in (torch.float64, torch.float32, torch.bfloat16, torch.float16):
+        first = 32 if native.get(dtype, False) else 64
+        for C in (16, 31, 32, 63, 64, 127, 128):
+            chunked = C >= 128 or (red != 0 and C >= first)
+            want = ("manual_layers::_linear_ce_chunked_fwd" if chunked
+                    else "manual_layers::_linear_ce_fwd")
+            x = torch.randn(5, 8, dtype=dtype)
+            t = torch.randint(0, C, (5,))
+            for grad in (False, True):
+                w = torch.randn(C, 8, dtype=dtype, requires_grad=grad)
+                names = _ce_ops_run(
+                    lambda: ops.linear_ce(x, w, None, t, None, -100, 0.0, red, False))
+                assert names == {want}, (dtype, C, reduction, grad, names)
 
 
 @pytest.mark.parametrize("device", DEVICES)
