@@ -669,7 +669,7 @@ LossOut fused_loss(const at::Tensor& x_in, const at::Tensor& weight,
       p.none_mode = true;
       p.row_loss = loss.mutable_data_ptr<acc_t>();
       if (any_grad) {
-        residual = at::empty({N, C}, acc_opts);
+        residual = empty_for_write({N, C}, acc_opts);
         p.residual = residual.mutable_data_ptr<acc_t>();
       }
       p.blocks = make_blocks(N, 0, 0, 0);  // no partials in this mode
@@ -695,7 +695,7 @@ LossOut fused_loss(const at::Tensor& x_in, const at::Tensor& weight,
       p.part_b = part_b.mutable_data_ptr<acc_t>();
     }
     if (need_x) {
-      residual = at::empty({N, C}, acc_opts);
+      residual = empty_for_write({N, C}, acc_opts);
       p.residual = residual.mutable_data_ptr<acc_t>();
     }
 
