@@ -381,15 +381,17 @@ class BceFn : public torch::autograd::Function<BceFn> {
 // (single-pass 18.6 s there). The single pass wins while C is small enough that its one read of
 // X matters more than GEMM speed; the GEMMs win as C grows.
 //
-// CPU, mean/sum, since the chunked path's dX and backward use the output cache and its bias
-// gradient comes out of the row pass (2026-11-29, 2-core Intel Xeon with AMX, forward +
-// backward with dX, dW, db, medians of 5; README "Large-vocabulary cross entropy"): the
-// single pass's dot products run on fp32 FMAs whatever x's dtype, the GEMMs of a native 16-bit
-// type on AMX. N 131072, D 256, single / chunked ms: bf16 C 16 33 / 30, C 32 57 / 37, C 64 106 /
-// 52; fp16 C 24 44 / 47, C 32 56 / 56, C 48 85 / 68; fp32 C 48 74 / 76, C 64 107 / 95; fp64 C 32
-// 121 / 138, C 48 208 / 170, C 64 266 / 200 (D 1024 and D 64 agree). So: chunked from C 32 for
-// a 16-bit x whose GEMM oneDNN runs natively (gemm::native_16bit), from C 64 otherwise. Not
-// measured on a CPU without AMX (Zen 4's bf16 GEMM is AVX512-BF16, slower than AMX).
+// CPU (2026-11-29, 2-core Intel Xeon with AMX, N 131072, D 256, forward + backward with dX,
+// dW, db, medians of 5; README "Large-vocabulary cross entropy"), after the chunked path's dX and
+// backward moved to the output cache, its bias gradient into the row pass and the row pass into
+// the per-ISA kernels (csrc/cpu/ce_rows.cpp): the single pass's dot products run on fp32 FMAs
+// whatever x's dtype, the GEMMs of a native 16-bit type on AMX. Single / chunked ms, mean: bf16
+// C 16 31 / 25, C 32 57 / 31, C 64 105 / 35; fp16 (AVX512-FP16 GEMMs) C 24 40 / 47, C 32 51 /
+// 45; fp32 C 32 57 / 61, C 48 74 / 69, C 64 100 / 95; fp64 C 32 125 / 120, C 48 196 / 161.
+// reduction none (the chunked path computes the logits twice): bf16 C 32 48-52 / 30-31, fp32
+// C 64 88-103 / 104-116, C 100 142-146 / 131. So the chunked path from C 32 for a 16-bit x whose
+// GEMM oneDNN runs natively (gemm::native_16bit), else from C 48 for mean/sum and C 128 for
+// none. Not measured on a CPU without AMX (Zen 4's bf16 GEMM is AVX512-BF16, slower).
 //
 // CUDA, mean/sum: the chunked path for every C once x holds kCeCudaChunkedMinBytes. The CUDA
 // single-pass kernel (logreg_ce_fused.cu) runs its dot products on CUDA cores and is bound by them,
@@ -416,7 +418,10 @@ class BceFn : public torch::autograd::Function<BceFn> {
 // reduction only: the choice is the same in eager mode and under tracing.
 constexpr int64_t kCeChunkedMinClasses = 128;
 constexpr int64_t kCeCudaChunkedMinBytes = int64_t(32) << 20;
-int64_t ce_cpu_chunked_min(const at::Tensor& x) { return gemm::native_16bit(x) ? 32 : 64; }
+int64_t ce_cpu_chunked_min(const at::Tensor& x, int64_t reduction) {
+  if (gemm::native_16bit(x)) return 32;
+  return reduction == 0 ? kCeChunkedMinClasses : 48;
+}
 
 bool ce_use_chunked(const at::Tensor& x, const at::Tensor& weight, int64_t reduction) {
   if (const char* env = std::getenv("MANUAL_LAYERS_CE_PATH")) {
@@ -433,8 +438,8 @@ bool ce_use_chunked(const at::Tensor& x, const at::Tensor& weight, int64_t reduc
     return false;
 #endif
   if (C >= kCeChunkedMinClasses) return true;
-  if (reduction == 0) return false;
-  if (!x.is_cuda()) return x.is_cpu() && C >= ce_cpu_chunked_min(x);
+  if (x.is_cpu()) return C >= ce_cpu_chunked_min(x, reduction);
+  if (!x.is_cuda() || reduction == 0) return false;
   // The tensor-core single pass reads X once; the chunked GEMMs read it twice.
   if (ce_tc_enabled() && ce_tc_shape_ok(x.scalar_type(), C, weight.size(1))) return false;
   // sym_numel: under torch.compile with dynamic shapes the size is symbolic (the comparison

@@ -6,7 +6,8 @@
 // Both are fine for small C and wrong for an LM head. (On the CPU this path also serves mean/sum
 // from C = 32 or 64, where its GEMMs beat the single pass's fp32 FMAs: csrc/autograd.cpp,
 // ce_use_chunked.) This path runs over the rows in chunks of
-// R rows, R chosen so that the R x C logits chunk is at most kChunkBytes (32 MiB), and per chunk:
+// R rows, R chosen so that the R x C logits chunk is at most kCeChunkBytes (32 MiB), and per
+// chunk:
 //
 //   1. L = x_c W^T                  GEMM in x's dtype (gemm::mm_out, csrc/cpu_gemm.cpp, into one
 //                                   reused chunk buffer; fp32 accumulation for 16-bit). fp16 on
@@ -48,20 +49,18 @@
 //     outputs in x's dtype.
 //
 // The device-generic driver (chunk loop, ATen GEMMs) lives here and serves CPU and CUDA; the row
-// pass is ce_rows_cpu (below: at::vec, at::parallel_for over rows) or ce_rows_cuda
-// (csrc/cuda/ce_chunked.cu: a warp per row, or a group of lanes per row for C <= 16).
+// pass is ce_rows_cpu (csrc/cpu/ce_rows.cpp, compiled per ISA: at::vec, at::parallel_for over
+// rows) or ce_rows_cuda (csrc/cuda/ce_chunked.cu: a warp per row, or a group of lanes per row
+// for C <= 16).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
-#include <ATen/Parallel.h>
-#include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
 #include <limits>
-#include <type_traits>
 #include <vector>
 
 #include "common.h"
@@ -69,11 +68,7 @@
 
 namespace manual_layers {
 
-// The row pass: logits (R, C) x's dtype, contiguous, overwritten with the residual when
-// write_residual. bias / class_weight: (C,) acc_t or undefined; aux: (2,) acc_t
-// [residual scale, sum of class weights]; row_scale: (R,) acc_t or undefined (multiplies the
-// residual of each row); loss_rows: (R,) acc_t, the unscaled per-row losses; bias_grad: null
-// or a (C,) acc_t tensor to which the residual's column sums are added (in a fixed order).
+// The row pass of one chunk: ce_rows_cpu's contract (csrc/logreg.h), on either device.
 using CeRowsFn = void (*)(at::Tensor& logits, const at::Tensor& bias, const at::Tensor& target,
                           const at::Tensor& class_weight, const at::Tensor& aux,
                           const at::Tensor& row_scale, at::Tensor& loss_rows,
@@ -89,191 +84,17 @@ void ce_rows_cuda(at::Tensor& logits, const at::Tensor& bias, const at::Tensor& 
 
 namespace {
 
-using at::vec::Vectorized;
-
-// Bound of the R x C logits chunk: 32 MiB, a choice (not swept by measurement): large enough
-// that the GEMMs are not skinny (R = 262 rows at C = 32000 fp32; 8 MiB would give R < 64), small
-// next to the N x C logits it replaces. MANUAL_LAYERS_CE_CHUNK_ROWS=<rows> overrides R
-// (the tests use it to put chunk boundaries inside small batches).
-constexpr int64_t kChunkBytes = int64_t(32) << 20;
-
+// R: the rows of a chunk of at most kCeChunkBytes (csrc/logreg.h, 32 MiB) of logits.
+// MANUAL_LAYERS_CE_CHUNK_ROWS=<rows> overrides it (the tests use it to put chunk boundaries
+// inside small batches).
 int64_t chunk_rows(int64_t N, int64_t C, int64_t elem) {
   if (const char* env = std::getenv("MANUAL_LAYERS_CE_CHUNK_ROWS")) {
     const long long r = std::atoll(env);
     if (r > 0) return std::max<int64_t>(1, std::min<int64_t>(N, r));
   }
-  int64_t r = kChunkBytes / std::max<int64_t>(1, C * elem);
+  int64_t r = kCeChunkBytes / std::max<int64_t>(1, C * elem);
   if (r >= 16) r = r / 16 * 16;  // GEMM-friendly
   return std::max<int64_t>(1, std::min<int64_t>(N, r));
-}
-
-// ---------------------------------------------------------------------------------------------
-// CPU row pass
-
-// Bias gradient partials of the CPU row pass: one (C,) acc_t row per block of rows, at most 64
-// blocks and 32 MiB (the bound of the logits chunk). The blocks are also the row pass's units
-// of parallel work then (64 are plenty for the threads of one socket).
-constexpr int64_t kMaxBiasBlocks = 64;
-
-template <typename scalar_t, typename acc_t>
-void ce_rows_cpu_impl(at::Tensor& logits, const at::Tensor& bias, const at::Tensor& target,
-                      const at::Tensor& class_weight, const at::Tensor& aux,
-                      const at::Tensor& row_scale, at::Tensor& loss_rows, int64_t ignore_index,
-                      double label_smoothing, bool write_residual, at::Tensor* bias_grad) {
-  using Vec = Vectorized<acc_t>;
-  constexpr int64_t V = Vec::size();
-  constexpr bool kSame = std::is_same<scalar_t, acc_t>::value;
-  const int64_t R = logits.size(0), C = logits.size(1);
-  scalar_t* L = logits.mutable_data_ptr<scalar_t>();
-  const acc_t* b = bias.defined() ? bias.const_data_ptr<acc_t>() : nullptr;
-  const acc_t* cw = class_weight.defined() ? class_weight.const_data_ptr<acc_t>() : nullptr;
-  const acc_t* rs = row_scale.defined() ? row_scale.const_data_ptr<acc_t>() : nullptr;
-  const int64_t* tg = target.const_data_ptr<int64_t>();
-  acc_t* lo = loss_rows.mutable_data_ptr<acc_t>();
-  const acc_t scale = aux.const_data_ptr<acc_t>()[0];
-  const acc_t cw_sum = aux.const_data_ptr<acc_t>()[1];
-  const acc_t eps = static_cast<acc_t>(label_smoothing);
-  const acc_t eps_c = eps / static_cast<acc_t>(C);
-  const bool smooth = eps != acc_t(0);
-  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, C));
-  // The bias gradient (write_residual only): each block of rows sums its acc_t residuals in row
-  // order into its own partial, then the partials are added to bias_grad in block order. The
-  // blocks depend on R and C only, not on the thread count: bitwise the same on any machine.
-  const bool sum_bias = write_residual && bias_grad != nullptr;
-  const int64_t max_blk = kChunkBytes / std::max<int64_t>(1, C * int64_t(sizeof(acc_t)));
-  const int64_t nblk =
-      sum_bias ? std::max<int64_t>(1, std::min<int64_t>({R, kMaxBiasBlocks, max_blk})) : 1;
-  const int64_t blk_rows = (R + nblk - 1) / nblk;
-  std::vector<acc_t> partial(sum_bias ? nblk * C : 0, acc_t(0));
-
-  // Rows [i0, i1); part: the block's bias partial (C,) or null.
-  auto rows = [&](int64_t i0, int64_t i1, acc_t* part) {
-    std::vector<acc_t> buf(kSame ? 0 : C);
-    for (int64_t i = i0; i < i1; ++i) {
-      scalar_t* row = L + i * C;
-      const int64_t t = tg[i];
-      if (t == ignore_index) {
-        lo[i] = acc_t(0);
-        if (write_residual) std::fill(row, row + C, scalar_t(0));
-        continue;
-      }
-      acc_t* z;
-      if constexpr (kSame) {
-        z = reinterpret_cast<acc_t*>(row);
-      } else {
-        z = buf.data();
-        at::vec::convert(row, z, C);
-      }
-      // pass 1: z += bias; m = max z
-      Vec vm(-std::numeric_limits<acc_t>::infinity());
-      int64_t c = 0;
-      for (; c + V <= C; c += V) {
-        Vec v = Vec::loadu(z + c);
-        if (b) v = v + Vec::loadu(b + c);
-        v.store(z + c);
-        vm = at::vec::maximum(vm, v);
-      }
-      acc_t m = -std::numeric_limits<acc_t>::infinity();
-      {
-        acc_t tmp[V];
-        vm.store(tmp);
-        for (int64_t k = 0; k < V; ++k) m = std::max(m, tmp[k]);
-      }
-      for (; c < C; ++c) {
-        if (b) z[c] += b[c];
-        m = std::max(m, z[c]);
-      }
-      const acc_t zt = z[t];
-      // pass 2: e = exp(z - m) stored over z; s = sum e; smoothing term sum_c w_c (m - z_c)
-      Vec vs(0), vsm(0);
-      const Vec vmv(m);
-      c = 0;
-      for (; c + V <= C; c += V) {
-        const Vec v = Vec::loadu(z + c);
-        if (smooth) {
-          const Vec d = vmv - v;
-          vsm = vsm + (cw ? d * Vec::loadu(cw + c) : d);
-        }
-        const Vec e = (v - vmv).exp();
-        e.store(z + c);
-        vs = vs + e;
-      }
-      acc_t s = 0, sm = 0;
-      {
-        acc_t t1[V], t2[V];
-        vs.store(t1);
-        vsm.store(t2);
-        for (int64_t k = 0; k < V; ++k) {
-          s += t1[k];
-          sm += t2[k];
-        }
-      }
-      for (; c < C; ++c) {
-        if (smooth) sm += (cw ? cw[c] : acc_t(1)) * (m - z[c]);
-        const acc_t e = std::exp(z[c] - m);
-        z[c] = e;
-        s += e;
-      }
-      const acc_t lse_m = std::log(s);  // lse - m
-      const acc_t wt = cw ? cw[t] : acc_t(1);
-      acc_t loss = (acc_t(1) - eps) * wt * (lse_m + m - zt);
-      if (smooth) loss += eps_c * (lse_m * cw_sum + sm);
-      lo[i] = loss;
-      if (!write_residual) continue;
-      // pass 3: r_c = coef * ([(1-eps) w_t + eps_c sum w] p_c - eps_c w_c) - coef (1-eps) w_t [c==t]
-      const acc_t coef = rs ? scale * rs[i] : scale;
-      const acc_t a = coef * ((acc_t(1) - eps) * wt + eps_c * cw_sum) / s;
-      const acc_t ec = coef * eps_c;
-      const Vec va(a), vec_(ec);
-      c = 0;
-      for (; c + V <= C; c += V) {
-        Vec r = Vec::loadu(z + c) * va;
-        if (smooth) r = r - (cw ? vec_ * Vec::loadu(cw + c) : vec_);
-        r.store(z + c);
-      }
-      for (; c < C; ++c) {
-        acc_t r = z[c] * a;
-        if (smooth) r -= ec * (cw ? cw[c] : acc_t(1));
-        z[c] = r;
-      }
-      z[t] -= coef * (acc_t(1) - eps) * wt;
-      if (part != nullptr) {
-        c = 0;
-        for (; c + V <= C; c += V) (Vec::loadu(part + c) + Vec::loadu(z + c)).store(part + c);
-        for (; c < C; ++c) part[c] += z[c];
-      }
-      if constexpr (!kSame) at::vec::convert(z, row, C);
-    }
-  };
-  if (!sum_bias) {
-    at::parallel_for(0, R, grain, [&](int64_t i0, int64_t i1) { rows(i0, i1, nullptr); });
-    return;
-  }
-  at::parallel_for(0, nblk, 1, [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; ++b)
-      rows(b * blk_rows, std::min(R, (b + 1) * blk_rows), partial.data() + b * C);
-  });
-  acc_t* gb = bias_grad->mutable_data_ptr<acc_t>();
-  for (int64_t b = 0; b < nblk; ++b) {
-    const acc_t* pb = partial.data() + b * C;
-    int64_t c = 0;
-    for (; c + V <= C; c += V) (Vec::loadu(gb + c) + Vec::loadu(pb + c)).store(gb + c);
-    for (; c < C; ++c) gb[c] += pb[c];
-  }
-}
-
-void ce_rows_cpu(at::Tensor& logits, const at::Tensor& bias, const at::Tensor& target,
-                 const at::Tensor& class_weight, const at::Tensor& aux, const at::Tensor& row_scale,
-                 at::Tensor& loss_rows, int64_t ignore_index, double label_smoothing,
-                 bool write_residual, at::Tensor* bias_grad) {
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "ce_rows_cpu",
-                                  [&] {
-                                    using acc_t = at::opmath_type<scalar_t>;
-                                    ce_rows_cpu_impl<scalar_t, acc_t>(
-                                        logits, bias, target, class_weight, aux, row_scale,
-                                        loss_rows, ignore_index, label_smoothing, write_residual,
-                                        bias_grad);
-                                  });
 }
 
 #ifdef WITH_CUDA
@@ -395,7 +216,7 @@ Chunked run_chunked(const at::Tensor& x_in, const at::Tensor& weight,
 }
 
 CeRowsFn rows_for(const at::Tensor& x) {
-  if (x.device().is_cpu()) return &ce_rows_cpu;
+  if (x.device().is_cpu()) return &manual_layers::ce_rows_cpu;
 #ifdef WITH_CUDA
   return &ce_rows_cuda_sum;
 #else

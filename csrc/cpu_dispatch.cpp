@@ -53,6 +53,7 @@
   decltype(manual_layers::linear_ce_fwd_cpu) linear_ce_fwd_cpu;                \
   decltype(manual_layers::mlp_bwd_cpu) mlp_bwd_cpu;                            \
   decltype(manual_layers::loss_dx_cpu) loss_dx_cpu;                            \
+  decltype(manual_layers::ce_rows_cpu) ce_rows_cpu;                            \
   }
 ML_DECLARE_ISA_KERNELS(DEFAULT)
 #ifdef ML_COMPILED_AVX2
@@ -76,11 +77,12 @@ struct CpuKernels {
   decltype(&manual_layers::linear_ce_fwd_cpu) linear_ce_fwd;
   decltype(&manual_layers::mlp_bwd_cpu) mlp_bwd;
   decltype(&manual_layers::loss_dx_cpu) loss_dx;  // called by _linear_loss_bwd (loss_bwd.cpp)
+  decltype(&manual_layers::ce_rows_cpu) ce_rows;  // called by the chunked CE (ce_chunked.cpp)
 };
 #define ML_ISA_KERNELS(ISA)                                                               \
   CpuKernels {                                                                            \
     &ISA::linear_fwd_cpu, &ISA::linear_bwd_cpu, &ISA::linear_bce_fwd_cpu,                 \
-        &ISA::linear_ce_fwd_cpu, &ISA::mlp_bwd_cpu, &ISA::loss_dx_cpu                     \
+        &ISA::linear_ce_fwd_cpu, &ISA::mlp_bwd_cpu, &ISA::loss_dx_cpu, &ISA::ce_rows_cpu  \
   }
 
 bool compiled(Isa isa) {
@@ -188,6 +190,15 @@ std::string cpu_kernels_isa() { return kIsaNames[static_cast<int>(selected().isa
 at::Tensor loss_dx_cpu(const at::Tensor& residual, const at::Tensor& coef,
                        const at::Tensor& weight) {
   return selected().kernels.loss_dx(residual, coef, weight);
+}
+
+// The selected copy of the chunked cross entropy's row pass (csrc/ce_chunked.cpp).
+void ce_rows_cpu(at::Tensor& logits, const at::Tensor& bias, const at::Tensor& target,
+                 const at::Tensor& class_weight, const at::Tensor& aux, const at::Tensor& row_scale,
+                 at::Tensor& loss_rows, int64_t ignore_index, double label_smoothing,
+                 bool write_residual, at::Tensor* bias_grad) {
+  selected().kernels.ce_rows(logits, bias, target, class_weight, aux, row_scale, loss_rows,
+                             ignore_index, label_smoothing, write_residual, bias_grad);
 }
 
 }  // namespace manual_layers

@@ -71,6 +71,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_loss_bwd(
 at::Tensor loss_dx_cpu(const at::Tensor& residual, const at::Tensor& coef,
                        const at::Tensor& weight);
 
+// The chunked cross entropy (csrc/ce_chunked.cpp) bounds each R x C logits chunk by
+// kCeChunkBytes: large enough that the GEMMs are not skinny (R = 262 rows at C = 32000 fp32;
+// 8 MiB would give R < 64), small next to the N x C logits it replaces (a choice, not swept by
+// measurement). Its CPU row pass (csrc/cpu/ce_rows.cpp, per ISA) on one chunk: logits (R, C) in
+// x's dtype (fp32 for fp16 widened by gemm::widens), contiguous, overwritten with the residual
+// when write_residual; bias / class_weight (C,) acc_t or undefined; aux (2,) acc_t = [residual
+// scale, sum of class weights]; row_scale (R,) acc_t or undefined (multiplies each row's
+// residual); loss_rows (R,) acc_t, the unscaled per-row losses; bias_grad null or (C,) acc_t, to
+// which the acc_t residual's column sums are added (per fixed block of rows, in block order).
+constexpr int64_t kCeChunkBytes = int64_t(32) << 20;
+void ce_rows_cpu(at::Tensor& logits, const at::Tensor& bias, const at::Tensor& target,
+                 const at::Tensor& class_weight, const at::Tensor& aux, const at::Tensor& row_scale,
+                 at::Tensor& loss_rows, int64_t ignore_index, double label_smoothing,
+                 bool write_residual, at::Tensor* bias_grad);
+
 // The shapes the CUDA tensor-core cross-entropy kernel covers (csrc/cuda/logreg_ce_tc.cu, for
 // reduction mean/sum): D a multiple of 8; 16-bit x with C <= 16 and D <= 1024, C <= 32 and
 // D <= 512, or C <= 64 and D <= 256 (its dW accumulators, C x D / 256 floats per thread, live

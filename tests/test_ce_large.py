@@ -175,19 +175,19 @@ def test_cuda_small_c_path_choice(reduction, dynamic, monkeypatch):
 
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 def test_cpu_path_choice(reduction, monkeypatch):
-    """CPU, mean/sum: the chunked path from C = 32 for bf16 / fp16 x whose GEMM oneDNN runs
-    natively on this CPU (torch.ops.mkldnn._is_mkldnn_*_supported), from C = 64 for every other
-    x, the single pass below (csrc/autograd.cpp, ce_use_chunked); reduction none keeps the single
-    pass below C = 128. Checked with and without gradients (the no-grad loss takes the same
+    """CPU: the chunked path from C = 32 for bf16 / fp16 x whose GEMM oneDNN runs natively on
+    this CPU (torch.ops.mkldnn._is_mkldnn_*_supported), for every other x from C = 48 with mean
+    or sum and from C = 128 with reduction none, the single pass below (csrc/autograd.cpp,
+    ce_use_chunked). Checked with and without gradients (the no-grad loss takes the same
     path)."""
     monkeypatch.delenv("MANUAL_LAYERS_CE_PATH", raising=False)
     red = {"none": 0, "mean": 1, "sum": 2}[reduction]
     native = {torch.bfloat16: torch.ops.mkldnn._is_mkldnn_bf16_supported(),
               torch.float16: torch.ops.mkldnn._is_mkldnn_fp16_supported()}
     for dtype in (torch.float64, torch.float32, torch.bfloat16, torch.float16):
-        first = 32 if native.get(dtype, False) else 64
-        for C in (16, 31, 32, 63, 64, 127, 128):
-            chunked = C >= 128 or (red != 0 and C >= first)
+        first = 32 if native.get(dtype, False) else (48 if red != 0 else 128)
+        for C in (16, 31, 32, 47, 48, 127, 128):
+            chunked = C >= first
             want = ("manual_layers::_linear_ce_chunked_fwd" if chunked
                     else "manual_layers::_linear_ce_fwd")
             x = torch.randn(5, 8, dtype=dtype)
