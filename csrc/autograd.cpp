@@ -373,13 +373,13 @@ class BceFn : public torch::autograd::Function<BceFn> {
 // Which cross-entropy kernel: the single-pass kernel (_linear_ce_fwd: X read once, per-block
 // C x D partials, an N x C residual kept for backward) for small C, the chunked path
 // (_linear_ce_chunked_fwd, csrc/ce_chunked.cpp: GEMMs over row chunks, no N x C buffer)
-// from kCeChunkedMinClasses classes on (reduction none and CUDA) or from ce_cpu_chunked_min
-// (CPU, mean/sum). Measured on a 2-core VM on 2026-11-28, D 256, fp32, forward + backward of
-// mean loss with dX, dW, db (benchmarks/bench_ce_large.py --threshold; README, "Large-vocabulary
-// cross entropy", first table): N 131072: single-pass 232 / 372 / 697 / 1347 ms against chunked 358 / 438 /
-// 607 / 1022 ms at C 32 / 64 / 128 / 256; N 4096: chunked 1.4x faster at C 256 to 5.6x at C 32000
-// (single-pass 18.6 s there). The single pass wins while C is small enough that its one read of
-// X matters more than GEMM speed; the GEMMs win as C grows.
+// from kCeChunkedMinClasses classes on (CUDA) or from ce_cpu_chunked_min (CPU). Measured on a
+// 2-core VM on 2026-11-28, D 256, fp32, forward + backward of mean loss with dX, dW, db
+// (benchmarks/bench_ce_large.py --threshold; README, "Large-vocabulary cross entropy", the
+// first path threshold): N 131072: single-pass 232 / 372 / 697 / 1347 ms against chunked 358 /
+// 438 / 607 / 1022 ms at C 32 / 64 / 128 / 256; N 4096: chunked 1.4x faster at C 256 to 5.6x at
+// C 32000 (single-pass 18.6 s there). The single pass wins while C is small enough that its one
+// read of X matters more than GEMM speed; the GEMMs win as C grows.
 //
 // CPU (2026-11-29, 2-core Intel Xeon with AMX, N 131072, D 256, forward + backward with dX,
 // dW, db, medians of 5; README "Large-vocabulary cross entropy"), after the chunked path's dX and
@@ -414,8 +414,9 @@ class BceFn : public torch::autograd::Function<BceFn> {
 // Where that kernel cannot run after all (a GPU older than sm_80, too little shared memory)
 // the single op falls back to the CUDA-core kernel or the GEMM path.
 //
-// MANUAL_LAYERS_CE_PATH=chunked|single forces one (tests, benchmarks). Shapes, device and
-// reduction only: the choice is the same in eager mode and under tracing.
+// MANUAL_LAYERS_CE_PATH=chunked|single forces one (tests, benchmarks). Shapes, dtype, device,
+// reduction and this machine's fixed facts (its GEMMs, its GPU) only: the choice is the same in
+// eager mode and under tracing.
 constexpr int64_t kCeChunkedMinClasses = 128;
 constexpr int64_t kCeCudaChunkedMinBytes = int64_t(32) << 20;
 int64_t ce_cpu_chunked_min(const at::Tensor& x, int64_t reduction) {

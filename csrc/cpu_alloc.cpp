@@ -26,10 +26,11 @@
 //
 // Only empty_for_write's outputs (csrc/cpu/*.cpp: Linear/MLP out, pre, G, dX; the losses' dX
 // and the (N, C) residual the loss pass keeps for it; the chunked cross entropy's grad_x and
-// backward's scaled copy of it, csrc/ce_chunked.cpp and csrc/autograd.cpp; and, through it, the CPU products of gemm::mm / gemm::addmm, csrc/cpu_gemm.cpp) go through
-// it; below 8 MiB, on other devices, or with the cache off: at::empty (plus the
-// huge-page advice from 8 MiB). The tensors are ordinary resizable CPU tensors; their storage's
-// allocator is this one, so a resize_ also allocates here.
+// backward's scaled copy of it, csrc/ce_chunked.cpp and csrc/autograd.cpp; and, through it,
+// the CPU products of gemm::mm / gemm::addmm, csrc/cpu_gemm.cpp) go through it; below 8 MiB,
+// on other devices, or with the cache off: at::empty (plus the huge-page advice from 8 MiB).
+// The tensors are ordinary resizable CPU tensors; their storage's allocator is this one, so a
+// resize_ also allocates here.
 #include "common.h"
 
 #include <ATen/ATen.h>

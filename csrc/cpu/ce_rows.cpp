@@ -134,7 +134,7 @@ void ce_rows_impl(at::Tensor& logits, const at::Tensor& bias, const at::Tensor& 
       if (smooth) loss += eps_c * (lse_m * cw_sum + sm);
       lo[i] = loss;
       if (!write_residual) continue;
-      // pass 3: r_c = coef * ([(1-eps) w_t + eps_c sum w] p_c - eps_c w_c) - coef (1-eps) w_t [c==t]
+      // pass 3: r_c = coef ([(1-eps) w_t + eps_c sum w] p_c - eps_c w_c) - coef (1-eps) w_t [c==t]
       const acc_t coef = rs ? scale * rs[i] : scale;
       const acc_t a = coef * ((acc_t(1) - eps) * wt + eps_c * cw_sum) / s;
       const acc_t ec = coef * eps_c;
