@@ -105,6 +105,14 @@ def _inputs():
         loss[f"{dt}-ce-mean"] = (x, W, B, t, {"label_smoothing": 0.1,
                                               "class_weight": torch.rand(11, generator=g).to(dt)})
         loss[f"{dt}-ce-none"] = (x, W, B, t, {"reduction": "none", "ignore_index": 3})
+        # the chunked path (CPU: from C 48 with mean, C 128 with none), whose row pass is a
+        # per-ISA kernel too (csrc/cpu/ce_rows.cpp); 50 and 130 classes leave vector tails
+        for C, kw in ((50, {"label_smoothing": 0.05}),
+                      (130, {"reduction": "none", "ignore_index": 5})):
+            Wc = (torch.randn(C, 37, generator=g) / 6).to(dt)
+            Bc = torch.randn(C, generator=g).to(dt)
+            tc = torch.randint(0, C, (301,), generator=g)
+            loss[f"{dt}-ce-chunked-{C}"] = (x, Wc, Bc, tc, kw)
     return {"linear": lin, "grads": grads, "loss": loss}
 
 
