@@ -53,15 +53,12 @@
 // rows) or ce_rows_cuda (csrc/cuda/ce_chunked.cu: a warp per row, or a group of lanes per row
 // for C <= 16).
 #include <ATen/ATen.h>
-#include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <torch/library.h>
 
 #include <algorithm>
-#include <cmath>
 #include <cstdlib>
 #include <limits>
-#include <vector>
 
 #include "common.h"
 #include "logreg.h"
