@@ -1,18 +1,23 @@
-"""Builds manual_layers._C: the C++ (CPU) kernels always, the CUDA kernels when possible.
+"""Builds manual_layers._C: the C++ (CPU) kernels always, the CUDA kernels where they can run.
 
-Environment:
-  MANUAL_LAYERS_CUDA=0    build CPU kernels only (fast iteration; a CUDA tensor then gets a
-                          clear error at run time)
-  MANUAL_LAYERS_CUDA=1    build the CUDA kernels or fail with the reason
-  (unset)                 build the CUDA kernels when torch is a CUDA build and nvcc is found,
-                          with or without a visible GPU
-  TORCH_CUDA_ARCH_LIST    GPU architectures (default: the visible GPUs', else "8.0;9.0"); an
-                          entry 9.0 is compiled as 9.0a (the H100/H200's wgmma and TMA, which the
-                          CUTLASS kernels of csrc/cuda/linear_sm90.h need; such a cubin runs on
-                          exactly the GPUs a 9.0 cubin runs on)
+Environment (the build prints what it chose and why; `python -m manual_layers info` repeats it):
+  MANUAL_LAYERS_CUDA=1    build the CUDA kernels, or fail with the reason (torchvision's
+                          FORCE_CUDA): for a machine without a GPU that builds for one, and CI
+  MANUAL_LAYERS_CUDA=0    build CPU kernels only (a CUDA tensor then gets a clear error)
+  (unset)                 build the CUDA kernels when torch is a CUDA build, nvcc is found, and
+                          a GPU is visible or TORCH_CUDA_ARCH_LIST is set; otherwise CPU only,
+                          since kernels for a GPU that is not there cannot run (and cost
+                          minutes to compile on a small machine)
+  TORCH_CUDA_ARCH_LIST    GPU architectures; default: the visible GPUs' own, else "8.0;9.0"
+  MANUAL_LAYERS_CUDA_EXPERIMENTAL=1
+                          also build the CUDA kernels that have never run on a GPU: the sm_90
+                          CUTLASS Linear/MLP kernels (csrc/cuda/linear_sm90.h) and the sm_90a
+                          cluster instances of the tensor-core cross entropy. Needs 9.0 in the
+                          arch list, which is then compiled as 9.0a (wgmma, TMA multicast; such a
+                          cubin runs on exactly the GPUs a 9.0 cubin runs on). At run time they
+                          are still opt-in (MANUAL_LAYERS_CUTLASS=1, MANUAL_LAYERS_CE_CLUSTER=1)
   CUTLASS_PATH            a CUTLASS checkout (its include/ is used); otherwise the headers of the
-                          nvidia-cutlass wheel when it is installed. Without CUTLASS (or without
-                          9.0 in the arch list) the sm_90 CUTLASS kernels are left out
+                          nvidia-cutlass wheel when it is installed (experimental kernels only)
   CUDA_HOME               the CUDA toolkit; otherwise resolved from /usr/local/cuda or from
                           the nvcc on PATH (following wrapper scripts to the real toolkit)
   MANUAL_LAYERS_CPU_ISAS  x86-64 vector ISAs to compile the CPU kernels for, besides the portable
@@ -81,24 +86,41 @@ import torch  # noqa: E402
 from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension  # noqa: E402
 
 
+def _flag(name):
+    """An on/off environment switch: True, False, or None when unset or empty."""
+    v = os.environ.get(name, "").strip().lower()
+    if v in ("1", "on", "true", "yes"):
+        return True
+    if v in ("0", "off", "false", "no"):
+        return False
+    if v:
+        sys.exit(f"[manual_layers build] {name}={os.environ[name]!r}: expected 1 or 0")
+    return None
+
+
 def want_cuda():
-    flag = os.environ.get("MANUAL_LAYERS_CUDA", "").strip().lower()
-    if flag in ("0", "off", "false", "no"):
+    """(build the CUDA kernels?, why): the reason is printed and kept in the build info."""
+    flag = _flag("MANUAL_LAYERS_CUDA")
+    if flag is False:
         return False, "MANUAL_LAYERS_CUDA=0"
-    forced = flag in ("1", "on", "true", "yes")
     reasons = []
     if torch.version.cuda is None:
         reasons.append(f"torch {torch.__version__} is a CPU-only build")
     if CUDA_HOME is None:
         reasons.append("no CUDA toolkit (nvcc) found; set CUDA_HOME")
     if reasons:
-        if forced:
+        if flag:
             sys.exit("[manual_layers build] MANUAL_LAYERS_CUDA=1 but the CUDA kernels cannot be "
                      "built: " + "; ".join(reasons))
         return False, "; ".join(reasons)
-    return True, ("MANUAL_LAYERS_CUDA=1" if forced else
-                  f"torch {torch.__version__} is a CUDA {torch.version.cuda} build and nvcc is at "
-                  f"{CUDA_HOME}/bin/nvcc")
+    if flag:
+        return True, "MANUAL_LAYERS_CUDA=1"
+    if torch.cuda.is_available():
+        return True, f"a GPU is visible ({torch.cuda.get_device_name(0)})"
+    if os.environ.get("TORCH_CUDA_ARCH_LIST", "").strip():
+        return True, f"TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']}"
+    return False, ("no GPU is visible and neither TORCH_CUDA_ARCH_LIST nor MANUAL_LAYERS_CUDA=1 "
+                   "is set (set MANUAL_LAYERS_CUDA=1 to build them for another machine)")
 
 
 def cutlass_include_dirs():
@@ -128,6 +150,22 @@ def sm90a_arch_list(archs):
     items = [a.strip() for a in re.split(r"[;\s]+", archs) if a.strip()]
     items = ["9.0a" if a == "9.0" else a for a in items]
     return ";".join(items), "9.0a" in items
+
+
+def write_build_config(values):
+    """build/generated/ml_build_config.h: what was built and why, as string macros that
+    csrc/ops.cpp puts into the build info (a header, so that no define with spaces has to
+    survive a compiler command line). Rewritten only when it changes (no needless rebuild)."""
+    d = os.path.join(ROOT, "build", "generated")
+    os.makedirs(d, exist_ok=True)
+    esc = lambda v: str(v).replace("\\", "\\\\").replace('"', '\\"')
+    text = "// Generated by setup.py: the build's configuration.\n#pragma once\n" + "".join(
+        f'#define {k} "{esc(v)}"\n' for k, v in values.items())
+    path = os.path.join(d, "ml_build_config.h")
+    if not os.path.isfile(path) or open(path).read() != text:
+        with open(path, "w") as f:
+            f.write(text)
+    return d
 
 
 def cuda_lib_dirs():
@@ -237,10 +275,12 @@ def build_extension():
     log(f"C++ kernels: {len(kernel_sources)} files x CPU ISAs {', '.join(isas)} (chosen at load), "
         f"{len(sources)} ISA-neutral files")
 
-    def finish(ext):
+    def finish(ext, config):
         ext.ml_isas, ext.ml_kernel_sources = isas, kernel_sources
+        ext.include_dirs.append(write_build_config(config))
         return ext
 
+    config = {"ML_BUILD_CUDA_WHY": why, "ML_BUILD_EXPERIMENTAL_WHY": ""}
     if not with_cuda:
         log(f"CUDA kernels: OFF ({why})")
         return finish(CppExtension(
@@ -248,34 +288,46 @@ def build_extension():
             depends=depends,
             extra_compile_args={"cxx": cxx + defines},
             extra_link_args=["-fopenmp"],
-        ))
-    if not os.environ.get("TORCH_CUDA_ARCH_LIST"):
-        if torch.cuda.is_available():
+        ), config)
+    if not os.environ.get("TORCH_CUDA_ARCH_LIST", "").strip():
+        if torch.cuda.is_available():  # the visible GPUs' own architectures only
             caps = sorted({"%d.%d" % torch.cuda.get_device_capability(i)
                            for i in range(torch.cuda.device_count())})
             os.environ["TORCH_CUDA_ARCH_LIST"] = ";".join(caps)
         else:
             os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0"
-    archs, has_sm90a = sm90a_arch_list(os.environ["TORCH_CUDA_ARCH_LIST"])
-    os.environ["TORCH_CUDA_ARCH_LIST"] = archs
-    incs, libdirs, link = cuda_lib_dirs()
+    archs = os.environ["TORCH_CUDA_ARCH_LIST"]
+    experimental = _flag("MANUAL_LAYERS_CUDA_EXPERIMENTAL")
     cu_sources = sorted(glob.glob("csrc/cuda/*.cu"))
+    cutlass_sources = [f for f in cu_sources if os.path.basename(f).startswith("linear_sm90_")]
+    cu_sources = [f for f in cu_sources if f not in cutlass_sources]
+    if not experimental:
+        exp_why = ("OFF: never run on a GPU; MANUAL_LAYERS_CUDA_EXPERIMENTAL=1 builds them")
+    else:
+        archs, has_sm90a = sm90a_arch_list(archs)
+        cutlass_incs = cutlass_include_dirs()
+        if not has_sm90a:
+            exp_why = "OFF: MANUAL_LAYERS_CUDA_EXPERIMENTAL=1 but no 9.0 in the arch list"
+        else:
+            # sm_90a code in the build: the cross-entropy cluster instances can run
+            defines += ["-DML_BUILT_SM90A"]
+            exp_why = "ON (MANUAL_LAYERS_CUDA_EXPERIMENTAL=1): cross-entropy cluster instances"
+            if cutlass_incs:
+                defines += ["-DML_WITH_CUTLASS_SM90"]
+                cu_sources += cutlass_sources
+                exp_why += f", sm_90 CUTLASS Linear/MLP kernels (headers from {cutlass_incs[0]})"
+            else:
+                exp_why += ("; sm_90 CUTLASS kernels OFF: CUTLASS headers not found (pip "
+                            "install --no-deps nvidia-cutlass, or set CUTLASS_PATH)")
+    os.environ["TORCH_CUDA_ARCH_LIST"] = archs
+    config["ML_BUILD_EXPERIMENTAL_WHY"] = exp_why
+    incs, libdirs, link = cuda_lib_dirs()
+    if "-DML_WITH_CUTLASS_SM90" in defines:
+        incs = incs + cutlass_incs
     log(f"CUDA kernels: ON ({why}); archs {archs}; {len(cu_sources)} .cu files; cuBLASLt "
         f"{link} from {libdirs[0]}")
+    log(f"experimental CUDA kernels: {exp_why}")
     defines += ["-DWITH_CUDA", f'-DML_CUDA_ARCHS="{archs}"']
-    if has_sm90a:  # sm_90a code in the build: the cross-entropy cluster kernels can run
-        defines += ["-DML_BUILT_SM90A"]
-    cutlass_incs = cutlass_include_dirs()
-    if cutlass_incs and has_sm90a:
-        log(f"sm_90 CUTLASS kernels (Linear + GELU/SiLU, MLP dgrad): ON, headers from "
-            f"{cutlass_incs[0]}")
-        incs = incs + cutlass_incs
-        defines += ["-DML_WITH_CUTLASS_SM90"]
-    else:
-        log("sm_90 CUTLASS kernels (Linear + GELU/SiLU, MLP dgrad): OFF (" +
-            ("no 9.0 in the arch list" if not has_sm90a else
-             "CUTLASS headers not found: pip install --no-deps nvidia-cutlass, or set "
-             "CUTLASS_PATH") + ")")
     return finish(CUDAExtension(
         "manual_layers._C", sources + cu_sources,
         depends=depends,
@@ -286,7 +338,7 @@ def build_extension():
             "nvcc": ["-O3", "-lineinfo", "--expt-relaxed-constexpr"] + defines,
         },
         extra_link_args=["-fopenmp", link] + [f"-Wl,-rpath,{d}" for d in libdirs],
-    ))
+    ), config)
 
 
 setup(

@@ -9,6 +9,16 @@
 #include "linear.h"
 #include "logreg.h"
 
+// What the build chose and why (setup.py writes it; the CMake build has none).
+#if __has_include("ml_build_config.h")
+#include "ml_build_config.h"
+#endif
+#ifndef ML_BUILD_CUDA_WHY
+#define ML_BUILD_CUDA_WHY ""
+#endif
+#ifndef ML_BUILD_EXPERIMENTAL_WHY
+#define ML_BUILD_EXPERIMENTAL_WHY ""
+#endif
 #ifndef ML_TORCH_VERSION
 #define ML_TORCH_VERSION "unknown"
 #endif
@@ -107,6 +117,13 @@ PYBIND11_MODULE(_C, m) {
     pybind11::dict d;
     d["torch_version"] = ML_TORCH_VERSION;
     d["cpu_isa"] = ML_CPU_ISA;
+    d["cuda_why"] = ML_BUILD_CUDA_WHY;
+    d["experimental_why"] = ML_BUILD_EXPERIMENTAL_WHY;
+#ifdef ML_BUILT_SM90A
+    d["ce_cluster_sm90a"] = true;  // the cross-entropy cluster instances (experimental)
+#else
+    d["ce_cluster_sm90a"] = false;
+#endif
 #ifdef WITH_CUDA
     d["cuda_compiled"] = true;
     d["cuda_archs"] = ML_CUDA_ARCHS;

@@ -72,9 +72,14 @@ def info():
         "cpu_kernels_compiled": BUILD_INFO["cpu_isa"].split(","),
         "aten_cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "cuda_kernels_compiled": BUILD_INFO["cuda_compiled"],
+        "cuda_kernels_why": BUILD_INFO.get("cuda_why") or None,
         "cuda_archs": BUILD_INFO["cuda_archs"] or None,
-        # Linear + GELU / SiLU in one CUTLASS kernel on sm_90 (used with MANUAL_LAYERS_CUTLASS=1)
+        # Kernels never run on a GPU, built only with MANUAL_LAYERS_CUDA_EXPERIMENTAL=1: Linear +
+        # GELU / SiLU in one CUTLASS kernel on sm_90 (used with MANUAL_LAYERS_CUTLASS=1) and the
+        # sm_90a cluster cross entropy (used with MANUAL_LAYERS_CE_CLUSTER=1)
+        "cuda_experimental_kernels": BUILD_INFO.get("experimental_why") or None,
         "cuda_sm90_cutlass_kernels": BUILD_INFO.get("cutlass_sm90", False),
+        "cuda_ce_cluster_kernels": BUILD_INFO.get("ce_cluster_sm90a", False),
         "gpu_visible": torch.cuda.is_available(),
     }
     if torch.cuda.is_available():

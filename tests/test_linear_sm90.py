@@ -35,17 +35,27 @@ needs_sm90 = pytest.mark.skipif(
 
 
 def test_build_has_the_sm90_kernels_where_cutlass_is_installed():
-    """setup.py's wiring: a CUDA build for 9.0 (compiled as 9.0a) with CUTLASS's headers
-    installed (make's venv installs nvidia-cutlass) must include the kernels."""
+    """setup.py's wiring: the sm_90 CUTLASS kernels and the cluster cross entropy are experimental
+    (never run on a GPU) and built only with MANUAL_LAYERS_CUDA_EXPERIMENTAL=1; such a build for
+    9.0 compiles it as 9.0a and includes the CUTLASS kernels where CUTLASS's headers are installed
+    (make's venv installs nvidia-cutlass). Without the switch neither is built."""
+    info = ml.info()
+    assert info["cuda_sm90_cutlass_kernels"] is BUILD_INFO["cutlass_sm90"]
+    assert info["cuda_ce_cluster_kernels"] is BUILD_INFO["ce_cluster_sm90a"]
     if not BUILD_INFO["cuda_compiled"]:
-        assert BUILD_INFO["cutlass_sm90"] is False
+        assert BUILD_INFO["cutlass_sm90"] is False and BUILD_INFO["ce_cluster_sm90a"] is False
+        assert BUILD_INFO["cuda_why"]  # the build says why it left CUDA out
         pytest.skip("CPU-only build")
     archs = BUILD_INFO["cuda_archs"].split(";")
+    if not BUILD_INFO["experimental_why"].startswith("ON"):
+        assert "9.0a" not in archs
+        assert BUILD_INFO["cutlass_sm90"] is False and BUILD_INFO["ce_cluster_sm90a"] is False
+        return
     assert "9.0" not in archs, "a plain 9.0 entry should have been compiled as 9.0a"
+    assert BUILD_INFO["ce_cluster_sm90a"] is ("9.0a" in archs)
     if importlib.util.find_spec("cutlass_library") is None:
         pytest.skip("nvidia-cutlass is not installed here")
     assert BUILD_INFO["cutlass_sm90"] is ("9.0a" in archs)
-    assert ml.info()["cuda_sm90_cutlass_kernels"] is BUILD_INFO["cutlass_sm90"]
 
 
 def _nvcc():

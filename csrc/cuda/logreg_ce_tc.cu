@@ -626,8 +626,16 @@ CeFusedKernel<scalar_t> ce_tc_kernel_for(int cp, int nt, bool cluster) {
                         "ce_tc_kernel_for: no instance for CP ", cp, ", NT ", nt,
                         cluster ? " (cluster)" : "");
   if (cluster) {
+    // The cluster instances are experimental (never run on a GPU): compiled only into a build
+    // that holds sm_90a code (MANUAL_LAYERS_CUDA_EXPERIMENTAL=1) and into the host emulation;
+    // ce_tc_cluster_device_ok is false otherwise, so this is not reached.
+#if defined(ML_BUILT_SM90A) || defined(ML_CUDA_HOST_EMU)
     if (nt == 4) return ce_tc_kernel<scalar_t, kClClasses, 4, true>;
     if constexpr (!kF32) return ce_tc_kernel<scalar_t, kClClasses, 8, true>;
+#else
+    TORCH_CHECK(false, "ce_tc_kernel_for: the cluster instances are not in this build "
+                "(MANUAL_LAYERS_CUDA_EXPERIMENTAL=1 with 9.0 in TORCH_CUDA_ARCH_LIST builds them)");
+#endif
   }
   if (cp == 16) {
     if (nt == 4) return ce_tc_kernel<scalar_t, 16, 4, false>;
