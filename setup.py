@@ -264,8 +264,10 @@ class BuildExt(BuildExtension):
 def build_extension():
     with_cuda, why = want_cuda()
     cxx, isas, defines = cpu_flags()
-    sources = sorted(glob.glob("csrc/*.cpp"))  # ISA-neutral
     kernel_sources = sorted(glob.glob("csrc/cpu/*.cpp"))  # compiled once per ISA (BuildExt)
+    # ISA-neutral: every other .cpp under csrc/ (op schemas, autograd, policies, runtime)
+    sources = [f for f in sorted(glob.glob("csrc/**/*.cpp", recursive=True))
+               if f not in kernel_sources and not f.startswith(os.path.join("csrc", "cuda"))]
     # The kernel files and headers as dependencies: otherwise setuptools skips the link when
     # only a kernel file changed.
     depends = kernel_sources + sorted(glob.glob("csrc/**/*.h", recursive=True)

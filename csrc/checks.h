@@ -60,7 +60,9 @@ inline void check_linear_public(const char* fn, const at::Tensor& x, const at::T
   TORCH_CHECK_VALUE(weight.dim() == 2, fn,
                     ": weight must be 2-D (out_features, in_features), got shape ",
                     py_shape(weight.sizes()));
-  TORCH_CHECK_VALUE(x.size(-1) == weight.size(1), fn, ": x has ", x.size(-1),
+  // sym_size: a plain size() of a traced tensor with symbolic sizes would specialise every one
+  // of them (torch.export with a dynamic batch, torch.compile(dynamic=True)).
+  TORCH_CHECK_VALUE(x.sym_size(-1) == weight.sym_size(1), fn, ": x has ", x.size(-1),
                     " features (x.shape=", py_shape(x.sizes()),
                     ") but weight expects in_features=", weight.size(1),
                     " (weight.shape=", py_shape(weight.sizes()), ")");

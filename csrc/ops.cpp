@@ -31,20 +31,36 @@
 
 TORCH_LIBRARY(manual_layers, m) {
   // Public ops: what manual_layers.functional calls and what torch.compile / torch.export
-  // graphs contain. Each has an Autograd kernel (csrc/autograd.cpp: a torch::autograd::Function
-  // that checks the arguments once, decides from GradMode and requires_grad what to compute and
-  // save, and runs the private kernel ops below autograd), and one kernel for the CPU and CUDA
-  // keys used when autograd is not involved (inference mode, traced graphs).
-  // x: (..., in_features), any leading dims; the losses' target: x.shape[:-1].
+  // graphs contain. Each has an Autograd, a CPU, a CUDA and two Autocast kernels
+  // (csrc/autograd/*.cpp, one file per op family; csrc/autograd/common.h says what each does).
+  // x: (..., in_features), any leading dims; the losses' target: x.shape[:-1]. The losses' dtype:
+  // the dtype of the returned loss (default x's; autocast asks for float32).
   m.def("linear(Tensor x, Tensor weight, Tensor? bias=None, str activation=\"none\") -> Tensor");
   m.def("linear_bce(Tensor x, Tensor weight, Tensor? bias, Tensor target, Tensor? pos_weight=None,"
-        " Tensor? sample_weight=None, int reduction=1, bool float32_loss=False) -> Tensor");
+        " Tensor? sample_weight=None, int reduction=1, ScalarType? dtype=None) -> Tensor");
   // MLP: Linear -> activation -> Linear (w1 (H, K), w2 (O, H)); backward is one _mlp_bwd.
   m.def("mlp(Tensor x, Tensor w1, Tensor? b1, Tensor w2, Tensor? b2, str activation=\"gelu\")"
         " -> Tensor");
   m.def("linear_ce(Tensor x, Tensor weight, Tensor? bias, Tensor target, Tensor? class_weight=None,"
         " int ignore_index=-100, float label_smoothing=0.0, int reduction=1,"
-        " bool float32_loss=False) -> Tensor");
+        " ScalarType? dtype=None) -> Tensor");
+
+  // The derivatives in differentiable PyTorch ops (CompositeImplicitAutograd kernels in
+  // manual_layers/_derivatives.py): what the Autograd kernels' backward calls when a graph of
+  // the backward is wanted (double backward). 2-D x; not-needed gradients come back empty.
+  m.def("_linear_backward_graph(Tensor grad, Tensor x, Tensor weight, Tensor? bias,"
+        " str activation, bool need_x, bool need_weight, bool need_bias)"
+        " -> (Tensor, Tensor, Tensor)");
+  m.def("_mlp_backward_graph(Tensor grad, Tensor x, Tensor w1, Tensor? b1, Tensor w2,"
+        " Tensor? b2, str activation, bool need_x, bool need_w1, bool need_b1, bool need_w2,"
+        " bool need_b2) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def("_linear_bce_backward_graph(Tensor grad, Tensor x, Tensor weight, Tensor? bias,"
+        " Tensor target, Tensor? pos_weight, Tensor? sample_weight, int reduction, bool need_x,"
+        " bool need_weight, bool need_bias) -> (Tensor, Tensor, Tensor)");
+  m.def("_linear_ce_backward_graph(Tensor grad, Tensor x, Tensor weight, Tensor? bias,"
+        " Tensor target, Tensor? class_weight, int ignore_index, float label_smoothing,"
+        " int reduction, bool need_x, bool need_weight, bool need_bias)"
+        " -> (Tensor, Tensor, Tensor)");
 
   // Private kernel ops (CPU: csrc/cpu/*.cpp, CUDA: csrc/cuda/*.cu); 2-D x. Contracts in
   // csrc/linear.h and csrc/logreg.h.

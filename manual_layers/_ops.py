@@ -29,7 +29,8 @@ ops = torch.ops.manual_layers
 _lib = "manual_layers::"
 
 # Fake (meta) kernels: output shapes and dtypes of every op, for torch.compile, torch.export and
-# the meta device. The contracts are in csrc/linear.h and csrc/logreg.h; the argument checks of
+# the meta device (the _*_backward_graph ops are CompositeImplicitAutograd, in _derivatives.py,
+# and need none). The contracts are in csrc/linear.h and csrc/logreg.h; the argument checks of
 # the public ops (csrc/checks.h) run in their autograd kernels before any fake kernel.
 
 _SAVES_PRE = ("gelu", "gelu_tanh", "silu")
@@ -53,23 +54,22 @@ def _linear_fake(x, weight, bias=None, activation="none"):
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
-def _loss_public_fake(x, weight, reduction, float32_loss):
-    dtype = _acc(x.dtype) if float32_loss else x.dtype
+def _loss_public_fake(x, weight, reduction, dtype):
     torch._check(x.dim() >= 1 and weight.dim() == 2 and x.shape[-1] == weight.shape[1],
                  lambda: "manual_layers: x (..., D) and weight (C, D) expected")
-    return x.new_empty(tuple(x.shape[:-1]) if reduction == 0 else (), dtype=dtype)
+    return x.new_empty(tuple(x.shape[:-1]) if reduction == 0 else (), dtype=dtype or x.dtype)
 
 
 @torch.library.register_fake(_lib + "linear_bce")
 def _linear_bce_fake(x, weight, bias, target, pos_weight=None, sample_weight=None, reduction=1,
-                     float32_loss=False):
-    return _loss_public_fake(x, weight, reduction, float32_loss)
+                     dtype=None):
+    return _loss_public_fake(x, weight, reduction, dtype)
 
 
 @torch.library.register_fake(_lib + "linear_ce")
 def _linear_ce_fake(x, weight, bias, target, class_weight=None, ignore_index=-100,
-                    label_smoothing=0.0, reduction=1, float32_loss=False):
-    return _loss_public_fake(x, weight, reduction, float32_loss)
+                    label_smoothing=0.0, reduction=1, dtype=None):
+    return _loss_public_fake(x, weight, reduction, dtype)
 
 
 # ---- private kernel ops -----------------------------------------------------------------------
@@ -158,3 +158,6 @@ def _mlp_bwd_fake(grad_out, x, w1, w2, h, saved, activation, need_x, need_w1, ne
             x.new_empty((w1.shape[0],)) if need_b1 else _empty(x),
             x.new_empty(w2.shape) if need_w2 else _empty(x),
             x.new_empty((w2.shape[0],)) if need_b2 else _empty(x))
+
+
+from . import _derivatives  # noqa: E402,F401  (registers the _*_backward_graph ops' kernels)

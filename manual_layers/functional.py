@@ -1,15 +1,27 @@
 """The functional API: thin wrappers around the public ops in torch.ops.manual_layers.
 
-Each call is one dispatcher call: the op's C++ Autograd kernel (csrc/autograd.cpp) checks the
-arguments, flattens the leading dimensions, runs the forward kernel and records one backward
-node. Python keeps only what the ops cannot do: autocast (cast as nn.Linear does), string codes
-(reduction) and Python-level argument types."""
+Each call is normally one dispatcher call: the op's C++ kernels (csrc/autograd/) check the
+arguments, flatten the leading dimensions, cast under autocast, run the forward kernel and record
+one backward node. Python keeps what the ops cannot do: string codes (reduction), Python-level
+argument types, and the route for callers the C++ autograd cannot serve:
+
+- inside a ``torch.func`` transform (``grad``, ``vmap``, ``jacrev``, ``jacfwd``, ``hessian``,
+  ``jvp``, ``functional_call`` under them) or with forward-mode AD (``torch.autograd.forward_ad``)
+  the call goes through the Python ``torch.autograd.Function`` subclasses of
+  ``manual_layers.autograd`` (functorch runs only those; a C++ autograd Function has no forward
+  derivative and no batching rule);
+- with DTensor arguments (tensor parallelism) the same math in PyTorch ops, which DTensor shards
+  (``manual_layers._derivatives``): the fused kernels have no sharding rules. This is the one
+  place the functional API falls back to plain PyTorch.
+"""
 
 import numbers
 import operator
 
 import torch
+import torch.autograd.forward_ad as _fwd_ad
 
+from . import _derivatives as D
 from ._ops import ops
 
 ACTIVATIONS = (None, "relu", "gelu", "gelu_tanh", "silu", "sigmoid", "tanh")
@@ -17,7 +29,6 @@ ACTIVATIONS = (None, "relu", "gelu", "gelu_tanh", "silu", "sigmoid", "tanh")
 _LINEAR, _MLP = ops.linear.default, ops.mlp.default
 _LINEAR_BCE, _LINEAR_CE = ops.linear_bce.default, ops.linear_ce.default
 _REDUCTIONS = {"none": 0, "mean": 1, "sum": 2}
-_AUTOCAST_DEVICES = ("cpu", "cuda", "xpu", "mps")
 
 __all__ = ["linear", "mlp", "linear_binary_cross_entropy_with_logits", "linear_cross_entropy",
            "logistic_regression", "ACTIVATIONS"]
@@ -34,32 +45,44 @@ def _check_activation(activation, fn="manual_layers.functional.linear"):
                          f"{', '.join(repr(a) for a in ACTIVATIONS)}")
 
 
-# torch._C._is_any_autocast_enabled (torch >= 2.4): one call that says no autocast region is
-# open on any device, the common case, before the per-device test (x.device.type alone costs
-# about 0.3 us).
-_ANY_AUTOCAST = getattr(torch._C, "_is_any_autocast_enabled", None)
+_peek_transform = torch._C._functorch.peek_interpreter_stack
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 
-def _autocast_on(x):
-    if _ANY_AUTOCAST is not None and not _ANY_AUTOCAST():
-        return False
+def _routed(*tensors):
+    """Whether this call leaves the C++ op path: a torch.func transform or forward-mode AD is
+    active, or an argument is a DTensor or not a tensor at all (the routed path then raises the
+    TypeError naming it). Costs well under a microsecond on the common path."""
+    if _peek_transform() is not None or _fwd_ad._current_level >= 0:
+        return not torch.compiler.is_compiling()
+    for t in tensors:
+        if t is not None and type(t) not in _PLAIN and (
+                not isinstance(t, torch.Tensor) or _is_dtensor(t)):
+            return True
+    return False
+
+
+def _is_dtensor(t):
+    return t is not None and type(t).__name__ == "DTensor" and isinstance(t, torch.Tensor)
+
+
+def _autocast(x, weight, bias):
+    """Cast as nn.Linear does under torch.autocast, for the Python Function route (the C++ ops
+    cast in their Autocast kernels): floating tensors other than float64 to the autocast dtype of
+    x's device."""
     dev = x.device.type
-    return dev in _AUTOCAST_DEVICES and torch.is_autocast_enabled(dev)
-
-
-def _autocast(x, weight, bias, fn):
-    """Cast as nn.Linear does under torch.autocast: floating tensors other than float64 go to
-    the autocast dtype of x's device. Returns (x, weight, bias, autocast_active)."""
-    _check_tensor("x", x, fn)
-    _check_tensor("weight", weight, fn)
-    if bias is not None:
-        _check_tensor("bias", bias, fn)
-    if not _autocast_on(x):
-        return x, weight, bias, False
-    dt = torch.get_autocast_dtype(x.device.type)
+    if dev not in ("cpu", "cuda") or not torch.is_autocast_enabled(dev):
+        return x, weight, bias
+    dt = torch.get_autocast_dtype(dev)
     cast = lambda t: t.to(dt) if t is not None and t.is_floating_point() and \
         t.dtype != torch.float64 else t
-    return cast(x), cast(weight), cast(bias), True
+    return cast(x), cast(weight), cast(bias)
+
+
+def _check_args(fn, **tensors):
+    for name, t in tensors.items():
+        if t is not None:
+            _check_tensor(name, t, fn)
 
 
 def linear(x, weight, bias=None, activation=None):
@@ -69,10 +92,20 @@ def linear(x, weight, bias=None, activation=None):
     activation: None, "relu", "gelu" (exact erf, as nn.GELU()), "gelu_tanh"
     (nn.GELU(approximate="tanh")), "silu", "sigmoid" or "tanh". Returns (..., out_features).
     """
-    fn = "manual_layers.functional.linear"
-    _check_activation(activation, fn)
-    x, weight, bias, _ = _autocast(x, weight, bias, fn)
+    if activation not in ACTIVATIONS:
+        _check_activation(activation)
+    if _routed(x, weight, bias):
+        return _linear_routed("manual_layers.functional.linear", x, weight, bias,
+                              activation or "none")
     return _LINEAR(x, weight, bias, activation or "none")
+
+
+def _linear_routed(fn, x, weight, bias, act):
+    _check_args(fn, x=x, weight=weight, bias=bias)
+    if _is_dtensor(x) or _is_dtensor(weight) or _is_dtensor(bias):
+        return D.linear_forward(x, weight, bias, act)
+    from .autograd import LinearFunction
+    return LinearFunction.apply(*_autocast(x, weight, bias), act)
 
 
 def mlp(x, w1, b1, w2, b2, activation="gelu"):
@@ -85,13 +118,12 @@ def mlp(x, w1, b1, w2, b2, activation="gelu"):
     Returns (..., out_features).
     """
     fn = "manual_layers.functional.mlp"
-    _check_activation(activation, fn)
-    _check_tensor("w2", w2, fn)
-    if b2 is not None:
-        _check_tensor("b2", b2, fn)
-    x, w1, b1, amp = _autocast(x, w1, b1, fn)
-    if amp:
-        _, w2, b2, _ = _autocast(x, w2, b2, fn)
+    if activation not in ACTIVATIONS:
+        _check_activation(activation, fn)
+    if _routed(x, w1, b1, w2, b2):  # as two Linear calls, each routed
+        _check_args(fn, x=x, w1=w1, b1=b1, w2=w2, b2=b2)
+        h = _linear_routed(fn, x, w1, b1, activation or "none")
+        return _linear_routed(fn, h, w2, b2, "none")
     return _MLP(x, w1, b1, w2, b2, activation or "none")
 
 
@@ -100,8 +132,10 @@ def logistic_regression(x, weight, bias=None):
     (returns (..., 1)), softmax(x W^T + b) over the last dim for weight (C, D), C > 1
     (returns (..., C)). The GEMV/GEMM and the activation run as one fused op."""
     fn = "manual_layers.functional.logistic_regression"
-    x, weight, bias, _ = _autocast(x, weight, bias, fn)
+    _check_args(fn, x=x, weight=weight, bias=bias)
     act = "sigmoid" if weight.dim() == 2 and weight.shape[0] == 1 else "softmax"
+    if _routed(x, weight, bias):
+        return _linear_routed(fn, x, weight, bias, act)
     return _LINEAR(x, weight, bias, act)
 
 
@@ -123,12 +157,15 @@ def linear_binary_cross_entropy_with_logits(x, weight, bias, target, *, pos_weig
     """
     fn = "manual_layers.functional.linear_binary_cross_entropy_with_logits"
     red = _reduction_code(reduction, fn)
-    x, weight, bias, amp = _autocast(x, weight, bias, fn)
-    _check_tensor("target", target, fn)
-    for name, t in (("pos_weight", pos_weight), ("sample_weight", sample_weight)):
-        if t is not None:
-            _check_tensor(name, t, fn)
-    return _LINEAR_BCE(x, weight, bias, target, pos_weight, sample_weight, red, amp)
+    if _routed(x, weight, bias, target, pos_weight, sample_weight):
+        _check_args(fn, x=x, weight=weight, bias=bias, target=target, pos_weight=pos_weight,
+                    sample_weight=sample_weight)
+        if any(_is_dtensor(t) for t in (x, weight, bias, target, pos_weight, sample_weight)):
+            return D.bce_forward(x, weight, bias, target, pos_weight, sample_weight, red)
+        from .autograd import LinearBCEFunction
+        return LinearBCEFunction.apply(*_autocast(x, weight, bias), target, pos_weight,
+                                       sample_weight, red)
+    return _LINEAR_BCE(x, weight, bias, target, pos_weight, sample_weight, red)
 
 
 def linear_cross_entropy(x, weight, bias, target, *, class_weight=None, ignore_index=-100,
@@ -138,15 +175,14 @@ def linear_cross_entropy(x, weight, bias, target, *, class_weight=None, ignore_i
     one pass over x computes the logits, the loss and the gradients; the N x C logits are never
     stored.
 
-    x: (..., D); weight: (C, D); bias: (C,) or None; target: x.shape[:-1] class indices
-    (integers); class_weight: (C,) or None. Returns a scalar (mean, sum) or x.shape[:-1] (none).
+    x: (..., D); weight: (C, D); bias: (C,) or None; target: class indices (integers,
+    x.shape[:-1]) or class probabilities (floating, x.shape[:-1] + (C,): soft labels for
+    distillation and mixup; ignore_index does not apply, mean divides by the number of rows,
+    as F.cross_entropy); class_weight: (C,) or None. Returns a scalar (mean, sum) or
+    x.shape[:-1] (none).
     """
     fn = "manual_layers.functional.linear_cross_entropy"
     red = _reduction_code(reduction, fn)
-    x, weight, bias, amp = _autocast(x, weight, bias, fn)
-    _check_tensor("target", target, fn)
-    if class_weight is not None:
-        _check_tensor("class_weight", class_weight, fn)
     if type(ignore_index) is not int:  # the plain int skips the (slower) ABC checks
         if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
             raise TypeError(f"{fn}: ignore_index must be an integer, got "
@@ -159,5 +195,12 @@ def linear_cross_entropy(x, weight, bias, target, *, class_weight=None, ignore_i
             raise TypeError(f"{fn}: label_smoothing must be a float, got "
                             f"{type(label_smoothing).__name__} {label_smoothing!r}")
         label_smoothing = float(label_smoothing)
-    return _LINEAR_CE(x, weight, bias, target, class_weight, ignore_index, label_smoothing, red,
-                      amp)
+    if _routed(x, weight, bias, target, class_weight):
+        _check_args(fn, x=x, weight=weight, bias=bias, target=target, class_weight=class_weight)
+        if any(_is_dtensor(t) for t in (x, weight, bias, target, class_weight)):
+            return D.ce_forward(x, weight, bias, target, class_weight, ignore_index,
+                                label_smoothing, red)
+        from .autograd import LinearCrossEntropyFunction
+        return LinearCrossEntropyFunction.apply(*_autocast(x, weight, bias), target,
+                                                class_weight, ignore_index, label_smoothing, red)
+    return _LINEAR_CE(x, weight, bias, target, class_weight, ignore_index, label_smoothing, red)

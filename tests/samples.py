@@ -104,9 +104,9 @@ class Sample:
             return (*a[:5], k.get("activation", "gelu") or "none")
         red = _RED_CODE[k.get("reduction", "mean")]
         if self.op == "linear_bce":
-            return (*a, k.get("pos_weight"), k.get("sample_weight"), red, False)
+            return (*a, k.get("pos_weight"), k.get("sample_weight"), red, None)
         return (*a, k.get("class_weight"), k.get("ignore_index", -100),
-                float(k.get("label_smoothing", 0.0)), red, False)
+                float(k.get("label_smoothing", 0.0)), red, None)
 
     def public_op(self):
         name = "linear" if self.op == "logistic_regression" else self.op

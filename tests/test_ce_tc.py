@@ -166,7 +166,7 @@ def test_cuda_path_choice(dtype, D, C, tc_env, single, monkeypatch):
     with mode:
         x, t = xc.to("cuda").requires_grad_(), tc.to("cuda")
         w = torch.empty(C, D, dtype=dtype, device="cuda", requires_grad=True)
-        names = _ce_ops_run(lambda: ops.linear_ce(x, w, None, t, None, -100, 0.0, 1, False))
+        names = _ce_ops_run(lambda: ops.linear_ce(x, w, None, t, None, -100, 0.0, 1))
     want = "manual_layers::_linear_ce_fwd" if single else "manual_layers::_linear_ce_chunked_fwd"
     assert names == {want}
 
@@ -267,7 +267,7 @@ def test_cluster_path_choice(dtype, D, C, monkeypatch):
     with mode:
         x, t = xc.to("cuda").requires_grad_(), tc.to("cuda")
         w = torch.empty(C, D, dtype=dtype, device="cuda", requires_grad=True)
-        names = _ce_ops_run(lambda: ops.linear_ce(x, w, None, t, None, -100, 0.0, 1, False))
+        names = _ce_ops_run(lambda: ops.linear_ce(x, w, None, t, None, -100, 0.0, 1))
     single = CUDA and torch.cuda.get_device_capability() == (9, 0) and _cluster_built()
     want = "manual_layers::_linear_ce_fwd" if single else "manual_layers::_linear_ce_chunked_fwd"
     assert names == {want}

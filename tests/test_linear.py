@@ -305,13 +305,6 @@ def test_autocast_cpu_matches_nn_linear():
     assert ours.weight.grad.dtype == torch.float32
 
 
-def test_double_backward_raises():
-    x = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
-    layer = ml.Linear(4, 2, activation="gelu", dtype=torch.float64)
-    with pytest.raises(RuntimeError, match=r"double backward \(create_graph=True\) through Linear"):
-        torch.autograd.grad(layer(x).sum(), x, create_graph=True)
-
-
 # ---- bad input --------------------------------------------------------------------------------
 def test_error_wrong_in_features():
     with pytest.raises(ValueError, match=r"x has 5 features .*in_features=4"):

@@ -376,8 +376,10 @@ def test_errors():
         MF.linear_binary_cross_entropy_with_logits(x, w1, None, torch.rand(7))
     with pytest.raises(ValueError, match=r"target must have shape \(8,\).*got \(8, 1\)"):
         MF.linear_cross_entropy(x, W, None, torch.zeros(8, 1, dtype=torch.long))
-    with pytest.raises(TypeError, match=r"target must hold integer class indices"):
+    with pytest.raises(ValueError, match=r"probability targets must have shape \(8,\) \+ \(3,\)"):
         MF.linear_cross_entropy(x, W, None, torch.rand(8))
+    with pytest.raises(TypeError, match=r"target must hold integer class indices or floating"):
+        MF.linear_cross_entropy(x, W, None, torch.zeros(8, dtype=torch.bool))
     with pytest.raises((IndexError, RuntimeError), match=r"[Tt]arget 5 is out of bounds"):
         MF.linear_cross_entropy(x, W, None, torch.tensor([0, 1, 2, 5, 0, 1, 2, 0]))
     with pytest.raises(ValueError, match=r"pos_weight must be finite"):
