@@ -8,14 +8,14 @@ backward passes are hand-written C++ (CPU) and CUDA kernels.
 """
 
 from ._ops import BUILD_INFO
-from . import functional, reference
-from .modules import (MLP, Linear, LinearBCEWithLogitsLoss, LinearCrossEntropyLoss,
+from . import autograd, functional, reference
+from .modules import (MLP, FusedLinear, Linear, LinearBCEWithLogitsLoss, LinearCrossEntropyLoss,
                       LogisticRegression, convert)
 
 __version__ = "0.1.0"
 
-__all__ = ["Linear", "MLP", "LogisticRegression", "LinearBCEWithLogitsLoss",
-           "LinearCrossEntropyLoss", "convert", "functional", "reference", "sklearn",
+__all__ = ["Linear", "FusedLinear", "MLP", "LogisticRegression", "LinearBCEWithLogitsLoss",
+           "LinearCrossEntropyLoss", "convert", "autograd", "functional", "reference", "sklearn",
            "fit_logistic_regression", "BUILD_INFO", "info", "cpu_kernels_isa", "cpu_cache_info",
            "empty_cpu_cache"]
 

@@ -10,19 +10,53 @@ from torch import nn
 from . import _fit
 from . import functional as MF
 
-__all__ = ["Linear", "MLP", "convert", "LogisticRegression", "LinearBCEWithLogitsLoss",
+__all__ = ["Linear", "FusedLinear", "MLP", "convert", "LogisticRegression", "LinearBCEWithLogitsLoss",
            "LinearCrossEntropyLoss"]
 
 
+def _no_script(name):
+    raise RuntimeError(
+        f"manual_layers.{name}: torch.jit.script is not supported (TorchScript cannot compile "
+        f"the Python wrapper of its custom ops); use torch.compile or torch.export, which trace "
+        f"the ops as single graph nodes")
+
+
 class Linear(nn.Linear):
-    """nn.Linear with an optional fused activation: y = act(x W^T + b).
+    """nn.Linear whose forward and backward run the manual_layers kernels; with an activation,
+    nn.Linear + activation fused in one kernel: y = act(x W^T + b).
 
     Same constructor arguments, parameters (weight (out_features, in_features), bias
     (out_features,)), initialisation and state_dict keys as nn.Linear, so state dicts load
-    both ways; it is an nn.Linear subclass, so code that looks for nn.Linear still finds it.
-    activation: None, "relu", "gelu" (exact, as nn.GELU()), "gelu_tanh"
+    both ways. activation: None, "relu", "gelu" (exact, as nn.GELU()), "gelu_tanh"
     (nn.GELU(approximate="tanh")), "silu", "sigmoid", "tanh".
+
+    Without an activation the layer computes exactly what nn.Linear computes and IS an
+    nn.Linear (a subclass), so code and tools that look for nn.Linear (initialisation loops, LoRA,
+    tensor parallelism, pruning) find it and are right about it. With an activation,
+    ``Linear(..., activation="gelu")`` returns a ``FusedLinear``, which is deliberately not an
+    nn.Linear: its output is not linear in x and W, and a tool that special-cases nn.Linear would
+    silently compute the wrong thing with it (LoRA adds its update after the activation instead of
+    before; row-wise tensor parallelism sums activated partial outputs). Such tools refuse a
+    FusedLinear with their own "not supported" error instead.
+
+    Any float dtype, any leading dimensions, CPU and CUDA; under torch.autocast the GEMM runs in
+    the autocast dtype, as nn.Linear's. Works under torch.compile, torch.export, torch.func
+    (grad, vmap, jacrev, jacfwd, hessian, jvp) and double backward.
+
+    Example
+    -------
+    >>> import torch, manual_layers as ml
+    >>> layer = ml.Linear(8, 4)
+    >>> layer(torch.randn(2, 3, 8)).shape
+    torch.Size([2, 3, 4])
+    >>> type(ml.Linear(8, 4, activation="gelu")).__name__
+    'FusedLinear'
     """
+
+    def __new__(cls, *args, **kwargs):
+        if cls is Linear and _activation_arg(args, kwargs) is not None:
+            return FusedLinear(*args, **kwargs)
+        return super().__new__(cls)
 
     def __init__(self, in_features, out_features, bias=True, activation=None, device=None,
                  dtype=None):
@@ -31,30 +65,110 @@ class Linear(nn.Linear):
         self.activation = activation
 
     def forward(self, x):
+        """x (..., in_features) -> (..., out_features), x's dtype and device."""
         return MF.linear(x, self.weight, self.bias, self.activation)
+
+    def _get_name(self):
+        return "manual_layers.Linear"
 
     def extra_repr(self):
         s = super().extra_repr()
         return s + (f", activation={self.activation!r}" if self.activation else "")
 
     def __prepare_scriptable__(self):
-        raise RuntimeError(
-            "manual_layers.Linear: torch.jit.script is not supported (TorchScript cannot compile "
-            "the Python wrapper of its custom ops); use torch.compile or torch.export, which "
-            "trace the ops as single graph nodes")
+        _no_script("Linear")
 
     @classmethod
     def from_linear(cls, linear, activation=None):
-        """A manual_layers.Linear that shares linear's parameters (no copy)."""
+        """A manual_layers layer that shares linear's parameters (no copy): a Linear, or a
+        FusedLinear when activation is given."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"Linear.from_linear: expected an nn.Linear, got "
                             f"{type(linear).__name__}")
+        if activation is not None and cls is Linear:
+            return FusedLinear.from_linear(linear, activation)
+        MF._check_activation(activation, "manual_layers.Linear.from_linear")
         m = cls.__new__(cls)
         nn.Module.__init__(m)
         m.in_features, m.out_features = linear.in_features, linear.out_features
         m.weight = linear.weight
         m.bias = linear.bias
-        MF._check_activation(activation, "manual_layers.Linear.from_linear")
+        m.activation = activation
+        m.train(linear.training)
+        return m
+
+
+def _activation_arg(args, kwargs):
+    """The activation argument of Linear(in_features, out_features, bias, activation, ...)."""
+    return args[3] if len(args) > 3 else kwargs.get("activation")
+
+
+class FusedLinear(nn.Module):
+    """nn.Linear followed by an activation, in one kernel: y = act(x W^T + b); what
+    ``manual_layers.Linear(..., activation=...)`` returns.
+
+    nn.Linear's constructor arguments, parameters (weight, bias), initialisation and state_dict
+    keys, so state dicts load both ways with nn.Linear. Not an nn.Linear subclass, on purpose
+    (see Linear). activation: "relu", "gelu" (exact, as nn.GELU()), "gelu_tanh", "silu",
+    "sigmoid", "tanh".
+
+    Example
+    -------
+    >>> import torch, manual_layers as ml
+    >>> layer = ml.Linear(8, 4, activation="gelu")
+    >>> x = torch.randn(5, 8)
+    >>> ref = torch.nn.functional.gelu(torch.nn.functional.linear(x, layer.weight, layer.bias))
+    >>> torch.allclose(layer(x), ref, atol=1e-6)
+    True
+    """
+
+    def __init__(self, in_features, out_features, bias=True, activation="gelu", device=None,
+                 dtype=None):
+        super().__init__()
+        MF._check_activation(activation, "manual_layers.FusedLinear")
+        if activation is None:
+            raise ValueError("manual_layers.FusedLinear: activation must be given; use "
+                             "manual_layers.Linear for a layer without one")
+        kw = {"device": device, "dtype": dtype}
+        self.in_features, self.out_features = in_features, out_features
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, **kw))
+        if bias:
+            self.bias = nn.Parameter(torch.empty(out_features, **kw))
+        else:
+            self.register_parameter("bias", None)
+        self.activation = activation
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        """nn.Linear's initialisation."""
+        nn.Linear.reset_parameters(self)
+
+    def forward(self, x):
+        """x (..., in_features) -> act(x W^T + b) (..., out_features)."""
+        return MF.linear(x, self.weight, self.bias, self.activation)
+
+    def _get_name(self):
+        return "manual_layers.FusedLinear"
+
+    def extra_repr(self):
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}, activation={self.activation!r}")
+
+    def __prepare_scriptable__(self):
+        _no_script("FusedLinear")
+
+    @classmethod
+    def from_linear(cls, linear, activation):
+        """A FusedLinear sharing linear's parameters (no copy), with the activation fused."""
+        if not isinstance(linear, (nn.Linear, FusedLinear)):
+            raise TypeError(f"FusedLinear.from_linear: expected an nn.Linear, got "
+                            f"{type(linear).__name__}")
+        MF._check_activation(activation, "manual_layers.FusedLinear.from_linear")
+        m = cls.__new__(cls)
+        nn.Module.__init__(m)
+        m.in_features, m.out_features = linear.in_features, linear.out_features
+        m.weight = linear.weight
+        m.bias = linear.bias
         m.activation = activation
         m.train(linear.training)
         return m
@@ -70,6 +184,19 @@ class MLP(nn.Sequential):
     by convert() keeps its keys. `fc1` / `fc2` name the two layers (self[0], self[2]).
     Parameters and initialisation are nn.Linear's. activation: None, "relu", "gelu" (exact, as
     nn.GELU()), "gelu_tanh", "silu", "sigmoid", "tanh".
+
+    The fused op runs while the three layers are exactly nn.Linear, the activation module and
+    nn.Linear, without hooks. When a tool replaces or hooks them (PEFT's LoRA wraps the
+    nn.Linear layers, Opacus and pruning register hooks, parametrizations change their class),
+    forward runs the layers one by one instead, as nn.Sequential does, so the tool sees the
+    calls it expects.
+
+    Example
+    -------
+    >>> import torch, manual_layers as ml
+    >>> mlp = ml.MLP(16, 64, 8, activation="gelu")
+    >>> mlp(torch.randn(4, 16)).shape
+    torch.Size([4, 8])
     """
 
     def __init__(self, in_features, hidden_features, out_features, activation="gelu", bias=True,
@@ -81,6 +208,7 @@ class MLP(nn.Sequential):
         super().__init__(nn.Linear(in_features, hidden_features, **kw), act,
                          nn.Linear(hidden_features, out_features, **kw))
         self.activation = activation
+        self._act_type = type(act)
 
     @property
     def fc1(self):
@@ -102,12 +230,34 @@ class MLP(nn.Sequential):
     def out_features(self):
         return self[2].out_features
 
+    def _fusable(self):
+        """The three layers are the ones the fused op computes, and nobody hooks them."""
+        mods = self._modules
+        l1, act, l2 = mods.get("0"), mods.get("1"), mods.get("2")
+        if type(l1) is not nn.Linear or type(l2) is not nn.Linear or \
+                type(act) is not self._act_type or len(mods) != 3:
+            return False
+        for m in (l1, act, l2):
+            if m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or \
+                    m._backward_pre_hooks:
+                return False
+        return True
+
     def forward(self, x):
-        return MF.mlp(x, self[0].weight, self[0].bias, self[2].weight, self[2].bias,
-                      self.activation)
+        """x (..., in_features) -> (..., out_features)."""
+        if self._fusable():
+            return MF.mlp(x, self[0].weight, self[0].bias, self[2].weight, self[2].bias,
+                          self.activation)
+        return super().forward(x)
+
+    def _get_name(self):
+        return "manual_layers.MLP"
 
     def extra_repr(self):
         return f"activation={self.activation!r}"
+
+    def __prepare_scriptable__(self):
+        _no_script("MLP")
 
     @classmethod
     def from_sequential(cls, seq):
@@ -120,6 +270,7 @@ class MLP(nn.Sequential):
         m = cls.__new__(cls)
         nn.Sequential.__init__(m, seq[0], seq[1], seq[2])
         m.activation = act
+        m._act_type = type(seq[1])
         m.train(seq.training)
         return m
 
@@ -143,48 +294,19 @@ def _mlp_activation(seq):
 
 
 def _activation_name(module):
-    """The fused-activation name of a torch activation module, or None if not foldable."""
-    if isinstance(module, nn.ReLU):
+    """The fused-activation name of a torch activation module (exactly that class, no hooks),
+    or None if not foldable."""
+    if module is None or module._forward_hooks or module._forward_pre_hooks:
+        return None
+    t = type(module)
+    if t is nn.ReLU:
         return "relu"
-    if isinstance(module, nn.GELU):
+    if t is nn.GELU:
         return {"none": "gelu", "tanh": "gelu_tanh"}.get(module.approximate)
-    if isinstance(module, nn.SiLU):
-        return "silu"
-    if isinstance(module, nn.Sigmoid):
-        return "sigmoid"
-    if isinstance(module, nn.Tanh):
-        return "tanh"
-    return None
+    return {nn.SiLU: "silu", nn.Sigmoid: "sigmoid", nn.Tanh: "tanh"}.get(t)
 
 
-def convert(model):
-    """Replace, in place, every nn.Linear in `model` by a manual_layers.Linear that shares its
-    parameters, folding an nn.Linear that is directly followed by a supported activation module
-    inside an nn.Sequential into one fused layer (the activation becomes nn.Identity, so
-    indices and state_dict keys are unchanged). An nn.Sequential that is exactly
-    (nn.Linear, activation, nn.Linear) becomes one manual_layers.MLP (same state_dict keys
-    "0.weight", ..., "2.bias"); a top-level one is returned as the new model. Returns the
-    model; outputs are unchanged."""
-    if type(model) is nn.Linear:
-        return Linear.from_linear(model)
-    if _mlp_activation(model) is not False:
-        return MLP.from_sequential(model)
-    for name, child in list(model.named_children()):
-        if _mlp_activation(child) is not False:
-            setattr(model, name, MLP.from_sequential(child))
-        elif isinstance(model, nn.Sequential) and type(child) is nn.Linear:
-            names = list(model._modules.keys())
-            i = names.index(name)
-            nxt = model._modules[names[i + 1]] if i + 1 < len(names) else None
-            act = _activation_name(nxt) if nxt is not None else None
-            setattr(model, name, Linear.from_linear(child, act))
-            if act is not None:
-                model._modules[names[i + 1]] = nn.Identity()
-        elif type(child) is nn.Linear:
-            setattr(model, name, Linear.from_linear(child))
-        else:
-            convert(child)
-    return model
+from ._convert import convert  # noqa: E402  (uses the classes above)
 
 
 class LinearBCEWithLogitsLoss(nn.Module):
@@ -196,6 +318,12 @@ class LinearBCEWithLogitsLoss(nn.Module):
         MF._reduction_code(reduction, "manual_layers.LinearBCEWithLogitsLoss")
         self.reduction = reduction
         self.register_buffer("pos_weight", pos_weight)
+
+    def _get_name(self):
+        return "manual_layers.LinearBCEWithLogitsLoss"
+
+    def __prepare_scriptable__(self):
+        _no_script("LinearBCEWithLogitsLoss")
 
     def forward(self, x, weight, bias, target, sample_weight=None):
         return MF.linear_binary_cross_entropy_with_logits(
@@ -215,6 +343,12 @@ class LinearCrossEntropyLoss(nn.Module):
         self.ignore_index = ignore_index
         self.label_smoothing = label_smoothing
         self.reduction = reduction
+
+    def _get_name(self):
+        return "manual_layers.LinearCrossEntropyLoss"
+
+    def __prepare_scriptable__(self):
+        _no_script("LinearCrossEntropyLoss")
 
     def forward(self, x, weight, bias, target):
         return MF.linear_cross_entropy(
@@ -300,6 +434,12 @@ class LogisticRegression(nn.Module):
         if self.bias is not None:
             bound = 1 / math.sqrt(self.in_features) if self.in_features > 0 else 0
             nn.init.uniform_(self.bias, -bound, bound)
+
+    def _get_name(self):
+        return "manual_layers.LogisticRegression"
+
+    def __prepare_scriptable__(self):
+        _no_script("LogisticRegression")
 
     def extra_repr(self):
         return (f"in_features={self.in_features}, num_classes={self.num_classes}, "

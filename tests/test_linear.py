@@ -266,11 +266,12 @@ def test_convert_keeps_outputs_and_folds_activations():
     before = model(x)
     keys = list(model.state_dict().keys())
     ml.convert(model)
-    assert isinstance(model[0], ml.Linear) and model[0].activation == "gelu"
+    assert isinstance(model[0], ml.FusedLinear) and model[0].activation == "gelu"
+    assert not isinstance(model[0], nn.Linear)  # its output is not linear: see ml.Linear
     assert isinstance(model[1], nn.Identity)
     assert model[2].activation == "gelu_tanh"
     assert model[4][0].activation == "relu"
-    assert isinstance(model[6], ml.Linear) and model[6].activation is None
+    assert type(model[6]) is ml.Linear and model[6].activation is None
     assert list(model.state_dict().keys()) == keys
     assert_rel(model(x), before, 1e-5)
 

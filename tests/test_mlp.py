@@ -200,14 +200,15 @@ def test_convert_folds_mlp():
     keys = list(model.state_dict().keys())
     ml.convert(model)
     assert isinstance(model.mlp, ml.MLP) and model.mlp.activation == "gelu"
-    assert isinstance(model.head[0], ml.Linear) and model.head[0].activation == "relu"
+    assert isinstance(model.head[0], ml.FusedLinear) and model.head[0].activation == "relu"
     assert list(model.state_dict().keys()) == keys
     assert_rel(model(x), before, 1e-5)
     top = _seq(8, 12, 3, "tanh")
+    w, before = top[0].weight, top(x)
     conv = ml.convert(top)
-    assert isinstance(conv, ml.MLP) and conv.activation == "tanh"
-    assert conv[0].weight is top[0].weight
-    assert_rel(conv(x), top(x), 1e-5)
+    assert conv is top and isinstance(top, ml.MLP) and top.activation == "tanh"
+    assert top[0].weight is w
+    assert_rel(top(x), before, 1e-5)
 
 
 def test_errors():
