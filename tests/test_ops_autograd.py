@@ -273,3 +273,43 @@ def test_cuda_graph_training_step_matches_eager(ce_path, monkeypatch):
     torch.cuda.synchronize()
     for (n, p), q in zip(net.named_parameters(), twin.parameters()):
         assert_rel(p, q, 1e-5, n)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("D", [33, 65, 129, 300])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_cross_entropy_one_class(dtype, D, reduction, monkeypatch):
+    """C = 1 cross entropy (every loss 0, every gradient 0, as F.cross_entropy) on every CPU: the
+    binary pass's short tiles are never picked for it, whatever the CPU or a forced tile."""
+    for tile in (None, "4", "8,noprefetch"):
+        if tile is None:
+            monkeypatch.delenv("MANUAL_LAYERS_CPU_BINARY_TILE", raising=False)
+        else:
+            monkeypatch.setenv("MANUAL_LAYERS_CPU_BINARY_TILE", tile)
+        x = torch.randn(37, D, dtype=dtype, requires_grad=True)
+        w = torch.randn(1, D, dtype=dtype, requires_grad=True)
+        t = torch.zeros(37, dtype=torch.long)
+        loss = MF.linear_cross_entropy(x, w, None, t, reduction=reduction)
+        ref = R.linear_cross_entropy(x, w, None, t, reduction=reduction)
+        assert_rel(loss, ref, 1e-2, "loss")
+        g = torch.randn_like(loss)
+        gx, gw = torch.autograd.grad(loss, (x, w), g)
+        rx, rw = torch.autograd.grad(ref, (x, w), g)
+        assert_rel(gx, rx, 1e-2, "grad x")
+        assert_rel(gw, rw, 1e-2, "grad w")
+
+
+@pytest.mark.parametrize("make", [lambda: ml.MLP(4, 8, 2), lambda: ml.LogisticRegression(3),
+                                  lambda: ml.Linear(4, 2, activation="gelu"),
+                                  lambda: ml.LinearCrossEntropyLoss(),
+                                  lambda: ml.LinearBCEWithLogitsLoss()])
+def test_torchscript_says_what_to_use(make):
+    with pytest.raises(RuntimeError, match="torch.jit.script is not supported.*torch.compile"):
+        torch.jit.script(make())
+
+
+def test_repr_names_the_package():
+    assert repr(ml.Linear(4, 2)).startswith("manual_layers.Linear(")
+    assert repr(ml.Linear(4, 2, activation="gelu")).startswith("manual_layers.FusedLinear(")
+    assert repr(ml.MLP(4, 8, 2)).startswith("manual_layers.MLP(")
+    assert repr(ml.LogisticRegression(3)).startswith("manual_layers.LogisticRegression(")

@@ -662,7 +662,11 @@ LossOut fused_loss(const at::Tensor& x_in, const at::Tensor& weight,
     p.N = N, p.D = D, p.Dp = Dp, p.C = C;
     p.W = Wp.const_data_ptr<acc_t>();
     p.bias = b_acc.defined() ? b_acc.const_data_ptr<acc_t>() : nullptr;
-    p.tile = tile_shape(C, D * static_cast<int64_t>(sizeof(scalar_t)));
+    // Short tiles exist for the binary pass only (run_pass); a cross entropy with C = 1 has the
+    // binary pass's C but runs the 16-row tiles.
+    constexpr bool kBinaryPass = std::is_same_v<std::decay_t<decltype(loss_fn)>, BceLoss<acc_t>>;
+    p.tile = kBinaryPass ? tile_shape(C, D * static_cast<int64_t>(sizeof(scalar_t)))
+                         : TileShape{kRows, true};
 
     if (reduction == kNone) {
       loss = at::empty({N}, acc_opts);
