@@ -58,7 +58,7 @@ def __getattr__(name):
         return _convergence_warning_class()
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
-SOLVERS = ("lbfgs", "sgd", "adam")
+SOLVERS = ("lbfgs", "owlqn", "sgd", "adam")
 
 __all__ = ["fit_logistic_regression", "LinearObjective", "FitResult", "ConvergenceWarning",
            "SOLVERS", "resolve_process_group", "agree_across_ranks"]
@@ -69,32 +69,30 @@ __all__ = ["fit_logistic_regression", "LinearObjective", "FitResult", "Convergen
 def resolve_process_group(distributed, process_group, caller):
     """The process group a fit is data-parallel over, or None for a local fit.
 
-    distributed: "auto" (data-parallel when process_group is given, or when the default group
-    is initialised, with more than one rank), True (data-parallel; needs process_group or an
-    initialised default group; also with one rank), False (local fit, whatever is initialised).
-    """
-    if not (distributed is True or distributed is False or
-            (isinstance(distributed, str) and distributed == "auto")):
-        raise ValueError(f"{caller}: distributed must be 'auto', True or False, got "
-                         f"{distributed!r}")
-    if distributed is False:
+    A fit is data-parallel only when asked: process_group= given (that group), or
+    distributed=True (the default group, which must be initialised; also with one rank).
+    distributed=False (the default) with no process_group is a local fit whatever is
+    initialised: an initialised default group (torchrun) never makes a fit wait on other ranks.
+    distributed="auto" (the old default, data-parallel whenever a default group existed) is
+    refused, since it silently counted each rank's rows in every rank's model."""
+    if isinstance(distributed, str) and distributed == "auto":
+        raise ValueError(f"{caller}: distributed='auto' was removed: a fit is data-parallel "
+                         f"only when asked; pass distributed=True (the default process group) "
+                         f"or process_group=, or leave distributed=False for a local fit")
+    if not (distributed is True or distributed is False):
+        raise ValueError(f"{caller}: distributed must be True or False, got {distributed!r}")
+    if process_group is None and distributed is False:
         return None
     import torch.distributed as dist
     if not dist.is_available():
-        if distributed is True or process_group is not None:
-            raise ValueError(f"{caller}: distributed=True or process_group= needs "
-                             f"torch.distributed, which this torch build lacks")
-        return None
+        raise ValueError(f"{caller}: distributed=True or process_group= needs "
+                         f"torch.distributed, which this torch build lacks")
     if process_group is None:
         if not dist.is_initialized():
-            if distributed is True:
-                raise ValueError(f"{caller}: distributed=True needs an initialised default "
-                                 f"process group (torch.distributed.init_process_group) or "
-                                 f"process_group=")
-            return None
+            raise ValueError(f"{caller}: distributed=True needs an initialised default "
+                             f"process group (torch.distributed.init_process_group) or "
+                             f"process_group=")
         process_group = dist.group.WORLD
-    if distributed == "auto" and dist.get_world_size(process_group) <= 1:
-        return None
     return process_group
 
 
@@ -226,7 +224,7 @@ class LinearObjective:
     vector params = [W.ravel() (K*D), b (K, only with fit_intercept)], K = 1 for binary."""
 
     def __init__(self, X, target, n_classes, s=None, class_weight_only=None, C=1.0,
-                 fit_intercept=True, comm=None):
+                 fit_intercept=True, comm=None, l1_ratio=0.0):
         self.X, self.target = X, target
         self.binary = n_classes == 2
         self.K = 1 if self.binary else n_classes
@@ -241,6 +239,11 @@ class LinearObjective:
             ns = comm.all_reduce(torch.tensor([self.N, self.S], dtype=torch.float64)).cpu()
             self.N, self.S = float(ns[0]), float(ns[1])
         self.inv_C = 0.0 if C is None or C == math.inf else 1.0 / C
+        # Elastic net, as scikit-learn's saga: ((1 - l1_ratio) ||W||^2 / 2 + l1_ratio ||W||_1)
+        # / (C S). evaluate() is the smooth part (the L2 share); the L1 share is the solver's
+        # (OWL-QN, manual_layers/_solvers.py), per coordinate from l1_weights().
+        self.l1_ratio = float(l1_ratio or 0.0)
+        self.l2_inv_C = self.inv_C * (1.0 - self.l1_ratio)
         self.n_evals = 0
 
     @property
@@ -283,12 +286,19 @@ class LinearObjective:
             sums = self.comm.all_reduce(sums)
         sums = sums.to(device="cpu").numpy()
         loss, grad = sums[0] / self.S, sums[1:] / self.S
-        if self.inv_C:
+        if self.l2_inv_C:
             KD = self.K * self.D
             w = params[:KD]
-            loss += 0.5 * self.inv_C * float(w @ w) / self.S
-            grad[:KD] += (self.inv_C / self.S) * w
+            loss += 0.5 * self.l2_inv_C * float(w @ w) / self.S
+            grad[:KD] += (self.l2_inv_C / self.S) * w
         return loss, grad
+
+    def l1_weights(self):
+        """The L1 weight of each parameter (float64 (n_params,)): l1_ratio / (C S) on W, 0 on
+        the intercepts (not penalised)."""
+        w = np.zeros(self.n_params)
+        w[:self.K * self.D] = self.inv_C * self.l1_ratio / self.S
+        return w
 
 
 # Below this much work per evaluation (rows x features x coefficient rows) a CPU fit runs on one
@@ -371,6 +381,23 @@ def _lbfgs(obj, x0, max_iter, tol, verbose):
             bar.close()
     msg = res.message.decode() if isinstance(res.message, bytes) else str(res.message)
     return res.x, min(int(res.nit), max_iter), res.status == 0, msg
+
+
+def _owlqn(obj, x0, max_iter, tol, verbose):
+    from ._solvers import owlqn
+
+    bar = _progress(max_iter, "LogisticRegression.fit (owlqn)", verbose)
+
+    def callback(x, F):
+        bar.update(1)
+        bar.set_postfix(loss=f"{F:.6g}")
+
+    try:
+        return owlqn(obj.evaluate, x0, obj.l1_weights(), max_iter=max_iter, tol=tol,
+                     callback=callback if bar is not None else None)
+    finally:
+        if bar is not None:
+            bar.close()
 
 
 def _minibatch(obj, x0, solver, max_iter, tol, lr, batch_size, verbose):
@@ -474,8 +501,9 @@ def fit_logistic_regression(X, y, n_classes, *, sample_weight=None, class_weight
                             fit_intercept=True, solver="lbfgs", max_iter=100, tol=1e-4,
                             coef_init=None, intercept_init=None, lr=None, batch_size=256,
                             verbose=0, warn=True, caller="LogisticRegression.fit",
-                            process_group=None):
-    """Fit (multinomial or binary) L2 logistic regression, scikit-learn's objective.
+                            process_group=None, l1_ratio=0.0):
+    """Fit (multinomial or binary) logistic regression, scikit-learn's objective (L2, L1 or
+    elastic-net penalty).
 
     X: (N, D) floating tensor on the device that computes (the fused kernels run in X's dtype;
        the estimator and the module pass float64 for lbfgs unless told otherwise).
@@ -485,7 +513,11 @@ def fit_logistic_regression(X, y, n_classes, *, sample_weight=None, class_weight
     sample_weight: (N,) tensor on X's device or None. class_weight: (n_classes,) tensor or None
        (multiplies the sample weights, as scikit-learn does).
     C: inverse regularisation strength (> 0), or None / inf for no penalty.
-    solver: "lbfgs" (scipy L-BFGS-B; max_iter iterations, gtol=tol) or "sgd"/"adam"
+    l1_ratio: the elastic-net mix in [0, 1]: the penalty is ((1 - l1_ratio) ||W||^2 / 2 +
+       l1_ratio ||W||_1) / C, scikit-learn saga's. An L1 share needs solver="owlqn".
+    solver: "lbfgs" (scipy L-BFGS-B; max_iter iterations, gtol=tol), "owlqn" (OWL-QN,
+       manual_layers/_solvers.py, for an L1 share; max_iter iterations, max |pseudo-gradient|
+       <= tol; with no L1 share the objective is smooth and L-BFGS-B runs) or "sgd"/"adam"
        (mini-batches of batch_size, max_iter epochs, lr; stops early when the epoch loss
        changes by <= tol relative, never when tol is None/0).
     coef_init, intercept_init: starting point (tensors or arrays of the result's shapes);
@@ -503,6 +535,13 @@ def fit_logistic_regression(X, y, n_classes, *, sample_weight=None, class_weight
     if solver not in SOLVERS:
         raise ValueError(f"{caller}: solver must be one of {', '.join(map(repr, SOLVERS))}, got "
                          f"{solver!r}")
+    has_l1 = bool(l1_ratio) and C is not None and C != math.inf
+    if has_l1 and solver != "owlqn":
+        raise ValueError(f"{caller}: an L1 penalty (l1_ratio={l1_ratio}) needs solver='owlqn' "
+                         f"(orthant-wise L-BFGS); solver={solver!r} handles L2 or no penalty "
+                         f"only")
+    if solver == "owlqn" and not has_l1:
+        solver = "lbfgs"  # a smooth objective: OWL-QN would be L-BFGS with a weaker line search
     comm = None if process_group is None else _Comm(process_group, X.device)
     binary = n_classes == 2
     K, D = (1 if binary else n_classes), X.shape[1]
@@ -519,7 +558,8 @@ def fit_logistic_regression(X, y, n_classes, *, sample_weight=None, class_weight
         cw_only = None
     target = y.to(X.dtype) if binary else y.long()
     obj = LinearObjective(X, target, n_classes, s=s, class_weight_only=cw_only, C=C,
-                          fit_intercept=fit_intercept, comm=comm)
+                          fit_intercept=fit_intercept, comm=comm,
+                          l1_ratio=l1_ratio if has_l1 else 0.0)
     if not obj.S > 0:
         raise ValueError(f"{caller}: the sample weights (sample_weight times class_weight) must "
                          f"have a positive sum, got {obj.S}")
@@ -536,6 +576,8 @@ def fit_logistic_regression(X, y, n_classes, *, sample_weight=None, class_weight
     with _cpu_threads(_threads_for(X, K)), _blas_single_thread():
         if solver == "lbfgs":
             p, n_iter, converged, msg = _lbfgs(obj, x0, max_iter, tol, verbose)
+        elif solver == "owlqn":
+            p, n_iter, converged, msg = _owlqn(obj, x0, max_iter, tol, verbose)
         else:
             p, n_iter, converged, msg = _minibatch(obj, x0, solver, max_iter, tol, lr,
                                                    batch_size, verbose)
