@@ -1,23 +1,26 @@
 """The fit engine shared by manual_layers.sklearn.LogisticRegression (the scikit-learn
 estimator) and manual_layers.LogisticRegression.fit (the nn.Module).
 
-It minimises scikit-learn's L2-regularised logistic-regression objective
-(sklearn/linear_model/_logistic.py and _linear_loss.py, LinearModelLoss):
+It minimises scikit-learn's regularised logistic-regression objective
+(sklearn/linear_model/_logistic.py and _linear_loss.py, LinearModelLoss; saga's for L1):
 
-    f(W, b) = sum_i s_i * loss_i / S  +  ||W||^2 / (2 * C * S)
+    f(W, b) = sum_i s_i * loss_i / S  +  ((1 - r) ||W||^2 / 2 + r ||W||_1) / (C * S)
 
 with s_i = sample_weight_i * class_weight[y_i] (1 where not given), S = sum_i s_i (N when
 unweighted), loss_i the binary log-loss (one coefficient row, classes_[1] the positive class)
 or the multinomial cross-entropy (one row per class); the intercept is not penalised;
-penalty=None drops the second term.
+C=None (or inf) drops the second term; r = l1_ratio is 0 (L2) unless an L1 share is asked for.
 
 solver="lbfgs": scipy.optimize.minimize(method="L-BFGS-B", jac=True) with the options
 scikit-learn passes (maxiter=max_iter, gtol=tol, ftol=64 eps, maxls=50) over a float64 numpy
 vector [W.ravel(), b], starting from zeros; every evaluation is ONE call of the fused
-loss+gradient kernel on X's device (LinearObjective.evaluate). solver="sgd"/"adam": mini-batch
-torch.optim optimizers, max_iter epochs.
+loss+gradient kernel on X's device (LinearObjective.evaluate). solver="owlqn" (an L1 share):
+OWL-QN (manual_layers/_solvers.py) on the same evaluation, which then holds the smooth part (the
+loss and the L2 share); the L1 share is the solver's. solver="sgd"/"adam": mini-batch
+torch.optim optimizers, max_iter epochs, L2 only.
 
-Data parallelism (resolve_process_group, agree_across_ranks, _Comm): each rank
+Data parallelism (resolve_process_group, agree_across_ranks, _Comm), only when asked
+(distributed=True or an explicit process_group; never because a default group exists): each rank
 holds its shard of X, y (and sample weights). Agreed once, before the solver: every rank's
 (validation error or None, n_features, local label set) in one all_gather_object (a clear
 ValueError on every rank when any rank failed or the ranks disagree on n_features; the classes

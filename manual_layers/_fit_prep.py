@@ -70,12 +70,13 @@ def check_int(value, name, fn, *, low=0, none_ok=False):
 PENALTIES = ("deprecated", "l1", "l2", "elasticnet", None)
 
 
-def resolve_penalty(penalty, C, l1_ratio, fn):
+def resolve_penalty(penalty, C, l1_ratio, fn, stacklevel=3):
     """(C, l1_share) for the engine from scikit-learn's (penalty, C, l1_ratio), with the
     warnings and errors of scikit-learn 1.8+ LogisticRegression.fit: penalty="deprecated" (the
     default) derives the penalty from l1_ratio (0: l2, 1: l1, else elastic-net) and C (inf: none);
     an explicit penalty still works with a FutureWarning. C: float or None (no penalty), l1_share
-    in [0, 1] (the L1 part of ((1 - r) ||W||^2 / 2 + r ||W||_1) / C)."""
+    in [0, 1] (the L1 part of ((1 - r) ||W||^2 / 2 + r ||W||_1) / C), and the resolved penalty
+    name. stacklevel: the warnings' (pointing at the user's call)."""
     if not any(penalty is p or penalty == p for p in PENALTIES if p is not None) and \
             penalty is not None:
         raise InvalidParameterError(f"{fn}: penalty must be 'l1', 'l2', 'elasticnet' or None "
@@ -89,7 +90,7 @@ def resolve_penalty(penalty, C, l1_ratio, fn):
             if l1_ratio is None:
                 warnings.warn("'l1_ratio=None' was deprecated in version 1.8 and will trigger an "
                               "error in 1.10. Use 0<=l1_ratio<=1 instead.", FutureWarning,
-                              stacklevel=3)
+                              stacklevel=stacklevel)
         elif l1_ratio == 1:
             pen = "l1"
         else:
@@ -103,20 +104,20 @@ def resolve_penalty(penalty, C, l1_ratio, fn):
                       "'l1_ratio' or 'C' instead. Use l1_ratio=0 instead of penalty='l2', "
                       "l1_ratio=1 instead of penalty='l1', l1_ratio set to a float between 0 and "
                       "1 instead of penalty='elasticnet', and C=np.inf instead of penalty=None.",
-                      FutureWarning, stacklevel=3)
+                      FutureWarning, stacklevel=stacklevel)
     if pen != "elasticnet" and l1_ratio is not None and 0 < l1_ratio < 1:
         warnings.warn(f"l1_ratio parameter is only used when penalty is 'elasticnet'. Got "
-                      f"(penalty={pen})", UserWarning, stacklevel=3)
+                      f"(penalty={pen})", UserWarning, stacklevel=stacklevel)
     if (penalty == "l2" and l1_ratio != 0) or (penalty == "l1" and l1_ratio != 1):
         warnings.warn(f"Inconsistent values: penalty={penalty} with l1_ratio={l1_ratio}. "
                       f"penalty is deprecated. Please use l1_ratio only.", UserWarning,
-                      stacklevel=3)
+                      stacklevel=stacklevel)
     if pen == "elasticnet" and l1_ratio is None:
         raise ValueError(f"{fn}: l1_ratio must be specified when penalty is elasticnet.")
     if penalty is None:
         if C != 1.0:
             warnings.warn("Setting penalty=None will ignore the C and l1_ratio parameters",
-                          UserWarning, stacklevel=3)
+                          UserWarning, stacklevel=stacklevel)
         return None, 0.0, pen
     if C == math.inf:
         return None, 0.0, pen

@@ -232,7 +232,7 @@ class LogisticRegressionCV(LogisticRegression):
             swt = None if sample_weight is None else torch.as_tensor(
                 sample_weight[train]).to(device=device, dtype=dtype)
             sw_test = None if sample_weight is None else sample_weight[test]
-            X_test, y_test = X[test], y[test]
+            X_test, y_test, y_test_idx = X[test], y[test], y_idx[test]
             for j, r in enumerate(l1_ratios_):
                 init = None
                 for i, C in enumerate(Cs):  # warm start: each C from the previous solution
@@ -244,7 +244,7 @@ class LogisticRegressionCV(LogisticRegression):
                     if self.fit_intercept:
                         paths[f, j, i, :, -1] = icpt
                     n_iter[f, j, i] = res.n_iter
-                    scores[f, j, i] = scorer(coef, icpt, X_test, y_test, sw_test, test)
+                    scores[f, j, i] = scorer(coef, icpt, X_test, y_test, y_test_idx, sw_test)
         self._set_attributes(paths, scores, n_iter, Cs, l1_ratios, l1_ratios_, penalty,
                              legacy, classes, n_features, len(folds))
 
@@ -284,14 +284,30 @@ class LogisticRegressionCV(LogisticRegression):
         return self
 
     def _scorer(self, scoring, classes, is_binary):
-        """score(coef, intercept, X_test, y_test, sw_test, test_idx) of one path point, as
-        scikit-learn's _log_reg_scoring_path scores it."""
-        if scoring is None:  # accuracy, LogisticRegression.score: computed here directly
-            def accuracy(coef, icpt, Xte, yte, swte, test):
+        """score(coef, intercept, X_test, y_test, y_test_idx, sw_test) of one path point, as
+        scikit-learn's _log_reg_scoring_path scores it. Accuracy (None, "accuracy") and
+        "neg_log_loss" are computed here from the decision values, as accuracy_score and
+        log_loss compute them (probabilities clipped to [eps, 1 - eps]): scikit-learn's scorer
+        validates its inputs on every call, which costs more than a small fold's fit."""
+        if scoring is None or (isinstance(scoring, str) and scoring == "accuracy"):
+            def accuracy(coef, icpt, Xte, yte, yte_idx, swte):
                 z = safe_sparse_dot(Xte, coef.T, dense_output=True) + icpt
-                pred = classes[(z[:, 0] > 0).astype(np.intp) if is_binary else z.argmax(1)]
-                return float(np.average(pred == yte, weights=swte))
+                pred = (z[:, 0] > 0).astype(np.intp) if is_binary else z.argmax(1)
+                return float(np.average(pred == yte_idx, weights=swte))
             return accuracy
+        if isinstance(scoring, str) and scoring == "neg_log_loss":
+            def neg_log_loss(coef, icpt, Xte, yte, yte_idx, swte):
+                z = safe_sparse_dot(Xte, coef.T, dense_output=True) + icpt
+                if is_binary:  # scikit-learn's _predict_proba_lr: expit, then [1 - p, p]
+                    p1 = 1.0 / (1.0 + np.exp(-z[:, 0]))
+                    p = np.where(yte_idx == 1, p1, 1.0 - p1)
+                else:
+                    z = z - z.max(axis=1, keepdims=True)
+                    e = np.exp(z)
+                    p = e[np.arange(len(yte_idx)), yte_idx] / e.sum(axis=1)
+                eps = np.finfo(p.dtype).eps
+                return float(np.average(np.log(np.clip(p, eps, 1 - eps)), weights=swte))
+            return neg_log_loss
         from sklearn.linear_model import LogisticRegression as _SkShell
         from sklearn.utils.validation import _check_method_params
         scorer = get_scorer(scoring)
@@ -305,7 +321,7 @@ class LogisticRegressionCV(LogisticRegression):
         shell = _SkShell()  # scikit-learn's estimator, given the path's coefficients
         shell.classes_ = classes
 
-        def score(coef, icpt, Xte, yte, swte, test):
+        def score(coef, icpt, Xte, yte, yte_idx, swte):
             shell.coef_ = coef
             shell.intercept_ = icpt if self.fit_intercept else 0.0
             kw = {} if swte is None else {"sample_weight": swte}

@@ -191,7 +191,7 @@ class LogisticRegression(ClassifierMixin, BaseEstimator):
     def _check_params(self, fn="LogisticRegression"):
         """(device, dtype, C or None, l1 share, engine solver), every parameter checked with
         scikit-learn's rules (manual_layers/_fit_prep.py) and errors naming it."""
-        C, l1, pen = P.resolve_penalty(self.penalty, self.C, self.l1_ratio, fn)
+        C, l1, pen = P.resolve_penalty(self.penalty, self.C, self.l1_ratio, fn, stacklevel=4)
         solver = P.resolve_solver(self.solver, pen, fn)
         P.check_int(self.max_iter, "max_iter", fn)
         P.check_real(self.tol, "tol", fn, low=0)
@@ -206,7 +206,7 @@ class LogisticRegression(ClassifierMixin, BaseEstimator):
         if self.n_jobs is not None:
             warnings.warn(f"'n_jobs' has no effect since 1.8 and will be removed in 1.10. You "
                           f"provided 'n_jobs={self.n_jobs}', please leave it unspecified.",
-                          FutureWarning, stacklevel=3)
+                          FutureWarning, stacklevel=4)
         return _resolve_device(self.device, fn), _resolve_dtype(self.dtype), C, l1, solver
 
     # ---- fit -----------------------------------------------------------------------------

@@ -10,6 +10,7 @@ import torch
 
 pytest.importorskip("sklearn")
 from sklearn.linear_model import LogisticRegression as SkLR  # noqa: E402
+from sklearn.utils.estimator_checks import parametrize_with_checks  # noqa: E402
 
 import manual_layers as ml  # noqa: E402
 from manual_layers._solvers import owlqn, pseudo_gradient  # noqa: E402
@@ -28,6 +29,12 @@ def _one_blas_thread():
         return
     with threadpool_limits(limits=1, user_api="blas"):
         yield
+
+
+@parametrize_with_checks([LogisticRegression(solver="saga", l1_ratio=1.0),
+                          LogisticRegression(solver="saga", l1_ratio=0.5, C=0.5)])
+def test_sklearn_estimator_checks(estimator, check):
+    check(estimator)
 
 
 def _rng():
