@@ -17,7 +17,7 @@ import warnings
 
 import numpy as np
 import torch
-from sklearn.metrics import get_scorer, get_scorer_names, make_scorer  # noqa: F401
+from sklearn.metrics import get_scorer, make_scorer
 from sklearn.model_selection import check_cv
 from sklearn.utils.extmath import safe_sparse_dot
 
@@ -282,6 +282,16 @@ class LogisticRegressionCV(LogisticRegression):
         self.intercept_ = (icpt if self.fit_intercept else np.zeros(rows)).astype(X.dtype,
                                                                                  copy=False)
         return self
+
+    def score(self, X, y, sample_weight=None, **score_params):
+        """The `scoring` score of the fitted model on (X, y), as scikit-learn's
+        LogisticRegressionCV.score (accuracy for scoring=None or "warn")."""
+        scoring = self.scoring
+        if scoring is None or (isinstance(scoring, str) and scoring == "warn"):
+            scoring = "accuracy"
+        if sample_weight is not None:
+            score_params["sample_weight"] = sample_weight
+        return get_scorer(scoring)(self, X, y, **score_params)
 
     def _scorer(self, scoring, classes, is_binary):
         """score(coef, intercept, X_test, y_test, y_test_idx, sw_test) of one path point, as

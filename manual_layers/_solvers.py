@@ -31,7 +31,7 @@ machine epsilons, L-BFGS-B's factr that scikit-learn passes).
 
 import numpy as np
 
-__all__ = ["owlqn", "pseudo_gradient"]
+__all__ = ["owlqn", "pseudo_gradient", "run_owlqn"]
 
 _FTOL = 64 * np.finfo(float).eps
 
@@ -122,3 +122,18 @@ def _two_loop(v, S, Y, RHO):
         b = rho * float(y @ q)
         q += (a - b) * s
     return q
+
+
+def run_owlqn(obj, x0, max_iter, tol, bar=None):
+    """OWL-QN on a LinearObjective (its evaluate() the smooth part, its l1_weights() the L1
+    share), with an optional progress bar; returns (x, n_iter, converged, message)."""
+    def callback(x, F):
+        bar.update(1)
+        bar.set_postfix(loss=f"{F:.6g}")
+
+    try:
+        return owlqn(obj.evaluate, x0, obj.l1_weights(), max_iter=max_iter, tol=tol,
+                     callback=callback if bar is not None else None)
+    finally:
+        if bar is not None:
+            bar.close()

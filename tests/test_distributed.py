@@ -407,6 +407,11 @@ def _distributed_fit(torch, dist, ml, rank, device):
     # class_weight="balanced": the class counts are summed over the shards
     est_case("est_balanced", [(*data(30, 90, K=3), None), (*data(31, 40, K=3), None)],
              class_weight="balanced")
+    # L1 and elastic-net (OWL-QN): the same steps on every rank, multinomial and binary
+    est_case("est_l1_multi", [(*data(90, 110, K=3), None), (*data(91, 70, K=3), None)],
+             solver="saga", l1_ratio=1.0, C=0.2)
+    est_case("est_elasticnet_binary", [(*data(92, 90), None), (*data(93, 130), None)],
+             solver="saga", l1_ratio=0.5, C=0.1)
     # rank 1 holds no rows at all
     x0, y0 = data(40, 100, K=3)
     est_case("est_rank_with_zero_rows", [(x0, y0, None), (np.zeros((0, 5)), y0[:0], None)])
@@ -496,6 +501,7 @@ def _distributed_fit(torch, dist, ml, rank, device):
 
 
 DIST_FIT_CASES = ["est_binary_unequal", "est_multi_strings_missing_class", "est_balanced",
+                  "est_l1_multi", "est_elasticnet_binary",
                   "est_rank_with_zero_rows", "module_multi", "module_binary",
                   "local_when_distributed_false"]
 

@@ -90,6 +90,10 @@ def test_matches_sklearn_l2(K, legacy):
     np.testing.assert_allclose(ours.Cs_, sk.Cs_)
     np.testing.assert_allclose(ours.coef_, sk.coef_, rtol=1e-4, atol=1e-5)
     np.testing.assert_array_equal(ours.predict(X), sk.predict(X))
+    # score() uses `scoring`, as scikit-learn's LogisticRegressionCV.score does
+    assert ours.score(X, y, sample_weight=sw) == pytest.approx(sk.score(X, y, sample_weight=sw),
+                                                               rel=1e-4)
+    assert ours.score(X, y) < 0  # neg_log_loss
 
 
 def test_matches_sklearn_elasticnet_grid():
