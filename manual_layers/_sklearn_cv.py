@@ -22,7 +22,7 @@ from sklearn.model_selection import check_cv
 from sklearn.utils.extmath import safe_sparse_dot
 
 from . import _fit_prep as P
-from ._fit import FitResult, fit_logistic_regression
+from ._fit import FitResult, _blas_single_thread, _cpu_threads, fit_logistic_regression
 from .modules import LogisticRegression as _LogisticRegressionModule
 from .sklearn import LogisticRegression, _encode_labels, _resolve_device, _resolve_dtype, \
     _to_tensor
@@ -45,8 +45,9 @@ class LogisticRegressionCV(LogisticRegression):
     scoring : str, callable or None, default="warn" (accuracy, with scikit-learn's FutureWarning)
     solver : as LogisticRegression's ("lbfgs"; "saga"/"owlqn" for an L1 share), default="lbfgs"
     tol, max_iter, class_weight, verbose : as LogisticRegression's
-    n_jobs : None or int: accepted; the folds run one after another, each fit on all of torch's
-        threads (the fused kernels are multi-threaded already)
+    n_jobs : None or int, default=None: None runs the folds one after another (each fit on
+        torch's threads); n_jobs > 1 (or -1: every core) runs up to n_jobs folds at once in
+        threads, each fit on one torch thread (CPU)
     refit : bool, default=True
     random_state : no effect (the solvers are deterministic)
     use_legacy_attributes : bool, default="warn" (True with scikit-learn's FutureWarning)
@@ -225,7 +226,9 @@ class LogisticRegressionCV(LogisticRegression):
         paths = np.zeros((len(folds), nR, nC, rows, n_dof))
         scores = np.zeros((len(folds), nR, nC))
         n_iter = np.zeros((len(folds), nR, nC), dtype=np.int32)
-        for f, (train, test) in enumerate(folds):
+        def fold_paths(f):
+            """Fold f's paths (every l1_ratio, every C with warm starts), written in place."""
+            train, test = folds[f]
             Xt = _to_tensor(np.ascontiguousarray(X[train]) if isinstance(X, np.ndarray)
                             else X[train], device, dtype)
             yt = torch.as_tensor(y_idx[train], dtype=torch.long).to(device)
@@ -245,6 +248,19 @@ class LogisticRegressionCV(LogisticRegression):
                         paths[f, j, i, :, -1] = icpt
                     n_iter[f, j, i] = res.n_iter
                     scores[f, j, i] = scorer(coef, icpt, X_test, y_test, y_test_idx, sw_test)
+
+        workers = self._workers(len(folds), device)
+        if workers <= 1:
+            for f in range(len(folds)):
+                fold_paths(f)
+        else:
+            # n_jobs > 1: folds in threads, each fit on one torch thread (the kernels release the
+            # GIL; the folds are independent, so the results do not depend on the schedule)
+            # (torch's and OpenBLAS's thread counts are process-wide: they are set once here,
+            # so that the fits' own set-and-restore inside the threads changes nothing)
+            from concurrent.futures import ThreadPoolExecutor
+            with _cpu_threads(1), _blas_single_thread(), ThreadPoolExecutor(workers) as pool:
+                list(pool.map(fold_paths, range(len(folds))))
         self._set_attributes(paths, scores, n_iter, Cs, l1_ratios, l1_ratios_, penalty,
                              legacy, classes, n_features, len(folds))
 
@@ -282,6 +298,14 @@ class LogisticRegressionCV(LogisticRegression):
         self.intercept_ = (icpt if self.fit_intercept else np.zeros(rows)).astype(X.dtype,
                                                                                  copy=False)
         return self
+
+    def _workers(self, n_folds, device):
+        """Threads for the folds: n_jobs as joblib counts it (None: 1, -1: every core), at most
+        one per fold; CPU fits only (a GPU runs one fold's kernels at a time anyway)."""
+        if self.n_jobs is None or device.type != "cpu":
+            return 1
+        from joblib import effective_n_jobs
+        return max(1, min(effective_n_jobs(self.n_jobs), n_folds))
 
     def score(self, X, y, sample_weight=None, **score_params):
         """The `scoring` score of the fitted model on (X, y), as scikit-learn's

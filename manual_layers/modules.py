@@ -242,14 +242,17 @@ class LogisticRegression(LayerFitMixin, nn.Module):
     loading a fitted state_dict). A layer trained by your own loop predicts class indices once
     you set layer.classes_ = numpy.arange(num_classes).
 
-    fit() minimises scikit-learn's objective (weighted mean log-loss + ||W||^2 / (2 C sum of
+    fit() (manual_layers/_layer_fit.py) takes the scikit-learn estimator's words (C, l1_ratio,
+    solver, max_iter, tol, class_weight, sample_weight, ...) and minimises its objective
+    (weighted mean log-loss + ((1 - l1_ratio) ||W||^2 / 2 + l1_ratio ||W||_1) / (C sum of
     sample weights); the intercept is not penalised) through the fused loss kernels, on CPU or
     CUDA tensors or numpy arrays; see manual_layers/_fit.py. For a full scikit-learn estimator
     (clone, Pipeline, GridSearchCV, pandas) use manual_layers.sklearn.LogisticRegression.
 
     state_dict: weight, bias (nn.Linear's keys) and, once fitted, "_extra_state" holding
     classes_ (plain Python lists, loadable with torch.load(weights_only=True)). A state_dict
-    without it (an unfitted layer's, an nn.Linear's) still loads, leaving the layer unfitted.
+    without it (an unfitted layer's, an nn.Linear's) still loads, leaving the layer unfitted;
+    one whose classes_ count differs from num_classes is refused (load_state_dict raises).
     """
 
     def __init__(self, in_features, num_classes=2, bias=True, device=None, dtype=None):
