@@ -15,7 +15,6 @@ and manual_layers/_fit_prep.py for the parameter rules shared with the layer's f
 LogisticRegressionCV (manual_layers/_sklearn_cv.py) is scikit-learn's, with these fits.
 """
 
-import numbers
 import warnings
 
 import numpy as np
