@@ -67,6 +67,12 @@ def _encode_labels(y):
     return np.unique(y, return_inverse=True)
 
 
+def _host(a):
+    """A torch tensor as scikit-learn's validation can read it: detached (a tensor that
+    requires grad is data here, not a graph node) and on the host; anything else unchanged."""
+    return a.detach().cpu() if isinstance(a, torch.Tensor) else a
+
+
 def _resolve_device(device, fn):
     """torch.device of the `device` parameter: a CPU or CUDA device (where the kernels run)."""
     try:
@@ -262,6 +268,7 @@ class LogisticRegression(ClassifierMixin, BaseEstimator):
         return self
 
     def _check_local(self, X, y, sample_weight, min_samples):
+        X, y, sample_weight = (_host(a) for a in (X, y, sample_weight))
         X, y = _validate_data(self, X, y, dtype=[np.float64, np.float32], order="C",
                               reset=True, ensure_min_samples=min_samples)
         # A 1-D integer y is always a valid "binary" or "multiclass" target: scikit-learn's
@@ -284,7 +291,8 @@ class LogisticRegression(ClassifierMixin, BaseEstimator):
     # ---- predict -------------------------------------------------------------------------
     def _tensor(self, X):
         check_is_fitted(self)
-        X = _validate_data(self, X, dtype=[np.float64, np.float32], order="C", reset=False)
+        X = _validate_data(self, _host(X), dtype=[np.float64, np.float32], order="C",
+                           reset=False)
         p = self.module_.weight
         return _to_tensor(X, p.device, p.dtype)
 

@@ -143,6 +143,15 @@ def test_tensor_x_that_requires_grad_is_detached():
     assert layer.score(Xt, torch.tensor(y)) == ref.score(X, y)
 
 
+def test_estimator_takes_tensors_that_require_grad():
+    X, y = _data()
+    Xt = torch.tensor(X, requires_grad=True)
+    a = LogisticRegression().fit(Xt, torch.tensor(y))
+    b = LogisticRegression().fit(X, y)
+    np.testing.assert_array_equal(a.coef_, b.coef_)
+    np.testing.assert_array_equal(a.predict(Xt), b.predict(X))
+
+
 def test_estimator_device_meta_is_refused():
     X, y = _data()
     with pytest.raises(ValueError, match=r"device must be a CPU or CUDA device .* got 'meta'"):
