@@ -11,9 +11,11 @@ the median time of one evaluation (LinearObjective.evaluate: one fused loss+grad
 plus the host copies) and of the bare fused kernel call, so that fit time - evaluations x
 evaluation time is the optimizer's and the estimator's own overhead.
 
-    python benchmarks/bench_fit.py [--quick] [--repeats 5] [--device cpu]
+    python benchmarks/bench_fit.py [--quick] [--repeats 5] [--device cpu] [--sections dense,l1,cv]
 
-Writes benchmarks/results/bench_fit.{csv,md}.
+Sections l1 (OWL-QN against scikit-learn's saga) and cv (LogisticRegressionCV against
+scikit-learn's) are in benchmarks/fit_penalties.py. Writes benchmarks/results/bench_fit.{csv,md}
+(and bench_fit_l1.md, bench_fit_cv.md).
 """
 
 import argparse
@@ -97,7 +99,10 @@ def main():
     p.add_argument("--repeats", type=int, default=None, help="timed fits each (default 5, "
                    "3 with --quick)")
     p.add_argument("--quick", action="store_true", help="synthetic cases 10x smaller")
+    p.add_argument("--sections", default="dense,l1,cv",
+                   help="comma-separated: dense (L2, lbfgs), l1 (vs saga), cv (CV estimator)")
     args = p.parse_args()
+    sections = set(args.sections.split(","))
     device = common.checked_device(args)
     repeats = args.repeats or (3 if args.quick else 5)
     from sklearn.linear_model import LogisticRegression as SkLR
@@ -111,7 +116,7 @@ def main():
               "iters sk/ours", "acc sk", "acc ours", "max |coef diff|", "ours evals",
               "ms/eval", "kernel ms", "ours overhead ms"]
     rows, csv_rows = [], []
-    for name, Xtr, Xte, ytr, yte in datasets(args.quick):
+    for name, Xtr, Xte, ytr, yte in (datasets(args.quick) if "dense" in sections else ()):
         K = len(np.unique(ytr))
         shape = f"{Xtr.shape[0]}x{Xtr.shape[1]}" + (f"x{K}" if K > 2 else " binary")
         sk, ours = SkLR(**params), MlLR(device=device, dtype="float64", **params)
@@ -158,6 +163,9 @@ def main():
                 "fit", name, impl, "float64", shape, "fit", t, meta,
                 extra=f"ratio={ratio:.3f};iters={int(ours.n_iter_[0])};evals={n_evals['n']}"))
         print(f"{name}: sklearn {t_sk:.1f} ms, ours {t_ours:.1f} ms, {ratio:.2f}x", flush=True)
+    if sections & {"l1", "cv"}:
+        import fit_penalties
+        csv_rows += fit_penalties.run(sections, args.quick, repeats, meta)
     load1 = os.getloadavg()
     print()
     common.print_table(header, rows)

@@ -4,8 +4,9 @@
     torchrun --nproc-per-node 2 examples/distributed_fit.py --classes 5 --rows 50000
 
 Each rank generates its own shard (seeded by its rank; shards of different sizes) and calls
-manual_layers.sklearn.LogisticRegression().fit on it. Under torchrun the default process group
-is initialised here, so distributed="auto" makes the fit data-parallel: the classes, n_features,
+manual_layers.sklearn.LogisticRegression(distributed=True).fit on it: data-parallel over the
+default process group initialised here (a fit is data-parallel only when asked: the default,
+distributed=False, fits the local rows alone even under torchrun). The classes, n_features,
 N and the weight total are agreed once, then every L-BFGS function evaluation all-reduces one
 float64 vector of (1 + C*(D+1)) values, and every rank ends with the same model, the one a single
 process fits on all shards concatenated. Rank 0 prints the fit time, the iterations, the
@@ -56,10 +57,11 @@ def main():
     rank, world = dist.get_rank(), dist.get_world_size()
     try:
         x, y = make_shard(rank, a.rows, a.features, a.classes)
-        clf = LogisticRegression(C=a.C, tol=a.tol, max_iter=1000, device=device)
+        clf = LogisticRegression(C=a.C, tol=a.tol, max_iter=1000, device=device,
+                                 distributed=True)
         dist.barrier()
         t0 = time.perf_counter()
-        clf.fit(x, y)  # distributed="auto": data-parallel over the default group
+        clf.fit(x, y)  # distributed=True: data-parallel over the default group
         fit_s = time.perf_counter() - t0
 
         # accuracy over all shards: (correct, rows) summed over ranks
@@ -73,8 +75,8 @@ def main():
             X = np.concatenate([s[0] for s in shards])
             Y = np.concatenate([s[1] for s in shards])
             t1 = time.perf_counter()
-            ref = LogisticRegression(C=a.C, tol=a.tol, max_iter=1000, device=device,
-                                     distributed=False).fit(X, Y)
+            ref = LogisticRegression(C=a.C, tol=a.tol, max_iter=1000,
+                                     device=device).fit(X, Y)  # local: rank 0 alone
             ref_s = time.perf_counter() - t1
             diff = max(np.abs(clf.coef_ - ref.coef_).max(),
                        np.abs(clf.intercept_ - ref.intercept_).max())

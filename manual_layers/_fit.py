@@ -1,23 +1,26 @@
 """The fit engine shared by manual_layers.sklearn.LogisticRegression (the scikit-learn
 estimator) and manual_layers.LogisticRegression.fit (the nn.Module).
 
-It minimises scikit-learn's L2-regularised logistic-regression objective
-(sklearn/linear_model/_logistic.py and _linear_loss.py, LinearModelLoss):
+It minimises scikit-learn's regularised logistic-regression objective
+(sklearn/linear_model/_logistic.py and _linear_loss.py, LinearModelLoss; saga's for L1):
 
-    f(W, b) = sum_i s_i * loss_i / S  +  ||W||^2 / (2 * C * S)
+    f(W, b) = sum_i s_i * loss_i / S  +  ((1 - r) ||W||^2 / 2 + r ||W||_1) / (C * S)
 
 with s_i = sample_weight_i * class_weight[y_i] (1 where not given), S = sum_i s_i (N when
 unweighted), loss_i the binary log-loss (one coefficient row, classes_[1] the positive class)
 or the multinomial cross-entropy (one row per class); the intercept is not penalised;
-penalty=None drops the second term.
+C=None (or inf) drops the second term; r = l1_ratio is 0 (L2) unless an L1 share is asked for.
 
 solver="lbfgs": scipy.optimize.minimize(method="L-BFGS-B", jac=True) with the options
 scikit-learn passes (maxiter=max_iter, gtol=tol, ftol=64 eps, maxls=50) over a float64 numpy
 vector [W.ravel(), b], starting from zeros; every evaluation is ONE call of the fused
-loss+gradient kernel on X's device (LinearObjective.evaluate). solver="sgd"/"adam": mini-batch
-torch.optim optimizers, max_iter epochs.
+loss+gradient kernel on X's device (LinearObjective.evaluate). solver="owlqn" (an L1 share):
+OWL-QN (manual_layers/_solvers.py) on the same evaluation, which then holds the smooth part (the
+loss and the L2 share); the L1 share is the solver's. solver="sgd"/"adam": mini-batch
+torch.optim optimizers, max_iter epochs, L2 only.
 
-Data parallelism (resolve_process_group, agree_across_ranks, _Comm): each rank
+Data parallelism (resolve_process_group, agree_across_ranks, _Comm), only when asked
+(distributed=True or an explicit process_group; never because a default group exists): each rank
 holds its shard of X, y (and sample weights). Agreed once, before the solver: every rank's
 (validation error or None, n_features, local label set) in one all_gather_object (a clear
 ValueError on every rank when any rank failed or the ranks disagree on n_features; the classes
@@ -37,6 +40,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+
+# data parallelism (process group, the ranks' agreement, the collectives): _fit_dist.py
+from ._fit_dist import _Comm, agree_across_ranks, resolve_process_group  # noqa: F401
 
 
 class _ConvergenceWarning(UserWarning):
@@ -58,107 +64,10 @@ def __getattr__(name):
         return _convergence_warning_class()
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
-SOLVERS = ("lbfgs", "sgd", "adam")
+SOLVERS = ("lbfgs", "owlqn", "sgd", "adam")
 
 __all__ = ["fit_logistic_regression", "LinearObjective", "FitResult", "ConvergenceWarning",
            "SOLVERS", "resolve_process_group", "agree_across_ranks"]
-
-
-# ---- data parallelism ---------------------------------------------------------------------------
-
-def resolve_process_group(distributed, process_group, caller):
-    """The process group a fit is data-parallel over, or None for a local fit.
-
-    distributed: "auto" (data-parallel when process_group is given, or when the default group
-    is initialised, with more than one rank), True (data-parallel; needs process_group or an
-    initialised default group; also with one rank), False (local fit, whatever is initialised).
-    """
-    if not (distributed is True or distributed is False or
-            (isinstance(distributed, str) and distributed == "auto")):
-        raise ValueError(f"{caller}: distributed must be 'auto', True or False, got "
-                         f"{distributed!r}")
-    if distributed is False:
-        return None
-    import torch.distributed as dist
-    if not dist.is_available():
-        if distributed is True or process_group is not None:
-            raise ValueError(f"{caller}: distributed=True or process_group= needs "
-                             f"torch.distributed, which this torch build lacks")
-        return None
-    if process_group is None:
-        if not dist.is_initialized():
-            if distributed is True:
-                raise ValueError(f"{caller}: distributed=True needs an initialised default "
-                                 f"process group (torch.distributed.init_process_group) or "
-                                 f"process_group=")
-            return None
-        process_group = dist.group.WORLD
-    if distributed == "auto" and dist.get_world_size(process_group) <= 1:
-        return None
-    return process_group
-
-
-class _Comm:
-    """The collectives of a data-parallel fit over `group`; tensors reduce on X's device under
-    NCCL (CUDA), on the CPU otherwise (gloo)."""
-
-    def __init__(self, group, device):
-        import torch.distributed as dist
-        self.dist, self.group = dist, group
-        self.world = dist.get_world_size(group)
-        self.rank = dist.get_rank(group)
-        backend = str(dist.get_backend(group)).lower()
-        if "nccl" in backend:
-            self.device = device if device.type == "cuda" else \
-                torch.device("cuda", torch.cuda.current_device())
-        else:
-            self.device = torch.device("cpu")
-        self.n_allreduce, self.bytes = 0, 0
-
-    def all_reduce(self, t):
-        """SUM over ranks of a float64 tensor (any device); returns it on self.device."""
-        t = t.to(device=self.device, dtype=torch.float64).contiguous()
-        self.dist.all_reduce(t, op=self.dist.ReduceOp.SUM, group=self.group)
-        self.n_allreduce += 1
-        self.bytes += t.numel() * t.element_size()
-        return t
-
-    def broadcast_np(self, a):
-        """Rank 0's float64 numpy vector, on every rank."""
-        t = torch.as_tensor(np.ascontiguousarray(a, dtype=np.float64)).to(self.device)
-        self.dist.broadcast(t, src=self.dist.get_global_rank(self.group, 0), group=self.group)
-        return t.cpu().numpy()
-
-
-def agree_across_ranks(group, caller, error, n_features, local_classes):
-    """One all_gather_object of every rank's (validation error text or None, n_features, local
-    label set). Raises ValueError on EVERY rank when any rank's local checks failed or the ranks
-    disagree on n_features (rather than leaving the others waiting in a collective); returns the
-    sorted union of the label sets (numpy), the same on every rank. Labels may be numbers or
-    strings (any picklable, mutually sortable values)."""
-    import torch.distributed as dist
-    world = dist.get_world_size(group)
-    err = None if error is None else f"{type(error).__name__}: {error}"
-    lc = None if local_classes is None else np.asarray(local_classes)
-    got = [None] * world
-    dist.all_gather_object(got, (err, None if n_features is None else int(n_features), lc),
-                           group=group)
-    errs = [f"rank {r}: {e}" for r, (e, _, _) in enumerate(got) if e is not None]
-    if errs:
-        raise ValueError(f"{caller} (data-parallel over {world} ranks): a rank's data failed "
-                         f"its checks; " + "; ".join(errs))
-    ds = [d for _, d, _ in got]
-    if len(set(ds)) > 1:
-        raise ValueError(f"{caller} (data-parallel over {world} ranks): the ranks disagree on "
-                         f"the number of features (in_features): " +
-                         ", ".join(f"rank {r}: {d}" for r, d in enumerate(ds)))
-    parts = [c for _, _, c in got if c is not None and len(c)]
-    if not parts:
-        return np.array([])
-    if any(p.dtype.kind in "OUS" for p in parts) and not all(p.dtype.kind in "OUS"
-                                                             for p in parts):
-        parts = [p.astype(object) for p in parts]
-    return np.unique(np.concatenate(parts))
 
 
 @dataclass
@@ -226,7 +135,7 @@ class LinearObjective:
     vector params = [W.ravel() (K*D), b (K, only with fit_intercept)], K = 1 for binary."""
 
     def __init__(self, X, target, n_classes, s=None, class_weight_only=None, C=1.0,
-                 fit_intercept=True, comm=None):
+                 fit_intercept=True, comm=None, l1_ratio=0.0):
         self.X, self.target = X, target
         self.binary = n_classes == 2
         self.K = 1 if self.binary else n_classes
@@ -241,6 +150,11 @@ class LinearObjective:
             ns = comm.all_reduce(torch.tensor([self.N, self.S], dtype=torch.float64)).cpu()
             self.N, self.S = float(ns[0]), float(ns[1])
         self.inv_C = 0.0 if C is None or C == math.inf else 1.0 / C
+        # Elastic net, as scikit-learn's saga: ((1 - l1_ratio) ||W||^2 / 2 + l1_ratio ||W||_1)
+        # / (C S). evaluate() is the smooth part (the L2 share); the L1 share is the solver's
+        # (OWL-QN, manual_layers/_solvers.py), per coordinate from l1_weights().
+        self.l1_ratio = float(l1_ratio or 0.0)
+        self.l2_inv_C = self.inv_C * (1.0 - self.l1_ratio)
         self.n_evals = 0
 
     @property
@@ -283,12 +197,19 @@ class LinearObjective:
             sums = self.comm.all_reduce(sums)
         sums = sums.to(device="cpu").numpy()
         loss, grad = sums[0] / self.S, sums[1:] / self.S
-        if self.inv_C:
+        if self.l2_inv_C:
             KD = self.K * self.D
             w = params[:KD]
-            loss += 0.5 * self.inv_C * float(w @ w) / self.S
-            grad[:KD] += (self.inv_C / self.S) * w
+            loss += 0.5 * self.l2_inv_C * float(w @ w) / self.S
+            grad[:KD] += (self.l2_inv_C / self.S) * w
         return loss, grad
+
+    def l1_weights(self):
+        """The L1 weight of each parameter (float64 (n_params,)): l1_ratio / (C S) on W, 0 on
+        the intercepts (not penalised)."""
+        w = np.zeros(self.n_params)
+        w[:self.K * self.D] = self.inv_C * self.l1_ratio / self.S
+        return w
 
 
 # Below this much work per evaluation (rows x features x coefficient rows) a CPU fit runs on one
@@ -474,8 +395,9 @@ def fit_logistic_regression(X, y, n_classes, *, sample_weight=None, class_weight
                             fit_intercept=True, solver="lbfgs", max_iter=100, tol=1e-4,
                             coef_init=None, intercept_init=None, lr=None, batch_size=256,
                             verbose=0, warn=True, caller="LogisticRegression.fit",
-                            process_group=None):
-    """Fit (multinomial or binary) L2 logistic regression, scikit-learn's objective.
+                            process_group=None, l1_ratio=0.0):
+    """Fit (multinomial or binary) logistic regression, scikit-learn's objective (L2, L1 or
+    elastic-net penalty).
 
     X: (N, D) floating tensor on the device that computes (the fused kernels run in X's dtype;
        the estimator and the module pass float64 for lbfgs unless told otherwise).
@@ -485,7 +407,11 @@ def fit_logistic_regression(X, y, n_classes, *, sample_weight=None, class_weight
     sample_weight: (N,) tensor on X's device or None. class_weight: (n_classes,) tensor or None
        (multiplies the sample weights, as scikit-learn does).
     C: inverse regularisation strength (> 0), or None / inf for no penalty.
-    solver: "lbfgs" (scipy L-BFGS-B; max_iter iterations, gtol=tol) or "sgd"/"adam"
+    l1_ratio: the elastic-net mix in [0, 1]: the penalty is ((1 - l1_ratio) ||W||^2 / 2 +
+       l1_ratio ||W||_1) / C, scikit-learn saga's. An L1 share needs solver="owlqn".
+    solver: "lbfgs" (scipy L-BFGS-B; max_iter iterations, gtol=tol), "owlqn" (OWL-QN,
+       manual_layers/_solvers.py, for an L1 share; max_iter iterations, max |pseudo-gradient|
+       <= tol; with no L1 share the objective is smooth and L-BFGS-B runs) or "sgd"/"adam"
        (mini-batches of batch_size, max_iter epochs, lr; stops early when the epoch loss
        changes by <= tol relative, never when tol is None/0).
     coef_init, intercept_init: starting point (tensors or arrays of the result's shapes);
@@ -503,6 +429,13 @@ def fit_logistic_regression(X, y, n_classes, *, sample_weight=None, class_weight
     if solver not in SOLVERS:
         raise ValueError(f"{caller}: solver must be one of {', '.join(map(repr, SOLVERS))}, got "
                          f"{solver!r}")
+    has_l1 = bool(l1_ratio) and C is not None and C != math.inf
+    if has_l1 and solver != "owlqn":
+        raise ValueError(f"{caller}: an L1 penalty (l1_ratio={l1_ratio}) needs solver='owlqn' "
+                         f"(orthant-wise L-BFGS); solver={solver!r} handles L2 or no penalty "
+                         f"only")
+    if solver == "owlqn" and not has_l1:
+        solver = "lbfgs"  # a smooth objective: OWL-QN would be L-BFGS with a weaker line search
     comm = None if process_group is None else _Comm(process_group, X.device)
     binary = n_classes == 2
     K, D = (1 if binary else n_classes), X.shape[1]
@@ -519,7 +452,8 @@ def fit_logistic_regression(X, y, n_classes, *, sample_weight=None, class_weight
         cw_only = None
     target = y.to(X.dtype) if binary else y.long()
     obj = LinearObjective(X, target, n_classes, s=s, class_weight_only=cw_only, C=C,
-                          fit_intercept=fit_intercept, comm=comm)
+                          fit_intercept=fit_intercept, comm=comm,
+                          l1_ratio=l1_ratio if has_l1 else 0.0)
     if not obj.S > 0:
         raise ValueError(f"{caller}: the sample weights (sample_weight times class_weight) must "
                          f"have a positive sum, got {obj.S}")
@@ -536,6 +470,11 @@ def fit_logistic_regression(X, y, n_classes, *, sample_weight=None, class_weight
     with _cpu_threads(_threads_for(X, K)), _blas_single_thread():
         if solver == "lbfgs":
             p, n_iter, converged, msg = _lbfgs(obj, x0, max_iter, tol, verbose)
+        elif solver == "owlqn":
+            from ._solvers import run_owlqn
+            p, n_iter, converged, msg = run_owlqn(obj, x0, max_iter, tol,
+                                                  _progress(max_iter, f"{caller} (owlqn)",
+                                                            verbose))
         else:
             p, n_iter, converged, msg = _minibatch(obj, x0, solver, max_iter, tol, lr,
                                                    batch_size, verbose)

@@ -7,8 +7,11 @@ import numpy as np
 import torch
 from torch import nn
 
+import numbers
+
 from . import _fit
 from . import functional as MF
+from ._layer_fit import LayerFitMixin, _not_fitted_error_class  # noqa: F401
 
 __all__ = ["Linear", "FusedLinear", "MLP", "convert", "LogisticRegression", "LinearBCEWithLogitsLoss",
            "LinearCrossEntropyLoss"]
@@ -359,36 +362,7 @@ class LinearCrossEntropyLoss(nn.Module):
 _progress = _fit._progress  # the progress bar moved to the fit engine; kept here by name
 
 
-class _NotFittedError(ValueError, AttributeError):
-    """predict/score called on a LogisticRegression layer that has no classes_ (used when
-    scikit-learn is absent)."""
-
-
-def _not_fitted_error_class():
-    """scikit-learn's NotFittedError when installed (so `except NotFittedError` works for both),
-    imported only when raised: importing scikit-learn costs a second at `import manual_layers`."""
-    try:
-        from sklearn.exceptions import NotFittedError
-        return NotFittedError
-    except ImportError:  # pragma: no cover
-        return _NotFittedError
-
-
-def _finite_or_raise(t, name, fn):
-    if not bool(torch.isfinite(t).all()):
-        raise ValueError(f"{fn}: {name} contains NaN or infinity; remove or impute those "
-                         f"values first")
-
-
-def _positive_int_or_none(value, name, fn, minimum=1):
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise ValueError(f"{fn}: {name} must be an integer >= {minimum}, got {value!r}")
-    return int(value)
-
-
-class LogisticRegression(nn.Module):
+class LogisticRegression(LayerFitMixin, nn.Module):
     """Logistic regression as a layer, with a scikit-learn-like fit.
 
     num_classes=2 (binary): weight (1, in_features), bias (1,); forward(x) returns
@@ -402,20 +376,27 @@ class LogisticRegression(nn.Module):
     loading a fitted state_dict). A layer trained by your own loop predicts class indices once
     you set layer.classes_ = numpy.arange(num_classes).
 
-    fit() minimises scikit-learn's objective (weighted mean log-loss + ||W||^2 / (2 C sum of
+    fit() (manual_layers/_layer_fit.py) takes the scikit-learn estimator's words (C, l1_ratio,
+    solver, max_iter, tol, class_weight, sample_weight, ...) and minimises its objective
+    (weighted mean log-loss + ((1 - l1_ratio) ||W||^2 / 2 + l1_ratio ||W||_1) / (C sum of
     sample weights); the intercept is not penalised) through the fused loss kernels, on CPU or
     CUDA tensors or numpy arrays; see manual_layers/_fit.py. For a full scikit-learn estimator
     (clone, Pipeline, GridSearchCV, pandas) use manual_layers.sklearn.LogisticRegression.
 
     state_dict: weight, bias (nn.Linear's keys) and, once fitted, "_extra_state" holding
     classes_ (plain Python lists, loadable with torch.load(weights_only=True)). A state_dict
-    without it (an unfitted layer's, an nn.Linear's) still loads, leaving the layer unfitted.
+    without it (an unfitted layer's, an nn.Linear's) still loads, leaving the layer unfitted;
+    one whose classes_ count differs from num_classes is refused (load_state_dict raises).
     """
 
     def __init__(self, in_features, num_classes=2, bias=True, device=None, dtype=None):
         super().__init__()
-        if num_classes < 2:
-            raise ValueError(f"LogisticRegression: num_classes must be >= 2, got {num_classes}")
+        for name, v, low in (("in_features", in_features, 0), ("num_classes", num_classes, 2)):
+            if isinstance(v, (bool, np.bool_)) or not isinstance(v, numbers.Integral):
+                raise TypeError(f"LogisticRegression: {name} must be an integer, got {v!r}")
+            if v < low:
+                raise ValueError(f"LogisticRegression: {name} must be >= {low}, got {v}")
+        in_features, num_classes = int(in_features), int(num_classes)
         self.in_features = in_features
         self.num_classes = num_classes
         out = 1 if num_classes == 2 else num_classes
@@ -472,8 +453,22 @@ class LogisticRegression(nn.Module):
                               unexpected_keys, error_msgs):
         key = prefix + "_extra_state"
         had = key in state_dict
+        bad = False
+        if had:  # a fitted state_dict: its classes_ must be this layer's number of classes
+            st = state_dict[key]
+            classes = st.get("classes_") if isinstance(st, dict) else None
+            if classes is not None and len(classes) != self.num_classes:
+                error_msgs.append(
+                    f"{key}: the state_dict was fitted on {len(classes)} classes "
+                    f"({list(classes)[:10]}) but this LogisticRegression has "
+                    f"num_classes={self.num_classes}; build the layer with "
+                    f"num_classes={len(classes)}")
+                state_dict = {k: v for k, v in state_dict.items() if k != key}
+                bad = True
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
+        if bad and key in missing_keys:  # reported in error_msgs, not as missing
+            missing_keys.remove(key)
         if not had:  # an unfitted layer's (or nn.Linear's) state_dict: load it as unfitted
             if key in missing_keys:
                 missing_keys.remove(key)
@@ -494,233 +489,3 @@ class LogisticRegression(nn.Module):
             return MF.linear_binary_cross_entropy_with_logits(x, self.weight, self.bias, target,
                                                               **kwargs)
         return MF.linear_cross_entropy(x, self.weight, self.bias, target, **kwargs)
-
-    # ---- the estimator ---------------------------------------------------------------------
-    def _as_tensor(self, X, fn=None, dtype=None):
-        """X as a tensor on the layer's device (in the layer's dtype unless given), checked:
-        2-D (N, in_features) when fn is given (fit/predict), any (..., in_features) else."""
-        if not isinstance(X, torch.Tensor):
-            if hasattr(X, "to_numpy"):  # pandas DataFrame / Series
-                X = X.to_numpy()
-            X = np.asarray(X)
-            if X.dtype.kind not in "biuf":
-                raise TypeError(f"{fn or 'LogisticRegression'}: X must be numeric, got dtype "
-                                f"{X.dtype}")
-            X = torch.as_tensor(X)
-        X = X.to(device=self.weight.device, dtype=dtype or self.weight.dtype)
-        if fn is not None:
-            if X.dim() != 2 or X.shape[1] != self.in_features:
-                raise ValueError(f"{fn}: X must have shape (N, {self.in_features}), got "
-                                 f"{tuple(X.shape)}")
-        return X
-
-    def _check_fitted(self, fn):
-        if self.classes_ is None:
-            raise _not_fitted_error_class()(
-                f"{fn}: this LogisticRegression has not been fitted, so it has no classes_ to "
-                f"predict; call fit(X, y) first (or load a fitted state_dict). For the "
-                f"probabilities of the current weights use predict_proba(X) or forward(x); to "
-                f"predict class indices from weights you trained yourself, set "
-                f"layer.classes_ = numpy.arange({self.num_classes})")
-
-    @torch.no_grad()
-    def predict_proba(self, X):
-        """(N, num_classes) probabilities from the current weights (fitted or not); two
-        columns [P(0), P(1)] for binary."""
-        p = self(self._as_tensor(X))
-        if self.binary:
-            p = torch.cat([1 - p, p], dim=-1)
-        return p.cpu().numpy() if not isinstance(X, torch.Tensor) else p
-
-    @torch.no_grad()
-    def predict(self, X):
-        """Predicted labels, values of classes_ (set by fit, or by loading a fitted
-        state_dict): a tensor for tensor input and numeric labels, else a numpy array.
-        Raises NotFittedError when classes_ is None."""
-        fn = "LogisticRegression.predict"
-        self._check_fitted(fn)
-        z = self.logits(self._as_tensor(X, fn))
-        idx = (z[..., 0] > 0).long() if self.binary else z.argmax(dim=-1)
-        if self.classes_.dtype.kind not in "biuf":  # strings / objects: numpy does it
-            return self.classes_[idx.cpu().numpy()]
-        idx = torch.as_tensor(self.classes_, device=idx.device)[idx]
-        return idx.cpu().numpy() if not isinstance(X, torch.Tensor) else idx
-
-    @torch.no_grad()
-    def score(self, X, y):
-        """Mean accuracy of predict(X) against y (same length required)."""
-        as_np = lambda a: a.cpu().numpy() if isinstance(a, torch.Tensor) else np.asarray(a)
-        pred, y = as_np(self.predict(X)), as_np(y)
-        if y.shape != pred.shape:
-            raise ValueError(f"LogisticRegression.score: y must have shape {pred.shape} (one "
-                             f"label per row of X), got {y.shape}")
-        return float(np.mean(pred == y))
-
-    def _encode(self, y, n_rows, fn, classes=None):
-        """Map labels to class indices 0..K-1, keeping the labels in classes_ (as scikit-learn
-        does); checks K against num_classes. Integer labels in 0..num_classes-1 with some
-        classes absent are taken as the indices (at least two present). classes: the label set
-        agreed across ranks (data-parallel fit), else y's own."""
-        agreed = classes
-        if isinstance(y, torch.Tensor):
-            if y.is_floating_point() and not bool(torch.isfinite(y).all()):
-                raise ValueError(f"{fn}: y contains NaN or infinity")
-            if agreed is None:
-                classes, idx = torch.unique(y, return_inverse=True)
-                classes = classes.cpu().numpy()
-            else:
-                idx = torch.searchsorted(torch.as_tensor(agreed).to(y.device, y.dtype),
-                                         y.contiguous())
-            labels = y
-        else:
-            labels = np.asarray(y.to_numpy() if hasattr(y, "to_numpy") else y)
-            if labels.dtype.kind == "f" and not np.isfinite(labels).all():
-                raise ValueError(f"{fn}: y contains NaN or infinity")
-            if agreed is None:
-                classes, idx = np.unique(labels, return_inverse=True)
-            else:
-                idx = np.searchsorted(agreed, labels) if labels.size else \
-                    np.zeros(labels.shape, dtype=np.intp)
-            idx = torch.as_tensor(idx.reshape(labels.shape))
-        if labels.shape != (n_rows,):
-            raise ValueError(f"{fn}: y must have shape ({n_rows},) (one label per row of X), "
-                             f"got {tuple(labels.shape)}")
-        if len(classes) < 2:
-            raise ValueError(f"{fn}: y must contain at least 2 classes, but it contains only "
-                             f"one class: {classes[0]!r}")
-        if len(classes) > self.num_classes:
-            raise ValueError(f"{fn}: y has {len(classes)} classes but "
-                             f"num_classes={self.num_classes}")
-        if len(classes) < self.num_classes:
-            if classes.dtype.kind not in "iu" or classes.min() < 0 or \
-                    classes.max() >= self.num_classes:
-                raise ValueError(f"{fn}: y has {len(classes)} distinct labels but "
-                                 f"num_classes={self.num_classes}")
-            classes = np.arange(self.num_classes)
-            idx = torch.as_tensor(labels).long()
-        return classes, idx.to(self.weight.device)
-
-    def fit(self, X, y, *, C=1.0, optimizer="lbfgs", max_iter=100, tol=1e-4, lr=None,
-            batch_size=None, epochs=None, sample_weight=None, class_weight=None,
-            warm_start=False, verbose=False, distributed="auto", process_group=None):
-        """Fit on X (N, in_features) and labels y (N,): tensors (on any device; moved to the
-        layer's), numpy arrays or pandas objects. Starts from zero weights (as scikit-learn)
-        unless warm_start=True (then from the current weights).
-
-        optimizer: "lbfgs" (scipy's L-BFGS-B as scikit-learn, full batch, computed in float64
-        whatever the layer's dtype; up to max_iter iterations, stops when the largest gradient
-        component <= tol; ConvergenceWarning when it stops at max_iter), "sgd" or "adam"
-        (mini-batches of batch_size (default 256) for epochs (default 10) epochs, lr; in the
-        layer's dtype). C: inverse L2 strength as in scikit-learn (None: no penalty).
-        sample_weight: (N,) or None; class_weight: (num_classes,) weights per class index, or
-        None. Errors: ValueError naming the argument for NaN/inf, empty X, one class, bad
-        sizes. Returns self.
-
-        distributed ("auto", True, False) and process_group: data-parallel fit over
-        torch.distributed. "auto": when
-        process_group is given or the default group is initialised with more than one rank
-        (torchrun), X, y, sample_weight are this rank's shard (any size, also 0 rows; classes
-        may be missing from a shard) and every rank ends with the same weights, those one
-        process fits on all shards concatenated. Every rank must call fit. The label sets and
-        in_features are agreed once (ValueError on every rank when they disagree or any rank's
-        checks fail), N and the weight total once, then each L-BFGS evaluation all-reduces
-        (SUM) one float64 vector of 1 + rows * (in_features + 1) values. sgd/adam: every rank
-        takes the same number of steps per epoch (the largest ceil(shard rows / batch_size)),
-        each on 1/steps of its shuffled shard, with one all-reduce (SUM) per step of (loss sum,
-        gradient sums, batch rows): the same update on every rank. False: local fit."""
-        fn = "LogisticRegression.fit"
-        group = _fit.resolve_process_group(distributed, process_group, fn)
-        if optimizer not in _fit.SOLVERS:
-            raise ValueError(f"{fn}: optimizer must be 'lbfgs', 'sgd' or 'adam', got "
-                             f"{optimizer!r}")
-        if C is not None and (isinstance(C, bool) or not isinstance(C, (int, float)) or
-                              not C > 0):
-            raise ValueError(f"{fn}: C must be a positive number or None, got {C!r}")
-        max_iter = _positive_int_or_none(max_iter, "max_iter", fn, minimum=0)
-        batch_size = _positive_int_or_none(batch_size, "batch_size", fn)
-        epochs = _positive_int_or_none(epochs, "epochs", fn)
-        if tol is None or isinstance(tol, bool) or not tol >= 0:
-            raise ValueError(f"{fn}: tol must be a number >= 0, got {tol!r}")
-        if lr is not None and not lr > 0:
-            raise ValueError(f"{fn}: lr must be positive, got {lr!r}")
-        lbfgs = optimizer == "lbfgs"
-        work = torch.float64 if lbfgs else self.weight.dtype
-        if group is None:
-            X, sw, cw = self._fit_inputs(X, sample_weight, class_weight, work, fn, True)
-            classes, idx = self._encode(y, X.shape[0], fn)
-        else:
-            # this rank's checks; their outcome, in_features and the label set go to every rank
-            err, local, d = None, None, None
-            try:
-                X, sw, cw = self._fit_inputs(X, sample_weight, class_weight, work, fn, False)
-                local, d = self._local_labels(y, X.shape[0], fn), X.shape[1]
-            except (ValueError, TypeError) as e:
-                err = e
-            agreed = _fit.agree_across_ranks(group, fn, err, d, local)
-            classes, idx = self._encode(y, X.shape[0], fn, classes=agreed)
-        init = {}
-        if warm_start:
-            init = {"coef_init": self.weight.detach(),
-                    "intercept_init": self.bias.detach() if self.bias is not None else None}
-        res = _fit.fit_logistic_regression(
-            X, idx, self.num_classes, sample_weight=sw, class_weight=cw, C=C,
-            fit_intercept=self.bias is not None, solver=optimizer,
-            max_iter=max_iter if lbfgs else (10 if epochs is None else epochs),
-            tol=tol if lbfgs else 0.0, lr=lr,
-            batch_size=256 if batch_size is None else batch_size, verbose=verbose, caller=fn,
-            process_group=group, **init)
-        return self._load_fit(res, classes)
-
-    def _load_fit(self, res, classes):
-        """Take a fit engine result (manual_layers._fit.FitResult) and its labels: parameters
-        (cast to the layer's dtype), classes_, n_iter_, fit_time_; eval mode. Returns self."""
-        with torch.no_grad():
-            self.weight.copy_(res.coef)
-            if self.bias is not None:
-                self.bias.copy_(res.intercept)
-        self.classes_ = classes
-        self.n_iter_ = res.n_iter
-        self.fit_time_ = res.fit_time
-        self.eval()
-        return self
-
-    def _local_labels(self, y, n_rows, fn):
-        """This rank's label set (numpy), y's shape and values checked."""
-        if isinstance(y, torch.Tensor):
-            if y.shape != (n_rows,):
-                raise ValueError(f"{fn}: y must have shape ({n_rows},) (one label per row of X), "
-                                 f"got {tuple(y.shape)}")
-            if y.is_floating_point() and not bool(torch.isfinite(y).all()):
-                raise ValueError(f"{fn}: y contains NaN or infinity")
-            return torch.unique(y).cpu().numpy()
-        labels = np.asarray(y.to_numpy() if hasattr(y, "to_numpy") else y)
-        if labels.shape != (n_rows,):
-            raise ValueError(f"{fn}: y must have shape ({n_rows},) (one label per row of X), got "
-                             f"{tuple(labels.shape)}")
-        if labels.dtype.kind == "f" and not np.isfinite(labels).all():
-            raise ValueError(f"{fn}: y contains NaN or infinity")
-        return np.unique(labels)
-
-    def _fit_inputs(self, X, sample_weight, class_weight, work, fn, need_rows):
-        """X, sample_weight, class_weight as checked tensors on the layer's device."""
-        X = self._as_tensor(X, fn, dtype=work)
-        if need_rows and X.shape[0] == 0:
-            raise ValueError(f"{fn}: X is empty (0 rows); fit needs at least one sample of each "
-                             f"of two classes")
-        _finite_or_raise(X, "X", fn)
-        sw = cw = None
-        if sample_weight is not None:
-            sw = torch.as_tensor(np.asarray(sample_weight) if not isinstance(
-                sample_weight, torch.Tensor) else sample_weight).to(X.device, work)
-            if sw.shape != (X.shape[0],):
-                raise ValueError(f"{fn}: sample_weight must have shape ({X.shape[0]},), got "
-                                 f"{tuple(sw.shape)}")
-            _finite_or_raise(sw, "sample_weight", fn)
-        if class_weight is not None:
-            cw = torch.as_tensor(np.asarray(class_weight) if not isinstance(
-                class_weight, torch.Tensor) else class_weight).to(X.device, work)
-            if cw.shape != (self.num_classes,):
-                raise ValueError(f"{fn}: class_weight must have shape ({self.num_classes},), "
-                                 f"one weight per class index, got {tuple(cw.shape)}")
-            _finite_or_raise(cw, "class_weight", fn)
-        return X, sw, cw

@@ -5,14 +5,16 @@ loss+gradient kernels of manual_layers on the CPU or a CUDA GPU.
     clf = LogisticRegression(C=1.0).fit(X, y)          # like sklearn.linear_model's
     clf = LogisticRegression(device="cuda").fit(X, y)  # the same fit on a GPU
 
-It minimises the same objective as sklearn.linear_model.LogisticRegression(solver="lbfgs")
-(mean of the sample-weighted log-losses + ||W||^2 / (2 C sum(sample weights)), binary: one
-coefficient row, multiclass: multinomial with one row per class) with the same optimizer
-(scipy's L-BFGS-B, same options), so coef_, intercept_ and predict_proba agree with
-scikit-learn's to rounding when both converge. See manual_layers/_fit.py for the engine.
+It minimises the same objective as sklearn.linear_model.LogisticRegression (mean of the
+sample-weighted log-losses + ((1 - l1_ratio) ||W||^2 / 2 + l1_ratio ||W||_1) / (C sum(sample
+weights)), binary: one coefficient row, multiclass: multinomial with one row per class). L2: with
+the same optimizer as scikit-learn's lbfgs (scipy's L-BFGS-B, same options), so coef_, intercept_
+and predict_proba agree with scikit-learn's to rounding when both converge. L1 / elastic-net:
+OWL-QN (manual_layers/_solvers.py) on saga's objective. See manual_layers/_fit.py for the engine
+and manual_layers/_fit_prep.py for the parameter rules shared with the layer's fit.
+LogisticRegressionCV (manual_layers/_sklearn_cv.py) is scikit-learn's, with these fits.
 """
 
-import numbers
 import warnings
 
 import numpy as np
@@ -21,8 +23,8 @@ from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import _check_sample_weight, check_is_fitted
 
-from ._fit import (SOLVERS, ConvergenceWarning, agree_across_ranks,  # noqa: F401
-                   fit_logistic_regression, resolve_process_group)
+from . import _fit_prep as P
+from ._fit import ConvergenceWarning, fit_logistic_regression  # noqa: F401
 from .modules import LogisticRegression as _LogisticRegressionModule
 
 try:  # scikit-learn >= 1.6
@@ -31,7 +33,7 @@ except ImportError:  # pragma: no cover - older scikit-learn
     def _validate_data(est, *args, **kw):
         return est._validate_data(*args, **kw)
 
-__all__ = ["LogisticRegression", "ConvergenceWarning"]
+__all__ = ["LogisticRegression", "LogisticRegressionCV", "ConvergenceWarning"]
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -65,6 +67,25 @@ def _encode_labels(y):
     return np.unique(y, return_inverse=True)
 
 
+def _host(a):
+    """A torch tensor as scikit-learn's validation can read it: detached (a tensor that
+    requires grad is data here, not a graph node) and on the host; anything else unchanged."""
+    return a.detach().cpu() if isinstance(a, torch.Tensor) else a
+
+
+def _resolve_device(device, fn):
+    """torch.device of the `device` parameter: a CPU or CUDA device (where the kernels run)."""
+    try:
+        d = torch.device("cpu" if device is None else device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"{fn}: device must be None, 'cpu', 'cuda' or a torch.device, got "
+                         f"{device!r} ({e})") from None
+    if d.type not in ("cpu", "cuda"):
+        raise ValueError(f"{fn}: device must be a CPU or CUDA device (the fit's kernels run "
+                         f"there and the fitted arrays are copied back), got {device!r}")
+    return d
+
+
 def _resolve_dtype(dtype):
     if dtype is None:
         return torch.float64
@@ -78,29 +99,40 @@ def _resolve_dtype(dtype):
 
 
 class LogisticRegression(ClassifierMixin, BaseEstimator):
-    """L2-regularised logistic regression (binary or multinomial) fitted with the fused
-    manual_layers kernels; a scikit-learn estimator (clone, pickle, Pipeline, GridSearchCV).
+    """Logistic regression (binary or multinomial; L2, L1, elastic-net or no penalty) fitted
+    with the fused manual_layers kernels; a scikit-learn estimator (clone, pickle, Pipeline,
+    GridSearchCV) with scikit-learn 1.8+'s parameters, warnings and errors.
 
     Parameters
     ----------
-    C : float > 0, default=1.0
+    penalty : "l1", "l2", "elasticnet" or None, default="deprecated"
+        Deprecated, as in scikit-learn 1.8+ (a FutureWarning when set): use l1_ratio (0: l2,
+        1: l1, between: elastic-net) and C=np.inf (no penalty).
+    C : float > 0 or np.inf, default=1.0
         Inverse regularisation strength, as scikit-learn's: the penalty is
-        ||W||^2 / (2 C sum(sample weights)) added to the weighted mean log-loss.
-    penalty : "l2" or None, default="l2"
-        None fits without a penalty (C is then ignored).
+        ((1 - l1_ratio) ||W||^2 / 2 + l1_ratio ||W||_1) / (C sum(sample weights)) added to the
+        weighted mean log-loss; the intercept is not penalised. np.inf: no penalty.
+    l1_ratio : float in [0, 1], default=0.0
+        The elastic-net mix; > 0 needs solver="saga" (or "owlqn"), as in scikit-learn.
     fit_intercept : bool, default=True
     class_weight : None, "balanced" or dict {label: weight}, default=None
         Multiplies the sample weights, as in scikit-learn ("balanced" uses
         n_samples / (n_classes * weighted class counts)).
     max_iter : int >= 0, default=100
-        L-BFGS iterations (solver="lbfgs") or epochs (sgd, adam).
+        Iterations (lbfgs, owlqn) or epochs (sgd, adam).
     tol : float >= 0, default=1e-4
         L-BFGS: stop when the largest gradient component is <= tol (scipy's gtol, as
-        scikit-learn). sgd/adam: stop when the epoch loss changes by <= tol (relative).
-    solver : "lbfgs", "sgd" or "adam", default="lbfgs"
-        "lbfgs" is scipy's L-BFGS-B, the optimizer scikit-learn uses, each evaluation one fused
-        kernel call on `device`; "sgd" (momentum 0.9, lr 0.1) and "adam" (lr 0.01) take
-        mini-batches of 256 rows.
+        scikit-learn). OWL-QN: the same test on the pseudo-gradient. sgd/adam: stop when the
+        epoch loss changes by <= tol (relative).
+    solver : str, default="lbfgs"
+        "lbfgs": scipy's L-BFGS-B, the optimizer scikit-learn uses, each evaluation one fused
+        kernel call on `device` (L2 or no penalty). "saga" or "owlqn": OWL-QN (orthant-wise
+        L-BFGS, manual_layers/_solvers.py) on the same fused evaluation: any l1_ratio, the
+        optimum of scikit-learn saga's objective with exact zeros in coef_ (an L2-only
+        objective is smooth and runs L-BFGS-B). "newton-cg", "newton-cholesky", "sag":
+        scikit-learn's other L2 solvers, which minimise the same objective: L-BFGS-B runs.
+        "liblinear" is refused (it penalises the intercept: another objective). "sgd"
+        (momentum 0.9, lr 0.1) and "adam" (lr 0.01): mini-batches of 256 rows, L2 only.
     device : None, "cpu", "cuda", "cuda:1", torch.device, default=None (CPU)
         Where X is copied to and the kernels run; fitted arrays are numpy on the host and the
         fitted layer `module_` lives there.
@@ -112,21 +144,23 @@ class LogisticRegression(ClassifierMixin, BaseEstimator):
         > 0 shows a progress bar (tqdm when installed).
     warm_start : bool, default=False
         Start from the previous fit's coef_/intercept_ (when the shapes agree).
-    distributed : "auto", True or False, default="auto"
-        Data-parallel fit over torch.distributed. "auto": when a default
-        process group is initialised with more than one rank (e.g. under torchrun), or a
-        process_group is passed to fit, each rank's fit(X, y, sample_weight) takes its X, y as
-        this rank's shard (any sizes, also none; a shard may miss classes) and every rank ends
-        with the model fitted to the concatenation of all shards (the same on every rank).
-        Every rank must call fit. The classes (union of the ranks' labels) and n_features are
-        agreed once (a ValueError on every rank when they disagree or any rank's data fails its
-        checks), N and the weight total once, then each L-BFGS function evaluation all-reduces
-        one float64 vector of 1 + n_coef_rows * (n_features + 1) values. True: data-parallel
-        also with one rank (needs an initialised group); False: fit the local data alone.
-        sgd/adam: every rank takes the same number of steps per epoch (the largest
-        ceil(shard rows / 256)), each on 1/steps of its shuffled shard; one all-reduce (SUM) per
-        step of (loss sum, gradient sums, batch rows) gives every rank the same update, the
-        gradient over the union of the ranks' batches.
+    distributed : bool, default=False
+        Data-parallel fit over torch.distributed, only when asked: True (the default process
+        group, which must be initialised) or a process_group passed to fit. Then each rank's
+        fit(X, y, sample_weight) takes its X, y as this rank's shard (any sizes, also none; a
+        shard may miss classes) and every rank ends with the model fitted to the concatenation
+        of all shards (the same on every rank). Every rank of the group must call fit. The
+        classes (union of the ranks' labels) and n_features are agreed once (a ValueError on
+        every rank when they disagree or any rank's data fails its checks), N and the weight
+        total once, then each function evaluation all-reduces one float64 vector of
+        1 + n_coef_rows * (n_features + 1) values. False with no process_group: a local fit,
+        also under torchrun (a fit on one rank never waits on the others). sgd/adam: every rank
+        takes the same number of steps per epoch (the largest ceil(shard rows / 256)), each on
+        1/steps of its shuffled shard, with one all-reduce (SUM) per step.
+    n_jobs : None, default=None
+        No effect, as in scikit-learn 1.8+ (a FutureWarning when set).
+    random_state : default=None
+        No effect: every solver here is deterministic (accepted for scikit-learn code).
 
     Attributes
     ----------
@@ -134,15 +168,17 @@ class LogisticRegression(ClassifierMixin, BaseEstimator):
     coef_ : ndarray (1, n_features) for two classes, (n_classes, n_features) otherwise
     intercept_ : ndarray (1,) or (n_classes,)
     n_features_in_ : int;  feature_names_in_ : ndarray of str (when X has string column names)
-    n_iter_ : ndarray (1,) of int32 - iterations (lbfgs) or epochs (sgd/adam) run
+    n_iter_ : ndarray (1,) of int32 - iterations (lbfgs, owlqn) or epochs (sgd/adam) run
     module_ : manual_layers.LogisticRegression - the fitted nn.Module (on `device`, `dtype`)
     """
 
-    def __init__(self, C=1.0, penalty="l2", fit_intercept=True, class_weight=None,
-                 max_iter=100, tol=1e-4, solver="lbfgs", device=None, dtype=None, verbose=0,
-                 warm_start=False, distributed="auto"):
-        self.C = C
+    def __init__(self, penalty="deprecated", *, C=1.0, l1_ratio=0.0, fit_intercept=True,
+                 class_weight=None, max_iter=100, tol=1e-4, solver="lbfgs", device=None,
+                 dtype=None, verbose=0, warm_start=False, distributed=False, n_jobs=None,
+                 random_state=None):
         self.penalty = penalty
+        self.C = C
+        self.l1_ratio = l1_ratio
         self.fit_intercept = fit_intercept
         self.class_weight = class_weight
         self.max_iter = max_iter
@@ -153,86 +189,55 @@ class LogisticRegression(ClassifierMixin, BaseEstimator):
         self.verbose = verbose
         self.warm_start = warm_start
         self.distributed = distributed
+        self.n_jobs = n_jobs
+        self.random_state = random_state
 
     # ---- checks --------------------------------------------------------------------------
-    def _check_params(self):
-        fn = "LogisticRegression"
-        if not isinstance(self.C, numbers.Real) or isinstance(self.C, bool) or \
-                not self.C > 0:
-            raise ValueError(f"{fn}: C must be a positive number, got {self.C!r}")
-        if self.penalty not in ("l2", None):
-            raise ValueError(f"{fn}: penalty must be 'l2' or None, got {self.penalty!r}")
-        if not isinstance(self.max_iter, numbers.Integral) or isinstance(self.max_iter, bool) \
-                or self.max_iter < 0:
-            raise ValueError(f"{fn}: max_iter must be an integer >= 0, got {self.max_iter!r}")
-        if not isinstance(self.tol, numbers.Real) or isinstance(self.tol, bool) or \
-                not self.tol >= 0:
-            raise ValueError(f"{fn}: tol must be a number >= 0, got {self.tol!r}")
-        if self.solver not in SOLVERS:
-            raise ValueError(f"{fn}: solver must be one of {', '.join(map(repr, SOLVERS))}, got "
-                             f"{self.solver!r}")
+    def _check_params(self, fn="LogisticRegression"):
+        """(device, dtype, C or None, l1 share, engine solver), every parameter checked with
+        scikit-learn's rules (manual_layers/_fit_prep.py) and errors naming it."""
+        C, l1, pen = P.resolve_penalty(self.penalty, self.C, self.l1_ratio, fn, stacklevel=4)
+        solver = P.resolve_solver(self.solver, pen, fn)
+        P.check_int(self.max_iter, "max_iter", fn)
+        P.check_real(self.tol, "tol", fn, low=0)
         if not isinstance(self.fit_intercept, (bool, np.bool_)):
-            raise ValueError(f"{fn}: fit_intercept must be True or False, got "
-                             f"{self.fit_intercept!r}")
+            raise P.InvalidParameterError(f"{fn}: fit_intercept must be True or False, got "
+                                          f"{self.fit_intercept!r}")
         cw = self.class_weight
-        if not (cw is None or cw == "balanced" or isinstance(cw, dict)):
-            raise ValueError(f"{fn}: class_weight must be None, 'balanced' or a dict "
-                             f"{{label: weight}}, got {cw!r}")
-        try:
-            device = torch.device("cpu" if self.device is None else self.device)
-        except (RuntimeError, TypeError) as e:
-            raise ValueError(f"{fn}: device must be None, 'cpu', 'cuda' or a torch.device, got "
-                             f"{self.device!r} ({e})") from None
-        return device, _resolve_dtype(self.dtype)
-
-    def _class_weights(self, classes, y, sample_weight):
-        if self.class_weight is None:
-            return None
-        from sklearn.utils.class_weight import compute_class_weight
-        # Labels of a dict that y does not have are ignored, as scikit-learn does.
-        try:
-            return compute_class_weight(self.class_weight, classes=classes, y=y,
-                                        sample_weight=sample_weight)
-        except TypeError:  # scikit-learn < 1.5: no sample_weight argument
-            return compute_class_weight(self.class_weight, classes=classes, y=y)
+        if not (cw is None or (isinstance(cw, str) and cw == "balanced") or
+                isinstance(cw, dict)):
+            raise P.InvalidParameterError(f"{fn}: class_weight must be None, 'balanced' or a "
+                                          f"dict {{label: weight}}, got {cw!r}")
+        if self.n_jobs is not None:
+            warnings.warn(f"'n_jobs' has no effect since 1.8 and will be removed in 1.10. You "
+                          f"provided 'n_jobs={self.n_jobs}', please leave it unspecified.",
+                          FutureWarning, stacklevel=4)
+        return _resolve_device(self.device, fn), _resolve_dtype(self.dtype), C, l1, solver
 
     # ---- fit -----------------------------------------------------------------------------
     def fit(self, X, y, sample_weight=None, process_group=None):
         """Fit on X (n_samples, n_features) - numpy, pandas, lists, anything scikit-learn's
         check_array takes - and labels y (n_samples,) of any sortable type; sample_weight
         (n_samples,) or None. process_group: the torch.distributed group of a data-parallel fit
-        (default: the default group, see `distributed`); X, y, sample_weight are then this
-        rank's shard. Returns self."""
-        device, dtype = self._check_params()
+        (see `distributed`); X, y, sample_weight are then this rank's shard. Returns self."""
         fn = "LogisticRegression.fit"
-        group = resolve_process_group(self.distributed, process_group, fn)
-        if group is None:
-            X, y, sample_weight = self._check_local(X, y, sample_weight, min_samples=1)
-            classes, y_idx = _encode_labels(y)
-        else:
-            # this rank's checks; their outcome, n_features and the label set go to every rank
-            err, local, n_features = None, None, None
-            try:
-                X, y, sample_weight = self._check_local(X, y, sample_weight, min_samples=0)
-                local, n_features = _encode_labels(y)[0], X.shape[1]
-            except (ValueError, TypeError) as e:
-                err = e
-            classes = agree_across_ranks(group, fn, err, n_features, local)
-            y_idx = np.searchsorted(classes, y) if len(y) else np.zeros(0, dtype=np.intp)
-        if len(classes) < 2:
-            raise ValueError(f"LogisticRegression.fit: y must contain at least 2 classes, but it "
-                             f"contains only one class: {classes[0]!r}")
-        if group is not None and self.class_weight == "balanced":
-            import torch.distributed as dist
-            w = np.bincount(y_idx, weights=sample_weight, minlength=len(classes))
-            t = torch.as_tensor(w, dtype=torch.float64)
-            if "nccl" in str(dist.get_backend(group)).lower():
-                t = t.to(device if device.type == "cuda" else "cuda")
-            dist.all_reduce(t, group=group)  # the class counts over all shards
-            w = t.cpu().numpy()
-            cw = w.sum() / (len(classes) * w)
-        else:
-            cw = self._class_weights(classes, y, sample_weight)
+        device, dtype, C, l1, solver = self._check_params(fn)
+
+        def check_local(need_rows):
+            Xc, yc, sw = self._check_local(X, y, sample_weight, min_samples=int(need_rows))
+            return (Xc, yc, sw), Xc.shape[1], _encode_labels(yc)[0]
+
+        def encode(data, agreed):
+            yc = data[1]
+            if agreed is None:
+                return _encode_labels(yc)
+            return agreed, (np.searchsorted(agreed, yc) if len(yc) else
+                            np.zeros(0, dtype=np.intp))
+
+        group, (X, y, sample_weight), classes, y_idx = P.prepare_labels(
+            fn, self.distributed, process_group, check_local, encode)
+        cw = P.class_weights(self.class_weight, classes, y_idx, sample_weight, group, fn,
+                             device=device)
         K = len(classes)
         rows = 1 if K == 2 else K
         coef_init = intercept_init = None
@@ -246,13 +251,11 @@ class LogisticRegression(ClassifierMixin, BaseEstimator):
         swt = None if sample_weight is None else \
             torch.as_tensor(sample_weight).to(device=device, dtype=dtype)
         cwt = None if cw is None else torch.as_tensor(cw).to(device=device, dtype=dtype)
-        C = None if self.penalty is None else float(self.C)
         res = fit_logistic_regression(
-            Xt, yt, K, sample_weight=swt, class_weight=cwt, C=C,
-            fit_intercept=bool(self.fit_intercept), solver=self.solver,
+            Xt, yt, K, sample_weight=swt, class_weight=cwt, C=C, l1_ratio=l1,
+            fit_intercept=bool(self.fit_intercept), solver=solver,
             max_iter=int(self.max_iter), tol=float(self.tol), coef_init=coef_init,
-            intercept_init=intercept_init, verbose=self.verbose,
-            caller="LogisticRegression.fit", process_group=group)
+            intercept_init=intercept_init, verbose=self.verbose, caller=fn, process_group=group)
 
         module = _LogisticRegressionModule(X.shape[1], num_classes=K,
                                            bias=bool(self.fit_intercept), device=device,
@@ -265,6 +268,7 @@ class LogisticRegression(ClassifierMixin, BaseEstimator):
         return self
 
     def _check_local(self, X, y, sample_weight, min_samples):
+        X, y, sample_weight = (_host(a) for a in (X, y, sample_weight))
         X, y = _validate_data(self, X, y, dtype=[np.float64, np.float32], order="C",
                               reset=True, ensure_min_samples=min_samples)
         # A 1-D integer y is always a valid "binary" or "multiclass" target: scikit-learn's
@@ -272,7 +276,14 @@ class LogisticRegression(ClassifierMixin, BaseEstimator):
         if len(y) and not (y.ndim == 1 and y.dtype.kind in "iu"):
             check_classification_targets(y)
         if sample_weight is not None:
-            sample_weight = _check_sample_weight(sample_weight, X, dtype=np.float64)
+            try:
+                sample_weight = _check_sample_weight(sample_weight, X, dtype=np.float64)
+            except (TypeError, ValueError) as e:
+                if "sample_weight" in str(e):
+                    raise
+                raise ValueError(f"LogisticRegression.fit: sample_weight must be numbers, one "
+                                 f"per row of X ({X.shape[0]}), got {type(sample_weight).__name__}"
+                                 f" ({e})") from None
             if not np.isfinite(sample_weight).all():
                 raise ValueError("LogisticRegression.fit: sample_weight contains NaN or infinity")
         return X, y, sample_weight
@@ -280,7 +291,8 @@ class LogisticRegression(ClassifierMixin, BaseEstimator):
     # ---- predict -------------------------------------------------------------------------
     def _tensor(self, X):
         check_is_fitted(self)
-        X = _validate_data(self, X, dtype=[np.float64, np.float32], order="C", reset=False)
+        X = _validate_data(self, _host(X), dtype=[np.float64, np.float32], order="C",
+                           reset=False)
         p = self.module_.weight
         return _to_tensor(X, p.device, p.dtype)
 
@@ -328,3 +340,6 @@ class LogisticRegression(ClassifierMixin, BaseEstimator):
 
     def _more_tags(self):  # scikit-learn < 1.6
         return {"allow_nan": False}
+
+
+from ._sklearn_cv import LogisticRegressionCV  # noqa: E402  (it subclasses the estimator above)

@@ -312,11 +312,12 @@ def _ddp_options(torch, dist, nn, F, ml, rank, n, D, H, C, device):
 
 
 def _fit_under_torchrun(torch, dist, ml, rank, device):
-    """README promises the same fit on each rank under torchrun (data-parallel over
-    torch.distributed). Each rank calls LogisticRegression.fit on its own shard; the result
-    should be one model, on every rank, fitted to the union of the shards (compared with
-    scikit-learn's lbfgs on the concatenated data: the objective is strictly convex, so both
-    reach its one minimum)."""
+    """Under torchrun (a default process group exists) a fit is data-parallel only when asked.
+    Each rank's fit(..., distributed=True) on its own shard gives one model, on every rank,
+    fitted to the union of the shards (compared with scikit-learn's lbfgs on the concatenated
+    data: the objective is strictly convex, so both reach its one minimum). A plain fit (the
+    default distributed=False) is each rank's own model, and a fit on rank 0 alone (a linear
+    probe inside a training script) returns without waiting for rank 1."""
     from sklearn.linear_model import LogisticRegression as SK
 
     def shard(r, n=200, D=6):
@@ -328,12 +329,32 @@ def _fit_under_torchrun(torch, dist, ml, rank, device):
 
     x, y = shard(rank)
     clf = ml.LogisticRegression(6, dtype=torch.float64).to(device)
-    clf.fit(x.to(device), y.to(device), tol=1e-9, max_iter=200)
+    clf.fit(x.to(device), y.to(device), tol=1e-9, max_iter=200, distributed=True)
     xs, ys = zip(*(shard(r) for r in range(WORLD)))
     sk = SK(C=1.0, tol=1e-12, max_iter=2000).fit(torch.cat(xs).numpy(), torch.cat(ys).numpy())
     ref = [torch.as_tensor(sk.coef_), torch.as_tensor(sk.intercept_)]
-    return {"vs_sklearn_on_all_shards": _compare(torch, list(clf.parameters()), ref),
-            "ranks_agree": _same_across_ranks(torch, dist, list(clf.parameters()))}
+    out = {"vs_sklearn_on_all_shards": _compare(torch, list(clf.parameters()), ref),
+           "ranks_agree": _same_across_ranks(torch, dist, list(clf.parameters()))}
+
+    local = ml.LogisticRegression(6, dtype=torch.float64).to(device)
+    local.fit(x.to(device), y.to(device), tol=1e-9, max_iter=200)  # default: local
+    sk_own = SK(C=1.0, tol=1e-12, max_iter=2000).fit(x.numpy(), y.numpy())
+    out["default_is_local"] = {
+        "vs_sklearn_on_own_shard": _compare(torch, list(local.parameters()),
+                                            [torch.as_tensor(sk_own.coef_),
+                                             torch.as_tensor(sk_own.intercept_)]),
+        "ranks_agree": _same_across_ranks(torch, dist, list(local.parameters()))}
+
+    # rank 0 fits alone (estimator and layer) while rank 1 goes straight to the barrier below;
+    # were the fit collective, rank 0 would wait for rank 1 forever (the run's deadline fails)
+    t0 = time.monotonic()
+    if rank == 0:
+        from manual_layers.sklearn import LogisticRegression as Est
+        Est(tol=1e-9).fit(x.numpy(), y.numpy())
+        ml.LogisticRegression(6, dtype=torch.float64).fit(x, y)
+    out["one_rank_fit_seconds"] = time.monotonic() - t0
+    dist.barrier()
+    return out
 
 
 def _distributed_fit(torch, dist, ml, rank, device):
@@ -363,7 +384,7 @@ def _distributed_fit(torch, dist, ml, rank, device):
     def est_case(name, shards, **est_kw):
         """shards: per rank (X, y, sample_weight or None)."""
         x, y, sw = shards[rank]
-        d = Est(**kw, **est_kw).fit(x, y, sample_weight=sw)
+        d = Est(distributed=True, **kw, **est_kw).fit(x, y, sample_weight=sw)
         X = np.concatenate([s[0] for s in shards])
         Y = np.concatenate([s[1] for s in shards])
         SW = None if shards[0][2] is None else np.concatenate([s[2] for s in shards])
@@ -386,6 +407,11 @@ def _distributed_fit(torch, dist, ml, rank, device):
     # class_weight="balanced": the class counts are summed over the shards
     est_case("est_balanced", [(*data(30, 90, K=3), None), (*data(31, 40, K=3), None)],
              class_weight="balanced")
+    # L1 and elastic-net (OWL-QN): the same steps on every rank, multinomial and binary
+    est_case("est_l1_multi", [(*data(90, 110, K=3), None), (*data(91, 70, K=3), None)],
+             solver="saga", l1_ratio=1.0, C=0.2)
+    est_case("est_elasticnet_binary", [(*data(92, 90), None), (*data(93, 130), None)],
+             solver="saga", l1_ratio=0.5, C=0.1)
     # rank 1 holds no rows at all
     x0, y0 = data(40, 100, K=3)
     est_case("est_rank_with_zero_rows", [(x0, y0, None), (np.zeros((0, 5)), y0[:0], None)])
@@ -396,8 +422,9 @@ def _distributed_fit(torch, dist, ml, rank, device):
         shards = [data(50 + r + K, 70 + 50 * r, K=K) for r in range(WORLD)]
         x, y = shards[rank]
         m = ml.LogisticRegression(5, num_classes=K, dtype=torch.float64).to(device)
+        # binary: an explicit process_group alone makes it data-parallel
         m.fit(torch.as_tensor(x).to(device), torch.as_tensor(y).to(device),
-              process_group=pg if K == 2 else None, **kw)
+              process_group=pg if K == 2 else None, distributed=K != 2, **kw)
         ref = ml.LogisticRegression(5, num_classes=K, dtype=torch.float64).to(device)
         ref.fit(np.concatenate([s[0] for s in shards]), np.concatenate([s[1] for s in shards]),
                 distributed=False, **kw)
@@ -406,10 +433,10 @@ def _distributed_fit(torch, dist, ml, rank, device):
                                           ref.bias.detach().cpu().numpy()]),
                      "ranks_agree": agree(got), "classes_match": True}
 
-    # distributed=False: each rank fits its own shard (compared with scikit-learn on it)
+    # the default (distributed=False): each rank fits its own shard (scikit-learn on it)
     from sklearn.linear_model import LogisticRegression as SK
     x, y = data(60 + rank, 100)
-    d = Est(distributed=False, **kw).fit(x, y)
+    d = Est(**kw).fit(x, y)
     sk = SK(tol=1e-12, max_iter=2000).fit(x, y)
     out["local_when_distributed_false"] = {
         "rel_err": rel([d.coef_, d.intercept_], [sk.coef_, sk.intercept_]),
@@ -419,21 +446,21 @@ def _distributed_fit(torch, dist, ml, rank, device):
     errors = {}
     try:
         x, y = data(70, 30, D=5 + rank)
-        Est(**kw).fit(x, y)
+        Est(distributed=True, **kw).fit(x, y)
         errors["estimator"] = "no error"
     except ValueError as e:
         errors["estimator"] = str(e)
     try:
         m = ml.LogisticRegression(5 + rank, dtype=torch.float64)
         x, y = data(71, 30, D=5 + rank)
-        m.fit(x, y)
+        m.fit(x, y, distributed=True)
         errors["module"] = "no error"
     except ValueError as e:
         errors["module"] = str(e)
     try:  # one rank's X does not match its layer: reported on every rank
         m = ml.LogisticRegression(5, dtype=torch.float64)
         x, y = data(72, 30, D=5 + rank)
-        m.fit(x, y)
+        m.fit(x, y, distributed=True)
         errors["module_bad_shape_one_rank"] = "no error"
     except ValueError as e:
         errors["module_bad_shape_one_rank"] = str(e)
@@ -447,8 +474,8 @@ def _distributed_fit(torch, dist, ml, rank, device):
     opt_ = Est(distributed=False, **kw).fit(X, Y)
     for solver in ("sgd", "adam"):
         torch.manual_seed(rank)  # different shuffles per rank
-        d = Est(solver=solver, max_iter=100 if solver == "sgd" else 200, tol=0).fit(
-            *shards[rank])
+        d = Est(solver=solver, max_iter=100 if solver == "sgd" else 200, tol=0,
+                distributed=True).fit(*shards[rank])
         one = Est(solver=solver, max_iter=100 if solver == "sgd" else 200, tol=0,
                   distributed=False).fit(X, Y)  # one process, same epochs, all the rows
         out[f"est_{solver}"] = {
@@ -463,10 +490,10 @@ def _distributed_fit(torch, dist, ml, rank, device):
             m = ml.LogisticRegression(5, num_classes=3, dtype=torch.float64)
             if part == "dist":
                 xr, yr = (X, Y) if rank == 0 else (X[:0], Y[:0])
-                m.fit(xr, yr, optimizer=solver, epochs=20, lr=0.05, batch_size=1000)
+                m.fit(xr, yr, solver=solver, max_iter=20, tol=0, lr=0.05, batch_size=1000,
+                      distributed=True)
             else:
-                m.fit(X, Y, optimizer=solver, epochs=20, lr=0.05, batch_size=1000,
-                      distributed=False)
+                m.fit(X, Y, solver=solver, max_iter=20, tol=0, lr=0.05, batch_size=1000)
             ms.append([m.weight.detach().numpy(), m.bias.detach().numpy()])
         out[f"module_{solver}_empty_rank"] = {"rel_err": rel(ms[0], ms[1]),
                                               "ranks_agree": agree(ms[0])}
@@ -474,6 +501,7 @@ def _distributed_fit(torch, dist, ml, rank, device):
 
 
 DIST_FIT_CASES = ["est_binary_unequal", "est_multi_strings_missing_class", "est_balanced",
+                  "est_l1_multi", "est_elasticnet_binary",
                   "est_rank_with_zero_rows", "module_multi", "module_binary",
                   "local_when_distributed_false"]
 
@@ -770,11 +798,16 @@ def test_ddp_cpu_options(ddp_cpu, option):
         assert v[option]["rel_err"] <= tol, f"rank {r} {option}: {v[option]}"
 
 
-def test_logreg_fit_under_torchrun_is_data_parallel(ddp_cpu):
+def test_logreg_fit_under_torchrun_is_data_parallel_only_when_asked(ddp_cpu):
     for r, v in enumerate(_check(ddp_cpu, "fit_under_torchrun")):
         assert v["ranks_agree"], f"rank {r}: fit gives different models on different ranks"
         err = v["vs_sklearn_on_all_shards"]["rel_err"]
         assert err <= 1e-4, f"rank {r}: fit is {err:.3g} away from the fit on all shards"
+        d = v["default_is_local"]
+        assert not d["ranks_agree"], f"rank {r}: the default fit synchronised the ranks"
+        assert d["vs_sklearn_on_own_shard"]["rel_err"] <= 1e-4, (r, d)
+        # rank 0's lone fit returned (the run finished); it did not wait for rank 1
+        assert v["one_rank_fit_seconds"] < 60, (r, v["one_rank_fit_seconds"])
 
 
 @pytest.mark.parametrize("case", DIST_FIT_CASES)

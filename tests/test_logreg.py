@@ -445,13 +445,13 @@ def test_fit_matches_scikit_learn(dataset):
     assert isinstance(pred, np.ndarray) and (pred == sk.predict(Xte)).mean() > 0.98
 
 
-@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
-def test_fit_minibatch_optimizers(optimizer):
+@pytest.mark.parametrize("solver", ["sgd", "adam"])
+def test_fit_minibatch_optimizers(solver):
     from sklearn.datasets import load_breast_cancer
     Xtr, Xte, ytr, yte = _standardised(load_breast_cancer)
     clf = ml.LogisticRegression(Xtr.shape[1]).fit(
-        torch.tensor(Xtr, dtype=torch.float32), torch.tensor(ytr), optimizer=optimizer,
-        batch_size=64, epochs=30)
+        torch.tensor(Xtr, dtype=torch.float32), torch.tensor(ytr), solver=solver,
+        batch_size=64, max_iter=30)
     assert clf.score(torch.tensor(Xte, dtype=torch.float32), torch.tensor(yte)) > 0.93
 
 
@@ -461,11 +461,11 @@ def test_fit_rejects_bad_input():
         clf.fit(np.random.randn(9, 4), np.arange(9) % 3)
     with pytest.raises(ValueError, match=r"X must have shape \(N, 4\)"):
         clf.fit(np.random.randn(9, 5), np.arange(9) % 2)
-    with pytest.raises(ValueError, match=r"optimizer must be"):
-        clf.fit(np.random.randn(9, 4), np.arange(9) % 2, optimizer="newton")
+    with pytest.raises(ValueError, match=r"solver must be one of"):
+        clf.fit(np.random.randn(9, 4), np.arange(9) % 2, solver="newton")
     # Formerly replaced silently by the defaults / fitted on one class: now errors.
-    with pytest.raises(ValueError, match=r"epochs must be an integer >= 1, got 0"):
-        clf.fit(np.random.randn(9, 4), np.arange(9) % 2, optimizer="sgd", epochs=0)
+    with pytest.raises(ValueError, match=r"batch_size must be an integer >= 1, got 0"):
+        clf.fit(np.random.randn(9, 4), np.arange(9) % 2, solver="sgd", batch_size=0)
     with pytest.raises(ValueError, match=r"y must contain at least 2 classes"):
         clf.fit(np.random.randn(9, 4), np.zeros(9, dtype=int))
     with pytest.raises(ValueError, match=r"y must have shape \(9,\)"):

@@ -153,7 +153,7 @@ def test_no_penalty_matches_sklearn_C_inf():
     X = rng.normal(size=(400, 5))
     y = (X[:, 0] + rng.normal(size=400) > 0).astype(int)  # overlapping: a finite optimum
     sk = SkLR(C=np.inf, **TIGHT).fit(X, y)
-    ours = LogisticRegression(penalty=None, **TIGHT).fit(X, y)
+    ours = LogisticRegression(C=np.inf, **TIGHT).fit(X, y)
     assert _rel(ours.coef_, sk.coef_) <= 1e-4
 
 
@@ -252,9 +252,9 @@ def test_nan_inf_in_X_raises(bad):
         LogisticRegression().fit(X, y)
     for opt in ("lbfgs", "adam"):
         with pytest.raises(ValueError, match=r"X contains NaN or infinity"):
-            ml.LogisticRegression(3).fit(X, y, optimizer=opt)
+            ml.LogisticRegression(3).fit(X, y, solver=opt)
         with pytest.raises(ValueError, match=r"X contains NaN or infinity"):
-            ml.LogisticRegression(3).fit(torch.tensor(X), torch.tensor(y), optimizer=opt)
+            ml.LogisticRegression(3).fit(torch.tensor(X), torch.tensor(y), solver=opt)
 
 
 def test_nan_in_sample_weight_raises():
@@ -296,14 +296,18 @@ def test_label_encoding_matches_np_unique(labels):
 
 
 @pytest.mark.parametrize("kw, match", [
-    (dict(optimizer="sgd", epochs=0), r"epochs must be an integer >= 1, got 0"),
-    (dict(optimizer="adam", batch_size=0), r"batch_size must be an integer >= 1, got 0"),
-    (dict(optimizer="sgd", batch_size=-8), r"batch_size must be an integer >= 1, got -8"),
+    (dict(solver="sgd", max_iter=-1), r"max_iter must be an integer >= 0, got -1"),
+    (dict(solver="adam", batch_size=0), r"batch_size must be an integer >= 1, got 0"),
+    (dict(solver="sgd", batch_size=-8), r"batch_size must be an integer >= 1, got -8"),
     (dict(max_iter=-5), r"max_iter must be an integer >= 0, got -5"),
-    (dict(optimizer="adam", epochs=2.5), r"epochs must be an integer >= 1, got 2.5"),
-    (dict(C=0), r"C must be a positive number or None, got 0"),
+    (dict(solver="adam", max_iter=2.5), r"max_iter must be an integer >= 0, got 2.5"),
+    (dict(C=0), r"C must be a number > 0, got 0"),
     (dict(tol=-1), r"tol must be a number >= 0, got -1"),
-    (dict(optimizer="newton"), r"optimizer must be 'lbfgs', 'sgd' or 'adam'"),
+    (dict(tol="1e-4"), r"tol must be a number >= 0, got '1e-4'"),
+    (dict(solver="newton"), r"solver must be one of 'lbfgs', 'owlqn', 'saga'"),
+    (dict(lr=-0.1, solver="sgd"), r"lr must be a number > 0"),
+    (dict(distributed="auto"), r"distributed='auto' was removed"),
+    (dict(warm_start="yes"), r"warm_start must be True or False"),
 ])
 def test_module_fit_bad_arguments_raise(kw, match):
     X, y = _data()
@@ -312,12 +316,46 @@ def test_module_fit_bad_arguments_raise(kw, match):
 
 
 @pytest.mark.parametrize("kw, match", [
+    (dict(optimizer="sgd", epochs=0), r"epochs must be an integer >= 1, got 0"),
+    (dict(optimizer="adam", epochs=2.5), r"epochs must be an integer >= 1, got 2.5"),
+    (dict(optimizer="newton"), r"solver must be one of"),
+    (dict(optimizer="sgd", solver="adam"), r"got solver='adam' and the deprecated "
+                                           r"optimizer='sgd'"),
+])
+def test_module_fit_old_keywords_warn_then_check(kw, match):
+    X, y = _data()
+    with pytest.warns(FutureWarning, match=r"optimizer= is deprecated.*use solver="):
+        with pytest.raises(ValueError, match=match):
+            ml.LogisticRegression(3).fit(X, y, **kw)
+
+
+def test_module_fit_old_keywords_still_work_for_one_release():
+    X, y = _standardised("breast_cancer")
+    with pytest.warns(FutureWarning, match=r"epochs= is deprecated.*use max_iter=7"):
+        a = ml.LogisticRegression(X.shape[1], dtype=torch.float64)
+        torch.manual_seed(0)
+        a.fit(X, y, optimizer="sgd", epochs=7, tol=0)
+    torch.manual_seed(0)
+    b = ml.LogisticRegression(X.shape[1], dtype=torch.float64)
+    torch.manual_seed(0)
+    b.fit(X, y, solver="sgd", max_iter=7, tol=0)
+    assert a.n_iter_ == b.n_iter_ == 7
+    with pytest.warns(FutureWarning, match=r"C=None is deprecated.*C=math.inf"):
+        c = ml.LogisticRegression(X.shape[1], dtype=torch.float64).fit(X[:100], y[:100], C=None,
+                                                                      max_iter=5)
+    assert c.n_iter_ == 5
+
+
+@pytest.mark.parametrize("kw, match", [
     (dict(max_iter=-5), r"max_iter must be an integer >= 0, got -5"),
-    (dict(C=-1.0), r"C must be a positive number, got -1.0"),
+    (dict(C=-1.0), r"C must be a number > 0, got -1.0"),
     (dict(tol=-1e-3), r"tol must be a number >= 0"),
-    (dict(solver="newton-cg"), r"solver must be one of 'lbfgs', 'sgd', 'adam'"),
-    (dict(penalty="l1"), r"penalty must be 'l2' or None"),
+    (dict(tol="1e-4"), r"tol must be a number >= 0, got '1e-4'"),
+    (dict(solver="newton"), r"solver must be one of 'lbfgs', 'owlqn', 'saga'"),
+    (dict(l1_ratio=1), r"Solver lbfgs supports only 'l2' or None penalties, got l1 penalty"),
     (dict(class_weight="auto"), r"class_weight must be None, 'balanced' or a dict"),
+    (dict(device="meta"), r"device must be a CPU or CUDA device"),
+    (dict(distributed="auto"), r"distributed='auto' was removed"),
     (dict(class_weight={7: 2.0}), r"classes, \[0, 1\], are not in class_weight"),  # as sklearn
     (dict(dtype="float16"), r"dtype must be None, 'float32', 'float64'"),
     (dict(device="gpu0"), r"device must be None, 'cpu', 'cuda'"),
