@@ -7,6 +7,11 @@
     python benchmarks/bench_ce_large.py --threshold        # CPU: single-pass kernel vs chunked
                                                            # path at C 256..32000, D 256 (the
                                                            # measurement behind the path choice)
+    python benchmarks/bench_ce_large.py --soft             # probability targets: the kernel
+                                                           # ops _linear_ce_soft_fwd (mean, all
+                                                           # gradients) against eager, CPU
+                                                           # 65536x256, C 10/100/1000, fp32 and
+                                                           # bf16 (--classes, --rows, --dtypes)
 
 Peak extra memory: CUDA torch.cuda.max_memory_allocated() minus the memory allocated before
 the call (inputs and the .grad buffers of a previous step); CPU the growth of the process's
@@ -47,6 +52,26 @@ def step_eager(x, w, b, t):
     F.cross_entropy(F.linear(x, w, b), t).backward()
 
 
+def soft_problem(N, D, Cn, device, dtype):
+    x, w, b, _ = problem(N, D, Cn, device, dtype)
+    q = torch.randn(N, Cn, device=device, dtype=torch.float32).mul(2).softmax(1).to(dtype)
+    return x, w, b, q
+
+
+def soft_step_ours(x, w, b, q):
+    """Probability targets through the kernel op, forward and the gradients the public op's
+    backward returns for grad_output 1 (in x's dtype). The op is not yet wired into
+    linear_cross_entropy, whose autograd would add only the grad_output scaling."""
+    loss, gw, gb, gx = torch.ops.manual_layers._linear_ce_soft_fwd(
+        x.detach(), w.detach(), b.detach(), q, None, 0.0, 1, True, True, True)
+    x.grad, w.grad, b.grad = gx, gw.to(w.dtype), gb.to(b.dtype)
+    return loss
+
+
+def soft_step_eager(x, w, b, q):
+    F.cross_entropy(F.linear(x, w, b), q).backward()
+
+
 def measure(fn, args, device, repeats):
     """(median ms, peak extra MiB) of fn(*args), gradients reset to None before each call."""
     times, peaks = [], []
@@ -66,8 +91,8 @@ def measure(fn, args, device, repeats):
     return statistics.median(times), max(peaks)
 
 
-def compare(N, D, Cn, device, dtype, repeats, impls):
-    args = problem(N, D, Cn, device, dtype)
+def compare(N, D, Cn, device, dtype, repeats, impls, make=problem):
+    args = make(N, D, Cn, device, dtype)
     for _, fn in impls:  # warm-up
         fn(*args)
     res = {name: ([], []) for name, _ in impls}
@@ -84,11 +109,32 @@ def main():
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threshold", action="store_true",
                    help="CPU: single-pass kernel vs chunked path over C (D 256, N --rows)")
-    p.add_argument("--classes", default="256,1024,4096,32000",
-                   help="the C values of --threshold")
-    p.add_argument("--rows", type=int, default=4096, help="N of --threshold")
+    p.add_argument("--soft", action="store_true",
+                   help="CPU: probability targets, the kernel op against eager")
+    p.add_argument("--classes", default=None,
+                   help="the C values of --threshold (256,1024,4096,32000) or --soft "
+                        "(10,100,1000)")
+    p.add_argument("--rows", type=int, default=None,
+                   help="N of --threshold (4096) or --soft (65536)")
+    p.add_argument("--dtypes", default="fp32,bf16", help="the dtypes of --soft")
     args = p.parse_args()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads")
+    if args.soft:
+        print("| N x D, C, dtype | ours ms | eager ms | speed-up | ours peak extra MiB "
+              "| eager peak extra MiB |")
+        print("|---|---|---|---|---|---|")
+        for dn in args.dtypes.split(","):
+            for Cn in (int(c) for c in (args.classes or "10,100,1000").split(",")):
+                N = args.rows or 65536
+                r = compare(N, 256, Cn, "cpu", C.DTYPES[dn], args.repeats,
+                            [("ours", soft_step_ours), ("eager", soft_step_eager)],
+                            make=soft_problem)
+                (to, mo), (te, me) = r["ours"], r["eager"]
+                print(f"| {N}x256, {Cn}, {dn} | {to:.1f} | {te:.1f} | {te / to:.2f}x "
+                      f"| {mo:.0f} | {me:.0f} |", flush=True)
+        return
+    args.classes = args.classes or "256,1024,4096,32000"
+    args.rows = args.rows or 4096
     if args.threshold:
         def with_path(path):
             def fn(*a):

@@ -48,10 +48,25 @@
 //     reduction none only: recomputes the logits chunk by chunk, residual times grad_loss_i;
 //     outputs in x's dtype.
 //
-// The device-generic driver (chunk loop, ATen GEMMs) lives here and serves CPU and CUDA; the row
-// pass is ce_rows_cpu (csrc/cpu/ce_rows.cpp, compiled per ISA: at::vec, at::parallel_for over
-// rows) or ce_rows_cuda (csrc/cuda/ce_chunked.cu: a warp per row, or a group of lanes per row
-// for C <= 16).
+// Probability targets (soft labels: distillation, mixup), F.cross_entropy(x W^T + b, q,
+// weight=class_weight, label_smoothing=eps, reduction) with q a float (N, C) tensor
+// (csrc/ce_soft.cpp):
+//   _linear_ce_soft_fwd(x, weight, bias, target, class_weight, label_smoothing, reduction,
+//                       need_x, need_weight, need_bias) -> (loss, grad_weight, grad_bias, grad_x)
+//   _linear_ce_soft_bwd(grad_loss, x, weight, bias, target, class_weight, label_smoothing,
+//                       need_x, need_weight, need_bias) -> (gx, gw, gb)
+//     The outputs, flags and reductions as the two ops above. torch's semantics (LossNLL.cpp,
+//     cross_entropy_loss_prob_target): q' = (1 - eps) q + eps / C, loss_i = -sum_c w_c q'_ic
+//     log softmax(z_i)_c, mean divides by N (not by a weight sum; N = 0: NaN), no ignore_index;
+//     q may hold any real values (any float dtype, read in acc_t). dloss_i/dz_i =
+//     (sum_c w_c q'_ic) softmax(z_i) - w * q'_i. No gradient for the target.
+//
+// The device-generic driver (chunk loop, ATen GEMMs; run_chunks, csrc/ce_chunked.h) lives here
+// and serves CPU and CUDA and both target kinds; the row pass of class indices is ce_rows_cpu
+// (csrc/cpu/ce_rows.cpp, compiled per ISA: at::vec, at::parallel_for over rows) or ce_rows_cuda
+// (csrc/cuda/ce_chunked.cu: a warp per row, or a group of lanes per row for C <= 16); that of
+// probability targets ce_soft_rows_cpu (the same file) or, on CUDA, ce_soft_rows_aten (ATen ops,
+// csrc/ce_soft.cpp).
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <torch/library.h>
@@ -60,6 +75,7 @@
 #include <cstdlib>
 #include <limits>
 
+#include "ce_chunked.h"
 #include "common.h"
 #include "logreg.h"
 
@@ -110,61 +126,46 @@ void ce_rows_cuda_sum(at::Tensor& logits, const at::Tensor& bias, const at::Tens
 void ce_rows_no_cuda(at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                      const at::Tensor&, const at::Tensor&, at::Tensor&, int64_t, double, bool,
                      at::Tensor*) {
+  ce_no_cuda_build();
+}
+#endif
+
+}  // namespace
+
+void ce_no_cuda_build() {
   TORCH_CHECK(false,
               "manual_layers was built without its CUDA kernels (CPU-only build), so it cannot "
               "run on CUDA tensors. Rebuild with a CUDA build of torch and nvcc available: "
               "MANUAL_LAYERS_CUDA=1 pip install --no-build-isolation -e .  "
               "(`python -m manual_layers info` shows the current build)");
 }
-#endif
+
+void check_ce_class_weight(const char* op, const c10::optional<at::Tensor>& class_weight,
+                           const at::Tensor& x, int64_t C) {
+  if (!class_weight.has_value() || !class_weight->defined()) return;
+  TORCH_CHECK(class_weight->dim() == 1 && class_weight->size(0) == C, op,
+              ": class_weight must have shape (", C, ",), got ", class_weight->sizes());
+  TORCH_CHECK(class_weight->device() == x.device(), op, ": class_weight is on ",
+              class_weight->device(), " but x is on ", x.device());
+  TORCH_CHECK(at::isFloatingType(class_weight->scalar_type()), op,
+              ": class_weight must be floating, got ", class_weight->scalar_type());
+}
 
 // ---------------------------------------------------------------------------------------------
-// The device-generic driver
+// The device-generic driver (csrc/ce_chunked.h)
 
-struct Chunked {
-  at::Tensor loss_rows, gx, gw, gb, den;
-};
-
-// grad_rows defined: backward of reduction none (residual_i *= grad_rows_i, scale 1).
-Chunked run_chunked(const at::Tensor& x_in, const at::Tensor& weight,
-                    const c10::optional<at::Tensor>& bias, const at::Tensor& target_in,
-                    const c10::optional<at::Tensor>& class_weight, int64_t ignore_index,
-                    double label_smoothing, int64_t reduction, const at::Tensor& grad_rows,
-                    bool need_x, bool need_weight, bool need_bias, CeRowsFn rows_fn) {
+ChunkedOut run_chunks(const at::Tensor& x_in, const at::Tensor& weight, int64_t reduction,
+                      const at::Tensor& grad_rows, bool need_x, bool need_weight, bool need_bias,
+                      ChunkRows rows) {
   const int64_t N = x_in.size(0), D = x_in.size(1), C = weight.size(0);
   const auto dt = x_in.scalar_type();
   const auto acc = at::toOpMathType(dt);
   const auto acc_opts = x_in.options().dtype(acc);
   const at::Tensor x = x_in.stride(-1) == 1 ? x_in : x_in.contiguous();
-  const at::Tensor target = target_in.contiguous();
-  const bool has_cw = class_weight.has_value() && class_weight->defined();
-  const at::Tensor b_acc = bias.has_value() && bias->defined()
-                               ? bias->to(acc).contiguous()
-                               : at::Tensor();
-  const at::Tensor cw_acc = has_cw ? class_weight->to(acc).contiguous() : at::Tensor();
-
-  // aux = [residual scale, sum of class weights], on the device, no host sync.
-  at::Tensor cw_sum = has_cw ? cw_acc.sum() : at::full({}, static_cast<double>(C), acc_opts);
-  at::Tensor den, scale;
-  if (reduction == kMean) {
-    const at::Tensor valid = target.ne(ignore_index);
-    if (has_cw) {
-      const at::Tensor idx = target.masked_fill(valid.logical_not(), 0).clamp(0, std::max<int64_t>(0, C - 1));
-      den = (cw_acc.index_select(0, idx) * valid.to(acc)).sum();
-    } else {
-      den = valid.sum().to(acc);
-    }
-    // den == 0 (empty batch, every row ignored): NaN loss as in torch, zero gradients.
-    scale = at::where(den.ne(0), den.reciprocal(), at::zeros({}, acc_opts));
-  } else {
-    scale = at::ones({}, acc_opts);
-  }
-  const at::Tensor aux = at::stack({scale, cw_sum});
 
   const bool none_fwd = reduction == kNone && !grad_rows.defined();
   const bool want_res = !none_fwd && (need_x || need_weight || need_bias);
-  Chunked out;
-  out.den = den;
+  ChunkedOut out;
   out.loss_rows = at::empty({N}, acc_opts);
   auto empty = [&](at::ScalarType t) { return at::empty({0}, x.options().dtype(t)); };
   // dX is as large as x: on the CPU from the output cache (memory already mapped; a fresh
@@ -193,8 +194,7 @@ Chunked run_chunked(const at::Tensor& x_in, const at::Tensor& weight,
     gemm::mm_out(L, xc, wt);
     at::Tensor lrows = out.loss_rows.narrow(0, s, r);
     const at::Tensor rs = rs_all.defined() ? rs_all.narrow(0, s, r) : at::Tensor();
-    rows_fn(L, b_acc, target.narrow(0, s, r), cw_acc, aux, rs, lrows, ignore_index,
-            label_smoothing, want_res, want_res && need_bias ? &out.gb : nullptr);
+    rows(L, s, rs, lrows, want_res, want_res && need_bias ? &out.gb : nullptr);
     if (!want_res) continue;
     if (need_x) {
       at::Tensor gxc = out.gx.narrow(0, s, r);
@@ -210,6 +210,69 @@ Chunked run_chunked(const at::Tensor& x_in, const at::Tensor& weight,
     }
   }
   return out;
+}
+
+at::Tensor reduce_chunk_losses(const at::Tensor& loss_rows, int64_t reduction,
+                               const at::Tensor& den) {
+  at::Tensor total = loss_rows.to(at::kDouble).sum();
+  if (reduction == kMean) {
+    const at::Tensor d = den.to(at::kDouble);
+    total = at::where(d.ne(0), total / d, at::full({}, std::numeric_limits<double>::quiet_NaN(),
+                                                   total.options()));
+  }
+  return total.to(loss_rows.scalar_type());
+}
+
+namespace {
+
+// ---------------------------------------------------------------------------------------------
+// Class-index targets
+
+struct Chunked {
+  ChunkedOut o;
+  at::Tensor den;
+};
+
+// grad_rows defined: backward of reduction none (residual_i *= grad_rows_i, scale 1).
+Chunked run_chunked(const at::Tensor& x, const at::Tensor& weight,
+                    const c10::optional<at::Tensor>& bias, const at::Tensor& target_in,
+                    const c10::optional<at::Tensor>& class_weight, int64_t ignore_index,
+                    double label_smoothing, int64_t reduction, const at::Tensor& grad_rows,
+                    bool need_x, bool need_weight, bool need_bias, CeRowsFn rows_fn) {
+  const int64_t C = weight.size(0);
+  const auto acc = at::toOpMathType(x.scalar_type());
+  const auto acc_opts = x.options().dtype(acc);
+  const at::Tensor target = target_in.contiguous();
+  const bool has_cw = class_weight.has_value() && class_weight->defined();
+  const at::Tensor b_acc = bias.has_value() && bias->defined()
+                               ? bias->to(acc).contiguous()
+                               : at::Tensor();
+  const at::Tensor cw_acc = has_cw ? class_weight->to(acc).contiguous() : at::Tensor();
+
+  // aux = [residual scale, sum of class weights], on the device, no host sync.
+  at::Tensor cw_sum = has_cw ? cw_acc.sum() : at::full({}, static_cast<double>(C), acc_opts);
+  at::Tensor den, scale;
+  if (reduction == kMean) {
+    const at::Tensor valid = target.ne(ignore_index);
+    if (has_cw) {
+      const at::Tensor idx = target.masked_fill(valid.logical_not(), 0).clamp(0, std::max<int64_t>(0, C - 1));
+      den = (cw_acc.index_select(0, idx) * valid.to(acc)).sum();
+    } else {
+      den = valid.sum().to(acc);
+    }
+    // den == 0 (empty batch, every row ignored): NaN loss as in torch, zero gradients.
+    scale = at::where(den.ne(0), den.reciprocal(), at::zeros({}, acc_opts));
+  } else {
+    scale = at::ones({}, acc_opts);
+  }
+  const at::Tensor aux = at::stack({scale, cw_sum});
+
+  auto rows = [&](at::Tensor& L, int64_t s, const at::Tensor& rs, at::Tensor& lrows,
+                  bool write_residual, at::Tensor* bias_grad) {
+    rows_fn(L, b_acc, target.narrow(0, s, L.size(0)), cw_acc, aux, rs, lrows, ignore_index,
+            label_smoothing, write_residual, bias_grad);
+  };
+  return {run_chunks(x, weight, reduction, grad_rows, need_x, need_weight, need_bias, rows), den};
 }
 
 CeRowsFn rows_for(const at::Tensor& x) {
@@ -235,14 +298,7 @@ void check_all(const char* op, const at::Tensor& x, const at::Tensor& weight,
               " but x is on ", x.device());
   TORCH_CHECK(label_smoothing >= 0.0 && label_smoothing <= 1.0, op,
               ": label_smoothing must be between 0.0 and 1.0, got ", label_smoothing);
-  if (class_weight.has_value() && class_weight->defined()) {
-    TORCH_CHECK(class_weight->dim() == 1 && class_weight->size(0) == C, op,
-                ": class_weight must have shape (", C, ",), got ", class_weight->sizes());
-    TORCH_CHECK(class_weight->device() == x.device(), op, ": class_weight is on ",
-                class_weight->device(), " but x is on ", x.device());
-    TORCH_CHECK(at::isFloatingType(class_weight->scalar_type()), op,
-                ": class_weight must be floating, got ", class_weight->scalar_type());
-  }
+  check_ce_class_weight(op, class_weight, x, C);
   // CPU: range-check the targets here (cheap, no device); CUDA: the row kernel asserts.
   if (x.device().is_cpu()) {
     const at::Tensor t = target.contiguous();
@@ -268,17 +324,10 @@ LossOut linear_ce_chunked_fwd(const at::Tensor& x, const at::Tensor& weight,
   Chunked c = run_chunked(x, weight, bias, target, class_weight, ignore_index, label_smoothing,
                           reduction, at::Tensor(), need_x, need_weight, need_bias, rows_for(x));
   if (reduction == kNone) {
-    auto e = [&] { return at::empty({0}, c.loss_rows.options()); };
-    return {c.loss_rows, e(), e(), at::empty({0}, x.options())};
+    auto e = [&] { return at::empty({0}, c.o.loss_rows.options()); };
+    return {c.o.loss_rows, e(), e(), at::empty({0}, x.options())};
   }
-  // The loss: per-row terms summed in double (fixed order), / den for mean (NaN when den == 0).
-  at::Tensor total = c.loss_rows.to(at::kDouble).sum();
-  if (reduction == kMean) {
-    const at::Tensor d = c.den.to(at::kDouble);
-    total = at::where(d.ne(0), total / d, at::full({}, std::numeric_limits<double>::quiet_NaN(),
-                                                   total.options()));
-  }
-  return {total.to(c.loss_rows.scalar_type()), c.gw, c.gb, c.gx};
+  return {reduce_chunk_losses(c.o.loss_rows, reduction, c.den), c.o.gw, c.o.gb, c.o.gx};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_ce_chunked_bwd(
@@ -294,7 +343,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_ce_chunked_bwd(
                           kNone, grad_loss, need_x, need_weight, need_bias, rows_for(x));
   const auto dt = x.scalar_type();
   auto e = [&] { return at::empty({0}, x.options()); };
-  return {need_x ? c.gx : e(), need_weight ? c.gw.to(dt) : e(), need_bias ? c.gb.to(dt) : e()};
+  return {need_x ? c.o.gx : e(), need_weight ? c.o.gw.to(dt) : e(),
+          need_bias ? c.o.gb.to(dt) : e()};
 }
 
 }  // namespace manual_layers

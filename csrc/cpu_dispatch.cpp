@@ -39,6 +39,7 @@
 #include <cstdlib>
 #include <string>
 
+#include "ce_chunked.h"
 #include "linear.h"
 #include "logreg.h"
 #include "mlp.h"
@@ -54,6 +55,7 @@
   decltype(manual_layers::mlp_bwd_cpu) mlp_bwd_cpu;                            \
   decltype(manual_layers::loss_dx_cpu) loss_dx_cpu;                            \
   decltype(manual_layers::ce_rows_cpu) ce_rows_cpu;                            \
+  decltype(manual_layers::ce_soft_rows_cpu) ce_soft_rows_cpu;                  \
   }
 ML_DECLARE_ISA_KERNELS(DEFAULT)
 #ifdef ML_COMPILED_AVX2
@@ -78,11 +80,13 @@ struct CpuKernels {
   decltype(&manual_layers::mlp_bwd_cpu) mlp_bwd;
   decltype(&manual_layers::loss_dx_cpu) loss_dx;  // called by _linear_loss_bwd (loss_bwd.cpp)
   decltype(&manual_layers::ce_rows_cpu) ce_rows;  // called by the chunked CE (ce_chunked.cpp)
+  decltype(&manual_layers::ce_soft_rows_cpu) ce_soft_rows;  // and its soft targets (ce_soft.cpp)
 };
 #define ML_ISA_KERNELS(ISA)                                                               \
   CpuKernels {                                                                            \
     &ISA::linear_fwd_cpu, &ISA::linear_bwd_cpu, &ISA::linear_bce_fwd_cpu,                 \
-        &ISA::linear_ce_fwd_cpu, &ISA::mlp_bwd_cpu, &ISA::loss_dx_cpu, &ISA::ce_rows_cpu  \
+        &ISA::linear_ce_fwd_cpu, &ISA::mlp_bwd_cpu, &ISA::loss_dx_cpu, &ISA::ce_rows_cpu, \
+        &ISA::ce_soft_rows_cpu                                                            \
   }
 
 bool compiled(Isa isa) {
@@ -199,6 +203,15 @@ void ce_rows_cpu(at::Tensor& logits, const at::Tensor& bias, const at::Tensor& t
                  bool write_residual, at::Tensor* bias_grad) {
   selected().kernels.ce_rows(logits, bias, target, class_weight, aux, row_scale, loss_rows,
                              ignore_index, label_smoothing, write_residual, bias_grad);
+}
+
+// The selected copy of the probability-target row pass (csrc/ce_soft.cpp).
+void ce_soft_rows_cpu(at::Tensor& logits, const at::Tensor& bias, const at::Tensor& target,
+                      const at::Tensor& class_weight, double scale, const at::Tensor& row_scale,
+                      at::Tensor& loss_rows, double label_smoothing, bool write_residual,
+                      at::Tensor* bias_grad) {
+  selected().kernels.ce_soft_rows(logits, bias, target, class_weight, scale, row_scale, loss_rows,
+                                  label_smoothing, write_residual, bias_grad);
 }
 
 }  // namespace manual_layers

@@ -89,6 +89,13 @@ TORCH_LIBRARY(manual_layers, m) {
   m.def("_linear_ce_chunked_bwd(Tensor grad_loss, Tensor x, Tensor weight, Tensor? bias,"
         " Tensor target, Tensor? class_weight, int ignore_index, float label_smoothing,"
         " bool need_x, bool need_weight, bool need_bias) -> (Tensor, Tensor, Tensor)");
+  // The same with probability targets (N, C) (csrc/ce_soft.cpp; contract in csrc/ce_chunked.cpp).
+  m.def("_linear_ce_soft_fwd(Tensor x, Tensor weight, Tensor? bias, Tensor target,"
+        " Tensor? class_weight, float label_smoothing, int reduction, bool need_x,"
+        " bool need_weight, bool need_bias) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("_linear_ce_soft_bwd(Tensor grad_loss, Tensor x, Tensor weight, Tensor? bias,"
+        " Tensor target, Tensor? class_weight, float label_smoothing, bool need_x,"
+        " bool need_weight, bool need_bias) -> (Tensor, Tensor, Tensor)");
 }
 
 #ifndef WITH_CUDA

@@ -121,9 +121,7 @@ def _linear_loss_bwd_fake(grad_loss, residual, x, weight, grad_weight, grad_bias
             weight.new_empty((weight.shape[0],)) if need_bias else _empty(weight))
 
 
-@torch.library.register_fake(_lib + "_linear_ce_chunked_fwd")
-def _linear_ce_chunked_fwd_fake(x, weight, bias, target, class_weight, ignore_index,
-                                label_smoothing, reduction, need_x, need_weight, need_bias):
+def _ce_chunked_fwd_fake(x, weight, reduction, need_x, need_weight, need_bias):
     n, c = x.shape[0], weight.shape[0]
     acc = _acc(x.dtype)
     if reduction == 0:
@@ -134,12 +132,35 @@ def _linear_ce_chunked_fwd_fake(x, weight, bias, target, class_weight, ignore_in
             x.new_empty(x.shape) if need_x else _empty(x))
 
 
-@torch.library.register_fake(_lib + "_linear_ce_chunked_bwd")
-def _linear_ce_chunked_bwd_fake(grad_loss, x, weight, bias, target, class_weight, ignore_index,
-                                label_smoothing, need_x, need_weight, need_bias):
+def _ce_chunked_bwd_fake(x, weight, need_x, need_weight, need_bias):
     return (x.new_empty(x.shape) if need_x else _empty(x),
             x.new_empty(weight.shape) if need_weight else _empty(x),
             x.new_empty((weight.shape[0],)) if need_bias else _empty(x))
+
+
+@torch.library.register_fake(_lib + "_linear_ce_chunked_fwd")
+def _linear_ce_chunked_fwd_fake(x, weight, bias, target, class_weight, ignore_index,
+                                label_smoothing, reduction, need_x, need_weight, need_bias):
+    return _ce_chunked_fwd_fake(x, weight, reduction, need_x, need_weight, need_bias)
+
+
+@torch.library.register_fake(_lib + "_linear_ce_chunked_bwd")
+def _linear_ce_chunked_bwd_fake(grad_loss, x, weight, bias, target, class_weight, ignore_index,
+                                label_smoothing, need_x, need_weight, need_bias):
+    return _ce_chunked_bwd_fake(x, weight, need_x, need_weight, need_bias)
+
+
+# Probability targets (N, C): the chunked ops' outputs.
+@torch.library.register_fake(_lib + "_linear_ce_soft_fwd")
+def _linear_ce_soft_fwd_fake(x, weight, bias, target, class_weight, label_smoothing, reduction,
+                             need_x, need_weight, need_bias):
+    return _ce_chunked_fwd_fake(x, weight, reduction, need_x, need_weight, need_bias)
+
+
+@torch.library.register_fake(_lib + "_linear_ce_soft_bwd")
+def _linear_ce_soft_bwd_fake(grad_loss, x, weight, bias, target, class_weight, label_smoothing,
+                             need_x, need_weight, need_bias):
+    return _ce_chunked_bwd_fake(x, weight, need_x, need_weight, need_bias)
 
 
 @torch.library.register_fake(_lib + "mlp")
