@@ -94,6 +94,13 @@ def _cases():
             f"ce-{red}",
             lambda x, w, b, kw=kw: MF.linear_cross_entropy(x, w, b, tc, **kw),
             lambda x, w, b, kw=kw: R.linear_cross_entropy(x, w, b, tc, **kw)))
+    ts = _targets(5, 3, "soft", 6)
+    for red in ("mean", "none"):
+        kw = dict(class_weight=cw, label_smoothing=0.1, reduction=red)
+        cases.append(Case(
+            f"ce-soft-{red}",
+            lambda x, w, b, kw=kw: MF.linear_cross_entropy(x, w, b, ts, **kw),
+            lambda x, w, b, kw=kw: R.linear_cross_entropy(x, w, b, ts, **kw)))
     return cases
 
 

@@ -178,3 +178,19 @@ def test_first_order_backward_runs_the_kernels(create_graph):
     with _Ops() as mode:
         torch.autograd.grad(y.sum(), (x, w, b), create_graph=create_graph)
     assert ("manual_layers._linear_bwd" in mode.names) is not create_graph, mode.names
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("route", ["op", "function"])
+def test_gradgradcheck_ce_probability_targets(reduction, route):
+    x, w, b = _lin_inputs(7, rows=5, d_out=4)
+    q = torch.softmax(torch.randn(5, 4, dtype=DT), -1)
+    cw = torch.rand(4, dtype=DT) + 0.5
+    if route == "op":
+        f = lambda x, w, b: MF.linear_cross_entropy(x, w, b, q, class_weight=cw,
+                                                    label_smoothing=0.1, reduction=reduction)
+    else:
+        f = lambda x, w, b: LinearCrossEntropyFunction.apply(x, w, b, q, cw, -100, 0.1,
+                                                             reduction)
+    assert gradcheck(f, (x, w, b))
+    assert gradgradcheck(f, (x, w, b))
