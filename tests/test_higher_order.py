@@ -194,3 +194,21 @@ def test_gradgradcheck_ce_probability_targets(reduction, route):
                                                              reduction)
     assert gradcheck(f, (x, w, b))
     assert gradgradcheck(f, (x, w, b))
+
+
+def test_opcheck_backward_graph_ops():
+    """The _*_backward_graph ops (CompositeImplicitAutograd kernels in Python) pass opcheck."""
+    ops = torch.ops.manual_layers
+    x, w, b = _lin_inputs(8, rows=5, d_out=3)
+    w2 = torch.randn(2, 3, dtype=DT, requires_grad=True)
+    one = torch.tensor(1.0, dtype=DT)
+    for op, args in (
+            (ops._linear_backward_graph, (torch.randn(5, 3, dtype=DT), x, w, b, "gelu", True,
+                                          True, True)),
+            (ops._mlp_backward_graph, (torch.randn(5, 2, dtype=DT), x, w, b, w2, None, "tanh",
+                                       True, True, True, True, False)),
+            (ops._linear_bce_backward_graph, (one, x, w[:1], b[:1], torch.rand(5, dtype=DT),
+                                              None, None, 1, True, True, True)),
+            (ops._linear_ce_backward_graph, (one, x, w, b, torch.randint(0, 3, (5,)), None,
+                                             -100, 0.1, 1, True, True, True))):
+        torch.library.opcheck(op.default, args)
