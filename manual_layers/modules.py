@@ -91,14 +91,19 @@ class Linear(nn.Linear):
         if activation is not None and cls is Linear:
             return FusedLinear.from_linear(linear, activation)
         MF._check_activation(activation, "manual_layers.Linear.from_linear")
-        m = cls.__new__(cls)
-        nn.Module.__init__(m)
-        m.in_features, m.out_features = linear.in_features, linear.out_features
-        m.weight = linear.weight
-        m.bias = linear.bias
-        m.activation = activation
-        m.train(linear.training)
-        return m
+        return _sharing(cls, linear, activation)
+
+
+def _sharing(cls, linear, activation):
+    """A `cls` layer whose weight and bias ARE linear's Parameters (no copy)."""
+    m = cls.__new__(cls)
+    nn.Module.__init__(m)
+    m.in_features, m.out_features = linear.in_features, linear.out_features
+    m.weight = linear.weight
+    m.bias = linear.bias
+    m.activation = activation
+    m.train(linear.training)
+    return m
 
 
 def _activation_arg(args, kwargs):
@@ -167,14 +172,7 @@ class FusedLinear(nn.Module):
             raise TypeError(f"FusedLinear.from_linear: expected an nn.Linear, got "
                             f"{type(linear).__name__}")
         MF._check_activation(activation, "manual_layers.FusedLinear.from_linear")
-        m = cls.__new__(cls)
-        nn.Module.__init__(m)
-        m.in_features, m.out_features = linear.in_features, linear.out_features
-        m.weight = linear.weight
-        m.bias = linear.bias
-        m.activation = activation
-        m.train(linear.training)
-        return m
+        return _sharing(cls, linear, activation)
 
 
 class MLP(nn.Sequential):
