@@ -264,8 +264,10 @@ inline Fiber* pick() {
   Scheduler& s = sched();
   std::map<std::string, int> waiting;
   const int n = s.nranks * s.threads;
-  for (int k = 0; k < n; ++k)
-    if (!s.fibers[k]->done) ++waiting[s.fibers[k]->waits_on != nullptr ? s.fibers[k]->waits_on : "?"];
+  for (int k = 0; k < n; ++k) {
+    const Fiber& f = *s.fibers[k];
+    if (!f.done) ++waiting[f.waits_on != nullptr ? f.waits_on : "?"];
+  }
   std::string msg = "a wait that never ends (a hang on a GPU):";
   for (const auto& [what, n] : waiting) msg += " " + std::to_string(n) + " threads in " + what + ";";
   int finished = 0;

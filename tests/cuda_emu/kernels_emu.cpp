@@ -87,8 +87,19 @@ constexpr int kMaxWarps = 32 * kMaxCluster;    // warps of those blocks
 constexpr size_t kSmemBytes = 232448;          // shared memory per block (sm_90's opt-in limit)
 // A kernel's dynamic shared memory: the launch's size in bytes (16-byte multiple) at the END of
 // each block's array, so that an access past it leaves the array (AddressSanitizer reports it
-// in the sanitizer builds, tests/test_cuda_emu.py). Block k of a cluster has smem_raw[k].
-alignas(16) unsigned char smem_raw[kMaxCluster][kSmemBytes];
+// in the sanitizer builds, tests/test_cuda_emu.py). Block k of a cluster has smem_raw[k]; the
+// blocks' arrays lie kSmemGap bytes apart and the AddressSanitizer build poisons the gaps, so
+// that an access past block k's array is reported too instead of landing in block k + 1's.
+constexpr size_t kSmemGap = 256;
+alignas(16) unsigned char smem_raw[kMaxCluster][kSmemBytes + kSmemGap];
+#if defined(__SANITIZE_ADDRESS__)
+extern "C" void __asan_poison_memory_region(void const volatile* addr, size_t size);
+const bool smem_gaps_poisoned = [] {
+  for (int k = 0; k < kMaxCluster; ++k)
+    __asan_poison_memory_region(smem_raw[k] + kSmemBytes, kSmemGap);
+  return true;
+}();
+#endif
 unsigned char* smem_dyn = nullptr;              // the running thread's block's
 unsigned char* block_smem[kMaxCluster] = {};    // every block's (distributed shared memory)
 size_t dyn_bytes = 0;                           // the launch's dynamic shared memory
