@@ -1,7 +1,9 @@
 # The two commands of README.md, on a fresh Linux machine with Python 3.10+ and a C++ compiler:
 #   make demo   - the main job: train and compare (creates .venv, installs torch + the package)
-#   make test   - the test suite
-# Other targets: install, bench, cpp-test (CMake build + ctest), clean.
+#   make test   - the test suite: every CPU test of the public API, in minutes on 2 cores (leaves
+#                 out the tests marked slow in pyproject.toml)
+# Other targets: test-all (every test, the slow ones too: CI runs it), install, bench, cpp-test
+# (CMake build + ctest), clean.
 PY       ?= python3
 VENV     := .venv
 VPY      := $(VENV)/bin/python
@@ -11,7 +13,7 @@ export MAX_JOBS
 SOURCES := $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h' -o -name '*.cuh') \
            setup.py pyproject.toml
 
-.PHONY: demo test install bench cpp-test clean
+.PHONY: demo test test-all install bench cpp-test clean
 
 $(VENV)/.deps:
 	$(PY) -m venv $(VENV)
@@ -44,6 +46,10 @@ demo: install
 	$(VPY) -m manual_layers demo
 
 test: install
+	$(VPY) -m manual_layers info
+	$(VPY) -m pytest tests -q -m "not slow"
+
+test-all: install
 	$(VPY) -m manual_layers info
 	$(VPY) -m pytest tests -q
 

@@ -377,6 +377,7 @@ def _peak_extra_mib(mode):
     return float(out.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow  # two processes each running an LM-head-sized problem twice
 def test_peak_memory_cpu():
     """CPU, N 4096, D 256, C 32000 fp32: peak RSS growth of one forward+backward (gradients
     already allocated by a first run) stays within the chunk bound, far below eager's N x C

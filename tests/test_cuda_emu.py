@@ -1,6 +1,8 @@
 """CUDA kernels run on the CPU: g++ compiles their .cu files with tests/cuda_emu/kernels_emu.cpp,
-whose host emulation runs a block's 256 threads as std::threads, the shuffles and
-__syncthreads as barriers, cp.async as a copy and mma.sync from the PTX ISA's fragment layouts.
+whose host emulation runs a block's 256 threads as fibers on one OS thread
+(tests/cuda_emu/fibers.h: cooperative, in a schedule chosen to expose missing barriers), the
+shuffles and __syncthreads as barriers, cp.async as a copy and mma.sync from the PTX ISA's
+fragment layouts.
 Each case compares a kernel's outputs with a float64 reference of the same inputs:
 - the tensor-core cross-entropy kernel (csrc/cuda/logreg_ce_tc.cu; bf16, fp16, and fp32
   through 3xTF32): loss, residual, and the dW / db partials summed in block order; and its
@@ -23,8 +25,14 @@ Fixed cases name what each covers; test_random_cases_emulated adds random shapes
 This checks the kernels' tiling, shared-memory layout, fragment addressing, tile ring and row
 phase where no GPU is (CI); the PTX itself and timing need one (tests/test_ce_tc.py). Small cases
 of each kernel run again built with ThreadSanitizer (shared-memory races between barriers) and
-with AddressSanitizer + UBSan (out-of-bounds shared or global accesses): test_kernels_sanitized."""
+with AddressSanitizer + UBSan (out-of-bounds shared or global accesses): test_kernels_sanitized,
+marked slow (`make test-all`): the sanitizer builds take minutes of compiling.
 
+Every test here is marked emu. The executables are cached under build/cuda_emu/, keyed by a hash
+of everything they are built from (the emulator, csrc/, the compiler, torch), so a second run
+compiles nothing."""
+
+import hashlib
 import os
 import shutil
 import subprocess
@@ -34,6 +42,9 @@ import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
+CACHE = os.path.join(ROOT, "build", "cuda_emu")
+
+pytestmark = pytest.mark.emu
 
 
 def _cuda_include_dirs():
@@ -52,33 +63,58 @@ def _cuda_include_dirs():
     return dirs
 
 
-def _build(tmp_path_factory, name, flags=()):
-    """Compiles kernels_emu.cpp with the emulated .cu files; returns the executable's path, or
-    (for a sanitizer build) None when the toolchain has no runtime for that sanitizer."""
+def _sources_digest(cmd, cxx):
+    """A hash of what the executable is built from: the command, the compiler's version, torch's
+    version, and every file of tests/cuda_emu/ and csrc/ (the emulated .cu files and the headers
+    they include; the rest of csrc/ is hashed too, which costs little and misses nothing)."""
+    h = hashlib.sha256()
+    h.update(repr(cmd).encode())
+    h.update(subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout.encode())
+    h.update(torch.__version__.encode())
+    for top in (os.path.join(HERE, "cuda_emu"), os.path.join(ROOT, "csrc")):
+        for d, dirs, files in sorted(os.walk(top)):
+            dirs.sort()
+            for f in sorted(files):
+                path = os.path.join(d, f)
+                h.update(os.path.relpath(path, ROOT).encode())
+                with open(path, "rb") as fh:
+                    h.update(fh.read())
+    return h.hexdigest()[:16]
+
+
+def _build(name, flags=()):
+    """Compiles kernels_emu.cpp with the emulated .cu files, or finds the same build in CACHE;
+    returns the executable's path, or (for a sanitizer build) None when the toolchain has no
+    runtime for that sanitizer."""
     cxx = shutil.which(os.environ.get("CXX", "g++"))
     inc = _cuda_include_dirs()
     tlib = os.path.join(os.path.dirname(torch.__file__), "lib")
     if cxx is None or not inc:
         pytest.skip("needs g++ and the CUDA headers")
-    exe = str(tmp_path_factory.mktemp("emu") / name)
     tinc = os.path.join(os.path.dirname(torch.__file__), "include")
     cmd = [cxx, "-std=c++20", "-O1", "-pthread", *flags,
            os.path.join(HERE, "cuda_emu", "kernels_emu.cpp"),
-           "-o", exe, "-I" + tinc, "-I" + os.path.join(tinc, "torch", "csrc", "api", "include")]
+           "-I" + tinc, "-I" + os.path.join(tinc, "torch", "csrc", "api", "include")]
     cmd += ["-I" + d for d in inc]
     # The emulated files' host code is left out (ML_CUDA_HOST_EMU): only c10 is linked.
     cmd += ["-DWITH_CUDA", "-L" + tlib, "-Wl,-rpath," + tlib, "-lc10"]
-    r = subprocess.run(cmd, capture_output=True, text=True)
+    exe = os.path.join(CACHE, f"{name}-{_sources_digest(cmd, cxx)}")
+    if os.path.exists(exe):
+        return exe
+    os.makedirs(CACHE, exist_ok=True)
+    tmp = f"{exe}.{os.getpid()}.tmp"  # renamed when complete: a concurrent run sees all or none
+    r = subprocess.run(cmd + ["-o", tmp], capture_output=True, text=True)
     if r.returncode != 0 and flags and any(
             f"-l{lib}" in r.stderr or f"lib{lib}" in r.stderr for lib in ("tsan", "asan", "ubsan")):
         return None
     assert r.returncode == 0, "emulation build failed:\n" + r.stderr[-4000:]
+    os.replace(tmp, exe)
     return exe
 
 
 @pytest.fixture(scope="module")
-def emu(tmp_path_factory):
-    return _build(tmp_path_factory, "kernels_emu")
+def emu():
+    return _build("kernels_emu")
 
 
 # dtype, N, D, C, grid, stages, options (w: class weights, W: weights up to 3e4, s: label
@@ -123,9 +159,10 @@ def test_ce_tc_kernel_emulated(emu, case):
 
 # The same kernel's cluster instances (sm_90a, 33 <= C <= 256): GRID clusters of ceil(C / 32)
 # blocks of 32 classes each, run at the same time; X reaches every block of a cluster through
-# one multicast bulk copy per row, the row statistics through the blocks' shared memory. The
-# emulator skews the blocks after each cluster barrier, so that a copy issued before every block
-# is done with a stage changes what a block reads (and the values fail).
+# one multicast bulk copy per row, the row statistics through the blocks' shared memory. After
+# each cluster barrier the emulator runs one block as far as it can before the next, in an order
+# reversed every other barrier (tests/cuda_emu/fibers.h), so that a copy issued before every
+# block is done with a stage changes what a block reads (and the values fail).
 CL_CASES = [
     ("bf16", 1, 8, 33, 1, 2, "-"),          # one row, 2 blocks, the second with one class
     ("bf16", 33, 264, 33, 3, 2, "i"),       # D past the one-block kernel's 256; a cluster idle
@@ -277,7 +314,7 @@ def test_linear_kernels_emulated(emu, case):
 # - address: AddressSanitizer and UBSan. Dynamic shared memory is the launch's size placed at
 #   the end of the emulator's array (kernels_emu.cpp: launch), so a kernel reading or writing
 #   past the size its host code computes is reported; so are out-of-bounds global accesses.
-# Small cases of every kernel (ThreadSanitizer runs a block's 256 threads ~5-20x slower).
+# Small cases of every kernel (ThreadSanitizer runs a kernel many times slower).
 SAN_CASES = [
     ("ce_tc", "bf16", 33, 24, 10, 2, 2, "i"),
     ("ce_tc", "f16", 77, 64, 12, 2, 3, "Wsi"),
@@ -311,10 +348,11 @@ SAN_CASES = [
 ]
 
 # Random cases of every emulated kernel, each drawn from its seed alone (as tests/test_fuzz.py
-# does for the ops): 16 per run, MANUAL_LAYERS_EMU_FUZZ_CASES=N MANUAL_LAYERS_EMU_FUZZ_SEED=S for
-# more. Shapes stay inside what each kernel's host code launches (noted per kind); a case the
-# emulator declines (exit 2: its shared memory, a column count its vectors do not divide) is
-# skipped.
+# does for the ops), run in a random thread schedule drawn from the same seed
+# (ML_EMU_SCHEDULE_SEED, tests/cuda_emu/fibers.h): 16 per run, MANUAL_LAYERS_EMU_FUZZ_CASES=N
+# MANUAL_LAYERS_EMU_FUZZ_SEED=S for more. Shapes stay inside what each kernel's host code
+# launches (noted per kind); a case the emulator declines (exit 2: its shared memory, a column
+# count its vectors do not divide) is skipped.
 EMU_FUZZ_CASES = int(os.environ.get("MANUAL_LAYERS_EMU_FUZZ_CASES", "16"))
 EMU_FUZZ_SEED = int(os.environ.get("MANUAL_LAYERS_EMU_FUZZ_SEED", "0"))
 
@@ -371,7 +409,7 @@ def random_case(seed):
 def test_random_cases_emulated(emu, seed):
     case = random_case(seed)
     r = subprocess.run([emu] + [str(v) for v in case], capture_output=True, text=True,
-                       timeout=300, env=dict(os.environ, ML_EMU_CLUSTER_SKEW_MS="2"))
+                       timeout=300, env=dict(os.environ, ML_EMU_SCHEDULE_SEED=str(seed + 1)))
     if r.returncode == 2:
         pytest.skip(f"{case}: {r.stdout.strip()[-200:]}")
     assert r.returncode == 0 and r.stdout.rstrip().endswith("OK"), \
@@ -390,8 +428,8 @@ SAN_ENV = {
 
 
 @pytest.fixture(scope="module", params=sorted(SANITIZERS))
-def emu_san(request, tmp_path_factory):
-    exe = _build(tmp_path_factory, "kernels_emu_" + request.param, SANITIZERS[request.param])
+def emu_san(request):
+    exe = _build("kernels_emu_" + request.param, SANITIZERS[request.param])
     if exe is None:
         pytest.skip(f"g++ has no {request.param} sanitizer runtime here")
     env = dict(os.environ, **SAN_ENV)
@@ -402,6 +440,7 @@ def emu_san(request, tmp_path_factory):
     return exe, env
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", SAN_CASES, ids=["-".join(map(str, c)) for c in SAN_CASES])
 def test_kernels_sanitized(emu_san, case):
     exe, env = emu_san

@@ -29,6 +29,11 @@ from pathlib import Path
 
 import pytest
 
+# Every test here is marked distributed. The DDP run (one launch does every DDP check) stays in
+# `make test` as the smoke test of multi-process training and fitting; the FSDP2 run is marked
+# slow (`make test-all`).
+pytestmark = pytest.mark.distributed
+
 ROOT = Path(__file__).resolve().parents[1]
 WORLD = 2
 STEPS = 3
@@ -853,6 +858,7 @@ def test_distributed_minibatch_fit(ddp_cpu, case):
         assert v["rel_err"] <= tol, f"rank {r} {case}: {v}"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("model", MODELS)
 def test_fsdp2_cpu_matches_torch_and_single_process(fsdp_cpu, model, dtype):
@@ -861,6 +867,7 @@ def test_fsdp2_cpu_matches_torch_and_single_process(fsdp_cpu, model, dtype):
         assert v["param_types"] == ["DTensor"] and v["grad_types"] == ["DTensor"], v
 
 
+@pytest.mark.slow
 def test_fsdp2_kernels_get_plain_tensors(fsdp_cpu):
     """FSDP2 all-gathers before forward: our Functions see plain tensors of the full shape
     (the head's weight (5, 17) whole, though each rank holds a (3, 17) or (2, 17) shard)."""
@@ -876,6 +883,7 @@ def test_fsdp2_kernels_get_plain_tensors(fsdp_cpu):
         assert all(s[1:] == ["DTensor"] for s in v["seen"] if s[0] == "grads"), v["seen"]
 
 
+@pytest.mark.slow
 def test_fsdp2_loss_method_needs_registration(fsdp_cpu):
     """Calling LogisticRegression.loss (not forward) on a fully_shard-ed layer sees the sharded
     DTensors and fails exactly as torch's F.linear on them does; with
@@ -886,12 +894,14 @@ def test_fsdp2_loss_method_needs_registration(fsdp_cpu):
         assert v["registered_vs_single_process"]["rel_err"] <= 1e-10, v
 
 
+@pytest.mark.slow
 def test_fsdp2_mixed_precision_bf16(fsdp_cpu):
     for v in _check(fsdp_cpu, "fsdp_mixed_precision"):
         assert v["ranks_agree"]
         assert v["vs_torch_fsdp"]["rel_err"] <= 2e-2, v
 
 
+@pytest.mark.slow
 def test_fsdp2_full_state_dict_loads_into_plain_model(fsdp_cpu):
     for v in _check(fsdp_cpu, "fsdp_state_dict"):
         for name, c in v.items():

@@ -76,6 +76,7 @@ def _cutlass_include():
     return None
 
 
+@pytest.mark.slow  # a minute or more of nvcc compiling CUTLASS's headers
 def test_cutlass_argument_layouts(tmp_path):
     """tests/cuda_emu/sm90_args.cu, built with nvcc and run on the host: the strides the
     kernels' launch code gives CUTLASS put element (i, j) of x, w, out, pre (forward) and of

@@ -2,6 +2,8 @@
 manual_layers.reference in float64 (values and gradients, every float dtype), float64 gradcheck,
 and torch.library.opcheck (schema, fake kernel, autograd registration, AOT dispatch)."""
 
+import contextlib
+
 import pytest
 import torch
 
@@ -26,14 +28,31 @@ def test_matches_reference(op, i, dtype, device):
     check_reference(_sample(op, i, device, dtype))
 
 
+@contextlib.contextmanager
+def _one_intra_op_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("op,i", CASES)
 def test_gradcheck(op, i, device):
     """float64 gradcheck of the functional call with respect to every input that requires
-    grad; the samples marked (big) in fast mode (random projections of the Jacobian)."""
+    grad; the samples marked (big) in fast mode (random projections of the Jacobian).
+
+    On one intra-op thread: the numerical Jacobian calls the op thousands of times on a small
+    sample, and with two threads MKL splits each of those tiny GEMMs across them, which costs
+    far more than the GEMM (on 2 cores with other work running, milliseconds per call). The
+    thread count changes how the work is divided (MKL's blocking, the rows each thread takes),
+    not which kernels and paths run; test_matches_reference runs every sample at the default
+    thread count."""
     s = _sample(op, i, device, torch.float64)
     inputs = s.grad_inputs()
-    with s.environment():
+    with s.environment(), _one_intra_op_thread():
         assert torch.autograd.gradcheck(s.call, tuple(inputs), fast_mode="(big)" in s.desc)
 
 

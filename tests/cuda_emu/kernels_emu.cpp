@@ -17,9 +17,11 @@
 //   linear_misc  Linear's activation, softmax and column-sum kernels (csrc/cuda/linear.cu)
 //
 // The .cu files are compiled as C++ with ML_CUDA_HOST_EMU (which leaves out their host
-// code): a block's threads are std::threads (blocks run one after another; __shared__ arrays
-// are static, so all threads of a block see one), __syncthreads, __syncwarp and the warp
-// shuffles are barriers (under ThreadSanitizer the shuffles order no memory: __shfl_xor_sync),
+// code): a block's threads are fibers on one OS thread (tests/cuda_emu/fibers.h: cooperative,
+// in a schedule chosen to expose missing barriers; blocks run one after another, a cluster's
+// blocks together; __shared__ arrays are static, so all threads of a block see one),
+// __syncthreads, __syncwarp and the warp shuffles are barriers (under ThreadSanitizer the
+// shuffles order no memory: __shfl_xor_sync),
 // dynamic shared memory is the launch's size at the end of an array (launch), a cp.async copy
 // lands when its thread waits for its group (a read before the wait and the barrier sees the
 // poisoned shared memory), and mma.sync is computed from the fragment layouts of the PTX ISA,
@@ -27,7 +29,9 @@
 // h] in register r of lane 4g + t, B[2t + 8r + h][g], D[g + 8 (r / 2)][2t + r % 2]; m16n8k8
 // tf32 likewise with k = t + 4 (r / 2) and t + 4r). What it cannot check: the PTX itself and
 // timing. A race the thread schedule of a run does not expose passes the value checks; built
-// with -fsanitize=thread (tests/test_cuda_emu.py) it is reported whatever the schedule.
+// with -fsanitize=thread (tests/test_cuda_emu.py) it is reported whatever the schedule. A wait
+// that cannot end (a thread that left the kernel before a __syncthreads of the others, an
+// mbarrier phase that never completes) ends the run with exit status 3.
 //
 // Usage (exit 0 when every output matches a float64 reference of the same inputs, else 1):
 //   kernels_emu ce_tc|ce_tc_cl|ce_fused DTYPE N D C GRID STAGES OPTS   (ce_tc_cl: GRID
@@ -45,10 +49,7 @@
 #include <cuda_runtime.h>
 
 #include <atomic>
-#include <barrier>
-#include <chrono>
 #include <cmath>
-#include <condition_variable>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
@@ -57,14 +58,14 @@
 #include <limits>
 #include <map>
 #include <memory>
-#include <mutex>
 #include <random>
 #include <string>
-#include <thread>
 #include <vector>
 
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
+
+#include "fibers.h"
 
 #define ML_CUDA_HOST_EMU 1
 #define ML_SM80 1
@@ -74,8 +75,9 @@
 #define __shared__ static
 #define ML_DYNAMIC_SMEM(name) unsigned char* name = emu::smem_dyn
 
-thread_local uint3 threadIdx;
-thread_local uint3 blockIdx;
+// The running thread's (set by the scheduler whenever a fiber resumes: launch, resume).
+uint3 threadIdx;
+uint3 blockIdx;
 uint3 gridDim;
 uint3 blockDim;
 
@@ -85,39 +87,46 @@ constexpr int kMaxWarps = 32 * kMaxCluster;    // warps of those blocks
 constexpr size_t kSmemBytes = 232448;          // shared memory per block (sm_90's opt-in limit)
 // A kernel's dynamic shared memory: the launch's size in bytes (16-byte multiple) at the END of
 // each block's array, so that an access past it leaves the array (AddressSanitizer reports it
-// in the sanitizer builds, tests/test_cuda_emu.py). Block k of a cluster has smem_raw[k].
-alignas(16) unsigned char smem_raw[kMaxCluster][kSmemBytes];
-thread_local unsigned char* smem_dyn = nullptr;  // this thread's block's
+// in the sanitizer builds, tests/test_cuda_emu.py). Block k of a cluster has smem_raw[k]; the
+// blocks' arrays lie kSmemGap bytes apart and the AddressSanitizer build poisons the gaps, so
+// that an access past block k's array is reported too instead of landing in block k + 1's.
+constexpr size_t kSmemGap = 256;
+alignas(16) unsigned char smem_raw[kMaxCluster][kSmemBytes + kSmemGap];
+#if defined(__SANITIZE_ADDRESS__)
+extern "C" void __asan_poison_memory_region(void const volatile* addr, size_t size);
+const bool smem_gaps_poisoned = [] {
+  for (int k = 0; k < kMaxCluster; ++k)
+    __asan_poison_memory_region(smem_raw[k] + kSmemBytes, kSmemGap);
+  return true;
+}();
+#endif
+unsigned char* smem_dyn = nullptr;              // the running thread's block's
 unsigned char* block_smem[kMaxCluster] = {};    // every block's (distributed shared memory)
 size_t dyn_bytes = 0;                           // the launch's dynamic shared memory
-thread_local std::barrier<>* block_bar = nullptr;
-thread_local int warp_base = 0;                 // 32 x the block's rank in its cluster
-std::barrier<>* warp_bar[kMaxWarps] = {};
+fib::Barrier block_bars[kMaxCluster], warp_bars[kMaxWarps], cluster_bar;
+fib::Barrier* block_bar = nullptr;              // the running thread's block's
+int warp_base = 0;                              // 32 x the running block's rank in its cluster
 uint64_t xch[kMaxWarps][32];
 uint32_t mma_a[kMaxWarps][32][4];
 uint32_t mma_b[kMaxWarps][32][2];
 inline int tid() { return static_cast<int>(threadIdx.x + threadIdx.y * blockDim.x); }
 inline int warp() { return warp_base + (tid() >> 5); }  // unique over the cluster's blocks
 inline int lane() { return tid() & 31; }
-inline void warp_sync() { warp_bar[warp()]->arrive_and_wait(); }
+inline void warp_sync() { warp_bars[warp()].wait(true, "__syncwarp / mma"); }
 }  // namespace emu
 
-inline void __syncthreads() { emu::block_bar->arrive_and_wait(); }
+inline void __syncthreads() { emu::block_bar->wait(true, "__syncthreads"); }
 inline void __syncwarp(unsigned = 0xffffffffu) { emu::warp_sync(); }
 
 #if defined(__SANITIZE_THREAD__)
-// Under ThreadSanitizer a shuffle exchanges its value through relaxed atomics and waits on a
-// relaxed counter: it orders no other memory access, as on the GPU, where the memory model gives
-// __shfl_sync no ordering (__syncwarp and __syncthreads have it). So shared memory written by one
-// lane and read by another with only shuffles between them is reported as the race it is.
+// Under ThreadSanitizer a shuffle exchanges its value through relaxed atomics and waits for
+// the warp at a barrier that orders nothing: it orders no other memory access, as on the GPU,
+// where the memory model gives __shfl_sync no ordering (__syncwarp and __syncthreads have it).
+// So shared memory written by one lane and read by another with only shuffles between them is
+// reported as the race it is.
 namespace emu {
 std::atomic<uint64_t> axch[kMaxWarps][32];
-std::atomic<uint64_t> arrivals[kMaxWarps];
-inline void relaxed_warp_wait() {
-  std::atomic<uint64_t>& n = arrivals[warp()];
-  const uint64_t target = (n.fetch_add(1, std::memory_order_relaxed) / 32 + 1) * 32;
-  while (n.load(std::memory_order_relaxed) < target) std::this_thread::yield();
-}
+inline void relaxed_warp_wait() { warp_bars[warp()].wait(false, "a shuffle"); }
 }  // namespace emu
 
 template <typename T>
@@ -160,17 +169,23 @@ struct AsyncCopy {
   const void* src;
   int bytes;  // 16, or 0: zero fill
 };
-thread_local std::vector<AsyncCopy> cp_open;
-thread_local std::deque<std::vector<AsyncCopy>> cp_groups;
+struct AsyncCopies {
+  std::vector<AsyncCopy> open;
+  std::deque<std::vector<AsyncCopy>> groups;
+};
+std::vector<AsyncCopies> cp_state;  // by fiber (launch sizes it)
+inline AsyncCopies& cp_mine() { return cp_state[emu::fib::current()->id]; }
 
 inline void cp_async16(void* smem, const void* gmem, int src_bytes) {
-  cp_open.push_back({smem, gmem, src_bytes});
+  cp_mine().open.push_back({smem, gmem, src_bytes});
 }
 inline void cp_async_commit() {
-  cp_groups.push_back(std::move(cp_open));
-  cp_open.clear();
+  AsyncCopies& c = cp_mine();
+  c.groups.push_back(std::move(c.open));
+  c.open.clear();
 }
 inline void cp_async_wait(int n) {
+  std::deque<std::vector<AsyncCopy>>& cp_groups = cp_mine().groups;
   while (static_cast<int>(cp_groups.size()) > n) {
     for (const AsyncCopy& c : cp_groups.front()) {
       if (c.bytes == 16) {
@@ -185,31 +200,35 @@ inline void cp_async_wait(int n) {
 
 // Thread-block clusters (csrc/cuda/cluster_sm90.cuh): a cluster's blocks run at the same time
 // (launch), each with its own shared memory; cluster_sync is a barrier of all their threads,
-// cluster_map points into another block's shared memory at the same offset. An mbarrier is an
-// object beside the shared-memory word it is initialised at: arrivals and a transaction count
-// per phase, as in the PTX ISA (a phase completes when its arrivals are all in and the count is
-// back to 0; copies may complete their bytes before the expecting arrival). A multicast bulk
-// copy lands at once, in every block of its mask, and completes its bytes on each block's
-// mbarrier at the same offset: a copy issued into a stage that another block is still reading
-// changes what that block reads (and ThreadSanitizer reports the race). A wait that would never
-// end on a GPU (a miscounted phase) ends the run after 60 s; so does a block's barrier that
-// still expects bytes or arrivals when the kernel returns (copies in flight at exit).
-// Each mbarrier has a lock of its own, so that ThreadSanitizer sees only the orderings the
-// barrier gives on a GPU (one lock for all of them would order unrelated blocks' accesses).
+// after which the blocks run in a new priority order (tests/cuda_emu/fibers.h), so that a block
+// that writes into another's shared memory before that one is done with it (a copy issued one
+// barrier too early) changes what it reads, and the value checks fail. cluster_map points into
+// another block's shared memory at the same offset. An mbarrier is an object beside the
+// shared-memory word it is initialised at: arrivals and a transaction count per phase, as in
+// the PTX ISA (a phase completes when its arrivals are all in and the count is back to 0;
+// copies may complete their bytes before the expecting arrival). A multicast bulk copy lands at
+// once, in every block of its mask, and completes its bytes on each block's mbarrier at the
+// same offset: a copy issued into a stage that another block is still reading changes what that
+// block reads (and ThreadSanitizer reports the race). A wait that would never end on a GPU (a
+// miscounted phase) ends the run; so does a block's barrier that still expects bytes or
+// arrivals when the kernel returns (copies in flight at exit). For ThreadSanitizer an arrival
+// and a copy's completion release, a completed wait acquires (the orderings the mbarrier gives
+// on a GPU), and the lookup of an mbarrier reads a word its initialisation wrote, so a use not
+// ordered after mbarrier_init (by the cluster barrier) is reported.
 namespace cl {
+namespace fib = emu::fib;
 struct MBar {
   int count = 0;       // arrivals per phase
   int pending = 0;     // arrivals still expected in this phase
   int64_t tx = 0;      // bytes still expected in this phase
   uint32_t phase = 0;  // completed phases
-  std::mutex mu;
-  std::condition_variable cv;
+  std::vector<fib::Fiber*> waiting;
+  char sync[2] = {0, 0};  // TSan sync objects by phase parity
+  int initialised = 0;    // written by mbarrier_init, read by every use (TSan)
 };
-std::mutex init_mu;  // mbarrier_init (before the cluster_sync after which the others look up)
 std::map<const void*, std::unique_ptr<MBar>> bars;  // by address (a shared-memory word)
-int size = 1;                      // blocks per cluster
-std::barrier<>* bar = nullptr;     // all threads of the cluster
-thread_local int rank = 0;
+int size = 1;                                       // blocks per cluster
+int rank = 0;                                       // the running thread's block's
 
 [[noreturn]] inline void fail(const char* what) {
   std::fprintf(stderr, "cluster emulation: %s\n", what);
@@ -217,16 +236,21 @@ thread_local int rank = 0;
   std::_Exit(3);
 }
 inline MBar& get(const void* b) {
-  auto it = bars.find(b);
-  if (it == bars.end()) fail("mbarrier used before mbarrier_init");
-  return *it->second;
+  MBar* m = nullptr;
+  {
+    fib::Hidden h;
+    auto it = bars.find(b);
+    if (it != bars.end()) m = it->second.get();
+  }
+  if (m == nullptr || m->initialised != 1) fail("mbarrier used before mbarrier_init");
+  return *m;
 }
-inline void settle(MBar& m) {  // caller holds m.mu
+inline void settle(MBar& m) {  // inside fib::Hidden
   if (m.pending < 0) fail("more arrivals than the mbarrier's count in one phase");
   if (m.pending == 0 && m.tx == 0) {
     ++m.phase;
     m.pending = m.count;
-    m.cv.notify_all();
+    fib::wake(m.waiting, m.phase);
   }
 }
 // The address `offset` bytes into block `r`'s shared memory that p is into this block's.
@@ -241,48 +265,41 @@ T* peer(T* p, int r) {
 
 inline int cluster_rank() { return cl::rank; }
 inline int cluster_size() { return cl::size; }
-// After each cluster barrier the blocks leave with a skew (ML_EMU_CLUSTER_SKEW_MS per rank,
-// default 25; the order reversed every other barrier), long against a block's work between two
-// barriers here: a block that writes into another's shared memory before that one is done
-// with it (a copy issued one barrier too early) then changes what it reads, and the value
-// checks fail.
-inline int skew_ms() {
-  static const int ms = [] {
-    const char* e = std::getenv("ML_EMU_CLUSTER_SKEW_MS");
-    return e != nullptr ? std::atoi(e) : 25;
-  }();
-  return ms;
-}
-inline void cluster_sync() {
-  static thread_local unsigned calls = 0;
-  cl::bar->arrive_and_wait();
-  const int order = (calls++ % 2 == 0) ? cl::rank : cl::size - 1 - cl::rank;
-  if (order > 0 && skew_ms() > 0)
-    std::this_thread::sleep_for(std::chrono::milliseconds(skew_ms() * order));
-}
+inline void cluster_sync() { emu::cluster_bar.wait(true, "the cluster barrier"); }
 template <typename T>
 const T* cluster_map(const T* p, int rank) {
   return cl::peer(p, rank);
 }
 inline void mbarrier_init(uint64_t* bar, int count) {
-  std::lock_guard<std::mutex> lk(cl::init_mu);
-  auto m = std::make_unique<cl::MBar>();
-  m->count = m->pending = count;
-  cl::bars[bar] = std::move(m);
+  cl::MBar* m = nullptr;
+  {
+    emu::fib::Hidden h;
+    auto owned = std::make_unique<cl::MBar>();
+    m = owned.get();
+    m->count = m->pending = count;
+    cl::bars[bar] = std::move(owned);
+  }
+  m->initialised = 1;
 }
 inline void fence_mbarrier_init() {}
 inline void mbarrier_arrive_expect_tx(uint64_t* bar, uint32_t bytes) {
   cl::MBar& m = cl::get(bar);
-  std::lock_guard<std::mutex> lk(m.mu);
+  emu::fib::tsan_release(&m.sync[m.phase & 1]);
+  emu::fib::Hidden h;
   m.tx += bytes;
   --m.pending;
   cl::settle(m);
 }
 inline void mbarrier_wait(uint64_t* bar, uint32_t parity) {
   cl::MBar& m = cl::get(bar);
-  std::unique_lock<std::mutex> lk(m.mu);
-  if (!m.cv.wait_for(lk, std::chrono::seconds(60), [&] { return (m.phase & 1) != parity; }))
-    cl::fail("mbarrier wait never completes (a hang on a GPU)");
+  {
+    emu::fib::Hidden h;
+    while ((m.phase & 1) == parity) {
+      m.waiting.push_back(emu::fib::current());
+      emu::fib::block("an mbarrier wait");
+    }
+  }
+  emu::fib::tsan_acquire(&m.sync[parity & 1]);
 }
 inline void bulk_load_multicast(void* dst, const void* src, uint32_t bytes, uint64_t* bar,
                                 uint16_t mask) {
@@ -296,7 +313,8 @@ inline void bulk_load_multicast(void* dst, const void* src, uint32_t bytes, uint
     if (d + bytes > emu::block_smem[r] + emu::dyn_bytes) cl::fail("bulk copy past shared memory");
     std::memcpy(d, src, bytes);
     cl::MBar& m = cl::get(cl::peer(bar, r));
-    std::lock_guard<std::mutex> lk(m.mu);
+    emu::fib::tsan_release(&m.sync[m.phase & 1]);
+    emu::fib::Hidden h;
     m.tx -= bytes;
     cl::settle(m);
   }
@@ -403,12 +421,24 @@ using namespace manual_layers::cuda_logreg;
 // (block.x * block.y a multiple of 32, at most 1024), in clusters of `cluster` consecutive
 // blocks along x (grid.x a multiple of it; 1: no clusters), cluster after cluster, the blocks
 // of a cluster at the same time; dyn_smem bytes of dynamic shared memory (as the launch's third
-// argument) per block, poisoned (0xff bytes: NaN in 16 and 32 bits) before each cluster. One
-// std::thread per thread of a cluster runs every cluster in turn (creating them per block made
-// a 129-block launch take seconds under ThreadSanitizer); the clusters are separated by a
-// barrier of their own, so a thread that leaves the kernel early still deadlocks a
-// __syncthreads of the others (on a GPU: undefined) instead of completing it. Per-thread
-// cp.async state and the mbarriers are dropped at the end of each cluster.
+// argument) per block, poisoned (0xff bytes: NaN in 16 and 32 bits) before each cluster. The
+// threads of a cluster are fibers (tests/cuda_emu/fibers.h), all on this OS thread. A thread
+// that leaves the kernel early deadlocks a __syncthreads of the others (on a GPU: undefined)
+// instead of completing it, and the run ends. Per-thread cp.async state and the mbarriers are
+// dropped at the end of each cluster.
+namespace emu {
+unsigned launch_bx0 = 0, launch_by = 0;  // the running cluster's first block
+// A fiber resumes: the per-thread globals become its.
+inline void resume(const fib::Fiber& f) {
+  threadIdx = uint3{f.tid % blockDim.x, f.tid / blockDim.x, 0};
+  blockIdx = uint3{launch_bx0 + f.rank, launch_by, 0};
+  smem_dyn = block_smem[f.rank];
+  block_bar = &block_bars[f.rank];
+  warp_base = f.rank * static_cast<int>(blockDim.x * blockDim.y / 32);
+  cl::rank = f.rank;
+}
+}  // namespace emu
+
 template <typename Fn>
 void launch(uint3 grid, uint3 block, Fn fn, size_t dyn_smem = 0, int cluster = 1) {
   const size_t dyn = (dyn_smem + 15) / 16 * 16;
@@ -426,45 +456,25 @@ void launch(uint3 grid, uint3 block, Fn fn, size_t dyn_smem = 0, int cluster = 1
   blockDim = block;
   cl::size = cluster;
   const int n = static_cast<int>(block.x * block.y);
-  std::vector<std::unique_ptr<std::barrier<>>> block_bars, warp_bars;
-  for (int r = 0; r < cluster; ++r) block_bars.push_back(std::make_unique<std::barrier<>>(n));
-  for (int k = 0; k < cluster * n / 32; ++k) {
-    warp_bars.push_back(std::make_unique<std::barrier<>>(32));
-    emu::warp_bar[k] = warp_bars[k].get();
-  }
-  std::barrier<> cluster_bar(cluster * n), edge(cluster * n);
-  cl::bar = &cluster_bar;
-  std::vector<std::thread> threads;
-  for (int r = 0; r < cluster; ++r)
-    for (int t = 0; t < n; ++t) {
-      threads.emplace_back([&, r, t] {
-        threadIdx = uint3{t % block.x, t / block.x, 0};
-        emu::smem_dyn = emu::block_smem[r];
-        emu::block_bar = block_bars[r].get();
-        emu::warp_base = r * (n / 32);
-        cl::rank = r;
-        for (unsigned by = 0; by < grid.y; ++by)
-          for (unsigned bx = r; bx < grid.x; bx += cluster) {
-            if (r == 0 && t == 0) {
-              for (int k = 0; k < cluster; ++k)
-                std::memset(emu::smem_raw[k], 0xff, emu::kSmemBytes);
-              cl::bars.clear();
-            }
-            edge.arrive_and_wait();  // poisoned before any thread of the cluster starts
-            blockIdx = uint3{bx, by, 0};
-            fn();
-            manual_layers::cuda_logreg::cp_open.clear();
-            manual_layers::cuda_logreg::cp_groups.clear();
-            edge.arrive_and_wait();  // every thread done before the next cluster's poison
-            if (r == 0 && t == 0) {
-              for (const auto& [addr, m] : cl::bars)
-                if (m->pending != m->count || m->tx != 0)
-                  cl::fail("a block returned with arrivals or bytes still due on its mbarrier");
-            }
-          }
-      });
+  emu::fib::sched().resume_hook = emu::resume;
+  manual_layers::cuda_logreg::cp_state.assign(static_cast<size_t>(cluster) * n, {});
+  for (unsigned by = 0; by < grid.y; ++by)
+    for (unsigned bx0 = 0; bx0 < grid.x; bx0 += cluster) {
+      for (int r = 0; r < cluster; ++r) {
+        std::memset(emu::smem_raw[r], 0xff, emu::kSmemBytes);
+        emu::block_bars[r].reset(n);
+      }
+      for (int k = 0; k < cluster * n / 32; ++k) emu::warp_bars[k].reset(32);
+      emu::cluster_bar.reset(cluster * n, true);
+      cl::bars.clear();
+      emu::launch_bx0 = bx0;
+      emu::launch_by = by;
+      emu::fib::run(cluster, n, [](void* f) { (*static_cast<Fn*>(f))(); }, &fn);
+      for (auto& c : manual_layers::cuda_logreg::cp_state) c = {};
+      for (const auto& [addr, m] : cl::bars)
+        if (m->pending != m->count || m->tx != 0)
+          cl::fail("a block returned with arrivals or bytes still due on its mbarrier");
     }
-  for (auto& th : threads) th.join();
 }
 template <typename Fn>
 void launch(int grid, Fn fn, size_t dyn_smem = 0) {
