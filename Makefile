@@ -19,24 +19,28 @@ $(VENV)/.deps:
 	$(PY) -m venv $(VENV)
 	$(VPY) -m pip install -q torch numpy scipy scikit-learn pandas pytest expecttest ninja tqdm matplotlib \
 		setuptools wheel cmake pybind11
-	# CUTLASS's C++ headers for the sm_90 kernels (csrc/cuda/linear_sm90.h); its Python tools
-	# and their dependencies are not used.
+	# The tools that wrap nn.Linear, for their tests (tests/test_tools.py): PEFT and Opacus.
+	$(VPY) -m pip install -q peft opacus
+	# CUTLASS's C++ headers for the experimental sm_90 kernels (csrc/cuda/linear_sm90.h); its
+	# Python tools and their dependencies are not used.
 	$(VPY) -m pip install -q --no-deps nvidia-cutlass
 	touch $@
 
-# The extension build (ninja; incremental). CUDA kernels are built whenever torch is a CUDA
-# build and nvcc is found; MANUAL_LAYERS_CUDA=0 skips them.
+# The extension build, in place and incremental (objects under build/: a second build compiles
+# only what changed); the checkout is put on the venv's path with a .pth file. CUDA kernels are
+# built where a GPU is visible or when asked (setup.py's docstring: MANUAL_LAYERS_CUDA=1,
+# TORCH_CUDA_ARCH_LIST); the build prints what it chose and why.
 # The full log goes to $(VENV)/build.log; ninja's [k/n] progress lines and the build summary are
 # shown as they come, so the minutes of compiling are not silent.
 $(VENV)/.installed: $(VENV)/.deps $(SOURCES)
-	@echo "building manual_layers._C (C++ kernels, and CUDA ones when nvcc is found): minutes on a"
-	@echo "small machine; progress below, full log in $(VENV)/build.log"
-	@{ $(VPY) -m pip install --no-build-isolation --no-deps -v -e . ; echo $$? > $(VENV)/build.rc; } 2>&1 | \
+	@echo "building manual_layers._C: minutes on a small machine; progress below, full log in"
+	@echo "$(VENV)/build.log"
+	@{ $(VPY) setup.py -q build_ext --inplace ; echo $$? > $(VENV)/build.rc; } 2>&1 | \
 		tee $(VENV)/build.log | grep --line-buffered -E '^ *\[[0-9]+/[0-9]+\] |manual_layers build' | \
 		sed -u -E 's,^ *(\[[0-9]+/[0-9]+\]) .* -c ([^ ]*/)?(csrc/[^ ]+\.(cpp|cu)) .*,  \1 compiling \3,' || true
 	@test "$$(cat $(VENV)/build.rc)" = 0 || { tail -60 $(VENV)/build.log; exit 1; }
-	grep "manual_layers build" $(VENV)/build.log
-	$(VPY) -c "import manual_layers"
+	echo "$(CURDIR)" > "$$($(VPY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/manual_layers_checkout.pth"
+	cd /tmp && $(CURDIR)/$(VPY) -c "import manual_layers"
 	touch $@
 
 install: $(VENV)/.installed
