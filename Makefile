@@ -1,7 +1,7 @@
 # The two commands of README.md, on a fresh Linux machine with Python 3.10+ and a C++ compiler:
 #   make demo   - the main job: train and compare (creates .venv, installs torch + the package)
 #   make test   - the test suite
-# Other targets: install, bench, cpp-test (CMake build + ctest), clean.
+# Other targets: install, bench, cpp-test (CMake build + ctest), docs (the documentation), clean.
 PY       ?= python3
 VENV     := .venv
 VPY      := $(VENV)/bin/python
@@ -60,3 +60,15 @@ cpp-test: $(VENV)/.deps
 
 clean:
 	rm -rf build manual_layers/*.so *.egg-info $(VENV)/.installed
+
+# make docs: the documentation (Sphinx, docs/) into docs/_build/html with warnings as errors, then
+# Sphinx's doctest builder runs the examples of the pages and the docstrings. It installs
+# docs/requirements.txt into the venv first.
+.PHONY: docs
+$(VENV)/.docs-deps: $(VENV)/.deps docs/requirements.txt
+	$(VPY) -m pip install -q -r docs/requirements.txt
+	touch $@
+
+docs: install $(VENV)/.docs-deps
+	$(VPY) -m sphinx -W --keep-going -b html docs docs/_build/html
+	$(VPY) -m sphinx -W --keep-going -b doctest docs docs/_build/doctest
