@@ -9,6 +9,8 @@
 - Every public name (manual_layers.__all__ and the __all__ of its public submodules) has a page
   in the API reference (the autosummary lists of docs/api/*.rst), and every name listed there
   imports, so a renamed or moved name fails here before the Sphinx build.
+- Every MANUAL_LAYERS_* switch in the code is in the table of docs/environment.md, and the files
+  that table says read them exist.
 - README.md stays short: at most 250 lines.
 """
 
@@ -180,6 +182,56 @@ def test_every_api_page_name_imports():
         except (ImportError, AttributeError) as e:
             bad.append(f"{name}: {e}")
     assert not bad, "names in docs/api/ that do not import: " + "; ".join(bad)
+
+
+# ---- the table of environment switches ---------------------------------------------------------
+
+_SWITCH = re.compile(r"\bMANUAL_LAYERS_[A-Z0-9_]*[A-Z0-9]\b")
+
+
+def code_switches():
+    """{switch: files} for every MANUAL_LAYERS_* name in the build, the sources, the tests and the
+    benchmarks."""
+    files = [ROOT / "setup.py", ROOT / "Makefile", ROOT / "CMakeLists.txt"]
+    for folder, patterns in (("csrc", ("*.cpp", "*.h", "*.cu", "*.cuh")),
+                             ("manual_layers", ("*.py",)), ("tests", ("*.py", "*.cpp", "*.cu")),
+                             ("benchmarks", ("*.py", "*.sh")), ("cpp_tests", ("*.cpp",))):
+        for pattern in patterns:
+            files += (ROOT / folder).rglob(pattern)
+    found = {}
+    for f in files:
+        if f.is_file() and f.name != "test_docs.py":
+            for name in _SWITCH.findall(f.read_text(errors="replace")):
+                found.setdefault(name, set()).add(f.relative_to(ROOT).as_posix())
+    return found
+
+
+def _environment_rows():
+    """(variable, read-in cell) of every row of docs/environment.md's tables."""
+    rows = []
+    for line in (DOCS / "environment.md").read_text().splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if line.startswith("| `") and len(cells) == 4:
+            rows.append((cells[0], cells[3]))
+    return rows
+
+
+def test_every_switch_is_in_the_environment_table():
+    documented = {name for var, _ in _environment_rows() for name in _SWITCH.findall(var)}
+    missing = {k: sorted(v) for k, v in code_switches().items() if k not in documented}
+    assert not missing, f"switches read in the code but not in docs/environment.md: {missing}"
+
+
+def test_environment_table_names_files_that_exist():
+    """The "read in" column names files of this checkout (it goes stale when a file moves)."""
+    bad = []
+    for var, where in _environment_rows():
+        for path in re.findall(r"`([^`]+)`", where):
+            if "/" in path or path.endswith((".py", ".cpp", ".h", ".cu", ".cuh", ".sh")) or \
+                    path == "Makefile":
+                if not path.startswith("torch.") and not (ROOT / path).exists():
+                    bad.append(f"{var}: {path}")
+    assert not bad, f"docs/environment.md names files that do not exist: {bad}"
 
 
 def test_readme_is_short():
