@@ -69,19 +69,39 @@ html_static_path = []
 
 # A code block whose first line is a comment starting with "# Requires" (a CUDA GPU, several
 # processes) is shown but not run; tests/test_docs.py skips it the same way, with that reason.
+# So is a block that imports an optional package (the tools of guide/tools.md) that is not
+# installed.
 SKIP_PREFIX = "# Requires"
+OPTIONAL = {"peft", "opacus", "transformers", "accelerate"}
+
+
+def _missing_optional_import(src):
+    import ast
+    import importlib.util
+    try:
+        tree = ast.parse(src)
+    except SyntaxError:
+        return None  # the doctest run reports it
+    for node in ast.walk(tree):
+        names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+            [node.module] if isinstance(node, ast.ImportFrom) and node.module else []
+        for name in names:
+            top = name.split(".")[0]
+            if top in OPTIONAL and importlib.util.find_spec(top) is None:
+                return top
+    return None
 
 
 def _python_blocks_as_tests(app, doctree):
-    """Marks every ```python block of the pages (not of docstrings) as a doctest `testcode`, each
-    in its own group and namespace, run with its output discarded: the block runs as written
-    and must not raise."""
+    """Marks every Python code block (```python in the pages, ``.. code-block:: python``) as a
+    doctest `testcode`, each in its own group and namespace, run with its output discarded: the
+    block runs as written and must not raise."""
     from docutils import nodes
     for i, node in enumerate(doctree.findall(nodes.literal_block)):
         if node.get("language") not in ("python", "python3", "py") or "testnodetype" in node:
             continue
         src = node.astext()
-        if src.lstrip().startswith(SKIP_PREFIX):
+        if src.lstrip().startswith(SKIP_PREFIX) or _missing_optional_import(src):
             continue
         node["testnodetype"] = "testcode"
         node["groups"] = [f"block{i}"]
@@ -95,8 +115,9 @@ def _python_blocks_as_tests(app, doctree):
 # ---- docstrings written as plain text ----------------------------------------------------------
 # Several docstrings are plain text rather than reStructuredText: an identifier with a trailing
 # underscore (coef_, classes_) reads as a hyperlink reference there, |x| as a substitution, and
-# hanging indents as block quotes. The hooks below render such text as it was written, and never
-# change a docstring that is valid reStructuredText.
+# hanging indents as block quotes. The hook below makes such identifiers literals and escapes |
+# (outside literals and doctests); a docstring that is still not valid reStructuredText is shown
+# verbatim, as help() shows it, and named in the build's log.
 
 # Module-level constants have no docstring of their own (autodoc would show their type's);
 # their description here until the source documents them with a "#:" comment.
