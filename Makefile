@@ -2,8 +2,9 @@
 #   make demo   - the main job: train and compare (creates .venv, installs torch + the package)
 #   make test   - the test suite: every CPU test of the public API, in minutes on 2 cores (leaves
 #                 out the tests marked slow in pyproject.toml)
-# Other targets: test-all (every test, the slow ones too: CI runs it), install, bench, cpp-test
-# (CMake build + ctest), clean.
+# Other targets: test-all (every test, the slow ones too: CI runs it), docs (the documentation,
+# warnings as errors, examples run as doctests), install, bench, cpp-test (CMake build + ctest),
+# clean.
 PY       ?= python3
 VENV     := .venv
 VPY      := $(VENV)/bin/python
@@ -69,4 +70,16 @@ cpp-test: $(VENV)/.deps
 	cd build/cmake && $(abspath $(VENV)/bin/ctest) --output-on-failure
 
 clean:
-	rm -rf build manual_layers/*.so *.egg-info $(VENV)/.installed
+	rm -rf build manual_layers/*.so *.egg-info $(VENV)/.installed docs/_build docs/api/generated
+
+# make docs: the documentation (Sphinx, docs/) into docs/_build/html with warnings as errors, then
+# Sphinx's doctest builder runs the examples of the pages and the docstrings. It installs
+# docs/requirements.txt into the venv first.
+.PHONY: docs
+$(VENV)/.docs-deps: $(VENV)/.deps docs/requirements.txt
+	$(VPY) -m pip install -q -r docs/requirements.txt
+	touch $@
+
+docs: install $(VENV)/.docs-deps
+	$(VPY) -m sphinx -W --keep-going -b html docs docs/_build/html
+	$(VPY) -m sphinx -W --keep-going -b doctest docs docs/_build/doctest
