@@ -121,19 +121,7 @@ def _python_blocks_as_tests(app, doctree):
 
 # Module-level constants have no docstring of their own (autodoc would show their type's);
 # their description here until the source documents them with a "#:" comment.
-DATA_DOCS = {
-    "manual_layers.BUILD_INFO": [
-        "What this installation's extension was built with, as a dict: the torch version it was",
-        "built against, the CPU instruction sets compiled, whether the CUDA kernels were compiled",
-        "(and why), their architectures, and the experimental kernels. "
-        ":func:`manual_layers.info` presents it together with the running system.",
-    ],
-    "manual_layers.functional.ACTIVATIONS": [
-        "The accepted values of ``activation``: ``None``, ``\"relu\"``, ``\"gelu\"`` (exact, as",
-        "``nn.GELU()``), ``\"gelu_tanh\"`` (``nn.GELU(approximate=\"tanh\")``), ``\"silu\"``,",
-        "``\"sigmoid\"``, ``\"tanh\"``.",
-    ],
-}
+DATA_DOCS = {}  # the constants document themselves with "#:" comments
 
 _TRAILING_UNDERSCORE = re.compile(
     r"(?<![\w`*|\\])([A-Za-z][\w.]*[A-Za-z0-9]_(?:\[[^\]\s]*\])?)(?![\w`\[])")

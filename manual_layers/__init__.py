@@ -7,7 +7,12 @@ backward passes are hand-written C++ (CPU) and CUDA kernels.
     from manual_layers.sklearn import LogisticRegression  # a scikit-learn estimator, CPU or CUDA
 """
 
-from ._ops import BUILD_INFO
+from ._ops import BUILD_INFO  # noqa: F401
+
+#: What this installation's extension was built with (a dict): the torch version it was built
+#: against, the CPU instruction sets compiled, whether the CUDA kernels were compiled and why,
+#: their architectures, the experimental kernels. :func:`info` shows it with the running system.
+BUILD_INFO = BUILD_INFO
 from . import autograd, functional, reference
 from .modules import (MLP, FusedLinear, Linear, LinearBCEWithLogitsLoss, LinearCrossEntropyLoss,
                       LogisticRegression, convert)

@@ -31,8 +31,22 @@ def convert(model, *, fuse=True, verbose=False):
     alone. The outputs are unchanged. What was swapped and fused is logged (logger
     "manual_layers", level INFO) and printed with verbose=True.
 
-    Example
+    Parameters
+    ----------
+    model : nn.Module
+    fuse : bool, default True
+        Fuse Linear + activation and (Linear, activation, Linear) blocks; False swaps the
+        nn.Linear layers only (for tools that must see nn.Linear + activation, e.g. LoRA on
+        every layer).
+    verbose : bool, default False
+        Print the summary of what changed.
+
+    Returns
     -------
+    The same ``model`` object, converted in place.
+
+    Examples
+    --------
     >>> import torch, manual_layers as ml
     >>> model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.GELU(), torch.nn.Linear(8, 2))
     >>> ml.convert(model) is model

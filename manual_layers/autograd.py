@@ -1,8 +1,7 @@
 """The fused ops as Python ``torch.autograd.Function`` subclasses, for layers you write yourself.
 
 Each Function's ``forward`` runs the fused forward kernel and its ``backward`` the hand-written
-backward kernel (the ops in ``torch.ops.manual_layers``, csrc/linear.h and csrc/logreg.h give
-their contracts), like the ``MyLinear`` of an introduction to autograd, only fast::
+backward kernel (the ops in ``torch.ops.manual_layers``), like the ``MyLinear`` of an introduction to autograd, only fast::
 
     import torch
     from manual_layers.autograd import LinearFunction
@@ -87,6 +86,15 @@ class LinearFunction(torch.autograd.Function):
     Returns
     -------
     Tensor (..., out_features), x's dtype.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from manual_layers.autograd import LinearFunction
+    >>> x = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+    >>> w = torch.randn(2, 3, dtype=torch.float64, requires_grad=True)
+    >>> torch.autograd.gradcheck(lambda x, w: LinearFunction.apply(x, w, None, "tanh"), (x, w))
+    True
     """
 
     @staticmethod
@@ -161,6 +169,17 @@ class LinearBCEFunction(torch.autograd.Function):
     Returns
     -------
     Tensor: a scalar (mean, sum) or x.shape[:-1] (none), x's dtype.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from manual_layers.autograd import LinearBCEFunction
+    >>> x = torch.randn(5, 3, requires_grad=True)
+    >>> w = torch.randn(1, 3, requires_grad=True)
+    >>> loss = LinearBCEFunction.apply(x, w, None, torch.rand(5), None, None, "mean")
+    >>> loss.backward()
+    >>> w.grad.shape
+    torch.Size([1, 3])
     """
 
     @staticmethod
@@ -224,6 +243,18 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
     Returns
     -------
     Tensor: a scalar (mean, sum) or x.shape[:-1] (none), x's dtype.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from manual_layers.autograd import LinearCrossEntropyFunction
+    >>> x = torch.randn(5, 3, requires_grad=True)
+    >>> w = torch.randn(4, 3, requires_grad=True)
+    >>> y = torch.tensor([0, 3, 1, 1, 2])
+    >>> loss = LinearCrossEntropyFunction.apply(x, w, None, y, None, -100, 0.0, "mean")
+    >>> loss.backward()
+    >>> x.grad.shape
+    torch.Size([5, 3])
     """
 
     @staticmethod

@@ -24,6 +24,9 @@ import torch.autograd.forward_ad as _fwd_ad
 from . import _derivatives as D
 from ._ops import ops
 
+#: The accepted values of ``activation``: ``None``, ``"relu"``, ``"gelu"`` (exact, as
+#: ``nn.GELU()``), ``"gelu_tanh"`` (``nn.GELU(approximate="tanh")``), ``"silu"``, ``"sigmoid"``,
+#: ``"tanh"``.
 ACTIVATIONS = (None, "relu", "gelu", "gelu_tanh", "silu", "sigmoid", "tanh")
 # The ops' overloads, bound once (calling the packet resolves the overload on every call).
 _LINEAR, _MLP = ops.linear.default, ops.mlp.default
@@ -86,11 +89,35 @@ def _check_args(fn, **tensors):
 
 
 def linear(x, weight, bias=None, activation=None):
-    """y = act(x @ weight.T + bias) with hand-written forward and backward kernels.
+    """``act(x @ weight.T + bias)`` with hand-written forward and backward kernels: ``F.linear``
+    followed by an activation, in one op.
 
-    x: (..., in_features); weight: (out_features, in_features); bias: (out_features,) or None;
-    activation: None, "relu", "gelu" (exact erf, as nn.GELU()), "gelu_tanh"
-    (nn.GELU(approximate="tanh")), "silu", "sigmoid" or "tanh". Returns (..., out_features).
+    Parameters
+    ----------
+    x : Tensor, shape (..., in_features)
+        Any leading dimensions, any strides; float32, float64, bfloat16 or float16.
+    weight : Tensor, shape (out_features, in_features)
+        x's dtype and device.
+    bias : Tensor, shape (out_features,), or None
+    activation : {None, "relu", "gelu", "gelu_tanh", "silu", "sigmoid", "tanh"}
+        ``"gelu"`` is the exact erf GELU of ``nn.GELU()``, ``"gelu_tanh"`` the tanh approximation
+        of ``nn.GELU(approximate="tanh")``.
+
+    Returns
+    -------
+    Tensor, shape (..., out_features), x's dtype; under ``torch.autocast`` the autocast dtype,
+    as ``F.linear``'s.
+
+    Examples
+    --------
+    >>> import torch, torch.nn.functional as F
+    >>> from manual_layers.functional import linear
+    >>> x, w, b = torch.randn(2, 5, 8), torch.randn(4, 8), torch.randn(4)
+    >>> y = linear(x, w, b, "gelu")
+    >>> y.shape
+    torch.Size([2, 5, 4])
+    >>> torch.allclose(y, F.gelu(F.linear(x, w, b)), atol=1e-5)
+    True
     """
     if activation not in ACTIVATIONS:
         _check_activation(activation)
@@ -109,13 +136,32 @@ def _linear_routed(fn, x, weight, bias, act):
 
 
 def mlp(x, w1, b1, w2, b2, activation="gelu"):
-    """y = act(x @ w1.T + b1) @ w2.T + b2: nn.Sequential(nn.Linear, act, nn.Linear) as one op,
+    """``act(x @ w1.T + b1) @ w2.T + b2``: ``nn.Sequential(nn.Linear, act, nn.Linear)`` as one op,
     whose backward is one hand-written op (on the CPU the (N, hidden) gradient of the hidden
     layer is never materialised whole).
 
-    x: (..., in_features); w1: (hidden, in_features); b1: (hidden,) or None;
-    w2: (out_features, hidden); b2: (out_features,) or None; activation as in linear().
-    Returns (..., out_features).
+    Parameters
+    ----------
+    x : Tensor, shape (..., in_features)
+    w1 : Tensor, shape (hidden, in_features)
+    b1 : Tensor, shape (hidden,), or None
+    w2 : Tensor, shape (out_features, hidden)
+    b2 : Tensor, shape (out_features,), or None
+    activation : one of :data:`ACTIVATIONS`, default ``"gelu"``
+
+    Returns
+    -------
+    Tensor, shape (..., out_features), x's dtype.
+
+    Examples
+    --------
+    >>> import torch, torch.nn.functional as F
+    >>> from manual_layers.functional import mlp
+    >>> x = torch.randn(3, 8)
+    >>> w1, b1, w2, b2 = torch.randn(16, 8), torch.randn(16), torch.randn(2, 16), torch.randn(2)
+    >>> y = mlp(x, w1, b1, w2, b2, activation="silu")
+    >>> torch.allclose(y, F.linear(F.silu(F.linear(x, w1, b1)), w2, b2), atol=1e-4)
+    True
     """
     fn = "manual_layers.functional.mlp"
     if activation not in ACTIVATIONS:
@@ -128,9 +174,27 @@ def mlp(x, w1, b1, w2, b2, activation="gelu"):
 
 
 def logistic_regression(x, weight, bias=None):
-    """Class probabilities of a linear classifier: sigmoid(x w^T + b) for weight (1, D)
-    (returns (..., 1)), softmax(x W^T + b) over the last dim for weight (C, D), C > 1
-    (returns (..., C)). The GEMV/GEMM and the activation run as one fused op."""
+    """Class probabilities of a linear classifier, the GEMV/GEMM and the activation in one op.
+
+    Parameters
+    ----------
+    x : Tensor, shape (..., D)
+    weight : Tensor, shape (1, D) (binary) or (C, D) (C > 1 classes)
+    bias : Tensor, shape (1,) or (C,), or None
+
+    Returns
+    -------
+    Tensor: ``sigmoid(x w^T + b)`` of shape (..., 1) for one output row, else
+    ``softmax(x W^T + b)`` over the last dimension, shape (..., C).
+
+    Examples
+    --------
+    >>> import torch
+    >>> from manual_layers.functional import logistic_regression
+    >>> p = logistic_regression(torch.randn(4, 3), torch.randn(5, 3))
+    >>> p.shape, bool(torch.allclose(p.sum(-1), torch.ones(4)))
+    (torch.Size([4, 5]), True)
+    """
     fn = "manual_layers.functional.logistic_regression"
     _check_args(fn, x=x, weight=weight, bias=bias)
     act = "sigmoid" if weight.dim() == 2 and weight.shape[0] == 1 else "softmax"
@@ -147,13 +211,34 @@ def _reduction_code(reduction, fn):
 
 def linear_binary_cross_entropy_with_logits(x, weight, bias, target, *, pos_weight=None,
                                             sample_weight=None, reduction="mean"):
-    """F.binary_cross_entropy_with_logits(F.linear(x, weight, bias).squeeze(-1), target,
-    weight=sample_weight, pos_weight=pos_weight, reduction=reduction), fused: one pass over x
+    """``F.binary_cross_entropy_with_logits(F.linear(x, weight, bias).squeeze(-1), target,
+    weight=sample_weight, pos_weight=pos_weight, reduction=reduction)``, fused: one pass over x
     computes the loss and the gradients with respect to x, weight and bias.
 
-    x: (..., D); weight: (1, D); bias: (1,) or None; target: x.shape[:-1], floats in [0, 1]
-    (soft labels allowed); pos_weight: one-element tensor or None; sample_weight: broadcastable
-    to target's shape, or None. Returns a scalar (mean, sum) or x.shape[:-1] (none).
+    Parameters
+    ----------
+    x : Tensor, shape (..., D)
+    weight : Tensor, shape (1, D)
+    bias : Tensor, shape (1,), or None
+    target : Tensor, shape x.shape[:-1], floating
+        Probabilities of the positive class (soft labels allowed).
+    pos_weight : one-element Tensor, optional
+    sample_weight : Tensor broadcastable to target's shape, optional
+    reduction : {"mean", "sum", "none"}
+
+    Returns
+    -------
+    Tensor: a scalar (mean, sum) or of shape x.shape[:-1] (none); x's dtype, float32 under
+    autocast.
+
+    Examples
+    --------
+    >>> import torch, torch.nn.functional as F
+    >>> from manual_layers.functional import linear_binary_cross_entropy_with_logits as bce
+    >>> x, w, b, y = torch.randn(6, 4), torch.randn(1, 4), torch.randn(1), torch.rand(6)
+    >>> ref = F.binary_cross_entropy_with_logits(F.linear(x, w, b).squeeze(-1), y)
+    >>> torch.allclose(bce(x, w, b, y), ref, atol=1e-6)
+    True
     """
     fn = "manual_layers.functional.linear_binary_cross_entropy_with_logits"
     red = _reduction_code(reduction, fn)
@@ -170,16 +255,43 @@ def linear_binary_cross_entropy_with_logits(x, weight, bias, target, *, pos_weig
 
 def linear_cross_entropy(x, weight, bias, target, *, class_weight=None, ignore_index=-100,
                          label_smoothing=0.0, reduction="mean"):
-    """F.cross_entropy(F.linear(x, weight, bias), target, weight=class_weight,
-    ignore_index=ignore_index, label_smoothing=label_smoothing, reduction=reduction), fused:
-    one pass over x computes the logits, the loss and the gradients; the N x C logits are never
-    stored.
+    """``F.cross_entropy(F.linear(x, weight, bias), target, weight=class_weight,
+    ignore_index=ignore_index, label_smoothing=label_smoothing, reduction=reduction)``, fused:
+    the logits, the loss and the gradients are computed together; the N x C logits are never
+    stored whole (large C: chunks of rows).
 
-    x: (..., D); weight: (C, D); bias: (C,) or None; target: class indices (integers,
-    x.shape[:-1]) or class probabilities (floating, x.shape[:-1] + (C,): soft labels for
-    distillation and mixup; ignore_index does not apply, mean divides by the number of rows,
-    as F.cross_entropy); class_weight: (C,) or None. Returns a scalar (mean, sum) or
-    x.shape[:-1] (none).
+    Parameters
+    ----------
+    x : Tensor, shape (..., D)
+    weight : Tensor, shape (C, D)
+    bias : Tensor, shape (C,), or None
+    target : Tensor
+        Class indices (integer, shape x.shape[:-1]) or class probabilities (floating, shape
+        x.shape[:-1] + (C,): soft labels for distillation and mixup; ignore_index does not
+        apply and ``mean`` divides by the number of rows, as in ``F.cross_entropy``).
+    class_weight : Tensor, shape (C,), optional
+    ignore_index : int, default -100
+    label_smoothing : float in [0, 1], default 0
+    reduction : {"mean", "sum", "none"}
+
+    Returns
+    -------
+    Tensor: a scalar (mean, sum) or of shape x.shape[:-1] (none); x's dtype, float32 under
+    autocast.
+
+    Examples
+    --------
+    >>> import torch, torch.nn.functional as F
+    >>> from manual_layers.functional import linear_cross_entropy
+    >>> x, w, b = torch.randn(6, 4), torch.randn(3, 4), torch.randn(3)
+    >>> y = torch.tensor([0, 2, 1, 1, 0, 2])
+    >>> ref = F.cross_entropy(F.linear(x, w, b), y, label_smoothing=0.1)
+    >>> torch.allclose(linear_cross_entropy(x, w, b, y, label_smoothing=0.1), ref, atol=1e-6)
+    True
+    >>> probs = torch.softmax(torch.randn(6, 3), -1)  # soft targets
+    >>> torch.allclose(linear_cross_entropy(x, w, b, probs),
+    ...                F.cross_entropy(F.linear(x, w, b), probs), atol=1e-6)
+    True
     """
     fn = "manual_layers.functional.linear_cross_entropy"
     red = _reduction_code(reduction, fn)

@@ -46,8 +46,15 @@ class Linear(nn.Linear):
     the autocast dtype, as nn.Linear's. Works under torch.compile, torch.export, torch.func
     (grad, vmap, jacrev, jacfwd, hessian, jvp) and double backward.
 
-    Example
-    -------
+    Parameters
+    ----------
+    in_features, out_features : int
+    bias : bool, default True
+    activation : one of :data:`manual_layers.functional.ACTIVATIONS`, default None
+    device, dtype : as nn.Linear's
+
+    Examples
+    --------
     >>> import torch, manual_layers as ml
     >>> layer = ml.Linear(8, 4)
     >>> layer(torch.randn(2, 3, 8)).shape
@@ -117,11 +124,18 @@ class FusedLinear(nn.Module):
 
     nn.Linear's constructor arguments, parameters (weight, bias), initialisation and state_dict
     keys, so state dicts load both ways with nn.Linear. Not an nn.Linear subclass, on purpose
-    (see Linear). activation: "relu", "gelu" (exact, as nn.GELU()), "gelu_tanh", "silu",
-    "sigmoid", "tanh".
+    (see Linear). Any float dtype, any leading dimensions, CPU and CUDA; autocast as nn.Linear.
 
-    Example
-    -------
+    Parameters
+    ----------
+    in_features, out_features : int
+    bias : bool, default True
+    activation : {"relu", "gelu", "gelu_tanh", "silu", "sigmoid", "tanh"}
+        ``"gelu"`` is exact (``nn.GELU()``), ``"gelu_tanh"`` is ``nn.GELU(approximate="tanh")``.
+    device, dtype : as nn.Linear's
+
+    Examples
+    --------
     >>> import torch, manual_layers as ml
     >>> layer = ml.Linear(8, 4, activation="gelu")
     >>> x = torch.randn(5, 8)
@@ -192,8 +206,15 @@ class MLP(nn.Sequential):
     forward runs the layers one by one instead, as nn.Sequential does, so the tool sees the
     calls it expects.
 
-    Example
-    -------
+    Parameters
+    ----------
+    in_features, hidden_features, out_features : int
+    activation : one of :data:`manual_layers.functional.ACTIVATIONS`, default "gelu"
+    bias : bool, default True
+    device, dtype : as nn.Linear's
+
+    Examples
+    --------
     >>> import torch, manual_layers as ml
     >>> mlp = ml.MLP(16, 64, 8, activation="gelu")
     >>> mlp(torch.randn(4, 16)).shape
@@ -213,22 +234,27 @@ class MLP(nn.Sequential):
 
     @property
     def fc1(self):
+        """The first nn.Linear (self[0])."""
         return self[0]
 
     @property
     def fc2(self):
+        """The second nn.Linear (self[2])."""
         return self[2]
 
     @property
     def in_features(self):
+        """fc1's in_features."""
         return self[0].in_features
 
     @property
     def hidden_features(self):
+        """fc1's out_features."""
         return self[0].out_features
 
     @property
     def out_features(self):
+        """fc2's out_features."""
         return self[2].out_features
 
     def _fusable(self):
@@ -311,8 +337,29 @@ from ._convert import convert  # noqa: E402  (uses the classes above)
 
 
 class LinearBCEWithLogitsLoss(nn.Module):
-    """Fused nn.Linear(D, 1) + nn.BCEWithLogitsLoss for models that keep their own head:
-    loss_fn(x, weight, bias, target, sample_weight=None), weight (1, D), bias (1,) or None."""
+    """nn.Linear(D, 1) + nn.BCEWithLogitsLoss fused, for models that keep their own head's
+    parameters: ``loss_fn(x, weight, bias, target, sample_weight=None)``.
+
+    Call with x (..., D), weight (1, D), bias (1,) or None, target x.shape[:-1] (floating
+    probabilities) and sample_weight broadcastable to it (as nn.BCEWithLogitsLoss's ``weight``);
+    see :func:`manual_layers.functional.linear_binary_cross_entropy_with_logits`.
+
+    Parameters
+    ----------
+    pos_weight : one-element Tensor, optional
+        As nn.BCEWithLogitsLoss's (a buffer of the module).
+    reduction : {"mean", "sum", "none"}
+
+    Examples
+    --------
+    >>> import torch, manual_layers as ml
+    >>> head = torch.nn.Linear(8, 1)
+    >>> loss_fn = ml.LinearBCEWithLogitsLoss(pos_weight=torch.tensor([2.0]))
+    >>> loss = loss_fn(torch.randn(5, 8), head.weight, head.bias, torch.rand(5))
+    >>> loss.backward()
+    >>> head.weight.grad.shape
+    torch.Size([1, 8])
+    """
 
     def __init__(self, pos_weight=None, reduction="mean"):
         super().__init__()
@@ -333,9 +380,33 @@ class LinearBCEWithLogitsLoss(nn.Module):
 
 
 class LinearCrossEntropyLoss(nn.Module):
-    """Fused nn.Linear(D, C) + nn.CrossEntropyLoss (the N x C logits are never stored):
-    loss_fn(x, weight, bias, target), weight (C, D), bias (C,) or None, target class indices.
-    `weight` in the constructor is nn.CrossEntropyLoss's class weight."""
+    """nn.Linear(D, C) + nn.CrossEntropyLoss fused (the N x C logits are never stored whole):
+    ``loss_fn(x, weight, bias, target)``.
+
+    Call with x (..., D), weight (C, D), bias (C,) or None and target: class indices
+    (x.shape[:-1]) or class probabilities (x.shape[:-1] + (C,)); see
+    :func:`manual_layers.functional.linear_cross_entropy`.
+
+    Parameters
+    ----------
+    weight : Tensor, shape (C,), optional
+        The class weights, as nn.CrossEntropyLoss's ``weight`` (a buffer of the module; the
+        layer's weight is the call's argument).
+    ignore_index : int, default -100
+    label_smoothing : float in [0, 1], default 0
+    reduction : {"mean", "sum", "none"}
+
+    Examples
+    --------
+    >>> import torch, manual_layers as ml
+    >>> head = torch.nn.Linear(8, 100)
+    >>> loss_fn = ml.LinearCrossEntropyLoss(label_smoothing=0.1)
+    >>> x, y = torch.randn(4, 16, 8), torch.randint(0, 100, (4, 16))
+    >>> loss = loss_fn(x, head.weight, head.bias, y)
+    >>> loss.backward()
+    >>> loss.shape, head.bias.grad.shape
+    (torch.Size([]), torch.Size([100]))
+    """
 
     def __init__(self, weight=None, ignore_index=-100, label_smoothing=0.0, reduction="mean"):
         super().__init__()
@@ -374,17 +445,35 @@ class LogisticRegression(LayerFitMixin, nn.Module):
     loading a fitted state_dict). A layer trained by your own loop predicts class indices once
     you set layer.classes_ = numpy.arange(num_classes).
 
-    fit() (manual_layers/_layer_fit.py) takes the scikit-learn estimator's words (C, l1_ratio,
-    solver, max_iter, tol, class_weight, sample_weight, ...) and minimises its objective
-    (weighted mean log-loss + ((1 - l1_ratio) ||W||^2 / 2 + l1_ratio ||W||_1) / (C sum of
-    sample weights); the intercept is not penalised) through the fused loss kernels, on CPU or
-    CUDA tensors or numpy arrays; see manual_layers/_fit.py. For a full scikit-learn estimator
-    (clone, Pipeline, GridSearchCV, pandas) use manual_layers.sklearn.LogisticRegression.
+    fit() takes the scikit-learn estimator's words (C, l1_ratio, solver, max_iter, tol,
+    class_weight, sample_weight, ...) and minimises its objective (weighted mean log-loss +
+    ((1 - l1_ratio) ||W||^2 / 2 + l1_ratio ||W||_1) / (C sum of sample weights); the intercept
+    is not penalised) through the fused loss kernels, on CPU or CUDA tensors or numpy arrays.
+    For a full scikit-learn estimator (clone, Pipeline, GridSearchCV, pandas) use
+    manual_layers.sklearn.LogisticRegression.
+
+    Parameters
+    ----------
+    in_features : int
+    num_classes : int, default 2
+    bias : bool, default True
+    device, dtype : as nn.Linear's
 
     state_dict: weight, bias (nn.Linear's keys) and, once fitted, "_extra_state" holding
     classes_ (plain Python lists, loadable with torch.load(weights_only=True)). A state_dict
     without it (an unfitted layer's, an nn.Linear's) still loads, leaving the layer unfitted;
     one whose classes_ count differs from num_classes is refused (load_state_dict raises).
+
+    Examples
+    --------
+    >>> import numpy as np, manual_layers as ml
+    >>> X = np.random.default_rng(0).normal(size=(200, 5))
+    >>> y = (X[:, 0] + X[:, 1] > 0).astype(int)
+    >>> clf = ml.LogisticRegression(5).fit(X, y)
+    >>> clf.score(X, y) > 0.9
+    True
+    >>> clf.predict_proba(X[:3]).shape
+    (3, 2)
     """
 
     def __init__(self, in_features, num_classes=2, bias=True, device=None, dtype=None):
