@@ -38,6 +38,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from . import _sparse
+
 
 class _ConvergenceWarning(UserWarning):
     """The solver stopped before meeting its tolerance (used when scikit-learn is absent)."""
@@ -206,7 +208,12 @@ def _loss_and_grads(X, W, b, target, binary, s, cw_only):
     s: per-sample weights (N,) or None. cw_only: s is exactly class_weight[target] (no sample
     weights), passed as the cross-entropy kernel's class weight so its reduction="sum" pass is
     used; other per-sample weights in the multinomial case go through reduction="none": the
-    kernel's per-row losses and unscaled residuals R, then sum s_i loss_i, X^T (s R), sum s R."""
+    kernel's per-row losses and unscaled residuals R, then sum s_i loss_i, X^T (s R), sum s R.
+
+    X may be a manual_layers._sparse.CSR: then one call of the sparse op, which takes any
+    per-sample weights s (class weights included) in its single pass."""
+    if isinstance(X, _sparse.CSR):
+        return _sparse.loss_and_grads(X, W, b, target, s)
     has_b = b is not None
     if binary:
         loss, gw, gb, _ = _ops._linear_bce_fwd(X, W, b, target, None, s, _SUM, False, True, has_b)
@@ -342,7 +349,9 @@ def _blas_single_thread():
 def _threads_for(X, K):
     if X.device.type != "cpu":
         return None
-    return 1 if X.shape[0] * X.shape[1] * K < SINGLE_THREAD_WORK else None
+    # a sparse X's work is its stored entries (and rows), not N x D
+    work = (X.nnz + X.shape[0]) if isinstance(X, _sparse.CSR) else X.shape[0] * X.shape[1]
+    return 1 if work * K < SINGLE_THREAD_WORK else None
 
 
 def _lbfgs(obj, x0, max_iter, tol, verbose):
@@ -478,7 +487,9 @@ def fit_logistic_regression(X, y, n_classes, *, sample_weight=None, class_weight
     """Fit (multinomial or binary) L2 logistic regression, scikit-learn's objective.
 
     X: (N, D) floating tensor on the device that computes (the fused kernels run in X's dtype;
-       the estimator and the module pass float64 for lbfgs unless told otherwise).
+       the estimator passes X's dtype (float32 or float64), the module float64 for lbfgs), or
+       a manual_layers._sparse.CSR (sparse X, never densified: every solver's evaluations go
+       through the sparse op in _loss_and_grads).
     y: (N,) integer tensor of class indices 0..n_classes-1 on X's device (already encoded;
        for binary, 1 is the positive class).
     n_classes: >= 2; binary (2) fits one coefficient row, otherwise one row per class.

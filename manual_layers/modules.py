@@ -7,7 +7,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import _fit
+from . import _fit, _sparse
 from . import functional as MF
 
 __all__ = ["Linear", "MLP", "convert", "LogisticRegression", "LinearBCEWithLogitsLoss",
@@ -341,9 +341,14 @@ class LogisticRegression(nn.Module):
 
     # ---- the layer -------------------------------------------------------------------------
     def forward(self, x):
+        if isinstance(x, _sparse.CSR):  # sparse X (from predict_proba): ATen's sparse matmul
+            z = self.logits(x)
+            return torch.sigmoid(z) if self.binary else torch.softmax(z, dim=-1)
         return MF.logistic_regression(x, self.weight, self.bias)
 
     def logits(self, x):
+        if isinstance(x, _sparse.CSR):
+            return _sparse.logits(x, self.weight, self.bias)
         return MF.linear(x, self.weight, self.bias)
 
     def loss(self, x, target, **kwargs):
@@ -358,7 +363,16 @@ class LogisticRegression(nn.Module):
     # ---- the estimator ---------------------------------------------------------------------
     def _as_tensor(self, X, fn=None, dtype=None):
         """X as a tensor on the layer's device (in the layer's dtype unless given), checked:
-        2-D (N, in_features) when fn is given (fit/predict), any (..., in_features) else."""
+        2-D (N, in_features) when fn is given (fit/predict), any (..., in_features) else.
+        Sparse X (scipy.sparse, torch sparse tensors) becomes a manual_layers._sparse.CSR over
+        its own arrays, never densified (CSC and other formats converted to CSR once)."""
+        if _sparse.is_sparse(X):
+            X = _sparse.to_csr(X, self.weight.device, dtype or self.weight.dtype,
+                               fn or "LogisticRegression")
+            if X.shape[1] != self.in_features:
+                raise ValueError(f"{fn or 'LogisticRegression'}: X must have shape (N, "
+                                 f"{self.in_features}), got {X.shape}")
+            return X
         if not isinstance(X, torch.Tensor):
             if hasattr(X, "to_numpy"):  # pandas DataFrame / Series
                 X = X.to_numpy()
@@ -390,7 +404,7 @@ class LogisticRegression(nn.Module):
         p = self(self._as_tensor(X))
         if self.binary:
             p = torch.cat([1 - p, p], dim=-1)
-        return p.cpu().numpy() if not isinstance(X, torch.Tensor) else p
+        return p.cpu().numpy() if not isinstance(X, (torch.Tensor, _sparse.CSR)) else p
 
     @torch.no_grad()
     def predict(self, X):
@@ -404,7 +418,7 @@ class LogisticRegression(nn.Module):
         if self.classes_.dtype.kind not in "biuf":  # strings / objects: numpy does it
             return self.classes_[idx.cpu().numpy()]
         idx = torch.as_tensor(self.classes_, device=idx.device)[idx]
-        return idx.cpu().numpy() if not isinstance(X, torch.Tensor) else idx
+        return idx.cpu().numpy() if not isinstance(X, (torch.Tensor, _sparse.CSR)) else idx
 
     @torch.no_grad()
     def score(self, X, y):
@@ -464,7 +478,8 @@ class LogisticRegression(nn.Module):
             batch_size=None, epochs=None, sample_weight=None, class_weight=None,
             warm_start=False, verbose=False, distributed="auto", process_group=None):
         """Fit on X (N, in_features) and labels y (N,): tensors (on any device; moved to the
-        layer's), numpy arrays or pandas objects. Starts from zero weights (as scikit-learn)
+        layer's), numpy arrays or pandas objects; or sparse X (scipy.sparse CSR/CSC, torch
+        sparse CSR tensors), never densified (CSC converted to CSR once). Starts from zero weights (as scikit-learn)
         unless warm_start=True (then from the current weights).
 
         optimizer: "lbfgs" (scipy's L-BFGS-B as scikit-learn, full batch, computed in float64
@@ -567,7 +582,8 @@ class LogisticRegression(nn.Module):
         if need_rows and X.shape[0] == 0:
             raise ValueError(f"{fn}: X is empty (0 rows); fit needs at least one sample of each "
                              f"of two classes")
-        _finite_or_raise(X, "X", fn)
+        if not isinstance(X, _sparse.CSR):  # a CSR's values were checked by to_csr
+            _finite_or_raise(X, "X", fn)
         sw = cw = None
         if sample_weight is not None:
             sw = torch.as_tensor(np.asarray(sample_weight) if not isinstance(

@@ -1,0 +1,518 @@
+// CPU kernel of the fused logistic-regression loss and gradient on a CSR matrix
+// (csrc/sparse_logreg.h is the contract), compiled once per ISA like csrc/cpu/logreg.cpp.
+//
+// One pass over the non-zeros. Per row i (its entries are read from memory once):
+//   1. z_i = b + sum_e v_e W^T[col_e, :], the row's entries in storage order, in acc_t;
+//   2. the loss term and the residual r_i = dloss_i / dz_i (binary: vectorised over a tile of
+//      16 rows, one SIMD lane per row; multinomial: vectorised over the classes, padding lanes
+//      -inf so that they drop out of the softmax);
+//   3. grad_W^T[col_e, :] += v_e r_i for the same entries again (they are still in L1) and
+//      grad_b += r_i.
+// W is used transposed, (D, Cp) with the classes padded to whole vectors (binary: W itself), so
+// that one entry's gather and scatter touch one contiguous run of Cp values.
+//
+// Determinism: the rows are split into `nb` contiguous blocks, nb and the boundaries a function
+// of the matrix (N, nnz, crow, D, C, dtype) only, never of the thread count; each block
+// accumulates its own partial grad_W^T (D x Cp), grad_b and (double) loss in row order, and the
+// partials are summed in block order. Results are bitwise the same for any number of threads.
+// Why partials rather than a transposed (column-major) pass: X^T r by columns needs X in CSC
+// form, a second copy of every index and value (the fit must read X in place), while the
+// partials cost O(nb x D x Cp), independent of N, capped below (kMaxPartialBytes) and kept small
+// next to the pass itself (at most one extra block per 4 D non-zeros: zeroing and summing a
+// partial touches D x Cp values, the pass touches nnz x Cp twice). Scatter-adds with atomics
+// would not be deterministic.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <type_traits>
+#include <vector>
+
+#include "../sparse_logreg.h"
+
+#ifndef CPU_CAPABILITY
+#error "csrc/cpu/*.cpp are compiled per ISA with -DCPU_CAPABILITY=DEFAULT|AVX2|AVX512 (setup.py, CMakeLists.txt)"
+#endif
+
+namespace manual_layers {
+namespace CPU_CAPABILITY {
+namespace {
+
+using at::vec::Vectorized;
+
+constexpr int64_t kMinBlockWork = int64_t(1) << 16;  // rows + non-zeros per block, at least
+constexpr int64_t kMaxBlocks = 32;                   // blocks at most,
+constexpr int64_t kMaxPartialBytes = int64_t(64) << 20;  // whose partial grad_W total at most
+constexpr int64_t kBinaryTile = 16;                  // rows per vectorised binary loss step
+
+template <typename acc_t, typename index_t>
+struct Problem {
+  const int64_t* crow;  // (N + 1,)
+  const index_t* col;   // (nnz,)
+  const acc_t* val;     // (nnz,)
+  int64_t N, D, C, Cp;
+  const acc_t* Wt;    // (D, Cp): W^T, classes zero-padded; binary: W (D,)
+  const acc_t* bias;  // (Cp,) zero-padded, or null
+  const acc_t* y;     // binary targets (N,), or null
+  const int64_t* t;   // multinomial targets (N,), or null
+  const acc_t* sw;    // sample weights (N,), or null
+};
+
+// The column of entry e, and whether it is in [0, D); an out-of-range column contributes
+// nothing (column 0 with a zero value) and is reported after the pass.
+template <typename index_t>
+inline uint64_t column(const index_t* col, int64_t e, uint64_t D, bool& ok) {
+  const uint64_t j = static_cast<uint64_t>(static_cast<int64_t>(col[e]));
+  ok = j < D;
+  return ok ? j : 0;
+}
+
+template <typename acc_t>
+inline acc_t hsum(const Vectorized<acc_t>& v) {
+  constexpr int64_t V = Vectorized<acc_t>::size();
+  alignas(64) acc_t t[V];
+  v.store(t);
+  for (int64_t h = V / 2; h >= 1; h /= 2)
+    for (int64_t j = 0; j < h; ++j) t[j] += t[j + h];
+  return t[0];
+}
+
+template <typename acc_t>
+inline acc_t hmax(const Vectorized<acc_t>& v) {
+  constexpr int64_t V = Vectorized<acc_t>::size();
+  alignas(64) acc_t t[V];
+  v.store(t);
+  acc_t m = t[0];
+  for (int64_t j = 1; j < V; ++j) m = std::max(m, t[j]);
+  return m;
+}
+
+// Binary rows r0 .. r1: z per row (scalar, four chains), the losses and residuals of a tile of
+// kBinaryTile rows in vectors (the dense pass's stable forms, csrc/cpu/logreg.cpp BceLoss), then
+// the tile's scatter into g (D,).
+template <typename acc_t, typename index_t>
+void binary_block(const Problem<acc_t, index_t>& p, int64_t r0, int64_t r1, acc_t* g,
+                  acc_t* gb, double& loss_out, bool& bad_out) {
+  using Vec = Vectorized<acc_t>;
+  constexpr int64_t V = Vec::size();
+  static_assert(kBinaryTile % V == 0, "whole vectors per tile");
+  alignas(64) acc_t z[kBinaryTile], y[kBinaryTile], s[kBinaryTile], r[kBinaryTile],
+      l[kBinaryTile];
+  const acc_t b = p.bias ? p.bias[0] : acc_t(0);
+  const uint64_t D = static_cast<uint64_t>(p.D);
+  const acc_t* W = p.Wt;
+  const acc_t* val = p.val;
+  double loss = 0;
+  acc_t gsum = 0;
+  bool bad = false;
+  for (int64_t i0 = r0; i0 < r1; i0 += kBinaryTile) {
+    const int64_t nr = std::min(kBinaryTile, r1 - i0);
+    for (int64_t k = 0; k < kBinaryTile; ++k) {
+      if (k >= nr) {
+        z[k] = y[k] = s[k] = acc_t(0);
+        continue;
+      }
+      const int64_t i = i0 + k;
+      int64_t e = p.crow[i];
+      const int64_t e1 = p.crow[i + 1];
+      acc_t a0 = 0, a1 = 0, a2 = 0, a3 = 0;
+      bool ok0, ok1, ok2, ok3;
+      for (; e + 4 <= e1; e += 4) {
+        const uint64_t j0 = column(p.col, e, D, ok0), j1 = column(p.col, e + 1, D, ok1);
+        const uint64_t j2 = column(p.col, e + 2, D, ok2), j3 = column(p.col, e + 3, D, ok3);
+        a0 += (ok0 ? val[e] : acc_t(0)) * W[j0];
+        a1 += (ok1 ? val[e + 1] : acc_t(0)) * W[j1];
+        a2 += (ok2 ? val[e + 2] : acc_t(0)) * W[j2];
+        a3 += (ok3 ? val[e + 3] : acc_t(0)) * W[j3];
+        bad |= !(ok0 && ok1 && ok2 && ok3);
+      }
+      for (; e < e1; ++e) {
+        const uint64_t j = column(p.col, e, D, ok0);
+        a0 += (ok0 ? val[e] : acc_t(0)) * W[j];
+        bad |= !ok0;
+      }
+      z[k] = ((a0 + a1) + (a2 + a3)) + b;
+      y[k] = p.y[i];
+      s[k] = p.sw ? p.sw[i] : acc_t(1);
+    }
+    // loss = s [(1 - y) z + softplus(-z)], r = s [(1 - y) - sigmoid(-z)] = s (sigmoid(z) - y),
+    // softplus(-z) = max(-z, 0) + log1p(exp(-|z|)), log1p(e) = log(w) e / (w - 1), w = 1 + e.
+    const Vec one(1), zero(0);
+    for (int64_t k = 0; k < kBinaryTile; k += V) {
+      const Vec zv = Vec::loadu(z + k), yv = Vec::loadu(y + k), sv = Vec::loadu(s + k);
+      const Vec ex = zv.abs().neg().exp();
+      const Vec w = one + ex;
+      const Vec log1p_e = Vec::blendv(w.log() * ex / (w - one), ex, w == one);
+      const Vec softplus_neg = at::vec::maximum(zv.neg(), zero) + log1p_e;
+      const Vec inv = one / w;
+      const Vec sigmoid_neg = Vec::blendv(inv, ex * inv, zv >= zero);
+      (sv * ((one - yv) - sigmoid_neg)).store(r + k);
+      (sv * ((one - yv) * zv + softplus_neg)).store(l + k);
+    }
+    for (int64_t k = 0; k < nr; ++k) {
+      loss += static_cast<double>(l[k]);
+      gsum += r[k];
+    }
+    if (g != nullptr) {
+      for (int64_t k = 0; k < nr; ++k) {
+        const acc_t rk = r[k];
+        const int64_t e1 = p.crow[i0 + k + 1];
+        for (int64_t e = p.crow[i0 + k]; e < e1; ++e) {
+          bool ok;
+          const uint64_t j = column(p.col, e, D, ok);
+          if (ok) g[j] += rk * val[e];
+        }
+      }
+    }
+  }
+  if (gb != nullptr) gb[0] = gsum;
+  loss_out = loss;
+  bad_out = bad;
+}
+
+// Multinomial rows r0 .. r1, vectorised over the Cp = NV * V (padded) classes; NV == 0: any Cp,
+// the row's logits and residual kept in memory instead of registers.
+template <int NV, typename acc_t, typename index_t>
+void multi_block(const Problem<acc_t, index_t>& p, int64_t r0, int64_t r1, acc_t* g, acc_t* gb,
+                 double& loss_out, bool& bad_out) {
+  using Vec = Vectorized<acc_t>;
+  constexpr int64_t V = Vec::size();
+  const int64_t Cp = p.Cp, C = p.C;
+  const int64_t nv = NV > 0 ? NV : Cp / V;
+  const uint64_t D = static_cast<uint64_t>(p.D);
+  std::vector<acc_t> zb(Cp), rb(Cp), gbb(Cp, acc_t(0));
+  double loss = 0;
+  bool bad = false;
+  for (int64_t i = r0; i < r1; ++i) {
+    const int64_t e0 = p.crow[i], e1 = p.crow[i + 1];
+    // 1. logits
+    if constexpr (NV > 0) {
+      Vec acc[NV];
+      for (int q = 0; q < NV; ++q) acc[q] = p.bias ? Vec::loadu(p.bias + q * V) : Vec(0);
+      for (int64_t e = e0; e < e1; ++e) {
+        bool ok;
+        const uint64_t j = column(p.col, e, D, ok);
+        bad |= !ok;
+        const Vec v(ok ? p.val[e] : acc_t(0));
+        const acc_t* w = p.Wt + j * Cp;
+        for (int q = 0; q < NV; ++q) acc[q] = at::vec::fmadd(v, Vec::loadu(w + q * V), acc[q]);
+      }
+      for (int q = 0; q < NV; ++q) acc[q].store(zb.data() + q * V);
+    } else {
+      for (int64_t c = 0; c < Cp; ++c) zb[c] = p.bias ? p.bias[c] : acc_t(0);
+      for (int64_t e = e0; e < e1; ++e) {
+        bool ok;
+        const uint64_t j = column(p.col, e, D, ok);
+        bad |= !ok;
+        const Vec v(ok ? p.val[e] : acc_t(0));
+        const acc_t* w = p.Wt + j * Cp;
+        for (int64_t q = 0; q < nv; ++q) {
+          acc_t* zq = zb.data() + q * V;
+          at::vec::fmadd(v, Vec::loadu(w + q * V), Vec::loadu(zq)).store(zq);
+        }
+      }
+    }
+    // 2. softmax over the C real classes (padding lanes -inf: exp gives 0), loss, residual
+    for (int64_t c = C; c < Cp; ++c) zb[c] = -std::numeric_limits<acc_t>::infinity();
+    Vec mv = Vec::loadu(zb.data());
+    for (int64_t q = 1; q < nv; ++q) mv = at::vec::maximum(mv, Vec::loadu(zb.data() + q * V));
+    const acc_t m = hmax(mv);
+    Vec sv(0);
+    for (int64_t q = 0; q < nv; ++q) {
+      const Vec ex = (Vec::loadu(zb.data() + q * V) - Vec(m)).exp();
+      ex.store(rb.data() + q * V);
+      sv = sv + ex;
+    }
+    const acc_t ssum = hsum(sv);
+    const int64_t t = p.t[i];
+    const acc_t si = p.sw ? p.sw[i] : acc_t(1);
+    loss += static_cast<double>(si * ((m + std::log(ssum)) - zb[t]));
+    const Vec scale(si / ssum);
+    for (int64_t q = 0; q < nv; ++q) {
+      acc_t* rq = rb.data() + q * V;
+      (Vec::loadu(rq) * scale).store(rq);
+    }
+    rb[t] -= si;
+    for (int64_t q = 0; q < nv; ++q) {
+      acc_t* gq = gbb.data() + q * V;
+      (Vec::loadu(gq) + Vec::loadu(rb.data() + q * V)).store(gq);
+    }
+    // 3. grad_W^T[col_e, :] += v_e r_i
+    if (g == nullptr) continue;
+    if constexpr (NV > 0) {
+      Vec rv[NV];
+      for (int q = 0; q < NV; ++q) rv[q] = Vec::loadu(rb.data() + q * V);
+      for (int64_t e = e0; e < e1; ++e) {
+        bool ok;
+        const uint64_t j = column(p.col, e, D, ok);
+        if (!ok) continue;
+        const Vec v(p.val[e]);
+        acc_t* gj = g + j * Cp;
+        for (int q = 0; q < NV; ++q)
+          at::vec::fmadd(v, rv[q], Vec::loadu(gj + q * V)).store(gj + q * V);
+      }
+    } else {
+      for (int64_t e = e0; e < e1; ++e) {
+        bool ok;
+        const uint64_t j = column(p.col, e, D, ok);
+        if (!ok) continue;
+        const Vec v(p.val[e]);
+        acc_t* gj = g + j * Cp;
+        for (int64_t q = 0; q < nv; ++q)
+          at::vec::fmadd(v, Vec::loadu(rb.data() + q * V), Vec::loadu(gj + q * V))
+              .store(gj + q * V);
+      }
+    }
+  }
+  if (gb != nullptr) std::copy(gbb.begin(), gbb.end(), gb);
+  loss_out = loss;
+  bad_out = bad;
+}
+
+template <typename acc_t, typename index_t>
+void run_block(const Problem<acc_t, index_t>& p, int64_t r0, int64_t r1, acc_t* g, acc_t* gb,
+               double& loss, bool& bad) {
+  constexpr int64_t V = Vectorized<acc_t>::size();
+  if (p.t == nullptr) return binary_block(p, r0, r1, g, gb, loss, bad);
+  switch (p.Cp / V) {
+    case 1: return multi_block<1>(p, r0, r1, g, gb, loss, bad);
+    case 2: return multi_block<2>(p, r0, r1, g, gb, loss, bad);
+    case 3: return multi_block<3>(p, r0, r1, g, gb, loss, bad);
+    case 4: return multi_block<4>(p, r0, r1, g, gb, loss, bad);
+    case 5: return multi_block<5>(p, r0, r1, g, gb, loss, bad);
+    case 6: return multi_block<6>(p, r0, r1, g, gb, loss, bad);
+    case 8: return multi_block<8>(p, r0, r1, g, gb, loss, bad);
+    default: return multi_block<0>(p, r0, r1, g, gb, loss, bad);
+  }
+}
+
+// The number of row blocks: from the problem's shape only (see the file comment).
+int64_t num_blocks(int64_t N, int64_t nnz, int64_t D, int64_t Cp, int64_t acc_size,
+                   bool need_weight) {
+  int64_t nb = std::clamp<int64_t>((N + nnz) / kMinBlockWork, 1, kMaxBlocks);
+  if (need_weight) {
+    const int64_t per_block = std::max<int64_t>(1, D * Cp * acc_size);
+    nb = std::min(nb, std::max<int64_t>(1, kMaxPartialBytes / per_block));
+    nb = std::min(nb, 1 + nnz / (4 * std::max<int64_t>(D, 1)));
+  }
+  return nb;
+}
+
+template <typename acc_t, typename index_t>
+SparseLossOut sparse_loss_impl(const int64_t* crow, const at::Tensor& col, const at::Tensor& val,
+                               const at::Tensor& weight, const at::Tensor& bias,
+                               const at::Tensor& target, const at::Tensor& sw, bool binary,
+                               bool need_weight, bool need_bias) {
+  using Vec = Vectorized<acc_t>;
+  constexpr int64_t V = Vec::size();
+  const int64_t N = target.size(0), C = weight.size(0), D = weight.size(1);
+  const int64_t nnz = crow[N] - crow[0];
+  const auto acc_opts = val.options();
+  const int64_t Cp = binary ? 1 : (C + V - 1) / V * V;
+
+  Problem<acc_t, index_t> p{};
+  p.crow = crow;
+  p.col = col.const_data_ptr<index_t>();
+  p.val = val.const_data_ptr<acc_t>();
+  p.N = N, p.D = D, p.C = C, p.Cp = Cp;
+  // W^T with the classes padded (binary: W itself, contiguous).
+  at::Tensor Wt;
+  if (binary) {
+    Wt = weight.contiguous();
+  } else {
+    Wt = at::empty({D, Cp}, acc_opts);
+    const acc_t* w = weight.const_data_ptr<acc_t>();  // contiguous (C, D)
+    acc_t* wt = Wt.mutable_data_ptr<acc_t>();
+    at::parallel_for(0, D, 1024, [&](int64_t lo, int64_t hi) {
+      for (int64_t j = lo; j < hi; ++j) {
+        for (int64_t c = 0; c < C; ++c) wt[j * Cp + c] = w[c * D + j];
+        for (int64_t c = C; c < Cp; ++c) wt[j * Cp + c] = acc_t(0);
+      }
+    });
+  }
+  p.Wt = Wt.const_data_ptr<acc_t>();
+  std::vector<acc_t> bias_p;
+  if (bias.defined()) {
+    bias_p.assign(Cp, acc_t(0));
+    const acc_t* bp = bias.const_data_ptr<acc_t>();
+    std::copy(bp, bp + C, bias_p.begin());
+    p.bias = bias_p.data();
+  }
+  if (binary) p.y = target.const_data_ptr<acc_t>();
+  else p.t = target.const_data_ptr<int64_t>();
+  p.sw = sw.defined() ? sw.const_data_ptr<acc_t>() : nullptr;
+
+  // Row blocks of about equal work (rows + non-zeros), boundaries from crow alone.
+  const int64_t nb = num_blocks(N, nnz, D, Cp, sizeof(acc_t), need_weight);
+  std::vector<int64_t> bounds(nb + 1, N);
+  bounds[0] = 0;
+  const int64_t total = nnz + N;
+  for (int64_t b = 1; b < nb; ++b) {
+    const int64_t goal = total / nb * b + total % nb * b / nb;
+    int64_t lo = 0, hi = N;  // first row r with (crow[r] - crow[0]) + r >= goal
+    while (lo < hi) {
+      const int64_t mid = lo + (hi - lo) / 2;
+      if ((crow[mid] - crow[0]) + mid < goal) lo = mid + 1;
+      else hi = mid;
+    }
+    bounds[b] = lo;
+  }
+
+  at::Tensor part_g = need_weight ? at::empty({nb, D, Cp}, acc_opts) : at::Tensor();
+  std::vector<acc_t> part_b(nb * Cp, acc_t(0));
+  std::vector<double> part_loss(nb, 0.0);
+  std::vector<char> part_bad(nb, 0);
+  acc_t* pg = need_weight ? part_g.mutable_data_ptr<acc_t>() : nullptr;
+  at::parallel_for(0, nb, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      acc_t* g = pg ? pg + b * D * Cp : nullptr;
+      if (g) std::fill(g, g + D * Cp, acc_t(0));
+      bool bad = false;
+      run_block(p, bounds[b], bounds[b + 1], g, part_b.data() + b * Cp, part_loss[b], bad);
+      part_bad[b] = bad;
+    }
+  });
+  for (int64_t b = 0; b < nb; ++b) {
+    TORCH_CHECK_INDEX(!part_bad[b], "manual_layers._sparse_linear_loss_fwd: col_indices holds "
+                      "a column index outside [0, ", D, ") (weight has ", D, " columns)");
+  }
+
+  double loss_sum = 0;
+  for (double l : part_loss) loss_sum += l;
+  at::Tensor loss = at::empty({}, acc_opts).fill_(loss_sum);
+  at::Tensor grad_w = at::empty({0}, acc_opts), grad_b = at::empty({0}, acc_opts);
+  if (need_weight) {
+    // grad_W (C, D) = the partials (D, Cp) summed in block order, transposed.
+    grad_w = at::empty({C, D}, acc_opts);
+    acc_t* out = grad_w.mutable_data_ptr<acc_t>();
+    at::parallel_for(0, D, 512, [&](int64_t lo, int64_t hi) {
+      std::vector<acc_t> sum(Cp);
+      for (int64_t j = lo; j < hi; ++j) {
+        const acc_t* src = pg + j * Cp;
+        std::copy(src, src + Cp, sum.begin());
+        for (int64_t b = 1; b < nb; ++b) {
+          const acc_t* pb = pg + (b * D + j) * Cp;
+          for (int64_t c = 0; c < Cp; ++c) sum[c] += pb[c];
+        }
+        for (int64_t c = 0; c < C; ++c) out[c * D + j] = sum[c];
+      }
+    });
+  }
+  if (need_bias) {
+    grad_b = at::empty({C}, acc_opts);
+    acc_t* out = grad_b.mutable_data_ptr<acc_t>();
+    for (int64_t c = 0; c < C; ++c) {
+      acc_t s = part_b[c];
+      for (int64_t b = 1; b < nb; ++b) s += part_b[b * Cp + c];
+      out[c] = s;
+    }
+  }
+  return {loss, grad_w, grad_b};
+}
+
+}  // namespace
+
+SparseLossOut sparse_linear_loss_fwd_cpu(const at::Tensor& crow_indices,
+                                         const at::Tensor& col_indices, const at::Tensor& values,
+                                         const at::Tensor& weight,
+                                         const c10::optional<at::Tensor>& bias,
+                                         const at::Tensor& target,
+                                         const c10::optional<at::Tensor>& sample_weight,
+                                         bool need_weight, bool need_bias) {
+  constexpr const char* op = "manual_layers._sparse_linear_loss_fwd";
+  auto is_index = [](const at::Tensor& t) {
+    return t.scalar_type() == at::kInt || t.scalar_type() == at::kLong;
+  };
+  TORCH_CHECK(crow_indices.dim() == 1 && crow_indices.size(0) >= 1 && is_index(crow_indices), op,
+              ": crow_indices must be a 1-D int32 or int64 tensor of N + 1 row offsets, got ",
+              crow_indices.scalar_type(), " of shape ", crow_indices.sizes());
+  TORCH_CHECK(col_indices.dim() == 1 && is_index(col_indices), op,
+              ": col_indices must be a 1-D int32 or int64 tensor, got ",
+              col_indices.scalar_type(), " of shape ", col_indices.sizes());
+  TORCH_CHECK(values.dim() == 1 && values.size(0) == col_indices.size(0), op,
+              ": values must be 1-D with one value per column index (", col_indices.size(0),
+              "), got shape ", values.sizes());
+  TORCH_CHECK(at::isFloatingType(values.scalar_type()), op,
+              ": values must be a floating tensor, got ", values.scalar_type());
+  TORCH_CHECK(weight.dim() == 2, op, ": weight must be 2-D (C, D), got shape ", weight.sizes());
+  TORCH_CHECK(weight.scalar_type() == values.scalar_type(), op,
+              ": values and weight must have one dtype, got ", values.scalar_type(), " and ",
+              weight.scalar_type());
+  for (const at::Tensor* t : {&crow_indices, &col_indices, &values, &weight, &target}) {
+    TORCH_CHECK(t->device().is_cpu(), op, ": every tensor must be on the CPU here, got ",
+                t->device());
+  }
+  const int64_t N = crow_indices.size(0) - 1, C = weight.size(0), D = weight.size(1);
+  TORCH_CHECK(target.dim() == 1 && target.size(0) == N, op, ": target must have shape (", N,
+              ",) (one per row of X), got ", target.sizes());
+  const bool binary = at::isFloatingType(target.scalar_type());
+  TORCH_CHECK(binary || target.scalar_type() == at::kLong, op,
+              ": target must be floating (binary, probabilities) or int64 class indices "
+              "(multinomial), got ", target.scalar_type());
+  TORCH_CHECK(!binary || C == 1, op, ": a floating (binary) target needs weight of shape (1, ",
+              D, "), got ", weight.sizes());
+  TORCH_CHECK(binary || C >= 1, op, ": weight must have at least one row, got ", weight.sizes());
+  const bool has_b = bias.has_value() && bias->defined();
+  const bool has_sw = sample_weight.has_value() && sample_weight->defined();
+  if (has_b) {
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == C && bias->device().is_cpu(), op,
+                ": bias must have shape (", C, ",) on the CPU, got ", bias->sizes());
+  }
+  if (has_sw) {
+    TORCH_CHECK(sample_weight->dim() == 1 && sample_weight->size(0) == N &&
+                    sample_weight->device().is_cpu(),
+                op, ": sample_weight must have shape (", N, ",) on the CPU, got ",
+                sample_weight->sizes());
+  }
+
+  // Row offsets as int64 (a copy only for int32 crow: N + 1 values), checked: non-decreasing,
+  // within the entries.
+  const at::Tensor crow = crow_indices.to(at::kLong).contiguous();
+  const int64_t* cp = crow.const_data_ptr<int64_t>();
+  const int64_t nnz_all = values.size(0);
+  TORCH_CHECK_VALUE(cp[0] >= 0 && cp[N] <= nnz_all, op, ": crow_indices must lie in [0, ",
+                    nnz_all, "] (the number of values), got first ", cp[0], " and last ", cp[N]);
+  for (int64_t i = 0; i < N; ++i) {
+    TORCH_CHECK_VALUE(cp[i] <= cp[i + 1], op, ": crow_indices must be non-decreasing, got ",
+                      cp[i], " then ", cp[i + 1], " at row ", i);
+  }
+
+  // The accumulation type: double for double values, float otherwise (16-bit values widened).
+  const auto acc = at::toOpMathType(values.scalar_type());
+  const at::Tensor val = values.to(acc).contiguous();
+  const at::Tensor col = col_indices.contiguous();
+  const at::Tensor w = weight.to(acc).contiguous();
+  const at::Tensor b = has_b ? bias->to(acc).contiguous() : at::Tensor();
+  const at::Tensor sw = has_sw ? sample_weight->to(acc).contiguous() : at::Tensor();
+  at::Tensor tgt;
+  if (binary) {
+    tgt = target.to(acc).contiguous();
+  } else {
+    tgt = target.contiguous();
+    const int64_t* tp = tgt.const_data_ptr<int64_t>();
+    for (int64_t i = 0; i < N; ++i) {
+      TORCH_CHECK_INDEX(tp[i] >= 0 && tp[i] < C, op, ": target ", tp[i], " of row ", i,
+                        " is out of bounds for ", C, " classes");
+    }
+  }
+
+  SparseLossOut out;
+  AT_DISPATCH_FLOATING_TYPES(acc, "sparse_linear_loss_fwd_cpu", [&] {
+    using acc_t = scalar_t;
+    AT_DISPATCH_INDEX_TYPES(col.scalar_type(), "sparse_linear_loss_fwd_cpu", [&] {
+      out = sparse_loss_impl<acc_t, index_t>(cp, col, val, w, b, tgt, sw, binary, need_weight,
+                                             need_bias);
+    });
+  });
+  return out;
+}
+
+}  // namespace CPU_CAPABILITY
+}  // namespace manual_layers

@@ -1,0 +1,513 @@
+"""Sparse X (CSR) for logistic regression: the fused op _sparse_linear_loss_fwd (CPU kernel
+csrc/cpu/sparse_logreg.cpp, the ATen composite of manual_layers/_sparse.py that CUDA runs)
+against a float64 dense reference; the fit engine, the estimator and the layer on sparse X
+against the same fits on dense X and against scikit-learn's lbfgs; float32 fits; X read in
+place (memory maps, no copy)."""
+
+import tracemalloc
+
+import numpy as np
+import pytest
+import torch
+
+sp = pytest.importorskip("scipy.sparse")
+sklearn = pytest.importorskip("sklearn")
+from sklearn.linear_model import LogisticRegression as SkLR  # noqa: E402
+
+import manual_layers as ml  # noqa: E402
+from manual_layers import _fit, _sparse  # noqa: E402
+from manual_layers.sklearn import LogisticRegression  # noqa: E402
+from conftest import TOL, assert_rel  # noqa: E402
+
+ops = torch.ops.manual_layers
+TIGHT = dict(tol=1e-10, max_iter=10000)
+
+
+@pytest.fixture(autouse=True)
+def _one_blas_thread():
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        yield
+        return
+    with threadpool_limits(limits=1, user_api="blas"):
+        yield
+
+
+def _rng():
+    seed = np.random.SeedSequence().entropy  # fresh data every run
+    print(f"data seed: {seed}")
+    return np.random.default_rng(seed)
+
+
+def _random_csr(rng, N, D, density=0.3, dtype=np.float64, index=np.int64, duplicates=False,
+                empty_rows=0.0):
+    """A CSR matrix in raw arrays: rows with random (unsorted; with `duplicates`, repeated)
+    columns; a fraction of empty rows; columns beyond the drawn ones stay empty."""
+    indptr, indices, data = [0], [], []
+    for _ in range(N):
+        k = 0 if rng.random() < empty_rows else rng.binomial(max(D, 1), density) if D else 0
+        if duplicates and k:
+            cols = rng.integers(0, D, size=k + rng.integers(0, 3))
+        else:
+            cols = rng.permutation(D)[:k]
+        indices.extend(cols.tolist())
+        data.extend(rng.normal(size=len(cols)).tolist())
+        indptr.append(len(indices))
+    A = sp.csr_matrix((np.asarray(data, dtype=dtype), np.asarray(indices, dtype=index),
+                       np.asarray(indptr, dtype=index)), shape=(N, D))
+    # scipy narrows int64 indices that fit in int32: set the index arrays of the dtype asked for
+    A.indices, A.indptr = A.indices.astype(index), A.indptr.astype(index)
+    return A
+
+
+def _dense(A):
+    """The float64 dense matrix of A, duplicates summed (scipy's meaning)."""
+    return torch.from_numpy(A.toarray().astype(np.float64))
+
+
+def _args(A, dtype):
+    return (torch.from_numpy(A.indptr), torch.from_numpy(A.indices),
+            torch.from_numpy(A.data).to(dtype))
+
+
+def _reference(Xd, W, b, target, s):
+    """(sum s_i loss_i, dW, db) in float64 by autograd on the dense X."""
+    W = W.detach().double().requires_grad_()
+    b = None if b is None else b.detach().double().requires_grad_()
+    z = Xd @ W.t() + (0 if b is None else b)
+    if target.is_floating_point():
+        y = target.double()
+        rows = (1 - y) * z[:, 0] + torch.nn.functional.softplus(-z[:, 0])
+    else:
+        rows = torch.logsumexp(z, 1) - z.gather(1, target.unsqueeze(1)).squeeze(1)
+    if s is not None:
+        rows = rows * s.double()
+    loss = rows.sum()
+    gW, gb = torch.autograd.grad(loss, [W] + ([b] if b is not None else []),
+                                 allow_unused=True) + ((None,) if b is None else ())
+    return loss.detach(), gW if gW is not None else torch.zeros_like(W), gb
+
+
+def _problem(rng, A, C, dtype, bias=True, weights=True):
+    N, D = A.shape
+    W = torch.from_numpy(rng.normal(size=(C, D))).to(dtype)
+    b = torch.from_numpy(rng.normal(size=C)).to(dtype) if bias else None
+    if C == 1:
+        target = torch.from_numpy(rng.random(N)).to(dtype)
+    else:
+        target = torch.from_numpy(rng.integers(0, C, size=N)).long()
+    s = torch.from_numpy(rng.random(N) * 2).to(dtype) if weights else None
+    return W, b, target, s
+
+
+# ---- the op against the float64 dense reference --------------------------------------------------
+SHAPES = [(0, 5), (1, 1), (1, 9), (17, 3), (64, 37), (300, 17)]
+
+
+@pytest.mark.parametrize("C", [1, 3, 5, 13, 33])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("index", [np.int32, np.int64])
+@pytest.mark.parametrize("impl", ["kernel", "composite"])
+def test_op_matches_dense_reference(C, dtype, index, impl):
+    """Every shape, binary (C = 1) and multinomial (C 3, 5, 13, 33: every register-block width
+    and the generic path), with and without bias and sample weights; duplicate and unsorted
+    columns, empty rows and columns. The composite (what CUDA runs) on the CPU too."""
+    rng = _rng()
+    fn = ops._sparse_linear_loss_fwd if impl == "kernel" else _sparse._composite
+    for N, D in SHAPES:
+        for bias, weights, dup in ((True, True, True), (False, False, False), (True, False, True)):
+            A = _random_csr(rng, N, D, density=0.4, dtype=np.float64, index=index,
+                            duplicates=dup, empty_rows=0.2)
+            W, b, target, s = _problem(rng, A, C, dtype, bias, weights)
+            loss, gw, gb = fn(*_args(A, dtype), W, b, target, s, True, bias)
+            rl, rgw, rgb = _reference(_dense(A).to(dtype).double(), W, b, target, s)
+            acc = torch.float64 if dtype == torch.float64 else torch.float32
+            assert loss.dtype == acc and loss.dim() == 0 and gw.dtype == acc
+            tol = TOL[dtype] * 10
+            what = f"{impl} N={N} D={D} C={C} {dtype} bias={bias} sw={weights}"
+            assert_rel(loss.reshape(1), rl.reshape(1), tol, what + " loss")
+            assert_rel(gw, rgw.to(acc), tol, what + " grad_weight")
+            if bias:
+                assert_rel(gb, rgb.to(acc), tol, what + " grad_bias")
+            else:
+                assert gb.numel() == 0
+
+
+def test_op_need_flags_and_no_bias():
+    rng = _rng()
+    A = _random_csr(rng, 40, 11)
+    W, b, target, s = _problem(rng, A, 4, torch.float64)
+    loss, gw, gb = ops._sparse_linear_loss_fwd(*_args(A, torch.float64), W, b, target, s, False,
+                                               False)
+    assert gw.numel() == 0 and gb.numel() == 0
+    ref, _, _ = ops._sparse_linear_loss_fwd(*_args(A, torch.float64), W, b, target, s, True, True)
+    assert torch.equal(loss, ref)
+
+
+def test_op_duplicates_equal_summed():
+    """A row's repeated column indices mean their sum (scipy): the same loss and gradients as the
+    canonical matrix (sum_duplicates) to rounding."""
+    rng = _rng()
+    A = _random_csr(rng, 200, 30, density=0.3, duplicates=True)
+    assert not A.has_canonical_format
+    B = A.copy()
+    B.sum_duplicates()
+    for C in (1, 6):
+        W, b, target, s = _problem(rng, A, C, torch.float64)
+        got = ops._sparse_linear_loss_fwd(*_args(A, torch.float64), W, b, target, s, True, True)
+        ref = ops._sparse_linear_loss_fwd(*_args(B, torch.float64), W, b, target, s, True, True)
+        for g, r in zip(got, ref):
+            assert_rel(g.reshape(-1), r.reshape(-1), 1e-12, f"C={C}")
+
+
+@pytest.mark.parametrize("C", [1, 4])
+def test_op_gradient_finite_differences(C):
+    """The op's gradient against central differences of its own loss, float64."""
+    rng = _rng()
+    A = _random_csr(rng, 30, 6, density=0.5, duplicates=True)
+    W, b, target, s = _problem(rng, A, C, torch.float64)
+    args = _args(A, torch.float64)
+    _, gw, gb = ops._sparse_linear_loss_fwd(*args, W, b, target, s, True, True)
+    h = 1e-6
+
+    def f(W_, b_):
+        return ops._sparse_linear_loss_fwd(*args, W_, b_, target, s, False, False)[0].item()
+    for idx in np.ndindex(*W.shape):
+        Wp, Wm = W.clone(), W.clone()
+        Wp[idx] += h
+        Wm[idx] -= h
+        assert abs((f(Wp, b) - f(Wm, b)) / (2 * h) - gw[idx].item()) <= 1e-6 * (1 + abs(
+            gw[idx].item()))
+    for c in range(C):
+        bp, bm = b.clone(), b.clone()
+        bp[c] += h
+        bm[c] -= h
+        assert abs((f(W, bp) - f(W, bm)) / (2 * h) - gb[c].item()) <= 1e-6 * (1 + abs(
+            gb[c].item()))
+
+
+@pytest.mark.parametrize("C", [1, 7])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_op_deterministic_across_threads(C, dtype):
+    """Bitwise the same results with 1 and 2 threads (row blocks fixed by the problem's shape,
+    partials summed in block order), on a matrix large enough for several blocks."""
+    rng = _rng()
+    N, D = 30000, 40
+    A = sp.random(N, D, density=0.2, format="csr", random_state=rng, dtype=np.float64)
+    W, b, target, s = _problem(rng, A, C, dtype)
+    args = _args(A, dtype)
+    old = torch.get_num_threads()
+    try:
+        outs = []
+        for n in (1, 2, 1):
+            torch.set_num_threads(n)
+            outs.append(ops._sparse_linear_loss_fwd(*args, W, b, target, s, True, True))
+    finally:
+        torch.set_num_threads(old)
+    for o in outs[1:]:
+        for a, e in zip(o, outs[0]):
+            assert torch.equal(a, e)
+    rl, rgw, _ = _reference(_dense(A).to(dtype).double(), W, b, target, s)
+    assert_rel(outs[0][1], rgw.to(outs[0][1].dtype), TOL[dtype] * 10, "grad_weight")
+
+
+def test_op_16bit_values():
+    """bf16/fp16 values and weight are widened to float32 (acc_t) in the op."""
+    rng = _rng()
+    A = _random_csr(rng, 50, 9)
+    for dt in (torch.bfloat16, torch.float16):
+        W, b, target, s = _problem(rng, A, 3, dt)
+        loss, gw, gb = ops._sparse_linear_loss_fwd(*_args(A, dt), W, b, target, s, True, True)
+        assert gw.dtype == torch.float32
+        Xd = torch.from_numpy(A.toarray()).to(dt).double()
+        rl, rgw, rgb = _reference(Xd, W, b, target, s)
+        assert_rel(gw, rgw.float(), 1e-5, str(dt))
+
+
+def test_op_opcheck():
+    rng = _rng()
+    A = _random_csr(rng, 23, 7, duplicates=True)
+    for C in (1, 4):
+        W, b, target, s = _problem(rng, A, C, torch.float64)
+        for index in (np.int32, np.int64):
+            B = _random_csr(rng, 23, 7, index=index)
+            torch.library.opcheck(ops._sparse_linear_loss_fwd,
+                                  (*_args(B, torch.float64), W, b, target, s, True, True))
+        torch.library.opcheck(ops._sparse_linear_loss_fwd,
+                              (*_args(A, torch.float32), W.float(), None, target if C > 1 else
+                               target.float(), None, True, False))
+
+
+def test_op_cuda_kernel_is_the_composite():
+    """A CUDA tensor reaches the composite (registered for the CUDA key in _sparse.py)."""
+    assert torch._C._dispatch_has_kernel_for_dispatch_key(
+        "manual_layers::_sparse_linear_loss_fwd", "CUDA")
+    assert torch._C._dispatch_has_kernel_for_dispatch_key(
+        "manual_layers::_sparse_linear_loss_fwd", "CPU")
+
+
+def test_op_errors():
+    rng = _rng()
+    A = _random_csr(rng, 10, 5)
+    crow, col, val = _args(A, torch.float64)
+    W, b, target, s = _problem(rng, A, 3, torch.float64)
+    bad_col = col.clone()
+    bad_col[0] = 5
+    with pytest.raises(IndexError, match="column index outside"):
+        ops._sparse_linear_loss_fwd(crow, bad_col, val, W, b, target, s, True, True)
+    bad_col[0] = -1
+    with pytest.raises(IndexError, match="column index outside"):
+        ops._sparse_linear_loss_fwd(crow, bad_col, val, W, b, target, s, True, True)
+    bad_crow = crow.clone()
+    bad_crow[1], bad_crow[2] = int(crow[-1]), 0
+    with pytest.raises(ValueError, match="non-decreasing"):
+        ops._sparse_linear_loss_fwd(bad_crow, col, val, W, b, target, s, True, True)
+    with pytest.raises(IndexError, match="out of bounds for 3 classes"):
+        ops._sparse_linear_loss_fwd(crow, col, val, W, b, target + 3, s, True, True)
+    with pytest.raises(RuntimeError, match=r"binary\) target needs weight of shape \(1, 5\)"):
+        ops._sparse_linear_loss_fwd(crow, col, val, W, b, target.double(), s, True, True)
+    with pytest.raises(RuntimeError, match="one dtype"):
+        ops._sparse_linear_loss_fwd(crow, col, val.float(), W, b, target, s, True, True)
+    with pytest.raises(RuntimeError, match=r"target must have shape \(10,\)"):
+        ops._sparse_linear_loss_fwd(crow, col, val, W, b, target[:3], s, True, True)
+
+
+# ---- fits on sparse X ------------------------------------------------------------------------
+def _classification(rng, N, D, K, density=0.2, dtype=np.float64):
+    """Sparse features with a few heavy columns, labels from a noisy linear model."""
+    A = sp.random(N, D, density=density, format="csr", random_state=rng, dtype=np.float64)
+    A.data = rng.normal(size=A.nnz)
+    Wt = rng.normal(size=(K, D))
+    y = np.asarray((A @ Wt.T) + rng.gumbel(size=(N, K))).argmax(1)
+    return A.astype(dtype), y
+
+
+def _rel(a, e):
+    a, e = np.asarray(a, np.float64), np.asarray(e, np.float64)
+    return np.abs(a - e).max() / max(np.abs(e).max(), 1e-12)
+
+
+OPTIONS = [dict(), dict(sw=True), dict(cw="balanced"), dict(cw="dict"), dict(fit_intercept=False),
+           dict(penalty=None), dict(sw=True, cw="balanced", fit_intercept=False)]
+
+
+@pytest.mark.parametrize("K", [2, 4])
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("opt", OPTIONS, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items())
+                         or "default")
+def test_estimator_sparse_equals_dense(K, dtype, opt):
+    """The same fit on a CSR matrix and on its dense array, for every option; predictions and
+    scores too."""
+    rng = _rng()
+    A, y = _classification(rng, 400, 25, K, dtype=dtype)
+    sw = rng.random(len(y)) + 0.5 if opt.get("sw") else None
+    cw = {"balanced": "balanced", "dict": {c: 1 + c for c in range(K)}}.get(opt.get("cw"))
+    kw = dict(TIGHT, class_weight=cw, fit_intercept=opt.get("fit_intercept", True),
+              penalty=opt.get("penalty", "l2"), C=0.5)
+    a = LogisticRegression(**kw).fit(A, y, sample_weight=sw)
+    d = LogisticRegression(**kw).fit(A.toarray(), y, sample_weight=sw)
+    assert a.coef_.dtype == dtype and a.module_.weight.dtype == torch.from_numpy(
+        np.zeros(0, dtype)).dtype
+    tol = 1e-6 if dtype == np.float64 else 2e-3  # both stop near the optimum, not on it
+    assert _rel(np.r_[a.coef_.ravel(), a.intercept_], np.r_[d.coef_.ravel(), d.intercept_]) <= tol
+    B = _classification(rng, 50, 25, K, dtype=dtype)[0]
+    for m in ("decision_function", "predict_proba", "predict_log_proba"):
+        assert _rel(getattr(a, m)(B), getattr(a, m)(B.toarray())) <= 1e-10 * (
+            1 if dtype == np.float64 else 1e4), m
+    assert np.array_equal(a.predict(B), a.predict(B.toarray()))
+    assert a.score(A, y, sample_weight=sw) == a.score(A.toarray(), y, sample_weight=sw)
+
+
+@pytest.mark.parametrize("K", [2, 5])
+def test_estimator_sparse_matches_sklearn(K):
+    """Fresh sparse data, scikit-learn's lbfgs on the same CSR matrix (float64)."""
+    rng = _rng()
+    A, y = _classification(rng, 600, 80, K, density=0.05)
+    sw = rng.random(len(y)) + 0.2
+    ours = LogisticRegression(C=2.0, **TIGHT).fit(A, y, sample_weight=sw)
+    ref = SkLR(C=2.0, **TIGHT).fit(A, y, sample_weight=sw)
+    assert _rel(np.r_[ours.coef_.ravel(), ours.intercept_],
+                np.r_[ref.coef_.ravel(), ref.intercept_]) <= 1e-6
+    assert _rel(ours.predict_proba(A), ref.predict_proba(A)) <= 1e-6
+
+
+def test_estimator_float32_like_sklearn():
+    """float32 X is fitted in float32, as scikit-learn's lbfgs (coef_ float32); dense and sparse
+    agree with scikit-learn's float32 fit to float32 accuracy of the optimum."""
+    rng = _rng()
+    A, y = _classification(rng, 500, 20, 3, density=0.3, dtype=np.float32)
+    ref = SkLR(**TIGHT).fit(A, y)
+    assert ref.coef_.dtype == np.float32
+    for X in (A, A.toarray()):
+        ours = LogisticRegression(**TIGHT).fit(X, y)
+        assert ours.coef_.dtype == np.float32 and ours.intercept_.dtype == np.float32
+        assert ours.module_.weight.dtype == torch.float32
+        assert _rel(ours.coef_, ref.coef_) <= 2e-3
+    ours64 = LogisticRegression(dtype="float64", **TIGHT).fit(A, y)
+    assert ours64.module_.weight.dtype == torch.float64
+
+
+@pytest.mark.parametrize("fmt", ["csc", "coo", "csr_array", "torch_csr", "torch_csc", "int32",
+                                 "float32_as_float64"])
+def test_estimator_sparse_formats(fmt):
+    """CSC / COO / csr_array / torch sparse input, int32 indices, float32 values fitted in
+    float64 (dtype="float64": the values cast, a copy of the values only): the fit of the CSR
+    float64 matrix."""
+    rng = _rng()
+    A, y = _classification(rng, 300, 15, 3)
+    kw = dict(TIGHT)
+    if fmt == "float32_as_float64":
+        A = A.astype(np.float32)
+        kw["dtype"] = "float64"
+    ref = LogisticRegression(**kw).fit(A.astype(np.float64), y)
+    X = {"csc": lambda: A.tocsc(), "coo": lambda: A.tocoo(), "csr_array": lambda: sp.csr_array(A),
+         "torch_csr": lambda: torch.sparse_csr_tensor(torch.from_numpy(A.indptr).long(),
+                                                      torch.from_numpy(A.indices).long(),
+                                                      torch.from_numpy(A.data), A.shape),
+         "torch_csc": lambda: torch.from_numpy(A.toarray()).to_sparse_csc(),
+         "int32": lambda: A, "float32_as_float64": lambda: A}[fmt]()
+    if fmt == "int32":
+        assert A.indices.dtype == np.int32
+    ours = LogisticRegression(**kw).fit(X, y)
+    assert ours.module_.weight.dtype == torch.float64
+    assert ours.coef_.dtype == A.dtype  # coef_ in X's dtype, as scikit-learn's
+    assert _rel(ours.coef_, ref.coef_) <= (1e-8 if A.dtype == np.float64 else 1e-6)
+    assert np.array_equal(ours.predict(X), ref.predict(A.astype(np.float64)))
+
+
+def test_layer_fit_sparse_equals_dense():
+    rng = _rng()
+    for K in (2, 3):
+        A, y = _classification(rng, 300, 12, K)
+        sw = rng.random(len(y)) + 0.5
+        cw = rng.random(K) + 0.5
+        for X in (A, A.tocsc(), torch.sparse_csr_tensor(torch.from_numpy(A.indptr),
+                                                       torch.from_numpy(A.indices),
+                                                       torch.from_numpy(A.data), A.shape)):
+            s = ml.LogisticRegression(12, num_classes=K, dtype=torch.float64).fit(
+                X, y, sample_weight=sw, class_weight=cw, **TIGHT)
+            d = ml.LogisticRegression(12, num_classes=K, dtype=torch.float64).fit(
+                A.toarray(), y, sample_weight=sw, class_weight=cw, **TIGHT)
+            assert _rel(s.weight.detach(), d.weight.detach().numpy()) <= 1e-7
+            B = _classification(rng, 20, 12, K)[0]
+            assert _rel(s.predict_proba(B), s.predict_proba(B.toarray())) <= 1e-12
+            assert np.array_equal(s.predict(B), s.predict(B.toarray()))
+            assert s.score(A, y) == s.score(A.toarray(), y)
+
+
+@pytest.mark.parametrize("solver", ["sgd", "adam"])
+def test_minibatch_solvers_on_sparse(solver):
+    """The mini-batch solvers take row subsets of the CSR matrix: the same batches (same seed)
+    as the dense fit, so the same weights to rounding."""
+    rng = _rng()
+    A, y = _classification(rng, 700, 10, 3)
+    fits = []
+    for X in (A, A.toarray()):
+        torch.manual_seed(7)
+        layer = ml.LogisticRegression(10, num_classes=3, dtype=torch.float64)
+        fits.append(layer.fit(X, y, optimizer=solver, epochs=3, batch_size=64).weight.detach())
+    assert_rel(fits[0], fits[1], 1e-9, solver)
+
+
+def test_csr_row_subset():
+    rng = _rng()
+    A = _random_csr(rng, 50, 8, duplicates=True, empty_rows=0.3)
+    X = _sparse.to_csr(A)
+    idx = torch.from_numpy(rng.integers(0, 50, size=23))
+    sub = X[idx]
+    got = torch.sparse_csr_tensor(sub.crow.long(), sub.col.long(), sub.values, sub.shape)
+    assert torch.equal(got.to_dense(), _dense(A)[idx])
+    assert X[torch.zeros(0, dtype=torch.long)].shape == (0, 8)
+
+
+def test_sparse_nan_raises():
+    rng = _rng()
+    A, y = _classification(rng, 50, 6, 2)
+    A.data[3] = np.nan
+    with pytest.raises(ValueError, match="X contains NaN"):
+        LogisticRegression().fit(A, y)
+    with pytest.raises(ValueError, match="X contains NaN"):
+        ml.LogisticRegression(6).fit(A, y)
+    A.data[3] = np.inf
+    with pytest.raises(ValueError, match="X contains"):
+        ml.LogisticRegression(6).fit(A.tocsc(), y)
+    good, _ = _classification(rng, 50, 6, 2)
+    clf = LogisticRegression().fit(good, y)
+    A.data[3] = np.nan
+    with pytest.raises(ValueError, match="X contains NaN"):
+        clf.predict(A)
+    with pytest.raises(ValueError, match=r"X must have shape \(N, 7\)"):
+        ml.LogisticRegression(7).fit(good, y)
+    with pytest.raises(ValueError, match="X has 7 features"):
+        clf.predict(sp.random(3, 7, density=0.5, format="csr"))
+
+
+# ---- X read in place ------------------------------------------------------------------------
+def _capture_fit_input(monkeypatch):
+    seen = {}
+    orig = _fit.fit_logistic_regression
+
+    def spy(X, *a, **kw):
+        seen["X"] = X
+        return orig(X, *a, **kw)
+    import manual_layers.sklearn as mls
+    monkeypatch.setattr(mls, "fit_logistic_regression", spy)
+    return seen
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_dense_memmap_read_in_place(tmp_path, monkeypatch, dtype):
+    """A read-only np.memmap is read, never copied: the fit's tensor shares its memory, and the
+    fit's numpy allocations (tracemalloc) stay far below the size of X."""
+    rng = _rng()
+    N, D = 20000, 40
+    path = tmp_path / "X.bin"
+    Xw = np.memmap(path, dtype=dtype, mode="w+", shape=(N, D))
+    Xw[:] = rng.normal(size=(N, D))
+    y = (np.asarray(Xw[:, 0]) + rng.normal(size=N) > 0).astype(int)
+    Xw.flush()
+    del Xw
+    X = np.memmap(path, dtype=dtype, mode="r", shape=(N, D))
+    assert not X.flags.writeable
+    seen = _capture_fit_input(monkeypatch)
+    clf = LogisticRegression(max_iter=5)
+    tracemalloc.start()
+    try:
+        with pytest.warns(sklearn.exceptions.ConvergenceWarning):
+            clf.fit(X, y)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert seen["X"].data_ptr() == X.ctypes.data
+    assert seen["X"].dtype == torch.from_numpy(np.zeros(0, dtype)).dtype
+    assert peak < X.nbytes / 4, (peak, X.nbytes)
+
+
+def test_sparse_memmap_read_in_place(tmp_path, monkeypatch):
+    """A CSR matrix over memory-mapped arrays: the fit reads its values and indices in place."""
+    rng = _rng()
+    A, y = _classification(rng, 20000, 300, 3, density=0.05)
+    A.indices = A.indices.astype(np.int32)
+    A.indptr = A.indptr.astype(np.int32)
+    arrays = {}
+    for name in ("data", "indices", "indptr"):
+        np.save(tmp_path / f"{name}.npy", getattr(A, name))
+        arrays[name] = np.load(tmp_path / f"{name}.npy", mmap_mode="r")
+    M = sp.csr_matrix((arrays["data"], arrays["indices"], arrays["indptr"]), shape=A.shape)
+    assert M.data.ctypes.data == arrays["data"].ctypes.data
+    seen = _capture_fit_input(monkeypatch)
+    tracemalloc.start()
+    try:
+        clf = LogisticRegression(**TIGHT).fit(M, y)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    X = seen["X"]
+    assert isinstance(X, _sparse.CSR)
+    assert X.values.data_ptr() == arrays["data"].ctypes.data
+    assert X.col.data_ptr() == arrays["indices"].ctypes.data
+    assert X.crow.data_ptr() == arrays["indptr"].ctypes.data
+    assert peak < A.data.nbytes / 2, (peak, A.data.nbytes)
+    ref = LogisticRegression(**TIGHT).fit(A, y)
+    assert _rel(clf.coef_, ref.coef_) <= 1e-8
