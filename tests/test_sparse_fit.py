@@ -105,13 +105,14 @@ def _problem(rng, A, C, dtype, bias=True, weights=True):
 SHAPES = [(0, 5), (1, 1), (1, 9), (17, 3), (64, 37), (300, 17)]
 
 
-@pytest.mark.parametrize("C", [1, 3, 5, 13, 33])
+@pytest.mark.parametrize("C", [1, 3, 5, 13, 33, 70])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("index", [np.int32, np.int64])
 @pytest.mark.parametrize("impl", ["kernel", "composite"])
 def test_op_matches_dense_reference(C, dtype, index, impl):
-    """Every shape, binary (C = 1) and multinomial (C 3, 5, 13, 33: every register-block width
-    and the generic path), with and without bias and sample weights; duplicate and unsorted
+    """Every shape, binary (C = 1) and multinomial (C 3 to 70: register blocks of 1 to 5
+    vectors, and the generic path: 33 classes in float64, 70 in float32), with and without bias
+    and sample weights; duplicate and unsorted
     columns, empty rows and columns. The composite (what CUDA runs) on the CPU too."""
     rng = _rng()
     fn = ops._sparse_linear_loss_fwd if impl == "kernel" else _sparse._composite
