@@ -267,7 +267,7 @@ class LinearObjective:
     def local_sums(self, params):
         """(sum_i s_i loss_i, its gradient [dW.ravel(), db]) over this process's rows, as one
         float64 numpy vector: one fused kernel call, one device-to-host copy."""
-        return self._local_sums(params).to(device="cpu").numpy()
+        return self._local_sums(params).to(device="cpu").numpy().copy()
 
     def _local_sums(self, params):
         """local_sums as a float64 tensor on X's device (zeros for a shard with no rows)."""
@@ -276,8 +276,18 @@ class LinearObjective:
         W, b = self.split(params)
         loss, gw, gb = _loss_and_grads(self.X, W, b, self.target, self.binary, self.s,
                                        self.cw_only)
-        parts = [loss.reshape(1), gw.reshape(-1)] + ([gb] if b is not None else [])
-        return torch.cat(parts).to(dtype=torch.float64)
+        # into one float64 vector kept from call to call: a fresh one per call (torch.cat) cost
+        # page faults of its own that showed next to a sparse pass at 500,000 coefficients
+        buf = getattr(self, "_sums_buf", None)
+        if buf is None or buf.device != gw.device:
+            buf = self._sums_buf = torch.empty(1 + self.n_params, dtype=torch.float64,
+                                               device=gw.device)
+        KD = self.K * self.D
+        buf[0] = loss
+        buf[1:1 + KD].copy_(gw.reshape(-1))
+        if b is not None:
+            buf[1 + KD:].copy_(gb)
+        return buf
 
     def evaluate(self, params):
         """The objective f and its gradient at params (float64 numpy), as scipy wants them.

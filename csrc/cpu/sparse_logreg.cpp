@@ -357,6 +357,34 @@ int64_t num_blocks(int64_t N, int64_t nnz, int64_t D, int64_t Cp, int64_t acc_si
   return nb;
 }
 
+// W (C, D) row-major into a table of row stride ts: T[j * ts + c] = W[c, j] for c < C, zeros up
+// to Cp; columns lo .. hi.
+template <typename acc_t>
+void transpose_into(const acc_t* w, int64_t C, int64_t D, int64_t Cp, acc_t* T, int64_t ts,
+                    int64_t lo, int64_t hi) {
+  for (int64_t j = lo; j < hi; ++j) {
+    for (int64_t c = 0; c < C; ++c) T[j * ts + c] = w[c * D + j];
+    for (int64_t c = C; c < Cp; ++c) T[j * ts + c] = acc_t(0);
+  }
+}
+
+// grad_W[c, j] (out, (C, D)) = sum over the nb tables, in block order, of the gradient half of
+// their row j (at table + (b * D + j) * ts + Cp); columns lo .. hi.
+template <typename acc_t>
+void reduce_into(const acc_t* tables, int64_t nb, int64_t C, int64_t D, int64_t Cp, int64_t ts,
+                 acc_t* out, int64_t lo, int64_t hi) {
+  std::vector<acc_t> sum(Cp);
+  for (int64_t j = lo; j < hi; ++j) {
+    const acc_t* src = tables + j * ts + Cp;
+    std::copy(src, src + Cp, sum.begin());
+    for (int64_t b = 1; b < nb; ++b) {
+      const acc_t* pb = tables + (b * D + j) * ts + Cp;
+      for (int64_t c = 0; c < Cp; ++c) sum[c] += pb[c];
+    }
+    for (int64_t c = 0; c < C; ++c) out[c * D + j] = sum[c];
+  }
+}
+
 template <typename acc_t, typename index_t>
 SparseLossOut sparse_loss_impl(const int64_t* crow, const at::Tensor& col, const at::Tensor& val,
                                const at::Tensor& weight, const at::Tensor& bias,
@@ -368,29 +396,13 @@ SparseLossOut sparse_loss_impl(const int64_t* crow, const at::Tensor& col, const
   const int64_t nnz = crow[N] - crow[0];
   const auto acc_opts = val.options();
   const int64_t Cp = binary ? 1 : (C + V - 1) / V * V;
+  const acc_t* w = weight.const_data_ptr<acc_t>();  // contiguous (C, D)
 
   Problem<acc_t, index_t> p{};
   p.crow = crow;
   p.col = col.const_data_ptr<index_t>();
   p.val = val.const_data_ptr<acc_t>();
   p.N = N, p.D = D, p.C = C, p.Cp = Cp;
-  // W^T with the classes padded (binary: W itself, contiguous): the table without gradient,
-  // and the source of every block's table with it.
-  at::Tensor Wt;
-  if (binary) {
-    Wt = weight.contiguous();
-  } else {
-    Wt = at::empty({D, Cp}, acc_opts);
-    const acc_t* w = weight.const_data_ptr<acc_t>();  // contiguous (C, D)
-    acc_t* wt = Wt.mutable_data_ptr<acc_t>();
-    at::parallel_for(0, D, 1024, [&](int64_t lo, int64_t hi) {
-      for (int64_t j = lo; j < hi; ++j) {
-        for (int64_t c = 0; c < C; ++c) wt[j * Cp + c] = w[c * D + j];
-        for (int64_t c = C; c < Cp; ++c) wt[j * Cp + c] = acc_t(0);
-      }
-    });
-  }
-  const acc_t* wt = Wt.const_data_ptr<acc_t>();
   std::vector<acc_t> bias_p;
   if (bias.defined()) {
     bias_p.assign(Cp, acc_t(0));
@@ -418,55 +430,60 @@ SparseLossOut sparse_loss_impl(const int64_t* crow, const at::Tensor& col, const
     bounds[b] = lo;
   }
 
-  // Per block with the gradient: its table [W^T_j | grad_W^T_j] (D, 2 Cp).
+  // Without the gradient the blocks share W^T (binary: W itself); with it each block builds its
+  // table [W^T_j | grad_W^T_j] (D, 2 Cp) in its own thread, and one block alone also writes
+  // grad_W: the whole op is then one task, with no parallel region to wait on (on a loaded
+  // machine every region can wait a scheduler slice for a descheduled worker).
+  at::Tensor Wt;
+  if (!need_weight && !binary) {
+    Wt = at::empty({D, Cp}, acc_opts);
+    acc_t* wt = Wt.mutable_data_ptr<acc_t>();
+    at::parallel_for(0, D, 4096, [&](int64_t lo, int64_t hi) {
+      transpose_into(w, C, D, Cp, wt, Cp, lo, hi);
+    });
+  }
+  const acc_t* wt = need_weight ? nullptr : (binary ? w : Wt.const_data_ptr<acc_t>());
   const int64_t ts = 2 * Cp;
   at::Tensor tables = need_weight ? at::empty({nb, D, ts}, acc_opts) : at::Tensor();
   acc_t* tp = need_weight ? tables.mutable_data_ptr<acc_t>() : nullptr;
+  at::Tensor grad_w = need_weight ? at::empty({C, D}, acc_opts) : at::empty({0}, acc_opts);
   std::vector<acc_t> part_b(nb * Cp, acc_t(0));
   std::vector<double> part_loss(nb, 0.0);
   std::vector<char> part_bad(nb, 0);
   at::parallel_for(0, nb, 1, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       Table<acc_t> T{wt, nullptr, Cp};
+      acc_t* tb = nullptr;
       if (need_weight) {
-        acc_t* tb = tp + b * D * ts;  // this block's table, set up by the thread that uses it
-        for (int64_t j = 0; j < D; ++j) {
-          std::copy(wt + j * Cp, wt + (j + 1) * Cp, tb + j * ts);
-          std::fill(tb + j * ts + Cp, tb + (j + 1) * ts, acc_t(0));
-        }
+        tb = tp + b * D * ts;
+        transpose_into(w, C, D, Cp, tb, ts, 0, D);
+        for (int64_t j = 0; j < D; ++j) std::fill(tb + j * ts + Cp, tb + (j + 1) * ts, acc_t(0));
         T = Table<acc_t>{tb, tb + Cp, ts};
       }
       bool bad = false;
       run_block(p, T, bounds[b], bounds[b + 1], part_b.data() + b * Cp, part_loss[b], bad);
       part_bad[b] = bad;
+      if (need_weight && nb == 1) {
+        reduce_into(tp, 1, C, D, Cp, ts, grad_w.mutable_data_ptr<acc_t>(), 0, D);
+      }
     }
   });
   for (int64_t b = 0; b < nb; ++b) {
     TORCH_CHECK_INDEX(!part_bad[b], "manual_layers._sparse_linear_loss_fwd: col_indices holds "
                       "a column index outside [0, ", D, ") (weight has ", D, " columns)");
   }
+  if (need_weight && nb > 1) {
+    // grad_W (C, D) = the tables' gradient halves summed in block order, transposed.
+    acc_t* out = grad_w.mutable_data_ptr<acc_t>();
+    at::parallel_for(0, D, 512, [&](int64_t lo, int64_t hi) {
+      reduce_into(tp, nb, C, D, Cp, ts, out, lo, hi);
+    });
+  }
 
   double loss_sum = 0;
   for (double l : part_loss) loss_sum += l;
   at::Tensor loss = at::empty({}, acc_opts).fill_(loss_sum);
-  at::Tensor grad_w = at::empty({0}, acc_opts), grad_b = at::empty({0}, acc_opts);
-  if (need_weight) {
-    // grad_W (C, D) = the tables' gradient halves summed in block order, transposed.
-    grad_w = at::empty({C, D}, acc_opts);
-    acc_t* out = grad_w.mutable_data_ptr<acc_t>();
-    at::parallel_for(0, D, 512, [&](int64_t lo, int64_t hi) {
-      std::vector<acc_t> sum(Cp);
-      for (int64_t j = lo; j < hi; ++j) {
-        const acc_t* src = tp + j * ts + Cp;
-        std::copy(src, src + Cp, sum.begin());
-        for (int64_t b = 1; b < nb; ++b) {
-          const acc_t* pb = tp + (b * D + j) * ts + Cp;
-          for (int64_t c = 0; c < Cp; ++c) sum[c] += pb[c];
-        }
-        for (int64_t c = 0; c < C; ++c) out[c * D + j] = sum[c];
-      }
-    });
-  }
+  at::Tensor grad_b = at::empty({0}, acc_opts);
   if (need_bias) {
     grad_b = at::empty({C}, acc_opts);
     acc_t* out = grad_b.mutable_data_ptr<acc_t>();
@@ -534,10 +551,18 @@ SparseLossOut sparse_linear_loss_fwd_cpu(const at::Tensor& crow_indices,
                 sample_weight->sizes());
   }
 
-  // Row offsets as int64 (a copy only for int32 crow: N + 1 values), checked: non-decreasing,
-  // within the entries.
-  const at::Tensor crow = crow_indices.to(at::kLong).contiguous();
-  const int64_t* cp = crow.const_data_ptr<int64_t>();
+  // Row offsets as int64 (int32 crow widened in a plain loop, N + 1 values: ATen's copy would
+  // open a parallel region for it), checked: non-decreasing, within the entries.
+  std::vector<int64_t> crow_wide;
+  const at::Tensor crow = crow_indices.contiguous();
+  const int64_t* cp = nullptr;
+  if (crow.scalar_type() == at::kLong) {
+    cp = crow.const_data_ptr<int64_t>();
+  } else {
+    const int32_t* c32 = crow.const_data_ptr<int32_t>();
+    crow_wide.assign(c32, c32 + N + 1);
+    cp = crow_wide.data();
+  }
   const int64_t nnz_all = values.size(0);
   TORCH_CHECK_VALUE(cp[0] >= 0 && cp[N] <= nnz_all, op, ": crow_indices must lie in [0, ",
                     nnz_all, "] (the number of values), got first ", cp[0], " and last ", cp[N]);
