@@ -56,8 +56,8 @@ using at::vec::Vectorized;
 
 constexpr int64_t kMinBlockWork = int64_t(1) << 16;  // rows + non-zeros per block, at least
 constexpr int64_t kMaxBlocks = 32;                   // blocks at most,
-constexpr int64_t kMaxTableBytes = int64_t(64) << 20;  // whose tables total at most this,
-constexpr int64_t kEntriesPerColumn = 32;            // with this many entries per column each
+constexpr int64_t kMaxTableBytes = int64_t(32) << 20;  // whose tables total at most this,
+constexpr int64_t kEntriesPerColumn = 64;            // with this many entries per column each
 constexpr int64_t kBinaryTile = 16;                  // rows per vectorised binary loss step
 constexpr int64_t kBinaryPrefetch = 16;              // entries ahead whose table line is fetched
 constexpr int64_t kMultiPrefetch = 16;               // the same for the multinomial pass
