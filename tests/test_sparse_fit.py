@@ -213,6 +213,29 @@ def test_op_deterministic_across_threads(C, dtype):
     assert_rel(outs[0][1], rgw.to(outs[0][1].dtype), TOL[dtype] * 10, "grad_weight")
 
 
+@pytest.mark.parametrize("C,D,dtype", [(1, 40000, torch.float64), (5, 20000, torch.float32),
+                                       (3, 30000, torch.float64)])
+def test_op_wide_tables(C, D, dtype):
+    """Tables above 512 KiB (the kernel prefetches their rows ahead) against the composite,
+    itself checked against the dense reference above; a bad column index there still raises
+    (the prefetch of a bad entry ahead must not read out of bounds)."""
+    rng = _rng()
+    A = sp.random(3000, D, density=0.002, format="csr", random_state=rng, dtype=np.float64)
+    A.data = rng.normal(size=A.nnz)
+    W, b, target, s = _problem(rng, A, C, dtype)
+    args = _args(A, dtype)
+    got = ops._sparse_linear_loss_fwd(*args, W, b, target, s, True, True)
+    ref = _sparse._composite(*(a.clone() for a in args[:2]), args[2].double(), W.double(),
+                             b.double(), target if C > 1 else target.double(), s.double(), True,
+                             True)
+    for g, r in zip(got, ref):
+        assert_rel(g.reshape(-1), r.reshape(-1).to(g.dtype), TOL[dtype] * 10, f"C={C} D={D}")
+    col = args[1].clone()
+    col[len(col) // 2] = D + 7
+    with pytest.raises(IndexError, match="column index outside"):
+        ops._sparse_linear_loss_fwd(args[0], col, args[2], W, b, target, s, True, True)
+
+
 def test_op_16bit_values():
     """bf16/fp16 values and weight are widened to float32 (acc_t) in the op."""
     rng = _rng()
