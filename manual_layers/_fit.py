@@ -256,7 +256,10 @@ class LinearObjective:
 
     def split(self, params):
         """(W (K, D), b (K,) or None) as tensors on X's device in X's dtype."""
-        t = torch.from_numpy(np.ascontiguousarray(params, dtype=np.float64))  # no copy
+        p = np.ascontiguousarray(params, dtype=np.float64)  # no copy
+        if self.X.device.type == "cpu" and self.X.dtype == torch.float32:
+            p = p.astype(np.float32)  # numpy's one-thread cast: see _local_sums
+        t = torch.from_numpy(p)
         if t.dtype != self.X.dtype or t.device != self.X.device:
             t = t.to(device=self.X.device, dtype=self.X.dtype)
         KD = self.K * self.D
@@ -277,12 +280,21 @@ class LinearObjective:
         loss, gw, gb = _loss_and_grads(self.X, W, b, self.target, self.binary, self.s,
                                        self.cw_only)
         # into one float64 vector kept from call to call: a fresh one per call (torch.cat) cost
-        # page faults of its own that showed next to a sparse pass at 500,000 coefficients
+        # page faults of its own that showed next to a sparse pass at 500,000 coefficients. On
+        # the CPU numpy copies it, on one thread: an ATen copy of that size opens a parallel
+        # region, which on a loaded machine can wait a scheduler slice for a descheduled worker.
         buf = getattr(self, "_sums_buf", None)
         if buf is None or buf.device != gw.device:
             buf = self._sums_buf = torch.empty(1 + self.n_params, dtype=torch.float64,
                                                device=gw.device)
         KD = self.K * self.D
+        if buf.device.type == "cpu":
+            a = buf.numpy()
+            a[0] = float(loss)
+            a[1:1 + KD] = gw.detach().reshape(-1).numpy()
+            if b is not None:
+                a[1 + KD:] = gb.detach().numpy()
+            return buf
         buf[0] = loss
         buf[1:1 + KD].copy_(gw.reshape(-1))
         if b is not None:

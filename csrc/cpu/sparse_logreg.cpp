@@ -20,9 +20,9 @@
 // non-zeros), nb and the boundaries a function of the matrix (N, nnz, crow, D, C, dtype) only,
 // never of the thread count; each block accumulates its own grad_W, grad_b and (double) loss in
 // row order, and those partials are summed in block order. Results are bitwise the same for any
-// number of threads; no atomics. Why per-block partials rather than a transposed pass: X^T r by
-// columns needs X in CSC form, a second copy of every index and value (the fit reads X in
-// place). The tables cost O(nb x D x Cp) memory, independent of N, and are capped in total
+// number of threads; no floating-point atomics. Why per-block partials rather than a transposed
+// pass: X^T r by columns needs X in CSC form, a second copy of every index and value (the fit
+// reads X in place). The tables cost O(nb x D x Cp) memory, independent of N, and are capped in total
 // (kMaxTableBytes, about a server CPU's last-level cache: blocks running at once whose tables
 // together spill it were measured slower than fewer blocks); a block is given at least
 // kEntriesPerColumn entries per column of its table on average, so that setting up and summing
@@ -36,6 +36,7 @@
 #include <ATen/cpu/vec/vec.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -57,7 +58,7 @@ using at::vec::Vectorized;
 constexpr int64_t kMinBlockWork = int64_t(1) << 16;  // rows + non-zeros per block, at least
 constexpr int64_t kMaxBlocks = 32;                   // blocks at most,
 constexpr int64_t kMaxTableBytes = int64_t(32) << 20;  // whose tables total at most this,
-constexpr int64_t kEntriesPerColumn = 64;            // with this many entries per column each
+constexpr int64_t kEntriesPerColumn = 16;            // with this many entries per column each
 constexpr int64_t kBinaryTile = 16;                  // rows per vectorised binary loss step
 constexpr int64_t kBinaryPrefetch = 16;              // entries ahead whose table line is fetched
 constexpr int64_t kMultiPrefetch = 16;               // the same for the multinomial pass
@@ -459,8 +460,13 @@ SparseLossOut sparse_loss_impl(const int64_t* crow, const at::Tensor& col, const
   std::vector<acc_t> part_b(nb * Cp, acc_t(0));
   std::vector<double> part_loss(nb, 0.0);
   std::vector<char> part_bad(nb, 0);
-  at::parallel_for(0, nb, 1, [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; ++b) {
+  // The threads take blocks from a shared counter rather than a fixed share each: a thread
+  // that the OS deschedules (a busy machine) then holds up only the block it is in, while the
+  // others take the rest. Which thread runs a block changes no result.
+  std::atomic<int64_t> next_block{0};
+  const int64_t n_workers = std::min<int64_t>(nb, at::get_num_threads());
+  at::parallel_for(0, n_workers, 1, [&](int64_t, int64_t) {
+    for (int64_t b = next_block++; b < nb; b = next_block++) {
       Table<acc_t> T{wt, nullptr, Cp};
       acc_t* tb = nullptr;
       if (need_weight) {
