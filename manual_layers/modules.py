@@ -479,8 +479,8 @@ class LogisticRegression(nn.Module):
             warm_start=False, verbose=False, distributed="auto", process_group=None):
         """Fit on X (N, in_features) and labels y (N,): tensors (on any device; moved to the
         layer's), numpy arrays or pandas objects; or sparse X (scipy.sparse CSR/CSC, torch
-        sparse CSR tensors), never densified (CSC converted to CSR once). Starts from zero weights (as scikit-learn)
-        unless warm_start=True (then from the current weights).
+        sparse CSR tensors), never densified (CSC converted to CSR once). Starts from zero
+        weights (as scikit-learn) unless warm_start=True (then from the current weights).
 
         optimizer: "lbfgs" (scipy's L-BFGS-B as scikit-learn, full batch, computed in float64
         whatever the layer's dtype; up to max_iter iterations, stops when the largest gradient

@@ -206,7 +206,9 @@ class LogisticRegression(ClassifierMixin, BaseEstimator):
     # ---- fit -----------------------------------------------------------------------------
     def fit(self, X, y, sample_weight=None, process_group=None):
         """Fit on X (n_samples, n_features) - numpy, pandas, lists, anything scikit-learn's
-        check_array takes - and labels y (n_samples,) of any sortable type; sample_weight
+        check_array takes, scipy.sparse matrices and torch sparse tensors (never densified:
+        CSR read in place, CSC and other formats converted to CSR once) - and labels y
+        (n_samples,) of any sortable type; sample_weight
         (n_samples,) or None. process_group: the torch.distributed group of a data-parallel fit
         (default: the default group, see `distributed`); X, y, sample_weight are then this
         rank's shard. Returns self."""
