@@ -43,6 +43,7 @@
 #include "linear.h"
 #include "logreg.h"
 #include "mlp.h"
+#include "sparse_logreg.h"
 
 // The per-ISA copies of the entry functions, declared from the ISA-neutral declarations in
 // linear.h / logreg.h (decltype keeps them in step with those headers).
@@ -56,6 +57,7 @@
   decltype(manual_layers::loss_dx_cpu) loss_dx_cpu;                            \
   decltype(manual_layers::ce_rows_cpu) ce_rows_cpu;                            \
   decltype(manual_layers::ce_soft_rows_cpu) ce_soft_rows_cpu;                  \
+  decltype(manual_layers::sparse_linear_loss_fwd_cpu) sparse_linear_loss_fwd_cpu; \
   }
 ML_DECLARE_ISA_KERNELS(DEFAULT)
 #ifdef ML_COMPILED_AVX2
@@ -81,12 +83,13 @@ struct CpuKernels {
   decltype(&manual_layers::loss_dx_cpu) loss_dx;  // called by _linear_loss_bwd (loss_bwd.cpp)
   decltype(&manual_layers::ce_rows_cpu) ce_rows;  // called by the chunked CE (ce_chunked.cpp)
   decltype(&manual_layers::ce_soft_rows_cpu) ce_soft_rows;  // and its soft targets (ce_soft.cpp)
+  decltype(&manual_layers::sparse_linear_loss_fwd_cpu) sparse_linear_loss_fwd;  // sparse X fits
 };
 #define ML_ISA_KERNELS(ISA)                                                               \
   CpuKernels {                                                                            \
     &ISA::linear_fwd_cpu, &ISA::linear_bwd_cpu, &ISA::linear_bce_fwd_cpu,                 \
         &ISA::linear_ce_fwd_cpu, &ISA::mlp_bwd_cpu, &ISA::loss_dx_cpu, &ISA::ce_rows_cpu, \
-        &ISA::ce_soft_rows_cpu                                                            \
+        &ISA::ce_soft_rows_cpu, &ISA::sparse_linear_loss_fwd_cpu                          \
   }
 
 bool compiled(Isa isa) {
@@ -224,6 +227,7 @@ TORCH_LIBRARY_IMPL(manual_layers, CPU, m) {
   m.impl("_linear_bce_fwd", k.linear_bce_fwd);
   m.impl("_linear_ce_fwd", k.linear_ce_fwd);
   m.impl("_mlp_bwd", k.mlp_bwd);
+  m.impl("_sparse_linear_loss_fwd", k.sparse_linear_loss_fwd);
 }
 
 // Which copy runs, for manual_layers.info() (no tensors: a catch-all kernel, not traced).

@@ -74,6 +74,11 @@ TORCH_LIBRARY(manual_layers, m) {
   m.def("_linear_ce_fwd(Tensor x, Tensor weight, Tensor? bias, Tensor target,"
         " Tensor? class_weight, int ignore_index, float label_smoothing, int reduction,"
         " bool need_x, bool need_weight, bool need_bias) -> (Tensor, Tensor, Tensor, Tensor)");
+  // Sparse X in CSR form (csrc/sparse_logreg.h is the contract): loss and gradients, reduction
+  // sum; CPU: csrc/cpu/sparse_logreg.cpp; CUDA: an ATen composite (manual_layers/_sparse.py).
+  m.def("_sparse_linear_loss_fwd(Tensor crow_indices, Tensor col_indices, Tensor values,"
+        " Tensor weight, Tensor? bias, Tensor target, Tensor? sample_weight, bool need_weight,"
+        " bool need_bias) -> (Tensor, Tensor, Tensor)");
   m.def("_linear_loss_bwd(Tensor grad_loss, Tensor residual, Tensor x, Tensor weight,"
         " Tensor grad_weight, Tensor grad_bias, int reduction, bool need_x, bool need_weight,"
         " bool need_bias) -> (Tensor, Tensor, Tensor)");

@@ -43,6 +43,7 @@ import torch
 
 # data parallelism (process group, the ranks' agreement, the collectives): _fit_dist.py
 from ._fit_dist import _Comm, agree_across_ranks, resolve_process_group  # noqa: F401
+from . import _sparse
 
 
 class _ConvergenceWarning(UserWarning):
@@ -115,7 +116,12 @@ def _loss_and_grads(X, W, b, target, binary, s, cw_only):
     s: per-sample weights (N,) or None. cw_only: s is exactly class_weight[target] (no sample
     weights), passed as the cross-entropy kernel's class weight so its reduction="sum" pass is
     used; other per-sample weights in the multinomial case go through reduction="none": the
-    kernel's per-row losses and unscaled residuals R, then sum s_i loss_i, X^T (s R), sum s R."""
+    kernel's per-row losses and unscaled residuals R, then sum s_i loss_i, X^T (s R), sum s R.
+
+    X may be a manual_layers._sparse.CSR: then one call of the sparse op, which takes any
+    per-sample weights s (class weights included) in its single pass."""
+    if isinstance(X, _sparse.CSR):
+        return _sparse.loss_and_grads(X, W, b, target, s)
     has_b = b is not None
     if binary:
         loss, gw, gb, _ = _ops._linear_bce_fwd(X, W, b, target, None, s, _SUM, False, True, has_b)
@@ -163,7 +169,10 @@ class LinearObjective:
 
     def split(self, params):
         """(W (K, D), b (K,) or None) as tensors on X's device in X's dtype."""
-        t = torch.from_numpy(np.ascontiguousarray(params, dtype=np.float64))  # no copy
+        p = np.ascontiguousarray(params, dtype=np.float64)  # no copy
+        if self.X.device.type == "cpu" and self.X.dtype == torch.float32:
+            p = p.astype(np.float32)  # numpy's one-thread cast: see _local_sums
+        t = torch.from_numpy(p)
         if t.dtype != self.X.dtype or t.device != self.X.device:
             t = t.to(device=self.X.device, dtype=self.X.dtype)
         KD = self.K * self.D
@@ -174,7 +183,7 @@ class LinearObjective:
     def local_sums(self, params):
         """(sum_i s_i loss_i, its gradient [dW.ravel(), db]) over this process's rows, as one
         float64 numpy vector: one fused kernel call, one device-to-host copy."""
-        return self._local_sums(params).to(device="cpu").numpy()
+        return self._local_sums(params).to(device="cpu").numpy().copy()
 
     def _local_sums(self, params):
         """local_sums as a float64 tensor on X's device (zeros for a shard with no rows)."""
@@ -183,8 +192,27 @@ class LinearObjective:
         W, b = self.split(params)
         loss, gw, gb = _loss_and_grads(self.X, W, b, self.target, self.binary, self.s,
                                        self.cw_only)
-        parts = [loss.reshape(1), gw.reshape(-1)] + ([gb] if b is not None else [])
-        return torch.cat(parts).to(dtype=torch.float64)
+        # into one float64 vector kept from call to call: a fresh one per call (torch.cat) cost
+        # page faults of its own that showed next to a sparse pass at 500,000 coefficients. On
+        # the CPU numpy copies it, on one thread: an ATen copy of that size opens a parallel
+        # region, which on a loaded machine can wait a scheduler slice for a descheduled worker.
+        buf = getattr(self, "_sums_buf", None)
+        if buf is None or buf.device != gw.device:
+            buf = self._sums_buf = torch.empty(1 + self.n_params, dtype=torch.float64,
+                                               device=gw.device)
+        KD = self.K * self.D
+        if buf.device.type == "cpu":
+            a = buf.numpy()
+            a[0] = float(loss)
+            a[1:1 + KD] = gw.detach().reshape(-1).numpy()
+            if b is not None:
+                a[1 + KD:] = gb.detach().numpy()
+            return buf
+        buf[0] = loss
+        buf[1:1 + KD].copy_(gw.reshape(-1))
+        if b is not None:
+            buf[1 + KD:].copy_(gb)
+        return buf
 
     def evaluate(self, params):
         """The objective f and its gradient at params (float64 numpy), as scipy wants them.
@@ -263,7 +291,9 @@ def _blas_single_thread():
 def _threads_for(X, K):
     if X.device.type != "cpu":
         return None
-    return 1 if X.shape[0] * X.shape[1] * K < SINGLE_THREAD_WORK else None
+    # a sparse X's work is its stored entries (and rows), not N x D
+    work = (X.nnz + X.shape[0]) if isinstance(X, _sparse.CSR) else X.shape[0] * X.shape[1]
+    return 1 if work * K < SINGLE_THREAD_WORK else None
 
 
 def _lbfgs(obj, x0, max_iter, tol, verbose):
@@ -400,7 +430,9 @@ def fit_logistic_regression(X, y, n_classes, *, sample_weight=None, class_weight
     elastic-net penalty).
 
     X: (N, D) floating tensor on the device that computes (the fused kernels run in X's dtype;
-       the estimator and the module pass float64 for lbfgs unless told otherwise).
+       the estimator passes X's dtype (float32 or float64), the module float64 for lbfgs), or
+       a manual_layers._sparse.CSR (sparse X, never densified: every solver's evaluations go
+       through the sparse op in _loss_and_grads).
     y: (N,) integer tensor of class indices 0..n_classes-1 on X's device (already encoded;
        for binary, 1 is the positive class).
     n_classes: >= 2; binary (2) fits one coefficient row, otherwise one row per class.

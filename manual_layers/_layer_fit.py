@@ -15,7 +15,7 @@ import warnings
 import numpy as np
 import torch
 
-from . import _fit
+from . import _fit, _sparse
 from . import _fit_prep as P
 
 __all__ = ["LayerFitMixin"]
@@ -54,8 +54,16 @@ class LayerFitMixin:
         """X as a tensor on the layer's device (in the layer's dtype unless given), detached
         (fit and predict never build an autograd graph), checked: 2-D (N, in_features) when fn
         is given (fit/predict), any (..., in_features) else; finite when asked (fit, predict,
-        score: scikit-learn's predict raises on NaN as its fit does)."""
+        score: scikit-learn's predict raises on NaN as its fit does). Sparse X (scipy.sparse,
+        torch sparse tensors) becomes a manual_layers._sparse.CSR over its own arrays, never
+        densified (CSC and other formats converted to CSR once; its values checked finite)."""
         name = fn or "LogisticRegression"
+        if _sparse.is_sparse(X):
+            X = _sparse.to_csr(X, self.weight.device, dtype or self.weight.dtype, name)
+            if X.shape[1] != self.in_features:
+                raise ValueError(f"{name}: X must have shape (N, {self.in_features}), got "
+                                 f"{X.shape}")
+            return X
         if not isinstance(X, torch.Tensor):
             if hasattr(X, "to_numpy"):  # pandas DataFrame / Series
                 X = X.to_numpy()
@@ -91,7 +99,7 @@ class LayerFitMixin:
         p = self(self._as_tensor(X, finite=True))
         if self.binary:
             p = torch.cat([1 - p, p], dim=-1)
-        return p.cpu().numpy() if not isinstance(X, torch.Tensor) else p
+        return p.cpu().numpy() if not isinstance(X, (torch.Tensor, _sparse.CSR)) else p
 
     @torch.no_grad()
     def predict(self, X):
@@ -105,7 +113,7 @@ class LayerFitMixin:
         if self.classes_.dtype.kind not in "biuf":  # strings / objects: numpy does it
             return self.classes_[idx.cpu().numpy()]
         idx = torch.as_tensor(self.classes_, device=idx.device)[idx]
-        return idx.cpu().numpy() if not isinstance(X, torch.Tensor) else idx
+        return idx.cpu().numpy() if not isinstance(X, (torch.Tensor, _sparse.CSR)) else idx
 
     @torch.no_grad()
     def score(self, X, y):

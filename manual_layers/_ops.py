@@ -112,6 +112,16 @@ def _linear_ce_fwd_fake(x, weight, bias, target, class_weight, ignore_index, lab
     return _loss_fwd_fake(x, weight, reduction, need_x, need_weight, need_bias)
 
 
+@torch.library.register_fake(_lib + "_sparse_linear_loss_fwd")
+def _sparse_linear_loss_fwd_fake(crow_indices, col_indices, values, weight, bias, target,
+                                 sample_weight, need_weight, need_bias):
+    acc = _acc(values.dtype)
+    torch._check(weight.dim() == 2, lambda: "manual_layers._sparse_linear_loss_fwd: weight (C, D)")
+    return (values.new_empty((), dtype=acc),
+            values.new_empty(weight.shape, dtype=acc) if need_weight else _empty(values, acc),
+            values.new_empty((weight.shape[0],), dtype=acc) if need_bias else _empty(values, acc))
+
+
 @torch.library.register_fake(_lib + "_linear_loss_bwd")
 def _linear_loss_bwd_fake(grad_loss, residual, x, weight, grad_weight, grad_bias, reduction,
                           need_x, need_weight, need_bias):

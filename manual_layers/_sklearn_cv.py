@@ -25,7 +25,7 @@ from . import _fit_prep as P
 from ._fit import FitResult, _blas_single_thread, _cpu_threads, fit_logistic_regression
 from .modules import LogisticRegression as _LogisticRegressionModule
 from .sklearn import LogisticRegression, _encode_labels, _resolve_device, _resolve_dtype, \
-    _to_tensor
+    _to_tensor, _work_dtype
 
 __all__ = ["LogisticRegressionCV"]
 
@@ -51,7 +51,8 @@ class LogisticRegressionCV(LogisticRegression):
     refit : bool, default=True
     random_state : no effect (the solvers are deterministic)
     use_legacy_attributes : bool, default="warn" (True with scikit-learn's FutureWarning)
-    device, dtype : as LogisticRegression's (default CPU, float64)
+    device, dtype : as LogisticRegression's (default CPU; dtype None: float32 X in float32,
+        any other X in float64)
 
     Attributes: classes_, coef_, intercept_, Cs_, l1_ratios_, C_, l1_ratio_, scores_,
     coefs_paths_, n_iter_ (shapes as scikit-learn's for use_legacy_attributes), module_, and
@@ -188,6 +189,7 @@ class LogisticRegressionCV(LogisticRegression):
         (l1_ratios, l1_ratios_, penalty, scoring, legacy, solver, Cs, device,
          dtype) = self._resolve(fn)
         X, y, sample_weight = self._check_local(X, y, sample_weight, min_samples=1)
+        dtype = _work_dtype(dtype, X)
         classes, y_idx = _encode_labels(y)
         self.classes_ = classes
         n_classes, n_features = len(classes), X.shape[1]

@@ -9,7 +9,7 @@ from torch import nn
 
 import numbers
 
-from . import _fit
+from . import _fit, _sparse
 from . import functional as MF
 from ._layer_fit import LayerFitMixin, _not_fitted_error_class  # noqa: F401
 
@@ -563,9 +563,14 @@ class LogisticRegression(LayerFitMixin, nn.Module):
 
     # ---- the layer -------------------------------------------------------------------------
     def forward(self, x):
+        if isinstance(x, _sparse.CSR):  # sparse X (from predict_proba): ATen's sparse matmul
+            z = self.logits(x)
+            return torch.sigmoid(z) if self.binary else torch.softmax(z, dim=-1)
         return MF.logistic_regression(x, self.weight, self.bias)
 
     def logits(self, x):
+        if isinstance(x, _sparse.CSR):
+            return _sparse.logits(x, self.weight, self.bias)
         return MF.linear(x, self.weight, self.bias)
 
     def loss(self, x, target, **kwargs):

@@ -24,6 +24,7 @@ from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import _check_sample_weight, check_is_fitted
 
 from . import _fit_prep as P
+from . import _sparse
 from ._fit import ConvergenceWarning, fit_logistic_regression  # noqa: F401
 from .modules import LogisticRegression as _LogisticRegressionModule
 
@@ -40,7 +41,10 @@ _DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 def _to_tensor(a, device, dtype):
     """numpy -> tensor on device, sharing memory where it can (CPU, same dtype). Read-only
-    arrays (memmaps) are shared too: the kernels only read X."""
+    arrays (memmaps) are shared too: the kernels only read X. A scipy CSR matrix becomes a
+    manual_layers._sparse.CSR over its own arrays (never densified)."""
+    if _sparse.is_sparse(a):
+        return _sparse.to_csr(a, device, dtype)
     if not a.flags.writeable:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # "The given NumPy array is not writable"
@@ -86,9 +90,17 @@ def _resolve_device(device, fn):
     return d
 
 
+def _work_dtype(dtype, X):
+    """The dtype the kernels compute in: the `dtype` parameter's, or (None) X's as scikit-learn's
+    lbfgs does: float32 X (dense or sparse, after validation) in float32, anything else float64."""
+    if dtype is not None:
+        return dtype
+    return torch.float32 if X.dtype == np.float32 else torch.float64
+
+
 def _resolve_dtype(dtype):
     if dtype is None:
-        return torch.float64
+        return None  # X's own: float32 stays float32 (as scikit-learn's lbfgs), else float64
     if isinstance(dtype, torch.dtype) and dtype in (torch.float32, torch.float64):
         return dtype
     name = dtype if isinstance(dtype, str) else getattr(dtype, "__name__", str(dtype))
@@ -136,10 +148,13 @@ class LogisticRegression(ClassifierMixin, BaseEstimator):
     device : None, "cpu", "cuda", "cuda:1", torch.device, default=None (CPU)
         Where X is copied to and the kernels run; fitted arrays are numpy on the host and the
         fitted layer `module_` lives there.
-    dtype : None, "float32" or "float64", default=None (float64)
-        The precision the kernels compute in. float64 (the default) gives scikit-learn's
-        results to rounding; float32 halves memory traffic (faster on large X) and agrees to
-        about 1e-4 with L-BFGS at default tol.
+    dtype : None, "float32" or "float64", default=None
+        The precision the kernels compute in. None: X's, as scikit-learn's lbfgs does: float32
+        X is fitted in float32 (coef_ float32; the kernels accumulate in float32, the per-row
+        losses are summed in float64, and scipy's L-BFGS-B keeps its state in float64), any
+        other X in float64, which gives scikit-learn's float64 results to rounding. float32
+        halves memory traffic (faster on large X) and agrees to about 1e-4 with L-BFGS at
+        default tol.
     verbose : int, default=0
         > 0 shows a progress bar (tqdm when installed).
     warm_start : bool, default=False
@@ -217,7 +232,9 @@ class LogisticRegression(ClassifierMixin, BaseEstimator):
     # ---- fit -----------------------------------------------------------------------------
     def fit(self, X, y, sample_weight=None, process_group=None):
         """Fit on X (n_samples, n_features) - numpy, pandas, lists, anything scikit-learn's
-        check_array takes - and labels y (n_samples,) of any sortable type; sample_weight
+        check_array takes, scipy.sparse matrices and torch sparse tensors (never densified:
+        CSR read in place, CSC and other formats converted to CSR once) - and labels y
+        (n_samples,) of any sortable type; sample_weight
         (n_samples,) or None. process_group: the torch.distributed group of a data-parallel fit
         (see `distributed`); X, y, sample_weight are then this rank's shard. Returns self."""
         fn = "LogisticRegression.fit"
@@ -246,6 +263,7 @@ class LogisticRegression(ClassifierMixin, BaseEstimator):
             coef_init = self.coef_
             intercept_init = self.intercept_ if self.fit_intercept else None
 
+        dtype = _work_dtype(dtype, X)
         Xt = _to_tensor(X, device, dtype)
         yt = torch.as_tensor(y_idx.reshape(-1), dtype=torch.long).to(device)
         swt = None if sample_weight is None else \
@@ -269,8 +287,10 @@ class LogisticRegression(ClassifierMixin, BaseEstimator):
 
     def _check_local(self, X, y, sample_weight, min_samples):
         X, y, sample_weight = (_host(a) for a in (X, y, sample_weight))
-        X, y = _validate_data(self, X, y, dtype=[np.float64, np.float32], order="C",
-                              reset=True, ensure_min_samples=min_samples)
+        if isinstance(X, torch.Tensor) and _sparse.is_sparse(X):
+            X = _sparse.torch_to_scipy(X)
+        X, y = _validate_data(self, X, y, accept_sparse="csr", dtype=[np.float64, np.float32],
+                              order="C", reset=True, ensure_min_samples=min_samples)
         # A 1-D integer y is always a valid "binary" or "multiclass" target: scikit-learn's
         # type_of_target (a sort of y) only has something to reject for other dtypes.
         if len(y) and not (y.ndim == 1 and y.dtype.kind in "iu"):
@@ -291,8 +311,11 @@ class LogisticRegression(ClassifierMixin, BaseEstimator):
     # ---- predict -------------------------------------------------------------------------
     def _tensor(self, X):
         check_is_fitted(self)
-        X = _validate_data(self, _host(X), dtype=[np.float64, np.float32], order="C",
-                           reset=False)
+        X = _host(X)
+        if isinstance(X, torch.Tensor) and _sparse.is_sparse(X):
+            X = _sparse.torch_to_scipy(X)
+        X = _validate_data(self, X, accept_sparse="csr", dtype=[np.float64, np.float32],
+                           order="C", reset=False)
         p = self.module_.weight
         return _to_tensor(X, p.device, p.dtype)
 
@@ -336,6 +359,7 @@ class LogisticRegression(ClassifierMixin, BaseEstimator):
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()
         tags.input_tags.allow_nan = False
+        tags.input_tags.sparse = True
         return tags
 
     def _more_tags(self):  # scikit-learn < 1.6

@@ -49,10 +49,11 @@ def _rng():
 # ---- scikit-learn's own estimator checks --------------------------------------------------------
 def _expected_failed_checks(est):
     if est.dtype == "float32":
-        return {"check_sample_weight_equivalence_on_dense_data":
-                "dtype='float32' computes the loss and gradient in float32, so the weighted and "
-                "the repeated-rows fits agree to float32 rounding (about 1e-6 relative), not to "
-                "the rtol=1e-7 of assert_allclose; float64 (the default) passes"}
+        why = ("dtype='float32' computes the loss and gradient in float32, so the weighted and "
+               "the repeated-rows fits agree to float32 rounding (about 1e-6 relative), not to "
+               "the rtol=1e-7 of assert_allclose; float64 (the default for float64 X) passes")
+        return {"check_sample_weight_equivalence_on_dense_data": why,
+                "check_sample_weight_equivalence_on_sparse_data": why}
     return {}
 
 
