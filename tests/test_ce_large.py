@@ -351,7 +351,7 @@ _MEM_SCRIPT = textwrap.dedent("""
     # warm-up on a small problem (thread pools, MKL buffers), then the outputs' memory
     # (grads: N x D + C x D + C) is allocated by a first full run and reused by the measured one.
     run()
-    ml.empty_cpu_cache()  # reused output buffers count as new memory (cold-call figure)
+    ml.utils.empty_cpu_cache()  # reused output buffers count as new memory (cold-call figure)
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB; peak so far
     with open("/proc/self/status") as f:
         cur = [int(l.split()[1]) for l in f if l.startswith("VmRSS")][0]

@@ -331,7 +331,7 @@ import sys, torch
 import manual_layers as ml
 ops = torch.ops.manual_layers
 inputs = torch.load(sys.argv[1])
-out = {"isa": ml.cpu_kernels_isa()}
+out = {"isa": ml.utils.cpu_kernels_isa()}
 for key, (x, w, b, q, cw, g) in inputs.items():
     fwd = ops._linear_ce_soft_fwd(x, w, b, q, cw, 0.1, 1, True, True, True)
     none = ops._linear_ce_soft_fwd(x, w, b, q, cw, 0.1, 0, False, False, False)[0]

@@ -177,7 +177,7 @@ def test_cuda_path_choice(dtype, D, C, tc_env, single, monkeypatch):
 # ---------------------------------------------------------------------------------------------
 
 def _cluster_built():
-    return "9.0a" in (ml.info().get("cuda_archs") or "")
+    return "9.0a" in (ml.utils.info().get("cuda_archs") or "")
 
 
 needs_cluster = pytest.mark.skipif(

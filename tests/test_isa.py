@@ -19,7 +19,7 @@ from manual_layers import reference as R
 from conftest import TOL, assert_rel
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-COMPILED = ml.BUILD_INFO["cpu_isa"].split(",")
+COMPILED = ml.utils.BUILD_INFO["cpu_isa"].split(",")
 
 
 def _cpu_flags():
@@ -73,7 +73,7 @@ for rep in range(2):
             for a, c in zip(out[k], res[k]):
                 assert torch.equal(a, c), f"{k}: not bitwise repeatable"
 torch.save(out, sys.argv[2])
-print(json.dumps({"isa": ml.cpu_kernels_isa(), "info": ml.info()["cpu_kernels_isa"]}))
+print(json.dumps({"isa": ml.utils.cpu_kernels_isa(), "info": ml.utils.info()["cpu_kernels_isa"]}))
 """
 
 
@@ -174,7 +174,7 @@ def test_compiled_levels():
             assert COMPILED == ["DEFAULT", "AVX2", "AVX512"]
     else:
         assert COMPILED == ["DEFAULT"]
-    assert ml.info()["cpu_kernels_isa"] in COMPILED
+    assert ml.utils.info()["cpu_kernels_isa"] in COMPILED
 
 
 @pytest.mark.parametrize("isa", RUNNABLE)

@@ -39,7 +39,7 @@ def test_build_has_the_sm90_kernels_where_cutlass_is_installed():
     (never run on a GPU) and built only with MANUAL_LAYERS_CUDA_EXPERIMENTAL=1; such a build for
     9.0 compiles it as 9.0a and includes the CUTLASS kernels where CUTLASS's headers are installed
     (make's venv installs nvidia-cutlass). Without the switch neither is built."""
-    info = ml.info()
+    info = ml.utils.info()
     assert info["cuda_sm90_cutlass_kernels"] is BUILD_INFO["cutlass_sm90"]
     assert info["cuda_ce_cluster_kernels"] is BUILD_INFO["ce_cluster_sm90a"]
     if not BUILD_INFO["cuda_compiled"]:
