@@ -15,8 +15,9 @@ __version__ = "0.1.0"
 
 from . import _ops  # noqa: F401,E402  (loads the extension and registers the ops)
 from . import autograd, functional, reference, utils  # noqa: E402
-from .modules import (MLP, FusedLinear, Linear, LinearBCEWithLogitsLoss,  # noqa: E402
-                      LinearCrossEntropyLoss, LogisticRegression, convert)
+from .layers import MLP, FusedLinear, Linear, convert  # noqa: E402
+from .logistic_regression import LogisticRegression  # noqa: E402
+from .losses import LinearBCEWithLogitsLoss, LinearCrossEntropyLoss  # noqa: E402
 
 __all__ = ["Linear", "FusedLinear", "MLP", "LogisticRegression", "LinearBCEWithLogitsLoss",
            "LinearCrossEntropyLoss", "convert", "autograd", "functional", "reference", "sklearn",
