@@ -348,7 +348,7 @@ def test_every_cpu_level(tmp_path):
     import os
     import subprocess
     import sys
-    from test_isa import RUNNABLE, ROOT
+    from isa_levels import RUNNABLE, ROOT
     inputs = {}
     for dt in (torch.float64, torch.float32, torch.bfloat16, torch.float16):
         for C in (7, 130):

@@ -144,7 +144,7 @@ def test_cuda_small_c_path_choice(reduction, dynamic, monkeypatch):
     from 32 MiB on for mean/sum (reduction none keeps the single pass); with symbolic
     batch sizes, as torch.compile(dynamic=True) traces them, the chunked path for mean/sum; CPU tensors keep the single pass
     (C = 10: below every CPU threshold, test_cpu_path_choice). (fp32 and 16-bit x of this shape stay on the single pass, the tensor-core kernel's:
-    tests/test_ce_tc.py.)"""
+    tests/paths/test_ce_tc.py.)"""
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.fx.experimental.symbolic_shapes import (DimDynamic, ShapeEnv,
                                                        StatelessSymbolicContext)

@@ -34,14 +34,14 @@ import pytest
 # slow (`make test-all`).
 pytestmark = pytest.mark.distributed
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 WORLD = 2
 STEPS = 3
 DEADLINE_S = 180  # whole run (2 ranks importing torch on a 2-core machine take ~10 s of it)
 
 
 # ================================================================================================
-# The ranks (run as `python tests/test_distributed.py --worker ...`)
+# The ranks (run as `python tests/integration/test_distributed.py --worker ...`)
 # ================================================================================================
 
 def _models(torch, nn, F, ml, D, H, C, dtype):

@@ -17,27 +17,7 @@ import torch
 import manual_layers as ml
 from manual_layers import reference as R
 from conftest import TOL, assert_rel
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-COMPILED = ml.utils.BUILD_INFO["cpu_isa"].split(",")
-
-
-def _cpu_flags():
-    try:
-        with open("/proc/cpuinfo") as f:
-            m = re.search(r"^flags\s*:(.*)$", f.read(), re.M)
-        return set(m.group(1).split()) if m else set()
-    except OSError:
-        return set()
-
-
-_FLAGS = _cpu_flags()
-CPU_HAS = {
-    "DEFAULT": True,
-    "AVX2": {"avx2", "fma", "f16c"} <= _FLAGS,
-    "AVX512": {"avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512dq"} <= _FLAGS,
-}
-RUNNABLE = [isa for isa in COMPILED if CPU_HAS.get(isa)]
+from isa_levels import COMPILED, ROOT, RUNNABLE
 
 ACTS = [None, "relu", "gelu", "gelu_tanh", "silu", "sigmoid", "tanh"]
 # (dtype, activation) cases of the Linear layer; sizes with tails for every vector width.

@@ -95,7 +95,8 @@ def test_cutlass_argument_layouts(tmp_path):
     exe = str(tmp_path / "sm90_args")
     cmd = [nvcc, "-std=c++20", "-O1", "--expt-relaxed-constexpr", "-DML_WITH_CUTLASS_SM90",
            "-DWITH_CUDA", "-gencode", "arch=compute_90a,code=sm_90a",
-           os.path.join(os.path.dirname(os.path.abspath(__file__)), "cuda_emu", "sm90_args.cu"),
+           os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "cuda_emu",
+                        "sm90_args.cu"),
            "-o", exe, "-I" + tinc, "-I" + os.path.join(tinc, "torch", "csrc", "api", "include"),
            "-L" + tlib, "-Xlinker", "-rpath=" + tlib, "-lc10"]
     cmd += ["-I" + d for d in cutlass_inc + wheel_inc]
