@@ -38,7 +38,7 @@ def _worker(a):
     import numpy as np
     import torch
     import torch.distributed as dist
-    from manual_layers._fit import fit_logistic_regression
+    from manual_layers.utils import fit_logistic_regression
 
     torch.set_num_threads(a.threads)
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])

@@ -45,7 +45,7 @@ def cutlass_sm90(device, dtype):
     CUTLASS kernels (csrc/cuda/linear_sm90.h) are built in and the GPU is sm_90. Each
     benchmark adds the activations they cover."""
     import manual_layers as ml
-    return (device == "cuda" and ml.info().get("cuda_sm90_cutlass_kernels", False)
+    return (device == "cuda" and ml.utils.info().get("cuda_sm90_cutlass_kernels", False)
             and torch.cuda.get_device_capability() == (9, 0)
             and dtype in (torch.bfloat16, torch.float16))
 
@@ -452,7 +452,7 @@ def peak_extra_mib(step, device, setup=None):
         torch.cuda.synchronize()
         return (torch.cuda.max_memory_allocated() - base) / 2 ** 20
     _malloc_trim()
-    import_manual_layers().empty_cpu_cache()  # our idle output buffers: a cold call's figure
+    import_manual_layers().utils.empty_cpu_cache()  # our idle output buffers: a cold call's figure
     base = _proc_status_mib("VmRSS")
     if base is None or not _reset_peak_rss():
         return None

@@ -63,7 +63,7 @@ def setup():
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=os.environ.get("MASTER_PORT", "29511"))
     local_rank = int(os.environ["LOCAL_RANK"])
-    use_cuda = torch.cuda.is_available() and ml.BUILD_INFO["cuda_compiled"]
+    use_cuda = torch.cuda.is_available() and ml.utils.BUILD_INFO["cuda_compiled"]
     if use_cuda:
         torch.cuda.set_device(local_rank)
         device = torch.device("cuda", local_rank)

@@ -41,7 +41,7 @@ def main(argv=None):
         from manual_layers import demo
         return demo.main() or 0
     import manual_layers
-    for k, v in manual_layers.info().items():
+    for k, v in manual_layers.utils.info().items():
         print(f"{k:24s} {v}")
     return 0
 

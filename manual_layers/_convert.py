@@ -5,7 +5,7 @@ import logging
 import torch
 from torch import nn
 
-from .modules import (FusedLinear, Linear, MLP, _activation_name, _mlp_activation)
+from .layers import (FusedLinear, Linear, MLP, _activation_name, _mlp_activation)
 
 __all__ = ["convert"]
 

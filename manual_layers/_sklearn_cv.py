@@ -23,7 +23,7 @@ from sklearn.utils.extmath import safe_sparse_dot
 
 from . import _fit_prep as P
 from ._fit import FitResult, _blas_single_thread, _cpu_threads, fit_logistic_regression
-from .modules import LogisticRegression as _LogisticRegressionModule
+from .logistic_regression import LogisticRegression as _LogisticRegressionModule
 from .sklearn import LogisticRegression, _encode_labels, _resolve_device, _resolve_dtype, \
     _to_tensor, _work_dtype
 

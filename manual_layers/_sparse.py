@@ -3,12 +3,12 @@ torch sparse tensors, and the sparse loss+gradient op's CUDA composite.
 
 The fit engine (manual_layers/_fit.py) takes a `CSR` wherever it takes a dense X: it has the
 shape, dtype and device a dense X has, row selection for the mini-batch solvers, and
-`_fit._loss_and_grads` sends it to torch.ops.manual_layers._sparse_linear_loss_fwd (contract in
-csrc/sparse_logreg.h): on the CPU one fused pass over the non-zeros (csrc/cpu/sparse_logreg.cpp),
-on CUDA the composite below. X is never densified; its index and value arrays are read in place
-(scipy's int32 or int64 indices as they are, read-only / memory-mapped arrays included); only a
-CSC (or COO, ...) matrix is converted to CSR, once, and values of another dtype than the fit's
-are cast (a copy of the values only).
+`_fit_objective._loss_and_grads` sends it to torch.ops.manual_layers._sparse_linear_loss_fwd
+(contract in csrc/sparse_logreg.h): on the CPU one fused pass over the non-zeros
+(csrc/cpu/sparse_logreg.cpp), on CUDA the composite below. X is never densified; its index and
+value arrays are read in place (scipy's int32 or int64 indices as they are, read-only /
+memory-mapped arrays included); only a CSC (or COO, ...) matrix is converted to CSR, once, and
+values of another dtype than the fit's are cast (a copy of the values only).
 """
 
 import sys

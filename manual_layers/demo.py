@@ -228,7 +228,7 @@ def demo_logreg():
 
 
 def main():
-    info = ml.info()
+    info = ml.utils.info()
     import platform
     print(f"manual_layers {info['manual_layers']} (torch {info['torch']}, CPU kernels "
           f"{info['cpu_kernels_isa']}) on {platform.processor() or platform.machine()}, "

@@ -26,7 +26,7 @@ from sklearn.utils.validation import _check_sample_weight, check_is_fitted
 from . import _fit_prep as P
 from . import _sparse
 from ._fit import ConvergenceWarning, fit_logistic_regression  # noqa: F401
-from .modules import LogisticRegression as _LogisticRegressionModule
+from .logistic_regression import LogisticRegression as _LogisticRegressionModule
 
 try:  # scikit-learn >= 1.6
     from sklearn.utils.validation import validate_data as _validate_data

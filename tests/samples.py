@@ -1,9 +1,9 @@
 """One sample-input generator per public op (as pytorch/extension-cpp's `sample_inputs`): the
-same inputs feed the reference comparison, gradcheck and opcheck of tests/test_samples.py, so a
+same inputs feed the reference comparison, gradcheck and opcheck of tests/paths/test_samples.py, so a
 case added here is checked all three ways, on every device and dtype.
 
     sample_inputs(op, device, dtype, requires_grad) -> [Sample, ...]
-    random_sample(op, device, seed) -> Sample       (tests/test_fuzz.py)
+    random_sample(op, device, seed) -> Sample       (tests/paths/test_fuzz.py)
     check_reference(sample)                         (values and gradients against float64)
 
 op is one of OPS: "linear", "logistic_regression", "mlp", "linear_bce", "linear_ce". A Sample
@@ -295,7 +295,7 @@ def _rel_err(a, e):
     return ((a - e).norm() / e.norm().clamp_min(1e-30)).item() if e.numel() else 0.0
 
 
-# The bar of random samples (tests/test_fuzz.py). Random shapes include ill-conditioned results,
+# The bar of random samples (tests/paths/test_fuzz.py). Random shapes include ill-conditioned results,
 # where any computation in the dtype misses TOL: a two-class cross-entropy bias gradient summed
 # over 31 rows of both signs (fp32: 3e-5 here, PyTorch 4e-6); a bf16 softmax gradient
 # y (g - sum g y) whose terms cancel to 1 %, from outputs rounded to bf16 that do not sum to 1
@@ -381,7 +381,7 @@ def check_reference(s, fuzz=False):
         assert_rel(a, e, bar, f"{s} {name} ({dtype})")
 
 
-# ---- random samples (tests/test_fuzz.py) --------------------------------------------------
+# ---- random samples (tests/paths/test_fuzz.py) --------------------------------------------------
 # Sizes on both sides of every boundary the kernels have: the CPU's 16-row tiles and 4-row
 # logits steps, vector widths (8 / 16 lanes), the CUDA kernels' chunk widths (32 lanes x 4 / 8
 # values per warp, 1 / 2 / 4 / 8 chunks, 1 to 8 warps per row: D 128 / 256 / 512 / 1024 /

@@ -331,7 +331,7 @@ import sys, torch
 import manual_layers as ml
 ops = torch.ops.manual_layers
 inputs = torch.load(sys.argv[1])
-out = {"isa": ml.cpu_kernels_isa()}
+out = {"isa": ml.utils.cpu_kernels_isa()}
 for key, (x, w, b, q, cw, g) in inputs.items():
     fwd = ops._linear_ce_soft_fwd(x, w, b, q, cw, 0.1, 1, True, True, True)
     none = ops._linear_ce_soft_fwd(x, w, b, q, cw, 0.1, 0, False, False, False)[0]
@@ -348,7 +348,7 @@ def test_every_cpu_level(tmp_path):
     import os
     import subprocess
     import sys
-    from test_isa import RUNNABLE, ROOT
+    from isa_levels import RUNNABLE, ROOT
     inputs = {}
     for dt in (torch.float64, torch.float32, torch.bfloat16, torch.float16):
         for C in (7, 130):

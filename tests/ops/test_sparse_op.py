@@ -1,7 +1,8 @@
 """The fused sparse logistic-regression op _sparse_linear_loss_fwd (CPU kernel
 csrc/cpu/sparse_logreg.cpp, and the ATen composite of manual_layers/_sparse.py that CUDA runs)
 against a float64 dense reference: shapes, dtypes, index types, duplicates, determinism across
-thread counts, finite differences, opcheck, errors. The fits on sparse X: test_sparse_fit.py."""
+thread counts, finite differences, opcheck, errors. The fits on sparse X:
+tests/integration/test_sparse_fit.py."""
 
 import numpy as np
 import pytest
@@ -11,39 +12,9 @@ sp = pytest.importorskip("scipy.sparse")
 
 from manual_layers import _sparse  # noqa: E402
 from conftest import TOL, assert_rel  # noqa: E402
+from sparse_inputs import _dense, _random_csr, _rng  # noqa: E402
 
 ops = torch.ops.manual_layers
-def _rng():
-    seed = np.random.SeedSequence().entropy  # fresh data every run
-    print(f"data seed: {seed}")
-    return np.random.default_rng(seed)
-
-
-def _random_csr(rng, N, D, density=0.3, dtype=np.float64, index=np.int64, duplicates=False,
-                empty_rows=0.0):
-    """A CSR matrix in raw arrays: rows with random (unsorted; with `duplicates`, repeated)
-    columns; a fraction of empty rows; columns beyond the drawn ones stay empty."""
-    indptr, indices, data = [0], [], []
-    for _ in range(N):
-        k = 0 if rng.random() < empty_rows else rng.binomial(max(D, 1), density) if D else 0
-        if duplicates and k:
-            cols = rng.integers(0, D, size=k + rng.integers(0, 3))
-        else:
-            cols = rng.permutation(D)[:k]
-        indices.extend(cols.tolist())
-        data.extend(rng.normal(size=len(cols)).tolist())
-        indptr.append(len(indices))
-    A = sp.csr_matrix((np.asarray(data, dtype=dtype), np.asarray(indices, dtype=index),
-                       np.asarray(indptr, dtype=index)), shape=(N, D))
-    # scipy narrows int64 indices that fit in int32: set the index arrays of the dtype asked for
-    A.indices, A.indptr = A.indices.astype(index), A.indptr.astype(index)
-    return A
-
-
-def _dense(A):
-    """The float64 dense matrix of A, duplicates summed (scipy's meaning)."""
-    return torch.from_numpy(A.toarray().astype(np.float64))
-
 
 def _args(A, dtype):
     return (torch.from_numpy(A.indptr), torch.from_numpy(A.indices),

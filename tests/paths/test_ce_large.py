@@ -144,7 +144,7 @@ def test_cuda_small_c_path_choice(reduction, dynamic, monkeypatch):
     from 32 MiB on for mean/sum (reduction none keeps the single pass); with symbolic
     batch sizes, as torch.compile(dynamic=True) traces them, the chunked path for mean/sum; CPU tensors keep the single pass
     (C = 10: below every CPU threshold, test_cpu_path_choice). (fp32 and 16-bit x of this shape stay on the single pass, the tensor-core kernel's:
-    tests/test_ce_tc.py.)"""
+    tests/paths/test_ce_tc.py.)"""
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.fx.experimental.symbolic_shapes import (DimDynamic, ShapeEnv,
                                                        StatelessSymbolicContext)
@@ -351,7 +351,7 @@ _MEM_SCRIPT = textwrap.dedent("""
     # warm-up on a small problem (thread pools, MKL buffers), then the outputs' memory
     # (grads: N x D + C x D + C) is allocated by a first full run and reused by the measured one.
     run()
-    ml.empty_cpu_cache()  # reused output buffers count as new memory (cold-call figure)
+    ml.utils.empty_cpu_cache()  # reused output buffers count as new memory (cold-call figure)
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB; peak so far
     with open("/proc/self/status") as f:
         cur = [int(l.split()[1]) for l in f if l.startswith("VmRSS")][0]

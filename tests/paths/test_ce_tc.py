@@ -2,8 +2,8 @@
 x as 3xTF32; mean/sum, C <= 64, D % 8 == 0) against manual_layers.reference, and the path choice
 that sends those shapes to it; then its sm_90a cluster instances (33 <= C <= 256, opt-in with
 MANUAL_LAYERS_CE_CLUSTER=1) the same way. The kernel tests need a GPU (sm_80+; the cluster
-tests sm_90 and a build with sm_90a code) and skip elsewhere (tests/test_cuda_emu.py runs the
-kernel's code in a host emulation there); the path-choice tests run anywhere on fake CUDA
+tests sm_90 and a build with sm_90a code) and skip elsewhere (tests/cuda_emu/test_cuda_emu.py runs
+the kernel's code in a host emulation there); the path-choice tests run anywhere on fake CUDA
 tensors."""
 
 import pytest
@@ -177,7 +177,7 @@ def test_cuda_path_choice(dtype, D, C, tc_env, single, monkeypatch):
 # ---------------------------------------------------------------------------------------------
 
 def _cluster_built():
-    return "9.0a" in (ml.info().get("cuda_archs") or "")
+    return "9.0a" in (ml.utils.info().get("cuda_archs") or "")
 
 
 needs_cluster = pytest.mark.skipif(

@@ -22,7 +22,7 @@ import re
 
 import pytest
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 DOCS = ROOT / "docs"
 SKIP_PREFIX = "# Requires"  # the same marker docs/conf.py skips in the doctest build
 # Imports a block may need that the test environment might not have: skip, do not fail.

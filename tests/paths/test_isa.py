@@ -17,27 +17,7 @@ import torch
 import manual_layers as ml
 from manual_layers import reference as R
 from conftest import TOL, assert_rel
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-COMPILED = ml.BUILD_INFO["cpu_isa"].split(",")
-
-
-def _cpu_flags():
-    try:
-        with open("/proc/cpuinfo") as f:
-            m = re.search(r"^flags\s*:(.*)$", f.read(), re.M)
-        return set(m.group(1).split()) if m else set()
-    except OSError:
-        return set()
-
-
-_FLAGS = _cpu_flags()
-CPU_HAS = {
-    "DEFAULT": True,
-    "AVX2": {"avx2", "fma", "f16c"} <= _FLAGS,
-    "AVX512": {"avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512dq"} <= _FLAGS,
-}
-RUNNABLE = [isa for isa in COMPILED if CPU_HAS.get(isa)]
+from isa_levels import COMPILED, ROOT, RUNNABLE
 
 ACTS = [None, "relu", "gelu", "gelu_tanh", "silu", "sigmoid", "tanh"]
 # (dtype, activation) cases of the Linear layer; sizes with tails for every vector width.
@@ -73,7 +53,7 @@ for rep in range(2):
             for a, c in zip(out[k], res[k]):
                 assert torch.equal(a, c), f"{k}: not bitwise repeatable"
 torch.save(out, sys.argv[2])
-print(json.dumps({"isa": ml.cpu_kernels_isa(), "info": ml.info()["cpu_kernels_isa"]}))
+print(json.dumps({"isa": ml.utils.cpu_kernels_isa(), "info": ml.utils.info()["cpu_kernels_isa"]}))
 """
 
 
@@ -174,7 +154,7 @@ def test_compiled_levels():
             assert COMPILED == ["DEFAULT", "AVX2", "AVX512"]
     else:
         assert COMPILED == ["DEFAULT"]
-    assert ml.info()["cpu_kernels_isa"] in COMPILED
+    assert ml.utils.info()["cpu_kernels_isa"] in COMPILED
 
 
 @pytest.mark.parametrize("isa", RUNNABLE)

@@ -18,12 +18,12 @@ MIB = 1 << 20
 
 # The in-process tests need the cache on (MANUAL_LAYERS_CPU_CACHE_MB=0 in the environment turns
 # it off; the cap tests below set it themselves, in subprocesses).
-needs_cache = pytest.mark.skipif(ml.cpu_cache_info()["cap_bytes"] < 64 * MIB,
+needs_cache = pytest.mark.skipif(ml.utils.cpu_cache_info()["cap_bytes"] < 64 * MIB,
                                  reason="CPU output cache off or below 64 MiB in this environment")
 
 
 def _stats():
-    return ml.cpu_cache_info()
+    return ml.utils.cpu_cache_info()
 
 
 def _poison_and_free(*tensors):
@@ -55,7 +55,7 @@ def test_linear_outputs_reuse_poisoned_buffers(activation, dtype):
         (dx,) = torch.autograd.grad(y, x, g)
         return y, dx
 
-    ml.empty_cpu_cache()
+    ml.utils.empty_cpu_cache()
     y1, dx1 = run()
     ref_y, ref_dx = y1.detach().clone(), dx1.clone()
     before = _stats()
@@ -87,7 +87,7 @@ def test_loss_dx_reuses_poisoned_buffer(kind):
         w, b = torch.randn(7, d) / 12, torch.randn(7)
         t = torch.randint(0, 7, (n,))
         f = MF.linear_cross_entropy
-    ml.empty_cpu_cache()
+    ml.utils.empty_cpu_cache()
     (dx1,) = torch.autograd.grad(f(x, w, b, t), x)
     ref = dx1.clone()
     reuses = _stats()["reuses"]
@@ -119,14 +119,14 @@ def test_cached_tensors_are_ordinary():
     y.resize_(2 * y.shape[0], 256)
     assert torch.equal(y[: ref.shape[0]], ref)
     y.resize_(ref.shape)
-    ml.empty_cpu_cache()
+    ml.utils.empty_cpu_cache()
     assert _stats()["idle_bytes"] == 0
     assert torch.equal(y, ref)
     z = y.clone().share_memory_()
     assert z.is_shared() and torch.equal(z, ref)
     del y
     assert _stats()["idle_bytes"] > 0
-    ml.empty_cpu_cache()
+    ml.utils.empty_cpu_cache()
     assert _stats()["idle_bytes"] == 0
 
 
@@ -141,7 +141,7 @@ _CAP_SCRIPT = textwrap.dedent("""
         ref = torch.relu(torch.nn.functional.linear(x, lin.weight, lin.bias))
         del outs
         y = lin(x)
-    s = ml.cpu_cache_info()
+    s = ml.utils.cpu_cache_info()
     print(s["idle_bytes"], s["cap_bytes"], s["reuses"], s["new_buffers"],
           float((y - ref).abs().max()))
 """)

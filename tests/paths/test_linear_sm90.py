@@ -39,7 +39,7 @@ def test_build_has_the_sm90_kernels_where_cutlass_is_installed():
     (never run on a GPU) and built only with MANUAL_LAYERS_CUDA_EXPERIMENTAL=1; such a build for
     9.0 compiles it as 9.0a and includes the CUTLASS kernels where CUTLASS's headers are installed
     (make's venv installs nvidia-cutlass). Without the switch neither is built."""
-    info = ml.info()
+    info = ml.utils.info()
     assert info["cuda_sm90_cutlass_kernels"] is BUILD_INFO["cutlass_sm90"]
     assert info["cuda_ce_cluster_kernels"] is BUILD_INFO["ce_cluster_sm90a"]
     if not BUILD_INFO["cuda_compiled"]:
@@ -95,7 +95,8 @@ def test_cutlass_argument_layouts(tmp_path):
     exe = str(tmp_path / "sm90_args")
     cmd = [nvcc, "-std=c++20", "-O1", "--expt-relaxed-constexpr", "-DML_WITH_CUTLASS_SM90",
            "-DWITH_CUDA", "-gencode", "arch=compute_90a,code=sm_90a",
-           os.path.join(os.path.dirname(os.path.abspath(__file__)), "cuda_emu", "sm90_args.cu"),
+           os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "cuda_emu",
+                        "sm90_args.cu"),
            "-o", exe, "-I" + tinc, "-I" + os.path.join(tinc, "torch", "csrc", "api", "include"),
            "-L" + tlib, "-Xlinker", "-rpath=" + tlib, "-lc10"]
     cmd += ["-I" + d for d in cutlass_inc + wheel_inc]

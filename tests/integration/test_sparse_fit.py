@@ -17,7 +17,7 @@ import manual_layers as ml  # noqa: E402
 from manual_layers import _fit, _sparse  # noqa: E402
 from manual_layers.sklearn import LogisticRegression  # noqa: E402
 from conftest import assert_rel  # noqa: E402
-from test_sparse_op import _dense, _random_csr, _rng  # noqa: E402
+from sparse_inputs import _dense, _random_csr, _rng  # noqa: E402
 
 TIGHT = dict(tol=1e-10, max_iter=10000)
 

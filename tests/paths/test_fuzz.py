@@ -5,7 +5,7 @@ float dtype, 1-D to 3-D and strided x, biases, every loss option and reduction, 
 cross entropy forced with small chunks. Each case is drawn from its seed alone, so a failure
 names the seed that reproduces it:
 
-    MANUAL_LAYERS_FUZZ_CASES=2000 MANUAL_LAYERS_FUZZ_SEED=1 pytest tests/test_fuzz.py
+    MANUAL_LAYERS_FUZZ_CASES=2000 MANUAL_LAYERS_FUZZ_SEED=1 pytest tests/paths/test_fuzz.py
 
 runs 2000 cases per op from seed 1 on (default: 100 per op from seed 0, on every device; the
 first FAST_CASES of them run in `make test`, the others are marked slow: `make test-all`). The
