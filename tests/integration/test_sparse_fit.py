@@ -124,7 +124,7 @@ def test_cv_sparse_equals_dense():
     a = LogisticRegressionCV(**kw).fit(A, y)
     d = LogisticRegressionCV(**kw).fit(A.toarray(), y)
     assert a.C_ == d.C_ and a.l1_ratio_ == d.l1_ratio_
-    assert _rel(a.scores_, d.scores_) <= 1e-6
+    assert _rel(a.scores_, d.scores_) <= 1e-5  # log-losses of fits stopped at tol, summed in another order
     assert _rel(np.r_[a.coef_.ravel(), a.intercept_], np.r_[d.coef_.ravel(), d.intercept_]) <= 1e-5
     assert np.array_equal(a.predict(A), d.predict(A.toarray()))
 
