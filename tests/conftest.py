@@ -58,3 +58,18 @@ def _seed():
     torch.manual_seed(1234)
     poison_cuda_cache()
     yield
+
+
+@pytest.fixture
+def one_blas_thread():
+    """scikit-learn's fits on one OpenBLAS thread (modules that compare with scikit-learn use it
+    for every test: pytestmark = pytest.mark.usefixtures("one_blas_thread")): on the shared
+    2-core machine its spinning pool made reference fits 50x slower under load. Results do not
+    depend on it."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        yield
+        return
+    with threadpool_limits(limits=1, user_api="blas"):
+        yield

@@ -27,17 +27,7 @@ from conftest import DEVICES  # noqa: E402
 TIGHT = dict(tol=1e-10, max_iter=10000)
 
 
-@pytest.fixture(autouse=True)
-def _one_blas_thread():
-    """scikit-learn's fits on one OpenBLAS thread: on the shared 2-core machine its spinning
-    pool made reference fits 50x slower under load. Results do not depend on it."""
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:
-        yield
-        return
-    with threadpool_limits(limits=1, user_api="blas"):
-        yield
+pytestmark = pytest.mark.usefixtures("one_blas_thread")  # conftest.py
 
 
 def _rng():

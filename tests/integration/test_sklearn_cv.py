@@ -15,15 +15,7 @@ from sklearn.utils.estimator_checks import parametrize_with_checks  # noqa: E402
 from manual_layers.sklearn import LogisticRegressionCV  # noqa: E402
 
 
-@pytest.fixture(autouse=True)
-def _one_blas_thread():
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:
-        yield
-        return
-    with threadpool_limits(limits=1, user_api="blas"):
-        yield
+pytestmark = pytest.mark.usefixtures("one_blas_thread")  # conftest.py
 
 
 def _rng():

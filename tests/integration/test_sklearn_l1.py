@@ -20,15 +20,7 @@ SAGA_TIGHT = dict(solver="saga", tol=1e-10, max_iter=100000)
 OURS_TIGHT = dict(solver="saga", tol=1e-10, max_iter=10000)
 
 
-@pytest.fixture(autouse=True)
-def _one_blas_thread():
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:
-        yield
-        return
-    with threadpool_limits(limits=1, user_api="blas"):
-        yield
+pytestmark = pytest.mark.usefixtures("one_blas_thread")  # conftest.py
 
 
 @parametrize_with_checks([LogisticRegression(solver="saga", l1_ratio=1.0),

@@ -22,15 +22,7 @@ from sparse_inputs import _dense, _random_csr, _rng  # noqa: E402
 TIGHT = dict(tol=1e-10, max_iter=10000)
 
 
-@pytest.fixture(autouse=True)
-def _one_blas_thread():
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:
-        yield
-        return
-    with threadpool_limits(limits=1, user_api="blas"):
-        yield
+pytestmark = pytest.mark.usefixtures("one_blas_thread")  # conftest.py
 
 
 # ---- fits on sparse X ------------------------------------------------------------------------
