@@ -1,13 +1,13 @@
 // Every schema of the manual_layers ops, in one place, and the pybind11 module _C that
 // carries the build information. Kernels register themselves per device in
-// csrc/cpu/*.cpp (CPU) and csrc/cuda/*.cu (CUDA); fake kernels live in manual_layers/_ops.py.
+// csrc/cpu/kernels/*.cpp (CPU) and csrc/cuda/**/*.cu (CUDA); fake kernels live in manual_layers/_ops.py.
 #include <torch/library.h>
 #ifndef ML_NO_PYTHON
 #include <torch/extension.h>
 #endif
 
-#include "linear.h"
-#include "logreg.h"
+#include "contracts/linear.h"
+#include "contracts/losses.h"
 
 // What the build chose and why (setup.py writes it; the CMake build has none).
 #if __has_include("ml_build_config.h")
@@ -62,8 +62,8 @@ TORCH_LIBRARY(manual_layers, m) {
         " int reduction, bool need_x, bool need_weight, bool need_bias)"
         " -> (Tensor, Tensor, Tensor)");
 
-  // Private kernel ops (CPU: csrc/cpu/*.cpp, CUDA: csrc/cuda/*.cu); 2-D x. Contracts in
-  // csrc/linear.h and csrc/logreg.h.
+  // Private kernel ops (CPU: csrc/cpu/kernels/*.cpp, CUDA: csrc/cuda/**/*.cu); 2-D x. Contracts in
+  // csrc/contracts/linear.h and csrc/contracts/losses.h.
   m.def("_linear_fwd(Tensor x, Tensor weight, Tensor? bias, str activation, bool save_pre)"
         " -> (Tensor, Tensor)");
   m.def("_linear_bwd(Tensor grad_out, Tensor x, Tensor weight, Tensor saved, str activation,"
@@ -74,8 +74,8 @@ TORCH_LIBRARY(manual_layers, m) {
   m.def("_linear_ce_fwd(Tensor x, Tensor weight, Tensor? bias, Tensor target,"
         " Tensor? class_weight, int ignore_index, float label_smoothing, int reduction,"
         " bool need_x, bool need_weight, bool need_bias) -> (Tensor, Tensor, Tensor, Tensor)");
-  // Sparse X in CSR form (csrc/sparse_logreg.h is the contract): loss and gradients, reduction
-  // sum; CPU: csrc/cpu/sparse_logreg.cpp; CUDA: an ATen composite (manual_layers/_sparse.py).
+  // Sparse X in CSR form (csrc/contracts/sparse.h is the contract): loss and gradients, reduction
+  // sum; CPU: csrc/cpu/kernels/sparse.cpp; CUDA: an ATen composite (manual_layers/_sparse.py).
   m.def("_sparse_linear_loss_fwd(Tensor crow_indices, Tensor col_indices, Tensor values,"
         " Tensor weight, Tensor? bias, Tensor target, Tensor? sample_weight, bool need_weight,"
         " bool need_bias) -> (Tensor, Tensor, Tensor)");
@@ -85,7 +85,7 @@ TORCH_LIBRARY(manual_layers, m) {
   m.def("_mlp_bwd(Tensor grad_out, Tensor x, Tensor w1, Tensor w2, Tensor h, Tensor saved,"
         " str activation, bool need_x, bool need_w1, bool need_b1, bool need_w2, bool need_b2)"
         " -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
-  // Chunked linear + cross entropy for large C (csrc/ce_chunked.cpp is the contract):
+  // Chunked linear + cross entropy for large C (csrc/generic/ce_chunked.cpp is the contract):
   // mean/sum return (loss, grad_weight, grad_bias, grad_x) for grad_output 1; none returns the
   // per-row losses only and its backward recomputes the logits chunk by chunk.
   m.def("_linear_ce_chunked_fwd(Tensor x, Tensor weight, Tensor? bias, Tensor target,"
@@ -94,7 +94,7 @@ TORCH_LIBRARY(manual_layers, m) {
   m.def("_linear_ce_chunked_bwd(Tensor grad_loss, Tensor x, Tensor weight, Tensor? bias,"
         " Tensor target, Tensor? class_weight, int ignore_index, float label_smoothing,"
         " bool need_x, bool need_weight, bool need_bias) -> (Tensor, Tensor, Tensor)");
-  // The same with probability targets (N, C) (csrc/ce_soft.cpp; contract in csrc/ce_chunked.cpp).
+  // The same with probability targets (N, C) (csrc/generic/ce_soft.cpp; contract in csrc/generic/ce_chunked.cpp).
   m.def("_linear_ce_soft_fwd(Tensor x, Tensor weight, Tensor? bias, Tensor target,"
         " Tensor? class_weight, float label_smoothing, int reduction, bool need_x,"
         " bool need_weight, bool need_bias) -> (Tensor, Tensor, Tensor, Tensor)");
@@ -106,7 +106,7 @@ TORCH_LIBRARY(manual_layers, m) {
 #ifndef WITH_CUDA
 // A build without CUDA kernels: a CUDA tensor gets an error that says so and how to rebuild,
 // instead of the dispatcher's generic "could not run ... with arguments from the CUDA backend".
-// (_linear_loss_bwd is device-generic ATen code, registered for CUDA in csrc/loss_bwd.cpp.)
+// (_linear_loss_bwd is device-generic ATen code, registered for CUDA in csrc/generic/loss_bwd.cpp.)
 namespace {
 [[noreturn]] void no_cuda_build() {
   TORCH_CHECK(false,
@@ -138,7 +138,7 @@ TORCH_LIBRARY_IMPL(manual_layers, CUDA, m) {
 }
 #endif
 
-#ifndef ML_NO_PYTHON  // the C++ test (cpp_tests/) links the ops without Python
+#ifndef ML_NO_PYTHON  // the C++ test (tests/cpp/) links the ops without Python
 PYBIND11_MODULE(_C, m) {
   m.doc() = "manual_layers C++/CUDA kernels (ops are registered under torch.ops.manual_layers)";
   m.def("build_info", []() {
@@ -156,7 +156,7 @@ PYBIND11_MODULE(_C, m) {
     d["cuda_compiled"] = true;
     d["cuda_archs"] = ML_CUDA_ARCHS;
 #ifdef ML_WITH_CUTLASS_SM90
-    d["cutlass_sm90"] = true;  // csrc/cuda/linear_sm90.h
+    d["cutlass_sm90"] = true;  // csrc/cuda/experimental/linear_sm90.h
 #else
     d["cutlass_sm90"] = false;
 #endif
