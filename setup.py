@@ -154,7 +154,7 @@ def sm90a_arch_list(archs):
 
 def write_build_config(values):
     """build/generated/ml_build_config.h: what was built and why, as string macros that
-    csrc/ops.cpp puts into the build info (a header, so that no define with spaces has to
+    csrc/module.cpp puts into the build info (a header, so that no define with spaces has to
     survive a compiler command line). Rewritten only when it changes (no needless rebuild)."""
     d = os.path.join(ROOT, "build", "generated")
     os.makedirs(d, exist_ok=True)

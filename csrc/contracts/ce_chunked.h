@@ -41,10 +41,6 @@ ChunkedOut run_chunks(const at::Tensor& x, const at::Tensor& weight, int64_t red
 at::Tensor reduce_chunk_losses(const at::Tensor& loss_rows, int64_t reduction,
                                const at::Tensor& den);
 
-// Argument checks shared by both target kinds: class_weight undefined or a floating (C,) tensor
-// on x's device.
-void check_ce_class_weight(const char* op, const c10::optional<at::Tensor>& class_weight,
-                           const at::Tensor& x, int64_t C);
 // The error of a CPU-only build given CUDA tensors.
 [[noreturn]] void ce_no_cuda_build();
 

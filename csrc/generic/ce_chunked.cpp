@@ -76,6 +76,7 @@
 #include <limits>
 
 #include "../contracts/ce_chunked.h"
+#include "../checks.h"
 #include "../common.h"
 #include "../contracts/losses.h"
 
@@ -140,17 +141,6 @@ void ce_no_cuda_build() {
               "(`python -m manual_layers info` shows the current build)");
 }
 
-void check_ce_class_weight(const char* op, const c10::optional<at::Tensor>& class_weight,
-                           const at::Tensor& x, int64_t C) {
-  if (!class_weight.has_value() || !class_weight->defined()) return;
-  TORCH_CHECK(class_weight->dim() == 1 && class_weight->size(0) == C, op,
-              ": class_weight must have shape (", C, ",), got ", class_weight->sizes());
-  TORCH_CHECK(class_weight->device() == x.device(), op, ": class_weight is on ",
-              class_weight->device(), " but x is on ", x.device());
-  TORCH_CHECK(at::isFloatingType(class_weight->scalar_type()), op,
-              ": class_weight must be floating, got ", class_weight->scalar_type());
-}
-
 // ---------------------------------------------------------------------------------------------
 // The device-generic driver (csrc/contracts/ce_chunked.h)
 
@@ -169,7 +159,7 @@ ChunkedOut run_chunks(const at::Tensor& x_in, const at::Tensor& weight, int64_t 
   out.loss_rows = at::empty({N}, acc_opts);
   auto empty = [&](at::ScalarType t) { return at::empty({0}, x.options().dtype(t)); };
   // dX is as large as x: on the CPU from the output cache (memory already mapped; a fresh
-  // 128 MiB tensor costs ~35 ms of page faults on the 2-core VMs).
+  // tensor this large pays its page faults: docs/perf-notes-from-code.md).
   out.gx = want_res && need_x ? empty_for_write({N, D}, x.options()) : empty(dt);
   out.gw = want_res && need_weight ? at::zeros({C, D}, acc_opts) : empty(acc);
   out.gb = want_res && need_bias ? at::zeros({C}, acc_opts) : empty(acc);
@@ -290,15 +280,9 @@ void check_all(const char* op, const at::Tensor& x, const at::Tensor& weight,
                double label_smoothing) {
   check_linear_args(op, x, weight, bias);
   const int64_t N = x.size(0), C = weight.size(0);
-  TORCH_CHECK(target.dim() == 1 && target.size(0) == N, op, ": target must have shape (", N,
-              ",), got ", target.sizes());
-  TORCH_CHECK(target.scalar_type() == at::kLong, op,
-              ": target must hold int64 class indices, got ", target.scalar_type());
-  TORCH_CHECK(target.device() == x.device(), op, ": target is on ", target.device(),
-              " but x is on ", x.device());
-  TORCH_CHECK(label_smoothing >= 0.0 && label_smoothing <= 1.0, op,
-              ": label_smoothing must be between 0.0 and 1.0, got ", label_smoothing);
-  check_ce_class_weight(op, class_weight, x, C);
+  check_class_index_target(op, target, x);
+  check_label_smoothing(op, label_smoothing);
+  check_class_weight(op, class_weight, x, C);
   // CPU: range-check the targets here (cheap, no device); CUDA: the row kernel asserts.
   if (x.device().is_cpu()) {
     const at::Tensor t = target.contiguous();

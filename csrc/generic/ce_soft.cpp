@@ -16,6 +16,7 @@
 #include <cstring>
 
 #include "../contracts/ce_chunked.h"
+#include "../checks.h"
 #include "../common.h"
 
 namespace manual_layers {
@@ -67,9 +68,8 @@ void check_soft(const char* op, const at::Tensor& x, const at::Tensor& weight,
               ") (x's rows by weight's classes), got ", target.sizes());
   TORCH_CHECK(at::isFloatingType(target.scalar_type()), op,
               ": target of class probabilities must be floating, got ", target.scalar_type());
-  TORCH_CHECK(target.device() == x.device(), op, ": target is on ", target.device(),
-              " but x is on ", x.device());
-  check_ce_class_weight(op, class_weight, x, C);
+  check_same_device(op, "target", target, x);
+  check_class_weight(op, class_weight, x, C);
   // torch's rule: only a positive label_smoothing is applied, and it must be at most 1.
   TORCH_CHECK(!(label_smoothing > 1.0), op,
               ": label_smoothing must be between 0.0 and 1.0, got ", label_smoothing);

@@ -13,10 +13,9 @@ namespace manual_layers {
 
 // Few classes: dX by our kernels, which write each row of dX once from registers, with the
 // acc_t residual (the GEMM needs it rounded to x's dtype first). CPU (csrc/cpu/kernels/losses.cpp,
-// loss_dx_cpu), C <= 32: ATen's GEMM with K = C this small runs at a third of the copy rate
-// (1M x 10 @ 10 x 256 fp32 on the 2-core Zen 4: 200 ms against a 61 ms copy). CUDA
-// (csrc/cuda/losses/loss_dx.cu), C <= 16: cuBLAS ran this shape below the copy rate on an H100 (bf16
-// 1M x 10 @ 10 x 512: 1.85 of 2.53 TB/s; the kernel has not been timed yet). Otherwise, and
+// loss_dx_cpu), C <= 32: ATen's GEMM with K = C this small runs well below the copy rate. CUDA
+// (csrc/cuda/losses/loss_dx.cu), C <= 16: cuBLAS ran this shape below the copy rate on an H100
+// (the kernel has not been timed yet). Figures: docs/perf-notes-from-code.md. Otherwise, and
 // where the CUDA kernel declines a shape (undefined result), the GEMM.
 constexpr int64_t kSmallDxClasses = 32;
 inline bool small_c(const at::Tensor& residual, const at::Tensor& weight) {

@@ -16,6 +16,20 @@ void expect_close(const char* what, const at::Tensor& a, const at::Tensor& b, do
   ok ? ++passed : ++failed;
 }
 
+// fn() must throw a c10::Error whose message holds `want`.
+template <typename Fn>
+void expect_error(const char* what, Fn fn, const std::string& want) {
+  std::string got = "(no error)";
+  try {
+    fn();
+  } catch (const c10::Error& e) {
+    got = e.what_without_backtrace();
+  }
+  const bool ok = got.find(want) != std::string::npos;
+  std::printf("%s %s%s%s\n", ok ? "PASS" : "FAIL", what, ok ? "" : ": got ", ok ? "" : got.c_str());
+  ok ? ++passed : ++failed;
+}
+
 template <typename Sig>
 auto op(const char* name) {
   return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Sig>();
@@ -56,6 +70,45 @@ int main() {
   const auto r = (at::sigmoid(z) - t) / 37.0;
   expect_close("_linear_bce_fwd grad_weight", lgw, at::mm(r.unsqueeze(0), x), 1e-12);
   expect_close("_linear_bce_fwd residual", res, r.unsqueeze(1), 1e-12);
+
+  // The private loss kernels' argument checks, one set for every device (csrc/checks.h): the
+  // same messages from the CPU kernels as from the CUDA ones.
+  const auto none = c10::optional<at::Tensor>();
+  expect_error("_linear_bce_fwd integer target",
+               [&] { bce.call(x, w1, b1, t.to(at::kLong), none, none, 1, false, true, true); },
+               "manual_layers._linear_bce_fwd: target must be a floating tensor of probabilities");
+  expect_error("_linear_bce_fwd target (N, 1)",
+               [&] { bce.call(x, w1, b1, t.unsqueeze(1), none, none, 1, false, true, true); },
+               "manual_layers._linear_bce_fwd: target must have shape (37,)");
+  expect_error("_linear_bce_fwd sample_weight (N, 1)",
+               [&] { bce.call(x, w1, b1, t, none, at::ones({37, 1}, at::kDouble), 1, false, true,
+                              true); },
+               "manual_layers._linear_bce_fwd: sample_weight must have shape (37,)");
+  expect_error("_linear_bce_fwd weight of 2 outputs",
+               [&] { bce.call(x, w.narrow(0, 0, 2), none, t, none, none, 1, false, true, true); },
+               "manual_layers._linear_bce_fwd: binary logistic regression needs weight of shape (1, 19)");
+  auto ce = op<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
+      const at::Tensor&, const at::Tensor&, const c10::optional<at::Tensor>&, const at::Tensor&,
+      const c10::optional<at::Tensor>&, int64_t, double, int64_t, bool, bool,
+      bool)>("manual_layers::_linear_ce_fwd");
+  const auto cls = at::randint(0, 11, {37}, at::kLong);
+  expect_error("_linear_ce_fwd label_smoothing 1.5",
+               [&] { ce.call(x, w, b, cls, none, -100, 1.5, 1, false, true, true); },
+               "manual_layers._linear_ce_fwd: label_smoothing must be between 0.0 and 1.0, got 1.5");
+  expect_error("_linear_ce_fwd label_smoothing -0.5",
+               [&] { ce.call(x, w, b, cls, none, -100, -0.5, 1, false, true, true); },
+               "label_smoothing must be between 0.0 and 1.0, got -0.5");
+  expect_error("_linear_ce_fwd class_weight (1, C)",
+               [&] { ce.call(x, w, b, cls, at::ones({1, 11}, at::kDouble), -100, 0.0, 1, false,
+                             true, true); },
+               "manual_layers._linear_ce_fwd: class_weight must have shape (11,)");
+  expect_error("_linear_ce_fwd class_weight (C + 1,)",
+               [&] { ce.call(x, w, b, cls, at::ones({12}, at::kDouble), -100, 0.0, 1, false, true,
+                             true); },
+               "manual_layers._linear_ce_fwd: class_weight must have shape (11,)");
+  expect_error("_linear_ce_fwd float target",
+               [&] { ce.call(x, w, b, cls.to(at::kDouble), none, -100, 0.0, 1, false, true, true); },
+               "manual_layers._linear_ce_fwd: target must hold int64 class indices");
 
   // The public op through its C++ autograd kernel: forward and backward without Python.
   auto lin = op<at::Tensor(const at::Tensor&, const at::Tensor&, const c10::optional<at::Tensor>&,

@@ -4,16 +4,16 @@ whose host emulation runs a block's 256 threads as fibers on one OS thread
 shuffles and __syncthreads as barriers, cp.async as a copy and mma.sync from the PTX ISA's
 fragment layouts.
 Each case compares a kernel's outputs with a float64 reference of the same inputs:
-- the tensor-core cross-entropy kernel (csrc/cuda/losses/ce_tc.cu; bf16, fp16, and fp32
-  through 3xTF32): loss, residual, and the dW / db partials summed in block order; and its
-  sm_90a cluster instances (C up to 256), whose blocks the emulator runs at the same time, with
-  the multicast bulk copies, mbarriers, cluster barrier and distributed shared memory they use
-  (csrc/cuda/common/cluster_sm90.cuh);
-- the CUDA-core single-pass cross-entropy kernel (csrc/cuda/losses/ce_fused.cu) the same way,
-  with the mean denominator from its own kernels (csrc/cuda/losses/common.cu);
+- the tensor-core cross-entropy kernel (csrc/cuda/losses/ce_tc_kernels.cuh; bf16, fp16, and
+  fp32 through 3xTF32): loss, residual, and the dW / db partials summed in block order; and its
+  sm_90a cluster instances (C up to 256, ce_tc_cluster.cu), whose blocks the emulator runs at
+  the same time, with the multicast bulk copies, mbarriers, cluster barrier and distributed
+  shared memory they use (csrc/cuda/common/cluster_sm90.cuh);
+- the CUDA-core single-pass cross-entropy kernel (csrc/cuda/losses/ce_fused_kernels.cuh) the
+  same way, with the mean denominator from its own kernels (csrc/cuda/losses/common.cu);
 - the losses' dX kernel for few classes (csrc/cuda/losses/loss_dx.cu), every dtype;
 - Linear backward's activation gradient with the bias gradient's column sums in the same pass
-  (csrc/cuda/linear/linear.cu: act_bwd_colsum_kernel, colsum_final_kernel), and Linear's other
+  (csrc/cuda/linear/linear_kernels.cuh: act_bwd_colsum_kernel, colsum_final_kernel), and Linear's other
   kernels (activation forward / backward, softmax forward / backward, the column sum);
 - the cross-entropy row kernel of the GEMM and chunked paths with G lanes per row
   (csrc/cuda/losses/gemm_path.cu: ce_rows_kernel), in each of its callers' modes;

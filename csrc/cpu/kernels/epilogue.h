@@ -92,8 +92,7 @@ inline Vectorized<acc_t> sigmoid_pair(const Vectorized<acc_t>& x,
 // GELU-tanh through one exp: (1 + tanh(u)) / 2 = sigmoid(2u), u = beta (z + kappa z^3), so
 // gelu_tanh(z) = z sig with sig = sigmoid(2u), and 1 - tanh(u)^2 = 4 sig (1 - sig). Same
 // function as torch's 0.5 z (1 + tanh(u)), without the cancellation of 1 + tanh(u); a
-// vectorised tanh costs about three exps (Sleef): bf16 8192x1024->1024 epilogue 7.8 -> 2.6 ms on
-// 2 Xeon cores.
+// vectorised tanh costs about three exps (Sleef; docs/perf-notes-from-code.md).
 template <typename acc_t>
 inline Vectorized<acc_t> gelu_tanh_sigma(const Vectorized<acc_t>& z,
                                          Vectorized<acc_t>* tau = nullptr) {
@@ -166,10 +165,9 @@ inline Vectorized<acc_t> act_bwd(const Vectorized<acc_t>& g, const Vectorized<ac
 inline int64_t row_grain(int64_t M) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(M, 1)); }
 
 // Rows per tile of the tiled backward: an (R, M) tile of G of about 8 MiB, reused from tile to
-// tile, so G is never a fresh (N, M) tensor (at 65536x256->256 fp32 on 2 cores a fresh 64 MiB
-// tensor costs ~20 ms of page faults alone). Measured there: backward 101 ms with 1 MiB tiles
-// (GEMMs too small), 92 with 4, 85-91 with 8 or 16, 99 with 32, 110 untiled; eager 111-120.
-// At least 64 rows, at most N.
+// tile, so G is never a fresh (N, M) tensor, whose page faults alone cost a sizeable part of the
+// backward. 8 MiB tiles were the fastest measured (smaller ones make the GEMMs too small;
+// docs/perf-notes-from-code.md). At least 64 rows, at most N.
 inline int64_t tile_rows(int64_t M, int64_t elem_size, int64_t N) {
   const int64_t r = (int64_t(8) << 20) / std::max<int64_t>(1, M * elem_size);
   return std::max<int64_t>(1, std::min(N, std::max<int64_t>(64, r)));

@@ -118,8 +118,7 @@ std::tuple<at::Tensor, at::Tensor> linear_fwd_cpu(const at::Tensor& x, const at:
   at::Tensor gemm_out = keep_pre ? pre : out;
   at::Tensor bias = has_bias && !bias_in_gemm ? bias_opt->contiguous() : at::Tensor();
   // One GEMM over all rows, then the epilogue. (Row tiles, so that the epilogue reads each
-  // tile's GEMM output from cache, were measured slower at 65536x256->256 and 8192x1024->1024
-  // fp32 on 2 cores: 0.92x with 16 MiB tiles, 0.67-0.71x with 4 MiB, 0.32-0.46x with 1 MiB.)
+  // tile's GEMM output from cache, were measured slower: docs/perf-notes-from-code.md.)
   if (bias_in_gemm) {
     gemm::addmm_out(gemm_out, *bias_opt, x, weight.t());
   } else {

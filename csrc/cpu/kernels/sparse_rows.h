@@ -54,8 +54,9 @@ struct Table {
 
 // Whether the entries e0 .. e1 (one row) all have a column in [0, D). Checked per row before
 // the row's gathers and scatters, which then index the table unchecked: min and max of the
-// row's indices vectorise, a compare and select per entry in the hot loops did not (15 % of the
-// binary pass). A row that fails is skipped and reported after the pass.
+// row's indices vectorise, a compare and select per entry in the hot loops did not (a measured
+// share of the binary pass: docs/perf-notes-from-code.md). A row that fails is skipped and
+// reported after the pass.
 template <typename index_t>
 inline bool row_in_range(const index_t* col, int64_t e0, int64_t e1, int64_t D) {
   index_t lo = 0, hi = 0;

@@ -2,7 +2,7 @@
 // the fused losses), built on ATen's vector conversions (vcvtph2ps, the bf16 shift). ATen's
 // pointer-array at::vec::convert(const Half* / const BFloat16*, float*, n) has no x86 vector
 // specialization (torch 2.14: the generic element loop of vec_base.h); fp16 rows widened through
-// it made the fp16 binary loss pass 5-6x slower than bf16's. Everything lands in
+// it made the fp16 binary loss pass several times slower than bf16's. Everything lands in
 // manual_layers::CPU_CAPABILITY, in an anonymous namespace.
 #pragma once
 

@@ -2,9 +2,9 @@
 //
 // A fresh CPU tensor of hundreds of MiB comes from mmap, and writing it takes one page fault
 // per 4 KiB page: the kernel zeroes and maps each page on first touch, and frees them all again
-// when the tensor dies. For the loss backward's dX (1,048,576 x 256 fp32, 1 GiB) that is about
-// 150-250 ms of faults against ~60-80 ms of writing: the faults, not the kernel, set the time
-// (eager PyTorch pays the same). Two things are done about it:
+// when the tensor dies. For a loss backward's dX of 1 GiB the faults, not the kernel, set the
+// time (eager PyTorch pays the same; figures: docs/perf-notes-from-code.md). Two things are
+// done about it:
 //
 // 1. Reuse (OutputCache, below). Outputs of 8 MiB and more come from an allocator that keeps the
 //    memory of a freed output and hands it to the next output of the same size (rounded up to
@@ -17,16 +17,13 @@
 // 2. Transparent huge pages (madvise MADV_HUGEPAGE, what c10's THP_MEM_ALLOC_ENABLE=1 does for
 //    every allocation) on each new buffer before it is touched: one fault per 2 MiB.
 //
-// Measured (2026-11-29, 2-core Intel Xeon KVM guest, torch 2.14.1, calls interleaved with eager
-// as in benchmarks/bench_logreg.py, one process each): cross entropy C = 10 loss+grad+dX, X
-// 1,048,576 x 256 fp32: fresh buffers with huge pages 215-1600 ms per call (median ~1000: this
-// guest's host backs memory on first touch and takes back freed 2 MiB blocks, so a new huge
-// page is often memory never touched), fresh 4 KiB pages 320-333 ms, reused buffers 196-214 ms
-// (eager 510 ms). Linear+GELU fwd+bwd 65536x256->256: 128 / 159 / 110-117 ms (eager 180 ms).
+// Reuse is what makes the difference on the machines measured; huge pages alone can be slower
+// where the host backs memory on first touch (docs/perf-notes-from-code.md, "CPU output
+// cache").
 //
 // Only empty_for_write's outputs (csrc/cpu/kernels/*.cpp: Linear/MLP out, pre, G, dX; the losses' dX
 // and the (N, C) residual the loss pass keeps for it; the chunked cross entropy's grad_x and
-// backward's scaled copy of it, csrc/generic/ce_chunked.cpp and csrc/autograd.cpp; and, through it,
+// backward's scaled copy of it, csrc/generic/ce_chunked.cpp and csrc/autograd/losses.cpp; and, through it,
 // the CPU products of gemm::mm / gemm::addmm, csrc/cpu/runtime/gemm.cpp) go through it; below 8 MiB,
 // on other devices, or with the cache off: at::empty (plus the huge-page advice from 8 MiB).
 // The tensors are ordinary resizable CPU tensors; their storage's allocator is this one, so a

@@ -11,10 +11,11 @@
 // -DML_COMPILED_AVX512).
 //
 // Selection, ONCE, when the library is loaded (the static initialiser of the registration
-// below): MANUAL_LAYERS_CPU_ISA=default|avx2|avx512 if set, else the level ATen runs
-// (at::get_cpu_capability(), which honours ATEN_CPU_CAPABILITY=default|avx2|avx512), and in
-// both cases never a level this CPU lacks (checked here, not trusted): a refused request
-// warns and falls back to the best level the CPU has below it. The op registration then
+// below), by the rule of csrc/policy/cpu_isa.cpp: MANUAL_LAYERS_CPU_ISA=default|avx2|avx512 if
+// set, else the level ATen runs (at::get_cpu_capability(), which honours
+// ATEN_CPU_CAPABILITY=default|avx2|avx512), and in both cases never a level this CPU lacks
+// (checked there, not trusted): a refused request warns and falls back to the best level the
+// CPU has below it. The op registration then
 // points the dispatcher straight at the selected copy's entry functions, so a call costs no
 // more than before (one dispatcher call, no extra forwarding layer).
 //
@@ -30,13 +31,9 @@
 //    from the lowest level that emits it; one emitted only by a per-ISA object is reachable
 //    only from that object's (already selected) code. tests/test_isa.py checks the built
 //    library: no function outside the AVX2/AVX512 namespaces contains 512-bit instructions.
-#include <ATen/Version.h>  // at::get_cpu_capability()
 #include <c10/util/Exception.h>
 #include <torch/library.h>
 
-#include <algorithm>
-#include <cctype>
-#include <cstdlib>
 #include <string>
 
 #include "../../contracts/ce_chunked.h"
@@ -44,6 +41,7 @@
 #include "../../contracts/losses.h"
 #include "../../contracts/mlp.h"
 #include "../../contracts/sparse.h"
+#include "../../policy/cpu_isa.h"
 
 // The per-ISA copies of the entry functions, declared from the ISA-neutral declarations in
 // csrc/contracts/linear.h / csrc/contracts/losses.h (decltype keeps them in step with those headers).
@@ -70,9 +68,6 @@ ML_DECLARE_ISA_KERNELS(AVX512)
 namespace manual_layers {
 namespace {
 
-enum class Isa : int { DEFAULT = 0, AVX2 = 1, AVX512 = 2 };
-constexpr const char* kIsaNames[] = {"DEFAULT", "AVX2", "AVX512"};
-
 // The entry functions of one compiled copy.
 struct CpuKernels {
   decltype(&manual_layers::linear_fwd_cpu) linear_fwd;
@@ -92,81 +87,6 @@ struct CpuKernels {
         &ISA::ce_soft_rows_cpu, &ISA::sparse_linear_loss_fwd_cpu                          \
   }
 
-bool compiled(Isa isa) {
-  switch (isa) {
-    case Isa::DEFAULT: return true;
-#ifdef ML_COMPILED_AVX2
-    case Isa::AVX2: return true;
-#endif
-#ifdef ML_COMPILED_AVX512
-    case Isa::AVX512: return true;
-#endif
-    default: return false;
-  }
-}
-
-// Does this CPU (and OS: libgcc's checks include the XSAVE state) run the copy's instructions?
-// The same feature sets as ATen's choice (avx2+fma for AVX2; avx512 f/bw/vl/dq + fma for
-// AVX512), plus f16c that our AVX2 copy is compiled with.
-bool cpu_has(Isa isa) {
-  if (isa == Isa::DEFAULT) return true;
-#if (defined(__x86_64__) || defined(__i386__)) && (defined(__GNUC__) || defined(__clang__))
-  __builtin_cpu_init();
-  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-                    __builtin_cpu_supports("f16c");
-  if (isa == Isa::AVX2) return avx2;
-  return avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
-#else
-  return false;
-#endif
-}
-
-bool parse_isa(std::string s, Isa& out) {
-  std::transform(s.begin(), s.end(), s.begin(), [](unsigned char c) { return std::toupper(c); });
-  for (int i = 0; i < 3; ++i) {
-    if (s == kIsaNames[i]) {
-      out = static_cast<Isa>(i);
-      return true;
-    }
-  }
-  return false;
-}
-
-// The highest level <= want that is compiled and that this CPU runs.
-Isa clamp_to_usable(Isa want) {
-  for (int i = static_cast<int>(want); i > 0; --i) {
-    const Isa isa = static_cast<Isa>(i);
-    if (compiled(isa) && cpu_has(isa)) return isa;
-  }
-  return Isa::DEFAULT;
-}
-
-Isa choose_isa() {
-  const char* env = std::getenv("MANUAL_LAYERS_CPU_ISA");
-  if (env != nullptr && *env != '\0') {
-    Isa want;
-    if (!parse_isa(env, want)) {
-      TORCH_WARN("manual_layers: MANUAL_LAYERS_CPU_ISA='", env,
-                 "' is not one of default, avx2, avx512; ignored (following ATen's choice)");
-    } else {
-      const Isa got = clamp_to_usable(want);
-      if (got != want) {
-        TORCH_WARN("manual_layers: MANUAL_LAYERS_CPU_ISA=", env, " refused: ",
-                   !compiled(want) ? "this build has no such kernels (non-x86-64 build)"
-                                   : "this CPU lacks the instructions",
-                   "; using ", kIsaNames[static_cast<int>(got)], " instead");
-      }
-      return got;
-    }
-  }
-  // ATen's level: its own CPU check and ATEN_CPU_CAPABILITY. Names other than ours (VSX,
-  // ZVECTOR, SVE*) are non-x86 levels, where only DEFAULT is compiled.
-  Isa aten = Isa::DEFAULT;
-  if (!parse_isa(at::get_cpu_capability(), aten)) aten = Isa::DEFAULT;
-  return clamp_to_usable(aten);
-}
-
 struct Selected {
   Isa isa;
   CpuKernels kernels;
@@ -174,7 +94,7 @@ struct Selected {
 
 const Selected& selected() {
   static const Selected sel = [] {
-    const Isa isa = choose_isa();
+    const Isa isa = choose_cpu_isa();
     switch (isa) {
 #ifdef ML_COMPILED_AVX512
       case Isa::AVX512: return Selected{isa, ML_ISA_KERNELS(AVX512)};

@@ -1,14 +1,15 @@
-// The CUTLASS 3 kernels behind csrc/cuda/experimental/linear_sm90.h, as templates; linear_sm90_bf16.cu and
-// linear_sm90_fp16.cu instantiate them (ML_SM90_DEFINE below) for their dtype: two files, so
-// that a 2-core build compiles them in parallel (about 1.5 min of nvcc each, eight kernels).
+// The CUTLASS 3 kernels behind csrc/cuda/experimental/linear_sm90.h, as templates;
+// linear_sm90_bf16.cu and linear_sm90_fp16.cu instantiate them (ML_SM90_DEFINE below) for their
+// dtype: two files, so that a 2-core build compiles them in parallel (about 1.5 min of nvcc each,
+// eight kernels).
 //
 // Linear's forward: z = x W^T + bias in fp32, aux = z (rounded to T, TMA-stored) when the
 // pre-activation is kept, out = act(z) (rounded to T), CUTLASS's fusion
-// LinCombPerColBiasEltAct[Aux]. The MLP backward's dgrad: G = (g W2) * act'(saved) and the
-// column sums of G, LinCombDeEltActDePerRowBias on the transposed product. act and act' are
-// the project's own fp32 functions (act_forward / act_backward in csrc/cuda/common/cuda_common.cuh, those of
-// the elementwise kernels), so results differ from the two-pass paths only where those
-// round an intermediate to T first.
+// LinCombPerColBiasEltAct[Aux]. The MLP backward's dgrad: G = (g W2) * act'(saved) and the column
+// sums of G, LinCombDeEltActDePerRowBias on the transposed product. act and act' are the project's
+// own fp32 functions (act_forward / act_backward in csrc/cuda/common/cuda_common.cuh, those of the
+// elementwise kernels), so results differ from the two-pass paths only where those round an
+// intermediate to T first.
 #pragma once
 
 #ifdef ML_WITH_CUTLASS_SM90

@@ -15,19 +15,31 @@
 #include <cuda_runtime_api.h>
 
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
 
 #include "../../common.h"
 
 namespace manual_layers {
+
+// MANUAL_LAYERS_CUTLASS=1 turns on the sm_90 CUTLASS kernels declared here: Linear + GELU / SiLU
+// (csrc/cuda/linear/linear.cu), the MLP backward's fused dgrad (csrc/cuda/linear/mlp_dgrad.cu).
+// Opt-in until they have been measured on an H100 / H200. Read on every call, like the other
+// path switches.
+inline bool sm90_cutlass_enabled() {
+  const char* v = std::getenv("MANUAL_LAYERS_CUTLASS");
+  return v != nullptr && std::strcmp(v, "1") == 0;
+}
+
 namespace sm90 {
 
 // out (rows, features) = act(x (rows, in) . w (features, in)^T + bias); pre (same shape) = the
-// pre-activation when pre != nullptr. All row-major and contiguous; bias may be nullptr.
-// Returns false, having launched nothing, when the problem is outside the kernel's range
-// (dtype other than bf16 / fp16, activation other than gelu / silu, a row stride or pointer
-// that is not 16-byte aligned, a dimension of 2^31 or more, or CUTLASS's own can_implement);
-// the caller then takes the cuBLASLt path. Throws when a launch fails. (linear_act_fwd below;
-// these two are its per-dtype halves, csrc/cuda/experimental/linear_sm90_bf16.cu and linear_sm90_fp16.cu.)
+// pre-activation when pre != nullptr. All row-major and contiguous; bias may be nullptr. Returns
+// false, having launched nothing, when the problem is outside the kernel's range (dtype other than
+// bf16 / fp16, activation other than gelu / silu, a row stride or pointer that is not 16-byte
+// aligned, a dimension of 2^31 or more, or CUTLASS's own can_implement); the caller then takes the
+// cuBLASLt path. Throws when a launch fails. (linear_act_fwd below; these two are its per-dtype
+// halves, csrc/cuda/experimental/linear_sm90_bf16.cu and linear_sm90_fp16.cu.)
 bool linear_act_fwd_bf16(Act act, const void* x, const void* w, const void* bias, void* out,
                          void* pre, int64_t rows, int64_t features, int64_t in_features,
                          int device, int sm_count, cudaStream_t stream);

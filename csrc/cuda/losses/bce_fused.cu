@@ -8,18 +8,17 @@
 // block per group of rows), 256 threads = 8 warps. A "group" of WPR warps (WPR in 1,2,4,8)
 // owns one row at a time; warp j of the group holds columns
 //   [(j*CHUNKS + k)*32*VEC + lane*VEC, +VEC), k < CHUNKS
-// of the row in registers (16-byte vector loads when the row start is 16-byte aligned and D
-// is a multiple of VEC; a scalar path otherwise), together with the same columns of w and of
-// its fp32 (fp64) partial grad_w. Per row: z = x.w (warp shuffles; plus a fixed-order sum
-// over the group's warps through shared memory when WPR > 1) + b, the loss term (bce_term:
-// log-sigmoid in its stable form), r = dloss/dz, grad_w += r x, and the residual r / den
-// (one acc_t per row) when x needs a gradient (backward writes dX from it: csrc/contracts/losses.h).
-// Rows go to blocks in a grid-stride loop. At the end each block sums its groups' grad_w in a
-// fixed order (shared memory) and writes one row of a [B, D] fp32 (fp64) workspace, plus its
-// loss and grad_b partials ([B] each): O(B*D) temporary memory, never O(N).
-// finalize_kernel (common.cu) then sums the B partials in a fixed order (bitwise
-// deterministic, no float atomics) and writes grad_w, grad_b and the loss in acc_t, divided by
-// the mean denominator (N for mean, 1 for sum).
+// of the row in registers (16-byte vector loads when the row start is 16-byte aligned and D is a
+// multiple of VEC; a scalar path otherwise), together with the same columns of w and of its fp32
+// (fp64) partial grad_w. Per row: z = x.w (warp shuffles; plus a fixed-order sum over the group's
+// warps through shared memory when WPR > 1) + b, the loss term (bce_term: log-sigmoid in its stable
+// form), r = dloss/dz, grad_w += r x, and the residual r / den (one acc_t per row) when x needs a
+// gradient (backward writes dX from it: csrc/contracts/losses.h). Rows go to blocks in a
+// grid-stride loop. At the end each block sums its groups' grad_w in a fixed order (shared memory)
+// and writes one row of a [B, D] fp32 (fp64) workspace, plus its loss and grad_b partials ([B]
+// each): O(B*D) temporary memory, never O(N). finalize_kernel (common.cu) then sums the B partials
+// in a fixed order (bitwise deterministic, no float atomics) and writes grad_w, grad_b and the loss
+// in acc_t, divided by the mean denominator (N for mean, 1 for sum).
 #include <ATen/OpMathType.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
@@ -99,8 +98,8 @@ __global__ void __launch_bounds__(kThreads, (bce_min_blocks<CHUNKS, sizeof(scala
   Vec xr[CHUNKS];  // the row's values in x's dtype (half the registers for 16-bit types)
   // 16-bit rows of one or two chunks (D <= 512 per warp) are loaded one row AHEAD: the next
   // row's vectors are in flight while this row's dot, loss and grad_w run. One 16-byte load
-  // per chunk and thread and row kept too few bytes in flight for the copy rate (H100, bf16
-  // 4,194,304 x 512: 2.05 TB/s, fp32's 4-chunk instance 2.5 TB/s). Other instances have the
+  // per chunk and thread and row kept too few bytes in flight for the copy rate (H100 profile,
+  // docs/perf-notes-from-code.md). Other instances have the
   // bytes in flight already, or not the registers to spare (ptxas: 16-bit four chunks spill). ptxas
   // (CUDA 13.0, sm_90) fits the bf16 two-chunk instance in its 80 registers with 20 bytes of spill,
   // reloaded from L1 once per row; sm_80 and fp16 do not spill. NOT YET RUN ON A GPU: written

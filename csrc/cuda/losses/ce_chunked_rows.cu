@@ -1,15 +1,14 @@
-// CUDA row pass of the chunked linear + cross entropy (csrc/generic/ce_chunked.cpp holds the contract
-// and the device-generic chunk loop with its ATen GEMMs; this file is only its CUDA entry,
-// ce_rows_cuda). The kernel is the cross-entropy row kernel of the GEMM path
-// (ce_rows_kernel in gemm_path.cu, CeRowsParams in common.cuh), so both compute the
-// same loss and residual: a warp per row (a group of lanes for C <= 16), lanes over classes,
-// bias added in acc_t, stable log-softmax, the loss term of csrc/contracts/losses.h, and the residual
-// written over the logits chunk in place, times aux[0] (1/den for mean, 1 otherwise; computed
-// on the device by the driver: no host sync) and the row's grad_output for the backward of
-// reduction none. The sum of the class
-// weights (aux[1] on the CPU) is taken by the kernel itself, per row in a fixed order. Targets
-// out of range (and not ignore_index) raise a device-side assert; were asserts compiled out,
-// such a row is treated as ignored and never indexes memory.
+// CUDA row pass of the chunked linear + cross entropy (csrc/generic/ce_chunked.cpp holds the
+// contract and the device-generic chunk loop with its ATen GEMMs; this file is only its CUDA entry,
+// ce_rows_cuda). The kernel is the cross-entropy row kernel of the GEMM path (ce_rows_kernel in
+// gemm_path.cu, CeRowsParams in common.cuh), so both compute the same loss and residual: a warp per
+// row (a group of lanes for C <= 16), lanes over classes, bias added in acc_t, stable log-softmax,
+// the loss term of csrc/contracts/losses.h, and the residual written over the logits chunk in
+// place, times aux[0] (1/den for mean, 1 otherwise; computed on the device by the driver: no host
+// sync) and the row's grad_output for the backward of reduction none. The sum of the class weights
+// (aux[1] on the CPU) is taken by the kernel itself, per row in a fixed order. Targets out of range
+// (and not ignore_index) raise a device-side assert; were asserts compiled out, such a row is
+// treated as ignored and never indexes memory.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>

@@ -239,10 +239,10 @@ LossOut ce_fused_path(const Prepared& q, const CeFusedConfig& cfg, int64_t ignor
                       double label_smoothing, int64_t reduction, bool need_x, bool need_w,
                       bool need_b);
 
-// Path 1c (ce_tc.cu): the same contract as 1b on tensor cores, for 16-bit and fp32 x
-// (3xTF32) in the shapes of ce_tc_shape_ok (csrc/contracts/losses.h) on sm_80+. Its configuration, or
-// false when the kernel is off (MANUAL_LAYERS_CE_TC=0), the device is older than sm_80 or
-// lacks the shared memory. Instantiated for float, at::Half and at::BFloat16.
+// Path 1c (ce_tc.cu): the same contract as 1b on tensor cores, for 16-bit and fp32 x (3xTF32) in
+// the shapes of ce_tc_shape_ok (csrc/contracts/losses.h) on sm_80+. Its configuration, or false
+// when the kernel is off (MANUAL_LAYERS_CE_TC=0), the device is older than sm_80 or lacks the
+// shared memory. Instantiated for float, at::Half and at::BFloat16.
 struct CeTcConfig {
   int cp = 0;      // classes padded to 16, 32 or 64
   int nt = 0;      // dW column tiles of 8 per warp: 4, 8 or 16

@@ -12,11 +12,11 @@
 // denominator comes from ce_den_partial_kernel's partials, summed in the same fixed order by
 // every consumer (no host sync).
 //
-// Row kernels: bce_rows_kernel (binary: one thread per row) and ce_rows_kernel (multinomial: a
-// warp per row, or for C <= 16 a group of the next power of two >= C lanes). ce_rows_kernel is
-// also the row pass of the chunked cross entropy (csrc/generic/ce_chunked.cpp, through ce_chunked_rows.cu
-// and launch_ce_rows): there it writes the residual over the logits chunk in place, in x's
-// dtype, times a device scale.
+// Row kernels: bce_rows_kernel (binary: one thread per row) and ce_rows_kernel (multinomial: a warp
+// per row, or for C <= 16 a group of the next power of two >= C lanes). ce_rows_kernel is also the
+// row pass of the chunked cross entropy (csrc/generic/ce_chunked.cpp, through ce_chunked_rows.cu
+// and launch_ce_rows): there it writes the residual over the logits chunk in place, in x's dtype,
+// times a device scale.
 #include <ATen/OpMathType.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <ATen/ops/mm.h>

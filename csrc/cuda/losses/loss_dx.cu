@@ -1,14 +1,14 @@
 // CUDA dX of the fused losses' backward for few classes (csrc/generic/loss_bwd.cpp chooses it; the
-// contract is loss_dx_cpu's in csrc/contracts/losses.h): dX = coef * (residual W), residual (N, C) acc_t,
-// coef one element (mean/sum: grad_output) or (N,) (none: grad_output per row), W (C, D).
+// contract is loss_dx_cpu's in csrc/contracts/losses.h): dX = coef * (residual W), residual (N, C)
+// acc_t, coef one element (mean/sum: grad_output) or (N,) (none: grad_output per row), W (C, D).
 //
 // Why not at::mm: with K = C this small the GEMM is bound by writing dX, and cuBLAS's kernel for it
-// ran below the copy rate on an H100 (docs/perf-h100-2026-11-28.md: eager's dX GEMM, bf16 1M x 10 @
-// 10 x 512, 0.58 ms = 1.85 TB/s against a 2.53 TB/s copy); the GEMM also needs the residual rounded
-// to x's dtype first. Here each thread keeps its VEC columns of W for all classes in registers
-// (acc_t) and walks rows: per row it reads the C residuals (one broadcast load per warp) and writes
-// VEC outputs with one vector store; the residual stays acc_t (no rounding before the product).
-// Each dX element is written once; nothing waits on the host.
+// ran below the copy rate on an H100 (docs/perf-h100-2026-11-28.md, docs/perf-notes-from-code.md);
+// the GEMM also needs the residual rounded to x's dtype first. Here each thread keeps its VEC
+// columns of W for all classes in registers (acc_t) and walks rows: per row it reads the C
+// residuals (one broadcast load per warp) and writes VEC outputs with one vector store; the
+// residual stays acc_t (no rounding before the product). Each dX element is written once; nothing
+// waits on the host.
 //
 // Not yet run or timed on a GPU (none was lent when it was written); the CUDA tests of the
 // losses' gradients (tests/test_logreg.py, tests/test_ce_tc.py) exercise it wherever one is,

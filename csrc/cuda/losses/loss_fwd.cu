@@ -1,6 +1,6 @@
 // CUDA logistic-regression losses, the host side of _linear_bce_fwd and _linear_ce_fwd
-// (csrc/contracts/losses.h is the contract): argument checks, dtype conversion (Prepared), the empty
-// batch, the choice of path, and the TORCH_LIBRARY_IMPL registration. The kernels are in one
+// (csrc/contracts/losses.h is the contract): argument checks, dtype conversion (Prepared), the
+// empty batch, the choice of path, and the TORCH_LIBRARY_IMPL registration. The kernels are in one
 // file per path (common.cuh describes the op path file by file):
 //
 // 1. Fused binary path (bce_fused.cu): C == 1, reduction mean/sum,
@@ -42,6 +42,7 @@
 #include <limits>
 #include <type_traits>
 
+#include "../../checks.h"
 #include "common.cuh"
 
 namespace manual_layers {
@@ -64,24 +65,18 @@ LossOut empty_batch(const at::Tensor& x, int64_t C, int64_t D, int64_t reduction
           need_x ? at::empty({0, C}, acc_opts) : empty0(acc_opts)};
 }
 
-void check_same_device(const char* op, const char* name, const at::Tensor& t, const at::Tensor& x) {
-  TORCH_CHECK(t.device() == x.device(), op, ": ", name, " is on ", t.device(), " but x is on ",
-              x.device());
-}
-
+// The checks and the preparation both ops share (their own arguments: csrc/checks.h).
 Prepared prepare_common(const char* op, const at::Tensor& x, const at::Tensor& weight,
-                        const c10::optional<at::Tensor>& bias, const at::Tensor& target) {
+                        const c10::optional<at::Tensor>& bias, int64_t reduction) {
   check_linear_args(op, x, weight, bias);
+  check_reduction(reduction);
   TORCH_CHECK(x.is_cuda(), op, ": x must be a CUDA tensor, got ", x.device());
-  check_same_device(op, "target", target, x);
   Prepared q;
   q.x = x.contiguous();
   q.weight = weight.contiguous();
   q.N = x.size(0);
   q.D = x.size(1);
   q.C = weight.size(0);
-  TORCH_CHECK(target.numel() == q.N, op, ": target must have N = ", q.N, " elements, got shape ",
-              target.sizes());
   const auto acc = acc_type_of(x.scalar_type());
   if (bias.has_value() && bias->defined()) q.bias_acc = bias->to(acc).contiguous();
   return q;
@@ -95,25 +90,13 @@ LossOut linear_bce_fwd_cuda(const at::Tensor& x, const at::Tensor& weight,
                             const c10::optional<at::Tensor>& sample_weight, int64_t reduction,
                             bool need_x, bool need_weight, bool need_bias) {
   using namespace cuda_logreg;
-  const char* op = "linear_bce_fwd";
-  check_reduction(reduction);
   c10::cuda::CUDAGuard guard(x.device());
-  Prepared q = prepare_common(op, x, weight, bias, target);
-  TORCH_CHECK(q.C == 1, op, ": weight must have one output (shape (1, D)), got ", weight.sizes());
+  Prepared q = prepare_common(kBceKernelOp, x, weight, bias, reduction);
+  check_bce_kernel_args(kBceKernelOp, x, weight, target, pos_weight, sample_weight);
   const auto acc = acc_type_of(x.scalar_type());
-  q.ftarget = target.reshape({-1}).to(x.scalar_type()).contiguous();
-  if (pos_weight.has_value() && pos_weight->defined()) {
-    check_same_device(op, "pos_weight", *pos_weight, x);
-    TORCH_CHECK(pos_weight->numel() == 1, op, ": pos_weight must have one element, got shape ",
-                pos_weight->sizes());
-    q.pw_acc = pos_weight->reshape({1}).to(acc).contiguous();
-  }
-  if (sample_weight.has_value() && sample_weight->defined()) {
-    check_same_device(op, "sample_weight", *sample_weight, x);
-    TORCH_CHECK(sample_weight->numel() == q.N, op, ": sample_weight must have N = ", q.N,
-                " elements, got shape ", sample_weight->sizes());
-    q.sw = sample_weight->reshape({-1}).to(x.scalar_type()).contiguous();
-  }
+  q.ftarget = target.to(x.scalar_type()).contiguous();
+  if (has(pos_weight)) q.pw_acc = pos_weight->reshape({1}).to(acc).contiguous();
+  if (has(sample_weight)) q.sw = sample_weight->to(x.scalar_type()).contiguous();
   if (q.N == 0) return empty_batch(x, 1, q.D, reduction, need_x, need_weight, need_bias);
 
   return AT_DISPATCH_FLOATING_TYPES_AND2(
@@ -135,22 +118,12 @@ LossOut linear_ce_fwd_cuda(const at::Tensor& x, const at::Tensor& weight,
                            double label_smoothing, int64_t reduction, bool need_x,
                            bool need_weight, bool need_bias) {
   using namespace cuda_logreg;
-  const char* op = "linear_ce_fwd";
-  check_reduction(reduction);
   c10::cuda::CUDAGuard guard(x.device());
-  Prepared q = prepare_common(op, x, weight, bias, target);
-  TORCH_CHECK(target.scalar_type() == at::kLong, op,
-              ": target must hold int64 class indices, got ", target.scalar_type());
-  TORCH_CHECK(label_smoothing >= 0.0 && label_smoothing <= 1.0, op,
-              ": label_smoothing must be in [0, 1], got ", label_smoothing);
+  Prepared q = prepare_common(kCeKernelOp, x, weight, bias, reduction);
+  check_ce_kernel_args(kCeKernelOp, x, weight, target, class_weight, label_smoothing);
   const auto acc = acc_type_of(x.scalar_type());
-  q.itarget = target.reshape({-1}).contiguous();
-  if (class_weight.has_value() && class_weight->defined()) {
-    check_same_device(op, "class_weight", *class_weight, x);
-    TORCH_CHECK(class_weight->numel() == q.C, op, ": class_weight must have C = ", q.C,
-                " elements, got shape ", class_weight->sizes());
-    q.cw_acc = class_weight->reshape({-1}).to(acc).contiguous();
-  }
+  q.itarget = target.contiguous();
+  if (has(class_weight)) q.cw_acc = class_weight->to(acc).contiguous();
   if (q.N == 0) return empty_batch(x, q.C, q.D, reduction, need_x, need_weight, need_bias);
 
   return AT_DISPATCH_FLOATING_TYPES_AND2(
