@@ -22,7 +22,7 @@ $(VENV)/.deps:
 		setuptools wheel cmake pybind11
 	# The tools that wrap nn.Linear, for their tests (tests/test_tools.py): PEFT and Opacus.
 	$(VPY) -m pip install -q peft opacus
-	# CUTLASS's C++ headers for the experimental sm_90 kernels (csrc/cuda/linear_sm90.h); its
+	# CUTLASS's C++ headers for the experimental sm_90 kernels (csrc/cuda/experimental/linear_sm90.h); its
 	# Python tools and their dependencies are not used.
 	$(VPY) -m pip install -q --no-deps nvidia-cutlass
 	touch $@

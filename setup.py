@@ -11,7 +11,7 @@ Environment (the build prints what it chose and why; `python -m manual_layers in
   TORCH_CUDA_ARCH_LIST    GPU architectures; default: the visible GPUs' own, else "8.0;9.0"
   MANUAL_LAYERS_CUDA_EXPERIMENTAL=1
                           also build the CUDA kernels that have never run on a GPU: the sm_90
-                          CUTLASS Linear/MLP kernels (csrc/cuda/linear_sm90.h) and the sm_90a
+                          CUTLASS Linear/MLP kernels (csrc/cuda/experimental/) and the sm_90a
                           cluster instances of the tensor-core cross entropy. Needs 9.0 in the
                           arch list, which is then compiled as 9.0a (wgmma, TMA multicast; such a
                           cubin runs on exactly the GPUs a 9.0 cubin runs on). At run time they
@@ -154,7 +154,7 @@ def sm90a_arch_list(archs):
 
 def write_build_config(values):
     """build/generated/ml_build_config.h: what was built and why, as string macros that
-    csrc/ops.cpp puts into the build info (a header, so that no define with spaces has to
+    csrc/module.cpp puts into the build info (a header, so that no define with spaces has to
     survive a compiler command line). Rewritten only when it changes (no needless rebuild)."""
     d = os.path.join(ROOT, "build", "generated")
     os.makedirs(d, exist_ok=True)
@@ -198,10 +198,10 @@ def cuda_lib_dirs():
     return incs, libdirs, link
 
 
-# The CPU kernels (csrc/cpu/*.cpp) are compiled once per ISA, ATen's way (cmake/Codegen.cmake):
-# each copy with its -m flags and -DCPU_CAPABILITY=<ISA>, which puts it in the namespace
-# manual_layers::<ISA>; csrc/cpu_dispatch.cpp picks one at load. Everything else (csrc/*.cpp:
-# op schemas, registration, the ISA choice) is ISA-neutral: no -m flags.
+# The CPU kernels (csrc/cpu/kernels/*.cpp) are compiled once per ISA, ATen's way
+# (cmake/Codegen.cmake): each copy with its -m flags and -DCPU_CAPABILITY=<ISA>, which puts it in
+# the namespace manual_layers::<ISA>; csrc/cpu/runtime/dispatch.cpp picks one at load. Everything
+# else (op schemas, registration, the ISA choice, csrc/cpu/runtime) is ISA-neutral: no -m flags.
 ISA_FLAGS = {
     "DEFAULT": [],
     "AVX2": ["-mavx2", "-mfma", "-mf16c"],
@@ -244,7 +244,7 @@ class BuildExt(BuildExtension):
     compiler, ninja and flags as the extension's sources plus the ISA's. They are linked AFTER
     the ISA-neutral objects and in the order DEFAULT, AVX2, AVX512: for an inline function
     that several objects emit, the linker keeps the first copy, i.e. never an AVX-512 one
-    where a lower level has it (csrc/cpu_dispatch.cpp)."""
+    where a lower level has it (csrc/cpu/runtime/dispatch.cpp)."""
 
     def build_extension(self, ext):
         cxx = ext.extra_compile_args
@@ -264,8 +264,10 @@ class BuildExt(BuildExtension):
 def build_extension():
     with_cuda, why = want_cuda()
     cxx, isas, defines = cpu_flags()
-    kernel_sources = sorted(glob.glob("csrc/cpu/*.cpp"))  # compiled once per ISA (BuildExt)
-    # ISA-neutral: every other .cpp under csrc/ (op schemas, autograd, policies, runtime)
+    # compiled once per ISA (BuildExt)
+    kernel_sources = sorted(glob.glob("csrc/cpu/kernels/*.cpp"))
+    # ISA-neutral: every other .cpp under csrc/ (op schemas, autograd, policies, generic ATen
+    # compositions, csrc/cpu/runtime); csrc/cuda holds only .cu/.cuh (nvcc, below)
     sources = [f for f in sorted(glob.glob("csrc/**/*.cpp", recursive=True))
                if f not in kernel_sources and not f.startswith(os.path.join("csrc", "cuda"))]
     # The kernel files and headers as dependencies: otherwise setuptools skips the link when
@@ -300,9 +302,10 @@ def build_extension():
             os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0"
     archs = os.environ["TORCH_CUDA_ARCH_LIST"]
     experimental = _flag("MANUAL_LAYERS_CUDA_EXPERIMENTAL")
-    cu_sources = sorted(glob.glob("csrc/cuda/*.cu"))
-    cutlass_sources = [f for f in cu_sources if os.path.basename(f).startswith("linear_sm90_")]
-    cu_sources = [f for f in cu_sources if f not in cutlass_sources]
+    # every .cu under csrc/cuda/ but csrc/cuda/experimental/ (built only on request, below)
+    cutlass_sources = sorted(glob.glob("csrc/cuda/experimental/*.cu"))
+    cu_sources = [f for f in sorted(glob.glob("csrc/cuda/**/*.cu", recursive=True))
+                  if f not in cutlass_sources]
     if not experimental:
         exp_why = ("OFF: never run on a GPU; MANUAL_LAYERS_CUDA_EXPERIMENTAL=1 builds them")
     else:

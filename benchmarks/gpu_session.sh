@@ -24,8 +24,8 @@
 #   sanitize compute-sanitizer memcheck, racecheck and synccheck on benchmarks/sanitize_calls.py
 #            (every kernel path once, small shapes; PyTorch's caching allocator off so that an
 #            access past an output is past its allocation). The host emulation's ThreadSanitizer
-#            and AddressSanitizer runs (tests/test_cuda_emu.py) are the same checks without a GPU.
-#   cutlass  the Linear and MLP tests with MANUAL_LAYERS_CUTLASS=1 (csrc/cuda/linear_sm90.h: GELU /
+#            and AddressSanitizer runs (tests/cuda_emu/test_cuda_emu.py) are the same checks without a GPU.
+#   cutlass  the Linear and MLP tests with MANUAL_LAYERS_CUTLASS=1 (csrc/cuda/experimental/linear_sm90.h: GELU /
 #            SiLU in the forward GEMM's epilogue, the MLP backward's dgrad with the activation
 #            and bias gradients in its epilogue; opt-in until this stage has passed on a GPU),
 #            then bench_linear for gelu / silu and bench_mlp (each also timed with the switch,

@@ -10,11 +10,11 @@ namespace manual_layers {
 
 // at::empty for an output about to be written whole. CPU outputs of 8 MiB and more reuse the
 // memory of a freed output of the same size (new buffers get the huge-page advice); any other
-// tensor is plain at::empty. csrc/cpu_alloc.cpp says why.
+// tensor is plain at::empty. csrc/cpu/runtime/alloc.cpp says why.
 at::Tensor empty_for_write(at::IntArrayRef sizes, const at::TensorOptions& options);
 
 // The kernels' GEMMs: at::mm / mm_out / addmm / addmm_out, except that fp16 on a CPU without a
-// native fp16 GEMM runs as an fp32 GEMM rounded once (csrc/cpu_gemm.cpp says why). Any device.
+// native fp16 GEMM runs as an fp32 GEMM rounded once (csrc/cpu/runtime/gemm.cpp says why). Any device.
 namespace gemm {
 // Whether these functions multiply a's dtype by widening it to fp32 (fp16 on a CPU without a
 // native fp16 GEMM): callers that run many GEMMs on one operand can widen it once themselves.

@@ -1,8 +1,8 @@
 // Typed dispatcher handles of the ops the Autograd kernels call (schemas: csrc/ops.cpp).
 #pragma once
 
-#include "../logreg.h"
-#include "../mlp.h"
+#include "../contracts/losses.h"
+#include "../contracts/mlp.h"
 #include "common.h"
 
 namespace manual_layers {

@@ -1,12 +1,12 @@
 // linear: y = act(x W^T + b). Autograd, CPU/CUDA (no autograd) and Autocast kernels of the
 // public op (csrc/autograd/common.h says what each does); the kernels it calls are the private
-// ops _linear_fwd / _linear_bwd (contracts in csrc/linear.h).
+// ops _linear_fwd / _linear_bwd (contracts in csrc/contracts/linear.h).
 #include <torch/library.h>
 
 #include <string>
 
 #include "../checks.h"
-#include "../linear.h"
+#include "../contracts/linear.h"
 #include "common.h"
 #include "handles.h"
 

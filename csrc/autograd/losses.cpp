@@ -1,7 +1,7 @@
 // The fused losses linear_bce and linear_ce: Autograd, CPU/CUDA (no autograd) and Autocast
 // kernels of the public ops (csrc/autograd/common.h). The kernels they call: _linear_bce_fwd,
-// _linear_ce_fwd and _linear_loss_bwd (contracts in csrc/logreg.h), and the chunked cross
-// entropy _linear_ce_chunked_fwd/_bwd (csrc/ce_chunked.cpp); csrc/policy/ce_path.cpp chooses
+// _linear_ce_fwd and _linear_loss_bwd (contracts in csrc/contracts/losses.h), and the chunked cross
+// entropy _linear_ce_chunked_fwd/_bwd (csrc/generic/ce_chunked.cpp); csrc/policy/ce_path.cpp chooses
 // between the cross entropy's paths.
 #include <ATen/ExpandUtils.h>
 #include <ATen/OpMathType.h>
@@ -39,7 +39,7 @@ void check_loss_dtype(const char* fn, c10::optional<at::ScalarType> dtype) {
                    ": dtype must be a floating-point dtype, got ", py_dtype(*dtype));
 }
 
-// What the single-pass losses' Function keeps (csrc/logreg.h): the forward's residual and
+// What the single-pass losses' Function keeps (csrc/contracts/losses.h): the forward's residual and
 // weight/bias gradients for the kernel backward, and the inputs for a backward with a graph.
 void save_loss(AutogradContext* ctx, const LossOut& outs, std::vector<at::Tensor> inputs,
                int64_t reduction, bool nx, bool nw, bool nb) {

@@ -1,6 +1,6 @@
 // mlp: Linear(w1, b1) -> activation -> Linear(w2, b2). Autograd, CPU/CUDA (no autograd) and
 // Autocast kernels of the public op (csrc/autograd/common.h); forward is two _linear_fwd calls,
-// backward one _mlp_bwd (contract in csrc/mlp.h).
+// backward one _mlp_bwd (contract in csrc/contracts/mlp.h).
 #include <torch/library.h>
 
 #include <string>

@@ -6,7 +6,7 @@
 #include <string>
 
 #include "../common.h"
-#include "../logreg.h"
+#include "../contracts/losses.h"
 
 namespace manual_layers {
 namespace {

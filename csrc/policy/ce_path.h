@@ -6,7 +6,7 @@
 namespace manual_layers {
 
 // Whether linear_ce with hard (class-index) targets runs the chunked path
-// (_linear_ce_chunked_fwd, csrc/ce_chunked.cpp: GEMMs over row chunks, no N x C buffer) instead
+// (_linear_ce_chunked_fwd, csrc/generic/ce_chunked.cpp: GEMMs over row chunks, no N x C buffer) instead
 // of the single pass (_linear_ce_fwd: X read once, an N x C residual kept for backward).
 // x (N, D) flattened, weight (C, D). Depends on the shapes' static facts, dtype, device,
 // reduction and this machine's fixed facts only, so eager calls and traced graphs choose alike;

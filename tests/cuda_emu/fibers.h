@@ -18,7 +18,7 @@
 //   before that one is done with it (a copy issued one barrier too early) therefore always
 //   changes what the other reads;
 // - ML_EMU_SCHEDULE_SEED=S (S != 0) replaces both orders by random permutations drawn from S
-//   (tests/test_cuda_emu.py's random cases use one seed per case).
+//   (tests/cuda_emu/test_cuda_emu.py's random cases use one seed per case).
 //
 // Built with ThreadSanitizer each fiber is a TSan thread (__tsan_switch_to_fiber without
 // synchronisation), so only the orderings the GPU gives are seen: __syncthreads, __syncwarp and

@@ -1,37 +1,38 @@
 // Host emulation of CUDA kernels that could not be run on a GPU when they were written, so that
 // their indexing, shared-memory layout, fragment addressing, pipeline ring and reductions are
-// checked on machines without one (tests/test_cuda_emu.py builds and runs this with g++):
-//   ce_tc    the tensor-core cross-entropy kernel (csrc/cuda/logreg_ce_tc.cu)
-//   ce_tc_cl its sm_90a cluster instances (the cluster functions of csrc/cuda/cluster_sm90.cuh
-//            are emulated below: a cluster's blocks run at the same time)
+// checked on machines without one (tests/cuda_emu/test_cuda_emu.py builds and runs this with g++):
+//   ce_tc    the tensor-core cross-entropy kernel (csrc/cuda/losses/ce_tc_kernels.cuh)
+//   ce_tc_cl its sm_90a cluster instances (csrc/cuda/losses/ce_tc_cluster.cu; the cluster
+//            functions of csrc/cuda/common/cluster_sm90.cuh are emulated below: a cluster's
+//            blocks run at the same time)
 //   ce_fused the CUDA-core single-pass cross-entropy kernel and the mean-denominator kernels
-//            (csrc/cuda/logreg_ce_fused.cu, logreg_common.cu)
-//   loss_dx  the losses' dX kernel for few classes (csrc/cuda/loss_dx.cu)
-//   act_bwd  the activation gradient with the bias gradient's column sums (csrc/cuda/linear.cu:
-//            act_bwd_colsum_kernel, colsum_final_kernel)
+//            (csrc/cuda/losses/ce_fused_kernels.cuh, csrc/cuda/losses/common.cu)
+//   loss_dx  the losses' dX kernel for few classes (csrc/cuda/losses/loss_dx.cu)
+//   act_bwd  the activation gradient with the bias gradient's column sums
+//            (csrc/cuda/linear/linear_kernels.cuh: act_bwd_colsum_kernel, colsum_final_kernel)
 //   ce_rows  the cross-entropy row kernel of the GEMM and chunked paths, G lanes per row
-//            (csrc/cuda/logreg_gemm.cu: ce_rows_kernel)
+//            (csrc/cuda/losses/gemm_path.cu: ce_rows_kernel)
 //   bce      the fused binary cross entropy and the finalize step every mean/sum path ends with
-//            (csrc/cuda/logreg_bce_fused.cu, logreg_common.cu)
-//   bce_rows the GEMM path's binary row kernel (csrc/cuda/logreg_gemm.cu: bce_rows_kernel)
-//   linear_misc  Linear's activation, softmax and column-sum kernels (csrc/cuda/linear.cu)
+//            (csrc/cuda/losses/bce_fused.cu, csrc/cuda/losses/common.cu)
+//   bce_rows the GEMM path's binary row kernel (csrc/cuda/losses/gemm_path.cu: bce_rows_kernel)
+//   linear_misc  Linear's activation, softmax and column-sum kernels
+//            (csrc/cuda/linear/linear_kernels.cuh)
 //
-// The .cu files are compiled as C++ with ML_CUDA_HOST_EMU (which leaves out their host
-// code): a block's threads are fibers on one OS thread (tests/cuda_emu/fibers.h: cooperative,
-// in a schedule chosen to expose missing barriers; blocks run one after another, a cluster's
-// blocks together; __shared__ arrays are static, so all threads of a block see one),
-// __syncthreads, __syncwarp and the warp shuffles are barriers (under ThreadSanitizer the
-// shuffles order no memory: __shfl_xor_sync),
-// dynamic shared memory is the launch's size at the end of an array (launch), a cp.async copy
-// lands when its thread waits for its group (a read before the wait and the barrier sees the
-// poisoned shared memory), and mma.sync is computed from the fragment layouts of the PTX ISA,
-// written here independently of the kernel (m16n8k16 16-bit: A[g + 8 (r % 2)][2t + 8 (r / 2) +
-// h] in register r of lane 4g + t, B[2t + 8r + h][g], D[g + 8 (r / 2)][2t + r % 2]; m16n8k8
-// tf32 likewise with k = t + 4 (r / 2) and t + 4r). What it cannot check: the PTX itself and
-// timing. A race the thread schedule of a run does not expose passes the value checks; built
-// with -fsanitize=thread (tests/test_cuda_emu.py) it is reported whatever the schedule. A wait
-// that cannot end (a thread that left the kernel before a __syncthreads of the others, an
-// mbarrier phase that never completes) ends the run with exit status 3.
+// The .cu files are compiled as C++ with ML_CUDA_HOST_EMU (which leaves out their host code): a
+// block's threads are fibers on one OS thread (tests/cuda_emu/fibers.h: cooperative, in a schedule
+// chosen to expose missing barriers; blocks run one after another, a cluster's blocks together;
+// __shared__ arrays are static, so all threads of a block see one), __syncthreads, __syncwarp and
+// the warp shuffles are barriers (under ThreadSanitizer the shuffles order no memory:
+// __shfl_xor_sync), dynamic shared memory is the launch's size at the end of an array (launch), a
+// cp.async copy lands when its thread waits for its group (a read before the wait and the barrier
+// sees the poisoned shared memory), and mma.sync is computed from the fragment layouts of the PTX
+// ISA, written here independently of the kernel (m16n8k16 16-bit: A[g + 8 (r % 2)][2t + 8 (r / 2) +
+// h] in register r of lane 4g + t, B[2t + 8r + h][g], D[g + 8 (r / 2)][2t + r % 2]; m16n8k8 tf32
+// likewise with k = t + 4 (r / 2) and t + 4r). What it cannot check: the PTX itself and timing. A
+// race the thread schedule of a run does not expose passes the value checks; built with
+// -fsanitize=thread (tests/cuda_emu/test_cuda_emu.py) it is reported whatever the schedule. A wait
+// that cannot end (a thread that left the kernel before a __syncthreads of the others, an mbarrier
+// phase that never completes) ends the run with exit status 3.
 //
 // Usage (exit 0 when every output matches a float64 reference of the same inputs, else 1):
 //   kernels_emu ce_tc|ce_tc_cl|ce_fused DTYPE N D C GRID STAGES OPTS   (ce_tc_cl: GRID
@@ -86,10 +87,10 @@ constexpr int kMaxCluster = 8;                 // blocks of a cluster, run at th
 constexpr int kMaxWarps = 32 * kMaxCluster;    // warps of those blocks
 constexpr size_t kSmemBytes = 232448;          // shared memory per block (sm_90's opt-in limit)
 // A kernel's dynamic shared memory: the launch's size in bytes (16-byte multiple) at the END of
-// each block's array, so that an access past it leaves the array (AddressSanitizer reports it
-// in the sanitizer builds, tests/test_cuda_emu.py). Block k of a cluster has smem_raw[k]; the
-// blocks' arrays lie kSmemGap bytes apart and the AddressSanitizer build poisons the gaps, so
-// that an access past block k's array is reported too instead of landing in block k + 1's.
+// each block's array, so that an access past it leaves the array (AddressSanitizer reports it in
+// the sanitizer builds, tests/cuda_emu/test_cuda_emu.py). Block k of a cluster has smem_raw[k]; the
+// blocks' arrays lie kSmemGap bytes apart and the AddressSanitizer build poisons the gaps, so that
+// an access past block k's array is reported too instead of landing in block k + 1's.
 constexpr size_t kSmemGap = 256;
 alignas(16) unsigned char smem_raw[kMaxCluster][kSmemBytes + kSmemGap];
 #if defined(__SANITIZE_ADDRESS__)
@@ -198,23 +199,23 @@ inline void cp_async_wait(int n) {
   }
 }
 
-// Thread-block clusters (csrc/cuda/cluster_sm90.cuh): a cluster's blocks run at the same time
-// (launch), each with its own shared memory; cluster_sync is a barrier of all their threads,
+// Thread-block clusters (csrc/cuda/common/cluster_sm90.cuh): a cluster's blocks run at the same
+// time (launch), each with its own shared memory; cluster_sync is a barrier of all their threads,
 // after which the blocks run in a new priority order (tests/cuda_emu/fibers.h), so that a block
 // that writes into another's shared memory before that one is done with it (a copy issued one
 // barrier too early) changes what it reads, and the value checks fail. cluster_map points into
 // another block's shared memory at the same offset. An mbarrier is an object beside the
-// shared-memory word it is initialised at: arrivals and a transaction count per phase, as in
-// the PTX ISA (a phase completes when its arrivals are all in and the count is back to 0;
-// copies may complete their bytes before the expecting arrival). A multicast bulk copy lands at
-// once, in every block of its mask, and completes its bytes on each block's mbarrier at the
-// same offset: a copy issued into a stage that another block is still reading changes what that
-// block reads (and ThreadSanitizer reports the race). A wait that would never end on a GPU (a
-// miscounted phase) ends the run; so does a block's barrier that still expects bytes or
-// arrivals when the kernel returns (copies in flight at exit). For ThreadSanitizer an arrival
-// and a copy's completion release, a completed wait acquires (the orderings the mbarrier gives
-// on a GPU), and the lookup of an mbarrier reads a word its initialisation wrote, so a use not
-// ordered after mbarrier_init (by the cluster barrier) is reported.
+// shared-memory word it is initialised at: arrivals and a transaction count per phase, as in the
+// PTX ISA (a phase completes when its arrivals are all in and the count is back to 0; copies may
+// complete their bytes before the expecting arrival). A multicast bulk copy lands at once, in every
+// block of its mask, and completes its bytes on each block's mbarrier at the same offset: a copy
+// issued into a stage that another block is still reading changes what that block reads (and
+// ThreadSanitizer reports the race). A wait that would never end on a GPU (a miscounted phase) ends
+// the run; so does a block's barrier that still expects bytes or arrivals when the kernel returns
+// (copies in flight at exit). For ThreadSanitizer an arrival and a copy's completion release, a
+// completed wait acquires (the orderings the mbarrier gives on a GPU), and the lookup of an
+// mbarrier reads a word its initialisation wrote, so a use not ordered after mbarrier_init (by the
+// cluster barrier) is reported.
 namespace cl {
 namespace fib = emu::fib;
 struct MBar {
@@ -407,13 +408,14 @@ void mma16816(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
 }  // namespace cuda_logreg
 }  // namespace manual_layers
 
-#include "../../csrc/cuda/logreg_ce_tc.cu"
-#include "../../csrc/cuda/loss_dx.cu"
-#include "../../csrc/cuda/logreg_gemm.cu"
-#include "../../csrc/cuda/linear.cu"
-#include "../../csrc/cuda/logreg_bce_fused.cu"
-#include "../../csrc/cuda/logreg_common.cu"
-#include "../../csrc/cuda/logreg_ce_fused.cu"
+#include "../../csrc/cuda/losses/ce_tc.cu"
+#include "../../csrc/cuda/losses/ce_tc_cluster.cu"
+#include "../../csrc/cuda/losses/loss_dx.cu"
+#include "../../csrc/cuda/losses/gemm_path.cu"
+#include "../../csrc/cuda/linear/linear_kernels.cuh"
+#include "../../csrc/cuda/losses/bce_fused.cu"
+#include "../../csrc/cuda/losses/common.cu"
+#include "../../csrc/cuda/losses/ce_fused.cu"
 
 using namespace manual_layers::cuda_logreg;
 
@@ -500,9 +502,9 @@ const char* dtype_name() {
   return "f64";
 }
 
-// The single-pass cross-entropy kernels against float64 (loss, residual / den, dW and db
-// partials summed in block order): kind "tc" the tensor-core kernel (logreg_ce_tc.cu: STAGES
-// tiles in its ring), "fused" the CUDA-core kernel (logreg_ce_fused.cu: W in acc_t, the mean
+// The single-pass cross-entropy kernels against float64 (loss, residual / den, dW and db partials
+// summed in block order): kind "tc" the tensor-core kernel (csrc/cuda/losses/ce_tc.cu: STAGES tiles
+// in its ring), "fused" the CUDA-core kernel (csrc/cuda/losses/ce_fused.cu: W in acc_t, the mean
 // denominator from ce_den_partial_kernel and ce_den_final_kernel, STAGES unused).
 template <typename scalar_t>
 int run_ce_single(const std::string& kind, int64_t N, int D, int C, int grid, int stages,
@@ -1062,7 +1064,7 @@ int run_bce_rows(int64_t N, int grid, const std::string& opts) {
   return ok ? 0 : 1;
 }
 
-// Linear's other kernels (csrc/cuda/linear.cu) on a rows x cols matrix, GRID blocks of 256
+// Linear's other kernels (csrc/cuda/linear/linear.cu) on a rows x cols matrix, GRID blocks of 256
 // threads (fewer than the data needs: grid-stride loops): act_fwd_kernel and act_bwd_kernel
 // (GELU; equal to act_forward / act_backward element by element, the vector body and the
 // scalar tail), softmax_fwd_kernel and softmax_bwd_kernel (against float64), and the column

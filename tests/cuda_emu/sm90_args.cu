@@ -1,11 +1,11 @@
-// Host-side check of the sm_90 CUTLASS kernels' arguments (csrc/cuda/linear_sm90.cuh), which no
-// GPU has run yet and the host emulation cannot run (TMA, wgmma): the strides that gemm_args,
-// run and run_dgrad give CUTLASS describe the tensors the ops hold, element (i, j) of each
-// operand at the offset the op's row-major layout puts it; CUTLASS's own can_implement accepts
-// the shapes the ops send and rejects those they must not. No kernel is instantiated (only
-// host functions), so this compiles in seconds and needs no GPU. Run by
+// Host-side check of the sm_90 CUTLASS kernels' arguments (csrc/cuda/experimental/linear_sm90.cuh),
+// which no GPU has run yet and the host emulation cannot run (TMA, wgmma): the strides that
+// gemm_args, run and run_dgrad give CUTLASS describe the tensors the ops hold, element (i, j) of
+// each operand at the offset the op's row-major layout puts it; CUTLASS's own can_implement accepts
+// the shapes the ops send and rejects those they must not. No kernel is instantiated (only host
+// functions), so this compiles in seconds and needs no GPU. Run by
 // tests/test_linear_sm90.py::test_cutlass_argument_layouts.
-#include "../../csrc/cuda/linear_sm90.cuh"
+#include "../../csrc/cuda/experimental/linear_sm90.cuh"
 
 #include <cstdint>
 #include <cstdio>

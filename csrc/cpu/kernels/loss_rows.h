@@ -1,0 +1,180 @@
+// The row pieces of the CPU loss pass (losses.cpp): a vector's lane sum, the logits of a few
+// rows (read one after another, with the prefetch), and the register-blocked grad_W sweep
+// over a tile. Per-ISA like it.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+
+#include <cstdint>
+#include <type_traits>
+
+#include "loss_tiles.h"  // per-ISA only: its guard covers this header too
+#include "vec_io.h"
+
+namespace manual_layers {
+namespace CPU_CAPABILITY {
+namespace {
+
+using at::vec::Vectorized;
+
+// The sum of a vector's lanes. at::vec's vec_reduce_all has a shuffle tree for float but, on
+// AVX-512, a lane-by-lane generic loop for double that made the float64 logits several times
+// slower than their FMAs (docs/perf-notes-from-code.md); here: halves added pairwise.
+template <typename acc_t>
+inline acc_t hsum(const Vectorized<acc_t>& v) {
+  using Vec = Vectorized<acc_t>;
+  if constexpr (std::is_same_v<acc_t, float>) {
+    return at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, v);
+  } else {
+    constexpr int64_t V = Vec::size();
+    alignas(64) acc_t t[V];
+    v.store(t);
+    for (int64_t h = V / 2; h >= 1; h /= 2)
+      for (int64_t j = 0; j < h; ++j) t[j] += t[j + h];
+    return t[0];
+  }
+}
+
+// z[c * kRows] = W_c . x + b_c for NC classes c0 .. c0 + NC of ONE row x (D values, read in
+// place: a last partial vector is a masked load, never past the row): NC x ND accumulators,
+// each x vector loaded once serves NC FMAs, ND independent chains per class keep the FMA
+// pipe busy when NC is small. W rows are zero-padded to Dp.
+template <int NC, int ND, typename acc_t>
+inline void row_logits(const acc_t* x, const acc_t* W, const acc_t* bias, int64_t c0, int64_t D,
+                       int64_t Dp, acc_t* z) {
+  using Vec = Vectorized<acc_t>;
+  constexpr int64_t V = Vec::size();
+  Vec acc[NC][ND];
+  for (int i = 0; i < NC; ++i)
+    for (int j = 0; j < ND; ++j) acc[i][j] = Vec(0);
+  const acc_t* w = W + c0 * Dp;
+  int64_t d = 0;
+  for (; d + ND * V <= D; d += ND * V) {
+    for (int j = 0; j < ND; ++j) {
+      const Vec xv = Vec::loadu(x + d + j * V);
+      for (int i = 0; i < NC; ++i)
+        acc[i][j] = at::vec::fmadd(xv, Vec::loadu(w + i * Dp + d + j * V), acc[i][j]);
+    }
+  }
+  for (; d < D; d += V) {  // fewer than ND vectors left: whole, then a partial one
+    const Vec xv = D - d >= V ? Vec::loadu(x + d) : Vec::loadu(x + d, D - d);
+    for (int i = 0; i < NC; ++i)
+      acc[i][0] = at::vec::fmadd(xv, Vec::loadu(w + i * Dp + d), acc[i][0]);
+  }
+  for (int i = 0; i < NC; ++i) {
+    Vec a = acc[i][0];
+    for (int j = 1; j < ND; ++j) a = a + acc[i][j];
+    z[i * kRows] = hsum(a) + (bias ? bias[c0 + i] : acc_t(0));
+  }
+}
+
+// z[c * kRows + k] = W_c . x_k + b_c for the kTile rows x_k = x + k * xs (k < kTile). The rows
+// are read ONE AFTER ANOTHER, each front to back: interleaving the loads of 4 rows (to reuse
+// each W vector for 4 rows) kept the memory reads of the pass at about half of X.sum()'s rate
+// on Zen 4; one row at a time they stream like X.sum() (docs/perf-notes-from-code.md). W stays
+// in L1, so its extra loads cost little.
+template <typename acc_t>
+inline void logits_block(const acc_t* x, int64_t xs, const acc_t* W, const acc_t* bias, int64_t C,
+                         int64_t D, int64_t Dp, acc_t* z) {
+  for (int64_t k = 0; k < kTile; ++k, x += xs, ++z) {
+    int64_t c = 0;
+    for (; c + 4 <= C; c += 4) row_logits<4, 1>(x, W, bias, c, D, Dp, z + c * kRows);
+    switch (C - c) {
+      case 3: row_logits<3, 2>(x, W, bias, c, D, Dp, z + c * kRows); break;
+      case 2: row_logits<2, 2>(x, W, bias, c, D, Dp, z + c * kRows); break;
+      case 1: row_logits<1, 4>(x, W, bias, c, D, Dp, z + c * kRows); break;
+      default: break;
+    }
+  }
+}
+
+// The same for one class (binary), rows read in place in x's own dtype (src_t: acc_t, or
+// bf16/fp16 converted as loaded, so 16-bit rows are neither copied nor widened in memory); with
+// PF, the row pf_stride bytes ahead of each row is prefetched into L2 a line at a time as the
+// row is read (see run_block). The four accumulators are named variables: as an array inlined
+// into run_block, GCC 12 kept them on the stack (a store and a reload per FMA).
+template <bool PF, typename acc_t, typename src_t>
+inline void logits_block_binary(const src_t* x, int64_t xs, const acc_t* W, const acc_t* bias,
+                                int64_t D, acc_t* z, const char* pf, int64_t pf_stride) {
+  using Vec = Vectorized<acc_t>;
+  constexpr int64_t V = Vec::size();
+  constexpr int64_t S = sizeof(src_t);
+  const acc_t b = bias ? bias[0] : acc_t(0);
+  for (int64_t k = 0; k < kTile; ++k, x += xs, ++z, pf += pf_stride) {
+    Vec a0(0), a1(0), a2(0), a3(0);
+    int64_t d = 0;
+    for (; d + 4 * V <= D; d += 4 * V) {
+      if constexpr (PF) {
+        for (int64_t o = 0; o < 4 * V * S; o += 64) __builtin_prefetch(pf + d * S + o, 0, 2);
+      }
+      a0 = at::vec::fmadd(load<src_t, acc_t>(x + d, V), Vec::loadu(W + d), a0);
+      a1 = at::vec::fmadd(load<src_t, acc_t>(x + d + V, V), Vec::loadu(W + d + V), a1);
+      a2 = at::vec::fmadd(load<src_t, acc_t>(x + d + 2 * V, V), Vec::loadu(W + d + 2 * V), a2);
+      a3 = at::vec::fmadd(load<src_t, acc_t>(x + d + 3 * V, V), Vec::loadu(W + d + 3 * V), a3);
+    }
+    if constexpr (PF) {
+      // The lines of the rest of the row, its last byte included (rows need not start a line).
+      for (int64_t o = d * S; o < D * S; o += 64) __builtin_prefetch(pf + o, 0, 2);
+      __builtin_prefetch(pf + D * S - 1, 0, 2);
+    }
+    for (; d < D; d += V) {  // as row_logits: whole vectors, then a partial one, into a0
+      const Vec xv = load<src_t, acc_t>(x + d, std::min<int64_t>(V, D - d));
+      a0 = at::vec::fmadd(xv, Vec::loadu(W + d), a0);
+    }
+    *z = hsum(((a0 + a1) + a2) + a3) + b;  // row_logits<1, 4>'s order: bitwise the same
+  }
+}
+
+// g[i * Dp + j * V ..] += sum_{k < kr} r[i * kRows + k] x_k[j * V ..] for NC classes and ND
+// feature vectors: NC x ND accumulators held in registers over the tile's rows. len < V (only
+// with ND == 1): the rows' last, partial vector (masked loads; g's padding gets zeros added).
+template <int NC, int ND, typename acc_t, typename src_t>
+inline void sweep_block(const acc_t* r, const src_t* x, int64_t xs, int64_t kr, acc_t* g,
+                        int64_t Dp, int64_t len = Vectorized<acc_t>::size()) {
+  using Vec = Vectorized<acc_t>;
+  constexpr int64_t V = Vec::size();
+  Vec acc[NC][ND];
+  for (int i = 0; i < NC; ++i)
+    for (int j = 0; j < ND; ++j) acc[i][j] = Vec::loadu(g + i * Dp + j * V);
+  for (int64_t k = 0; k < kr; ++k, x += xs) {
+    Vec xv[ND];
+    for (int j = 0; j < ND; ++j) xv[j] = load<src_t, acc_t>(x + j * V, ND == 1 ? len : V);
+    for (int i = 0; i < NC; ++i) {
+      const Vec rv(r[i * kRows + k]);
+      for (int j = 0; j < ND; ++j) acc[i][j] = at::vec::fmadd(rv, xv[j], acc[i][j]);
+    }
+  }
+  for (int i = 0; i < NC; ++i)
+    for (int j = 0; j < ND; ++j) acc[i][j].store(g + i * Dp + j * V);
+}
+
+// grad_W (C x Dp) += R^T X for the tile: R class-major (C x kRows), rows x_k = x + k * xs of D
+// values each (acc_t, or 16-bit rows read in place by the binary pass).
+template <typename acc_t, typename src_t>
+inline void sweep_tile(const acc_t* r, const src_t* x, int64_t xs, int64_t kr, acc_t* gw,
+                       int64_t C, int64_t D, int64_t Dp) {
+  constexpr int64_t V = Vectorized<acc_t>::size();
+  const int64_t Df = D / V * V;
+  for (int64_t c = 0; c < C; c += 2) {
+    const acc_t* rc = r + c * kRows;
+    acc_t* g = gw + c * Dp;
+    const bool two = c + 2 <= C;
+    int64_t d = 0;
+    for (; d + 4 * V <= Df; d += 4 * V) {
+      if (two) sweep_block<2, 4>(rc, x + d, xs, kr, g + d, Dp);
+      else sweep_block<1, 4>(rc, x + d, xs, kr, g + d, Dp);
+    }
+    for (; d < D; d += V) {
+      const int64_t len = std::min<int64_t>(V, D - d);
+      if (two) sweep_block<2, 1>(rc, x + d, xs, kr, g + d, Dp, len);
+      else sweep_block<1, 1>(rc, x + d, xs, kr, g + d, Dp, len);
+    }
+  }
+}
+
+}  // namespace
+}  // namespace CPU_CAPABILITY
+}  // namespace manual_layers
