@@ -7,7 +7,7 @@ activation module in eager mode and under torch.compile, forward and forward+bac
 
 Shapes are N x in_features -> out_features, written "65536x256->256" or "65536x256x256".
 On an sm_90 GPU, GELU and SiLU cases in 16 bits also time the layer with MANUAL_LAYERS_CUTLASS=1
-(the CUTLASS kernels of csrc/cuda/linear_sm90.h), interleaved with the rest: one line per case
+(the CUTLASS kernels of csrc/cuda/experimental/linear_sm90.h), interleaved with the rest: one line per case
 and rows "manual_layers+cutlass" in the CSV.
 Modes: fwd is timed under torch.no_grad() (inference); fwd+bwd computes the gradients of x,
 weight and bias from a random grad_output; bwd times that backward alone (the forward runs,
@@ -133,7 +133,7 @@ def bench_case(shape, activation, mode, dtype, device, repeats, warmup, use_comp
                 continue
         fns[name] = (step, setup)
     if "manual_layers" in fns and cutlass_applies(device, dtype, activation):
-        # The same layer with MANUAL_LAYERS_CUTLASS=1 (csrc/cuda/linear_sm90.h), interleaved.
+        # The same layer with MANUAL_LAYERS_CUTLASS=1 (csrc/cuda/experimental/linear_sm90.h), interleaved.
         fns["manual_layers+cutlass"] = tuple(C.with_cutlass(f) for f in fns["manual_layers"])
     if device == "cuda" and mode == "fwd" and activation == "gelu_tanh" and shape == ADDMM_SHAPE:
         w, b = ours.weight.detach(), ours.bias.detach()

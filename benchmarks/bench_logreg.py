@@ -99,7 +99,7 @@ def eager_multi(x, w, b, y):
 
 # The cross-entropy paths timed side by side on CUDA, each forced through the environment the
 # kernels read per call: "single" is the single-pass op (the tensor-core kernel where
-# csrc/logreg.h's ce_tc_shape_ok holds, else the CUDA-core kernel or the GEMM path),
+# csrc/contracts/losses.h's ce_tc_shape_ok holds, else the CUDA-core kernel or the GEMM path),
 # "single-no-tc" the same with the tensor-core kernel off, "chunked" the GEMM chunks, "cluster"
 # the tensor-core kernel's sm_90a cluster instances (opt-in: 33 <= C <= 256; timed on sm_90
 # GPUs only, see cluster_case).
@@ -112,7 +112,7 @@ CE_PATHS = {
 
 
 def cluster_case(c):
-    """Whether the cluster instances can run this case here (csrc/logreg.h,
+    """Whether the cluster instances can run this case here (csrc/contracts/losses.h,
     ce_tc_cluster_shape_ok; the kernel skips it elsewhere and the row would time another path)."""
     dmax = 512 if c["dtype"] in (torch.bfloat16, torch.float16) else 256
     return (torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
@@ -153,7 +153,7 @@ def bench_case(c, device, repeats, warmup, use_compile):
     impls = {"manual_layers": ours_fn, "eager": eager_fn}
     if cuda and not binary:
         # Both cross-entropy paths side by side (the default picks one by C, device and size:
-        # csrc/autograd.cpp, ce_use_chunked), forced per call through MANUAL_LAYERS_CE_PATH.
+        # csrc/policy/ce_path.cpp, ce_use_chunked), forced per call through MANUAL_LAYERS_CE_PATH.
         for path in CE_PATHS:
             if path != "cluster" or cluster_case(c):
                 impls[f"manual_layers[{path}]"] = forced_ce_path(ours_fn, path)

@@ -8,7 +8,7 @@ grad_output), medians of calls interleaved in one process, and one call's peak e
     python benchmarks/bench_mlp.py --shapes 4096x256x1024x256 --activation relu --no-compile
 
 Target (issue #7): >= 1.15x eager on CUDA bf16 at 8192x1024->4096->1024, GELU. On an sm_90 GPU
-the MLP is also timed with MANUAL_LAYERS_CUTLASS=1 (csrc/cuda/linear_sm90.h), interleaved.
+the MLP is also timed with MANUAL_LAYERS_CUTLASS=1 (csrc/cuda/experimental/linear_sm90.h), interleaved.
 """
 
 import argparse

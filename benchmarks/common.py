@@ -42,7 +42,7 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float64": torch.floa
 
 def cutlass_sm90(device, dtype):
     """Whether MANUAL_LAYERS_CUTLASS=1 can change a 16-bit case on this device: the sm_90
-    CUTLASS kernels (csrc/cuda/linear_sm90.h) are built in and the GPU is sm_90. Each
+    CUTLASS kernels (csrc/cuda/experimental/linear_sm90.h) are built in and the GPU is sm_90. Each
     benchmark adds the activations they cover."""
     import manual_layers as ml
     return (device == "cuda" and ml.utils.info().get("cuda_sm90_cutlass_kernels", False)

@@ -4,15 +4,15 @@ The fused kernels compute first-order gradients, and their outputs carry no grap
 graph of the derivative itself is needed, the derivative is computed from the formulas here:
 
 - double backward (``create_graph=True``: gradient penalties, Hessian-vector products,
-  ``gradgradcheck``): the C++ autograd kernels (csrc/autograd.cpp) call the ``_*_backward_graph``
+  ``gradgradcheck``): the C++ autograd kernels (csrc/autograd/*.cpp) call the ``_*_backward_graph``
   ops registered below, the Python Functions (manual_layers/autograd.py) call the functions;
 - ``torch.func`` transforms (``grad``, ``jacrev``, ``hessian``, ``vmap`` of a backward): their
   wrapped tensors cannot enter the kernels' backward, and transforms may nest;
 - forward-mode AD (``jvp``, ``jacfwd``, ``torch.autograd.forward_ad``): the Functions' ``jvp``;
 - ``vmap`` with batched parameters (model ensembling), where no fused kernel applies.
 
-Each formula is the hand-derived derivative that the kernels implement (csrc/linear.h,
-csrc/logreg.h), not autograd of a reference forward: pre-activations and logits are recomputed
+Each formula is the hand-derived derivative that the kernels implement (csrc/contracts/linear.h,
+csrc/contracts/losses.h), not autograd of a reference forward: pre-activations and logits are recomputed
 from the saved inputs (one GEMM), the derivative is written out, and autograd, functorch and vmap
 trace those ops. 16-bit inputs are widened to float32 for the elementwise parts, as the kernels
 accumulate, and the results are rounded to the input's dtype once.
@@ -147,7 +147,7 @@ def mlp_backward(g, x, w1, b1, w2, b2, activation, needs=(True,) * 5):
 # ---- the losses ------------------------------------------------------------------------------
 # dloss_i/dz_i ("the residual") is the one per-row quantity of each loss; the gradients are
 # r W (dx), r^T x (dW), sum r (db) with r = coef * residual, coef the reduction's scale times the
-# output gradient (csrc/logreg.h).
+# output gradient (csrc/contracts/losses.h).
 
 def _scale(loss_or_res, g, reduction, den, row_dims):
     """The residual times grad_output and the reduction's scale (1/den for mean)."""
@@ -217,7 +217,7 @@ def bce_jvp(x, weight, bias, target, pos_weight, sample_weight, reduction, x_t, 
 def _ce_parts(x, weight, bias, target, class_weight, ignore_index, label_smoothing):
     """(per-row loss, per-row dloss/dz (..., C), the mean's denominator) of F.cross_entropy on
     z = x W^T + b: class indices (target integer, shape x.shape[:-1]) or probabilities (target
-    floating, shape (..., C)); formulas of csrc/logreg.h."""
+    floating, shape (..., C)); formulas of csrc/contracts/losses.h."""
     z = _wide(F.linear(x, weight, bias))
     C = z.shape[-1]
     logp = torch.log_softmax(z, dim=-1)

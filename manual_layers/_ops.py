@@ -30,7 +30,7 @@ _lib = "manual_layers::"
 
 # Fake (meta) kernels: output shapes and dtypes of every op, for torch.compile, torch.export and
 # the meta device (the _*_backward_graph ops are CompositeImplicitAutograd, in _derivatives.py,
-# and need none). The contracts are in csrc/linear.h and csrc/logreg.h; the argument checks of
+# and need none). The contracts are in csrc/contracts/linear.h and csrc/contracts/losses.h; the argument checks of
 # the public ops (csrc/checks.h) run in their autograd kernels before any fake kernel.
 
 _SAVES_PRE = ("gelu", "gelu_tanh", "silu")

@@ -4,8 +4,8 @@ torch sparse tensors, and the sparse loss+gradient op's CUDA composite.
 The fit engine (manual_layers/_fit.py) takes a `CSR` wherever it takes a dense X: it has the
 shape, dtype and device a dense X has, row selection for the mini-batch solvers, and
 `_fit_objective._loss_and_grads` sends it to torch.ops.manual_layers._sparse_linear_loss_fwd
-(contract in csrc/sparse_logreg.h): on the CPU one fused pass over the non-zeros
-(csrc/cpu/sparse_logreg.cpp), on CUDA the composite below. X is never densified; its index and
+(contract in csrc/contracts/sparse.h): on the CPU one fused pass over the non-zeros
+(csrc/cpu/kernels/sparse.cpp), on CUDA the composite below. X is never densified; its index and
 value arrays are read in place (scipy's int32 or int64 indices as they are, read-only /
 memory-mapped arrays included); only a CSC (or COO, ...) matrix is converted to CSR, once, and
 values of another dtype than the fit's are cast (a copy of the values only).
@@ -180,7 +180,7 @@ def logits(X, W, b):
 
 def _composite(crow_indices, col_indices, values, weight, bias, target, sample_weight,
                need_weight, need_bias):
-    """_sparse_linear_loss_fwd as a composite of ATen ops (csrc/sparse_logreg.h's contract), for
+    """_sparse_linear_loss_fwd as a composite of ATen ops (csrc/contracts/sparse.h's contract), for
     any device: z = X W^T + b and X^T r through torch's sparse CSR matmul (cuSPARSE on CUDA), the
     losses and residuals as elementwise ops. It is what runs for CUDA tensors (registered below;
     there is no fused CUDA kernel), so its reads of X are two sparse matmuls rather than one

@@ -10,7 +10,7 @@ DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
 
 
 def native_fp16_gemm():
-    """Whether ATen multiplies CPU fp16 natively (its own test, asked the way csrc/cpu_gemm.cpp
+    """Whether ATen multiplies CPU fp16 natively (its own test, asked the way csrc/cpu/runtime/gemm.cpp
     asks it; a torch without oneDNN: no). Without it our CPU kernels run fp16 GEMMs in fp32."""
     try:
         return bool(torch.ops.mkldnn._is_mkldnn_fp16_supported())

@@ -195,7 +195,7 @@ def code_switches():
     files = [ROOT / "setup.py", ROOT / "Makefile", ROOT / "CMakeLists.txt"]
     for folder, patterns in (("csrc", ("*.cpp", "*.h", "*.cu", "*.cuh")),
                              ("manual_layers", ("*.py",)), ("tests", ("*.py", "*.cpp", "*.cu")),
-                             ("benchmarks", ("*.py", "*.sh")), ("cpp_tests", ("*.cpp",))):
+                             ("benchmarks", ("*.py", "*.sh"))):
         for pattern in patterns:
             files += (ROOT / folder).rglob(pattern)
     found = {}

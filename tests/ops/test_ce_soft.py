@@ -1,5 +1,5 @@
 """The chunked linear + cross entropy with probability targets (soft labels), the kernel ops
-_linear_ce_soft_fwd / _linear_ce_soft_bwd (csrc/ce_soft.cpp), against the torch composition
+_linear_ce_soft_fwd / _linear_ce_soft_bwd (csrc/generic/ce_soft.cpp), against the torch composition
 F.cross_entropy(F.linear(x, W, b), q, weight=class_weight, label_smoothing=eps, reduction=r)
 and its autograd gradients, computed in float64: values and gradients for every reduction and
 option, odd shapes, empty batches, chunk boundaries inside small batches, non-contiguous and
@@ -7,7 +7,7 @@ mixed-dtype inputs, the errors, opcheck, bitwise determinism over thread counts,
 row pass that CUDA runs (exercised here on CPU tensors through MANUAL_LAYERS_CE_SOFT_ROWS=aten).
 
 mean/sum gradients come from the forward op (for grad_output 1), reduction none's from the
-backward op with a random grad_loss, as the op contract says (csrc/ce_chunked.cpp)."""
+backward op with a random grad_loss, as the op contract says (csrc/generic/ce_chunked.cpp)."""
 
 import pytest
 import torch
@@ -342,7 +342,7 @@ torch.save(out, sys.argv[2])
 
 
 def test_every_cpu_level(tmp_path):
-    """The row pass is compiled per ISA (csrc/cpu/ce_rows.cpp): each level this CPU runs, forced
+    """The row pass is compiled per ISA (csrc/cpu/kernels/ce_rows.cpp): each level this CPU runs, forced
     with MANUAL_LAYERS_CPU_ISA in a fresh process, matches the torch composition (C = 130 and 7:
     vector tails at every width; 16-bit targets widened per row)."""
     import os

@@ -172,7 +172,7 @@ def test_empty_batch(device, act):
                     reason="this CPU has a native fp16 GEMM: ATen's is used as is")
 def test_cpu_fp16_gemm_is_the_fp32_gemm_rounded_once():
     """CPU fp16 without a native fp16 GEMM: the layer's GEMMs run in fp32 on the widened
-    operands (csrc/cpu_gemm.cpp), so the output equals fp32 F.linear rounded once, bitwise."""
+    operands (csrc/cpu/runtime/gemm.cpp), so the output equals fp32 F.linear rounded once, bitwise."""
     x = torch.randn(300, 40).half()
     w, b = (torch.randn(24, 40) / 5).half(), torch.randn(24).half()
     lin = ml.Linear(40, 24, dtype=torch.float16)

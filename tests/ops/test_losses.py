@@ -132,7 +132,7 @@ BINARY_TILES = ["4,noprefetch", "8,noprefetch", "16,noprefetch", "4", "8", "16"]
                                                (37, 300, torch.float16, False),
                                                (2 * 2048 + 3, 64, torch.float64, False)])
 def test_binary_tile_shapes_give_the_same_bits(monkeypatch, N, D, dtype, strided):
-    """CPU: the binary pass's tile (csrc/cpu/logreg.cpp, tile_shape: 16, 8 or 4 rows, with or
+    """CPU: the binary pass's tile (csrc/cpu/kernels/loss_tiles.h, tile_shape: 16, 8 or 4 rows, with or
     without the software prefetch; which one runs depends on the CPU's vendor and the row
     length) changes no bit, and every tile shape gives the reference. Each shape is forced
     through MANUAL_LAYERS_CPU_BINARY_TILE, so every instantiation runs on any CPU."""
@@ -193,7 +193,7 @@ def test_16bit_rows_match_the_float32_pass_bitwise(dtype, N, D, strided):
             low = _grads(fn, x, wt, bt, tt, g.to(dtype), reduction=reduction)
             wide = _grads(fn, f32(x), f32(wt), f32(bt), f32(tt), g, reduction=reduction)
             # reduction="none": only the per-row losses (its backward is three ATen GEMMs in
-            # x's dtype, csrc/loss_bwd.cpp).
+            # x's dtype, csrc/generic/loss_bwd.cpp).
             names = ["loss"] if reduction == "none" else ["loss", "grad_x", "grad_weight",
                                                           "grad_bias"]
             for name, a, e in zip(names, low, wide):

@@ -1,5 +1,5 @@
 """The fused sparse logistic-regression op _sparse_linear_loss_fwd (CPU kernel
-csrc/cpu/sparse_logreg.cpp, and the ATen composite of manual_layers/_sparse.py that CUDA runs)
+csrc/cpu/kernels/sparse.cpp, and the ATen composite of manual_layers/_sparse.py that CUDA runs)
 against a float64 dense reference: shapes, dtypes, index types, duplicates, determinism across
 thread counts, finite differences, opcheck, errors. The fits on sparse X:
 tests/integration/test_sparse_fit.py."""

@@ -116,7 +116,7 @@ def test_default_path_large_c(device, reduction):
 @pytest.mark.parametrize("C", [2, 3, 10, 16, 17])
 def test_small_c_matches_reference(device, dtype, reduction, C, force_chunked, chunk_rows):
     """Small C on the chunked path: on CUDA it is the default for mean/sum once x holds 32 MiB
-    (csrc/autograd.cpp, ce_use_chunked), where the fused CUDA-core kernel is slower. On CUDA the
+    (csrc/policy/ce_path.cpp, ce_use_chunked), where the fused CUDA-core kernel is slower. On CUDA the
     row pass of C <= 16 runs several rows per warp (groups of 2 / 4 / 16 lanes here; 17: a
     warp per row): 41 rows leave a last warp partly past N, row 1 is ignored, and the options
     (class weights, label smoothing) run in the same groups."""
@@ -179,7 +179,7 @@ def test_cuda_small_c_path_choice(reduction, dynamic, monkeypatch):
 def test_cpu_path_choice(reduction, monkeypatch):
     """CPU: the chunked path from C = 32 for bf16 / fp16 x whose GEMM oneDNN runs natively on
     this CPU (torch.ops.mkldnn._is_mkldnn_*_supported), for every other x from C = 48 with mean
-    or sum and from C = 128 with reduction none, the single pass below (csrc/autograd.cpp,
+    or sum and from C = 128 with reduction none, the single pass below (csrc/policy/ce_path.cpp,
     ce_use_chunked). Checked with and without gradients (the no-grad loss takes the same
     path)."""
     monkeypatch.delenv("MANUAL_LAYERS_CE_PATH", raising=False)
@@ -301,7 +301,7 @@ def test_deterministic_bitwise(device, reduction, chunk_rows):
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 def test_cpu_fp16_chunked_loop_runs_in_fp32(reduction, chunk_rows):
     """CPU fp16 without a native fp16 GEMM: the chunked loop runs in fp32 on the widened inputs
-    (csrc/ce_chunked.cpp), so the loss and gradients are the fp32 path's, dX rounded once to
+    (csrc/generic/ce_chunked.cpp), so the loss and gradients are the fp32 path's, dX rounded once to
     fp16, bitwise. The fp16 loop it replaced kept fp16 logits and residuals (gradient errors
     ~1e-2 against float64 at C = 32000)."""
     chunk_rows(7)

@@ -1,4 +1,4 @@
-"""The tensor-core cross-entropy kernel (csrc/cuda/logreg_ce_tc.cu, path 1c: 16-bit x, and fp32
+"""The tensor-core cross-entropy kernel (csrc/cuda/losses/ce_tc.cu, path 1c: 16-bit x, and fp32
 x as 3xTF32; mean/sum, C <= 64, D % 8 == 0) against manual_layers.reference, and the path choice
 that sends those shapes to it; then its sm_90a cluster instances (33 <= C <= 256, opt-in with
 MANUAL_LAYERS_CE_CLUSTER=1) the same way. The kernel tests need a GPU (sm_80+; the cluster
@@ -151,7 +151,7 @@ def test_unaligned_x():
 def test_cuda_path_choice(dtype, D, C, tc_env, single, monkeypatch):
     """On fake CUDA tensors (only the dispatch runs, no GPU needed), x of 64 MiB, mean: shapes
     the tensor-core kernel covers stay on the single-pass op at every size; the rest take the
-    chunked path from 32 MiB (csrc/autograd.cpp, ce_use_chunked)."""
+    chunked path from 32 MiB (csrc/policy/ce_path.cpp, ce_use_chunked)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
     from test_ce_large import _ce_ops_run
     monkeypatch.delenv("MANUAL_LAYERS_CE_PATH", raising=False)

@@ -1,4 +1,4 @@
-"""The reuse cache of large CPU outputs (csrc/cpu_alloc.cpp): a reused buffer holds the previous
+"""The reuse cache of large CPU outputs (csrc/cpu/runtime/alloc.cpp): a reused buffer holds the previous
 output's bytes, so every kernel that takes one must write it whole; the cap holds; the tensors
 behave as ordinary CPU tensors; MANUAL_LAYERS_CPU_CACHE_MB turns it off."""
 import os

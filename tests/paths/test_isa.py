@@ -1,4 +1,4 @@
-"""Runtime ISA dispatch of the CPU kernels (csrc/cpu_dispatch.cpp): each compiled level, forced
+"""Runtime ISA dispatch of the CPU kernels (csrc/cpu/runtime/dispatch.cpp): each compiled level, forced
 with MANUAL_LAYERS_CPU_ISA in a fresh process, runs Linear and loss cases that must match
 manual_layers.reference, agree across levels, and be bitwise repeatable; info() must report the
 forced level; refused or unknown requests warn and fall back."""
@@ -76,7 +76,7 @@ def _inputs():
         loss[f"{dt}-bce-mean"] = (x, w1, b1, y, {"pos_weight": torch.tensor([1.5], dtype=dt)})
         loss[f"{dt}-bce-none"] = (x, w1, b1, y, {"reduction": "none"})
         # rows of 800 / 1600 bytes: the binary pass's 4-row and 16-row prefetching tiles
-        # (csrc/cpu/logreg.cpp, tile_shape); 37 columns take 16 (fp32) and 8 (fp64) rows.
+        # (csrc/cpu/kernels/loss_tiles.h, tile_shape); 37 columns take 16 (fp32) and 8 (fp64) rows.
         xw = torch.randn(301, 200, generator=g).to(dt)
         ww = (torch.randn(1, 200, generator=g) / 14).to(dt)
         loss[f"{dt}-bce-wide"] = (xw, ww, b1, y, {"sample_weight": torch.rand(301, generator=g).to(dt)})
@@ -86,7 +86,7 @@ def _inputs():
                                               "class_weight": torch.rand(11, generator=g).to(dt)})
         loss[f"{dt}-ce-none"] = (x, W, B, t, {"reduction": "none", "ignore_index": 3})
         # the chunked path (CPU: from C 48 with mean, C 128 with none), whose row pass is a
-        # per-ISA kernel too (csrc/cpu/ce_rows.cpp); 50 and 130 classes leave vector tails
+        # per-ISA kernel too (csrc/cpu/kernels/ce_rows.cpp); 50 and 130 classes leave vector tails
         for C, kw in ((50, {"label_smoothing": 0.05}),
                       (130, {"reduction": "none", "ignore_index": 5})):
             Wc = (torch.randn(C, 37, generator=g) / 6).to(dt)
@@ -224,7 +224,7 @@ def _build_objects():
     if os.path.dirname(os.path.abspath(so)) != os.path.join(ROOT, "manual_layers") or not temps:
         return None
     t = temps[0]
-    objs = {"neutral": glob.glob(os.path.join(t, "csrc", "*.o"))}
+    objs = {"neutral": glob.glob(os.path.join(t, "csrc", "**", "*.o"), recursive=True)}
     for isa in COMPILED:
         objs[isa] = glob.glob(os.path.join(t, "cpu_" + isa, "**", "*.o"), recursive=True)
     if any(os.path.getmtime(o) > os.path.getmtime(so) for v in objs.values() for o in v):

@@ -1,4 +1,4 @@
-"""The sm_90 CUTLASS kernels (csrc/cuda/linear_sm90.h) that MANUAL_LAYERS_CUTLASS=1 turns on
+"""The sm_90 CUTLASS kernels (csrc/cuda/experimental/linear_sm90.h) that MANUAL_LAYERS_CUTLASS=1 turns on
 for bf16 / fp16 on an H100 / H200: Linear + GELU / SiLU with the activation in the GEMM's
 epilogue, and the MLP backward's dgrad with the activation gradient and the first bias
 gradient in its epilogue. On any machine: the build wiring, and the arguments the launch code
