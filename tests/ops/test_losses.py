@@ -433,3 +433,41 @@ def test_bf16_bias_gradient_of_reduction_none_is_accurate(device):
     exact = _grads(R.linear_binary_cross_entropy_with_logits, x.double(), w.double(), b.double(),
                    y.double(), g.double(), reduction="none")
     assert _rel_err(ours[3], exact[3]) <= max(2 * _rel_err(same[3], exact[3]), 1e-3)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_private_loss_ops_check_the_same_on_every_device(device):
+    """The private loss kernels share one set of argument checks (csrc/checks.h): the same
+    RuntimeError and message on the CPU and on CUDA."""
+    x = torch.randn(6, 4, device=device)
+    W, b = torch.randn(3, 4, device=device), torch.randn(3, device=device)
+    w1, b1 = torch.randn(1, 4, device=device), torch.randn(1, device=device)
+    t = torch.randint(0, 3, (6,), device=device)
+    y = torch.rand(6, device=device)
+
+    def ce(class_weight=None, label_smoothing=0.0, target=t):
+        return ops._linear_ce_fwd(x, W, b, target, class_weight, -100, label_smoothing, 1,
+                                  True, True, True)
+
+    def bce(target=y, sample_weight=None):
+        return ops._linear_bce_fwd(x, w1, b1, target, None, sample_weight, 1, True, True, True)
+
+    for ls in (1.5, -0.5):
+        with pytest.raises(RuntimeError, match=r"manual_layers._linear_ce_fwd: label_smoothing "
+                                               rf"must be between 0.0 and 1.0, got {ls}"):
+            ce(label_smoothing=ls)
+    for cw in (torch.rand(1, 3, device=device), torch.rand(4, device=device)):
+        with pytest.raises(RuntimeError, match=r"_linear_ce_fwd: class_weight must have shape "
+                                               r"\(3,\)"):
+            ce(class_weight=cw)
+    with pytest.raises(RuntimeError, match=r"_linear_bce_fwd: target must be a floating tensor "
+                                           r"of probabilities"):
+        bce(target=torch.randint(0, 2, (6,), device=device))
+    with pytest.raises(RuntimeError, match=r"_linear_bce_fwd: target must have shape \(6,\)"):
+        bce(target=y[:, None])
+    with pytest.raises(RuntimeError, match=r"_linear_bce_fwd: sample_weight must have shape "
+                                           r"\(6,\)"):
+        bce(sample_weight=torch.rand(6, 1, device=device))
+    if device != "cpu":
+        with pytest.raises(RuntimeError, match=r"class_weight is on cpu but x is on cuda"):
+            ce(class_weight=torch.rand(3))
