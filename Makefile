@@ -16,15 +16,20 @@ SOURCES := $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h' -o -na
 
 .PHONY: demo test test-all install bench cpp-test clean
 
+# What the build and the demo need, and no more: make demo installs only this.
 $(VENV)/.deps:
 	$(PY) -m venv $(VENV)
-	$(VPY) -m pip install -q torch numpy scipy scikit-learn pandas pytest expecttest ninja tqdm matplotlib \
-		setuptools wheel cmake pybind11
-	# The tools that wrap nn.Linear, for their tests (tests/test_tools.py): PEFT and Opacus.
-	$(VPY) -m pip install -q peft opacus
-	# CUTLASS's C++ headers for the experimental sm_90 kernels (csrc/cuda/experimental/linear_sm90.h); its
-	# Python tools and their dependencies are not used.
+	$(VPY) -m pip install -q torch numpy scipy scikit-learn tqdm ninja setuptools wheel
+	# CUTLASS's C++ headers for the experimental sm_90 kernels (csrc/cuda/experimental/linear_sm90.h),
+	# built only on request; its Python tools and their dependencies are not used.
 	$(VPY) -m pip install -q --no-deps nvidia-cutlass
+	touch $@
+
+# What the tests add: pytest, the libraries some tests compare with or run (pandas,
+# matplotlib, also for the benchmarks' plots), CMake for cpp-test, and the tools that wrap
+# nn.Linear (tests/integration/test_tools.py: PEFT and Opacus).
+$(VENV)/.test-deps: $(VENV)/.deps
+	$(VPY) -m pip install -q pytest expecttest pandas matplotlib cmake pybind11 peft opacus
 	touch $@
 
 # The extension build, in place and incremental (objects under build/: a second build compiles
@@ -50,20 +55,20 @@ install: $(VENV)/.installed
 demo: install
 	$(VPY) -m manual_layers demo
 
-test: install
+test: install $(VENV)/.test-deps
 	$(VPY) -m manual_layers info
 	$(VPY) -m pytest tests -q -m "not slow"
 
-test-all: install
+test-all: install $(VENV)/.test-deps
 	$(VPY) -m manual_layers info
 	$(VPY) -m pytest tests -q
 
-bench: install
+bench: install $(VENV)/.test-deps
 	$(VPY) benchmarks/bench_linear.py
 	$(VPY) benchmarks/bench_logreg.py
 
 # The same _C through CMake, plus the C++ smoke test under ctest (CPU kernels).
-cpp-test: $(VENV)/.deps
+cpp-test: $(VENV)/.test-deps
 	$(VENV)/bin/cmake -S . -B build/cmake -G Ninja -DCMAKE_MAKE_PROGRAM=$(abspath $(VENV)/bin/ninja) \
 		-DPython_EXECUTABLE=$(abspath $(VPY)) -DCMAKE_BUILD_TYPE=Release
 	$(VENV)/bin/cmake --build build/cmake -j $(MAX_JOBS)

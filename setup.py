@@ -21,10 +21,16 @@ Environment (the build prints what it chose and why; `python -m manual_layers in
   CUDA_HOME               the CUDA toolkit; otherwise resolved from /usr/local/cuda or from
                           the nvcc on PATH (following wrapper scripts to the real toolkit)
   MANUAL_LAYERS_CPU_ISAS  x86-64 vector ISAs to compile the CPU kernels for, besides the portable
-                          DEFAULT copy: "avx2,avx512" (default), "avx2", or "none". The copy
+                          DEFAULT copy: "native" (default: the ones this CPU runs),
+                          "avx2,avx512" (every copy: a wheel for other machines, and CI),
+                          "avx2", or "none". The copy
                           that runs is chosen at load (run time, not build time):
                           MANUAL_LAYERS_CPU_ISA=default|avx2|avx512, else ATen's level
                           (ATEN_CPU_CAPABILITY), never one the CPU lacks. Non-x86: DEFAULT only.
+  MANUAL_LAYERS_DEBUG_INFO=1
+                          keep the C++ debug information (-g, from Python's own flags); by
+                          default it is dropped (-g0): torch's templates make it cost more than
+                          half of every C++ file's compile time
   MAX_JOBS                parallel compile jobs (ninja)
 """
 
@@ -210,28 +216,54 @@ ISA_FLAGS = {
 }
 
 
+def _cpu_runs(isa):
+    """Whether this machine's CPU runs the ISA copy (/proc/cpuinfo; ISA_FLAGS's extensions)."""
+    need = {"AVX2": {"avx2", "fma", "f16c"},
+            "AVX512": {"avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512dq"}}[isa]
+    try:
+        with open("/proc/cpuinfo") as f:
+            m = re.search(r"^flags\s*:(.*)$", f.read(), re.M)
+    except OSError:
+        return False
+    return bool(m) and need <= set(m.group(1).split())
+
+
 def cpu_isas():
-    """The ISA copies to compile: DEFAULT always, AVX2/AVX512 on x86-64 (MANUAL_LAYERS_CPU_ISAS)."""
+    """The ISA copies to compile and why: DEFAULT always; on x86-64 AVX2/AVX512 as
+    MANUAL_LAYERS_CPU_ISAS says, by default those this CPU runs (like the CUDA default: build
+    what can run here; a wheel for other machines asks for all of them)."""
     if platform.machine() not in ("x86_64", "AMD64"):
-        return ["DEFAULT"]
-    want = os.environ.get("MANUAL_LAYERS_CPU_ISAS", "avx2,avx512").strip().lower()
+        return ["DEFAULT"], f"{platform.machine()}: the portable copy only"
+    want = os.environ.get("MANUAL_LAYERS_CPU_ISAS", "").strip().lower()
     if "MANUAL_LAYERS_CPU_ARCH" in os.environ:
         log("MANUAL_LAYERS_CPU_ARCH is gone (the ISA is chosen at run time now); see "
             "MANUAL_LAYERS_CPU_ISAS / MANUAL_LAYERS_CPU_ISA in setup.py's docstring")
-    names = [] if want in ("", "none", "default") else [w.strip().upper() for w in want.split(",")]
+    if want in ("", "native"):
+        names = [n for n in ("AVX2", "AVX512") if _cpu_runs(n)]
+        why = ("the levels this CPU runs; MANUAL_LAYERS_CPU_ISAS=avx2,avx512 builds every copy, "
+               "for other machines")
+    else:
+        names = ([] if want in ("none", "default")
+                 else [w.strip().upper() for w in want.split(",")])
+        why = f"MANUAL_LAYERS_CPU_ISAS={want}"
     bad = [n for n in names if n not in ISA_FLAGS or n == "DEFAULT"]
     if bad:
         sys.exit(f"[manual_layers build] MANUAL_LAYERS_CPU_ISAS: unknown {bad}; "
-                 "expected a list of avx2, avx512, or none")
-    return ["DEFAULT"] + [n for n in ("AVX2", "AVX512") if n in names]
+                 "expected native, a list of avx2 and avx512, or none")
+    return ["DEFAULT"] + [n for n in ("AVX2", "AVX512") if n in names], why
 
 
 def cpu_flags():
-    """Flags of every C++ file (no -m flags), and the ISA list for the neutral files."""
+    """Flags of every C++ file (no -m flags), the ISA copies and why, their defines."""
     flags = ["-O3", "-fopenmp", "-Wall", "-Wno-unused-function", "-Wno-unknown-pragmas"]
-    isas = cpu_isas()
+    # Python's CFLAGS carry -g; -g0 comes after them and wins: the debug information of
+    # torch's templates is most of a file's compile time, and users of the package do not
+    # step through its kernels in a debugger (docs/environment.md has the figures).
+    if not _flag("MANUAL_LAYERS_DEBUG_INFO"):
+        flags.append("-g0")
+    isas, why = cpu_isas()
     defines = [f'-DML_CPU_ISA="{",".join(isas)}"'] + [f"-DML_COMPILED_{n}" for n in isas[1:]]
-    return flags, isas, defines
+    return flags, isas, why, defines
 
 
 def isa_flags(isa):
@@ -263,7 +295,7 @@ class BuildExt(BuildExtension):
 
 def build_extension():
     with_cuda, why = want_cuda()
-    cxx, isas, defines = cpu_flags()
+    cxx, isas, isa_why, defines = cpu_flags()
     # compiled once per ISA (BuildExt)
     kernel_sources = sorted(glob.glob("csrc/cpu/kernels/*.cpp"))
     # ISA-neutral: every other .cpp under csrc/ (op schemas, autograd, policies, generic ATen
@@ -276,15 +308,16 @@ def build_extension():
                                       + glob.glob("csrc/**/*.cuh", recursive=True))
     defines += [f'-DML_TORCH_VERSION="{torch.__version__}"']
     log(f"torch {torch.__version__} (CUDA {torch.version.cuda}), python {sys.version.split()[0]}")
-    log(f"C++ kernels: {len(kernel_sources)} files x CPU ISAs {', '.join(isas)} (chosen at load), "
-        f"{len(sources)} ISA-neutral files")
+    log(f"C++ kernels: {len(kernel_sources)} files x CPU ISAs {', '.join(isas)}, the copy that "
+        f"runs chosen at load ({isa_why}); {len(sources)} ISA-neutral files")
 
     def finish(ext, config):
         ext.ml_isas, ext.ml_kernel_sources = isas, kernel_sources
         ext.include_dirs.append(write_build_config(config))
         return ext
 
-    config = {"ML_BUILD_CUDA_WHY": why, "ML_BUILD_EXPERIMENTAL_WHY": ""}
+    config = {"ML_BUILD_CUDA_WHY": why, "ML_BUILD_EXPERIMENTAL_WHY": "",
+              "ML_BUILD_CPU_ISA_WHY": isa_why}
     if not with_cuda:
         log(f"CUDA kernels: OFF ({why})")
         return finish(CppExtension(

@@ -2,7 +2,7 @@
 // without CUDA kernels, the CUDA key's error for the CUDA kernels that are missing.
 #include <torch/library.h>
 #ifndef ML_NO_PYTHON
-#include <torch/extension.h>
+#include <pybind11/pybind11.h>  // only the module and a dict: torch/extension.h costs half a minute
 #endif
 
 #include "contracts/linear.h"
@@ -14,6 +14,9 @@
 #endif
 #ifndef ML_BUILD_CUDA_WHY
 #define ML_BUILD_CUDA_WHY ""
+#endif
+#ifndef ML_BUILD_CPU_ISA_WHY
+#define ML_BUILD_CPU_ISA_WHY ""
 #endif
 #ifndef ML_BUILD_EXPERIMENTAL_WHY
 #define ML_BUILD_EXPERIMENTAL_WHY ""
@@ -70,6 +73,7 @@ PYBIND11_MODULE(_C, m) {
     pybind11::dict d;
     d["torch_version"] = ML_TORCH_VERSION;
     d["cpu_isa"] = ML_CPU_ISA;
+    d["cpu_isa_why"] = ML_BUILD_CPU_ISA_WHY;
     d["cuda_why"] = ML_BUILD_CUDA_WHY;
     d["experimental_why"] = ML_BUILD_EXPERIMENTAL_WHY;
 #ifdef ML_BUILT_SM90A

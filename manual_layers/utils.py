@@ -63,6 +63,7 @@ def info():
         "built_against_torch": BUILD_INFO["torch_version"],
         "cpu_kernels_isa": cpu_kernels_isa(),
         "cpu_kernels_compiled": BUILD_INFO["cpu_isa"].split(","),
+        "cpu_kernels_why": BUILD_INFO.get("cpu_isa_why") or None,
         "aten_cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "cuda_kernels_compiled": BUILD_INFO["cuda_compiled"],
         "cuda_kernels_why": BUILD_INFO.get("cuda_why") or None,
