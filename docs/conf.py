@@ -124,7 +124,7 @@ def _python_blocks_as_tests(app, doctree):
 DATA_DOCS = {}  # the constants document themselves with "#:" comments
 
 _TRAILING_UNDERSCORE = re.compile(
-    r"(?<![\w`*|\\])([A-Za-z][\w.]*[A-Za-z0-9]_(?:\[[^\]\s]*\])?)(?![\w`\[])")
+    r"(?<![\w`*|\\])([A-Za-z](?:[\w.]*[A-Za-z0-9])?_(?:\[[^\]\s]*\])?)(?![\w`\[])")
 _PIPE = re.compile(r"(?<![\\`])\|")
 _FIELD = re.compile(r"^(\s*:[^:`]+:\s*)(.*)$")
 

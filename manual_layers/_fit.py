@@ -293,34 +293,55 @@ def fit_logistic_regression(X, y, n_classes, *, sample_weight=None, class_weight
     """Fit (multinomial or binary) logistic regression, scikit-learn's objective (L2, L1 or
     elastic-net penalty).
 
-    X: (N, D) floating tensor on the device that computes (the fused kernels run in X's dtype;
-       the estimator passes X's dtype (float32 or float64), the module float64 for lbfgs), or
-       a manual_layers._sparse.CSR (sparse X, never densified: every solver's evaluations go
-       through the sparse op in _loss_and_grads).
-    y: (N,) integer tensor of class indices 0..n_classes-1 on X's device (already encoded;
-       for binary, 1 is the positive class).
-    n_classes: >= 2; binary (2) fits one coefficient row, otherwise one row per class.
-    sample_weight: (N,) tensor on X's device or None. class_weight: (n_classes,) tensor or None
-       (multiplies the sample weights, as scikit-learn does).
-    C: inverse regularisation strength (> 0), or None / inf for no penalty.
-    l1_ratio: the elastic-net mix in [0, 1]: the penalty is ((1 - l1_ratio) ||W||^2 / 2 +
-       l1_ratio ||W||_1) / C, scikit-learn saga's. An L1 share needs solver="owlqn".
-    solver: "lbfgs" (scipy L-BFGS-B; max_iter iterations, gtol=tol), "owlqn" (OWL-QN,
-       manual_layers/_solvers.py, for an L1 share; max_iter iterations, max |pseudo-gradient|
-       <= tol; with no L1 share the objective is smooth and L-BFGS-B runs) or "sgd"/"adam"
-       (mini-batches of batch_size, max_iter epochs, lr; stops early when the epoch loss
-       changes by <= tol relative, never when tol is None/0).
-    coef_init, intercept_init: starting point (tensors or arrays of the result's shapes);
-       zeros when None.
-    warn: emit ConvergenceWarning when the solver stops at max_iter without converging.
-    process_group: None (local fit) or a torch.distributed group (e.g. from
-       resolve_process_group): X, y, sample_weight are this rank's shard, y already encoded
-       with the classes agreed across ranks (agree_across_ranks); N and S are summed over ranks
-       once and each evaluation (lbfgs) or step (sgd/adam) all-reduces the (loss, gradient)
-       sums.
+    Parameters
+    ----------
+    X : Tensor of shape (N, D), or a manual_layers._sparse.CSR
+        Floating tensor on the device that computes: the fused kernels run in X's dtype (the
+        estimator passes X's dtype, float32 or float64; the module float64 for lbfgs). A CSR
+        (sparse X) is never densified: every solver's evaluations go through the sparse op.
+    y : Tensor of shape (N,)
+        Integer class indices 0..n_classes-1 on X's device, already encoded (for binary, 1 is
+        the positive class).
+    n_classes : int
+        At least 2; binary (2) fits one coefficient row, otherwise one row per class.
+    sample_weight : Tensor of shape (N,) or None
+        On X's device.
+    class_weight : Tensor of shape (n_classes,) or None
+        Multiplies the sample weights, as scikit-learn does.
+    C : float or None
+        Inverse regularisation strength (> 0); None or inf for no penalty.
+    fit_intercept : bool
+        Fit the intercept (not penalised).
+    solver : {"lbfgs", "owlqn", "sgd", "adam"}
+        "lbfgs": scipy's L-BFGS-B, max_iter iterations, gtol=tol. "owlqn": OWL-QN
+        (manual_layers/_solvers.py) for an L1 share, max_iter iterations, stops when the
+        largest absolute pseudo-gradient is at most tol; with no L1 share the objective is
+        smooth and L-BFGS-B runs. "sgd" / "adam": mini-batches of batch_size, max_iter epochs,
+        learning rate lr; stops early when the epoch loss changes by at most tol relative,
+        never when tol is None or 0.
+    max_iter, tol, lr, batch_size : as the solver above says
+    coef_init, intercept_init : tensors or arrays of the result's shapes, or None
+        The starting point; zeros when None.
+    verbose : int
+        Print the solver's progress.
+    warn : bool
+        Emit a ConvergenceWarning when the solver stops at max_iter without converging.
+    caller : str
+        The name that error messages begin with.
+    process_group : None or a torch.distributed group
+        None for a local fit. A group (e.g. from resolve_process_group): X, y and
+        sample_weight are this rank's shard, y already encoded with the classes agreed across
+        ranks (agree_across_ranks); N and the weight sum are summed over ranks once, and each
+        evaluation (lbfgs) or step (sgd, adam) all-reduces the loss and gradient sums.
+    l1_ratio : float in [0, 1]
+        The elastic-net mix: the penalty is ((1 - l1_ratio) ||W||^2 / 2 + l1_ratio ||W||_1) / C,
+        scikit-learn saga's. An L1 share needs solver="owlqn".
 
-    Returns FitResult(coef, intercept, n_iter, converged, message); the multinomial intercepts
-    are centred (they are defined up to a common shift).
+    Returns
+    -------
+    FitResult
+        (coef, intercept, n_iter, converged, message); the multinomial intercepts are centred
+        (they are defined up to a common shift).
     """
     if solver not in SOLVERS:
         raise ValueError(f"{caller}: solver must be one of {', '.join(map(repr, SOLVERS))}, got "

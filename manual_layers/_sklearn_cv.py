@@ -33,9 +33,10 @@ __all__ = ["LogisticRegressionCV"]
 class LogisticRegressionCV(LogisticRegression):
     """Logistic regression with C (and l1_ratio) chosen by cross-validation, as scikit-learn's
     LogisticRegressionCV (same parameters, defaults, warnings, folds, scores and attributes),
-    each fit by manual_layers' fused kernels on `device` in `dtype`.
+    each fit by manual_layers' fused kernels on `device` in `dtype`. The parameters are
+    scikit-learn's (see its documentation), plus `device` and `dtype`.
 
-    Parameters (scikit-learn's; see its documentation)
+    Parameters
     ----------
     Cs : int or list of floats, default=10 (np.logspace(-4, 4, Cs) for an int)
     l1_ratios : array-like of floats in [0, 1], default="warn" (None with a FutureWarning)
@@ -54,9 +55,9 @@ class LogisticRegressionCV(LogisticRegression):
     device, dtype : as LogisticRegression's (default CPU; dtype None: float32 X in float32,
         any other X in float64)
 
-    Attributes: classes_, coef_, intercept_, Cs_, l1_ratios_, C_, l1_ratio_, scores_,
-    coefs_paths_, n_iter_ (shapes as scikit-learn's for use_legacy_attributes), module_, and
-    n_features_in_ / feature_names_in_.
+    Attributes: ``classes_``, ``coef_``, ``intercept_``, ``Cs_``, ``l1_ratios_``, ``C_``,
+    ``l1_ratio_``, ``scores_``, ``coefs_paths_``, ``n_iter_`` (shapes as scikit-learn's for
+    use_legacy_attributes), ``module_``, and ``n_features_in_`` / ``feature_names_in_``.
     """
 
     def __init__(self, *, Cs=10, l1_ratios="warn", fit_intercept=True, cv=None,
