@@ -191,7 +191,7 @@ class LayerFitMixin:
         The words and rules of manual_layers.sklearn.LogisticRegression (scikit-learn's):
         C (inverse strength; math.inf: no penalty), l1_ratio (0: L2, 1: L1, between:
         elastic-net; > 0 needs solver="saga" or "owlqn"), penalty (deprecated as in
-        scikit-learn 1.8+), solver ("lbfgs": scipy's L-BFGS-B, full batch, in float64 whatever
+        scikit-learn 1.8+), solver ("lbfgs": L-BFGS-B, full batch, in float64 whatever
         the layer's dtype; "saga"/"owlqn": OWL-QN, float64; "newton-cg", "newton-cholesky",
         "sag": L-BFGS-B on the same objective; "sgd"/"adam": mini-batches of batch_size
         (default 256) in the layer's dtype, lr), max_iter (iterations, or epochs for sgd/adam),
