@@ -153,11 +153,19 @@ def _blas_single_thread():
         return contextlib.nullcontext()
 
 
+# A stored entry of a sparse X costs the kernel about 30 dense multiply-adds (a gather and a
+# scatter through the (D, 2 K) table against a streamed FMA: 2.9 ns per entry against 0.1 ns on
+# the 2-core EPYC), so sparse work is counted in those units. Before this weight, a binary fit of
+# 976,000 entries ran on one thread: 2.8 ms per evaluation, against 1.6 ms on two.
+SPARSE_ENTRY_WORK = 32
+
+
 def _threads_for(X, K):
     if X.device.type != "cpu":
         return None
     # a sparse X's work is its stored entries (and rows), not N x D
-    work = (X.nnz + X.shape[0]) if isinstance(X, _sparse.CSR) else X.shape[0] * X.shape[1]
+    work = (SPARSE_ENTRY_WORK * (X.nnz + X.shape[0]) if isinstance(X, _sparse.CSR)
+            else X.shape[0] * X.shape[1])
     return 1 if work * K < SINGLE_THREAD_WORK else None
 
 
@@ -180,8 +188,13 @@ def _lbfgs(obj, x0, max_iter, tol, verbose):
             bar.update(1)
             bar.set_postfix(loss=f"{f:.6g}")
 
+        grad = np.empty(obj.n_params)  # lbfgs uses each gradient before the next evaluation
+
+        def fun(p):
+            return obj.evaluate(p, out=grad)
+
         try:
-            return lbfgs(obj.evaluate, x0, max_iter=max_iter, tol=tol,
+            return lbfgs(fun, x0, max_iter=max_iter, tol=tol,
                          callback=cb if bar is not None else None)
         finally:
             if bar is not None:

@@ -296,8 +296,14 @@ class _History:
             self.YY[k, :k] = yy
 
 
+def _absmax(v):
+    """max |v_j| in two reading passes (np.abs(v).max() writes a temporary)."""
+    return max(float(v.max()), -float(v.min()))
+
+
 def lbfgs(fun, x0, *, max_iter, tol, m=10, maxls=50, ftol=_FTOL, callback=None):
-    """Minimise fun from x0. fun(x) -> (f, g) with g a float64 numpy vector. Returns (x, n_iter,
+    """Minimise fun from x0. fun(x) -> (f, g) with g a float64 numpy vector, which is read
+    before the next call of fun only (so fun may return one buffer each time). Returns (x, n_iter,
     converged, message); n_iter counts iterations (accepted steps), at most max_iter;
     callback(x, f) after each."""
     x = np.array(x0, dtype=np.float64, copy=True)
@@ -306,7 +312,7 @@ def lbfgs(fun, x0, *, max_iter, tol, m=10, maxls=50, ftol=_FTOL, callback=None):
     g = np.array(g, dtype=np.float64, copy=True)
     if not math.isfinite(f):
         return x, 0, False, f"the objective is {f} at the starting point"
-    if P == 0 or np.abs(g).max() <= tol:
+    if P == 0 or _absmax(g) <= tol:
         return x, 0, True, "the gradient is below tol at the starting point"
     hist = _History(P, m)
     d, tmp, xt = np.empty(P), np.empty(P), np.empty(P)
@@ -353,7 +359,7 @@ def lbfgs(fun, x0, *, max_iter, tol, m=10, maxls=50, ftol=_FTOL, callback=None):
         n_iter += 1
         if callback is not None:
             callback(x, f)
-        if np.abs(g).max() <= tol:
+        if _absmax(g) <= tol:
             return x, n_iter, True, "the gradient is below tol"
         if (f_old - f) <= ftol * max(abs(f_old), abs(f), 1.0):
             return x, n_iter, True, "the relative reduction of the objective is below ftol"
