@@ -325,6 +325,8 @@ def lbfgs(fun, x0, *, max_iter, tol, m=10, maxls=50, ftol=_FTOL, callback=None):
             hist.clear()
             np.negative(g, out=d)
             gd = float(g @ d)
+        if not math.isfinite(gd):
+            return x, n_iter, False, "the gradient is not finite"
         if n_iter == 0 and not hist.slots:
             t = min(1.0 / math.sqrt(float(d @ d)), ls.stpmax)
         else:

@@ -60,6 +60,13 @@ def test_converges_where_scipy_does_and_reports_why():
     assert (n_iter, conv) == (0, True)
 
 
+def test_non_finite_gradient_ends_the_fit_without_raising():
+    def fun(x):
+        return float(x @ x), np.full_like(x, np.nan)
+    x, n_iter, conv, msg = lbfgs(fun, np.ones(4), max_iter=10, tol=1e-8)
+    assert (n_iter, conv) == (0, False) and "not finite" in msg
+
+
 @pytest.mark.parametrize("m,pairs", [(3, 2), (3, 7), (10, 25)])
 def test_compact_direction_equals_two_loop(m, pairs):
     """Pairs pushed through the ring (with the incremental R and Y'Y) give -H g equal to the
