@@ -223,3 +223,34 @@ def test_large_problem_uses_own_solver(monkeypatch):
     y = (X[:, 0] > 0).long()
     res = fit_mod.fit_logistic_regression(X, y, 2, tol=1e-8, max_iter=200)
     assert res.converged and res.n_iter > 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("n_classes", [2, 4])
+@pytest.mark.parametrize("sparse", [False, True])
+def test_objective_cpu_path_equals_its_sums(dtype, n_classes, sparse):
+    """LinearObjective.evaluate's one-process CPU path (the kernel's outputs divided straight
+    into the gradient, into `out` or a fresh array) gives bitwise the values of the general path:
+    local_sums' float64 vector divided by S, plus the L2 term."""
+    sp = pytest.importorskip("scipy.sparse")
+    from manual_layers import _sparse
+    from manual_layers._fit_objective import LinearObjective
+    rng = np.random.default_rng(n_classes + 10 * sparse)
+    Xn = rng.normal(size=(300, 20))
+    Xn[rng.random(Xn.shape) < 0.5] = 0.0
+    X = (_sparse.to_csr(sp.csr_matrix(Xn), torch.device("cpu"), dtype) if sparse
+         else torch.as_tensor(Xn, dtype=dtype))
+    y = torch.as_tensor(rng.integers(0, n_classes, 300))
+    s = torch.as_tensor(rng.random(300), dtype=dtype)
+    obj = LinearObjective(X, y.to(dtype) if n_classes == 2 else y, n_classes, s=s, C=0.7)
+    p = rng.normal(size=obj.n_params)
+    KD = obj.K * obj.D
+    sums = obj.local_sums(p)
+    f_ref = sums[0] / obj.S + 0.5 * obj.l2_inv_C * float(p[:KD] @ p[:KD]) / obj.S
+    g_ref = sums[1:] / obj.S
+    g_ref[:KD] += (obj.l2_inv_C / obj.S) * p[:KD]
+    out = np.full(obj.n_params, np.nan)
+    for f, g in (obj.evaluate(p), obj.evaluate(p, out=out)):
+        assert f == f_ref
+        np.testing.assert_array_equal(g, g_ref)
+    assert not np.isnan(out).any()
