@@ -14,8 +14,8 @@ C=None (or inf) drops the second term; r = l1_ratio is 0 (L2) unless an L1 share
 solver="lbfgs": L-BFGS-B with the options scikit-learn passes (maxiter=max_iter, gtol=tol,
 ftol=64 eps, maxls=50) over a float64 numpy vector [W.ravel(), b], starting from zeros: scipy's
 (scipy.optimize.minimize(method="L-BFGS-B")) below OWN_LBFGS_FROM parameters, from there
-manual_layers/_lbfgs.py (the same algorithm, its vector work as BLAS passes over a packed history); every evaluation is ONE call of the fused
-loss+gradient kernel on X's device (LinearObjective.evaluate, manual_layers/_fit_objective.py).
+manual_layers/_lbfgs.py (the same algorithm, its vector work as BLAS passes over a packed
+history); every evaluation is ONE call of the fused loss+gradient kernel on X's device (LinearObjective.evaluate, manual_layers/_fit_objective.py).
 solver="owlqn" (an L1 share): OWL-QN (manual_layers/_solvers.py) on the same evaluation, which
 then holds the smooth part (the loss and the L2 share); the L1 share is the solver's. solver="sgd"/"adam": mini-batch
 torch.optim optimizers, max_iter epochs, L2 only.

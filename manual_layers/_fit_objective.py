@@ -133,28 +133,13 @@ class LinearObjective:
         Data-parallel fit: all_reduce (SUM) the vector `sums` right after local_sums, before
         the normalisation below; everything after it is the same on every rank."""
         self.n_evals += 1
+        sums = self._local_sums(params)
+        if self.comm is not None:  # data-parallel: the one collective per evaluation
+            sums = self.comm.all_reduce(sums)
+        sums = sums.to(device="cpu").numpy()
+        loss = sums[0] / self.S
+        grad = np.divide(sums[1:], self.S, out=out)
         KD = self.K * self.D
-        if self.comm is None and self.X.device.type == "cpu" and self.X.shape[0]:
-            # one process on the CPU: the kernel's outputs divided straight into the gradient
-            # (the same values as through local_sums' vector, one copy and some Python less
-            # per evaluation, which is most of a small fit's time)
-            W, b = self.split(params)
-            lsum, gw, gb = _loss_and_grads(self.X, W, b, self.target, self.binary, self.s,
-                                           self.cw_only)
-            grad = out if out is not None else np.empty(self.n_params)
-            # dtype: a float32 gw is widened before the division, as the copy into the float64
-            # vector did (numpy would otherwise divide in float32)
-            np.divide(gw.detach().reshape(-1).numpy(), self.S, out=grad[:KD], dtype=np.float64)
-            if b is not None:
-                np.divide(gb.detach().numpy(), self.S, out=grad[KD:], dtype=np.float64)
-            loss = float(lsum) / self.S
-        else:
-            sums = self._local_sums(params)
-            if self.comm is not None:  # data-parallel: the one collective per evaluation
-                sums = self.comm.all_reduce(sums)
-            sums = sums.to(device="cpu").numpy()
-            loss = sums[0] / self.S
-            grad = np.divide(sums[1:], self.S, out=out)
         if self.l2_inv_C:
             w = params[:KD]
             loss += 0.5 * self.l2_inv_C * float(w @ w) / self.S

@@ -128,9 +128,10 @@ class LineSearch:
         return t
 
 
-def _cubic_min(s0, f0, d0, s1, f1, d1, sign_rule):
-    """The minimiser of the cubic through (s0, f0, f'(s0) = d0), (s1, f1, d1), written as
-    s1 + r (s0 - s1), with the sign of gamma chosen as Moré-Thuente's cases do."""
+def _cubic_terms(s0, f0, d0, s1, f1, d1, sign_rule):
+    """(theta, gamma) of the cubic through (s0, f0, f'(s0) = d0) and (s1, f1, d1), from which
+    each case of _dcstep writes the cubic's minimiser; gamma's sign is the case's (sign_rule
+    True: positive)."""
     theta = 3.0 * (f0 - f1) / (s1 - s0) + d0 + d1
     s = max(abs(theta), abs(d0), abs(d1))
     disc = (theta / s) ** 2 - (d0 / s) * (d1 / s)
@@ -147,7 +148,7 @@ def _dcstep(stx, fx, dx, sty, fy, dy, stp, fp, dp, ls):
     if fp > fx:
         # case 1: a higher value; the minimum is bracketed. The cubic step if it is closer to
         # stx than the quadratic one, else their midpoint.
-        theta, gamma = _cubic_min(stx, fx, dx, stp, fp, dp, stp >= stx)
+        theta, gamma = _cubic_terms(stx, fx, dx, stp, fp, dp, stp >= stx)
         p = (gamma - dx) + theta
         q = ((gamma - dx) + gamma) + dp
         stpc = stx + (p / q) * (stp - stx)
@@ -156,7 +157,7 @@ def _dcstep(stx, fx, dx, sty, fy, dy, stp, fp, dp, ls):
         ls.brackt = True
     elif sgnd < 0:
         # case 2: derivatives of opposite sign; bracketed. The step farther from stp.
-        theta, gamma = _cubic_min(stx, fx, dx, stp, fp, dp, stp <= stx)
+        theta, gamma = _cubic_terms(stx, fx, dx, stp, fp, dp, stp <= stx)
         p = (gamma - dp) + theta
         q = ((gamma - dp) + gamma) + dx
         stpc = stp + (p / q) * (stx - stp)
@@ -166,7 +167,7 @@ def _dcstep(stx, fx, dx, sty, fy, dy, stp, fp, dp, ls):
     elif abs(dp) < abs(dx):
         # case 3: the derivative's magnitude decreases. The cubic step only when the cubic
         # tends to infinity in the step's direction or its minimum is beyond stp.
-        theta, gamma = _cubic_min(stx, fx, dx, stp, fp, dp, stp <= stx)
+        theta, gamma = _cubic_terms(stx, fx, dx, stp, fp, dp, stp <= stx)
         p = (gamma - dp) + theta
         q = (gamma + (dx - dp)) + gamma
         r = p / q
@@ -190,7 +191,7 @@ def _dcstep(stx, fx, dx, sty, fy, dy, stp, fp, dp, ls):
         # case 4: the derivative does not decrease in magnitude: the cubic through stp and
         # sty when bracketed, else the far end of the allowed range
         if ls.brackt:
-            theta, gamma = _cubic_min(sty, fy, dy, stp, fp, dp, stp <= sty)
+            theta, gamma = _cubic_terms(sty, fy, dy, stp, fp, dp, stp <= sty)
             p = (gamma - dp) + theta
             q = ((gamma - dp) + gamma) + dy
             stpf = stp + (p / q) * (sty - stp)

@@ -42,17 +42,24 @@ def _reference(Xd, W, b, target, s):
     return loss.detach(), gW if gW is not None else torch.zeros_like(W), gb
 
 
+def _logits_and_magnitude(Xd, W, b):
+    """The logits z = X W^T + b (N, C) and, per row, the magnitude of their terms,
+    m_i = max_c sum_j |x_ij w_cj| + max |b| (a float32 logit is off by about eps m_i), float64."""
+    Wd = W.detach().double()
+    z = Xd @ Wd.t() + (0 if b is None else b.detach().double())
+    mag = (Xd.abs() @ Wd.abs().t()).max(1).values
+    if b is not None:
+        mag = mag + b.detach().double().abs().max()
+    return z, mag
+
+
 def _loss_terms_abs_sum(Xd, W, b, target, s):
     """sum_i |s_i| (|a_i| + |c_i| + max_c sum_j |x_ij w_cj| + |b|_max): the magnitude of the
     terms whose rounding the loss carries, in float64. A row's loss is a difference, a_i - c_i
     (multinomial: logsumexp(z_i) - z_it; binary: softplus(-z_i) + (1 - y_i) z_i, two terms of
     either sign), of logits that are themselves sums of products; in float32 it can cancel to
     far below its terms (one row, N = 1: a loss of about 1e-3 off by 1e-3 of itself)."""
-    Wd = W.detach().double()
-    z = Xd @ Wd.t() + (0 if b is None else b.detach().double())
-    mag = (Xd.abs() @ Wd.abs().t()).max(1).values
-    if b is not None:
-        mag = mag + b.detach().double().abs().max()
+    z, mag = _logits_and_magnitude(Xd, W, b)
     if target.is_floating_point():
         a = torch.nn.functional.softplus(-z[:, 0])
         c = (1 - target.double()) * z[:, 0]
@@ -70,11 +77,7 @@ def _residual_terms_abs(Xd, W, b, target, s):
     (at most eps m_i, m_i the magnitude of their terms, as in _loss_terms_abs_sum) moves it. One
     confident row (N = 1) has every |r| small, and the gradients it makes cannot be measured
     against themselves (N = 1 came to 2.6e-3 of grad_bias, 2e-4 of grad_weight in float32)."""
-    Wd = W.detach().double()
-    z = Xd @ Wd.t() + (0 if b is None else b.detach().double())
-    mag = (Xd.abs() @ Wd.abs().t()).max(1).values
-    if b is not None:
-        mag = mag + b.detach().double().abs().max()
+    z, mag = _logits_and_magnitude(Xd, W, b)
     if target.is_floating_point():
         pr = torch.sigmoid(z)
         y = target.double().abs().unsqueeze(1)
@@ -118,14 +121,15 @@ def test_op_matches_dense_reference(C, dtype, index, impl):
                             duplicates=dup, empty_rows=0.2)
             W, b, target, s = _problem(rng, A, C, dtype, bias, weights)
             loss, gw, gb = fn(*_args(A, dtype), W, b, target, s, True, bias)
-            rl, rgw, rgb = _reference(_dense(A).to(dtype).double(), W, b, target, s)
+            Xd = _dense(A).to(dtype).double()
+            rl, rgw, rgb = _reference(Xd, W, b, target, s)
             acc = torch.float64 if dtype == torch.float64 else torch.float32
             assert loss.dtype == acc and loss.dim() == 0 and gw.dtype == acc
             tol = TOL[dtype] * 10
             what = f"{impl} N={N} D={D} C={C} {dtype} bias={bias} sw={weights}"
             # the loss's error against the magnitude of its terms (_loss_terms_abs_sum), not
             # against the loss itself, which may cancel
-            lscale = _loss_terms_abs_sum(_dense(A).to(dtype).double(), W, b, target, s)
+            lscale = _loss_terms_abs_sum(Xd, W, b, target, s)
             err = abs(float(loss) - float(rl)) / max(float(lscale), 1e-30)
             assert err <= tol, f"{what} loss: error {err:.3g} of sum|terms| > {tol:.1g}"
             # grad_W = R^T X and grad_b = sum_i R_i: sums that may cancel, of residuals that
@@ -133,7 +137,6 @@ def test_op_matches_dense_reference(C, dtype, index, impl):
             # (_residual_terms_abs), not against the sums (C = 1, N = 64 once came to 2.6e-4 of
             # the bias gradient in float32)
             assert torch.isfinite(gw).all() and gw.shape == rgw.shape, what + " grad_weight"
-            Xd = _dense(A).to(dtype).double()
             terms = _residual_terms_abs(Xd, W, b, target, s)
             err = ((gw.double() - rgw).abs() / (terms.t() @ Xd.abs()).clamp_min(1e-30)).max()
             assert err <= tol, f"{what} grad_weight: error {err:.3g} of sum|terms| > {tol:.1g}"
