@@ -228,7 +228,8 @@ def test_op_deterministic_across_threads(C, dtype):
 @pytest.mark.parametrize("C,D,dtype", [(1, 40000, torch.float64), (5, 20000, torch.float32),
                                        (3, 30000, torch.float64)])
 def test_op_wide_tables(C, D, dtype):
-    """Tables above 512 KiB (the kernel prefetches their rows ahead) against the composite,
+    """Tables above 512 KiB (multinomial: the kernel prefetches their rows ahead; binary: W and
+    the gradient as two arrays of D values) against the composite,
     itself checked against the dense reference above; a bad column index there still raises
     (the prefetch of a bad entry ahead must not read out of bounds)."""
     rng = _rng()

@@ -23,10 +23,9 @@ namespace {
 using at::vec::Vectorized;
 
 constexpr int64_t kBinaryTile = 16;                  // rows per vectorised binary loss step
-constexpr int64_t kBinaryPrefetch = 16;              // entries ahead whose table line is fetched
-constexpr int64_t kMultiPrefetch = 16;               // the same for the multinomial pass
-// Tables up to this size stay in a core's L2 (512 KiB on the EPYC, more on newer CPUs) once
-// warm: no prefetches (instructions that cost a tenth of the binary pass there).
+constexpr int64_t kMultiPrefetch = 16;  // entries ahead whose table row the multinomial pass fetches
+// Multinomial tables up to this size stay in a core's L2 (512 KiB on the EPYC, more on newer
+// CPUs) once warm: no prefetches there (instructions that cost a tenth of a pass).
 constexpr int64_t kPrefetchFromBytes = int64_t(512) << 10;
 
 template <typename acc_t, typename index_t>
@@ -43,8 +42,9 @@ struct Problem {
 };
 
 // What a block reads and writes per column j: W's row at w + j * ws, the block's grad_W row at
-// g + j * ws. With the gradient: the block's interleaved table (g = w + Cp, ws = 2 Cp); without
-// it: w is the shared W^T (ws = Cp) and g is null.
+// g + j * ws. Multinomial with the gradient: the block's interleaved table (g = w + Cp,
+// ws = 2 Cp); without it: w is the shared W^T (ws = Cp) and g is null. Binary: w is W itself,
+// shared by the blocks, and g the block's own gradient array (ws = 1), or null.
 template <typename acc_t>
 struct Table {
   const acc_t* w;
@@ -99,16 +99,16 @@ inline acc_t hmax(const Vectorized<acc_t>& v) {
   return m;
 }
 
-// Binary rows r0 .. r1 (GRAD: the table is interleaved, WS = 2; else W alone, WS = 1): z per
-// row (scalar, four chains), the losses and residuals of a tile of kBinaryTile rows in vectors
-// (the dense pass's stable forms, csrc/cpu/kernels/losses.cpp BceLoss), then the tile's scatter.
+// Binary rows r0 .. r1: z per row (scalar, four chains), the losses and residuals of a tile of
+// kBinaryTile rows in vectors (the dense pass's stable forms, csrc/cpu/kernels/losses.cpp
+// BceLoss), then the tile's scatter. W is read at T.w and the gradient added at T.g, two
+// separate arrays of stride 1 (T.ws == 1), and nothing is prefetched: see the file comment of
+// sparse.cpp for why binary differs from multinomial here.
 template <bool GRAD, typename acc_t, typename index_t>
 void binary_block(const Problem<acc_t, index_t>& p, const Table<acc_t>& T, int64_t r0,
                   int64_t r1, acc_t* gb, double& loss_out, bool& bad_out) {
   using Vec = Vectorized<acc_t>;
   constexpr int64_t V = Vec::size();
-  constexpr int64_t WS = GRAD ? 2 : 1;
-  constexpr int RW = GRAD ? 1 : 0;
   static_assert(kBinaryTile % V == 0, "whole vectors per tile");
   alignas(64) acc_t z[kBinaryTile], y[kBinaryTile], s[kBinaryTile], r[kBinaryTile],
       l[kBinaryTile];
@@ -118,9 +118,6 @@ void binary_block(const Problem<acc_t, index_t>& p, const Table<acc_t>& T, int64
   acc_t* g = T.g;
   const acc_t* val = p.val;
   const index_t* col = p.col;
-  // entries e < pf_end prefetch the row of entry e + kBinaryPrefetch
-  const int64_t pf_end =
-      p.prefetch ? p.crow[r1] - kBinaryPrefetch : std::numeric_limits<int64_t>::min();
   double loss = 0;
   acc_t gsum = 0;
   bool bad = false;
@@ -140,18 +137,12 @@ void binary_block(const Problem<acc_t, index_t>& p, const Table<acc_t>& T, int64
       if (!ok[k]) e = e1;
       acc_t a0 = 0, a1 = 0, a2 = 0, a3 = 0;
       for (; e + 4 <= e1; e += 4) {
-        if (e < pf_end) {
-          for (int64_t u = 0; u < 4; ++u) {
-            const char* row = table_row(W, WS, col[e + kBinaryPrefetch + u], p.D);
-            if (row != nullptr) __builtin_prefetch(row, RW, 3);
-          }
-        }
-        a0 += val[e] * W[col[e] * WS];
-        a1 += val[e + 1] * W[col[e + 1] * WS];
-        a2 += val[e + 2] * W[col[e + 2] * WS];
-        a3 += val[e + 3] * W[col[e + 3] * WS];
+        a0 += val[e] * W[col[e]];
+        a1 += val[e + 1] * W[col[e + 1]];
+        a2 += val[e + 2] * W[col[e + 2]];
+        a3 += val[e + 3] * W[col[e + 3]];
       }
-      for (; e < e1; ++e) a0 += val[e] * W[col[e] * WS];
+      for (; e < e1; ++e) a0 += val[e] * W[col[e]];
       z[k] = ((a0 + a1) + (a2 + a3)) + b;
       y[k] = p.y[i];
       s[k] = p.sw ? p.sw[i] : acc_t(1);
@@ -179,7 +170,7 @@ void binary_block(const Problem<acc_t, index_t>& p, const Table<acc_t>& T, int64
         if (!ok[k]) continue;
         const acc_t rk = r[k];
         const int64_t e1 = p.crow[i0 + k + 1];
-        for (int64_t e = p.crow[i0 + k]; e < e1; ++e) g[col[e] * WS] += rk * val[e];
+        for (int64_t e = p.crow[i0 + k]; e < e1; ++e) g[col[e]] += rk * val[e];
       }
     }
   }
