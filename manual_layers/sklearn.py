@@ -8,9 +8,10 @@ loss+gradient kernels of manual_layers on the CPU or a CUDA GPU.
 It minimises the same objective as sklearn.linear_model.LogisticRegression (mean of the
 sample-weighted log-losses + ((1 - l1_ratio) ||W||^2 / 2 + l1_ratio ||W||_1) / (C sum(sample
 weights)), binary: one coefficient row, multiclass: multinomial with one row per class). L2: with
-the optimizer of scikit-learn's lbfgs (L-BFGS-B's algorithm and options: scipy's own below 2,048
-parameters, manual_layers/_lbfgs.py's from there), so coef_, intercept_ and predict_proba agree
-with scikit-learn's to rounding when both converge. L1 / elastic-net:
+the optimizer of scikit-learn's lbfgs (L-BFGS-B's algorithm and options: on small dense CPU data
+the whole loop in C++, csrc/fit/; otherwise scipy's own below 2,048 parameters and
+manual_layers/_lbfgs.py's from there), so coef_, intercept_ and predict_proba agree with
+scikit-learn's to rounding when both converge. L1 / elastic-net:
 OWL-QN (manual_layers/_solvers.py) on saga's objective. See manual_layers/_fit.py for the engine
 and manual_layers/_fit_prep.py for the parameter rules shared with the layer's fit.
 LogisticRegressionCV (manual_layers/_sklearn_cv.py) is scikit-learn's, with these fits.
@@ -138,8 +139,9 @@ class LogisticRegression(ClassifierMixin, BaseEstimator):
         scikit-learn). OWL-QN: the same test on the pseudo-gradient. sgd/adam: stop when the
         epoch loss changes by <= tol (relative).
     solver : str, default="lbfgs"
-        "lbfgs": L-BFGS-B, the optimizer scikit-learn uses (scipy's below 2,048 parameters;
-        from there manual_layers/_lbfgs.py, the same iterates with BLAS vector work), each
+        "lbfgs": L-BFGS-B, the optimizer scikit-learn uses (small dense CPU X: its algorithm in
+        C++, csrc/fit/; otherwise scipy's below 2,048 parameters and from there
+        manual_layers/_lbfgs.py, the same iterates with BLAS vector work), each
         evaluation one fused kernel call on `device` (L2 or no penalty). "saga" or "owlqn": OWL-QN (orthant-wise
         L-BFGS, manual_layers/_solvers.py) on the same fused evaluation: any l1_ratio, the
         optimum of scikit-learn saga's objective with exact zeros in coef_ (an L2-only

@@ -1,7 +1,7 @@
-"""The L2 fit's L-BFGS (manual_layers/_lbfgs.py) against scipy's L-BFGS-B, whose algorithm it
-follows: the same iterates on fresh random logistic objectives, the compact direction against the
-two-loop recursion, the Moré-Thuente line search's conditions, and the estimator's results with
-either solver."""
+"""The L2 fit's L-BFGS (manual_layers/_lbfgs.py, and its C++ port csrc/fit/lbfgs.cpp behind the
+op _logreg_lbfgs) against scipy's L-BFGS-B, whose algorithm both follow: the same iterates on
+fresh random logistic objectives, the compact direction against the two-loop recursion, the
+Moré-Thuente line search's conditions, and the estimator's results with each solver."""
 
 import math
 
@@ -187,11 +187,138 @@ def test_line_search_backs_off_from_overflow():
     assert 0 < t <= 1.0 and phi(t)[0] < f0
 
 
+def _solver(monkeypatch, which):
+    """Route the L2 fit to one L-BFGS: "cpp" (the C++ op, dense CPU X only), "python"
+    (manual_layers/_lbfgs.py) or "scipy" (scipy's L-BFGS-B)."""
+    monkeypatch.setattr(fit_mod, "CPP_LBFGS", which == "cpp")
+    monkeypatch.setattr(fit_mod, "OWN_LBFGS_FROM", 0 if which != "scipy" else 10 ** 9)
+
+
+def _objective(seed, n_classes, dtype=torch.float64, N=300, D=40, C=1.0, weights=None,
+               fit_intercept=True):
+    """A fresh LinearObjective (uneven feature scales; weights: None, "sample" or "class")."""
+    from manual_layers._fit_objective import LinearObjective
+    rng = np.random.default_rng(seed)
+    Xn = rng.normal(size=(N, D)) * rng.uniform(0.1, 3.0, size=D)
+    K = 1 if n_classes == 2 else n_classes
+    y = (Xn @ rng.normal(size=(D, K)) + rng.logistic(size=(N, K))).argmax(1) if K > 1 else \
+        (Xn @ rng.normal(size=D) + rng.logistic(size=N) > 0).astype(np.int64)
+    X = torch.as_tensor(Xn, dtype=dtype)
+    yt = torch.as_tensor(y)
+    target = yt.to(dtype) if n_classes == 2 else yt
+    s = cw_only = None
+    if weights == "sample":
+        s = torch.as_tensor(rng.uniform(0.2, 2.0, size=N), dtype=dtype)
+    elif weights == "class":
+        cw_only = torch.as_tensor(rng.uniform(0.5, 2.0, size=n_classes), dtype=dtype)
+        s = cw_only[yt] if n_classes > 2 else None
+        if n_classes == 2:
+            s, cw_only = cw_only[yt], None
+    return LinearObjective(X, target, n_classes, s=s, class_weight_only=cw_only, C=C,
+                           fit_intercept=fit_intercept)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("max_iter", [1, 4, 15, 60])
+@pytest.mark.parametrize("n_classes", [2, 3])
+def test_cpp_iterates_match_scipy_lbfgsb(monkeypatch, seed, max_iter, n_classes):
+    """The C++ fit loop (csrc/fit/lbfgs.cpp, op _logreg_lbfgs) takes scipy's L-BFGS-B's
+    iterations on the same objective: same count, iterates within 1e-7, after 1, 4, 15, 60."""
+    out = {}
+    for which in ("cpp", "scipy"):
+        _solver(monkeypatch, which)
+        obj = _objective(seed, n_classes, C=0.3)
+        x0 = np.random.default_rng(seed + 100).normal(size=obj.n_params) * 0.1
+        out[which] = fit_mod._lbfgs(obj, x0, max_iter, 1e-12, 0)
+    (x, n_iter, conv, _), (ref, nit, _, _) = out["cpp"], out["scipy"]
+    assert n_iter == nit
+    assert np.abs(x - ref).max() <= 1e-7 * max(1.0, np.abs(ref).max())
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("n_classes", [2, 4])
+@pytest.mark.parametrize("weights", [None, "sample", "class"])
+@pytest.mark.parametrize("fit_intercept,C", [(True, 0.5), (False, None)])
+def test_cpp_fit_equals_python_fit(monkeypatch, dtype, n_classes, weights, fit_intercept, C):
+    """The C++ loop against manual_layers/_lbfgs.py on the same objective (the same kernels,
+    in X's dtype). float64: same n_iter, evaluations, convergence and message, parameters to
+    1e-8. float32: the two loops' float64 dot products round differently, and a float32
+    objective's own rounding (1e-7 relative) then changes line-search decisions, so only the
+    outcome is compared: both converge, to objectives within 1e-6 relative."""
+    if weights == "sample" and n_classes > 2:
+        weights = "class"  # per-sample weights with several classes keep the Python loop
+    out = {}
+    for which in ("cpp", "python"):
+        _solver(monkeypatch, which)
+        obj = _objective(7, n_classes, dtype, C=C, weights=weights, fit_intercept=fit_intercept)
+        assert fit_mod._cpp_lbfgs_applies(obj, 0) == (which == "cpp")
+        out[which] = fit_mod._lbfgs(obj, np.zeros(obj.n_params), 200, 1e-5, 0) + (obj.n_evals,)
+    (x, n, conv, msg, ne), (xr, nr, convr, msgr, ner) = out["cpp"], out["python"]
+    if dtype == torch.float64:
+        assert (n, conv, msg) == (nr, convr, msgr) and ne == ner > 0
+        assert np.abs(x - xr).max() <= 1e-8 * max(1.0, np.abs(xr).max())
+    else:
+        f, fr = obj.evaluate(x)[0], obj.evaluate(xr)[0]
+        assert conv and convr and n > 0 and abs(f - fr) <= 1e-6 * abs(fr)
+
+
+def test_cpp_fit_reports_why_it_stopped(monkeypatch):
+    _solver(monkeypatch, "cpp")
+    obj = _objective(3, 2)
+    x, n_iter, conv, msg = fit_mod._lbfgs(obj, np.zeros(obj.n_params), 1000, 1e-6, 0)
+    assert conv and "tol" in msg and n_iter > 3
+    g = obj.evaluate(x)[1]
+    assert np.abs(g).max() <= 1e-6
+    _, n, conv, msg = fit_mod._lbfgs(obj, np.zeros(obj.n_params), 3, 1e-12, 0)
+    assert (n, conv, msg) == (3, False, "max_iter=3 iterations reached")
+    _, n, conv, msg = fit_mod._lbfgs(obj, x, 10, 1.0, 0)
+    assert (n, conv) == (0, True) and "starting point" in msg
+
+
+def test_cpp_fit_only_where_it_applies(monkeypatch):
+    """The C++ loop takes small dense CPU L2 fits; large ones (interruptible between Python
+    evaluations), sparse X, an L1 share, a progress bar and weighted multinomial fits keep the
+    Python loop."""
+    from manual_layers import _sparse
+    from manual_layers._fit_objective import LinearObjective
+    sp = pytest.importorskip("scipy.sparse")
+    obj = _objective(0, 3)
+    assert fit_mod._cpp_lbfgs_applies(obj, 0)
+    assert not fit_mod._cpp_lbfgs_applies(obj, 1)  # verbose: the progress bar
+    monkeypatch.setattr(fit_mod, "CPP_LBFGS_MAX_WORK", obj.X.numel() * obj.K)
+    assert not fit_mod._cpp_lbfgs_applies(obj, 0)
+    monkeypatch.undo()
+    assert not fit_mod._cpp_lbfgs_applies(_objective(0, 3, weights="sample"), 0)
+    assert fit_mod._cpp_lbfgs_applies(_objective(0, 3, weights="class"), 0)
+    assert fit_mod._cpp_lbfgs_applies(_objective(0, 2, weights="sample"), 0)
+    X = _sparse.to_csr(sp.random(50, 8, density=0.3, format="csr", random_state=0),
+                       torch.device("cpu"), torch.float64)
+    y = torch.randint(0, 2, (50,)).double()
+    assert not fit_mod._cpp_lbfgs_applies(LinearObjective(X, y, 2), 0)
+    Xd = torch.randn(50, 8, dtype=torch.float64)
+    assert not fit_mod._cpp_lbfgs_applies(LinearObjective(Xd, y, 2, l1_ratio=0.5), 0)
+
+
+def test_cpp_fit_op_checks():
+    """The op's schema, fake kernel and AOT dispatch (torch.library.opcheck), and its errors."""
+    X = torch.randn(50, 6, dtype=torch.float64)
+    y = (X[:, 0] > 0).double()
+    args = (X, y, None, None, 2, True, 50.0, 1.0, torch.zeros(7, dtype=torch.float64), 20, 1e-6)
+    torch.library.opcheck(torch.ops.manual_layers._logreg_lbfgs.default, args)
+    with pytest.raises(RuntimeError, match="x0 must be a float64 vector of 7 parameters"):
+        torch.ops.manual_layers._logreg_lbfgs(*args[:8], torch.zeros(6, dtype=torch.float64),
+                                              20, 1e-6)
+    with pytest.raises(RuntimeError, match="weight_sum must be positive"):
+        torch.ops.manual_layers._logreg_lbfgs(*args[:6], 0.0, *args[7:])
+
+
 @pytest.mark.parametrize("sparse", [False, True])
 @pytest.mark.parametrize("n_classes", [2, 4])
-def test_estimator_same_fit_with_either_solver(monkeypatch, sparse, n_classes):
-    """The estimator's fit with our L-BFGS (forced on a small problem) equals the one with
-    scipy's L-BFGS-B: same n_iter, coefficients to 1e-8 relative."""
+@pytest.mark.parametrize("which", ["cpp", "python"])
+def test_estimator_same_fit_with_either_solver(monkeypatch, sparse, n_classes, which):
+    """The estimator's fit with our L-BFGS (the C++ loop, or the Python one forced on a small
+    problem) equals the one with scipy's L-BFGS-B: same n_iter, coefficients to 1e-8
+    relative. (The C++ loop takes dense X only: sparse X runs the Python one either way.)"""
     sp = pytest.importorskip("scipy.sparse")
     from manual_layers.sklearn import LogisticRegression
     rng = np.random.default_rng(n_classes + 10 * sparse)
@@ -202,11 +329,11 @@ def test_estimator_same_fit_with_either_solver(monkeypatch, sparse, n_classes):
         X = sp.csr_matrix(X)
     y = rng.integers(0, n_classes, size=N)
     fits = {}
-    for own in (True, False):
-        monkeypatch.setattr(fit_mod, "OWN_LBFGS_FROM", 0 if own else 10 ** 9)
+    for solver in (which, "scipy"):
+        _solver(monkeypatch, solver)
         clf = LogisticRegression(C=0.5, tol=1e-6, max_iter=500).fit(X, y)
-        fits[own] = (np.hstack([clf.coef_, clf.intercept_[:, None]]), int(clf.n_iter_[0]))
-    (a, na), (b, nb) = fits[True], fits[False]
+        fits[solver] = (np.hstack([clf.coef_, clf.intercept_[:, None]]), int(clf.n_iter_[0]))
+    (a, na), (b, nb) = fits[which], fits["scipy"]
     assert na == nb
     assert np.abs(a - b).max() <= 1e-8 * np.abs(b).max()
 
@@ -219,6 +346,7 @@ def test_large_problem_uses_own_solver(monkeypatch):
         raise AssertionError("scipy.optimize.minimize was called")
     monkeypatch.setattr(scipy.optimize, "minimize", boom)
     monkeypatch.setattr(fit_mod, "OWN_LBFGS_FROM", 10)
+    monkeypatch.setattr(fit_mod, "CPP_LBFGS", False)  # the Python loop, not the C++ op
     X = torch.randn(200, 12, dtype=torch.float64)
     y = (X[:, 0] > 0).long()
     res = fit_mod.fit_logistic_regression(X, y, 2, tol=1e-8, max_iter=200)

@@ -113,6 +113,27 @@ const Selected& selected() {
 // The level whose kernels run ("DEFAULT", "AVX2" or "AVX512").
 std::string cpu_kernels_isa() { return kIsaNames[static_cast<int>(selected().isa)]; }
 
+// The selected copies of the fused loss kernels, for the C++ fit loop (csrc/fit/logreg_lbfgs.cpp),
+// which calls them once per evaluation without the dispatcher.
+LossOut linear_bce_fwd_cpu(const at::Tensor& x, const at::Tensor& weight,
+                           const c10::optional<at::Tensor>& bias, const at::Tensor& target,
+                           const c10::optional<at::Tensor>& pos_weight,
+                           const c10::optional<at::Tensor>& sample_weight, int64_t reduction,
+                           bool need_x, bool need_weight, bool need_bias) {
+  return selected().kernels.linear_bce_fwd(x, weight, bias, target, pos_weight, sample_weight,
+                                           reduction, need_x, need_weight, need_bias);
+}
+
+LossOut linear_ce_fwd_cpu(const at::Tensor& x, const at::Tensor& weight,
+                          const c10::optional<at::Tensor>& bias, const at::Tensor& target,
+                          const c10::optional<at::Tensor>& class_weight, int64_t ignore_index,
+                          double label_smoothing, int64_t reduction, bool need_x,
+                          bool need_weight, bool need_bias) {
+  return selected().kernels.linear_ce_fwd(x, weight, bias, target, class_weight, ignore_index,
+                                          label_smoothing, reduction, need_x, need_weight,
+                                          need_bias);
+}
+
 // The selected copy of the small-C dX kernel (csrc/generic/loss_bwd.cpp).
 at::Tensor loss_dx_cpu(const at::Tensor& residual, const at::Tensor& coef,
                        const at::Tensor& weight) {
