@@ -188,15 +188,37 @@ def test_bad_parameters_raise(kw, match):
             LogisticRegressionCV(**{"scoring": None, **kw}).fit(X, y)
 
 
-def test_n_jobs_threads_give_the_same_result():
+@pytest.mark.parametrize("n_jobs", [2, None])
+def test_n_jobs_threads_give_the_same_result(n_jobs):
+    """Folds in threads (n_jobs=2, or None's choice on small dense L2 data) give bitwise the
+    sequential fit's results."""
     import torch
     rng = _rng()
     X, y = _data(rng, 400, 6, 3)
     kw = dict(Cs=5, cv=4, l1_ratios=(0.0,), tol=1e-8, max_iter=500, **NEW)
     threads = torch.get_num_threads()
-    one = LogisticRegressionCV(**kw).fit(X, y)
-    two = LogisticRegressionCV(n_jobs=2, **kw).fit(X, y)
+    one = LogisticRegressionCV(n_jobs=1, **kw).fit(X, y)
+    two = LogisticRegressionCV(n_jobs=n_jobs, **kw).fit(X, y)
     assert torch.get_num_threads() == threads  # restored after the threaded folds
     np.testing.assert_array_equal(one.scores_, two.scores_)
     np.testing.assert_array_equal(one.coefs_paths_, two.coefs_paths_)
     np.testing.assert_array_equal(one.coef_, two.coef_)
+
+
+def test_n_jobs_none_chooses_threads_only_where_the_fits_run_in_cpp():
+    import torch
+    import scipy.sparse as sp
+    rng = _rng()
+    X, y = _data(rng, 400, 6, 3)
+    folds, cpu = 4, torch.device("cpu")
+    want = max(1, min(torch.get_num_threads(), folds))
+    est = LogisticRegressionCV()
+    assert est._workers(folds, cpu, X, 3, [0.0], "elasticnet", False) == want
+    assert est._workers(folds, cpu, X, 3, [0.0], "l2", False) == want
+    assert est._workers(folds, cpu, X, 2, [0.0], "l2", True) == want  # binary: weights in C++
+    assert est._workers(folds, cpu, X, 3, [0.0], "l2", True) == 1  # weights: the Python loop
+    assert est._workers(folds, cpu, X, 3, [0.0, 0.5], "elasticnet", False) == 1  # OWL-QN
+    assert est._workers(folds, cpu, X, 3, [0.0], "l1", False) == 1
+    assert est._workers(folds, cpu, sp.csr_matrix(X), 3, [0.0], "l2", False) == 1
+    assert est._workers(folds, cpu, np.zeros((10 ** 6, 8)), 3, [0.0], "l2", False) == 1  # large
+    assert LogisticRegressionCV(n_jobs=1)._workers(folds, cpu, X, 3, [0.0], "l2", False) == 1
