@@ -1,13 +1,17 @@
 """LogisticRegression fit: manual_layers.sklearn.LogisticRegression against scikit-learn's
 LogisticRegression(solver="lbfgs") with one BLAS thread (threadpoolctl), side by side in one
 run on the same arrays; C=1.0, tol=1e-4, max_iter=1000, each library's default dtype (X's:
-float64 here).
+float64 here, but for the wide float32 anchor set).
 
 Each timed call is a whole estimator fit (input validation, label encoding, the optimizer,
 building the fitted attributes); the libraries are timed interleaved (round-robin) and the
 median is reported. Cases (--sets, default all):
   small:     breast_cancer, wine, digits (standardised, 75% train split)
   synthetic: dense 200,000 x 100 binary and 100,000 x 64 with 10 classes
+  anchors:   issue 28's three dense sets, from make_classification (half the features
+             informative): 1,000,000 x 28 binary, 300,000 x 64 with 10 classes, 100,000 x 2,000
+             float32 binary (--quick: a tenth of the rows); their target is against the
+             fastest of scikit-learn, scikit-learn-intelex and snapml (those that import)
   sparse:    CSR 200,000 x 100,000 with 0.05% non-zeros (about 50 per row), power-law (Zipf,
              exponent 1) column frequencies, TF-IDF-like rows (exponential values, unit L2
              norm), binary and 20 classes, labels from a random linear model; seeded
@@ -50,9 +54,13 @@ ml = common.import_manual_layers()
 # Required speed-up (scikit-learn with one BLAS thread / ours) on the 2-core CPU (issue 28:
 # small data at least as fast; sparse at least 3x), and coefficient agreement for sparse.
 TARGETS = {"breast_cancer": 1.0, "wine": 1.0, "digits": 1.0, "synthetic binary": 3.0,
-           "synthetic 10 classes": 5.0, "sparse binary": 3.0, "sparse 20 classes": 3.0}
+           "synthetic 10 classes": 5.0, "sparse binary": 3.0, "sparse 20 classes": 3.0,
+           "anchor binary": 1.5, "anchor 10 classes": 1.5, "anchor wide float32": 1.5}
+# The anchor sets' targets are against the fastest library of the run (issue 28), the others'
+# against scikit-learn.
+ANCHOR_SETS = ("anchor binary", "anchor 10 classes", "anchor wide float32")
 COEF_TARGET = 1e-4
-SETS = ("small", "synthetic", "sparse")
+SETS = ("small", "synthetic", "anchors", "sparse")
 
 
 def sparse_dataset(N, D, density, K, seed=0, alpha=1.0):
@@ -111,6 +119,18 @@ def datasets(quick, sets):
             W = rng.normal(size=(K, D)) / np.sqrt(D) * 2
             y = (X @ W.T + rng.gumbel(size=(n, K))).argmax(1)
             out.append((name, X[:N], X[N:], y[:N], y[N:]))
+    if "anchors" in sets:
+        from sklearn.datasets import make_classification
+        for name, N, D, K, dtype in (("anchor binary", 1_000_000, 28, 2, np.float64),
+                                     ("anchor 10 classes", 300_000, 64, 10, np.float64),
+                                     ("anchor wide float32", 100_000, 2_000, 2, np.float32)):
+            if quick:
+                N //= 10
+            n = N + N // 4
+            X, y = make_classification(n_samples=n, n_features=D, n_informative=D // 2,
+                                       n_redundant=D // 10, n_classes=K, random_state=0)
+            X = X.astype(dtype)
+            out.append((name, X[:N], X[N:], y[:N], y[N:]))
     if "sparse" in sets:
         N, D, density = (20_000, 10_000, 0.005) if quick else (200_000, 100_000, 0.0005)
         for name, K in (("sparse binary", 2), ("sparse 20 classes", 20)):
@@ -168,6 +188,7 @@ def objective(clf, X, y):
     else:
         loss = LinearModelLoss(HalfMultinomialLoss(n_classes=K), fit_intercept=True)
         w = np.c_[coef, icpt].ravel(order="F")
+    X = X.astype(np.float64, copy=False)  # float32 X: the objective still in float64
     return loss.loss(w, X, idx.astype(np.float64), None, 1.0 / (clf.C * X.shape[0]))
 
 
@@ -215,7 +236,8 @@ def main():
     load0 = os.getloadavg()
     params = dict(C=1.0, tol=1e-4, max_iter=1000)
     others = optional_libraries(params)
-    header = ["case", "shape", "sklearn 1-BLAS-thread ms", "ours ms", "ratio", "target",
+    header = ["case", "shape", "sklearn 1-BLAS-thread ms", "ours ms", "ratio", "vs fastest",
+              "target",
               "iters sk/ours", "acc sk", "acc ours", "coef diff", "coef diff tight",
               "objective diff",
               "ours evals", "ms/eval", "kernel ms", "ours overhead ms"] + \
@@ -240,22 +262,26 @@ def main():
         fns = {"sklearn_1t": (one_blas_thread(sk), None), "ours": (lambda: ours.fit(Xtr, ytr),
                                                                    None)}
         fns.update({k: (one_blas_thread(e), None) for k, e in extra.items()})
-        # count our objective evaluations over the timed fits (no extra fit)
-        n_evals = {"n": 0}
-        orig = _fit.LinearObjective.evaluate
+        # count our objective evaluations over the timed fits (no extra fit): each fit's
+        # objective counts its own, in Python or in the C++ loop (_fit._cpp_lbfgs)
+        objectives = []
+        orig = _fit.LinearObjective.__init__
 
-        def counting(self, params_, out=None, _orig=orig):
-            n_evals["n"] += 1
-            return _orig(self, params_, out=out)
-        _fit.LinearObjective.evaluate = counting
+        def recording(self, *a, _orig=orig, **k):
+            _orig(self, *a, **k)
+            objectives.append(self)
+        _fit.LinearObjective.__init__ = recording
         try:
             res = common.time_many(fns, device="cpu", repeats=repeats, warmup=warmup)
         finally:
-            _fit.LinearObjective.evaluate = orig
-        evals = n_evals["n"] // (repeats + warmup)
+            _fit.LinearObjective.__init__ = orig
+        evals = sum(o.n_evals for o in objectives) // (repeats + warmup)
         t_sk, t_ours = res["sklearn_1t"]["p50"], res["ours"]["p50"]
         t_eval, t_kernel = where_time_goes(ours, Xtr, ytr, device, 3 if sparse else 5)
         ratio = t_sk / t_ours
+        # against the fastest library of this run (anchors' target); snapml stops at a worse
+        # objective, so its time is not like for like (see the notes)
+        ratio_best = min([t_sk] + [res[k]["p50"] for k in others]) / t_ours
         a = np.r_[ours.coef_.ravel(), ours.intercept_]
         b = np.r_[sk.coef_.ravel(), sk.intercept_]
         dcoef = float(np.abs(a - b).max() / np.abs(b).max())
@@ -278,10 +304,11 @@ def main():
             bt = np.r_[b_t.coef_.ravel(), b_t.intercept_]
             dtight = float(np.abs(at - bt).max() / np.abs(bt).max())
         target = TARGETS[name]
-        ok = ratio >= target and (not sparse or (dtight if dtight is not None else dcoef)
+        ok = (ratio_best if name in ANCHOR_SETS else ratio) >= target and (not sparse or (dtight if dtight is not None else dcoef)
                                   <= COEF_TARGET)
         rows.append([name, shape, common.fmt_ms(t_sk), common.fmt_ms(t_ours), f"{ratio:.2f}x",
-                     f">= {target}x" + (f", coef <= {COEF_TARGET:g}" if sparse else "") +
+                     f"{ratio_best:.2f}x",
+                     f">= {target}x" + (" fastest" if name in ANCHOR_SETS else "") + (f", coef <= {COEF_TARGET:g}" if sparse else "") +
                      f" {common.verdict(ok)}",
                      f"{int(sk.n_iter_[0])}/{int(ours.n_iter_[0])}", f"{acc_sk:.4f}",
                      f"{acc_ours:.4f}", f"{dcoef:.1e}",
@@ -307,9 +334,12 @@ def main():
     common.print_table(header, rows)
     notes = [
         "ratio = scikit-learn's median fit time (lbfgs, inside threadpoolctl's "
-        "threadpool_limits(1, 'blas')) / manual_layers' median fit time (> 1: ours faster).",
-        f"Both: C=1.0, tol=1e-4, max_iter=1000, default dtype (float64 here), the same arrays; "
-        f"each timed call a whole estimator fit, interleaved; the full-size sparse sets once "
+        "threadpool_limits(1, 'blas')) / manual_layers' median fit time (> 1: ours faster); "
+        "vs fastest: the fastest library's median of this run (scikit-learn and the optional "
+        "anchors) / ours; the anchor sets' target is judged on it. snapml's fits stop at a "
+        "worse objective (up to 0.5% higher, issue 28), so its times flatter it.",
+        f"Both: C=1.0, tol=1e-4, max_iter=1000, default dtype (X's: float64 but for the wide "
+        f"float32 anchor set), the same arrays; each timed call a whole estimator fit, interleaved; the full-size sparse sets once "
         f"each, the others after one warm-up fit.",
         "coef diff: max |ours - scikit-learn's| / max |scikit-learn's| over coef_ and "
         "intercept_; objective diff: (ours - theirs) / theirs of scikit-learn's objective at "
@@ -319,10 +349,12 @@ def main():
         "same at tol=1e-10 (both at the optimum; sparse sets, --quick only); the coefficient "
         "target of the sparse rows is judged on it when it was measured.",
         "accuracy on a held-out split; ms/eval: one LinearObjective.evaluate (fused kernel "
-        "call + host copies) at the solution; kernel ms: the bare fused call (loss, dW, db); "
-        "ours overhead = fit time - evals x ms/eval (the L-BFGS's own vector work: scipy's "
-        "L-BFGS-B below 2,048 parameters, manual_layers/_lbfgs.py from there; validation; "
-        "building the estimator).",
+        "call + host copies, from Python) at the solution; kernel ms: the bare fused call "
+        "(loss, dW, db); ours overhead = fit time - evals x ms/eval (the L-BFGS's own vector "
+        "work, validation, building the estimator). Dense X runs the whole L-BFGS in C++ "
+        "(csrc/fit/logreg_lbfgs.cpp), whose evaluations skip the Python that ms/eval includes, "
+        "so its overhead can come out negative; sparse X runs scipy's L-BFGS-B below 2,048 "
+        "parameters and manual_layers/_lbfgs.py from there.",
         f"load average (1 min) {load0[0]:.2f} before, {load1[0]:.2f} after: the machine is "
         f"shared; compare ratios from the same run only.",
         f"torch threads {torch.get_num_threads()}; fits with (rows x features, or stored "
