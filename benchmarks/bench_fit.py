@@ -263,7 +263,7 @@ def main():
                                                                    None)}
         fns.update({k: (one_blas_thread(e), None) for k, e in extra.items()})
         # count our objective evaluations over the timed fits (no extra fit): each fit's
-        # objective counts its own, in Python or in the C++ loop (_fit._cpp_lbfgs)
+        # objective counts its own, in Python or in the C++ loop (_fit._cpp_fit)
         objectives = []
         orig = _fit.LinearObjective.__init__
 
@@ -352,7 +352,7 @@ def main():
         "call + host copies, from Python) at the solution; kernel ms: the bare fused call "
         "(loss, dW, db); ours overhead = fit time - evals x ms/eval (the L-BFGS's own vector "
         "work, validation, building the estimator). Dense X runs the whole L-BFGS in C++ "
-        "(csrc/fit/logreg_lbfgs.cpp), whose evaluations skip the Python that ms/eval includes, "
+        "(csrc/fit/logreg_fit.cpp), whose evaluations skip the Python that ms/eval includes, "
         "so its overhead can come out negative; sparse X runs scipy's L-BFGS-B below 2,048 "
         "parameters and manual_layers/_lbfgs.py from there.",
         f"load average (1 min) {load0[0]:.2f} before, {load1[0]:.2f} after: the machine is "

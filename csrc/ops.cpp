@@ -58,11 +58,12 @@ TORCH_LIBRARY(manual_layers, m) {
   m.def("_sparse_linear_loss_fwd(Tensor crow_indices, Tensor col_indices, Tensor values,"
         " Tensor weight, Tensor? bias, Tensor target, Tensor? sample_weight, bool need_weight,"
         " bool need_bias) -> (Tensor, Tensor, Tensor)");
-  // A whole L2 logistic-regression fit on dense X (CPU only: csrc/fit/logreg_lbfgs.cpp), the
-  // L-BFGS loop in C++ around the fused kernels above; returns (params, info).
-  m.def("_logreg_lbfgs(Tensor x, Tensor target, Tensor? sample_weight, Tensor? class_weight,"
-        " int n_classes, bool fit_intercept, float weight_sum, float l2_inv_c, Tensor x0,"
-        " int max_iter, float tol) -> (Tensor, Tensor)");
+  // A whole logistic-regression fit on dense X (CPU only: csrc/fit/logreg_fit.cpp), the L-BFGS
+  // (or, with an L1 weight, OWL-QN) loop in C++ around the fused kernels above; returns
+  // (params, info).
+  m.def("_logreg_fit(Tensor x, Tensor target, Tensor? sample_weight, Tensor? class_weight,"
+        " int n_classes, bool fit_intercept, float weight_sum, float l2_inv_c, float l1_weight,"
+        " Tensor x0, int max_iter, float tol) -> (Tensor, Tensor)");
   m.def("_linear_loss_bwd(Tensor grad_loss, Tensor residual, Tensor x, Tensor weight,"
         " Tensor grad_weight, Tensor grad_bias, int reduction, bool need_x, bool need_weight,"
         " bool need_bias) -> (Tensor, Tensor, Tensor)");

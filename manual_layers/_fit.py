@@ -13,12 +13,13 @@ C=None (or inf) drops the second term; r = l1_ratio is 0 (L2) unless an L1 share
 
 solver="lbfgs": L-BFGS-B with the options scikit-learn passes (maxiter=max_iter, gtol=tol,
 ftol=64 eps, maxls=50) over a float64 vector [W.ravel(), b], starting from zeros. On small dense
-CPU X (a local fit) the whole loop is one call of the C++ op _logreg_lbfgs (csrc/fit/: the algorithm
+CPU X (a local fit) the whole loop is one call of the C++ op _logreg_fit (csrc/fit/: the algorithm
 of manual_layers/_lbfgs.py, no Python between evaluations); otherwise scipy's
 (scipy.optimize.minimize(method="L-BFGS-B")) below OWN_LBFGS_FROM parameters and from there
 manual_layers/_lbfgs.py (the same algorithm, its vector work as BLAS passes over a packed
 history). Every evaluation is ONE call of the fused loss+gradient kernel on X's device (LinearObjective.evaluate, manual_layers/_fit_objective.py).
-solver="owlqn" (an L1 share): OWL-QN (manual_layers/_solvers.py) on the same evaluation, which
+solver="owlqn" (an L1 share): OWL-QN (manual_layers/_solvers.py, or its C++ port in the same op
+for small dense CPU X) on the same evaluation, which
 then holds the smooth part (the loss and the L2 share); the L1 share is the solver's. solver="sgd"/"adam": mini-batch
 torch.optim optimizers, max_iter epochs, L2 only.
 
@@ -171,7 +172,7 @@ def _threads_for(X, K):
     return 1 if work * K < SINGLE_THREAD_WORK else None
 
 
-# Where the C++ loop does not apply (_cpp_lbfgs_applies: sparse X, CUDA, data-parallel, ...):
+# Where the C++ loop does not apply (_cpp_fit_applies: sparse X, CUDA, data-parallel, ...):
 # from this many parameters the L2 fit runs manual_layers/_lbfgs.py (L-BFGS-B's algorithm, its
 # vector work two BLAS passes per iteration); below it scipy's compiled L-BFGS-B, whose
 # per-iteration cost is then smaller than our Python's. Same coefficients to 1e-14 on the small
@@ -182,61 +183,71 @@ def _threads_for(X, K):
 OWN_LBFGS_FROM = 2048
 
 
-# How csrc/fit/lbfgs.h's LbfgsStatus codes read, and whether each is a convergence.
-_CPP_LBFGS_STATUS = {0: ("the gradient is below tol", True),
-                     1: ("the relative reduction of the objective is below ftol", True),
-                     2: ("the gradient is below tol at the starting point", True),
-                     3: (None, False),  # max_iter: written with its value below
-                     4: ("the line search found no acceptable step", False),
-                     5: ("the objective or its gradient is not finite", False)}
+# How csrc/fit/lbfgs.h's LbfgsStatus codes read (L-BFGS, OWL-QN: the Python loops' messages),
+# and whether each is a convergence; None: written below with a value.
+_CPP_STATUS = {0: (("the gradient is below tol", "the pseudo-gradient is below tol"), True),
+               1: (("the relative reduction of the objective is below ftol",) * 2, True),
+               2: (("the gradient is below tol at the starting point",
+                    "the pseudo-gradient is below tol at the starting point"), True),
+               3: ((None, None), False),  # max_iter
+               4: (("the line search found no acceptable step in 50 evaluations",) * 2, False),
+               5: ((None, None), False),  # not finite
+               6: ((None, "no descent direction (the pseudo-gradient is zero)"), True),
+               7: ((None, "the line search found no decrease in 50 steps (the objective is flat "
+                          "to rounding)"), False)}
 
 
-# Whether local dense CPU L2 fits run as one call of the C++ op _logreg_lbfgs (below); False
-# sends them through the Python loops (scipy's L-BFGS-B or manual_layers/_lbfgs.py), which take
-# the same steps up to rounding (tests/integration/test_lbfgs.py compares all three).
-CPP_LBFGS = True
+# Whether small local dense CPU fits (L2: L-BFGS, an L1 share: OWL-QN) run as one call of the
+# C++ op _logreg_fit (below); False sends them through the Python loops (scipy's L-BFGS-B or
+# manual_layers/_lbfgs.py; manual_layers/_solvers.py), which take the same steps up to rounding
+# (tests/integration/test_lbfgs.py and test_sklearn_l1.py compare them).
+CPP_FIT = True
 # ... and only below this much work per evaluation (rows x features x coefficient rows): a few
 # milliseconds per evaluation, where the Python around each (0.1-0.3 ms) was a large share (on
 # breast_cancer, 455 x 30, five times the kernel). Above it that share is a few percent, and the
 # Python loop keeps a long fit interruptible (Ctrl-C) between evaluations, which one C++ call
 # is not.
-CPP_LBFGS_MAX_WORK = 1 << 24
+CPP_FIT_MAX_WORK = 1 << 24
 
 
-def _cpp_lbfgs_applies(obj, verbose):
-    """Whether the whole L-BFGS fit can run as one call of the C++ op _logreg_lbfgs
-    (csrc/fit/logreg_lbfgs.cpp): a local (not data-parallel) fit on a dense CPU X with rows,
-    below CPP_LBFGS_MAX_WORK, L2 or no penalty, no progress bar, and per-sample weights only
-    where the kernels take them (binary; class weights alone for several classes). The rest
-    runs the Python loops below."""
+def _cpp_fit_applies(obj, verbose):
+    """Whether the whole L-BFGS or OWL-QN fit can run as one call of the C++ op _logreg_fit
+    (csrc/fit/logreg_fit.cpp): a local (not data-parallel) fit on a dense CPU X with rows, below
+    CPP_FIT_MAX_WORK, no progress bar, and per-sample weights only where the kernels take them
+    (binary; class weights alone for several classes). The rest runs the Python loops."""
     X = obj.X
-    return (CPP_LBFGS and isinstance(X, torch.Tensor) and X.device.type == "cpu"
-            and obj.comm is None and X.shape[0] * X.shape[1] * obj.K < CPP_LBFGS_MAX_WORK
-            and X.shape[0] > 0 and not obj.l1_ratio and not verbose
+    return (CPP_FIT and isinstance(X, torch.Tensor) and X.device.type == "cpu"
+            and obj.comm is None and X.shape[0] * X.shape[1] * obj.K < CPP_FIT_MAX_WORK
+            and X.shape[0] > 0 and not verbose
             and X.dtype in (torch.float32, torch.float64)
             and (obj.binary or obj.s is None or obj.cw_only is not None))
 
 
-def _cpp_lbfgs(obj, x0, max_iter, tol):
-    """The fit as one call of _logreg_lbfgs: the same algorithm as manual_layers/_lbfgs.py, and
-    the objective of LinearObjective.evaluate, with no Python between evaluations."""
+def _cpp_fit(obj, x0, max_iter, tol):
+    """The fit as one call of _logreg_fit: the algorithm of manual_layers/_lbfgs.py (L2) or of
+    manual_layers/_solvers.py's owlqn (an L1 share, obj.l1_ratio > 0), and the objective of
+    LinearObjective.evaluate (plus its l1_weights), with no Python between evaluations."""
     s = obj.s if obj.binary else None
     cw = None if obj.binary else obj.cw_only
-    p, info = torch.ops.manual_layers._logreg_lbfgs(
+    l1 = obj.inv_C * obj.l1_ratio / obj.S  # LinearObjective.l1_weights' value on W
+    p, info = torch.ops.manual_layers._logreg_fit(
         obj.X.detach(), obj.target, s, cw, 2 if obj.binary else obj.K, obj.fit_intercept, obj.S,
-        obj.l2_inv_C, torch.from_numpy(np.ascontiguousarray(x0, dtype=np.float64)),
+        obj.l2_inv_C, l1, torch.from_numpy(np.ascontiguousarray(x0, dtype=np.float64)),
         int(max_iter), float(tol))
     n_iter, status, n_evals = (int(v) for v in info[:3].tolist())
     obj.n_evals += n_evals
-    msg, converged = _CPP_LBFGS_STATUS[status]
+    msgs, converged = _CPP_STATUS[status]
+    msg = msgs[1 if l1 > 0 else 0]
     if status == 3:
         msg = f"max_iter={max_iter} iterations reached"
+    elif status == 5:
+        msg = f"the objective is {float(info[3])}, or its gradient is not finite"
     return p.numpy(), n_iter, converged, msg
 
 
 def _lbfgs(obj, x0, max_iter, tol, verbose):
-    if _cpp_lbfgs_applies(obj, verbose):
-        return _cpp_lbfgs(obj, x0, max_iter, tol)
+    if _cpp_fit_applies(obj, verbose):
+        return _cpp_fit(obj, x0, max_iter, tol)
     bar = _progress(max_iter, "LogisticRegression.fit (lbfgs)", verbose)
     if obj.n_params >= OWN_LBFGS_FROM:
         from ._lbfgs import lbfgs
@@ -406,7 +417,7 @@ def fit_logistic_regression(X, y, n_classes, *, sample_weight=None, class_weight
     fit_intercept : bool
         Fit the intercept (not penalised).
     solver : {"lbfgs", "owlqn", "sgd", "adam"}
-        "lbfgs": L-BFGS-B's algorithm (the C++ op _logreg_lbfgs on small dense CPU X; else
+        "lbfgs": L-BFGS-B's algorithm (the C++ op _logreg_fit on small dense CPU X; else
         scipy's, or manual_layers/_lbfgs.py from OWN_LBFGS_FROM parameters), max_iter
         iterations, gtol=tol. "owlqn": OWL-QN
         (manual_layers/_solvers.py) for an L1 share, max_iter iterations, stops when the
@@ -482,6 +493,8 @@ def fit_logistic_regression(X, y, n_classes, *, sample_weight=None, class_weight
     with _cpu_threads(_threads_for(X, K)), _blas_single_thread():
         if solver == "lbfgs":
             p, n_iter, converged, msg = _lbfgs(obj, x0, max_iter, tol, verbose)
+        elif solver == "owlqn" and _cpp_fit_applies(obj, verbose):
+            p, n_iter, converged, msg = _cpp_fit(obj, x0, max_iter, tol)
         elif solver == "owlqn":
             from ._solvers import run_owlqn
             p, n_iter, converged, msg = run_owlqn(obj, x0, max_iter, tol,

@@ -122,9 +122,9 @@ def _sparse_linear_loss_fwd_fake(crow_indices, col_indices, values, weight, bias
             values.new_empty((weight.shape[0],), dtype=acc) if need_bias else _empty(values, acc))
 
 
-@torch.library.register_fake(_lib + "_logreg_lbfgs")
-def _logreg_lbfgs_fake(x, target, sample_weight, class_weight, n_classes, fit_intercept,
-                       weight_sum, l2_inv_c, x0, max_iter, tol):
+@torch.library.register_fake(_lib + "_logreg_fit")
+def _logreg_fit_fake(x, target, sample_weight, class_weight, n_classes, fit_intercept,
+                     weight_sum, l2_inv_c, l1_weight, x0, max_iter, tol):
     return x0.new_empty(x0.shape), x0.new_empty((4,))
 
 

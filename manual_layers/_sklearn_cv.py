@@ -321,7 +321,7 @@ class LogisticRegressionCV(LogisticRegression):
             l2_only = penalty == "l2" or (penalty != "l1" and not any(l1_ratios_))
             K = 1 if n_classes == 2 else n_classes
             small = X.shape[0] * X.shape[1] * K < _fit.SINGLE_THREAD_WORK
-            in_cpp = isinstance(X, np.ndarray) and (K == 1 or not weighted) and _fit.CPP_LBFGS
+            in_cpp = isinstance(X, np.ndarray) and (K == 1 or not weighted) and _fit.CPP_FIT
             if not (l2_only and small and in_cpp):
                 return 1
             return max(1, min(torch.get_num_threads(), n_folds))

@@ -23,6 +23,10 @@ Hessian-vector kernel we do not have. OWL-QN converges superlinearly in practice
 objectives and reaches scikit-learn saga's optimum at tight tolerance in tens to hundreds of
 evaluations.
 
+Small dense CPU fits run this algorithm's C++ port (csrc/fit/owlqn.cpp, through the op
+_logreg_fit: manual_layers/_fit.py _cpp_fit_applies says when), which takes the same steps up
+to rounding (tests/integration/test_sklearn_l1.py compares them).
+
 Stopping rules, as scipy's L-BFGS-B (the L2 solver) applies them, so that `tol` means the same
 for every penalty: converged when max_j |pg_j| <= tol (L-BFGS-B's projected-gradient test,
 gtol=tol) or when the relative decrease (F_k - F_k+1) / max(|F_k|, |F_k+1|, 1) <= ftol (64

@@ -12,7 +12,8 @@ the optimizer of scikit-learn's lbfgs (L-BFGS-B's algorithm and options: on smal
 the whole loop in C++, csrc/fit/; otherwise scipy's own below 2,048 parameters and
 manual_layers/_lbfgs.py's from there), so coef_, intercept_ and predict_proba agree with
 scikit-learn's to rounding when both converge. L1 / elastic-net:
-OWL-QN (manual_layers/_solvers.py) on saga's objective. See manual_layers/_fit.py for the engine
+OWL-QN (manual_layers/_solvers.py; its port in csrc/fit/ on small dense CPU data) on saga's
+objective. See manual_layers/_fit.py for the engine
 and manual_layers/_fit_prep.py for the parameter rules shared with the layer's fit.
 LogisticRegressionCV (manual_layers/_sklearn_cv.py) is scikit-learn's, with these fits.
 """

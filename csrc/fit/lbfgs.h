@@ -21,6 +21,9 @@ enum class LbfgsStatus : int64_t {
   kMaxIter = 3,          // max_iter iterations (not converged)
   kLineSearch = 4,       // no acceptable step with an empty history (not converged)
   kNotFinite = 5,        // f or the gradient not finite (not converged)
+  // OWL-QN (csrc/fit/owlqn.h) only:
+  kNoDescent = 6,        // no direction descends: a stationary point (converged)
+  kNoDecrease = 7,       // the line search found no decrease (not converged)
 };
 
 struct LbfgsResult {

@@ -1,5 +1,5 @@
 """The L2 fit's L-BFGS (manual_layers/_lbfgs.py, and its C++ port csrc/fit/lbfgs.cpp behind the
-op _logreg_lbfgs) against scipy's L-BFGS-B, whose algorithm both follow: the same iterates on
+op _logreg_fit) against scipy's L-BFGS-B, whose algorithm both follow: the same iterates on
 fresh random logistic objectives, the compact direction against the two-loop recursion, the
 Moré-Thuente line search's conditions, and the estimator's results with each solver."""
 
@@ -190,7 +190,7 @@ def test_line_search_backs_off_from_overflow():
 def _solver(monkeypatch, which):
     """Route the L2 fit to one L-BFGS: "cpp" (the C++ op, dense CPU X only), "python"
     (manual_layers/_lbfgs.py) or "scipy" (scipy's L-BFGS-B)."""
-    monkeypatch.setattr(fit_mod, "CPP_LBFGS", which == "cpp")
+    monkeypatch.setattr(fit_mod, "CPP_FIT", which == "cpp")
     monkeypatch.setattr(fit_mod, "OWN_LBFGS_FROM", 0 if which != "scipy" else 10 ** 9)
 
 
@@ -222,7 +222,7 @@ def _objective(seed, n_classes, dtype=torch.float64, N=300, D=40, C=1.0, weights
 @pytest.mark.parametrize("max_iter", [1, 4, 15, 60])
 @pytest.mark.parametrize("n_classes", [2, 3])
 def test_cpp_iterates_match_scipy_lbfgsb(monkeypatch, seed, max_iter, n_classes):
-    """The C++ fit loop (csrc/fit/lbfgs.cpp, op _logreg_lbfgs) takes scipy's L-BFGS-B's
+    """The C++ fit loop (csrc/fit/lbfgs.cpp, op _logreg_fit) takes scipy's L-BFGS-B's
     iterations on the same objective: same count, iterates within 1e-7, after 1, 4, 15, 60."""
     out = {}
     for which in ("cpp", "scipy"):
@@ -251,7 +251,7 @@ def test_cpp_fit_equals_python_fit(monkeypatch, dtype, n_classes, weights, fit_i
     for which in ("cpp", "python"):
         _solver(monkeypatch, which)
         obj = _objective(7, n_classes, dtype, C=C, weights=weights, fit_intercept=fit_intercept)
-        assert fit_mod._cpp_lbfgs_applies(obj, 0) == (which == "cpp")
+        assert fit_mod._cpp_fit_applies(obj, 0) == (which == "cpp")
         out[which] = fit_mod._lbfgs(obj, np.zeros(obj.n_params), 200, 1e-5, 0) + (obj.n_evals,)
     (x, n, conv, msg, ne), (xr, nr, convr, msgr, ner) = out["cpp"], out["python"]
     if dtype == torch.float64:
@@ -276,40 +276,44 @@ def test_cpp_fit_reports_why_it_stopped(monkeypatch):
 
 
 def test_cpp_fit_only_where_it_applies(monkeypatch):
-    """The C++ loop takes small dense CPU L2 fits; large ones (interruptible between Python
-    evaluations), sparse X, an L1 share, a progress bar and weighted multinomial fits keep the
+    """The C++ loop takes small dense CPU fits (L2 or an L1 share); large ones (interruptible
+    between Python evaluations), sparse X, a progress bar and weighted multinomial fits keep the
     Python loop."""
     from manual_layers import _sparse
     from manual_layers._fit_objective import LinearObjective
     sp = pytest.importorskip("scipy.sparse")
     obj = _objective(0, 3)
-    assert fit_mod._cpp_lbfgs_applies(obj, 0)
-    assert not fit_mod._cpp_lbfgs_applies(obj, 1)  # verbose: the progress bar
-    monkeypatch.setattr(fit_mod, "CPP_LBFGS_MAX_WORK", obj.X.numel() * obj.K)
-    assert not fit_mod._cpp_lbfgs_applies(obj, 0)
+    assert fit_mod._cpp_fit_applies(obj, 0)
+    assert not fit_mod._cpp_fit_applies(obj, 1)  # verbose: the progress bar
+    monkeypatch.setattr(fit_mod, "CPP_FIT_MAX_WORK", obj.X.numel() * obj.K)
+    assert not fit_mod._cpp_fit_applies(obj, 0)
     monkeypatch.undo()
-    assert not fit_mod._cpp_lbfgs_applies(_objective(0, 3, weights="sample"), 0)
-    assert fit_mod._cpp_lbfgs_applies(_objective(0, 3, weights="class"), 0)
-    assert fit_mod._cpp_lbfgs_applies(_objective(0, 2, weights="sample"), 0)
+    assert not fit_mod._cpp_fit_applies(_objective(0, 3, weights="sample"), 0)
+    assert fit_mod._cpp_fit_applies(_objective(0, 3, weights="class"), 0)
+    assert fit_mod._cpp_fit_applies(_objective(0, 2, weights="sample"), 0)
     X = _sparse.to_csr(sp.random(50, 8, density=0.3, format="csr", random_state=0),
                        torch.device("cpu"), torch.float64)
     y = torch.randint(0, 2, (50,)).double()
-    assert not fit_mod._cpp_lbfgs_applies(LinearObjective(X, y, 2), 0)
+    assert not fit_mod._cpp_fit_applies(LinearObjective(X, y, 2), 0)
     Xd = torch.randn(50, 8, dtype=torch.float64)
-    assert not fit_mod._cpp_lbfgs_applies(LinearObjective(Xd, y, 2, l1_ratio=0.5), 0)
+    assert fit_mod._cpp_fit_applies(LinearObjective(Xd, y, 2, l1_ratio=0.5), 0)  # OWL-QN
 
 
 def test_cpp_fit_op_checks():
     """The op's schema, fake kernel and AOT dispatch (torch.library.opcheck), and its errors."""
     X = torch.randn(50, 6, dtype=torch.float64)
     y = (X[:, 0] > 0).double()
-    args = (X, y, None, None, 2, True, 50.0, 1.0, torch.zeros(7, dtype=torch.float64), 20, 1e-6)
-    torch.library.opcheck(torch.ops.manual_layers._logreg_lbfgs.default, args)
+    for l1 in (0.0, 0.01):  # L-BFGS, OWL-QN
+        args = (X, y, None, None, 2, True, 50.0, 1.0, l1, torch.zeros(7, dtype=torch.float64),
+                20, 1e-6)
+        torch.library.opcheck(torch.ops.manual_layers._logreg_fit.default, args)
+    op = torch.ops.manual_layers._logreg_fit
     with pytest.raises(RuntimeError, match="x0 must be a float64 vector of 7 parameters"):
-        torch.ops.manual_layers._logreg_lbfgs(*args[:8], torch.zeros(6, dtype=torch.float64),
-                                              20, 1e-6)
+        op(*args[:9], torch.zeros(6, dtype=torch.float64), 20, 1e-6)
     with pytest.raises(RuntimeError, match="weight_sum must be positive"):
-        torch.ops.manual_layers._logreg_lbfgs(*args[:6], 0.0, *args[7:])
+        op(*args[:6], 0.0, *args[7:])
+    with pytest.raises(RuntimeError, match="l1_weight must be non-negative"):
+        op(*args[:8], -1.0, *args[9:])
 
 
 @pytest.mark.parametrize("sparse", [False, True])
@@ -346,7 +350,7 @@ def test_large_problem_uses_own_solver(monkeypatch):
         raise AssertionError("scipy.optimize.minimize was called")
     monkeypatch.setattr(scipy.optimize, "minimize", boom)
     monkeypatch.setattr(fit_mod, "OWN_LBFGS_FROM", 10)
-    monkeypatch.setattr(fit_mod, "CPP_LBFGS", False)  # the Python loop, not the C++ op
+    monkeypatch.setattr(fit_mod, "CPP_FIT", False)  # the Python loop, not the C++ op
     X = torch.randn(200, 12, dtype=torch.float64)
     y = (X[:, 0] > 0).long()
     res = fit_mod.fit_logistic_regression(X, y, 2, tol=1e-8, max_iter=200)

@@ -224,3 +224,46 @@ def test_c_inf_is_no_penalty_without_warning():
         a = LogisticRegression(C=math.inf, tol=1e-10, max_iter=1000).fit(X, y)
     b = SkLR(C=np.inf, tol=1e-10, max_iter=10000).fit(X, y)
     np.testing.assert_allclose(a.coef_, b.coef_, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("K", [2, 3])
+@pytest.mark.parametrize("l1_ratio", [1.0, 0.3])
+@pytest.mark.parametrize("fit_intercept", [True, False])
+def test_cpp_owlqn_equals_python_owlqn(monkeypatch, dtype, K, l1_ratio, fit_intercept):
+    """The C++ OWL-QN (csrc/fit/owlqn.cpp, the op _logreg_fit with an L1 weight, which small
+    dense CPU fits run) against manual_layers/_solvers.py's owlqn on the same objective. float64:
+    the same iterations, evaluations and message, parameters to 1e-8 and the same exact zeros.
+    float32 (the objective's rounding changes line-search decisions): both converge to objectives
+    within 1e-6 relative."""
+    import manual_layers._fit as fit_mod
+    from manual_layers._fit_objective import LinearObjective
+    rng = np.random.default_rng(K + 10 * fit_intercept + int(10 * l1_ratio))
+    Xn = rng.normal(size=(300, 12)) * rng.uniform(0.3, 3.0, size=12)
+    W = rng.normal(size=(K, 12)) * (rng.random((K, 12)) < 0.4) * 2
+    y = (Xn @ W.T + rng.gumbel(size=(300, K))).argmax(1)
+    X, yt = torch.as_tensor(Xn, dtype=dtype), torch.as_tensor(y)
+    out = {}
+    for cpp in (True, False):
+        monkeypatch.setattr(fit_mod, "CPP_FIT", cpp)
+        obj = LinearObjective(X, yt.to(dtype) if K == 2 else yt, K, C=0.2,
+                              fit_intercept=fit_intercept, l1_ratio=l1_ratio)
+        assert fit_mod._cpp_fit_applies(obj, 0) == cpp
+        res = fit_mod.fit_logistic_regression(X, yt, K, C=0.2, l1_ratio=l1_ratio,
+                                              solver="owlqn", fit_intercept=fit_intercept,
+                                              max_iter=500, tol=1e-6)
+        p = np.r_[res.coef.double().numpy().ravel(), res.intercept.double().numpy()]
+        out[cpp] = (p, res.n_iter, res.converged, res.message, res.n_evals, obj)
+    (p, n, conv, msg, ne, _), (pr, nr, convr, msgr, ner, obj) = out[True], out[False]
+    assert conv and convr
+    if dtype == torch.float64:
+        assert (n, msg, ne) == (nr, msgr, ner)
+        assert np.abs(p - pr).max() <= 1e-8 * max(1.0, np.abs(pr).max())
+        np.testing.assert_array_equal(p == 0, pr == 0)
+        assert (p == 0).any()  # the L1 share zeroed some coefficients
+    else:
+        def F(q):  # the whole objective at a parameter vector (intercepts as fitted)
+            KD = obj.K * obj.D
+            x = np.r_[q[:KD], q[KD:] if fit_intercept else []]
+            return obj.evaluate(x)[0] + float(obj.l1_weights() @ np.abs(x))
+        assert abs(F(p) - F(pr)) <= 1e-6 * abs(F(pr))

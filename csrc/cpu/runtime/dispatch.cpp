@@ -113,7 +113,7 @@ const Selected& selected() {
 // The level whose kernels run ("DEFAULT", "AVX2" or "AVX512").
 std::string cpu_kernels_isa() { return kIsaNames[static_cast<int>(selected().isa)]; }
 
-// The selected copies of the fused loss kernels, for the C++ fit loop (csrc/fit/logreg_lbfgs.cpp),
+// The selected copies of the fused loss kernels, for the C++ fit loop (csrc/fit/logreg_fit.cpp),
 // which calls them once per evaluation without the dispatcher.
 LossOut linear_bce_fwd_cpu(const at::Tensor& x, const at::Tensor& weight,
                            const c10::optional<at::Tensor>& bias, const at::Tensor& target,

@@ -1,11 +1,12 @@
-// manual_layers::_logreg_lbfgs (CPU only): a whole L2 (or unpenalised) logistic-regression fit
-// on a dense X, the L-BFGS of csrc/fit/lbfgs.h over scikit-learn's objective, each evaluation
-// one call of the fused loss+gradient kernel (csrc/contracts/losses.h). It is the objective of
-// manual_layers/_fit_objective.py (LinearObjective.evaluate) in C++: manual_layers/_fit.py calls
-// this op for local CPU fits on dense X instead of running its Python loop, because on small
-// data (a fold of breast_cancer: 455 x 30) Python around each evaluation cost several times the
-// kernel. Anything else (sparse X, CUDA, data-parallel fits, per-sample weights with several
-// classes, a progress bar) keeps the Python loop.
+// manual_layers::_logreg_fit (CPU only): a whole logistic-regression fit on a dense X over
+// scikit-learn's objective, each evaluation one call of the fused loss+gradient kernel
+// (csrc/contracts/losses.h): the L-BFGS of csrc/fit/lbfgs.h (L2 or no penalty), or the OWL-QN
+// of csrc/fit/owlqn.h when l1_weight > 0 (the L1 share of elastic-net; the intercepts are not
+// penalised). Its smooth part is manual_layers/_fit_objective.py's LinearObjective.evaluate in
+// C++: manual_layers/_fit.py calls this op for small local CPU fits on dense X instead of
+// running its Python loops, because on small data (a fold of breast_cancer: 455 x 30) Python
+// around each evaluation cost several times the kernel. Anything else (sparse X, CUDA,
+// data-parallel fits, per-sample weights with several classes, a progress bar) keeps them.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -15,16 +16,18 @@
 #include "../common.h"
 #include "../contracts/losses.h"
 #include "lbfgs.h"
+#include "owlqn.h"
 
 namespace manual_layers {
 namespace {
 
 // (params (P,) float64, info (4,) float64: [n_iter, status (fit::LbfgsStatus), n_evals, f])
-std::tuple<at::Tensor, at::Tensor> logreg_lbfgs_cpu(
+std::tuple<at::Tensor, at::Tensor> logreg_fit_cpu(
     const at::Tensor& x, const at::Tensor& target, const c10::optional<at::Tensor>& sample_weight,
     const c10::optional<at::Tensor>& class_weight, int64_t n_classes, bool fit_intercept,
-    double weight_sum, double l2_inv_c, const at::Tensor& x0, int64_t max_iter, double tol) {
-  constexpr const char* op = "manual_layers._logreg_lbfgs";
+    double weight_sum, double l2_inv_c, double l1_weight, const at::Tensor& x0, int64_t max_iter,
+    double tol) {
+  constexpr const char* op = "manual_layers._logreg_fit";
   TORCH_CHECK(x.dim() == 2 && x.device().is_cpu() &&
                   (x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble),
               op, ": x must be a 2-D float32 or float64 CPU tensor, got ", x.scalar_type(), " ",
@@ -41,6 +44,7 @@ std::tuple<at::Tensor, at::Tensor> logreg_lbfgs_cpu(
               "handles it)");
   TORCH_CHECK(weight_sum > 0, op, ": weight_sum must be positive, got ", weight_sum);
   TORCH_CHECK(max_iter >= 0, op, ": max_iter must be non-negative, got ", max_iter);
+  TORCH_CHECK(l1_weight >= 0, op, ": l1_weight must be non-negative, got ", l1_weight);
 
   const at::Tensor xc = x.contiguous();
   // The parameters in X's dtype, W (K, D) and b (K,) views of one buffer
@@ -98,7 +102,14 @@ std::tuple<at::Tensor, at::Tensor> logreg_lbfgs_cpu(
 
   const at::Tensor x0c = x0.contiguous();
   std::vector<double> params(x0c.const_data_ptr<double>(), x0c.const_data_ptr<double>() + P);
-  const fit::LbfgsResult r = fit::lbfgs(fun, params, max_iter, tol);
+  fit::LbfgsResult r;
+  if (l1_weight > 0) {
+    std::vector<double> l1(P, 0.0);  // W's entries; the intercepts are not penalised
+    std::fill(l1.begin(), l1.begin() + KD, l1_weight);
+    r = fit::owlqn(fun, params, l1, max_iter, tol);
+  } else {
+    r = fit::lbfgs(fun, params, max_iter, tol);
+  }
   at::Tensor result = at::empty({P}, x0.options());
   std::memcpy(result.data_ptr<double>(), params.data(), P * sizeof(double));
   at::Tensor info = at::empty({4}, x0.options());
@@ -114,5 +125,5 @@ std::tuple<at::Tensor, at::Tensor> logreg_lbfgs_cpu(
 }  // namespace manual_layers
 
 TORCH_LIBRARY_IMPL(manual_layers, CPU, m) {
-  m.impl("_logreg_lbfgs", &manual_layers::logreg_lbfgs_cpu);
+  m.impl("_logreg_fit", &manual_layers::logreg_fit_cpu);
 }
