@@ -373,10 +373,12 @@ class LogisticRegressionCV(LogisticRegression):
             scorer = make_scorer(scorer._score_func, greater_is_better=scorer._sign == 1,
                                  response_method=scorer._response_method, labels=classes,
                                  **pos, **getattr(scorer, "_kwargs", {}))
-        shell = _SkShell()  # scikit-learn's estimator, given the path's coefficients
-        shell.classes_ = classes
-
         def score(coef, icpt, Xte, yte, yte_idx, swte):
+            # scikit-learn's estimator, given the path's coefficients: a fresh one per call, as
+            # folds may be scored at once in threads (n_jobs): one shared shell let a thread
+            # score with another's coefficients
+            shell = _SkShell()
+            shell.classes_ = classes
             shell.coef_ = coef
             shell.intercept_ = icpt if self.fit_intercept else 0.0
             kw = {} if swte is None else {"sample_weight": swte}

@@ -188,14 +188,17 @@ def test_bad_parameters_raise(kw, match):
             LogisticRegressionCV(**{"scoring": None, **kw}).fit(X, y)
 
 
+@pytest.mark.parametrize("scoring", ["neg_log_loss", "balanced_accuracy"])
 @pytest.mark.parametrize("n_jobs", [2, None])
-def test_n_jobs_threads_give_the_same_result(n_jobs):
+def test_n_jobs_threads_give_the_same_result(n_jobs, scoring):
     """Folds in threads (n_jobs=2, or None's choice on small dense L2 data) give bitwise the
-    sequential fit's results."""
+    sequential fit's results; with a scorer of scikit-learn's too (it scores an estimator
+    shell, which the threads must not share)."""
     import torch
     rng = _rng()
     X, y = _data(rng, 400, 6, 3)
-    kw = dict(Cs=5, cv=4, l1_ratios=(0.0,), tol=1e-8, max_iter=500, **NEW)
+    kw = dict(Cs=5, cv=4, l1_ratios=(0.0,), tol=1e-8, max_iter=500,
+              **{**NEW, "scoring": scoring})
     threads = torch.get_num_threads()
     one = LogisticRegressionCV(n_jobs=1, **kw).fit(X, y)
     two = LogisticRegressionCV(n_jobs=n_jobs, **kw).fit(X, y)
