@@ -17,11 +17,12 @@ CPU X (a local fit) the whole loop is one call of the C++ op _logreg_fit (csrc/f
 of manual_layers/_lbfgs.py, no Python between evaluations); otherwise scipy's
 (scipy.optimize.minimize(method="L-BFGS-B")) below OWN_LBFGS_FROM parameters and from there
 manual_layers/_lbfgs.py (the same algorithm, its vector work as BLAS passes over a packed
-history). Every evaluation is ONE call of the fused loss+gradient kernel on X's device (LinearObjective.evaluate, manual_layers/_fit_objective.py).
+history). Every evaluation is ONE call of the fused loss+gradient kernel on X's device
+(LinearObjective.evaluate, manual_layers/_fit_objective.py).
 solver="owlqn" (an L1 share): OWL-QN (manual_layers/_solvers.py, or its C++ port in the same op
-for small dense CPU X) on the same evaluation, which
-then holds the smooth part (the loss and the L2 share); the L1 share is the solver's. solver="sgd"/"adam": mini-batch
-torch.optim optimizers, max_iter epochs, L2 only.
+for small dense CPU X) on the same evaluation, which then holds the smooth part (the loss and
+the L2 share); the L1 share is the solver's. solver="sgd"/"adam": mini-batch torch.optim
+optimizers, max_iter epochs, L2 only.
 
 Data parallelism (resolve_process_group, agree_across_ranks, _Comm), only when asked
 (distributed=True or an explicit process_group; never because a default group exists): each rank
@@ -210,17 +211,25 @@ CPP_FIT = True
 CPP_FIT_MAX_WORK = 1 << 24
 
 
+def _cpp_fit_takes(N, D, K, dense_cpu, weighted_multinomial):
+    """Whether a fit of N x D data with K coefficient rows goes to the C++ loop, as far as its
+    shape and data say: dense CPU data with rows, below CPP_FIT_MAX_WORK, and not several
+    classes with per-sample weights (the kernels take binary sample weights and class weights
+    alone). _cpp_fit_applies adds what the objective says; LogisticRegressionCV asks it before
+    any objective exists (whether its folds can run in threads)."""
+    return (CPP_FIT and dense_cpu and N > 0 and N * D * K < CPP_FIT_MAX_WORK
+            and not weighted_multinomial)
+
+
 def _cpp_fit_applies(obj, verbose):
     """Whether the whole L-BFGS or OWL-QN fit can run as one call of the C++ op _logreg_fit
-    (csrc/fit/logreg_fit.cpp): a local (not data-parallel) fit on a dense CPU X with rows, below
-    CPP_FIT_MAX_WORK, no progress bar, and per-sample weights only where the kernels take them
-    (binary; class weights alone for several classes). The rest runs the Python loops."""
+    (csrc/fit/logreg_fit.cpp): _cpp_fit_takes for its data, a local (not data-parallel) fit in
+    float32 or float64, and no progress bar. The rest runs the Python loops."""
     X = obj.X
-    return (CPP_FIT and isinstance(X, torch.Tensor) and X.device.type == "cpu"
-            and obj.comm is None and X.shape[0] * X.shape[1] * obj.K < CPP_FIT_MAX_WORK
-            and X.shape[0] > 0 and not verbose
-            and X.dtype in (torch.float32, torch.float64)
-            and (obj.binary or obj.s is None or obj.cw_only is not None))
+    dense_cpu = isinstance(X, torch.Tensor) and X.device.type == "cpu"
+    weighted_multinomial = not obj.binary and obj.s is not None and obj.cw_only is None
+    return (_cpp_fit_takes(X.shape[0], X.shape[1], obj.K, dense_cpu, weighted_multinomial)
+            and obj.comm is None and not verbose and X.dtype in (torch.float32, torch.float64))
 
 
 def _cpp_fit(obj, x0, max_iter, tol):
@@ -229,7 +238,7 @@ def _cpp_fit(obj, x0, max_iter, tol):
     LinearObjective.evaluate (plus its l1_weights), with no Python between evaluations."""
     s = obj.s if obj.binary else None
     cw = None if obj.binary else obj.cw_only
-    l1 = obj.inv_C * obj.l1_ratio / obj.S  # LinearObjective.l1_weights' value on W
+    l1 = obj.l1_weight
     p, info = torch.ops.manual_layers._logreg_fit(
         obj.X.detach(), obj.target, s, cw, 2 if obj.binary else obj.K, obj.fit_intercept, obj.S,
         obj.l2_inv_C, l1, torch.from_numpy(np.ascontiguousarray(x0, dtype=np.float64)),

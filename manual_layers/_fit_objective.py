@@ -71,6 +71,8 @@ class LinearObjective:
         # (OWL-QN, manual_layers/_solvers.py), per coordinate from l1_weights().
         self.l1_ratio = float(l1_ratio or 0.0)
         self.l2_inv_C = self.inv_C * (1.0 - self.l1_ratio)
+        # the L1 weight of each coefficient of W (the intercepts have none): l1_ratio / (C S)
+        self.l1_weight = self.inv_C * self.l1_ratio / self.S
         self.n_evals = 0
 
     @property
@@ -154,5 +156,5 @@ class LinearObjective:
         """The L1 weight of each parameter (float64 (n_params,)): l1_ratio / (C S) on W, 0 on
         the intercepts (not penalised)."""
         w = np.zeros(self.n_params)
-        w[:self.K * self.D] = self.inv_C * self.l1_ratio / self.S
+        w[:self.K * self.D] = self.l1_weight
         return w

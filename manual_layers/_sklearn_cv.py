@@ -320,8 +320,9 @@ class LogisticRegressionCV(LogisticRegression):
             # the fits' L1 share is one_fit's: 1 for "l1", 0 for "l2", else the l1_ratio
             l2_only = penalty == "l2" or (penalty != "l1" and not any(l1_ratios_))
             K = 1 if n_classes == 2 else n_classes
-            small = X.shape[0] * X.shape[1] * K < _fit.SINGLE_THREAD_WORK
-            in_cpp = isinstance(X, np.ndarray) and (K == 1 or not weighted) and _fit.CPP_FIT
+            N, D = X.shape
+            small = N * D * K < _fit.SINGLE_THREAD_WORK
+            in_cpp = _fit._cpp_fit_takes(N, D, K, isinstance(X, np.ndarray), K > 1 and weighted)
             if not (l2_only and small and in_cpp):
                 return 1
             return max(1, min(torch.get_num_threads(), n_folds))

@@ -9,6 +9,8 @@
 #include <deque>
 #include <limits>
 
+#include "vec.h"
+
 namespace manual_layers {
 namespace fit {
 namespace {
@@ -166,18 +168,6 @@ double LineSearch::step(double f, double g) {
   return tt;
 }
 
-double dot(const double* a, const double* b, int64_t n) {
-  double s = 0;
-  for (int64_t j = 0; j < n; ++j) s += a[j] * b[j];
-  return s;
-}
-
-double absmax(const std::vector<double>& v) {
-  double m = 0;
-  for (double e : v) m = std::max(m, std::fabs(e));
-  return m;
-}
-
 // The last m pairs (_lbfgs.py _History): SY row 2i = s, 2i + 1 = y of slot i (a ring); R and YY
 // in age order (oldest first), row-major m x m: R[i][j] = s_i.y_j (i <= j), YY[i][j] = y_i.y_j.
 struct History {
@@ -279,7 +269,6 @@ struct History {
 
 LbfgsResult lbfgs(const Objective& fun, std::vector<double>& x, int64_t max_iter, double tol,
                   int64_t m, int64_t maxls) {
-  const double ftol = 64 * kEps;
   const int64_t P = static_cast<int64_t>(x.size());
   LbfgsResult res;
   std::vector<double> g(P), g_new(P), d(P), xt(P);
@@ -345,7 +334,7 @@ LbfgsResult lbfgs(const Objective& fun, std::vector<double>& x, int64_t max_iter
       res.status = LbfgsStatus::kGradientTol;
       return res;
     }
-    if ((f_old - f) <= ftol * std::max({std::fabs(f_old), std::fabs(f), 1.0})) {
+    if ((f_old - f) <= kFtol * std::max({std::fabs(f_old), std::fabs(f), 1.0})) {
       res.status = LbfgsStatus::kFtol;
       return res;
     }

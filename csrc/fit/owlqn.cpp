@@ -5,19 +5,12 @@
 #include <algorithm>
 #include <cmath>
 #include <deque>
-#include <limits>
+
+#include "vec.h"
 
 namespace manual_layers {
 namespace fit {
 namespace {
-
-constexpr double kFtol = 64 * std::numeric_limits<double>::epsilon();
-
-double dot(const std::vector<double>& a, const std::vector<double>& b) {
-  double s = 0;
-  for (size_t j = 0; j < a.size(); ++j) s += a[j] * b[j];
-  return s;
-}
 
 double sign(double v) { return v > 0 ? 1.0 : (v < 0 ? -1.0 : 0.0); }
 
@@ -38,12 +31,6 @@ double penalty(const std::vector<double>& x, const std::vector<double>& l1) {
   double s = 0;
   for (size_t j = 0; j < x.size(); ++j) s += l1[j] * std::fabs(x[j]);
   return s;
-}
-
-double absmax(const std::vector<double>& v) {
-  double m = 0;
-  for (double e : v) m = std::max(m, std::fabs(e));
-  return m;
 }
 
 struct Pair {

@@ -229,9 +229,9 @@ def test_op_deterministic_across_threads(C, dtype):
                                        (3, 30000, torch.float64)])
 def test_op_wide_tables(C, D, dtype):
     """Tables above 512 KiB (multinomial: the kernel prefetches their rows ahead; binary: W and
-    the gradient as two arrays of D values) against the composite,
-    itself checked against the dense reference above; a bad column index there still raises
-    (the prefetch of a bad entry ahead must not read out of bounds)."""
+    the gradient as two arrays of D values) against the composite, itself checked against the
+    dense reference above; a bad column index there still raises (the prefetch of a bad entry
+    ahead must not read out of bounds)."""
     rng = _rng()
     A = sp.random(3000, D, density=0.002, format="csr", random_state=rng, dtype=np.float64)
     A.data = rng.normal(size=A.nnz)

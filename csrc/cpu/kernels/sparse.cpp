@@ -162,8 +162,9 @@ SparseLossOut sparse_loss_impl(const int64_t* crow, const at::Tensor& col, const
   }
 
   // Without the gradient the blocks share W^T (binary: W itself); with it each block builds its
-  // table (D, ts) in its own thread, and one block alone also writes grad_W: the whole op is then one task, with no parallel region to wait on (on a loaded
-  // machine every region can wait a scheduler slice for a descheduled worker).
+  // table (D, ts) in its own thread, and one block alone also writes grad_W: the whole op is
+  // then one task, with no parallel region to wait on (on a loaded machine every region can
+  // wait a scheduler slice for a descheduled worker).
   at::Tensor Wt;
   if (!need_weight && !binary) {
     Wt = at::empty({D, Cp}, acc_opts);

@@ -38,7 +38,7 @@ struct Problem {
   const acc_t* y;     // binary targets (N,), or null
   const int64_t* t;   // multinomial targets (N,), or null
   const acc_t* sw;    // sample weights (N,), or null
-  bool prefetch;      // whether the table is large enough to prefetch its rows
+  bool prefetch;      // multinomial: whether the table is large enough to prefetch its rows
 };
 
 // What a block reads and writes per column j: W's row at w + j * ws, the block's grad_W row at
