@@ -14,6 +14,18 @@
 #include "loss_tiles.h"  // per-ISA only: its guard covers this header too
 #include "vec_io.h"
 
+// Full unrolling of the register blocks' loops over classes and vectors (compile-time bounds):
+// without it GCC kept the accumulator arrays in memory (a zeroing `rep stos` per row in
+// row_logits, a store of every accumulator per row in sweep_block), which halved the cross
+// entropy pass's FMA rate on the 2-core AVX2 EPYC (docs/perf-notes-from-code.md).
+#if defined(__clang__)
+#define ML_UNROLL _Pragma("unroll")
+#elif defined(__GNUC__)
+#define ML_UNROLL _Pragma("GCC unroll 16")
+#else
+#define ML_UNROLL
+#endif
+
 namespace manual_layers {
 namespace CPU_CAPABILITY {
 namespace {
@@ -38,6 +50,46 @@ inline acc_t hsum(const Vectorized<acc_t>& v) {
   }
 }
 
+// hsum of four vectors, z[k * zs] = hsum(v[k]) bitwise (the same halves-pairwise order), with
+// the four reductions sharing their shuffles: on the 2-core AVX2 EPYC one hsum per row (a
+// store and three dependent scalar adds for float64) was a large share of a narrow row's
+// logits (float64 40,000 x 30 binary: docs/perf-notes-from-code.md, "narrow rows").
+template <typename acc_t>
+inline void hsum4(const Vectorized<acc_t>& v0, const Vectorized<acc_t>& v1,
+                  const Vectorized<acc_t>& v2, const Vectorized<acc_t>& v3, acc_t* z,
+                  int64_t zs) {
+#if defined(CPU_CAPABILITY_AVX2)
+  if constexpr (std::is_same_v<acc_t, double>) {
+    // per row [x0 x1 x2 x3] -> [x0+x2, x1+x3] (halves), two rows per vector, then the pairs
+    // added: (x0+x2)+(x1+x3), as hsum
+    const __m256d a = _mm256_add_pd(_mm256_permute2f128_pd(v0, v1, 0x20),
+                                    _mm256_permute2f128_pd(v0, v1, 0x31));
+    const __m256d b = _mm256_add_pd(_mm256_permute2f128_pd(v2, v3, 0x20),
+                                    _mm256_permute2f128_pd(v2, v3, 0x31));
+    alignas(32) double t[4];  // rows 0, 2, 1, 3
+    _mm256_store_pd(t, _mm256_hadd_pd(a, b));
+    z[0] = t[0], z[zs] = t[2], z[2 * zs] = t[1], z[3 * zs] = t[3];
+    return;
+  }
+  if constexpr (std::is_same_v<acc_t, float>) {
+    // per row: x_j + x_{j+4}, two rows per vector (one per 128-bit lane), then as
+    // vec_reduce_all: + the 64-bit swap, + the 32-bit swap; lane 0 of each 128-bit half
+    const auto halves = [](const __m256 p, const __m256 q) {
+      __m256 h = _mm256_add_ps(_mm256_permute2f128_ps(p, q, 0x20),
+                               _mm256_permute2f128_ps(p, q, 0x31));
+      h = _mm256_add_ps(h, _mm256_shuffle_ps(h, h, 0x4E));
+      return _mm256_add_ps(h, _mm256_shuffle_ps(h, h, 0xB1));
+    };
+    alignas(32) float t[16];
+    _mm256_store_ps(t, halves(v0, v1));
+    _mm256_store_ps(t + 8, halves(v2, v3));
+    z[0] = t[0], z[zs] = t[4], z[2 * zs] = t[8], z[3 * zs] = t[12];
+    return;
+  }
+#endif
+  z[0] = hsum(v0), z[zs] = hsum(v1), z[2 * zs] = hsum(v2), z[3 * zs] = hsum(v3);
+}
+
 // z[c * kRows] = W_c . x + b_c for NC classes c0 .. c0 + NC of ONE row x (D values, read in
 // place: a last partial vector is a masked load, never past the row): NC x ND accumulators,
 // each x vector loaded once serves NC FMAs, ND independent chains per class keep the FMA
@@ -48,26 +100,56 @@ inline void row_logits(const acc_t* x, const acc_t* W, const acc_t* bias, int64_
   using Vec = Vectorized<acc_t>;
   constexpr int64_t V = Vec::size();
   Vec acc[NC][ND];
+  ML_UNROLL
   for (int i = 0; i < NC; ++i)
+    ML_UNROLL
     for (int j = 0; j < ND; ++j) acc[i][j] = Vec(0);
   const acc_t* w = W + c0 * Dp;
   int64_t d = 0;
   for (; d + ND * V <= D; d += ND * V) {
+    ML_UNROLL
     for (int j = 0; j < ND; ++j) {
       const Vec xv = Vec::loadu(x + d + j * V);
+      ML_UNROLL
       for (int i = 0; i < NC; ++i)
         acc[i][j] = at::vec::fmadd(xv, Vec::loadu(w + i * Dp + d + j * V), acc[i][j]);
     }
   }
-  for (; d < D; d += V) {  // fewer than ND vectors left: whole, then a partial one
-    const Vec xv = D - d >= V ? Vec::loadu(x + d) : Vec::loadu(x + d, D - d);
-    for (int i = 0; i < NC; ++i)
-      acc[i][0] = at::vec::fmadd(xv, Vec::loadu(w + i * Dp + d), acc[i][0]);
+  // at most ND vectors left (whole, then a partial one), one per accumulator chain (one chain
+  // took them all before: a serial chain of FMAs at the end of every narrow row)
+  // (written out with constant accumulator indices: a loop over them kept acc in memory)
+#define ML_ROW_LOGITS_TAIL(J)                                                  \
+  if (d < D) {                                                                 \
+    const Vec xv = D - d >= V ? Vec::loadu(x + d) : Vec::loadu(x + d, D - d); \
+    ML_UNROLL                                                                  \
+    for (int i = 0; i < NC; ++i)                                               \
+      acc[i][J] = at::vec::fmadd(xv, Vec::loadu(w + i * Dp + d), acc[i][J]);   \
+    d += V;                                                                    \
   }
+  static_assert(ND == 1 || ND == 2 || ND == 4, "row_logits: 1, 2 or 4 vectors per class");
+  ML_ROW_LOGITS_TAIL(0)
+  if constexpr (ND >= 2) {
+    ML_ROW_LOGITS_TAIL(1)
+  }
+  if constexpr (ND == 4) {
+    ML_ROW_LOGITS_TAIL(2)
+    ML_ROW_LOGITS_TAIL(3)
+  }
+#undef ML_ROW_LOGITS_TAIL
+  Vec a[NC];
+  ML_UNROLL
   for (int i = 0; i < NC; ++i) {
-    Vec a = acc[i][0];
-    for (int j = 1; j < ND; ++j) a = a + acc[i][j];
-    z[i * kRows] = hsum(a) + (bias ? bias[c0 + i] : acc_t(0));
+    a[i] = acc[i][0];
+    ML_UNROLL
+    for (int j = 1; j < ND; ++j) a[i] = a[i] + acc[i][j];
+  }
+  if constexpr (NC == 4) {
+    hsum4(a[0], a[1], a[2], a[3], z, kRows);  // the four classes' sums share their shuffles
+    ML_UNROLL
+    for (int i = 0; i < NC; ++i) z[i * kRows] += bias ? bias[c0 + i] : acc_t(0);
+  } else {
+    ML_UNROLL
+    for (int i = 0; i < NC; ++i) z[i * kRows] = hsum(a[i]) + (bias ? bias[c0 + i] : acc_t(0));
   }
 }
 
@@ -81,7 +163,7 @@ inline void logits_block(const acc_t* x, int64_t xs, const acc_t* W, const acc_t
                          int64_t D, int64_t Dp, acc_t* z) {
   for (int64_t k = 0; k < kTile; ++k, x += xs, ++z) {
     int64_t c = 0;
-    for (; c + 4 <= C; c += 4) row_logits<4, 1>(x, W, bias, c, D, Dp, z + c * kRows);
+    for (; c + 4 <= C; c += 4) row_logits<4, 2>(x, W, bias, c, D, Dp, z + c * kRows);
     switch (C - c) {
       case 3: row_logits<3, 2>(x, W, bias, c, D, Dp, z + c * kRows); break;
       case 2: row_logits<2, 2>(x, W, bias, c, D, Dp, z + c * kRows); break;
@@ -103,7 +185,10 @@ inline void logits_block_binary(const src_t* x, int64_t xs, const acc_t* W, cons
   constexpr int64_t V = Vec::size();
   constexpr int64_t S = sizeof(src_t);
   const acc_t b = bias ? bias[0] : acc_t(0);
-  for (int64_t k = 0; k < kTile; ++k, x += xs, ++z, pf += pf_stride) {
+  static_assert(kTile == 4, "hsum4 reduces the tile's rows");
+  Vec row[kTile];
+  ML_UNROLL
+  for (int64_t k = 0; k < kTile; ++k, x += xs, pf += pf_stride) {
     Vec a0(0), a1(0), a2(0), a3(0);
     int64_t d = 0;
     for (; d + 4 * V <= D; d += 4 * V) {
@@ -120,34 +205,60 @@ inline void logits_block_binary(const src_t* x, int64_t xs, const acc_t* W, cons
       for (int64_t o = d * S; o < D * S; o += 64) __builtin_prefetch(pf + o, 0, 2);
       __builtin_prefetch(pf + D * S - 1, 0, 2);
     }
-    for (; d < D; d += V) {  // as row_logits: whole vectors, then a partial one, into a0
-      const Vec xv = load<src_t, acc_t>(x + d, std::min<int64_t>(V, D - d));
-      a0 = at::vec::fmadd(xv, Vec::loadu(W + d), a0);
+    // as row_logits<1, 4>: the (at most four) vectors left, whole then a partial one, one into
+    // each accumulator
+    if (d < D) {
+      a0 = at::vec::fmadd(load<src_t, acc_t>(x + d, std::min<int64_t>(V, D - d)),
+                          Vec::loadu(W + d), a0);
+      d += V;
     }
-    *z = hsum(((a0 + a1) + a2) + a3) + b;  // row_logits<1, 4>'s order: bitwise the same
+    if (d < D) {
+      a1 = at::vec::fmadd(load<src_t, acc_t>(x + d, std::min<int64_t>(V, D - d)),
+                          Vec::loadu(W + d), a1);
+      d += V;
+    }
+    if (d < D) {
+      a2 = at::vec::fmadd(load<src_t, acc_t>(x + d, std::min<int64_t>(V, D - d)),
+                          Vec::loadu(W + d), a2);
+      d += V;
+    }
+    if (d < D) {
+      a3 = at::vec::fmadd(load<src_t, acc_t>(x + d, std::min<int64_t>(V, D - d)),
+                          Vec::loadu(W + d), a3);
+    }
+    row[k] = ((a0 + a1) + a2) + a3;  // row_logits<1, 4>'s order: bitwise the same
   }
+  hsum4(row[0], row[1], row[2], row[3], z, 1);
+  for (int64_t k = 0; k < kTile; ++k) z[k] += b;
 }
 
 // g[i * Dp + j * V ..] += sum_{k < kr} r[i * kRows + k] x_k[j * V ..] for NC classes and ND
-// feature vectors: NC x ND accumulators held in registers over the tile's rows. len < V (only
-// with ND == 1): the rows' last, partial vector (masked loads; g's padding gets zeros added).
+// feature vectors: NC x ND accumulators held in registers over the tile's rows. len < V: the
+// last of the ND vectors is the rows' partial one (masked loads; g's padding gets zeros added).
 template <int NC, int ND, typename acc_t, typename src_t>
 inline void sweep_block(const acc_t* r, const src_t* x, int64_t xs, int64_t kr, acc_t* g,
                         int64_t Dp, int64_t len = Vectorized<acc_t>::size()) {
   using Vec = Vectorized<acc_t>;
   constexpr int64_t V = Vec::size();
   Vec acc[NC][ND];
+  ML_UNROLL
   for (int i = 0; i < NC; ++i)
+    ML_UNROLL
     for (int j = 0; j < ND; ++j) acc[i][j] = Vec::loadu(g + i * Dp + j * V);
   for (int64_t k = 0; k < kr; ++k, x += xs) {
     Vec xv[ND];
-    for (int j = 0; j < ND; ++j) xv[j] = load<src_t, acc_t>(x + j * V, ND == 1 ? len : V);
+    ML_UNROLL
+    for (int j = 0; j < ND; ++j) xv[j] = load<src_t, acc_t>(x + j * V, j == ND - 1 ? len : V);
+    ML_UNROLL
     for (int i = 0; i < NC; ++i) {
       const Vec rv(r[i * kRows + k]);
+      ML_UNROLL
       for (int j = 0; j < ND; ++j) acc[i][j] = at::vec::fmadd(rv, xv[j], acc[i][j]);
     }
   }
+  ML_UNROLL
   for (int i = 0; i < NC; ++i)
+    ML_UNROLL
     for (int j = 0; j < ND; ++j) acc[i][j].store(g + i * Dp + j * V);
 }
 
@@ -167,10 +278,28 @@ inline void sweep_tile(const acc_t* r, const src_t* x, int64_t xs, int64_t kr, a
       if (two) sweep_block<2, 4>(rc, x + d, xs, kr, g + d, Dp);
       else sweep_block<1, 4>(rc, x + d, xs, kr, g + d, Dp);
     }
-    for (; d < D; d += V) {
-      const int64_t len = std::min<int64_t>(V, D - d);
-      if (two) sweep_block<2, 1>(rc, x + d, xs, kr, g + d, Dp, len);
-      else sweep_block<1, 1>(rc, x + d, xs, kr, g + d, Dp, len);
+    // The (at most four) vectors left in one sweep, the last one partial or whole: one sweep
+    // per vector was a serial chain of kr FMAs each, a large share of a narrow row's pass.
+    const int64_t nv = (D - d + V - 1) / V;
+    const int64_t len = D - (d + (nv - 1) * V);
+    switch (nv) {
+      case 4:
+        if (two) sweep_block<2, 4>(rc, x + d, xs, kr, g + d, Dp, len);
+        else sweep_block<1, 4>(rc, x + d, xs, kr, g + d, Dp, len);
+        break;
+      case 3:
+        if (two) sweep_block<2, 3>(rc, x + d, xs, kr, g + d, Dp, len);
+        else sweep_block<1, 3>(rc, x + d, xs, kr, g + d, Dp, len);
+        break;
+      case 2:
+        if (two) sweep_block<2, 2>(rc, x + d, xs, kr, g + d, Dp, len);
+        else sweep_block<1, 2>(rc, x + d, xs, kr, g + d, Dp, len);
+        break;
+      case 1:
+        if (two) sweep_block<2, 1>(rc, x + d, xs, kr, g + d, Dp, len);
+        else sweep_block<1, 1>(rc, x + d, xs, kr, g + d, Dp, len);
+        break;
+      default: break;
     }
   }
 }

@@ -26,6 +26,27 @@ namespace {
 // is row i0 + k, class c), writes the residuals dloss/dz in the same layout into r and the rows'
 // losses into loss[0 .. kRows). Lanes nr .. kRows hold finite padding; the caller discards them.
 
+// log1p(e) for e in [0, 1]: 2 atanh(s) with s = e / (2 + e) in [0, 1/3], the odd series
+// 2 s (1 + s^2/3 + s^4/5 + ...) cut where its next term is below 2e-17 (float64; 2e-8 for float)
+// of the sum, evaluated as two Horner chains in s^4. Accurate to about 2 ulp, e itself (not 0)
+// where 1 + e rounds to 1. It replaced log(1 + e) e / e' (Sleef's vector log1p costs ~350
+// cycles per 512-bit vector on Zen 4): Sleef's AVX2 log was a third of the float64 binary
+// pass's time on narrow rows on the 2-core AVX2 EPYC (docs/perf-notes-from-code.md).
+template <typename acc_t>
+inline Vectorized<acc_t> log1p_unit(const Vectorized<acc_t>& e) {
+  using Vec = Vectorized<acc_t>;
+  // 1 / (2k + 1) for k = 0 .. 15 (float64) or 0 .. 7 (float), even k then odd k
+  constexpr int kTerms = std::is_same_v<acc_t, double> ? 16 : 8;
+  const Vec s = e / (Vec(2) + e);
+  const Vec t = s * s, u = t * t;
+  Vec even(acc_t(1) / acc_t(2 * (kTerms - 2) + 1)), odd(acc_t(1) / acc_t(2 * (kTerms - 1) + 1));
+  for (int k = kTerms - 4; k >= 0; k -= 2) {
+    even = at::vec::fmadd(even, u, Vec(acc_t(1) / acc_t(2 * k + 1)));
+    odd = at::vec::fmadd(odd, u, Vec(acc_t(1) / acc_t(2 * k + 3)));
+  }
+  return Vec(2) * s * at::vec::fmadd(odd, t, even);
+}
+
 // loss = sw * [(1 - y) z + (1 + (pw - 1) y) softplus(-z)],
 // dloss/dz = sw * [(1 - y) - (1 + (pw - 1) y) sigmoid(-z)]   (= sw (sigmoid(z) - y) for pw = 1),
 // with softplus(-z) = max(-z, 0) + log1p(exp(-|z|)): no overflow for any z.
@@ -45,12 +66,8 @@ struct BceLoss {
       const Vec zv = Vec::loadu(z + k);
       const Vec y = Vec::loadu(target + i0 + k, len);
       const Vec e = zv.abs().neg().exp();  // exp(-|z|) in (0, 1]
-      // log1p(e) as log(w) e / (w - 1) with w = 1 + e rounded (exact to a few ulp; e itself
-      // where w rounds to 1): Sleef's vector log1p costs ~350 cycles per 512-bit vector on
-      // Zen 4 against ~40 for log, and was a fifth of the binary pass from cache.
       const Vec w = one + e;
-      const Vec log1p_e = Vec::blendv(w.log() * e / (w - one), e, w == one);
-      const Vec softplus_neg = at::vec::maximum(zv.neg(), zero) + log1p_e;
+      const Vec softplus_neg = at::vec::maximum(zv.neg(), zero) + log1p_unit(e);
       const Vec inv = one / w;
       const Vec sigmoid_neg = Vec::blendv(inv, e * inv, zv >= zero);
       const Vec lw = one + (Vec(pos_weight) - one) * y;
