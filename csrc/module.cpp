@@ -7,6 +7,7 @@
 
 #include "contracts/linear.h"
 #include "contracts/losses.h"
+#include "cpu/runtime/tile_calibration.h"
 
 // What the build chose and why (setup.py writes it; the CMake build has none).
 #if __has_include("ml_build_config.h")
@@ -96,5 +97,9 @@ PYBIND11_MODULE(_C, m) {
 #endif
     return d;
   });
+  // The CPU binary loss pass's tile calibration (csrc/cpu/runtime/tile_calibration.h): its
+  // state as text, and a reset (tests).
+  m.def("cpu_tile_calibration", []() { return manual_layers::tile_calibration::describe(); });
+  m.def("cpu_tile_calibration_reset", []() { manual_layers::tile_calibration::reset(); });
 }
 #endif

@@ -160,6 +160,41 @@ def test_binary_tile_shapes_give_the_same_bits(monkeypatch, N, D, dtype, strided
                 assert torch.equal(a, e), f"tile {tile}: {name} ({reduction})"
 
 
+@pytest.mark.parametrize("D,dtype,cls", [(28, torch.float64, "16"), (256, torch.float32, "4")])
+def test_binary_tile_calibration_decides_and_changes_no_bit(monkeypatch, D, dtype, cls):
+    """CPU: with MANUAL_LAYERS_CPU_BINARY_TILE=auto the binary pass times its two candidate tiles
+    on calls of at least 8 MiB of X (csrc/cpu/runtime/tile_calibration.h: one untimed call,
+    then three timed calls of each) and keeps the faster; every call, timed or not, gives the
+    bits of every forced tile and of the vendor rule."""
+    from manual_layers import _C
+    monkeypatch.setenv("MANUAL_LAYERS_CPU_BINARY_TILE", "auto")
+    _C.cpu_tile_calibration_reset()
+    N = (8 << 20) // (D * dtype.itemsize) + 16  # just over 8 MiB of X
+    x = torch.randn(N, D, dtype=dtype)
+    w = (torch.randn(1, D) / 3).to(dtype)
+    b = torch.randn(1).to(dtype)
+    y = torch.rand(N).to(dtype)
+    op = torch.ops.manual_layers._linear_bce_fwd
+    calls = [op(x, w, b, y, None, None, 1, False, True, True) for _ in range(8)]
+    state = dict(part.split(": ", 1) for part in _C.cpu_tile_calibration().split("; "))
+    assert state[cls].startswith(("short (short 3 timed", "long (short 3 timed")), state
+    assert "long 3 timed" in state[cls], state
+    assert all(s.startswith("undecided") for k, s in state.items() if k != cls), state
+    expected = calls[0]
+    for tile in ["vendor"] + BINARY_TILES:
+        monkeypatch.setenv("MANUAL_LAYERS_CPU_BINARY_TILE", tile)
+        calls.append(op(x, w, b, y, None, None, 1, False, True, True))
+    for got in calls[1:]:
+        for a, e in zip(got, expected):
+            assert torch.equal(a, e)
+    # small calls never start the calibration
+    _C.cpu_tile_calibration_reset()
+    monkeypatch.setenv("MANUAL_LAYERS_CPU_BINARY_TILE", "auto")
+    for _ in range(8):
+        op(x[:1000], w, b, y[:1000], None, None, 1, False, True, True)
+    assert _C.cpu_tile_calibration().count("undecided (short 0 timed, long 0 timed)") == 3
+
+
 def test_binary_tile_setting_is_checked(monkeypatch):
     monkeypatch.setenv("MANUAL_LAYERS_CPU_BINARY_TILE", "32")
     x, w, b, y = torch.randn(4, 3), torch.randn(1, 3), torch.randn(1), torch.rand(4)

@@ -13,6 +13,8 @@
 #include <cstring>
 #include <string>
 
+#include "../runtime/tile_calibration.h"
+
 #if (defined(__x86_64__) || defined(__i386__)) && (defined(__GNUC__) || defined(__clang__))
 #include <cpuid.h>
 #endif
@@ -54,19 +56,22 @@ inline Blocks make_blocks(int64_t N, int64_t C, int64_t Dp, int64_t elem_size) {
 // Rows per tile and software prefetch. While a tile's losses and grad_W sweep run from L1, the
 // pass asks for no new line of X; by default tiles are 16 rows, with the rows ~48 KiB ahead
 // prefetched into L2 meanwhile (run_block). A tile's size changes no result: every sum runs in
-// row order whatever the tiles. The exception, on AMD CPUs only (measured on a Zen 4): the
-// binary pass on rows of up to 1 KiB takes the most rows, 16, 8 or 4, whose tile fits 4 KiB, and
-// no software prefetch: the hardware prefetchers then keep X streaming. Longer rows, and cross
-// entropy (compute-bound), keep 16 rows and the prefetch. On an Intel Xeon the same comparison
-// went the other way, hence the vendor test (cpu_is_amd); other CPUs take the Intel rule,
-// unmeasured. The measurements: docs/perf-notes-from-code.md, "CPU loss pass: tile shape".
+// row order whatever the tiles. The binary pass on rows of up to 1 KiB has a second candidate:
+// the most rows, 16, 8 or 4, whose tile fits 4 KiB, and no software prefetch (the hardware
+// prefetchers then keep X streaming). That one was faster on a Zen 4, slower on an Intel Xeon
+// and on a Zen 3 EPYC (docs/perf-notes-from-code.md, "CPU loss pass: tile shape"), so the pass
+// times both on this CPU (csrc/cpu/runtime/tile_calibration.h) and keeps the faster; until it
+// has, the vendor's rule runs (AMD: the short tile; others: 16 rows with prefetch). Longer rows,
+// and cross entropy (compute-bound), keep 16 rows and the prefetch.
 struct TileShape {
   int64_t rows;
   bool prefetch;
+  int cls = -1;   // the calibration's row-length class, and
+  int slot = -1;  // >= 0: time this call and report it (tile_calibration::report)
 };
 
 // Whether this is an AMD CPU (x86 CPUID vendor string), where the short binary tiles were
-// measured faster; elsewhere (Intel measured) 16-row tiles with the prefetch are.
+// measured faster on a Zen 4: the rule used before (and without) the calibration.
 inline bool cpu_is_amd() {
 #if (defined(__x86_64__) || defined(__i386__)) && (defined(__GNUC__) || defined(__clang__))
   static const bool amd = [] {
@@ -80,27 +85,41 @@ inline bool cpu_is_amd() {
 #endif
 }
 
-// MANUAL_LAYERS_CPU_BINARY_TILE=ROWS[,noprefetch] (ROWS 4, 8 or 16; read per call) forces the
-// binary pass's tiles: for tuning on another CPU, and for the tests, which run every tile shape
-// on any CPU and check that all give the same bits.
-inline TileShape tile_shape(int64_t C, int64_t row_bytes) {
+// MANUAL_LAYERS_CPU_BINARY_TILE (read per call): auto (default: calibrated), vendor (the vendor
+// rule, never timed), or ROWS[,noprefetch] (ROWS 4, 8 or 16) to force the binary pass's tiles:
+// for tuning on another CPU, and for the tests, which run every tile shape on any CPU and check
+// that all give the same bits. x_bytes: the bytes of X the call reads.
+inline TileShape tile_shape(int64_t C, int64_t row_bytes, int64_t x_bytes) {
+  bool vendor_only = false;
   if (C == 1) {
     const char* e = std::getenv("MANUAL_LAYERS_CPU_BINARY_TILE");
     if (e != nullptr && *e != '\0' && std::strcmp(e, "auto") != 0) {
       const std::string v(e);
-      const bool no_pf = v.size() > 11 && v.compare(v.size() - 11, 11, ",noprefetch") == 0;
-      const std::string rows = no_pf ? v.substr(0, v.size() - 11) : v;
-      TORCH_CHECK_VALUE(rows == "4" || rows == "8" || rows == "16",
-                        "MANUAL_LAYERS_CPU_BINARY_TILE must be auto, 4, 8 or 16, optionally "
-                        "followed by ',noprefetch'; got '", v, "'");
-      return {std::stoi(rows), !no_pf};
+      vendor_only = v == "vendor";
+      if (!vendor_only) {
+        const bool no_pf = v.size() > 11 && v.compare(v.size() - 11, 11, ",noprefetch") == 0;
+        const std::string rows = no_pf ? v.substr(0, v.size() - 11) : v;
+        TORCH_CHECK_VALUE(rows == "4" || rows == "8" || rows == "16",
+                          "MANUAL_LAYERS_CPU_BINARY_TILE must be auto, vendor, 4, 8 or 16, the "
+                          "last three optionally followed by ',noprefetch'; got '", v, "'");
+        return {std::stoi(rows), !no_pf};
+      }
     }
   }
-  if (C == 1 && cpu_is_amd()) {
-    for (int64_t rows = kRows; rows >= kTile; rows /= 2)
-      if (rows * row_bytes <= (4 << 10)) return {rows, false};
-  }
-  return {kRows, true};
+  if (C != 1 || row_bytes > (1 << 10)) return {kRows, true};
+  int64_t short_rows = kRows;
+  while (short_rows > kTile && short_rows * row_bytes > (4 << 10)) short_rows /= 2;
+  const int cls = short_rows == kRows ? 0 : short_rows == kRows / 2 ? 1 : 2;
+  const auto shape = [&](int candidate) {
+    return candidate == tile_calibration::kShort ? TileShape{short_rows, false}
+                                                 : TileShape{kRows, true};
+  };
+  const int vendor = cpu_is_amd() ? tile_calibration::kShort : tile_calibration::kLong;
+  if (vendor_only) return shape(vendor);
+  const tile_calibration::Ticket t = tile_calibration::take(cls, vendor, x_bytes);
+  TileShape out = shape(t.candidate);
+  if (t.slot >= 0) out.cls = cls, out.slot = t.slot;
+  return out;
 }
 
 // weight (C, D) as a contiguous acc_t (C, Dp) matrix, each row zero-padded to Dp columns (whole

@@ -8,7 +8,8 @@
 //
 //   rows are split into a FIXED number of contiguous blocks (a function of N, C and D only, never
 //   of the thread count); at::parallel_for runs over the blocks. Within a block, per tile of
-//   kRows (16) rows (on AMD, the binary pass on rows of up to 1 KiB: 16, 8 or 4, see tile_shape):
+//   kRows (16) rows (the binary pass on rows of up to 1 KiB: 16, 8 or 4, timed on this CPU,
+//   see tile_shape):
 //     1. z = W x_i + b for the tile's rows, one row after another, each read front to back
 //        (up to 4 classes per register block; vectorised, accumulation type acc_t: float for
 //        float/bf16/half, double for double; W is kept as a zero-padded acc_t copy), with the
@@ -42,6 +43,7 @@
 #include <ATen/cpu/vec/vec.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
@@ -287,8 +289,17 @@ LossOut fused_loss(const at::Tensor& x_in, const at::Tensor& weight,
     // Short tiles exist for the binary pass only (run_pass); a cross entropy with C = 1 has the
     // binary pass's C but runs the 16-row tiles.
     constexpr bool kBinaryPass = std::is_same_v<std::decay_t<decltype(loss_fn)>, BceLoss<acc_t>>;
-    p.tile = kBinaryPass ? tile_shape(C, D * static_cast<int64_t>(sizeof(scalar_t)))
-                         : TileShape{kRows, true};
+    const int64_t row_bytes = D * static_cast<int64_t>(sizeof(scalar_t));
+    p.tile = kBinaryPass ? tile_shape(C, row_bytes, N * row_bytes) : TileShape{kRows, true};
+    // a call the tile calibration asked to time (loss_tiles.h, tile_shape)
+    const auto timed = [&](auto&& pass) {
+      if (p.tile.slot < 0) return pass();
+      const auto t0 = std::chrono::steady_clock::now();
+      pass();
+      const std::chrono::duration<double> dt = std::chrono::steady_clock::now() - t0;
+      tile_calibration::report(p.tile.cls, p.tile.slot,
+                               dt.count() / static_cast<double>(N * row_bytes));
+    };
 
     if (reduction == kNone) {
       loss = at::empty({N}, acc_opts);
@@ -299,7 +310,7 @@ LossOut fused_loss(const at::Tensor& x_in, const at::Tensor& weight,
         p.residual = residual.mutable_data_ptr<acc_t>();
       }
       p.blocks = make_blocks(N, 0, 0, 0);  // no partials in this mode
-      run_pass<scalar_t, acc_t, false>(p, loss_fn);
+      timed([&] { run_pass<scalar_t, acc_t, false>(p, loss_fn); });
       return;
     }
 
@@ -325,8 +336,10 @@ LossOut fused_loss(const at::Tensor& x_in, const at::Tensor& weight,
       p.residual = residual.mutable_data_ptr<acc_t>();
     }
 
-    if (need_weight) run_pass<scalar_t, acc_t, true>(p, loss_fn);
-    else run_pass<scalar_t, acc_t, false>(p, loss_fn);
+    timed([&] {
+      if (need_weight) run_pass<scalar_t, acc_t, true>(p, loss_fn);
+      else run_pass<scalar_t, acc_t, false>(p, loss_fn);
+    });
 
     double total = 0;
     for (double l : part_loss) total += l;
