@@ -64,14 +64,14 @@ namespace {
 using at::vec::Vectorized;
 
 constexpr int64_t kMinBlockWork = int64_t(1) << 16;  // rows + non-zeros per block, at least
-constexpr int64_t kMaxBlocks = 32;                   // blocks at most,
+constexpr int64_t kMaxSparseBlocks = 32;                   // blocks at most,
 constexpr int64_t kMaxTableBytes = int64_t(32) << 20;  // whose tables total at most this,
 constexpr int64_t kEntriesPerColumn = 16;            // with this many entries per column each
 
 // The number of row blocks: from the problem's shape only (see the file comment).
 int64_t num_blocks(int64_t N, int64_t nnz, int64_t D, int64_t ts, int64_t acc_size,
                    bool need_weight) {
-  int64_t nb = std::clamp<int64_t>((N + nnz) / kMinBlockWork, 1, kMaxBlocks);
+  int64_t nb = std::clamp<int64_t>((N + nnz) / kMinBlockWork, 1, kMaxSparseBlocks);
   if (need_weight) {
     const int64_t per_block = std::max<int64_t>(1, D * ts * acc_size);
     nb = std::min(nb, std::max<int64_t>(1, kMaxTableBytes / per_block));

@@ -12,6 +12,8 @@
 #include <limits>
 #include <vector>
 
+#include "loss_terms.h"
+
 #ifndef CPU_CAPABILITY
 #error "csrc/cpu/kernels/sparse_rows.h is for the per-ISA kernel files (-DCPU_CAPABILITY=...)"
 #endif
@@ -110,8 +112,7 @@ void binary_block(const Problem<acc_t, index_t>& p, const Table<acc_t>& T, int64
   using Vec = Vectorized<acc_t>;
   constexpr int64_t V = Vec::size();
   static_assert(kBinaryTile % V == 0, "whole vectors per tile");
-  alignas(64) acc_t z[kBinaryTile], y[kBinaryTile], s[kBinaryTile], r[kBinaryTile],
-      l[kBinaryTile];
+  alignas(64) acc_t z[kBinaryTile], r[kBinaryTile], l[kBinaryTile];
   bool ok[kBinaryTile];
   const acc_t b = p.bias ? p.bias[0] : acc_t(0);
   const acc_t* W = T.w;
@@ -125,7 +126,7 @@ void binary_block(const Problem<acc_t, index_t>& p, const Table<acc_t>& T, int64
     const int64_t nr = std::min(kBinaryTile, r1 - i0);
     for (int64_t k = 0; k < kBinaryTile; ++k) {
       if (k >= nr) {
-        z[k] = y[k] = s[k] = acc_t(0);
+        z[k] = acc_t(0);
         ok[k] = false;
         continue;
       }
@@ -144,23 +145,10 @@ void binary_block(const Problem<acc_t, index_t>& p, const Table<acc_t>& T, int64
       }
       for (; e < e1; ++e) a0 += val[e] * W[col[e]];
       z[k] = ((a0 + a1) + (a2 + a3)) + b;
-      y[k] = p.y[i];
-      s[k] = p.sw ? p.sw[i] : acc_t(1);
     }
-    // loss = s [(1 - y) z + softplus(-z)], r = s [(1 - y) - sigmoid(-z)] = s (sigmoid(z) - y),
-    // softplus(-z) = max(-z, 0) + log1p(exp(-|z|)), log1p(e) = log(w) e / (w - 1), w = 1 + e.
-    const Vec one(1), zero(0);
-    for (int64_t k = 0; k < kBinaryTile; k += V) {
-      const Vec zv = Vec::loadu(z + k), yv = Vec::loadu(y + k), sv = Vec::loadu(s + k);
-      const Vec ex = zv.abs().neg().exp();
-      const Vec w = one + ex;
-      const Vec log1p_e = Vec::blendv(w.log() * ex / (w - one), ex, w == one);
-      const Vec softplus_neg = at::vec::maximum(zv.neg(), zero) + log1p_e;
-      const Vec inv = one / w;
-      const Vec sigmoid_neg = Vec::blendv(inv, ex * inv, zv >= zero);
-      (sv * ((one - yv) - sigmoid_neg)).store(r + k);
-      (sv * ((one - yv) * zv + softplus_neg)).store(l + k);
-    }
+    // the dense pass's loss terms and residuals (loss_terms.h, BceLoss, pos_weight 1): the
+    // tile's rows i0 .. i0 + nr are contiguous, their targets and weights read there
+    BceLoss<acc_t>{p.y, p.sw, acc_t(1)}.tile(i0, nr, kBinaryTile, z, r, l);
     for (int64_t k = 0; k < nr; ++k) {
       loss += static_cast<double>(l[k]);
       gsum += r[k];
