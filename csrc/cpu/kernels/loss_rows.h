@@ -153,21 +153,59 @@ inline void row_logits(const acc_t* x, const acc_t* W, const acc_t* bias, int64_
   }
 }
 
-// z[c * kRows + k] = W_c . x_k + b_c for the kTile rows x_k = x + k * xs (k < kTile). The rows
-// are read ONE AFTER ANOTHER, each front to back: interleaving the loads of 4 rows (to reuse
-// each W vector for 4 rows) kept the memory reads of the pass at about half of X.sum()'s rate
-// on Zen 4; one row at a time they stream like X.sum() (docs/perf-notes-from-code.md). W stays
-// in L1, so its extra loads cost little.
+// z[i * kRows + k] = W_{c0+i} . x_k + b_{c0+i} for two rows x_0, x_1 (k = 0, 1) and four
+// classes: 2 x 4 accumulators, each W vector loaded once for both rows (6 loads per 8 FMAs,
+// against 5 per 4 for one row), the rows' last partial vector a masked load.
+template <typename acc_t>
+inline void two_rows_logits4(const acc_t* x0, const acc_t* x1, const acc_t* W, const acc_t* bias,
+                             int64_t c0, int64_t D, int64_t Dp, acc_t* z) {
+  using Vec = Vectorized<acc_t>;
+  constexpr int64_t V = Vec::size();
+  const acc_t* w = W + c0 * Dp;
+  Vec a00(0), a01(0), a02(0), a03(0), a10(0), a11(0), a12(0), a13(0);
+  for (int64_t d = 0; d < D; d += V) {
+    const int64_t n = std::min<int64_t>(V, D - d);
+    const Vec u = n == V ? Vec::loadu(x0 + d) : Vec::loadu(x0 + d, n);
+    const Vec v = n == V ? Vec::loadu(x1 + d) : Vec::loadu(x1 + d, n);
+    Vec wv = Vec::loadu(w + d);
+    a00 = at::vec::fmadd(u, wv, a00), a10 = at::vec::fmadd(v, wv, a10);
+    wv = Vec::loadu(w + Dp + d);
+    a01 = at::vec::fmadd(u, wv, a01), a11 = at::vec::fmadd(v, wv, a11);
+    wv = Vec::loadu(w + 2 * Dp + d);
+    a02 = at::vec::fmadd(u, wv, a02), a12 = at::vec::fmadd(v, wv, a12);
+    wv = Vec::loadu(w + 3 * Dp + d);
+    a03 = at::vec::fmadd(u, wv, a03), a13 = at::vec::fmadd(v, wv, a13);
+  }
+  hsum4(a00, a01, a02, a03, z, kRows);
+  hsum4(a10, a11, a12, a13, z + 1, kRows);
+  for (int i = 0; i < 4; ++i) {
+    const acc_t b = bias ? bias[c0 + i] : acc_t(0);
+    z[i * kRows] += b, z[i * kRows + 1] += b;
+  }
+}
+
+// z[c * kRows + k] = W_c . x_k + b_c for the kTile rows x_k = x + k * xs (k < kTile). One class
+// (the binary pass's C = 1 outside its own direct path) or a few: the rows are read ONE AFTER
+// ANOTHER, each front to back: interleaving the loads of 4 rows (to reuse each W vector for 4
+// rows) kept the memory reads of the binary pass at about half of X.sum()'s rate on Zen 4; one
+// row at a time they stream like X.sum() (docs/perf-notes-from-code.md). Four classes and more
+// (compute-bound): two rows at a time in blocks of four classes (two_rows_logits4), which read
+// each W vector once per two rows: the loads, not the FMAs, had set the pace.
 template <typename acc_t>
 inline void logits_block(const acc_t* x, int64_t xs, const acc_t* W, const acc_t* bias, int64_t C,
                          int64_t D, int64_t Dp, acc_t* z) {
+  static_assert(kTile % 2 == 0, "pairs of rows");
+  const int64_t c4 = C / 4 * 4;
+  if (c4 > 0) {
+    for (int64_t k = 0; k < kTile; k += 2)
+      for (int64_t c = 0; c < c4; c += 4)
+        two_rows_logits4(x + k * xs, x + (k + 1) * xs, W, bias, c, D, Dp, z + c * kRows + k);
+  }
   for (int64_t k = 0; k < kTile; ++k, x += xs, ++z) {
-    int64_t c = 0;
-    for (; c + 4 <= C; c += 4) row_logits<4, 2>(x, W, bias, c, D, Dp, z + c * kRows);
-    switch (C - c) {
-      case 3: row_logits<3, 2>(x, W, bias, c, D, Dp, z + c * kRows); break;
-      case 2: row_logits<2, 2>(x, W, bias, c, D, Dp, z + c * kRows); break;
-      case 1: row_logits<1, 4>(x, W, bias, c, D, Dp, z + c * kRows); break;
+    switch (C - c4) {
+      case 3: row_logits<3, 2>(x, W, bias, c4, D, Dp, z + c4 * kRows); break;
+      case 2: row_logits<2, 2>(x, W, bias, c4, D, Dp, z + c4 * kRows); break;
+      case 1: row_logits<1, 4>(x, W, bias, c4, D, Dp, z + c4 * kRows); break;
       default: break;
     }
   }
