@@ -245,25 +245,14 @@ inline void logits_block_binary(const src_t* x, int64_t xs, const acc_t* W, cons
     }
     // as row_logits<1, 4>: the (at most four) vectors left, whole then a partial one, one into
     // each accumulator
-    if (d < D) {
-      a0 = at::vec::fmadd(load<src_t, acc_t>(x + d, std::min<int64_t>(V, D - d)),
-                          Vec::loadu(W + d), a0);
-      d += V;
-    }
-    if (d < D) {
-      a1 = at::vec::fmadd(load<src_t, acc_t>(x + d, std::min<int64_t>(V, D - d)),
-                          Vec::loadu(W + d), a1);
-      d += V;
-    }
-    if (d < D) {
-      a2 = at::vec::fmadd(load<src_t, acc_t>(x + d, std::min<int64_t>(V, D - d)),
-                          Vec::loadu(W + d), a2);
-      d += V;
-    }
-    if (d < D) {
-      a3 = at::vec::fmadd(load<src_t, acc_t>(x + d, std::min<int64_t>(V, D - d)),
-                          Vec::loadu(W + d), a3);
-    }
+    const auto tail = [&](Vec& a) {
+      if (d < D) {
+        a = at::vec::fmadd(load<src_t, acc_t>(x + d, std::min<int64_t>(V, D - d)),
+                           Vec::loadu(W + d), a);
+        d += V;
+      }
+    };
+    tail(a0), tail(a1), tail(a2), tail(a3);
     row[k] = ((a0 + a1) + a2) + a3;  // row_logits<1, 4>'s order: bitwise the same
   }
   hsum4(row[0], row[1], row[2], row[3], z, 1);
