@@ -136,20 +136,12 @@ inline void row_logits(const acc_t* x, const acc_t* W, const acc_t* bias, int64_
     ML_ROW_LOGITS_TAIL(3)
   }
 #undef ML_ROW_LOGITS_TAIL
-  Vec a[NC];
   ML_UNROLL
   for (int i = 0; i < NC; ++i) {
-    a[i] = acc[i][0];
+    Vec a = acc[i][0];
     ML_UNROLL
-    for (int j = 1; j < ND; ++j) a[i] = a[i] + acc[i][j];
-  }
-  if constexpr (NC == 4) {
-    hsum4(a[0], a[1], a[2], a[3], z, kRows);  // the four classes' sums share their shuffles
-    ML_UNROLL
-    for (int i = 0; i < NC; ++i) z[i * kRows] += bias ? bias[c0 + i] : acc_t(0);
-  } else {
-    ML_UNROLL
-    for (int i = 0; i < NC; ++i) z[i * kRows] = hsum(a[i]) + (bias ? bias[c0 + i] : acc_t(0));
+    for (int j = 1; j < ND; ++j) a = a + acc[i][j];
+    z[i * kRows] = hsum(a) + (bias ? bias[c0 + i] : acc_t(0));
   }
 }
 
@@ -289,43 +281,35 @@ inline void sweep_block(const acc_t* r, const src_t* x, int64_t xs, int64_t kr, 
     for (int j = 0; j < ND; ++j) acc[i][j].store(g + i * Dp + j * V);
 }
 
+// sweep_block for the classes c, c + 1 (two) or c alone, ND feature vectors.
+template <int ND, typename acc_t, typename src_t>
+inline void sweep_classes(bool two, const acc_t* r, const src_t* x, int64_t xs, int64_t kr,
+                          acc_t* g, int64_t Dp, int64_t len = Vectorized<acc_t>::size()) {
+  if (two) sweep_block<2, ND>(r, x, xs, kr, g, Dp, len);
+  else sweep_block<1, ND>(r, x, xs, kr, g, Dp, len);
+}
+
 // grad_W (C x Dp) += R^T X for the tile: R class-major (C x kRows), rows x_k = x + k * xs of D
 // values each (acc_t, or 16-bit rows read in place by the binary pass).
 template <typename acc_t, typename src_t>
 inline void sweep_tile(const acc_t* r, const src_t* x, int64_t xs, int64_t kr, acc_t* gw,
                        int64_t C, int64_t D, int64_t Dp) {
   constexpr int64_t V = Vectorized<acc_t>::size();
-  const int64_t Df = D / V * V;
   for (int64_t c = 0; c < C; c += 2) {
     const acc_t* rc = r + c * kRows;
     acc_t* g = gw + c * Dp;
     const bool two = c + 2 <= C;
     int64_t d = 0;
-    for (; d + 4 * V <= Df; d += 4 * V) {
-      if (two) sweep_block<2, 4>(rc, x + d, xs, kr, g + d, Dp);
-      else sweep_block<1, 4>(rc, x + d, xs, kr, g + d, Dp);
-    }
+    for (; d + 4 * V <= D; d += 4 * V) sweep_classes<4>(two, rc, x + d, xs, kr, g + d, Dp);
     // The (at most four) vectors left in one sweep, the last one partial or whole: one sweep
     // per vector was a serial chain of kr FMAs each, a large share of a narrow row's pass.
     const int64_t nv = (D - d + V - 1) / V;
     const int64_t len = D - (d + (nv - 1) * V);
     switch (nv) {
-      case 4:
-        if (two) sweep_block<2, 4>(rc, x + d, xs, kr, g + d, Dp, len);
-        else sweep_block<1, 4>(rc, x + d, xs, kr, g + d, Dp, len);
-        break;
-      case 3:
-        if (two) sweep_block<2, 3>(rc, x + d, xs, kr, g + d, Dp, len);
-        else sweep_block<1, 3>(rc, x + d, xs, kr, g + d, Dp, len);
-        break;
-      case 2:
-        if (two) sweep_block<2, 2>(rc, x + d, xs, kr, g + d, Dp, len);
-        else sweep_block<1, 2>(rc, x + d, xs, kr, g + d, Dp, len);
-        break;
-      case 1:
-        if (two) sweep_block<2, 1>(rc, x + d, xs, kr, g + d, Dp, len);
-        else sweep_block<1, 1>(rc, x + d, xs, kr, g + d, Dp, len);
-        break;
+      case 4: sweep_classes<4>(two, rc, x + d, xs, kr, g + d, Dp, len); break;
+      case 3: sweep_classes<3>(two, rc, x + d, xs, kr, g + d, Dp, len); break;
+      case 2: sweep_classes<2>(two, rc, x + d, xs, kr, g + d, Dp, len); break;
+      case 1: sweep_classes<1>(two, rc, x + d, xs, kr, g + d, Dp, len); break;
       default: break;
     }
   }
