@@ -386,3 +386,42 @@ def test_objective_cpu_path_equals_its_sums(dtype, n_classes, sparse):
         assert f == f_ref
         np.testing.assert_array_equal(g, g_ref)
     assert not np.isnan(out).any()
+
+
+@pytest.mark.parametrize("which", ["python", "scipy"])
+def test_large_fits_keep_more_pairs(monkeypatch, which):
+    """_lbfgs_pairs: scikit-learn's 10 correction pairs for fits below CPP_FIT_MAX_WORK and
+    where 50 pairs' history would exceed 1/LBFGS_HISTORY_SHARE of X's bytes; 50 on large fits
+    (made large here by lowering the threshold). Both L-BFGS loops get the count, and with 50
+    pairs the fit reaches the optimum the 10-pair fit reaches (tight tol)."""
+    import scipy.optimize
+    import manual_layers._lbfgs as lbfgs_mod
+    _solver(monkeypatch, which)
+    seen = []
+    own, scipy_min = lbfgs_mod.lbfgs, scipy.optimize.minimize
+
+    def spy_own(*a, m=10, **k):
+        seen.append(m)
+        return own(*a, m=m, **k)
+
+    def spy_scipy(*a, options=None, **k):
+        seen.append(options["maxcor"])
+        return scipy_min(*a, options=options, **k)
+
+    monkeypatch.setattr(lbfgs_mod, "lbfgs", spy_own)
+    monkeypatch.setattr(scipy.optimize, "minimize", spy_scipy)
+    obj = _objective(3, 2, N=2000, D=40, C=0.5)  # X: 640,000 bytes; 50 pairs: 32,800
+    assert fit_mod._lbfgs_pairs(obj) == fit_mod.LBFGS_PAIRS == 10
+    monkeypatch.setattr(fit_mod, "CPP_FIT_MAX_WORK", 1)
+    assert fit_mod._lbfgs_pairs(obj) == fit_mod.LBFGS_PAIRS_LARGE == 50
+    monkeypatch.setattr(fit_mod, "LBFGS_HISTORY_SHARE", 20)  # 20 x 32,800 > 640,000
+    assert fit_mod._lbfgs_pairs(obj) == 10
+    monkeypatch.setattr(fit_mod, "LBFGS_HISTORY_SHARE", 16)
+    x50, _, conv50, _ = fit_mod._lbfgs(obj, np.zeros(obj.n_params), 1000, 1e-10, 0)
+    monkeypatch.setattr(fit_mod, "LBFGS_PAIRS_LARGE", 10)
+    x10, _, conv10, _ = fit_mod._lbfgs(obj, np.zeros(obj.n_params), 1000, 1e-10, 0)
+    assert seen == [50, 10] and conv50 and conv10
+    f50, f10 = obj.evaluate(x50)[0], obj.evaluate(x10)[0]
+    assert abs(f50 - f10) <= 1e-12 * abs(f10)
+    # both stop on ftol (the objective flat to rounding), a few 1e-6 apart
+    assert np.abs(x50 - x10).max() <= 1e-5 * np.abs(x10).max()
