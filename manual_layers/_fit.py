@@ -255,25 +255,26 @@ def _cpp_fit(obj, x0, max_iter, tol):
 
 
 # L-BFGS's memory, the number of correction pairs (s, y) it keeps: scikit-learn's 10 (so the
-# iterates are its iterates), but LBFGS_PAIRS_LARGE on large fits whose history stays small
-# beside X. More pairs approximate the Hessian better and save iterations on high-dimensional,
-# ill-conditioned problems; the history's vector work grows with them (2 m P multiply-adds per
-# iteration) while one evaluation reads all of X, so on large X they are nearly free. Measured
-# (Zen 4 EPYC, 2 cores, 2026-12-08), issue 28's wide anchor, 100,000 x 2,000 float32 binary:
-# 10 pairs 230 iterations, 7.7-9.2 s, objective 0.35414395; 20: 189; 30: 165; 50: 110
-# iterations, 3.5-4.5 s, 0.35414146 (scikit-learn-intelex's lbfgs, which keeps 50 pairs too:
-# 100 iterations, 5.6 s, 0.35414152); 300,000 x 64 with 10 classes: 58 -> 57 iterations,
-# 1.50 -> 1.30 s; 1,000,000 x 28 binary 18 -> 16. "Large": outside the C++ loop's range (at
-# least CPP_FIT_MAX_WORK work per evaluation) and the history (2 x 50 x P float64) at most
-# 1/LBFGS_HISTORY_SHARE of X's bytes (the full-size sparse sets keep 10: their history would
-# be a large share of an evaluation).
+# iterates are its iterates) on small fits; on large ones (at least CPP_FIT_MAX_WORK work per
+# evaluation) as many as fit in half of X's own size, up to LBFGS_PAIRS_MAX: m with 2 m P
+# float64 <= X's bytes / 2 (so the optimizer's memory stays below X's, whose values are read in
+# place). More pairs approximate the Hessian better and save iterations on ill-conditioned
+# problems; their vector work (two reads of the 2 m x P history per iteration) stays below an
+# evaluation's, which reads all of X and does more with each value. scikit-learn-intelex's
+# lbfgs keeps 50. Measured on the 2-core Zen 4 EPYC, 2026-12-08 (iterations, fit time):
+#   issue 28's wide anchor, 100,000 x 2,000 float32 binary: 10 pairs 230, 7.7-9.2 s; 50: 110,
+#     3.5-4.5 s; 100: 86, 3.6 s (bench_fit's copy with redundant features: 50: 249, 100: 177)
+#   sparse 200,000 x 100,000 binary (10 M entries, P = 100,001; this rule: 37 pairs): 10: 137,
+#     2.61 s; 30: 89, 1.77 s; 50: 88; 75 and 100: 71, 1.5 s (each at a lower objective than 10)
+#   300,000 x 64, 10 classes: 58 -> 55; 100,000 x 64, 10 classes: 62 -> 48; 1 M x 28: 18 -> 16
+# The sparse 20-class set (P = 2,000,020) keeps 10: 50 pairs (1.6 GB) saved a third of the
+# iterations but not of the time.
 LBFGS_PAIRS = 10
-LBFGS_PAIRS_LARGE = 50
-LBFGS_HISTORY_SHARE = 16
+LBFGS_PAIRS_MAX = 100
 
 
 def _lbfgs_pairs(obj):
-    """How many correction pairs the L2 fit's L-BFGS keeps (LBFGS_PAIRS or LBFGS_PAIRS_LARGE),
+    """How many correction pairs the L2 fit's L-BFGS keeps (LBFGS_PAIRS to LBFGS_PAIRS_MAX),
     the same on every rank of a data-parallel fit (rank 0's choice)."""
     X = obj.X
     if isinstance(X, _sparse.CSR):
@@ -282,9 +283,9 @@ def _lbfgs_pairs(obj):
     else:
         x_bytes = X.shape[0] * X.shape[1] * X.element_size()
         work = X.shape[0] * X.shape[1] * obj.K
-    history = 2 * LBFGS_PAIRS_LARGE * obj.n_params * 8
-    m = (LBFGS_PAIRS_LARGE if work >= CPP_FIT_MAX_WORK
-         and history * LBFGS_HISTORY_SHARE <= x_bytes else LBFGS_PAIRS)
+    m = LBFGS_PAIRS
+    if work >= CPP_FIT_MAX_WORK:
+        m = min(LBFGS_PAIRS_MAX, max(LBFGS_PAIRS, x_bytes // (32 * obj.n_params)))
     if obj.comm is not None:
         m = int(obj.comm.broadcast_np(np.array([m], dtype=np.float64))[0])
     return m

@@ -13,7 +13,7 @@ mislead the next directions.
 What is the same as L-BFGS-B without bounds (so `tol` and `max_iter` mean what they mean in
 scikit-learn, and the iterates follow the same path up to rounding):
   - the quasi-Newton matrix of the last m pairs (s, y) (scikit-learn's m = 10; the fit asks for
-    50 on large X: manual_layers/_fit.py, _lbfgs_pairs) in the compact representation of
+    up to 100 on large X: manual_layers/_fit.py, _lbfgs_pairs) in the compact representation of
     Byrd, Nocedal and Schnabel (1994), H0 = gamma I with gamma = s.y / y.y of the newest pair;
     a pair is skipped when s.y <= eps (-g.s);
   - the first step 1 / ||d|| along -g, later steps starting at 1;

@@ -142,9 +142,9 @@ class LogisticRegression(ClassifierMixin, BaseEstimator):
     solver : str, default="lbfgs"
         "lbfgs": L-BFGS-B, the optimizer scikit-learn uses (small dense CPU X: its algorithm in
         C++, csrc/fit/; otherwise scipy's below 2,048 parameters and from there
-        manual_layers/_lbfgs.py, the same iterates with BLAS vector work; on large X 50
-        correction pairs instead of 10, as scikit-learn-intelex: the same optimum in fewer
-        iterations, docs/guide/estimator.md), each
+        manual_layers/_lbfgs.py, the same iterates with BLAS vector work; on large X up to
+        100 correction pairs instead of 10: the same optimum in fewer iterations,
+        docs/guide/estimator.md), each
         evaluation one fused kernel call on `device` (L2 or no penalty). "saga" or "owlqn": OWL-QN (orthant-wise
         L-BFGS, manual_layers/_solvers.py) on the same fused evaluation: any l1_ratio, the
         optimum of scikit-learn saga's objective with exact zeros in coef_ (an L2-only

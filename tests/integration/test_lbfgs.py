@@ -390,10 +390,10 @@ def test_objective_cpu_path_equals_its_sums(dtype, n_classes, sparse):
 
 @pytest.mark.parametrize("which", ["python", "scipy"])
 def test_large_fits_keep_more_pairs(monkeypatch, which):
-    """_lbfgs_pairs: scikit-learn's 10 correction pairs for fits below CPP_FIT_MAX_WORK and
-    where 50 pairs' history would exceed 1/LBFGS_HISTORY_SHARE of X's bytes; 50 on large fits
-    (made large here by lowering the threshold). Both L-BFGS loops get the count, and with 50
-    pairs the fit reaches the optimum the 10-pair fit reaches (tight tol)."""
+    """_lbfgs_pairs: scikit-learn's 10 correction pairs for fits below CPP_FIT_MAX_WORK; above
+    it as many as fit in half of X's bytes (2 m P float64 <= X's bytes / 2), from 10 up to 100. Both
+    L-BFGS loops get the count, and with more pairs the fit reaches the optimum the 10-pair fit
+    reaches (tight tol)."""
     import scipy.optimize
     import manual_layers._lbfgs as lbfgs_mod
     _solver(monkeypatch, which)
@@ -410,18 +410,17 @@ def test_large_fits_keep_more_pairs(monkeypatch, which):
 
     monkeypatch.setattr(lbfgs_mod, "lbfgs", spy_own)
     monkeypatch.setattr(scipy.optimize, "minimize", spy_scipy)
-    obj = _objective(3, 2, N=2000, D=40, C=0.5)  # X: 640,000 bytes; 50 pairs: 32,800
+    obj = _objective(3, 2, N=1000, D=40, C=0.5)  # X: 320,000 bytes, P = 41
     assert fit_mod._lbfgs_pairs(obj) == fit_mod.LBFGS_PAIRS == 10
     monkeypatch.setattr(fit_mod, "CPP_FIT_MAX_WORK", 1)
-    assert fit_mod._lbfgs_pairs(obj) == fit_mod.LBFGS_PAIRS_LARGE == 50
-    monkeypatch.setattr(fit_mod, "LBFGS_HISTORY_SHARE", 20)  # 20 x 32,800 > 640,000
-    assert fit_mod._lbfgs_pairs(obj) == 10
-    monkeypatch.setattr(fit_mod, "LBFGS_HISTORY_SHARE", 16)
-    x50, _, conv50, _ = fit_mod._lbfgs(obj, np.zeros(obj.n_params), 1000, 1e-10, 0)
-    monkeypatch.setattr(fit_mod, "LBFGS_PAIRS_LARGE", 10)
+    assert fit_mod._lbfgs_pairs(obj) == fit_mod.LBFGS_PAIRS_MAX == 100  # 320,000 // 1,312 = 243
+    assert fit_mod._lbfgs_pairs(_objective(3, 2, N=100, D=40)) == 24  # 32,000 // 1,312
+    assert fit_mod._lbfgs_pairs(_objective(3, 2, N=30, D=40)) == 10  # 9,600 // 1,312 = 7
+    x100, _, conv100, _ = fit_mod._lbfgs(obj, np.zeros(obj.n_params), 1000, 1e-10, 0)
+    monkeypatch.setattr(fit_mod, "LBFGS_PAIRS_MAX", 10)
     x10, _, conv10, _ = fit_mod._lbfgs(obj, np.zeros(obj.n_params), 1000, 1e-10, 0)
-    assert seen == [50, 10] and conv50 and conv10
-    f50, f10 = obj.evaluate(x50)[0], obj.evaluate(x10)[0]
-    assert abs(f50 - f10) <= 1e-12 * abs(f10)
+    assert seen == [100, 10] and conv100 and conv10
+    f100, f10 = obj.evaluate(x100)[0], obj.evaluate(x10)[0]
+    assert abs(f100 - f10) <= 1e-12 * abs(f10)
     # both stop on ftol (the objective flat to rounding), a few 1e-6 apart
-    assert np.abs(x50 - x10).max() <= 1e-5 * np.abs(x10).max()
+    assert np.abs(x100 - x10).max() <= 1e-5 * np.abs(x10).max()
