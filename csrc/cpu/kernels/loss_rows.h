@@ -41,6 +41,16 @@ inline acc_t hsum(const Vectorized<acc_t>& v) {
   if constexpr (std::is_same_v<acc_t, float>) {
     return at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, v);
   } else {
+#if defined(CPU_CAPABILITY_AVX512)
+    // the same order in registers: x_j + x_{j+4}, + the pair two apart, + the neighbour (the
+    // store and seven dependent scalar adds were most of a narrow float64 row's logits on Zen 4)
+    const __m256d s = _mm256_add_pd(_mm512_castpd512_pd256(v), _mm512_extractf64x4_pd(v, 1));
+    const __m128d u = _mm_add_pd(_mm256_castpd256_pd128(s), _mm256_extractf128_pd(s, 1));
+    return _mm_cvtsd_f64(_mm_add_sd(u, _mm_unpackhi_pd(u, u)));
+#elif defined(CPU_CAPABILITY_AVX2)
+    const __m128d u = _mm_add_pd(_mm256_castpd256_pd128(v), _mm256_extractf128_pd(v, 1));
+    return _mm_cvtsd_f64(_mm_add_sd(u, _mm_unpackhi_pd(u, u)));
+#endif
     constexpr int64_t V = Vec::size();
     alignas(64) acc_t t[V];
     v.store(t);
@@ -51,7 +61,8 @@ inline acc_t hsum(const Vectorized<acc_t>& v) {
 }
 
 // hsum of four vectors, z[k * zs] = hsum(v[k]) bitwise (the same halves-pairwise order), with
-// the four reductions sharing their shuffles: on the 2-core AVX2 EPYC one hsum per row (a
+// the four reductions sharing their shuffles (AVX2 float and double, AVX-512 double; the rest
+// loop over hsum): on the 2-core AVX2 EPYC one hsum per row (a
 // store and three dependent scalar adds for float64) was a large share of a narrow row's
 // logits (float64 40,000 x 30 binary: docs/perf-notes-from-code.md, "narrow rows").
 template <typename acc_t>
@@ -84,6 +95,22 @@ inline void hsum4(const Vectorized<acc_t>& v0, const Vectorized<acc_t>& v1,
     _mm256_store_ps(t, halves(v0, v1));
     _mm256_store_ps(t + 8, halves(v2, v3));
     z[0] = t[0], z[zs] = t[4], z[2 * zs] = t[8], z[3 * zs] = t[12];
+    return;
+  }
+#endif
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<acc_t, double>) {
+    // hsum's steps on four rows at once: per row x_j + x_{j+4} (two rows per vector), + the pair
+    // two apart (four rows per vector), + the neighbour; row k's sum in lane 2k
+    const __m512d p01 = _mm512_add_pd(_mm512_shuffle_f64x2(v0, v1, 0x44),
+                                      _mm512_shuffle_f64x2(v0, v1, 0xEE));
+    const __m512d p23 = _mm512_add_pd(_mm512_shuffle_f64x2(v2, v3, 0x44),
+                                      _mm512_shuffle_f64x2(v2, v3, 0xEE));
+    const __m512d q = _mm512_add_pd(_mm512_shuffle_f64x2(p01, p23, 0x88),
+                                    _mm512_shuffle_f64x2(p01, p23, 0xDD));
+    alignas(64) double t[8];
+    _mm512_store_pd(t, _mm512_add_pd(q, _mm512_permute_pd(q, 0x55)));
+    z[0] = t[0], z[zs] = t[2], z[2 * zs] = t[4], z[3 * zs] = t[6];
     return;
   }
 #endif
