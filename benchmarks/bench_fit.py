@@ -28,7 +28,7 @@ coefficients are from scikit-learn's (max |difference| / max |scikit-learn's|, c
 intercept_ together) and our objective from theirs.
 
     python benchmarks/bench_fit.py [--quick] [--sets small,sparse] [--repeats 5] [--device cpu]
-                                   [--sections dense,l1,cv]
+                                   [--sections dense,l1,cv] [--anchors sklearnex,snapml]
 
 Sections l1 (OWL-QN against scikit-learn's saga) and cv (LogisticRegressionCV against
 scikit-learn's) are in benchmarks/fit_penalties.py. Writes benchmarks/results/bench_fit.{csv,md}
@@ -221,6 +221,11 @@ def main():
     p.add_argument("--sections", default="dense,l1,cv",
                    help="comma-separated: dense (L2, lbfgs, dense and sparse X), l1 (vs saga), "
                         "cv (CV estimator)")
+    p.add_argument("--anchors", default="sklearnex,snapml",
+                   help="comma list of the optional libraries to time where they import "
+                        "(sklearnex, snapml; empty: none). snapml's 10-class fit of the "
+                        "300,000 x 64 anchor ran for over 15 minutes on one thread (Zen 4 "
+                        "EPYC, 2026-12-08)")
     args = p.parse_args()
     sections = set(args.sections.split(","))
     sets = set(args.sets.split(","))
@@ -235,7 +240,10 @@ def main():
     meta = common.metadata(device)
     load0 = os.getloadavg()
     params = dict(C=1.0, tol=1e-4, max_iter=1000)
-    others = optional_libraries(params)
+    wanted = set(filter(None, args.anchors.split(",")))
+    if not wanted <= {"sklearnex", "snapml"}:
+        p.error(f"--anchors: unknown {sorted(wanted - {'sklearnex', 'snapml'})}")
+    others = {k: f for k, f in optional_libraries(params).items() if k in wanted}
     header = ["case", "shape", "sklearn 1-BLAS-thread ms", "ours ms", "ratio", "vs fastest",
               "target",
               "iters sk/ours", "acc sk", "acc ours", "coef diff", "coef diff tight",
@@ -361,7 +369,7 @@ def main():
         f"entries for sparse X) x coefficient rows < {ml._fit.SINGLE_THREAD_WORK} run "
         f"single-threaded (manual_layers/_fit.py).",
         "optional anchors: " + (", ".join(others) if others else
-                                "scikit-learn-intelex and snapml not installed here"),
+                                "none (not installed here, or left out by --anchors)"),
     ]
     common.append_csv("bench_fit", csv_rows)
     path = common.write_markdown("bench_fit", "LogisticRegression fit: manual_layers vs "
