@@ -164,13 +164,18 @@ def _blas_single_thread():
 SPARSE_ENTRY_WORK = 32
 
 
+def _work(X, K):
+    """An evaluation's work in dense multiply-adds: rows x features x coefficient rows; a sparse
+    X's is its stored entries (and rows), not N x D."""
+    if isinstance(X, _sparse.CSR):
+        return SPARSE_ENTRY_WORK * (X.nnz + X.shape[0]) * K
+    return X.shape[0] * X.shape[1] * K
+
+
 def _threads_for(X, K):
     if X.device.type != "cpu":
         return None
-    # a sparse X's work is its stored entries (and rows), not N x D
-    work = (SPARSE_ENTRY_WORK * (X.nnz + X.shape[0]) if isinstance(X, _sparse.CSR)
-            else X.shape[0] * X.shape[1])
-    return 1 if work * K < SINGLE_THREAD_WORK else None
+    return 1 if _work(X, K) < SINGLE_THREAD_WORK else None
 
 
 # Where the C++ loop does not apply (_cpp_fit_applies: sparse X, CUDA, data-parallel, ...):
@@ -277,14 +282,10 @@ def _lbfgs_pairs(obj):
     """How many correction pairs the L2 fit's L-BFGS keeps (LBFGS_PAIRS to LBFGS_PAIRS_MAX),
     the same on every rank of a data-parallel fit (rank 0's choice)."""
     X = obj.X
-    if isinstance(X, _sparse.CSR):
-        x_bytes = X.nnz * (X.values.element_size() + X.col.element_size())
-        work = SPARSE_ENTRY_WORK * (X.nnz + X.shape[0]) * obj.K
-    else:
-        x_bytes = X.shape[0] * X.shape[1] * X.element_size()
-        work = X.shape[0] * X.shape[1] * obj.K
+    x_bytes = (X.nnz * (X.values.element_size() + X.col.element_size())
+               if isinstance(X, _sparse.CSR) else X.shape[0] * X.shape[1] * X.element_size())
     m = LBFGS_PAIRS
-    if work >= CPP_FIT_MAX_WORK:
+    if _work(X, obj.K) >= CPP_FIT_MAX_WORK:
         m = min(LBFGS_PAIRS_MAX, max(LBFGS_PAIRS, x_bytes // (32 * obj.n_params)))
     if obj.comm is not None:
         m = int(obj.comm.broadcast_np(np.array([m], dtype=np.float64))[0])
